@@ -1,0 +1,28 @@
+"""ipa_rt: an inference runtime for IP-Adapter on Stable Diffusion UNets that matches diffusers' output."""
+
+from .checkpoint import AdapterSource
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ImageInputError,
+    IncompatibleAdapterError,
+    IpaRtError,
+    ScaleError,
+)
+from .pipeline import Pipeline, PipelineOutput, from_diffusers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSource",
+    "CheckpointError",
+    "ConfigError",
+    "ImageInputError",
+    "IncompatibleAdapterError",
+    "IpaRtError",
+    "Pipeline",
+    "PipelineOutput",
+    "ScaleError",
+    "__version__",
+    "from_diffusers",
+]

@@ -1,0 +1,291 @@
+"""Loaded IP-Adapters: projections, per-layer image K/V weights, the scale tensor, and the UNet wrap.
+
+The UNet is wrapped, never edited for good (refiners' inject/eject): :meth:`IPAdapterStack.install` swaps
+diffusers' ``attn2`` processors for :class:`~ipa_rt.attention.DecoupledCrossAttnProcessor` and wraps the
+FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import DecoupledCrossAttnProcessor, ImageContext
+from .checkpoint import AdapterSource, RawAdapter
+from .errors import ConfigError, IncompatibleAdapterError, ScaleError
+from .variants import VariantSpec, build_projection, detect_variant, variant_of_projection
+
+
+def cross_attention_layers(unet: nn.Module) -> list[str]:
+    """Names of the UNet's cross-attention processors, in diffusers' ``attn_processors`` order."""
+    return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
+
+
+def _module_of(unet: nn.Module, processor_name: str) -> nn.Module:
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def _check_layers(raw: RawAdapter, layers: list[str], cross_dim: int, inner: list[int]) -> None:
+    found = sum(1 for k in raw.ip_adapter if k.endswith(".to_k_ip.weight"))
+    if found != len(layers):
+        raise IncompatibleAdapterError(
+            f"IP-Adapter '{raw.origin}' has image K/V weights for {found} cross-attention layers, but the base "
+            f"UNet has {len(layers)}; expected an adapter for this base model (SD1.5 has 16 such layers, SDXL 70)"
+        )
+    for i, name in enumerate(layers):
+        for part in ("to_k_ip", "to_v_ip"):
+            key = f"{2 * i + 1}.{part}.weight"
+            if key not in raw.ip_adapter:
+                raise IncompatibleAdapterError(
+                    f"IP-Adapter '{raw.origin}' lacks ip_adapter '{key}' for layer {name}; expected keys "
+                    "1, 3, 5, ... for the cross-attention layers (h94 layout)"
+                )
+            shape = tuple(raw.ip_adapter[key].shape)
+            if shape != (inner[i], cross_dim):
+                raise IncompatibleAdapterError(
+                    f"IP-Adapter '{raw.origin}': ip_adapter '{key}' has shape {list(shape)}, but layer {name} "
+                    f"needs [{inner[i]}, {cross_dim}] (inner dim, cross_attention_dim)"
+                )
+
+
+def _collect_lora(unet: nn.Module, raw: RawAdapter) -> dict[str, Tensor]:
+    """FaceID LoRA keyed by ``{module path}.{to_q|to_k|to_v|to_out.0}.{down|up}`` (diffusers' key ids)."""
+    out: dict[str, Tensor] = {}
+    for key_id, name in enumerate(unet.attn_processors):
+        if f"{key_id}.to_k_lora.down.weight" not in raw.ip_adapter:
+            continue
+        path = name.removesuffix(".processor")
+        for proj, target in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+            for part in ("down", "up"):
+                key = f"{key_id}.{proj}_lora.{part}.weight"
+                if key not in raw.ip_adapter:
+                    raise IncompatibleAdapterError(f"IP-Adapter '{raw.origin}' has a partial LoRA: '{key}' missing")
+                out[f"{path}.{target}.{part}"] = raw.ip_adapter[key]
+    if not out:
+        raise IncompatibleAdapterError(
+            f"IP-Adapter '{raw.origin}' is a FaceID checkpoint without its LoRA weights (*.to_k_lora.*); "
+            "expected the LoRA keys the h94 FaceID files ship"
+        )
+    return out
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + up(down(x))``: the FaceID LoRA, applied like PEFT with scaling 1 (alpha = rank)."""
+
+    def __init__(self, base: nn.Module, down: Tensor, up: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(down.shape[1], down.shape[0], bias=False)
+        self.up = nn.Linear(up.shape[1], up.shape[0], bias=False)
+        with torch.no_grad():
+            self.down.weight.copy_(down)
+            self.up.weight.copy_(up)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype)))
+
+
+@dataclass
+class AdapterEntry:
+    """One loaded adapter: its variant, projection, per-layer image K/V weights and FaceID LoRA."""
+
+    spec: VariantSpec
+    projection: nn.Module
+    to_k_ip: list[nn.Linear]  # one per cross-attention layer
+    to_v_ip: list[nn.Linear]
+    lora: dict[str, Tensor]  # "{module path}.{to_q|to_k|to_v|to_out.0}.{down|up}" -> weight
+    origin: str
+    encoder_dir: str | None = None  # default image_encoder/ beside the file (diffusers' rule)
+    encoder_subfolder: str | None = None  # hub form of the same
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        return self.spec.tokens(self.projection, None)
+
+
+def _linear(weight: Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+class IPAdapterStack(nn.Module):
+    """All loaded adapters of one pipeline.
+
+    Holds each adapter's projection (diffusers' own module), ``to_k_ip`` / ``to_v_ip`` for every
+    cross-attention layer, FaceID LoRA weights, and the ``[adapters, layers]`` scale buffer that every
+    processor reads. Adapter order is the order given at load time, as in diffusers.
+    """
+
+    def __init__(self, unet: nn.Module, entries: Sequence[AdapterEntry]) -> None:
+        super().__init__()
+        self.layer_names = cross_attention_layers(unet)
+        self.heads = [_module_of(unet, n).heads for n in self.layer_names]
+        self.entries = list(entries)
+        self.projections = nn.ModuleList(e.projection for e in entries)
+        self.to_k_ip = nn.ModuleList(nn.ModuleList(e.to_k_ip[i] for e in entries) for i in range(len(self.heads)))
+        self.to_v_ip = nn.ModuleList(nn.ModuleList(e.to_v_ip[i] for e in entries) for i in range(len(self.heads)))
+        self.register_buffer("scale", torch.ones(len(entries), len(self.layer_names)), persistent=False)
+        self.context = ImageContext(scale=self.scale, heads=self.heads)
+        self._saved: dict | None = None
+
+    @classmethod
+    def from_checkpoints(
+        cls, unet: nn.Module, raws: Sequence[RawAdapter], sources: Sequence[AdapterSource]
+    ) -> IPAdapterStack:
+        """Build from h94-layout checkpoints, checking every shape against the UNet."""
+        layers = cross_attention_layers(unet)
+        cross_dim = unet.config.cross_attention_dim
+        inner = [_module_of(unet, n).to_k.out_features for n in layers]
+        entries = []
+        for raw, src in zip(raws, sources, strict=True):
+            spec = detect_variant(raw.image_proj, raw.origin)
+            proj = build_projection(spec, raw.image_proj, raw.origin)
+            if spec.needs_clip_states:
+                proj.shortcut, proj.shortcut_scale = src.shortcut, src.shortcut_scale
+            out_dim = spec.out_dim(proj)
+            if out_dim != cross_dim:
+                raise IncompatibleAdapterError(
+                    f"IP-Adapter '{raw.origin}' ({spec.description}) makes image tokens of width {out_dim}, but the "
+                    f"base UNet's cross_attention_dim is {cross_dim}; expected an adapter trained for this base "
+                    "(SD1.5: 768, SDXL: 2048)"
+                )
+            _check_layers(raw, layers, cross_dim, inner)
+            entries.append(
+                AdapterEntry(
+                    spec,
+                    proj,
+                    [_linear(raw.ip_adapter[f"{2 * i + 1}.to_k_ip.weight"]) for i in range(len(layers))],
+                    [_linear(raw.ip_adapter[f"{2 * i + 1}.to_v_ip.weight"]) for i in range(len(layers))],
+                    _collect_lora(unet, raw) if spec.has_lora else {},
+                    raw.origin,
+                    raw.encoder_dir,
+                    raw.encoder_subfolder,
+                )
+            )
+        return cls(unet, entries)
+
+    @classmethod
+    def from_diffusers_unet(cls, unet: nn.Module) -> tuple[IPAdapterStack, Tensor]:
+        """Take over the adapters a diffusers ``load_ip_adapter`` put into ``unet``; also returns their scales."""
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+        hid = unet.encoder_hid_proj
+        if hid is None or not hasattr(hid, "image_projection_layers"):
+            raise ConfigError(
+                "ipa_rt.from_diffusers: the pipeline's UNet has no IP-Adapter; call load_ip_adapter first"
+            )
+        layers = cross_attention_layers(unet)
+        procs = [unet.attn_processors[n] for n in layers]
+        for name, proc in zip(layers, procs, strict=True):
+            if not isinstance(proc, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)):
+                raise ConfigError(f"ipa_rt.from_diffusers: {name} has {type(proc).__name__}; expected an IP processor")
+        scales = []
+        for p in procs:
+            if any(isinstance(s, (list, tuple)) for s in p.scale):
+                raise ScaleError("ipa_rt.from_diffusers: per-image (masked) scales are not supported; expected floats")
+            scales.append([float(s) for s in p.scale])
+        entries = [
+            AdapterEntry(
+                variant_of_projection(proj),
+                proj,
+                [p.to_k_ip[a] for p in procs],
+                [p.to_v_ip[a] for p in procs],
+                {},  # a FaceID LoRA is already inside the UNet as PEFT layers
+                f"<diffusers adapter {a}>",
+            )
+            for a, proj in enumerate(hid.image_projection_layers)
+        ]
+        return cls(unet, entries), torch.tensor(scales, dtype=torch.float32).T.contiguous()
+
+    # --- scale ---------------------------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):  # keep the shared context on the moved buffer
+        result = super()._apply(fn, *args, **kwargs)
+        self.context.scale = self.scale
+        return result
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.entries)
+
+    def to_runtime(self, device: torch.device | str, dtype: torch.dtype) -> IPAdapterStack:
+        """Weights to ``dtype`` on ``device``; the scale tensor stays float32."""
+        self.to(device=device)
+        for part in (self.projections, self.to_k_ip, self.to_v_ip):
+            part.to(dtype=dtype)
+        return self
+
+    # --- wrap / restore --------------------------------------------------------------------------------------
+    def install(self, unet: nn.Module) -> None:
+        """Swap in decoupled processors (and FaceID LoRA wrappers); remember what was there."""
+        if self._saved is not None:
+            return
+        processors = dict(unet.attn_processors)
+        saved = {"processors": processors, "encoder_hid_proj": unet.encoder_hid_proj, "wrapped": []}
+        new = dict(processors)
+        for layer, name in enumerate(self.layer_names):
+            new[name] = DecoupledCrossAttnProcessor(layer, self.context)
+        unet.set_attn_processor(new)
+        # A diffusers UNet that had load_ip_adapter called projects embeds itself; ipa_rt does it once per call.
+        unet.encoder_hid_proj = None
+        for lora in (e.lora for e in self.entries):
+            for key in {k.rsplit(".", 1)[0] for k in lora}:
+                parent_path, _, attr = key.rpartition(".")
+                parent = unet.get_submodule(parent_path)
+                original = getattr(parent, attr)  # also a ModuleList entry: attr "0" of to_out
+                weight = next(original.parameters())
+                wrapper = LoRALinear(original, lora[key + ".down"], lora[key + ".up"])
+                setattr(parent, attr, wrapper.to(device=weight.device, dtype=weight.dtype))
+                saved["wrapped"].append((parent, attr, original))
+        self._saved = saved
+
+    def restore(self, unet: nn.Module) -> None:
+        """Undo :meth:`install`: the UNet is again exactly the module it was before."""
+        if self._saved is None:
+            return
+        for parent, attr, original in reversed(self._saved["wrapped"]):
+            setattr(parent, attr, original)
+        unet.set_attn_processor(self._saved["processors"])
+        unet.encoder_hid_proj = self._saved["encoder_hid_proj"]
+        self._saved = None
+
+    # --- per-request image state --------------------------------------------------------------------------
+    @torch.no_grad()
+    def project(self, embeds: Sequence[Tensor], clip_states: Sequence[Tensor | None]) -> list[Tensor]:
+        """Image tokens ``[B, n_img, T, C]`` per adapter from encoder outputs ``[B, n_img, ...]``."""
+        tokens = []
+        for entry, emb, clip in zip(self.entries, embeds, clip_states, strict=True):
+            proj, b, n = entry.projection, *emb.shape[:2]
+            if entry.spec.needs_clip_states:
+                proj.clip_embeds = clip
+            try:
+                t = proj(emb.reshape((b * n, *emb.shape[2:])))
+            finally:
+                if entry.spec.needs_clip_states:
+                    proj.clip_embeds = None
+            tokens.append(t.reshape((b, n, *t.shape[1:])))
+        return tokens
+
+    @torch.no_grad()
+    def prepare(self, tokens: Sequence[Tensor] | None) -> None:
+        """Compute every layer's image keys/values once for this request (they do not depend on the step)."""
+        if tokens is None:
+            self.context.kv = None
+            return
+        flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]  # images of one adapter concatenated
+        kv = []
+        for layer, heads in enumerate(self.heads):
+            per_adapter = []
+            for a, x in enumerate(flat):
+                k = self.to_k_ip[layer][a](x)
+                v = self.to_v_ip[layer][a](x)
+                d = k.shape[-1] // heads
+                per_adapter.append(
+                    (k.view(x.shape[0], -1, heads, d).transpose(1, 2), v.view(x.shape[0], -1, heads, d).transpose(1, 2))
+                )
+            kv.append(per_adapter)
+        self.context.kv = kv

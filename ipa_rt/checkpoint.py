@@ -1,0 +1,181 @@
+"""Reading IP-Adapter checkpoints in the h94 layout, safely, with errors that name the file.
+
+Accepted sources (as diffusers' ``load_ip_adapter``): a ``.safetensors`` file with flat ``image_proj.*`` /
+``ip_adapter.*`` keys, a ``.bin`` file holding the nested ``{"image_proj": ..., "ip_adapter": ...}`` dict
+(read with ``torch.load(weights_only=True)``: arbitrary pickled objects are refused), a dict of that shape,
+or a hub id with ``subfolder`` and ``weight_name``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where one IP-Adapter comes from, and the options diffusers leaves to attributes.
+
+    ``source`` is a file path, a folder or hub id (with ``weight_name`` and optional ``subfolder``), or an
+    already loaded state dict. ``shortcut`` / ``shortcut_scale`` select FaceID-PlusV2 behaviour, which the
+    checkpoint keys cannot tell apart from FaceID-Plus v1.
+    """
+
+    source: str | os.PathLike | Mapping[str, Any]
+    weight_name: str | None = None
+    subfolder: str | None = None
+    shortcut: bool = False
+    shortcut_scale: float = 1.0
+
+
+@dataclass
+class RawAdapter:
+    """A checkpoint split into its two parts, plus where it came from."""
+
+    image_proj: StateDict
+    ip_adapter: StateDict
+    origin: str  # file path or description, used in every error message
+    encoder_dir: str | None  # the default image_encoder/ location beside it (diffusers' rule)
+    encoder_subfolder: str | None  # for a hub id: subfolder holding image_encoder/
+
+
+def _split_flat(flat: Mapping[str, torch.Tensor]) -> dict[str, StateDict]:
+    parts: dict[str, StateDict] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head in parts and rest:
+            parts[head][rest] = value
+    return parts
+
+
+def _read_safetensors(path: Path) -> dict[str, StateDict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"IP-Adapter file '{path}' is not a readable safetensors file (truncated or corrupt?): {exc}; "
+            "expected a complete .safetensors file with image_proj.* and ip_adapter.* tensors"
+        ) from exc
+    return _split_flat(flat)
+
+
+def _read_bin(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"IP-Adapter file '{path}' holds objects other than tensors and plain containers, which ipa_rt refuses "
+            f"to unpickle ({str(exc).splitlines()[0]}); expected a dict of tensors (h94 .bin layout)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"IP-Adapter file '{path}' is not a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+            "expected a .bin written by torch.save or a .safetensors file"
+        ) from exc
+
+
+def _validate(parts: Any, origin: str) -> tuple[StateDict, StateDict]:
+    if not isinstance(parts, Mapping):
+        raise CheckpointError(
+            f"IP-Adapter '{origin}' holds a {type(parts).__name__}; expected a dict with 'image_proj' and 'ip_adapter'"
+        )
+    if "image_proj" not in parts or "ip_adapter" not in parts:
+        if any(isinstance(k, str) and k.startswith(("image_proj.", "ip_adapter.")) for k in parts):
+            parts = _split_flat(parts)  # a flat dict, as in a .safetensors file
+        missing = [k for k in ("image_proj", "ip_adapter") if not parts.get(k)]
+        if missing:
+            found = sorted(str(k) for k in parts)[:5]
+            raise CheckpointError(
+                f"IP-Adapter '{origin}' has no {' and no '.join(missing)} weights; found keys {found}; "
+                "expected the h94 layout {'image_proj': {...}, 'ip_adapter': {...}}"
+            )
+    out = []
+    for part in ("image_proj", "ip_adapter"):
+        sd = parts[part]
+        if not isinstance(sd, Mapping) or not sd:
+            raise CheckpointError(f"IP-Adapter '{origin}': '{part}' is {type(sd).__name__}; expected a dict of tensors")
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(
+                f"IP-Adapter '{origin}': '{part}.{bad[0]}' is a {type(sd[bad[0]]).__name__}; expected a tensor"
+            )
+        out.append(dict(sd))
+    return out[0], out[1]
+
+
+def read_adapter(spec: AdapterSource, **hub_kwargs: Any) -> RawAdapter:
+    """Load one adapter checkpoint from a file, folder, hub id or dict."""
+    src = spec.source
+    if isinstance(src, Mapping):
+        image_proj, ip_adapter = _validate(src, "<state dict>")
+        return RawAdapter(image_proj, ip_adapter, "<state dict>", None, None)
+
+    path = Path(os.fspath(src))
+    if spec.weight_name is not None:
+        path = path / (spec.subfolder or "") / spec.weight_name
+    if not path.exists() and spec.weight_name is not None and not Path(os.fspath(src)).exists():
+        return _read_from_hub(str(src), spec, **hub_kwargs)
+    if not path.exists():
+        raise CheckpointError(
+            f"IP-Adapter file '{path}' does not exist; expected a .safetensors or .bin file in the h94 layout "
+            "(or a hub id together with weight_name=)"
+        )
+    if path.is_dir():
+        raise CheckpointError(
+            f"IP-Adapter path '{path}' is a folder; pass the file itself, or the folder with weight_name= "
+            "(e.g. weight_name='ip-adapter_sd15.safetensors')"
+        )
+    return _read_file(path, encoder_dir=str(path.parent / "image_encoder"), encoder_subfolder=None)
+
+
+def _read_file(path: Path, encoder_dir: str | None, encoder_subfolder: str | None) -> RawAdapter:
+    parts = _read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path)
+    image_proj, ip_adapter = _validate(parts, str(path))
+    return RawAdapter(image_proj, ip_adapter, str(path), encoder_dir, encoder_subfolder)
+
+
+def _read_from_hub(repo_id: str, spec: AdapterSource, **hub_kwargs: Any) -> RawAdapter:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        file = hf_hub_download(repo_id, spec.weight_name, subfolder=spec.subfolder or None, **hub_kwargs)
+    except Exception as exc:  # hub errors are many types; all mean "could not fetch"
+        raise CheckpointError(
+            f"IP-Adapter '{repo_id}' is neither a local path nor a downloadable hub file "
+            f"(subfolder={spec.subfolder!r}, weight_name={spec.weight_name!r}): {exc}"
+        ) from exc
+    sub = f"{spec.subfolder}/image_encoder" if spec.subfolder else "image_encoder"
+    raw = _read_file(Path(file), encoder_dir=None, encoder_subfolder=f"{repo_id}::{sub}")
+    raw.origin = f"{repo_id}/{spec.subfolder + '/' if spec.subfolder else ''}{spec.weight_name}"
+    return raw
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

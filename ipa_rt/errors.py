@@ -1,0 +1,32 @@
+"""ipa_rt's exception types.
+
+Every error a user can cause names the argument or file, what was found and what was expected.
+All derive from :class:`IpaRtError`, so ``except ipa_rt.IpaRtError`` catches everything ipa_rt raises
+on purpose.
+"""
+
+from __future__ import annotations
+
+
+class IpaRtError(Exception):
+    """Base class of every error ipa_rt raises on purpose."""
+
+
+class CheckpointError(IpaRtError):
+    """A weight file or folder is missing, unreadable, truncated or not the expected format."""
+
+
+class IncompatibleAdapterError(IpaRtError):
+    """An IP-Adapter checkpoint does not fit the base model or the image encoder."""
+
+
+class ImageInputError(IpaRtError):
+    """An image argument cannot be decoded or has the wrong shape or count."""
+
+
+class ScaleError(IpaRtError):
+    """A value given to ``set_ip_adapter_scale`` has the wrong type, length or keys."""
+
+
+class ConfigError(IpaRtError):
+    """A base model folder, scheduler name or call argument is not one ipa_rt supports."""

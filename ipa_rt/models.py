@@ -1,0 +1,167 @@
+"""Base models: family detection (one table) and component loading from a diffusers folder or hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base-model family: how many text encoders, and how the prompt is encoded."""
+
+    name: str
+    text_encoders: tuple[str, ...]  # model_index.json component names, in encoding order
+    tokenizers: tuple[str, ...]
+    pooled_text: bool  # SDXL: pooled text embeds + time ids go to the UNet as added conditions
+    text_hidden_layer: int  # which hidden state of each encoder feeds the UNet (-1: last, -2: penultimate)
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False, -1),
+    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, -2),
+}
+
+
+def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any], origin: str) -> Family:
+    """SDXL if the UNet takes text-time added conditions (two text encoders), else SD1.5-style."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        if not model_index.get("text_encoder_2") or model_index.get("text_encoder_2") == [None, None]:
+            raise ConfigError(
+                f"base model '{origin}' has an SDXL UNet (addition_embed_type='text_time') but no text_encoder_2; "
+                "expected an SDXL-family diffusers folder"
+            )
+        return FAMILIES["sdxl"]
+    if unet_config.get("addition_embed_type") not in (None, "text"):
+        raise ConfigError(
+            f"base model '{origin}': UNet addition_embed_type={unet_config.get('addition_embed_type')!r} is not "
+            "supported; expected an SD1.5- or SDXL-family model"
+        )
+    return FAMILIES["sd15"]
+
+
+@dataclass
+class BaseModel:
+    """The loaded components of a diffusers base model."""
+
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    scheduler: Any
+    feature_extractor: Any | None
+    force_zeros_for_empty_prompt: bool
+    origin: str
+
+
+def _read_json(base: str, name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    local = Path(base) / name
+    if Path(base).is_dir():
+        if not local.exists():
+            raise CheckpointError(f"base model folder '{base}' has no {name}; expected a diffusers-format folder")
+        path = local
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(base, name, **hub_kwargs))
+        except Exception as exc:  # any hub failure: not a local folder and not fetchable
+            raise CheckpointError(
+                f"base model '{base}' is neither a local diffusers folder nor a reachable hub id ({exc})"
+            ) from exc
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"base model file '{path}' is not valid JSON: {exc}") from exc
+
+
+def _component_class(model_index: dict[str, Any], name: str, origin: str) -> type:
+    entry = model_index.get(name)
+    if not entry or entry[1] is None:
+        raise CheckpointError(f"base model '{origin}' has no '{name}' in model_index.json")
+    library, cls = entry
+    module = transformers if library == "transformers" else __import__("diffusers")
+    if not hasattr(module, cls):
+        raise ConfigError(f"base model '{origin}': component '{name}' class {library}.{cls} is unknown")
+    return getattr(module, cls)
+
+
+def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: Any) -> BaseModel:
+    """Load UNet, VAE, text encoders, tokenizers, scheduler and feature extractor of a diffusers model."""
+    base = os.fspath(base)
+    looks_like_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~"))
+    if not Path(base).is_dir() and (Path(base).exists() or not looks_like_hub_id):
+        raise CheckpointError(
+            f"base model '{base}' is not a folder; expected a diffusers-format folder (model_index.json, unet/, "
+            "vae/, text_encoder/, ...) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        )
+    model_index = _read_json(base, "model_index.json", hub_kwargs)
+    unet_config = _read_json(base, "unet/config.json", hub_kwargs)
+    family = detect_family(model_index, unet_config, base)
+
+    def load(name: str, **kw: Any) -> Any:
+        cls = _component_class(model_index, name, base)
+        if "torch_dtype" in kw and cls.__module__.startswith("transformers"):
+            kw["dtype"] = kw.pop("torch_dtype")  # transformers >= 4.56 spells it dtype
+        try:
+            return cls.from_pretrained(base, subfolder=name, **kw, **hub_kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"base model '{base}': cannot load '{name}' ({cls.__name__}): {exc}") from exc
+
+    unet = load("unet", torch_dtype=dtype).eval()
+    vae_dtype = torch.float32 if dtype == torch.float16 and _vae_forces_upcast(base, hub_kwargs) else dtype
+    vae = load("vae", torch_dtype=vae_dtype).eval()
+    text_encoders = [load(n, torch_dtype=dtype).eval() for n in family.text_encoders]
+    tokenizers = [load(n) for n in family.tokenizers]
+    scheduler = load("scheduler")
+    fe_entry = model_index.get("feature_extractor")
+    feature_extractor = load("feature_extractor") if fe_entry and fe_entry[1] is not None else None
+    return BaseModel(
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+        force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", True)),
+        origin=base,
+    )
+
+
+def _vae_forces_upcast(base: str, hub_kwargs: dict[str, Any]) -> bool:
+    """diffusers decodes SDXL VAEs with ``force_upcast`` in fp32; keeping that VAE in fp32 does the same."""
+    try:
+        return bool(_read_json(base, "vae/config.json", hub_kwargs).get("force_upcast", False))
+    except CheckpointError:
+        return False
+
+
+def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder: str | None = None, **hub_kwargs):
+    """A ``CLIPVisionModelWithProjection`` from a folder (or hub id + subfolder)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = os.fspath(folder)
+    if subfolder is None and not Path(folder).is_dir():
+        raise CheckpointError(
+            f"image encoder folder '{folder}' does not exist; expected a CLIPVisionModelWithProjection folder "
+            "(config.json + weights), e.g. h94/IP-Adapter models/image_encoder"
+        )
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, **kwargs, **hub_kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"image encoder '{folder}' cannot be loaded as CLIPVisionModelWithProjection: {exc}"
+        ) from exc
+    return model.eval()

@@ -1,0 +1,457 @@
+"""``ipa_rt.Pipeline``: diffusers' SD1.5 / SDXL text-to-image with IP-Adapter, shaped like diffusers.
+
+The denoising loop follows ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.__call__`` step for step
+(same latents, scheduler calls, CFG batch order and decode), so the same files and latents give diffusers'
+output. What differs is where work happens: text embeddings, image encoding, projection and every layer's
+image keys/values are computed once per call, and the adapter scale is a device tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapter import IPAdapterStack
+from .checkpoint import AdapterSource, read_adapter
+from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
+from .image import default_feature_extractor, encode_images, load_image
+from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
+from .scale import expand_scale
+from .schedulers import make_scheduler
+from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
+from .variants import FACE_ID, HIDDEN
+
+BACKENDS = ("torch",)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# family -> (prompt encoder, default guidance scale) as in the diffusers pipelines
+_FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], float]] = {
+    "sd15": (encode_prompt_sd15, 7.5),
+    "sdxl": (encode_prompt_sdxl, 5.0),
+}
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: PIL list, numpy ``[B, H, W, 3]``, torch ``[B, 3, H, W]``, or latents for ``"latent"``."""
+
+    images: Any
+
+
+def _adapter_sources(ip_adapter: Any, subfolder: Any, weight_name: Any) -> list[AdapterSource]:
+    if ip_adapter is None:
+        return []
+    items = list(ip_adapter) if isinstance(ip_adapter, (list, tuple)) else [ip_adapter]
+    names = weight_name if isinstance(weight_name, (list, tuple)) else [weight_name] * len(items)
+    subs = subfolder if isinstance(subfolder, (list, tuple)) else [subfolder] * len(items)
+    if len(items) == 1 and len(names) > 1:  # one repo, several files (diffusers' broadcast)
+        items = items * len(names)
+        subs = subs * len(names) if len(subs) == 1 else subs
+    if not len(items) == len(names) == len(subs):
+        raise ConfigError(
+            f"ip_adapter has {len(items)} entries but weight_name has {len(names)} and subfolder {len(subs)}; "
+            "expected one each per adapter (or a single value to share)"
+        )
+    out = []
+    for item, name, sub in zip(items, names, subs, strict=True):
+        if isinstance(item, AdapterSource):
+            out.append(item)
+        elif isinstance(item, (str, os.PathLike, dict)):
+            out.append(AdapterSource(item, weight_name=name, subfolder=sub))
+        else:
+            raise ConfigError(
+                f"ip_adapter entry is a {type(item).__name__}; expected a path, hub id, dict or AdapterSource"
+            )
+    return out
+
+
+class Pipeline:
+    """IP-Adapter text-to-image for SD1.5- and SDXL-family diffusers models."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        adapters: IPAdapterStack | None,
+        image_encoder: torch.nn.Module | None,
+        feature_extractor: Any | None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.base = base
+        self.family = base.family
+        self.unet, self.vae, self.scheduler = base.unet, base.vae, base.scheduler
+        self.text_encoders, self.tokenizers = base.text_encoders, base.tokenizers
+        self.adapters = adapters
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.progress_bar_config: dict[str, Any] = {}
+        self._check_encoder()
+        self.to(self.device)
+        if adapters is not None:
+            adapters.install(self.unet)
+
+    # --- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        ip_adapter: Any = None,
+        image_encoder: str | os.PathLike | torch.nn.Module | None = None,
+        *,
+        subfolder: str | Sequence[str] | None = None,
+        weight_name: str | Sequence[str] | None = None,
+        backend: str = "torch",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scheduler: Any = None,
+        **hub_kwargs: Any,
+    ) -> Pipeline:
+        """Load a diffusers base model and IP-Adapter checkpoint(s).
+
+        ``ip_adapter``: a file path, a folder or hub id with ``weight_name`` (and ``subfolder``), a state dict,
+        an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
+        ``CLIPVisionModelWithProjection`` folder; by default ``image_encoder/`` beside the first adapter file,
+        as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
+        or instance; by default the base model's own.
+        """
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"backend {backend!r} is not available in this version; expected one of {BACKENDS} "
+                "(ONNX Runtime and TensorRT engines come with `ipa_rt build`)"
+            )
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(
+                f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
+            )
+        model = load_base_model(base, dtype, **hub_kwargs)
+        if scheduler is not None:
+            model.scheduler = make_scheduler(scheduler, model.scheduler)
+        sources = _adapter_sources(ip_adapter, subfolder, weight_name)
+        raws = [read_adapter(s, **hub_kwargs) for s in sources]
+        stack = IPAdapterStack.from_checkpoints(model.unet, raws, sources) if raws else None
+        encoder = cls._resolve_encoder(image_encoder, stack, dtype, hub_kwargs)
+        fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
+        if stack is not None:
+            stack.to_runtime("cpu", dtype)
+        return cls(model, stack, encoder, fe, device=device, dtype=dtype)
+
+    @staticmethod
+    def _resolve_encoder(image_encoder: Any, stack: IPAdapterStack | None, dtype, hub_kwargs) -> Any:
+        if isinstance(image_encoder, torch.nn.Module):
+            return image_encoder.to(dtype=dtype).eval()
+        if image_encoder is not None:
+            return load_image_encoder(image_encoder, dtype, **hub_kwargs)
+        if stack is None:
+            return None
+        needing = [e for e in stack.entries if e.spec.encoder_output != FACE_ID or e.spec.needs_clip_states]
+        for entry in needing:  # diffusers' default: image_encoder/ beside the adapter
+            if entry.encoder_dir is not None and os.path.isdir(entry.encoder_dir):
+                return load_image_encoder(entry.encoder_dir, dtype)
+            if entry.encoder_subfolder is not None:
+                repo, sub = entry.encoder_subfolder.split("::", 1)
+                return load_image_encoder(repo, dtype, subfolder=sub, **hub_kwargs)
+        return None  # images then raise a clear error; embeddings still work
+
+    @classmethod
+    def from_diffusers(cls, pipe: Any) -> Pipeline:
+        """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called (modules are shared).
+
+        The UNet is shared too: ipa_rt's processors replace diffusers' IP processors until
+        :meth:`unload_ip_adapter` puts them back.
+        """
+        unet = getattr(pipe, "unet", None)
+        if unet is None:
+            raise ConfigError(f"ipa_rt.from_diffusers: {type(pipe).__name__} has no UNet; expected an SD/SDXL pipeline")
+        components = {k: v for k, v in pipe.components.items()}
+        index = {k: ([None, None] if v is None else ["", type(v).__name__]) for k, v in components.items()}
+        family = detect_family(index, dict(unet.config), type(pipe).__name__)
+        stack, scales = IPAdapterStack.from_diffusers_unet(unet)
+        model = BaseModel(
+            family=family,
+            unet=unet,
+            vae=pipe.vae,
+            text_encoders=[components[n] for n in family.text_encoders],
+            tokenizers=[components[n] for n in family.tokenizers],
+            scheduler=pipe.scheduler,
+            feature_extractor=components.get("feature_extractor"),
+            force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+            origin=type(pipe).__name__,
+        )
+        stack.scale.copy_(scales)
+        return cls(model, stack, components.get("image_encoder"), model.feature_extractor, unet.device, unet.dtype)
+
+    def _check_encoder(self) -> None:
+        """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
+        if self.adapters is None or self.image_encoder is None:
+            return
+        cfg = self.image_encoder.config
+        for entry in self.adapters.entries:
+            want = entry.spec.encoder_dim(entry.projection)
+            if want is None:
+                continue
+            hidden = entry.spec.encoder_output == HIDDEN or entry.spec.needs_clip_states
+            have, what = (cfg.hidden_size, "hidden_size") if hidden else (cfg.projection_dim, "projection_dim")
+            if have != want:
+                raise IncompatibleAdapterError(
+                    f"image encoder ({cfg.name_or_path or 'given module'}) has {what} {have}, but IP-Adapter "
+                    f"'{entry.origin}' ({entry.spec.description}) expects {want}; expected the encoder the adapter was "
+                    "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
+                )
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        self.device = torch.device(device)
+        for module in (self.unet, self.vae, *self.text_encoders, self.image_encoder):
+            if module is not None:
+                module.to(self.device)
+        if self.adapters is not None:
+            self.adapters.to(self.device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.progress_bar_config = kwargs
+
+    def unload_ip_adapter(self) -> None:
+        """Give the UNet back exactly as it was before this pipeline wrapped it."""
+        if self.adapters is not None:
+            self.adapters.restore(self.unet)
+            self.adapters = None
+
+    # --- live controls --------------------------------------------------------------------------------------------
+    def set_ip_adapter_scale(self, scale: Any) -> None:
+        """A number, a list (one per adapter) or InstantStyle per-block dicts; one in-place tensor write."""
+        if self.adapters is None:
+            raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
+        values = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters)
+        self.adapters.scale.copy_(values, non_blocking=True)
+
+    # --- per-call conditions --------------------------------------------------------------------------------------
+    def _image_conditions(
+        self, images: Any, embeds: Any, copies: int, cfg: bool
+    ) -> tuple[list[Tensor], list[Tensor | None]] | None:
+        """Per adapter: encoder outputs ``[B, n_img, ...]`` (and CLIP states for FaceID-Plus), CFG-batched."""
+        if images is None and embeds is None:
+            return None
+        if self.adapters is None:
+            raise ConfigError("ip_adapter_image / ip_adapter_image_embeds were given but no IP-Adapter is loaded")
+        entries = self.adapters.entries
+        count = len(entries)
+        if images is not None:
+            images = images if isinstance(images, list) else [images]
+            if len(images) != count:
+                raise ImageInputError(
+                    f"ip_adapter_image has {len(images)} entries; expected {count} (one per IP-Adapter; "
+                    "several images for one adapter go in a nested list)"
+                )
+            images = [
+                [load_image(im, f"ip_adapter_image[{i}]") for im in (x if isinstance(x, list) else [x])]
+                if x is not None
+                else None
+                for i, x in enumerate(images)
+            ]
+        if embeds is not None:
+            if not isinstance(embeds, (list, tuple)) or len(embeds) != count:
+                raise ImageInputError(
+                    f"ip_adapter_image_embeds must be a list of {count} tensors (one per IP-Adapter); got "
+                    f"{type(embeds).__name__}{'' if not isinstance(embeds, (list, tuple)) else f' of {len(embeds)}'}"
+                )
+        pos, neg, clip_pos, clip_neg = [], [], [], []
+        for a, entry in enumerate(entries):
+            spec = entry.spec
+            if embeds is not None:
+                e = embeds[a]
+                if not isinstance(e, Tensor) or e.ndim not in (3, 4) or (cfg and e.shape[0] % 2):
+                    shape = list(e.shape) if isinstance(e, Tensor) else type(e).__name__
+                    raise ImageInputError(
+                        f"ip_adapter_image_embeds[{a}] is {shape}; expected a 3-D or 4-D tensor [batch, images, ...]"
+                        + (" with negative embeddings first (even batch), as guidance is on" if cfg else "")
+                    )
+                n, p = e.chunk(2) if cfg else (None, e)
+            else:
+                if spec.encoder_output == FACE_ID:
+                    raise ImageInputError(
+                        f"IP-Adapter {a} ({spec.description}) needs face embeddings: pass "
+                        "ip_adapter_image_embeds (e.g. InsightFace normed_embedding, [2, 1, 1, 512] with CFG)"
+                    )
+                p, n = self._encode(spec.encoder_output, images[a], a)
+            pos.append(p)
+            neg.append(n)
+            if spec.needs_clip_states:
+                if images is None or images[a] is None:
+                    raise ImageInputError(
+                        f"IP-Adapter {a} ({spec.description}) also needs the face image for CLIP: "
+                        f"pass it in ip_adapter_image[{a}]"
+                    )
+                cp, cn = self._encode(HIDDEN, images[a], a)
+                clip_pos.append(cp)
+                clip_neg.append(cn)
+            else:
+                clip_pos.append(None)
+                clip_neg.append(None)
+
+        def batch(p: Tensor | None, n: Tensor | None) -> Tensor | None:
+            if p is None:
+                return None
+            p = torch.cat([p] * copies)
+            return (torch.cat([torch.cat([n] * copies), p]) if cfg else p).to(self.device)
+
+        embeds_out = [batch(p, n) for p, n in zip(pos, neg, strict=True)]
+        return embeds_out, [batch(p, n) for p, n in zip(clip_pos, clip_neg, strict=True)]
+
+    def _encode(self, output: str, images: list | None, index: int) -> tuple[Tensor, Tensor]:
+        if images is None:
+            raise ImageInputError(f"ip_adapter_image[{index}] is None; expected an image for this adapter")
+        if self.image_encoder is None:
+            raise ConfigError(
+                "an image prompt was given but no image encoder is loaded: pass image_encoder=<CLIP vision folder> "
+                "to from_pretrained (no image_encoder/ was found beside the adapter file)"
+            )
+        return encode_images(output, images, self.image_encoder, self.feature_extractor, self.device)
+
+    # --- the call -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+    ) -> PipelineOutput:
+        encode_prompt, default_guidance = _FAMILY_RUNTIME[self.family.name]
+        guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type {output_type!r} is unknown; expected one of {OUTPUT_TYPES}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps is {num_inference_steps!r}; expected a positive integer")
+        sample = self.unet.config.sample_size
+        height = height or sample * self.vae_scale_factor
+        width = width or sample * self.vae_scale_factor
+        if height % 8 or width % 8:
+            raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
+        batch = len(prompt) if isinstance(prompt, list) else 1
+        copies = batch * num_images_per_prompt
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+        text = encode_prompt(
+            self.text_encoders,
+            self.tokenizers,
+            prompt,
+            negative_prompt,
+            num_images_per_prompt,
+            cfg,
+            self.device,
+            self.dtype,
+            prompt_2=prompt_2,
+            negative_prompt_2=negative_prompt_2,
+            force_zeros_for_empty_prompt=self.base.force_zeros_for_empty_prompt,
+        )
+        conditions = self._image_conditions(ip_adapter_image, ip_adapter_image_embeds, copies, cfg)
+        if self.adapters is not None:
+            self.adapters.prepare(self.adapters.project(*conditions) if conditions is not None else None)
+
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        shape = (copies, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ConfigError(f"latents have shape {list(latents.shape)}; expected {list(shape)} for this call")
+        latents = latents.to(self.device) * scheduler.init_noise_sigma
+
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+        added = self._added_conditions(text, height, width, copies, cfg)
+        timestep_cond = self._guidance_embedding(guidance_scale, copies, latents.dtype)
+
+        for t in tqdm(timesteps, **{"desc": "denoising", **self.progress_bar_config}):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=text.embeds,
+                timestep_cond=timestep_cond,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+
+        if self.adapters is not None:
+            self.adapters.prepare(None)  # drop the per-request image K/V
+        if output_type == "latent":
+            return PipelineOutput(latents)
+        return PipelineOutput(self._decode(latents, output_type))
+
+    def _added_conditions(self, text: PromptEmbeds, height: int, width: int, copies: int, cfg: bool) -> dict:
+        if not self.family.pooled_text:
+            return {}
+        time_ids = [height, width, 0, 0, height, width]  # original size, crop top-left, target size
+        expected = self.unet.add_embedding.linear_1.in_features
+        passed = self.unet.config.addition_time_embed_dim * len(time_ids) + self.text_encoders[-1].config.projection_dim
+        if expected != passed:
+            raise ConfigError(f"SDXL UNet expects an added embedding of {expected}, the text encoders give {passed}")
+        ids = torch.tensor([time_ids], dtype=text.embeds.dtype)
+        ids = (torch.cat([ids, ids]) if cfg else ids).to(self.device).repeat(copies, 1)
+        return {"text_embeds": text.pooled, "time_ids": ids}
+
+    def _guidance_embedding(self, guidance_scale: float, copies: int, dtype: torch.dtype) -> Tensor | None:
+        """LCM-distilled UNets (``time_cond_proj_dim``) take guidance as an embedding, as diffusers builds it."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        w = torch.tensor(guidance_scale - 1).repeat(copies) * 1000.0
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        emb = w.to(torch.float32)[:, None] * freqs[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+        if dim % 2 == 1:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb.to(device=self.device, dtype=dtype)
+
+    def _decode(self, latents: Tensor, output_type: str) -> Any:
+        vae = self.vae
+        latents = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+
+
+def from_diffusers(pipe: Any) -> Pipeline:
+    """``ipa_rt.from_diffusers(pipe)``: see :meth:`Pipeline.from_diffusers`."""
+    return Pipeline.from_diffusers(pipe)
+
+
+__all__ = ["FAMILIES", "Pipeline", "PipelineOutput", "from_diffusers"]

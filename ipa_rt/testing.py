@@ -1,0 +1,331 @@
+"""Tiny random checkpoints in the real on-disk formats, for tests, demos and offline examples.
+
+Everything here writes what users download from a hub, only smaller: diffusers model folders (with
+locally generated CLIP tokenizer files), a ``CLIPVisionModelWithProjection`` folder, and IP-Adapter files of
+every variant in the h94 layout as ``.safetensors`` (flat keys) or ``.bin`` (nested dict). The files are then
+loaded through the same code users use; nothing touches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+VARIANT_NAMES = ("base", "plus", "full", "faceid", "faceid_plus")
+FACE_ID_DIM = 512  # InsightFace ArcFace embedding size, as the real FaceID checkpoints expect
+LORA_RANK = 4
+
+TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+ENCODER_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    projection_dim=24,
+    image_size=32,
+    patch_size=8,  # 16 patches + CLS = 17 tokens (ViT-H/14 at 224 px has 257)
+)
+VAE_CONFIG = dict(
+    block_out_channels=[16, 32],
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+SD15_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=2,
+    norm_num_groups=8,
+)
+SDXL_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + text_encoder_2 projection_dim
+    cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32) hidden sizes
+    norm_num_groups=8,
+)
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    prediction_type="epsilon",
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte-level BPE alphabet (256 printable stand-ins for the 256 byte values)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "r"), ("c", "a"), ("ca", "t</w>")]
+
+
+def write_tokenizer(folder: str | os.PathLike) -> int:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, configs) like the hub's; returns vocab size."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in _MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in _MERGES) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, **special}
+    config["pad_token"] = "<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": "<|endoftext|>"}, indent=2))
+    return len(vocab)
+
+
+def _text_config(vocab_size: int, **overrides: Any):
+    from transformers import CLIPTextConfig
+
+    # eos = last id (as in real CLIP, where 49407 is the highest id); bos = the one before it
+    ids = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return CLIPTextConfig(vocab_size=vocab_size, **{**TEXT_CONFIG, **ids, **overrides})
+
+
+def write_base_model(
+    folder: str | os.PathLike,
+    family: str = "sd15",
+    seed: int = 0,
+    scheduler: str | None = None,
+    time_cond_proj_dim: int | None = None,
+    feature_extractor: bool | None = None,
+) -> Path:
+    """A tiny diffusers-format base model folder of ``family`` ``"sd15"`` or ``"sdxl"``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    sdxl = family == "sdxl"
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
+    unet_cfg = dict(SDXL_UNET if sdxl else SD15_UNET)
+    if time_cond_proj_dim is not None:
+        unet_cfg["time_cond_proj_dim"] = time_cond_proj_dim
+    UNet2DConditionModel(**unet_cfg).save_pretrained(folder / "unet")
+    AutoencoderKL(**VAE_CONFIG, force_upcast=sdxl).save_pretrained(folder / "vae")
+    vocab = write_tokenizer(folder / "tokenizer")
+    CLIPTextModel(_text_config(vocab)).save_pretrained(folder / "text_encoder")
+    scheduler = scheduler or ("EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": scheduler, **SCHEDULER_CONFIG}, indent=2)
+    )
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    if sdxl:
+        write_tokenizer(folder / "tokenizer_2")
+        CLIPTextModelWithProjection(_text_config(vocab)).save_pretrained(folder / "text_encoder_2")
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+    if feature_extractor if feature_extractor is not None else not sdxl:  # SD1.5 repos ship one
+        size = ENCODER_CONFIG["image_size"]
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+            folder / "feature_extractor"
+        )
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_image_encoder(folder: str | os.PathLike, seed: int = 1, **overrides: Any) -> Path:
+    """A tiny ``CLIPVisionModelWithProjection`` folder (the h94 ``image_encoder/`` layout)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**{**ENCODER_CONFIG, **overrides})).save_pretrained(folder)
+    return folder
+
+
+class _Rand:
+    """Seeded random tensors scaled so every layer's output stays O(1)."""
+
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+
+    def linear(self, out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=self.g) * in_f**-0.5
+
+    def bias(self, n: int) -> torch.Tensor:
+        return torch.randn(n, generator=self.g) * 0.1
+
+    def norm(self, prefix: str, n: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": 1 + 0.1 * torch.randn(n, generator=self.g), f"{prefix}.bias": self.bias(n)}
+
+
+def _resampler(r: _Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
+    """Original (tencent) Resampler layers: PerceiverAttention + FeedForward per layer, dim_head 64."""
+    inner = 64 * heads
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(depth):
+        p = f"layers.{i}"
+        sd |= r.norm(f"{p}.0.norm1", width) | r.norm(f"{p}.0.norm2", width)
+        sd[f"{p}.0.to_q.weight"] = r.linear(inner, width)
+        sd[f"{p}.0.to_kv.weight"] = r.linear(2 * inner, width)
+        sd[f"{p}.0.to_out.weight"] = r.linear(width, inner)
+        sd |= r.norm(f"{p}.1.0", width)
+        sd[f"{p}.1.1.weight"] = r.linear(4 * width, width)
+        sd[f"{p}.1.3.weight"] = r.linear(width, 4 * width)
+    return sd
+
+
+def _image_proj(variant: str, r: _Rand, cross: int, enc: dict[str, int]) -> dict[str, torch.Tensor]:
+    hidden, embed = enc["hidden_size"], enc["projection_dim"]
+    if variant == "base":
+        return {"proj.weight": r.linear(4 * cross, embed), "proj.bias": r.bias(4 * cross)} | r.norm("norm", cross)
+    if variant == "full":
+        return {
+            "proj.0.weight": r.linear(hidden, hidden),
+            "proj.0.bias": r.bias(hidden),
+            "proj.2.weight": r.linear(cross, hidden),
+            "proj.2.bias": r.bias(cross),
+        } | r.norm("proj.3", cross)
+    if variant == "plus":
+        width = 64
+        sd = {"latents": torch.randn(1, 16, width, generator=r.g) / width**0.5}
+        sd |= {"proj_in.weight": r.linear(width, hidden), "proj_in.bias": r.bias(width)}
+        sd |= {"proj_out.weight": r.linear(cross, width), "proj_out.bias": r.bias(cross)}
+        return sd | r.norm("norm_out", cross) | _resampler(r, width, heads=1)
+    face = {
+        "proj.0.weight": r.linear(2 * FACE_ID_DIM, FACE_ID_DIM),
+        "proj.0.bias": r.bias(2 * FACE_ID_DIM),
+        "proj.2.weight": r.linear(4 * cross, 2 * FACE_ID_DIM),
+        "proj.2.bias": r.bias(4 * cross),
+    } | r.norm("norm", cross)
+    if variant == "faceid":
+        return face
+    if variant == "faceid_plus":
+        pr = {"proj_in.weight": r.linear(cross, hidden), "proj_in.bias": r.bias(cross)}
+        pr |= {"proj_out.weight": r.linear(cross, cross), "proj_out.bias": r.bias(cross)}
+        pr |= r.norm("norm_out", cross) | _resampler(r, cross, heads=1)
+        return face | {f"perceiver_resampler.{k}": v for k, v in pr.items()}
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANT_NAMES}")
+
+
+def adapter_state_dict(
+    variant: str, base_folder: str | os.PathLike, encoder: dict[str, int] | None = None, seed: int = 2
+) -> dict[str, dict[str, torch.Tensor]]:
+    """An h94-layout ``{"image_proj": ..., "ip_adapter": ...}`` dict of random weights fitting a base model."""
+    from diffusers import UNet2DConditionModel
+
+    enc = {**ENCODER_CONFIG, **(encoder or {})}
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_folder) / "unet"))
+    cross = unet.config.cross_attention_dim
+    r = _Rand(seed)
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for key_id, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if not name.endswith("attn1.processor"):  # cross-attention: ids 1, 3, 5, ...
+            ip_adapter[f"{key_id}.to_k_ip.weight"] = r.linear(attn.to_k.out_features, cross)
+            ip_adapter[f"{key_id}.to_v_ip.weight"] = r.linear(attn.to_v.out_features, cross)
+        if variant in ("faceid", "faceid_plus"):  # LoRA on q/k/v/out of every attention layer
+            for proj, lin in (
+                ("to_q", attn.to_q),
+                ("to_k", attn.to_k),
+                ("to_v", attn.to_v),
+                ("to_out", attn.to_out[0]),
+            ):
+                ip_adapter[f"{key_id}.{proj}_lora.down.weight"] = r.linear(LORA_RANK, lin.in_features)
+                ip_adapter[f"{key_id}.{proj}_lora.up.weight"] = r.linear(lin.out_features, LORA_RANK) * 0.5
+    return {"image_proj": _image_proj(variant, r, cross, enc), "ip_adapter": ip_adapter}
+
+
+def save_adapter(state: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike) -> Path:
+    """Write an h94-layout dict as ``.safetensors`` (flat ``image_proj.*`` keys) or ``.bin`` (nested)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        flat = {f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}
+        save_file(flat, str(path))
+    else:
+        torch.save(state, str(path))
+    return path
+
+
+def write_adapter(
+    path: str | os.PathLike, variant: str, base_folder: str | os.PathLike, seed: int = 2, **encoder: int
+) -> Path:
+    """Random IP-Adapter of ``variant`` for the base model at ``base_folder``, saved at ``path``."""
+    return save_adapter(adapter_state_dict(variant, base_folder, encoder or None, seed), path)
+
+
+def make_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A deterministic RGB test image (smooth gradients plus noise, non-square to exercise the crop)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * 200
+    arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def write_example(root: str | os.PathLike, family: str = "sd15", variant: str = "base") -> dict[str, Path]:
+    """Everything the offline example needs: base model, adapter with its image_encoder/, a reference image."""
+    root = Path(root)
+    base = write_base_model(root / f"tiny-{family}", family=family)
+    models = root / "IP-Adapter" / "models"
+    write_image_encoder(models / "image_encoder")
+    adapter = write_adapter(models / f"ip-adapter-{variant}_tiny-{family}.safetensors", variant, base)
+    image = root / "reference.png"
+    make_image().save(image)
+    return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image}
