@@ -21,7 +21,8 @@ from .variants import VariantSpec, build_projection, detect_variant, variant_of_
 
 def cross_attention_layers(unet: nn.Module) -> list[str]:
     """Names of the UNet's cross-attention processors, in diffusers' ``attn_processors`` order."""
-    return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
+    skip = ("motion_modules", "encoder_hid_proj")  # AnimateDiff temporal layers, diffusers' own Resamplers
+    return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and not any(s in n for s in skip)]
 
 
 def _module_of(unet: nn.Module, processor_name: str) -> nn.Module:
@@ -249,8 +250,8 @@ class IPAdapterStack(nn.Module):
             return
         for parent, attr, original in reversed(self._saved["wrapped"]):
             setattr(parent, attr, original)
+        unet.encoder_hid_proj = self._saved["encoder_hid_proj"]  # first: its Resamplers own processors too
         unet.set_attn_processor(self._saved["processors"])
-        unet.encoder_hid_proj = self._saved["encoder_hid_proj"]
         self._saved = None
 
     # --- per-request image state --------------------------------------------------------------------------

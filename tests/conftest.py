@@ -1,0 +1,118 @@
+"""Session fixtures: tiny random checkpoints written in the real formats, and diffusers as the oracle."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipa_rt import testing as T
+
+warnings.filterwarnings("ignore")
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+try:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
+
+FAMILIES = ("sd15", "sdxl")
+SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
+PARITY_RTOL = 1e-4  # issue requirement: relative L2 error of final latents, fp32 on CPU
+
+
+@dataclass
+class Models:
+    root: Path
+
+    def base(self, family: str) -> Path:
+        return self.root / family
+
+    def adapter_dir(self, family: str) -> Path:
+        return self.root / f"{family}-adapters"
+
+    def adapter(self, family: str, variant: str, fmt: str = "safetensors", seed: int = 2) -> Path:
+        suffix = "" if seed == 2 else f"-s{seed}"
+        return self.adapter_dir(family) / f"{variant}{suffix}.{fmt}"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> Models:
+    root = tmp_path_factory.mktemp("models")
+    m = Models(root)
+    for fam in FAMILIES:
+        base = T.write_base_model(m.base(fam), family=fam)
+        T.write_image_encoder(m.adapter_dir(fam) / "image_encoder")
+        for variant in T.VARIANT_NAMES:
+            state = T.adapter_state_dict(variant, base)
+            for fmt in ("safetensors", "bin"):
+                T.save_adapter(state, m.adapter(fam, variant, fmt))
+        for variant in ("base", "plus"):
+            T.write_adapter(m.adapter(fam, variant, seed=7), variant, base, seed=7)
+    T.write_base_model(root / "sd15-lcm", family="sd15", time_cond_proj_dim=32, scheduler="LCMScheduler", seed=3)
+    return m
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [T.make_image(seed=s) for s in range(3)]
+
+
+def fixed_latents(batch: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
+
+
+def face_embeds(seed: int = 5, cfg: bool = True) -> torch.Tensor:
+    ids = torch.randn(1, 1, 1, T.FACE_ID_DIM, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.zeros_like(ids), ids]) if cfg else ids
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; NaN or inf anywhere is an automatic failure (returns inf)."""
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def assert_parity(out: torch.Tensor, ref: torch.Tensor, tol: float = PARITY_RTOL) -> None:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = rel_l2(out, ref)
+    assert err <= tol, f"relative L2 error {err:.3e} > {tol:.0e}"
+
+
+def diffusers_pipe(models: Models, family: str, weight_names=None, image_encoder_folder="image_encoder", **kw):
+    """The oracle: diffusers' own pipeline, loaded from the same files through its public API."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(kw.pop("base", models.base(family)), **kw)
+    pipe.set_progress_bar_config(disable=True)
+    if weight_names:
+        pipe.load_ip_adapter(
+            str(models.adapter_dir(family)),
+            subfolder="",
+            weight_name=list(weight_names),
+            image_encoder_folder=image_encoder_folder,
+        )
+    return pipe
+
+
+def ipa_pipe(models: Models, family: str, adapters=None, **kw):
+    import ipa_rt
+
+    pipe = ipa_rt.Pipeline.from_pretrained(kw.pop("base", models.base(family)), ip_adapter=adapters, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CALL = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent")
