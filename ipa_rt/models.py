@@ -62,6 +62,7 @@ class BaseModel:
     feature_extractor: Any | None
     force_zeros_for_empty_prompt: bool
     origin: str
+    image_encoder: Any | None = None  # a base model that ships one: diffusers uses it before the adapter's
 
 
 def _read_json(base: str, name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -124,8 +125,13 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
     text_encoders = [load(n, torch_dtype=dtype).eval() for n in family.text_encoders]
     tokenizers = [load(n) for n in family.tokenizers]
     scheduler = load("scheduler")
-    fe_entry = model_index.get("feature_extractor")
-    feature_extractor = load("feature_extractor") if fe_entry and fe_entry[1] is not None else None
+
+    def optional(name: str, **kw: Any) -> Any:
+        entry = model_index.get(name)
+        return load(name, **kw) if entry and entry[1] is not None else None
+
+    feature_extractor = optional("feature_extractor")
+    image_encoder = optional("image_encoder", torch_dtype=dtype)
     return BaseModel(
         family=family,
         unet=unet,
@@ -136,6 +142,7 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
         feature_extractor=feature_extractor,
         force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", True)),
         origin=base,
+        image_encoder=image_encoder.eval() if image_encoder is not None else None,
     )
 
 
@@ -152,6 +159,9 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder:
     from transformers import CLIPVisionModelWithProjection
 
     folder = os.fspath(folder)
+    parts = folder.split("/")
+    if subfolder is None and not Path(folder).exists() and len(parts) > 2 and not folder.startswith((".", "/", "~")):
+        folder, subfolder = "/".join(parts[:2]), "/".join(parts[2:])  # hub form: owner/repo/sub/folder
     if subfolder is None and not Path(folder).is_dir():
         raise CheckpointError(
             f"image encoder folder '{folder}' does not exist; expected a CLIPVisionModelWithProjection folder "

@@ -140,6 +140,8 @@ class Pipeline:
         sources = _adapter_sources(ip_adapter, subfolder, weight_name)
         raws = [read_adapter(s, **hub_kwargs) for s in sources]
         stack = IPAdapterStack.from_checkpoints(model.unet, raws, sources) if raws else None
+        if image_encoder is None and model.image_encoder is not None:
+            image_encoder = model.image_encoder  # as diffusers: the pipeline's own encoder wins
         encoder = cls._resolve_encoder(image_encoder, stack, dtype, hub_kwargs)
         fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
         if stack is not None:

@@ -91,6 +91,14 @@ def _shape(sd: StateDict, key: str, origin: str) -> torch.Size:
     return sd[key].shape
 
 
+def _heads(sd: StateDict, key: str, origin: str) -> int:
+    """diffusers assumes dim_head 64 for Resamplers, so the head count is to_q rows // 64."""
+    rows = _shape(sd, key, origin)[0]
+    if rows < 64 or rows % 64:
+        raise CheckpointError(f"{origin}: image_proj '{key}' has {rows} rows; expected a multiple of 64 (dim_head 64)")
+    return rows // 64
+
+
 def _depth(sd: StateDict, prefix: str = "") -> int:
     ids = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
     return len(ids)
@@ -140,7 +148,7 @@ def _build_faceid_plus(sd: StateDict, origin: str) -> tuple[nn.Module, StateDict
         hidden_dims=hidden_dims,
         id_embeddings_dim=_shape(sd, "proj.0.weight", origin)[1],
         depth=_depth(sd, p),
-        heads=_shape(sd, p + "layers.0.0.to_q.weight", origin)[0] // 64,
+        heads=_heads(sd, p + "layers.0.0.to_q.weight", origin),
     )
     rules = [*_RESAMPLER_RULES, (r"^proj\.0\.", "proj.net.0.proj."), (r"^proj\.2\.", "proj.net.2.")]
     return module, _convert(sd, rules, strip=p)
@@ -153,7 +161,7 @@ def _build_plus(sd: StateDict, origin: str) -> tuple[nn.Module, StateDict]:
         output_dims=_shape(sd, "proj_out.weight", origin)[0],
         hidden_dims=latents[2],
         depth=_depth(sd),
-        heads=_shape(sd, "layers.0.0.to_q.weight", origin)[0] // 64,
+        heads=_heads(sd, "layers.0.0.to_q.weight", origin),
         num_queries=latents[1],
     )
     return module, _convert(sd, _RESAMPLER_RULES)
