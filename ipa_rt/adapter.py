@@ -7,6 +7,7 @@ FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,7 +133,12 @@ class IPAdapterStack(nn.Module):
         self.to_v_ip = nn.ModuleList(nn.ModuleList(e.to_v_ip[i] for e in entries) for i in range(len(self.heads)))
         self.register_buffer("scale", torch.ones(len(entries), len(self.layer_names)), persistent=False)
         self.context = ImageContext(scale=self.scale, heads=self.heads)
+        self.head_dims = [
+            _module_of(unet, n).to_k.out_features // h for n, h in zip(self.layer_names, self.heads, strict=False)
+        ]
         self._saved: dict | None = None
+        self._fused = [False] * len(self.layer_names)
+        self._processors: list[DecoupledCrossAttnProcessor] = []
 
     @classmethod
     def from_checkpoints(
@@ -228,8 +234,11 @@ class IPAdapterStack(nn.Module):
         processors = dict(unet.attn_processors)
         saved = {"processors": processors, "encoder_hid_proj": unet.encoder_hid_proj, "wrapped": []}
         new = dict(processors)
+        self._processors = []
         for layer, name in enumerate(self.layer_names):
-            new[name] = DecoupledCrossAttnProcessor(layer, self.context)
+            proc = DecoupledCrossAttnProcessor(layer, self.context, fused=self._fused[layer])
+            new[name] = proc
+            self._processors.append(proc)
         unet.set_attn_processor(new)
         # A diffusers UNet that had load_ip_adapter called projects embeds itself; ipa_rt does it once per call.
         unet.encoder_hid_proj = None
@@ -273,20 +282,44 @@ class IPAdapterStack(nn.Module):
 
     @torch.no_grad()
     def prepare(self, tokens: Sequence[Tensor] | None) -> None:
-        """Compute every layer's image keys/values once for this request (they do not depend on the step)."""
+        """Compute every layer's image keys/values once for this request (they do not depend on the step).
+
+        Per layer, all adapters' keys (and values) are written end to end into one ``[B, H, T, d]`` tensor,
+        one segment per adapter with its images' tokens concatenated (diffusers' unmasked semantics).
+        """
+        ctx = self.context
         if tokens is None:
-            self.context.kv = None
+            ctx.kv, ctx.segments, ctx.seg_offsets, ctx.seg_adapter = None, [], None, None
             return
         flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]  # images of one adapter concatenated
+        bounds = [0]
+        for x in flat:
+            bounds.append(bounds[-1] + x.shape[1])
+        ctx.segments = list(itertools.pairwise(bounds))
+        device = flat[0].device
+        ctx.seg_offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
+        ctx.seg_adapter = torch.arange(len(flat), dtype=torch.int32, device=device)
         kv = []
         for layer, heads in enumerate(self.heads):
-            per_adapter = []
+            ks, vs = [], []
             for a, x in enumerate(flat):
-                k = self.to_k_ip[layer][a](x)
-                v = self.to_v_ip[layer][a](x)
-                d = k.shape[-1] // heads
-                per_adapter.append(
-                    (k.view(x.shape[0], -1, heads, d).transpose(1, 2), v.view(x.shape[0], -1, heads, d).transpose(1, 2))
+                ks.append(self.to_k_ip[layer][a](x))
+                vs.append(self.to_v_ip[layer][a](x))
+            k, v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+            b, t, inner = k.shape
+            d = inner // heads
+            kv.append(
+                (
+                    k.view(b, t, heads, d).transpose(1, 2).contiguous(),
+                    v.view(b, t, heads, d).transpose(1, 2).contiguous(),
                 )
-            kv.append(per_adapter)
-        self.context.kv = kv
+            )
+        ctx.kv = kv
+
+    def set_attention(self, fused: Sequence[bool]) -> None:
+        """Choose per layer between the fused kernel and the SDPA reference (host decision, once)."""
+        if any(fused):
+            from . import kernels  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
+        self._fused = list(fused)
+        for proc in self._processors:
+            proc.fused = self._fused[proc.layer]

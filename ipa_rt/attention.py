@@ -21,31 +21,60 @@ def decoupled_attention_reference(
     image_kv: Sequence[tuple[Tensor, Tensor]],
     scales: Tensor,
     attn_mask: Tensor | None = None,
+    masks: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """IP-Adapter's decoupled cross-attention, exactly as diffusers' ``IPAdapterAttnProcessor2_0``.
 
-    ``out = softmax(Q K_textᵀ/√d) V_text + Σ_a s_a · softmax(Q K_aᵀ/√d) V_a``: one softmax per segment (text,
-    then each adapter; all images of one adapter share a segment), never one softmax over all keys.
+    ``out = softmax(Q K_textᵀ/√d) V_text + Σ_s w_s · M_s ⊙ softmax(Q K_sᵀ/√d) V_s``: one softmax per segment
+    (the text, then each image segment), never one softmax over all keys. Unmasked, a segment is one
+    adapter with all its images' tokens; with regional masks diffusers gives each image its own segment.
 
     Args:
         q: queries ``[B, H, N, d]``.
         k_text, v_text: text keys/values ``[B, H, L, d]``.
-        image_kv: per adapter ``(K_a, V_a)``, each ``[B, H, T_a, d]`` (``T_a`` = images × tokens per image).
-        scales: ``[A]`` device tensor of adapter scales for this layer. A zero scale contributes exactly
+        image_kv: per segment ``(K_s, V_s)``, each ``[B, H, T_s, d]``.
+        scales: ``[S]`` device tensor, the weight of each segment. A zero weight contributes exactly
             nothing (``where``, not ``0 * x``, so an overflowing image branch cannot leak NaN).
         attn_mask: optional text attention mask, as diffusers passes it to SDPA (image segments have none).
+        masks: optional per-segment query multipliers ``[B, N]`` (regional masks), ``None`` entries = no mask.
 
-    Returns ``[B, N, H·d]`` in ``q``'s dtype, summed in the order diffusers sums (text, adapter 0, 1, …),
-    each branch cast to the query dtype before the sum.
+    Returns ``[B, N, H·d]`` in ``q``'s dtype, summed in diffusers' order (text, segment 0, 1, …), each
+    branch cast to the query dtype before the sum.
     """
     b, h, _, d = q.shape
     out = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
-    for a, (k_a, v_a) in enumerate(image_kv):
-        o_a = F.scaled_dot_product_attention(q, k_a, v_a, dropout_p=0.0, is_causal=False)
-        o_a = o_a.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
-        s = scales[a]
-        out = out + torch.where(s != 0, o_a * s, torch.zeros((), dtype=out.dtype, device=out.device))
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    for i, (k_s, v_s) in enumerate(image_kv):
+        o_s = F.scaled_dot_product_attention(q, k_s, v_s, dropout_p=0.0, is_causal=False)
+        o_s = o_s.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
+        w = scales[i]
+        if masks is not None and masks[i] is not None:
+            o_s = o_s * masks[i][:, :, None].to(o_s.dtype)
+        out = out + torch.where(w != 0, o_s * w, zero)
+    return out
+
+
+def decoupled_attention_decomposed(
+    q: Tensor,
+    k_text: Tensor,
+    v_text: Tensor,
+    image_kv: Sequence[tuple[Tensor, Tensor]],
+    scales: Tensor,
+) -> Tensor:
+    """The same math in MatMul / Softmax / Mul / Where only: the form exported to ONNX, where ONNX Runtime and
+    TensorRT recognise and fuse each attention segment."""
+    b, h, _, d = q.shape
+    scale = d**-0.5
+
+    def attend(k: Tensor, v: Tensor) -> Tensor:
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+        return torch.matmul(p, v).transpose(1, 2).reshape(b, -1, h * d)
+
+    out = attend(k_text, v_text)
+    for i, (k_s, v_s) in enumerate(image_kv):
+        w = scales[i].to(q.dtype)
+        out = out + torch.where(w != 0, attend(k_s, v_s) * w, torch.zeros_like(w))
     return out
 
 
@@ -53,13 +82,35 @@ def decoupled_attention_reference(
 class ImageContext:
     """Per-request image state every cross-attention processor reads (refiners' "context" idea).
 
-    ``scale`` is the ``[adapters, layers]`` device tensor; ``kv[layer]`` holds each adapter's precomputed
-    image keys/values for that layer, or is ``None`` when the request has no image prompt.
+    ``scale`` is the ``[adapters, layers]`` device tensor. Per layer, ``kv[layer]`` holds all image keys and
+    values laid end to end (``[B, H, T, d]``, adapter after adapter) or is ``None`` without an image prompt;
+    ``segments`` gives each segment's ``(start, end)`` token range (static for a request's shapes) and
+    ``seg_offsets`` / ``seg_adapter`` the same on the device for the fused kernel.
     """
 
     scale: Tensor
-    kv: list[list[tuple[Tensor, Tensor]]] | None = None
+    kv: list[tuple[Tensor, Tensor]] | None = None
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    seg_offsets: Tensor | None = None
+    seg_adapter: Tensor | None = None
     heads: list[int] = field(default_factory=list)
+
+
+def _exporting() -> bool:
+    """Tracing for ONNX (TorchScript or dynamo exporter) or torch.export: use the standard-op form."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+_EMPTY: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _empty_segments(device: torch.device) -> tuple[Tensor, Tensor]:
+    if device not in _EMPTY:
+        _EMPTY[device] = (
+            torch.zeros(1, dtype=torch.int32, device=device),
+            torch.zeros(0, dtype=torch.int32, device=device),
+        )
+    return _EMPTY[device]
 
 
 class DecoupledCrossAttnProcessor:
@@ -70,9 +121,10 @@ class DecoupledCrossAttnProcessor:
     the scale or the reference image does.
     """
 
-    def __init__(self, layer: int, context: ImageContext) -> None:
+    def __init__(self, layer: int, context: ImageContext, fused: bool = False) -> None:
         self.layer = layer
         self.context = context
+        self.fused = fused  # decided once at install from device, dtype and head dim: never per call
 
     def __call__(
         self,
@@ -113,10 +165,25 @@ class DecoupledCrossAttnProcessor:
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
         ctx = self.context
-        image_kv = ctx.kv[self.layer] if ctx.kv is not None else ()
-        hidden_states = decoupled_attention_reference(
-            query, key, value, image_kv, ctx.scale[:, self.layer], attn_mask=attention_mask
-        )
+        scales = ctx.scale[:, self.layer]  # a strided view: no copy, no sync
+        kv = ctx.kv[self.layer] if ctx.kv is not None else None
+        if self.fused and attention_mask is None and not _exporting():
+            if kv is None:
+                k_img = v_img = key[:, :, :0]
+                offsets, adapters = _empty_segments(query.device)
+            else:
+                (k_img, v_img), offsets, adapters = kv, ctx.seg_offsets, ctx.seg_adapter
+            hidden_states = torch.ops.ipa_rt.decoupled_attention(
+                query, key, value, k_img, v_img, offsets, adapters, scales, None
+            )
+        else:
+            image_kv = [(kv[0][:, :, s:e], kv[1][:, :, s:e]) for s, e in ctx.segments] if kv is not None else ()
+            if _exporting():
+                hidden_states = decoupled_attention_decomposed(query, key, value, image_kv, scales)
+            else:
+                hidden_states = decoupled_attention_reference(
+                    query, key, value, image_kv, scales, attn_mask=attention_mask
+                )
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .adapter import IPAdapterStack
 from .checkpoint import AdapterSource, read_adapter
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
 from .image import default_feature_extractor, encode_images, load_image
+from .kernels.ops import fused_available
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
 from .scale import expand_scale
 from .schedulers import make_scheduler
@@ -31,6 +33,7 @@ from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 from .variants import FACE_ID, HIDDEN
 
 BACKENDS = ("torch",)
+ATTENTION = ("auto", "triton", "sdpa")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # family -> (prompt encoder, default guidance scale) as in the diffusers pipelines
 _FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], float]] = {
@@ -84,7 +87,11 @@ class Pipeline:
         feature_extractor: Any | None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        attention: str = "auto",
     ) -> None:
+        if attention not in ATTENTION:
+            raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
+        self.attention = attention
         self.base = base
         self.family = base.family
         self.unet, self.vae, self.scheduler = base.unet, base.vae, base.scheduler
@@ -97,9 +104,9 @@ class Pipeline:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.progress_bar_config: dict[str, Any] = {}
         self._check_encoder()
-        self.to(self.device)
         if adapters is not None:
             adapters.install(self.unet)
+        self.to(self.device)
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -115,6 +122,7 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         scheduler: Any = None,
+        attention: str = "auto",
         **hub_kwargs: Any,
     ) -> Pipeline:
         """Load a diffusers base model and IP-Adapter checkpoint(s).
@@ -123,7 +131,8 @@ class Pipeline:
         an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
         ``CLIPVisionModelWithProjection`` folder; by default ``image_encoder/`` beside the first adapter file,
         as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
-        or instance; by default the base model's own.
+        or instance; by default the base model's own. ``attention``: ``"auto"`` (the fused Triton kernel on CUDA,
+        SDPA elsewhere), ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``) or ``"sdpa"``.
         """
         if backend not in BACKENDS:
             raise ConfigError(
@@ -146,7 +155,7 @@ class Pipeline:
         fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
         if stack is not None:
             stack.to_runtime("cpu", dtype)
-        return cls(model, stack, encoder, fe, device=device, dtype=dtype)
+        return cls(model, stack, encoder, fe, device=device, dtype=dtype, attention=attention)
 
     @staticmethod
     def _resolve_encoder(image_encoder: Any, stack: IPAdapterStack | None, dtype, hub_kwargs) -> Any:
@@ -166,7 +175,7 @@ class Pipeline:
         return None  # images then raise a clear error; embeddings still work
 
     @classmethod
-    def from_diffusers(cls, pipe: Any) -> Pipeline:
+    def from_diffusers(cls, pipe: Any, attention: str = "auto") -> Pipeline:
         """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called (modules are shared).
 
         The UNet is shared too: ipa_rt's processors replace diffusers' IP processors until
@@ -191,7 +200,8 @@ class Pipeline:
             origin=type(pipe).__name__,
         )
         stack.scale.copy_(scales)
-        return cls(model, stack, components.get("image_encoder"), model.feature_extractor, unet.device, unet.dtype)
+        encoder = components.get("image_encoder")
+        return cls(model, stack, encoder, model.feature_extractor, unet.device, unet.dtype, attention=attention)
 
     def _check_encoder(self) -> None:
         """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
@@ -218,7 +228,26 @@ class Pipeline:
                 module.to(self.device)
         if self.adapters is not None:
             self.adapters.to(self.device)
+            self.adapters.set_attention(self._fused_layers())
         return self
+
+    def _fused_layers(self) -> list[bool]:
+        """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call)."""
+        dims = self.adapters.head_dims
+        if self.attention == "sdpa":
+            return [False] * len(dims)
+        reasons = [fused_available(self.device, self.dtype, d) for d in dims]
+        if self.attention == "auto":  # triton on CUDA where it can run, SDPA elsewhere
+            return [self.device.type == "cuda" and r is None for r in reasons]
+        bad = next((r for r in reasons if r is not None), None)
+        if bad is not None and "disabled by" in bad:
+            warnings.warn(f"attention='triton' falls back to SDPA: {bad}", stacklevel=3)
+            return [False] * len(dims)
+        if bad is not None:
+            raise ConfigError(
+                f"attention='triton' cannot run here: {bad}; expected a CUDA device, or TRITON_INTERPRET=1"
+            )
+        return [True] * len(dims)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.progress_bar_config = kwargs
@@ -451,9 +480,9 @@ class Pipeline:
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 
 
-def from_diffusers(pipe: Any) -> Pipeline:
+def from_diffusers(pipe: Any, attention: str = "auto") -> Pipeline:
     """``ipa_rt.from_diffusers(pipe)``: see :meth:`Pipeline.from_diffusers`."""
-    return Pipeline.from_diffusers(pipe)
+    return Pipeline.from_diffusers(pipe, attention=attention)
 
 
 __all__ = ["FAMILIES", "Pipeline", "PipelineOutput", "from_diffusers"]

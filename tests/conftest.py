@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # run Triton kernels on the CPU; must be set before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ipa_rt import testing as T
 

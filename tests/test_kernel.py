@@ -1,0 +1,139 @@
+"""The fused Triton kernel against the one reference (CPU: Triton interpreter; CUDA: the real kernel).
+
+Tolerances follow flash-attention's tests: the kernel's error against an fp32 reference must stay within
+twice PyTorch's own error when it computes the same reference in the kernel's dtype, plus a floor for
+fp32 (where PyTorch's own error is ~0 and only summation order differs). NaN never passes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ipa_rt.attention import decoupled_attention_reference
+from ipa_rt.kernels import decoupled_attention, fused_available
+from ipa_rt.kernels import decoupled_kernel as kmod
+
+pytestmark = pytest.mark.skipif(
+    fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64) is not None,
+    reason="the Triton kernel cannot run here (no CUDA and TRITON_INTERPRET is not 1, or triton missing)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_FLOOR = 2e-5  # relative to max|ref|: fp32 accumulation-order differences between kernel and SDPA
+
+
+def make(b, h, n, d, text, segments, dtype, seed, q_transposed=True):
+    """Fresh random inputs; q laid out as the processor makes it (a transposed [B, N, H, d] view)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    q = r(b, n, h, d).transpose(1, 2) if q_transposed else r(b, h, n, d)
+    k_text, v_text = r(b, h, text, d), r(b, h, text, d)
+    total = sum(segments)
+    k_img, v_img = r(b, h, total, d), r(b, h, total, d)
+    bounds = [0]
+    for t in segments:
+        bounds.append(bounds[-1] + t)
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    adapters = torch.arange(len(segments), dtype=torch.int32, device=DEVICE)
+    scales = (torch.rand(len(segments), generator=g) * 1.5 + 0.25).to(DEVICE)
+    return q, k_text, v_text, k_img, v_img, offsets, adapters, scales, bounds
+
+
+def reference(q, k_text, v_text, k_img, v_img, bounds, scales, masks=None, dtype=None):
+    """The documented reference, run in ``dtype`` (fp32 = the "exact" oracle)."""
+    dtype = dtype or q.dtype
+    kv = [(k_img[:, :, s:e].to(dtype), v_img[:, :, s:e].to(dtype)) for s, e in itertools.pairwise(bounds)]
+    return decoupled_attention_reference(
+        q.to(dtype), k_text.to(dtype), v_text.to(dtype), kv, scales.to(torch.float32), masks=masks
+    )
+
+
+def run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask=None):
+    b, h, n, d = q.shape
+    out = torch.full((b, n, h * d), float("nan"), device=q.device, dtype=q.dtype)  # poisoned: all must be written
+    return kmod.launch(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask, out=out)
+
+
+def check(out, q, k_text, v_text, k_img, v_img, bounds, scales, masks=None):
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    ref32 = reference(q, k_text, v_text, k_img, v_img, bounds, scales, masks, dtype=torch.float32)
+    ref_lp = reference(q, k_text, v_text, k_img, v_img, bounds, scales, masks, dtype=q.dtype).float()
+    err = (out.float() - ref32).abs().max().item()
+    own = (ref_lp - ref32).abs().max().item()
+    tol = 2 * own + FP32_FLOOR * ref32.abs().max().item()
+    assert err <= tol, f"kernel error {err:.3e} > {tol:.3e} (PyTorch's own {q.dtype} error {own:.3e})"
+
+
+SHAPES = [  # (head dim, query tokens, text tokens, image segments)
+    (40, 64, 77, [4]),
+    (80, 63, 77, [16]),
+    (160, 77, 77, [257]),
+    (64, 200, 154, [4, 16]),
+    (40, 96, 231, [4, 16, 257, 4]),
+    (80, 33, 77, [8]),  # one adapter, two images of 4 tokens each: one segment
+    (64, 4096, 77, [16, 4]),
+]
+# narrow set for local debugging: SHAPES = [(40, 64, 77, [4])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("d", "n", "text", "segments"), SHAPES)
+def test_kernel_matches_reference(d, n, text, segments, dtype):
+    seed = d * 1000 + n + len(segments)
+    args = make(2, 2, n, d, text, segments, dtype, seed)
+    q, k_text, v_text, k_img, v_img, offsets, adapters, scales, bounds = args
+    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, scales)
+    check(out, q, k_text, v_text, k_img, v_img, bounds, scales)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_scale_is_exactly_text_only(dtype):
+    q, k_text, v_text, k_img, v_img, offsets, adapters, scales, _ = make(2, 2, 50, 64, 77, [4, 16], dtype, 7)
+    v_img = torch.full_like(v_img, float("inf"))  # an overflowing image branch must not leak NaN
+    zero = torch.zeros_like(scales)
+    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, zero)
+    no_seg = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    text_only = run_kernel(q, k_text, v_text, k_img[:, :, :0], v_img[:, :, :0], *no_seg, zero)
+    assert torch.equal(out, text_only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masks(dtype):
+    """Per-query masks per segment, with bicubic-like values outside [0, 1] and exact zeros."""
+    q, k_text, v_text, k_img, v_img, offsets, adapters, scales, bounds = make(2, 2, 64, 40, 77, [4, 16], dtype, 3)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(2, 2, 64, generator=g) * 1.4 - 0.2).to(DEVICE)
+    mask[0, :, :10] = 0
+    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask)
+    check(out, q, k_text, v_text, k_img, v_img, bounds, scales, masks=[mask[0], mask[1]])
+
+
+def test_scale_is_read_from_a_strided_device_view():
+    """The kernel reads scales through the [adapters, layers] tensor's column view: a write is seen at once."""
+    q, k_text, v_text, k_img, v_img, offsets, adapters, _, bounds = make(1, 2, 32, 64, 77, [4, 16], torch.float32, 9)
+    table = torch.tensor([[0.1, 0.7, 0.3], [0.2, 1.1, 0.4]], device=DEVICE)
+    column = table[:, 1]
+    first = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, column)
+    check(first, q, k_text, v_text, k_img, v_img, bounds, column.clone())
+    table[:, 1] = torch.tensor([1.5, 0.0])
+    second = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, column)
+    check(second, q, k_text, v_text, k_img, v_img, bounds, torch.tensor([1.5, 0.0], device=DEVICE))
+
+
+def test_custom_op_has_fake_impl_and_traces():
+    """opcheck covers schema, fake (meta) impl and dispatch; torch.export keeps the op as one node."""
+    args = make(1, 2, 16, 40, 77, [4], torch.float32, 5)[:8]
+    torch.library.opcheck(decoupled_attention, (*args, None), test_utils=("test_schema", "test_faketensor"))
+
+    class One(torch.nn.Module):
+        def forward(self, *a):
+            return torch.ops.ipa_rt.decoupled_attention(*a, None)
+
+    exported = torch.export.export(One(), tuple(args))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert "ipa_rt.decoupled_attention.default" in targets
