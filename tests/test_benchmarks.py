@@ -1,0 +1,32 @@
+"""The attention benchmark runs end to end (smoke shapes; on the CPU through the Triton interpreter)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipa_rt.kernels import fused_available
+
+
+@pytest.mark.skipif(
+    fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float16, 64) is not None,
+    reason="the Triton kernel cannot run here",
+)
+def test_attention_benchmark_smoke(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("attention-*.json")]
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert row["us"]["fused"] > 0 and row["speedup_vs_diffusers"] > 0
+        assert row["rel_err_vs_diffusers"] < 5e-3  # fp16 kernel vs fp16 diffusers math
+    assert (tmp_path / next(tmp_path.glob("*.md")).name).read_text().startswith("# Decoupled attention")
