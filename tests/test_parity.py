@@ -191,3 +191,28 @@ def test_from_diffusers_and_restore(models, images, family):
     ours.unload_ip_adapter()  # diffusers' own processors come back and work as before
     again = ref_pipe("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **CALL).images
     assert torch.equal(again, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_generator_without_latents(models, images, family):
+    """No latents given: the same generator draws the same initial noise as diffusers."""
+    call = {k: v for k, v in CALL.items()}
+    ref = diffusers_pipe(models, family, ["base.safetensors"])
+    ours = ipa_pipe(models, family, models.adapter(family, "base"))
+    a = ref("a cat", ip_adapter_image=images[0], generator=torch.Generator().manual_seed(4), **call).images
+    b = ours("a cat", ip_adapter_image=images[0], generator=torch.Generator().manual_seed(4), **call).images
+    assert_parity(b, a)
+
+
+def test_faceid_without_lora_and_state_dict_source(models):
+    """A FaceID checkpoint without LoRA keys (as diffusers' own test builders make) passed as a dict."""
+    from ipa_rt import testing as T
+
+    state = T.adapter_state_dict("faceid", models.base("sd15"))
+    state["ip_adapter"] = {k: v for k, v in state["ip_adapter"].items() if "lora" not in k}
+    ref_pipe = diffusers_pipe(models, "sd15")
+    ref_pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    ref = ref_pipe("a face", ip_adapter_image_embeds=[face_embeds()], latents=fixed_latents(), **CALL).images
+    ours = ipa_pipe(models, "sd15", state)
+    out = ours("a face", ip_adapter_image_embeds=[face_embeds()], latents=fixed_latents(), **CALL).images
+    assert_parity(out, ref)
