@@ -127,7 +127,8 @@ class IPAdapterStack(nn.Module):
         self.to_k_ip = nn.ModuleList(nn.ModuleList(e.to_k_ip[i] for e in entries) for i in range(len(self.heads)))
         self.to_v_ip = nn.ModuleList(nn.ModuleList(e.to_v_ip[i] for e in entries) for i in range(len(self.heads)))
         self.register_buffer("scale", torch.ones(len(entries), len(self.layer_names)), persistent=False)
-        self.context = ImageContext(scale=self.scale, heads=self.heads)
+        self.register_buffer("scale_eff", torch.ones(len(entries), len(self.layer_names)), persistent=False)
+        self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff, heads=self.heads)
         self.head_dims = [
             _module_of(unet, n).to_k.out_features // h for n, h in zip(self.layer_names, self.heads, strict=False)
         ]
@@ -207,7 +208,7 @@ class IPAdapterStack(nn.Module):
     # --- scale ---------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):  # keep the shared context on the moved buffer
         result = super()._apply(fn, *args, **kwargs)
-        self.context.scale = self.scale
+        self.context.scale, self.context.scale_eff = self.scale, self.scale_eff
         return result
 
     @property

@@ -89,10 +89,12 @@ class ImageContext:
     """
 
     scale: Tensor
+    scale_eff: Tensor | None = None  # scale x per-step gate, rewritten by the loop each step; read by layers
     kv: list[tuple[Tensor, Tensor]] | None = None
     segments: list[tuple[int, int]] = field(default_factory=list)
     seg_offsets: Tensor | None = None
     seg_adapter: Tensor | None = None
+    masks: dict[int, Tensor] = field(default_factory=dict)  # query count -> [S, B, N] regional masks
     heads: list[int] = field(default_factory=list)
 
 
@@ -165,7 +167,8 @@ class DecoupledCrossAttnProcessor:
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
         ctx = self.context
-        scales = ctx.scale[:, self.layer]  # a strided view: no copy, no sync
+        table = ctx.scale_eff if ctx.scale_eff is not None else ctx.scale
+        scales = table[:, self.layer]  # a strided view: no copy, no sync
         kv = ctx.kv[self.layer] if ctx.kv is not None else None
         if self.fused and attention_mask is None and not _exporting():
             if kv is None:

@@ -8,7 +8,6 @@ image keys/values are computed once per call, and the adapter scale is a device 
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,12 +20,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import modes
 from .adapter import IPAdapterStack
 from .checkpoint import AdapterSource, read_adapter
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
 from .image import default_feature_extractor, encode_images, load_image
 from .kernels.ops import fused_available
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
+from .modes import DEFAULT_STRENGTH
+from .runtime import DenoiseLoop, StepInputs
+from .sampling import EagerPlan, Plan, make_plan
 from .scale import expand_scale
 from .schedulers import make_scheduler
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
@@ -35,10 +38,10 @@ from .variants import FACE_ID, HIDDEN
 BACKENDS = ("torch",)
 ATTENTION = ("auto", "triton", "sdpa")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# family -> (prompt encoder, default guidance scale) as in the diffusers pipelines
-_FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], float]] = {
-    "sd15": (encode_prompt_sd15, 7.5),
-    "sdxl": (encode_prompt_sdxl, 5.0),
+# family -> (prompt encoder, default guidance for txt2img / img2img / inpaint) as the diffusers pipelines set them
+_FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], dict[str, float]]] = {
+    "sd15": (encode_prompt_sd15, {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5}),
+    "sdxl": (encode_prompt_sdxl, {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5}),
 }
 
 
@@ -103,6 +106,10 @@ class Pipeline:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.progress_bar_config: dict[str, Any] = {}
+        self.mask_processor = modes.mask_processor(self.vae_scale_factor)
+        self.loop = DenoiseLoop(self.unet, adapters.context if adapters is not None else None)
+        self._plans: dict = {}
+        self._ranges: list[tuple[float, float]] = []
         self._check_encoder()
         if adapters is not None:
             adapters.install(self.unet)
@@ -368,13 +375,26 @@ class Pipeline:
         eta: float = 0.0,
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        mask_image: Any = None,
     ) -> PipelineOutput:
-        encode_prompt, default_guidance = _FAMILY_RUNTIME[self.family.name]
-        guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
+        """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img."""
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type {output_type!r} is unknown; expected one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps is {num_inference_steps!r}; expected a positive integer")
+        if mask_image is not None and image is None:
+            raise ImageInputError("mask_image was given without image; inpainting needs both")
+        mode = "inpaint" if mask_image is not None else ("img2img" if image is not None else "txt2img")
+        encode_prompt, default_guidance = _FAMILY_RUNTIME[self.family.name]
+        guidance_scale = default_guidance[mode] if guidance_scale is None else float(guidance_scale)
+        if mode == "txt2img":
+            strength = 1.0
+        elif strength is None:
+            strength = DEFAULT_STRENGTH[self.family.name][mode == "inpaint"]
+        if not 0.0 < float(strength) <= 1.0:
+            raise ConfigError(f"strength is {strength}; expected a number in (0, 1]")
         sample = self.unet.config.sample_size
         height = height or sample * self.vae_scale_factor
         width = width or sample * self.vae_scale_factor
@@ -383,7 +403,6 @@ class Pipeline:
         batch = len(prompt) if isinstance(prompt, list) else 1
         copies = batch * num_images_per_prompt
         cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-
         text = encode_prompt(
             self.text_encoders,
             self.tokenizers,
@@ -401,44 +420,80 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.prepare(self.adapters.project(*conditions) if conditions is not None else None)
 
-        scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        timesteps = scheduler.timesteps
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        shape = (copies, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.embeds.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ConfigError(f"latents have shape {list(latents.shape)}; expected {list(shape)} for this call")
-        latents = latents.to(self.device) * scheduler.init_noise_sigma
-
-        step_params = set(inspect.signature(scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
-        added = self._added_conditions(text, height, width, copies, cfg)
-        timestep_cond = self._guidance_embedding(guidance_scale, copies, latents.dtype)
-
-        for t in tqdm(timesteps, **{"desc": "denoising", **self.progress_bar_config}):
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=text.embeds,
-                timestep_cond=timestep_cond,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-
+        plan = self._plan(num_inference_steps, float(strength), eta)
+        dtype = text.embeds.dtype
+        if mode == "txt2img":
+            shape = (
+                copies,
+                self.unet.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            setup = modes.ModeSetup(modes.txt2img(shape, plan, generator, self.device, dtype, latents), height, width)
+        elif mode == "img2img":
+            setup = modes.img2img(self, image, plan, copies, generator, self.device, dtype, latents)
+        else:
+            setup = modes.inpaint(
+                self,
+                image,
+                mask_image,
+                plan,
+                copies,
+                generator,
+                self.device,
+                dtype,
+                latents,
+                height,
+                width,
+                float(strength),
+                cfg,
+            )
+        noise = None
+        if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
+            noise = torch.zeros((plan.steps, *setup.latents.shape), device=self.device, dtype=dtype)
+            for j in plan.noise_steps:
+                noise[j] = randn_tensor(setup.latents.shape, generator=generator, device=self.device, dtype=dtype)
+        inputs = StepInputs(
+            plan=plan,
+            latents=setup.latents,
+            text=text.embeds,
+            added=self._added_conditions(text, setup.height, setup.width, copies, cfg),
+            timestep_cond=self._guidance_embedding(guidance_scale, copies, dtype),
+            guidance=guidance_scale,
+            cfg=cfg,
+            noise=noise,
+            gate=self._gate(plan.steps),
+            inpaint_mask=setup.mask,
+            inpaint_latents=setup.inpaint_latents,
+            blend=modes.blend_coefficients(plan).to(self.device)
+            if setup.noise is not None and plan.kind != "eager"
+            else None,
+            blend_noise=setup.noise,
+        )
+        with tqdm(total=plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
+            latents = self.loop.run(inputs, progress=bar, generator=generator)
         if self.adapters is not None:
             self.adapters.prepare(None)  # drop the per-request image K/V
         if output_type == "latent":
             return PipelineOutput(latents)
         return PipelineOutput(self._decode(latents, output_type))
+
+    def _plan(self, steps: int, strength: float, eta: float) -> Plan | EagerPlan:
+        """The scheduler's tensor program for (steps, strength, eta), cached: the loop reads only tensors."""
+        key = (id(self.scheduler), steps, strength, eta)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make_plan(self.scheduler, steps, strength, eta).to(self.device)
+            self._plans = {key: plan}  # keep the latest: a request signature rarely alternates
+        return plan
+
+    def _gate(self, steps: int) -> Tensor:
+        """``[adapters, steps]``: 1 where an adapter's step range covers the step, else 0."""
+        count = self.adapters.num_adapters if self.adapters is not None else 0
+        pos = torch.arange(steps, dtype=torch.float64) / steps
+        rows = [((pos >= lo) & ((pos < hi) | (hi >= 1.0))).float() for lo, hi in self._ranges[:count]]
+        rows += [torch.ones(steps)] * (count - len(rows))
+        return (torch.stack(rows) if rows else torch.zeros(0, steps)).to(self.device)
 
     def _added_conditions(self, text: PromptEmbeds, height: int, width: int, copies: int, cfg: bool) -> dict:
         if not self.family.pooled_text:

@@ -59,8 +59,16 @@ class Plan:
 
     def step(self, i: Tensor, x: Tensor, out: Tensor, noise: Tensor | None, prev_x0: Tensor | None) -> tuple:
         """``(x_next, x0)`` for the model output ``out`` at step ``i`` (a 0-dim device tensor)."""
-        c = self.coef[i]
+        return self.update(self.coef[i], x, out, noise, prev_x0)
+
+    def update(self, c: Tensor, x: Tensor, out: Tensor, noise: Tensor | None, prev_x0: Tensor | None) -> tuple:
+        """``step`` with this step's coefficient row ``c`` already gathered (inside a captured graph)."""
         return _STEPS[self.kind](self, c, x, out, noise, prev_x0)
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether the loop needs a noise table (LCM reads one at every step; the last row is zeros)."""
+        return bool(self.noise_steps) or self.kind == "lcm"
 
 
 def _x0_alpha(plan: Plan, sa: Tensor, sb: Tensor, x: Tensor, out: Tensor) -> Tensor:
@@ -244,3 +252,38 @@ def compile_plan(scheduler: Any, steps: int, strength: float = 1.0, eta: float =
         clip=clip,
         scheduler=sched,
     )
+
+
+@dataclass
+class EagerPlan:
+    """A scheduler without a tensor program (PNDM, DDPM, Heun, ...): diffusers' own ``step`` drives an eager
+    loop — same numbers, but host-side and never graph-captured."""
+
+    scheduler: Any
+    timesteps: Tensor
+    eta: float
+    kind: str = "eager"
+    noise_steps: list[int] = field(default_factory=list)
+    needs_noise: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
+    def to(self, device: torch.device) -> EagerPlan:
+        return self
+
+
+def make_plan(scheduler: Any, steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan | EagerPlan:
+    """The tensor program when the scheduler has one, else an eager plan around a configured copy of it."""
+    if type(scheduler).__name__ in KINDS:
+        return compile_plan(scheduler, steps, strength, eta)
+    sched, start = retrieve_schedule(scheduler, steps, strength)
+    timesteps = sched.timesteps[start:]
+    if timesteps.shape[0] == 0:
+        raise ConfigError(f"strength={strength} with {steps} steps leaves no denoising step; expected more")
+    return EagerPlan(sched, timesteps, eta)

@@ -133,8 +133,10 @@ def write_base_model(
     scheduler: str | None = None,
     time_cond_proj_dim: int | None = None,
     feature_extractor: bool | None = None,
+    in_channels: int = 4,
 ) -> Path:
-    """A tiny diffusers-format base model folder of ``family`` ``"sd15"`` or ``"sdxl"``."""
+    """A tiny diffusers-format base model folder of ``family`` ``"sd15"`` or ``"sdxl"`` (``in_channels=9``:
+    an inpainting model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -146,6 +148,7 @@ def write_base_model(
     unet_cfg = dict(SDXL_UNET if sdxl else SD15_UNET)
     if time_cond_proj_dim is not None:
         unet_cfg["time_cond_proj_dim"] = time_cond_proj_dim
+    unet_cfg["in_channels"] = in_channels  # 9: an inpainting UNet (latents + mask + masked-image latents)
     UNet2DConditionModel(**unet_cfg).save_pretrained(folder / "unet")
     AutoencoderKL(**VAE_CONFIG, force_upcast=sdxl).save_pretrained(folder / "vae")
     vocab = write_tokenizer(folder / "tokenizer")
@@ -155,8 +158,11 @@ def write_base_model(
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": scheduler, **SCHEDULER_CONFIG}, indent=2)
     )
+    import diffusers
+
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],

@@ -64,6 +64,8 @@ def models(tmp_path_factory) -> Models:
         for variant in ("base", "plus"):
             T.write_adapter(m.adapter(fam, variant, seed=7), variant, base, seed=7)
     T.write_base_model(root / "sd15-lcm", family="sd15", time_cond_proj_dim=32, scheduler="LCMScheduler", seed=3)
+    for fam in FAMILIES:
+        T.write_base_model(root / f"{fam}-inpaint", family=fam, in_channels=9, seed=4)
     return m
 
 

@@ -1,0 +1,282 @@
+"""The static denoising loop: preallocated buffers, one step as tensor math, CUDA graphs on CUDA.
+
+Everything a step reads lives in a :class:`StaticState` whose tensors keep their storage for a given
+:class:`Signature`: latents, text conditions, timesteps and scheduler coefficients, pre-drawn scheduler
+noise, the guidance scale, the per-step adapter gate and (in the shared :class:`ImageContext`) the image
+keys/values and scales. One step — UNet on the CFG batch, guidance, scheduler update, inpainting blend,
+step counter increment — is captured as a CUDA graph once per signature and replayed; on the CPU the same
+step runs eagerly. Live controls (scale, step range, guidance, a new reference image of the same token
+count) are in-place writes into those buffers, so they never recapture.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .attention import ImageContext
+from .sampling import EagerPlan, Plan
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a captured graph depends on: shapes and structure, never values."""
+
+    latents: tuple[int, ...]
+    text: tuple[int, ...]
+    steps: int
+    kind: str
+    cfg: bool
+    tokens: tuple[int, ...]  # image tokens per segment (empty: no image prompt)
+    masked: bool
+    inpaint: int  # 0: none, 4: blend after each step, 9: extra UNet input channels
+    noise: bool
+    added: tuple[tuple[str, tuple[int, ...]], ...]
+    timestep_cond: bool
+
+
+@dataclass
+class StepInputs:
+    """One request's tensors, copied into the static buffers before the loop."""
+
+    plan: Plan | EagerPlan
+    latents: Tensor  # initial latents, already scaled / noised for the mode
+    text: Tensor
+    added: dict[str, Tensor]
+    timestep_cond: Tensor | None
+    guidance: float
+    cfg: bool
+    noise: Tensor | None  # [S, *latents] noise each step draws (rows of steps that draw none are zeros)
+    gate: Tensor  # [A, S] per-step adapter on/off (step ranges); [0, S] without adapters
+    inpaint_mask: Tensor | None = None  # [B, 1, h, w] latent-resolution mask (1 = repaint)
+    inpaint_latents: Tensor | None = None  # 9-ch: masked-image latents; 4-ch: clean image latents
+    blend: Tensor | None = None  # 4-ch: [S, 2] add_noise coefficients for the image latents at t_{i+1}
+    blend_noise: Tensor | None = None  # 4-ch: the initial noise add_noise mixes in
+
+
+@dataclass
+class StaticState:
+    """The buffers of one signature (and its CUDA graph, once captured)."""
+
+    sig: Signature
+    idx: Tensor
+    latents: Tensor
+    prev_x0: Tensor
+    text: Tensor
+    added: dict[str, Tensor]
+    timestep_cond: Tensor | None
+    guidance: Tensor
+    noise: Tensor | None
+    gate: Tensor
+    timesteps: Tensor
+    coef: Tensor
+    in_scale: Tensor | None
+    mask: Tensor | None = None
+    inpaint_latents: Tensor | None = None
+    blend: Tensor | None = None
+    blend_noise: Tensor | None = None
+    graph: Any = None
+    captures: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int) -> Signature:
+    tokens = tuple(e - s for s, e in ctx.segments) if ctx.kv is not None else ()
+    inpaint = 0 if inp.inpaint_mask is None else (9 if unet_in == 9 else 4)
+    return Signature(
+        latents=tuple(inp.latents.shape),
+        text=tuple(inp.text.shape),
+        steps=inp.plan.steps,
+        kind=inp.plan.kind,
+        cfg=inp.cfg,
+        tokens=tokens,
+        masked=bool(ctx.masks),
+        inpaint=inpaint,
+        noise=inp.noise is not None,
+        added=tuple(sorted((k, tuple(v.shape)) for k, v in inp.added.items())),
+        timestep_cond=inp.timestep_cond is not None,
+    )
+
+
+class DenoiseLoop:
+    """Runs the denoising loop from static buffers; captures and replays CUDA graphs per signature."""
+
+    def __init__(self, unet: torch.nn.Module, context: ImageContext | None, use_graphs: bool | None = None) -> None:
+        self.unet = unet
+        self.context = context
+        self.use_graphs = use_graphs
+        self.states: dict[Signature, StaticState] = {}
+        self.captures = 0  # total graph captures, for tests and the benchmark's "no recapture" check
+
+    # --- buffers ------------------------------------------------------------------------------------------------
+    def _state(self, inp: StepInputs) -> StaticState:
+        ctx = self.context
+        sig = _signature(
+            inp, ctx if ctx is not None else ImageContext(scale=torch.zeros(0, 0)), self.unet.config.in_channels
+        )
+        st = self.states.get(sig)
+        plan, device = inp.plan, inp.latents.device
+        if st is None:
+            st = StaticState(
+                sig=sig,
+                idx=torch.zeros(1, dtype=torch.long, device=device),
+                latents=torch.empty_like(inp.latents),
+                prev_x0=torch.zeros_like(inp.latents),
+                text=torch.empty_like(inp.text),
+                added={k: torch.empty_like(v) for k, v in inp.added.items()},
+                timestep_cond=torch.empty_like(inp.timestep_cond) if inp.timestep_cond is not None else None,
+                guidance=torch.zeros((), dtype=torch.float32, device=device),
+                noise=torch.empty_like(inp.noise) if inp.noise is not None else None,
+                gate=torch.empty_like(inp.gate),
+                timesteps=torch.empty_like(plan.timesteps),
+                coef=torch.empty_like(plan.coef),
+                in_scale=torch.empty_like(plan.in_scale) if plan.in_scale is not None else None,
+            )
+            if inp.inpaint_mask is not None:
+                st.mask = torch.empty_like(inp.inpaint_mask)
+                st.inpaint_latents = torch.empty_like(inp.inpaint_latents)
+                if inp.blend is not None:
+                    st.blend = torch.empty_like(inp.blend)
+                    st.blend_noise = torch.empty_like(inp.blend_noise)
+            self.states[sig] = st
+        # one request's values into the static storage (in place: the graph keeps reading the same memory)
+        st.idx.zero_()
+        st.latents.copy_(inp.latents)
+        st.prev_x0.zero_()
+        st.text.copy_(inp.text)
+        for k, v in inp.added.items():
+            st.added[k].copy_(v)
+        if st.timestep_cond is not None:
+            st.timestep_cond.copy_(inp.timestep_cond)
+        st.guidance.fill_(inp.guidance)
+        if st.noise is not None:
+            st.noise.copy_(inp.noise)
+        st.gate.copy_(inp.gate)
+        st.timesteps.copy_(plan.timesteps)
+        st.coef.copy_(plan.coef)
+        if st.in_scale is not None:
+            st.in_scale.copy_(plan.in_scale)
+        if st.mask is not None:
+            st.mask.copy_(inp.inpaint_mask)
+            st.inpaint_latents.copy_(inp.inpaint_latents)
+            if st.blend is not None:
+                st.blend.copy_(inp.blend)
+                st.blend_noise.copy_(inp.blend_noise)
+        st.extra["plan"] = plan
+        return st
+
+    # --- one step -------------------------------------------------------------------------------------------------
+    def _step(self, st: StaticState) -> None:
+        plan: Plan = st.extra["plan"]
+        i1 = st.idx
+        ctx = self.context
+        if ctx is not None and ctx.scale_eff is not None:  # per-step adapter gate (step ranges)
+            torch.mul(ctx.scale, st.gate.index_select(1, i1), out=ctx.scale_eff)
+        x = st.latents
+        model_in = torch.cat([x, x]) if st.sig.cfg else x
+        if st.in_scale is not None:
+            model_in = model_in / st.in_scale.index_select(0, i1)[0]
+        if st.sig.inpaint == 9:
+            model_in = torch.cat([model_in, st.mask, st.inpaint_latents], dim=1)
+        t = st.timesteps.index_select(0, i1)
+        out = self.unet(
+            model_in,
+            t,
+            encoder_hidden_states=st.text,
+            timestep_cond=st.timestep_cond,
+            added_cond_kwargs=st.added,
+            return_dict=False,
+        )[0]
+        if st.sig.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + st.guidance * (cond - uncond)
+        noise = st.noise.index_select(0, i1)[0] if st.noise is not None else None
+        c = st.coef.index_select(0, i1)[0]
+        x_next, x0 = plan.update(c, x, out, noise, st.prev_x0)
+        if st.sig.inpaint == 4:  # diffusers' blend: known region re-noised to the next timestep
+            b = st.blend.index_select(0, i1)[0]
+            proper = b[0] * st.inpaint_latents + b[1] * st.blend_noise
+            mask = st.mask[: x.shape[0]]
+            x_next = (1 - mask) * proper + mask * x_next
+        st.latents.copy_(x_next)
+        st.prev_x0.copy_(x0)
+        st.idx.add_(1)
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    def run(self, inp: StepInputs, progress=None, generator=None) -> Tensor:
+        if isinstance(inp.plan, EagerPlan):
+            return self._run_eager(inp, progress, generator)
+        st = self._state(inp)
+        graphs = self.use_graphs if self.use_graphs is not None else st.latents.device.type == "cuda"
+        if graphs and st.graph is None:
+            self._capture(st)
+        for _ in range(inp.plan.steps):
+            if st.graph is not None:
+                st.graph.replay()
+            else:
+                self._step(st)
+            if progress is not None:
+                progress.update()
+        return st.latents.clone()
+
+    def _run_eager(self, inp: StepInputs, progress, generator) -> Tensor:
+        """Host-driven loop around diffusers' own ``step`` for schedulers without a tensor program."""
+        plan: EagerPlan = inp.plan  # type: ignore[assignment]
+        sched = copy.deepcopy(plan.scheduler)
+        params = set(inspect.signature(sched.step).parameters)
+        extra = {k: v for k, v in (("eta", plan.eta), ("generator", generator)) if k in params}
+        ctx = self.context
+        x = inp.latents
+        guidance = inp.guidance
+        for i, t in enumerate(plan.timesteps):
+            if ctx is not None and ctx.scale_eff is not None:
+                torch.mul(ctx.scale, inp.gate[:, i : i + 1], out=ctx.scale_eff)
+            model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
+            if inp.inpaint_mask is not None and self.unet.config.in_channels == 9:
+                model_in = torch.cat([model_in, inp.inpaint_mask, inp.inpaint_latents], dim=1)
+            out = self.unet(
+                model_in,
+                t,
+                encoder_hidden_states=inp.text,
+                timestep_cond=inp.timestep_cond,
+                added_cond_kwargs=inp.added,
+                return_dict=False,
+            )[0]
+            if inp.cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            x = sched.step(out, t, x, **extra, return_dict=False)[0]
+            if inp.blend_noise is not None:  # 4-channel inpainting, as diffusers does it
+                proper = inp.inpaint_latents
+                if i < plan.steps - 1:
+                    proper = sched.add_noise(proper, inp.blend_noise, plan.timesteps[i + 1 : i + 2])
+                mask = inp.inpaint_mask[: x.shape[0]]
+                x = (1 - mask) * proper + mask * x
+            if progress is not None:
+                progress.update()
+        return x
+
+    def _capture(self, st: StaticState) -> None:
+        """Warm up on a side stream, capture one step, then restore the buffers the warm-up advanced."""
+        saved = (st.latents.clone(), st.prev_x0.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(st)
+                st.idx.zero_()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(st)
+        st.idx.zero_()
+        st.latents.copy_(saved[0])
+        st.prev_x0.copy_(saved[1])
+        st.graph = graph
+        st.captures += 1
+        self.captures += 1
