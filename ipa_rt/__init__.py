@@ -10,10 +10,12 @@ from .errors import (
     ScaleError,
 )
 from .pipeline import Pipeline, PipelineOutput, from_diffusers
+from .scale import PRESETS, scale_preset
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "AdapterSource",
     "CheckpointError",
     "ConfigError",
@@ -25,4 +27,5 @@ __all__ = [
     "ScaleError",
     "__version__",
     "from_diffusers",
+    "scale_preset",
 ]

@@ -30,7 +30,7 @@ from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_im
 from .modes import DEFAULT_STRENGTH
 from .runtime import DenoiseLoop, StepInputs
 from .sampling import EagerPlan, Plan, make_plan
-from .scale import expand_scale
+from .scale import expand_scale, expand_step_ranges
 from .schedulers import make_scheduler
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 from .variants import FACE_ID, HIDDEN
@@ -267,11 +267,21 @@ class Pipeline:
 
     # --- live controls --------------------------------------------------------------------------------------------
     def set_ip_adapter_scale(self, scale: Any) -> None:
-        """A number, a list (one per adapter) or InstantStyle per-block dicts; one in-place tensor write."""
+        """A number, a list (one per adapter), InstantStyle per-block dicts or preset names (``"style"``,
+        ``"composition"``, ``"style_and_composition"``); one in-place tensor write."""
         if self.adapters is None:
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
-        values = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters)
+        values = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
         self.adapters.scale.copy_(values, non_blocking=True)
+        self.adapters.scale_eff.copy_(values, non_blocking=True)
+
+    def set_ip_adapter_step_range(self, ranges: Any) -> None:
+        """Active steps per adapter as ``(start, end)`` fractions of the schedule (one pair, or one per adapter):
+        the adapter acts on step ``i`` of ``S`` when ``start <= i/S < end`` (``end = 1`` includes the last step).
+        Applied through a per-step gate tensor: changing it never rebuilds or recaptures anything."""
+        if self.adapters is None:
+            raise ConfigError("set_ip_adapter_step_range: no IP-Adapter is loaded in this pipeline")
+        self._ranges = expand_step_ranges(ranges, self.adapters.num_adapters)
 
     # --- per-call conditions --------------------------------------------------------------------------------------
     def _image_conditions(

@@ -22,6 +22,46 @@ from .errors import ScaleError
 
 DEFAULT_BLOCK_SCALE = 0.0  # diffusers' default for IP-Adapter per-block dicts
 
+# Named per-block presets, written once. Sources: SDXL — InstantStyle (style = up_blocks.0.attentions.1,
+# layout = down_blocks.2.attentions.1; InstantStyle README and diffusers' IP-Adapter docs); SD1.5 — the
+# "style transfer" and "composition" weight types of cubiq/ComfyUI_IPAdapter_plus (its block indices 0-3 and
+# 9-15 for style, {4: 0.25, 5: 1} for composition, in input / middle / output order) in diffusers' names.
+PRESETS: dict[str, dict[str, dict]] = {
+    "sdxl": {
+        "style": {"up": {"block_0": [0.0, 1.0, 0.0]}},
+        "composition": {"down": {"block_2": [0.0, 1.0]}},
+    },
+    "sd15": {
+        "style": {
+            "down": {"block_0": [1.0, 1.0], "block_1": [1.0, 1.0]},
+            "up": {"block_1": [0.0, 0.0, 1.0], "block_2": [1.0, 1.0, 1.0], "block_3": [1.0, 1.0, 1.0]},
+        },
+        "composition": {"down": {"block_2": [0.25, 1.0]}},
+    },
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    for side, blocks in b.items():
+        out.setdefault(side, {}).update(blocks)
+    return out
+
+
+for _family in PRESETS.values():
+    _family["style_and_composition"] = _merge(_family["style"], _family["composition"])
+
+
+def scale_preset(name: str, family: str, scale: float = 1.0) -> dict:
+    """A named per-block preset (``style``, ``composition``, ``style_and_composition``) times ``scale``."""
+    if family not in PRESETS or name not in PRESETS[family]:
+        raise ScaleError(f"scale preset {name!r} is unknown for {family}; expected one of {sorted(PRESETS['sdxl'])}")
+    s = _number(scale, "preset scale")
+    return {
+        side: {block: [v * s for v in values] for block, values in blocks.items()}
+        for side, blocks in PRESETS[family][name].items()
+    }
+
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
@@ -88,8 +128,12 @@ def _expand_dict(config: Mapping, blocks: dict[str, dict[int, int]], where: str)
     return out
 
 
-def expand_scale(scale: Any, unet: nn.Module, layer_names: Sequence[str], num_adapters: int) -> torch.Tensor:
-    """The ``[num_adapters, len(layer_names)]`` float32 CPU tensor for a ``set_ip_adapter_scale`` argument."""
+def expand_scale(
+    scale: Any, unet: nn.Module, layer_names: Sequence[str], num_adapters: int, family: str = "sd15"
+) -> torch.Tensor:
+    """The ``[num_adapters, len(layer_names)]`` float32 CPU tensor for a ``set_ip_adapter_scale`` argument.
+
+    A config may also be a preset name (``"style"``, ``"composition"``, ``"style_and_composition"``)."""
     if num_adapters == 0:
         raise ScaleError("set_ip_adapter_scale was called on a pipeline with no IP-Adapter loaded")
     if isinstance(scale, (list, tuple)):
@@ -104,6 +148,8 @@ def expand_scale(scale: Any, unet: nn.Module, layer_names: Sequence[str], num_ad
     rows = []
     for a, config in enumerate(configs):
         where = f"[{a}]" if isinstance(scale, (list, tuple)) else "value"
+        if isinstance(config, str):
+            config = scale_preset(config, family)
         if isinstance(config, Mapping):
             per_block = _expand_dict(config, blocks, where)
             row = []
@@ -114,3 +160,19 @@ def expand_scale(scale: Any, unet: nn.Module, layer_names: Sequence[str], num_ad
         else:
             rows.append([_number(config, where)] * len(layer_names))
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def expand_step_ranges(ranges: Any, num_adapters: int) -> list[tuple[float, float]]:
+    """``(start, end)`` for every adapter, as fractions of the schedule (ComfyUI's start_at / end_at)."""
+    items = list(ranges) if isinstance(ranges, list) else [ranges] * num_adapters
+    if len(items) != num_adapters:
+        raise ScaleError(f"step range is a list of {len(items)} entries; expected {num_adapters} (one per adapter)")
+    out = []
+    for a, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ScaleError(f"step range [{a}] is {item!r}; expected a (start, end) pair of fractions")
+        lo, hi = _number(item[0], f"range [{a}] start"), _number(item[1], f"range [{a}] end")
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ScaleError(f"step range [{a}] is ({lo}, {hi}); expected 0 <= start < end <= 1")
+        out.append((lo, hi))
+    return out

@@ -49,19 +49,19 @@ VAE_CONFIG = dict(
     norm_num_groups=8,
     sample_size=32,
 )
-SD15_UNET = dict(
+SD15_UNET = dict(  # SD1.5's block layout (16 cross-attention layers, as the real one), tiny widths
     sample_size=16,
     in_channels=4,
     out_channels=4,
     layers_per_block=2,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32,
     attention_head_dim=2,
     norm_num_groups=8,
 )
-SDXL_UNET = dict(
+SDXL_UNET = dict(  # SDXL's block layout (attention-free first level, 1/1/2 transformers), tiny widths
     sample_size=16,
     in_channels=4,
     out_channels=4,

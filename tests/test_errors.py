@@ -143,7 +143,7 @@ def test_faceid_without_embeds(models, images):
     ("scale", "pattern"),
     [
         ({"middle": 1.0}, r"unknown key 'middle'.*'down', 'mid', 'up'"),
-        ({"up": {"block_0": 1.0}}, r"\['up'\] has key 'block_0'.*expected one of \['block_1', 'block_2'\]"),
+        ({"up": {"block_0": 1.0}}, r"\['up'\] has key 'block_0'.*expected one of \['block_1', 'block_2', 'block_3'\]"),
         ({"up": {"block_1": [1.0, 0.0]}}, r"\['up'\]\['block_1'\] has 2 values; expected 3"),
         ({"mid": [1.0, 2.0]}, r"\['mid'\] has 2 values; expected 1"),
         ([0.5, 0.5], r"list of 2 entries; expected 1"),

@@ -1,0 +1,87 @@
+"""Live controls: presets, per-step ranges, scale changes — diffusers parity and "never rebuild"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+
+import ipa_rt
+from ipa_rt.scale import PRESETS
+
+
+@pytest.mark.parametrize("preset", ["style", "composition", "style_and_composition"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_presets_match_the_equivalent_dict(models, images, family, preset):
+    ref = diffusers_pipe(models, family, ["base.safetensors"])
+    ref.set_ip_adapter_scale(PRESETS[family][preset])
+    ours = ipa_pipe(models, family, models.adapter(family, "base"))
+    ours.set_ip_adapter_scale(preset)
+    a = ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
+    b = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
+    assert_parity(b, a)
+    assert ipa_rt.scale_preset(preset, family, 0.5) != PRESETS[family][preset]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", None])  # tensor program and eager loop
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_range_matches_diffusers_with_a_scale_callback(models, images, family, scheduler):
+    """Adapter 0 acts on steps [0.25, 0.75) of 4, adapter 1 on all: diffusers reproduces it by switching
+    scales in callback_on_step_end; ipa_rt does it with its per-step gate tensor."""
+    steps, ranges = 4, [(0.25, 0.75), (0.0, 1.0)]
+    ref = diffusers_pipe(models, family, ["base.safetensors", "plus.safetensors"])
+    ours = ipa_pipe(models, family, [models.adapter(family, "base"), models.adapter(family, "plus")], scheduler=scheduler)
+    if scheduler:
+        ref.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+
+    def active(i, n):  # n: model evaluations in the schedule (PNDM makes steps + 1)
+        return [0.8 if lo <= i / n < hi else 0.0 for lo, hi in ranges[:1]] + [0.6]
+
+    def callback(pipe, i, t, kwargs):
+        pipe.set_ip_adapter_scale(active(i + 1, pipe._num_timesteps))
+        return kwargs
+
+    ref.set_ip_adapter_scale(active(0, steps))
+    imgs = [images[0], images[1]]
+    call = {**CALL, "num_inference_steps": steps}
+    a = ref("a cat", ip_adapter_image=imgs, latents=fixed_latents(), callback_on_step_end=callback, **call).images
+    ours.set_ip_adapter_scale([0.8, 0.6])
+    ours.set_ip_adapter_step_range(ranges)
+    b = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **call).images
+    assert_parity(b, a)
+
+
+def test_controls_never_rebuild(models, images):
+    """Scale, step range, guidance and a new reference image (same token count) reuse every buffer."""
+    pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "plus"), scheduler="ddim")
+    call = {**CALL, "num_inference_steps": 4}
+    first = pipe("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    procs = dict(pipe.unet.attn_processors)
+    (state,) = pipe.loop.states.values()
+    buffers = (state.latents.data_ptr(), state.text.data_ptr(), state.gate.data_ptr())
+    outs = []
+    for change in (
+        lambda: pipe.set_ip_adapter_scale(1.7),
+        lambda: pipe.set_ip_adapter_step_range((0.5, 1.0)),
+        lambda: pipe.set_ip_adapter_scale("style"),
+    ):
+        change()
+        outs.append(pipe("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images)
+    outs.append(pipe("a cat", ip_adapter_image=images[1], latents=fixed_latents(), guidance_scale=3.0, **call).images)
+    assert len(pipe.loop.states) == 1  # one signature, one set of static buffers
+    (again,) = pipe.loop.states.values()
+    assert again is state and (state.latents.data_ptr(), state.text.data_ptr(), state.gate.data_ptr()) == buffers
+    assert all(procs[k] is v for k, v in pipe.unet.attn_processors.items())
+    assert pipe.loop.captures == (1 if torch.cuda.is_available() else 0)
+    for out in outs:  # every control really changed the result
+        assert not torch.equal(out, first)
+
+
+def test_bad_step_ranges(models):
+    pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
+    with pytest.raises(ipa_rt.ScaleError, match=r"step range \[0\] is \(0.8, 0.2\); expected 0 <= start < end <= 1"):
+        pipe.set_ip_adapter_step_range((0.8, 0.2))
+    with pytest.raises(ipa_rt.ScaleError, match=r"list of 2 entries; expected 1"):
+        pipe.set_ip_adapter_step_range([(0.0, 1.0), (0.0, 0.5)])
+    with pytest.raises(ipa_rt.ScaleError, match=r"preset 'sketch' is unknown"):
+        pipe.set_ip_adapter_scale("sketch")
