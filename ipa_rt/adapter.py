@@ -134,6 +134,8 @@ class IPAdapterStack(nn.Module):
         ]
         self._saved: dict | None = None
         self._fused = [False] * len(self.layer_names)
+        self._store: dict = {}  # per-request image buffers, reused while the shapes repeat
+        self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
         self._processors: list[DecoupledCrossAttnProcessor] = []
 
     @classmethod
@@ -277,40 +279,89 @@ class IPAdapterStack(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def prepare(self, tokens: Sequence[Tensor] | None) -> None:
+    def prepare(
+        self,
+        tokens: Sequence[Tensor] | None,
+        masks: Sequence[Tensor | None] | None = None,
+        image_scale: Tensor | None = None,
+    ) -> None:
         """Compute every layer's image keys/values once for this request (they do not depend on the step).
 
-        Per layer, all adapters' keys (and values) are written end to end into one ``[B, H, T, d]`` tensor,
-        one segment per adapter with its images' tokens concatenated (diffusers' unmasked semantics).
+        Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
+        adapter is one segment with its images' tokens concatenated (diffusers' semantics); with a regional
+        mask ``[1, n_img, H, W]`` each of its images is its own segment (own softmax, own mask, own scale).
+        Buffers are reused when the shapes repeat, so a captured CUDA graph keeps reading valid memory.
         """
         ctx = self.context
         if tokens is None:
-            ctx.kv, ctx.segments, ctx.seg_offsets, ctx.seg_adapter = None, [], None, None
+            ctx.kv = None
+            ctx.segments, ctx.masks, ctx.seg_mult = [], {}, None
             return
+        masks = list(masks) if masks is not None else [None] * len(tokens)
         flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]  # images of one adapter concatenated
-        bounds = [0]
-        for x in flat:
-            bounds.append(bounds[-1] + x.shape[1])
-        ctx.segments = list(itertools.pairwise(bounds))
+        bounds, owners, images = [0], [], []
+        for a, (t, m) in enumerate(zip(tokens, masks, strict=True)):
+            per_image = t.shape[2]
+            for i in range(t.shape[1] if m is not None else 1):
+                bounds.append(bounds[-1] + (per_image if m is not None else t.shape[1] * per_image))
+                owners.append(a)
+                images.append(i if m is not None else -1)
+        segments = list(itertools.pairwise(bounds))
         device = flat[0].device
-        ctx.seg_offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
-        ctx.seg_adapter = torch.arange(len(flat), dtype=torch.int32, device=device)
-        kv = []
+        store = self._store
+        key = (tuple(bounds), tuple(flat[0].shape[:1]), device, flat[0].dtype)
+        if store.get("key") != key:
+            store.clear()
+            store["key"] = key
+            store["seg_offsets"] = torch.tensor(bounds, dtype=torch.int32, device=device)
+            store["seg_adapter"] = torch.arange(len(segments), dtype=torch.int32, device=device)
+            store["owner"] = torch.tensor(owners, dtype=torch.long, device=device)
+            store["kv"] = [None] * len(self.heads)
         for layer, heads in enumerate(self.heads):
-            ks, vs = [], []
-            for a, x in enumerate(flat):
-                ks.append(self.to_k_ip[layer][a](x))
-                vs.append(self.to_v_ip[layer][a](x))
-            k, v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+            k = torch.cat([self.to_k_ip[layer][a](x) for a, x in enumerate(flat)], dim=1)
+            v = torch.cat([self.to_v_ip[layer][a](x) for a, x in enumerate(flat)], dim=1)
             b, t, inner = k.shape
-            d = inner // heads
-            kv.append(
-                (
-                    k.view(b, t, heads, d).transpose(1, 2).contiguous(),
-                    v.view(b, t, heads, d).transpose(1, 2).contiguous(),
-                )
-            )
-        ctx.kv = kv
+            k = k.view(b, t, heads, inner // heads).transpose(1, 2)
+            v = v.view(b, t, heads, inner // heads).transpose(1, 2)
+            if store["kv"][layer] is None or store["kv"][layer][0].shape != k.shape:
+                fmt = torch.contiguous_format
+                store["kv"][layer] = (torch.empty_like(k, memory_format=fmt), torch.empty_like(v, memory_format=fmt))
+            store["kv"][layer][0].copy_(k)
+            store["kv"][layer][1].copy_(v)
+        ctx.kv = store["kv"]
+        ctx.segments = segments
+        ctx.seg_offsets, ctx.seg_adapter, ctx.seg_owner = store["seg_offsets"], store["seg_adapter"], store["owner"]
+        ctx.masks = self._downsample_masks(masks, tokens, flat[0].shape[0], len(segments), device, flat[0].dtype)
+        per_segment = any(m is not None for m in masks) or image_scale is not None
+        if per_segment:  # per-image scale factors per layer: [S, L]
+            mult = torch.ones(len(segments), len(self.heads), device=device)
+            if image_scale is not None:
+                for s, (a, i) in enumerate(zip(owners, images, strict=True)):
+                    if i >= 0:
+                        mult[s] = image_scale[a, i].to(device)
+            ctx.seg_mult = mult
+        else:
+            ctx.seg_mult = None
+
+    def _downsample_masks(self, masks, tokens, batch: int, count: int, device, dtype) -> dict[int, Tensor]:
+        """``{query tokens: [S, B, N]}`` for every layer resolution: diffusers' bicubic mask downsampling, ones
+        for segments without a mask (multiplying by one is exact)."""
+        if all(m is None for m in masks):
+            return {}
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        out: dict[int, Tensor] = {}
+        for n in sorted(set(self.query_tokens)):
+            rows = []
+            for t, m in zip(tokens, masks, strict=True):
+                if m is None:
+                    rows.append(torch.ones(batch, n, device=device, dtype=dtype))
+                    continue
+                for i in range(t.shape[1]):
+                    down = IPAdapterMaskProcessor.downsample(m[:, i], batch, n, 1)
+                    rows.append(down[..., 0].to(device=device, dtype=dtype))
+            out[n] = torch.stack(rows)
+        return out
 
     def set_attention(self, fused: Sequence[bool]) -> None:
         """Choose per layer between the fused kernel and the SDPA reference (host decision, once)."""

@@ -95,6 +95,8 @@ class ImageContext:
     seg_offsets: Tensor | None = None
     seg_adapter: Tensor | None = None
     masks: dict[int, Tensor] = field(default_factory=dict)  # query count -> [S, B, N] regional masks
+    seg_owner: Tensor | None = None  # [S] adapter of each segment (per-image segments)
+    seg_mult: Tensor | None = None  # [S, L] per-image scale factors, None when segments are adapters
     heads: list[int] = field(default_factory=list)
 
 
@@ -170,14 +172,17 @@ class DecoupledCrossAttnProcessor:
         table = ctx.scale_eff if ctx.scale_eff is not None else ctx.scale
         scales = table[:, self.layer]  # a strided view: no copy, no sync
         kv = ctx.kv[self.layer] if ctx.kv is not None else None
+        mask = ctx.masks.get(query.shape[2]) if kv is not None and ctx.masks else None
+        if kv is not None and ctx.seg_mult is not None:  # per-image segments: adapter scale x image factor
+            scales = scales.index_select(0, ctx.seg_owner) * ctx.seg_mult[:, self.layer]
         if self.fused and attention_mask is None and not _exporting():
             if kv is None:
                 k_img = v_img = key[:, :, :0]
-                offsets, adapters = _empty_segments(query.device)
+                offsets, segs = _empty_segments(query.device)
             else:
-                (k_img, v_img), offsets, adapters = kv, ctx.seg_offsets, ctx.seg_adapter
+                (k_img, v_img), offsets, segs = kv, ctx.seg_offsets, ctx.seg_adapter
             hidden_states = torch.ops.ipa_rt.decoupled_attention(
-                query, key, value, k_img, v_img, offsets, adapters, scales, None
+                query, key, value, k_img, v_img, offsets, segs, scales, mask
             )
         else:
             image_kv = [(kv[0][:, :, s:e], kv[1][:, :, s:e]) for s, e in ctx.segments] if kv is not None else ()
@@ -185,7 +190,7 @@ class DecoupledCrossAttnProcessor:
                 hidden_states = decoupled_attention_decomposed(query, key, value, image_kv, scales)
             else:
                 hidden_states = decoupled_attention_reference(
-                    query, key, value, image_kv, scales, attn_mask=attention_mask
+                    query, key, value, image_kv, scales, attn_mask=attention_mask, masks=mask
                 )
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from . import modes
 from .adapter import IPAdapterStack
 from .checkpoint import AdapterSource, read_adapter
-from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
+from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from .image import default_feature_extractor, encode_images, load_image
 from .kernels.ops import fused_available
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
 from .modes import DEFAULT_STRENGTH
 from .runtime import DenoiseLoop, StepInputs
 from .sampling import EagerPlan, Plan, make_plan
-from .scale import expand_scale, expand_step_ranges
+from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 from .variants import FACE_ID, HIDDEN
@@ -110,6 +110,7 @@ class Pipeline:
         self.loop = DenoiseLoop(self.unet, adapters.context if adapters is not None else None)
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
+        self._image_scale: Tensor | None = None
         self._check_encoder()
         if adapters is not None:
             adapters.install(self.unet)
@@ -271,9 +272,11 @@ class Pipeline:
         ``"composition"``, ``"style_and_composition"``); one in-place tensor write."""
         if self.adapters is None:
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
-        values = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
-        self.adapters.scale.copy_(values, non_blocking=True)
-        self.adapters.scale_eff.copy_(values, non_blocking=True)
+        rows = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
+        table, per_image = scale_tables(rows)
+        self.adapters.scale.copy_(table, non_blocking=True)
+        self.adapters.scale_eff.copy_(table, non_blocking=True)
+        self._image_scale = per_image  # per masked image factors (None: per-adapter scales only)
 
     def set_ip_adapter_step_range(self, ranges: Any) -> None:
         """Active steps per adapter as ``(start, end)`` fractions of the schedule (one pair, or one per adapter):
@@ -388,6 +391,7 @@ class Pipeline:
         image: Any = None,
         strength: float | None = None,
         mask_image: Any = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> PipelineOutput:
         """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img."""
         if output_type not in OUTPUT_TYPES:
@@ -427,8 +431,7 @@ class Pipeline:
             force_zeros_for_empty_prompt=self.base.force_zeros_for_empty_prompt,
         )
         conditions = self._image_conditions(ip_adapter_image, ip_adapter_image_embeds, copies, cfg)
-        if self.adapters is not None:
-            self.adapters.prepare(self.adapters.project(*conditions) if conditions is not None else None)
+        masks = self._ip_masks(cross_attention_kwargs, conditions) if self.adapters is not None else None
 
         plan = self._plan(num_inference_steps, float(strength), eta)
         dtype = text.embeds.dtype
@@ -458,6 +461,11 @@ class Pipeline:
                 float(strength),
                 cfg,
             )
+        if self.adapters is not None:  # image side once per request, at the resolution the mode settled on
+            names, vsf = self.adapters.layer_names, self.vae_scale_factor
+            self.adapters.query_tokens = _query_tokens(self.unet, names, setup.height, setup.width, vsf)
+            tokens = self.adapters.project(*conditions) if conditions is not None else None
+            self.adapters.prepare(tokens, masks=masks, image_scale=self._image_scale if masks else None)
         noise = None
         if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
             noise = torch.zeros((plan.steps, *setup.latents.shape), device=self.device, dtype=dtype)
@@ -482,11 +490,45 @@ class Pipeline:
         )
         with tqdm(total=plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             latents = self.loop.run(inputs, progress=bar, generator=generator)
-        if self.adapters is not None:
-            self.adapters.prepare(None)  # drop the per-request image K/V
         if output_type == "latent":
             return PipelineOutput(latents)
         return PipelineOutput(self._decode(latents, output_type))
+
+    def _ip_masks(self, kwargs: dict[str, Any] | None, conditions) -> list[Tensor | None] | None:
+        """``cross_attention_kwargs={"ip_adapter_masks": ...}`` validated as diffusers' processor does."""
+        kwargs = dict(kwargs or {})
+        masks = kwargs.pop("ip_adapter_masks", None)
+        if kwargs:
+            raise ConfigError(f"cross_attention_kwargs has {sorted(kwargs)}; only 'ip_adapter_masks' is supported")
+        if masks is None:
+            if self._image_scale is not None:
+                raise ScaleError("per-image scales (lists per adapter) need regional masks: pass ip_adapter_masks")
+            return None
+        if conditions is None:
+            raise ImageInputError("ip_adapter_masks were given without ip_adapter_image / ip_adapter_image_embeds")
+        if isinstance(masks, Tensor):  # legacy [adapters, 1, H, W]
+            masks = list(masks.unsqueeze(1))
+        count = self.adapters.num_adapters
+        if len(masks) != count:
+            raise ImageInputError(f"ip_adapter_masks has {len(masks)} entries; expected {count} (one per adapter)")
+        embeds = conditions[0]
+        for a, m in enumerate(masks):
+            if m is None:
+                continue
+            if not isinstance(m, Tensor) or m.ndim != 4:
+                raise ImageInputError(
+                    f"ip_adapter_masks[{a}] is {type(m).__name__}; expected a [1, images, H, W] tensor "
+                    "(IPAdapterMaskProcessor.preprocess output)"
+                )
+            if m.shape[1] != embeds[a].shape[1]:
+                raise ImageInputError(
+                    f"ip_adapter_masks[{a}] has {m.shape[1]} masks; expected {embeds[a].shape[1]} (one per image)"
+                )
+            if self._image_scale is not None and self._image_scale.shape[1] not in (1, m.shape[1]):
+                raise ScaleError(
+                    f"per-image scales have {self._image_scale.shape[1]} entries; expected {m.shape[1]} (one per mask)"
+                )
+        return list(masks)
 
     def _plan(self, steps: int, strength: float, eta: float) -> Plan | EagerPlan:
         """The scheduler's tensor program for (steps, strength, eta), cached: the loop reads only tensors."""
@@ -551,3 +593,22 @@ def from_diffusers(pipe: Any, attention: str = "auto") -> Pipeline:
 
 
 __all__ = ["FAMILIES", "Pipeline", "PipelineOutput", "from_diffusers"]
+
+
+def _query_tokens(unet, layer_names: list[str], height: int, width: int, vae_scale_factor: int) -> list[int]:
+    """Query tokens of each cross-attention layer at this resolution (stride-2 convs round up)."""
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    out = []
+    for name in layer_names:
+        part, _, rest = name.partition(".")
+        if part == "mid_block":
+            level = len(unet.down_blocks) - 1
+        elif part == "up_blocks":
+            level = len(unet.up_blocks) - 1 - int(rest.split(".")[0])
+        else:
+            level = int(rest.split(".")[0])
+        hh, ww = h, w
+        for _ in range(level):
+            hh, ww = -(-hh // 2), -(-ww // 2)
+        out.append(hh * ww)
+    return out

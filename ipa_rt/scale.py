@@ -81,7 +81,21 @@ def attention_blocks(unet: nn.Module) -> dict[str, dict[int, int]]:
     return out
 
 
-def _expand_dict(config: Mapping, blocks: dict[str, dict[int, int]], where: str) -> dict[str, float]:
+def _is_image_list(value: Any) -> bool:
+    """``[[0.0, 0.0, 1.0]]``-style entries: a list of numbers is one value per masked image."""
+    return isinstance(value, Sequence) and len(value) == 1 and isinstance(value[0], Sequence)
+
+
+def _value(value: Any, where: str) -> float | tuple[float, ...]:
+    """A number, or a list of numbers (one per masked image, as diffusers takes them with regional masks)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise ScaleError(f"scale {where} is an empty list; expected a number or one number per masked image")
+        return tuple(_number(v, f"{where}[{k}]") for k, v in enumerate(value))
+    return _number(value, where)
+
+
+def _expand_dict(config: Mapping, blocks: dict[str, dict[int, int]], where: str) -> dict[str, Any]:
     """Per-block dict → ``{"down_blocks.1.attentions.0": s, ...}`` (every attention gets a value)."""
     unknown = [k for k in config if k not in ("down", "mid", "up")]
     if unknown:
@@ -93,7 +107,7 @@ def _expand_dict(config: Mapping, blocks: dict[str, dict[int, int]], where: str)
             raise ScaleError(f"scale {where}['mid'] has {len(mid)} values; expected 1")
         mid = mid[0]
     if blocks["mid"]:
-        out["mid_block.attentions.0"] = _number(mid, f"{where}['mid']")
+        out["mid_block.attentions.0"] = _value(mid, f"{where}['mid']")
     for side in ("down", "up"):
         value = config.get(side, DEFAULT_BLOCK_SCALE)
         if not isinstance(value, Mapping):
@@ -119,18 +133,13 @@ def _expand_dict(config: Mapping, blocks: dict[str, dict[int, int]], where: str)
             else:
                 per_block = [per_block] * count
             for j, s in enumerate(per_block):
-                if isinstance(s, Sequence):
-                    raise ScaleError(
-                        f"scale {where}['{side}']['{key}'][{j}] is a list (per-image scales); per-image scales "
-                        "come with regional masks, which this version does not support; expected a number"
-                    )
-                out[f"{side}_blocks.{i}.attentions.{j}"] = _number(s, f"{where}['{side}']['{key}'][{j}]")
+                out[f"{side}_blocks.{i}.attentions.{j}"] = _value(s, f"{where}['{side}']['{key}'][{j}]")
     return out
 
 
 def expand_scale(
     scale: Any, unet: nn.Module, layer_names: Sequence[str], num_adapters: int, family: str = "sd15"
-) -> torch.Tensor:
+) -> list[list[Any]]:
     """The ``[num_adapters, len(layer_names)]`` float32 CPU tensor for a ``set_ip_adapter_scale`` argument.
 
     A config may also be a preset name (``"style"``, ``"composition"``, ``"style_and_composition"``)."""
@@ -145,7 +154,7 @@ def expand_scale(
     else:
         configs = [scale] * num_adapters
     blocks = attention_blocks(unet)
-    rows = []
+    rows: list[list[Any]] = []
     for a, config in enumerate(configs):
         where = f"[{a}]" if isinstance(scale, (list, tuple)) else "value"
         if isinstance(config, str):
@@ -158,8 +167,28 @@ def expand_scale(
                 row.append(per_block[prefix] if prefix is not None else DEFAULT_BLOCK_SCALE)
             rows.append(row)
         else:
-            rows.append([_number(config, where)] * len(layer_names))
-    return torch.tensor(rows, dtype=torch.float32)
+            rows.append([_value(config, where)] * len(layer_names))
+    return rows
+
+
+def scale_tables(rows: list[list[Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[A, L]`` adapter scales, and ``[A, I, L]`` per-image factors when some value is per image (diffusers'
+    list scales for masked images). An adapter with per-image values gets scale 1 and its values as factors."""
+    images = max((len(v) for row in rows for v in row if isinstance(v, tuple)), default=0)
+    table = torch.tensor([[1.0 if isinstance(v, tuple) else v for v in row] for row in rows], dtype=torch.float32)
+    if not images:
+        return table, None
+    per_image = torch.ones(len(rows), images, len(rows[0]), dtype=torch.float32)
+    for a, row in enumerate(rows):
+        if not any(isinstance(v, tuple) for v in row):
+            continue
+        table[a] = 1.0
+        for layer, v in enumerate(row):
+            values = v if isinstance(v, tuple) else (v,)
+            if len(values) not in (1, images):
+                raise ScaleError(f"scale [{a}] mixes per-image lists of lengths {len(values)} and {images}")
+            per_image[a, :, layer] = torch.tensor(values * (images // len(values)))
+    return table, per_image
 
 
 def expand_step_ranges(ranges: Any, num_adapters: int) -> list[tuple[float, float]]:

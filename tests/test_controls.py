@@ -30,7 +30,8 @@ def test_step_range_matches_diffusers_with_a_scale_callback(models, images, fami
     scales in callback_on_step_end; ipa_rt does it with its per-step gate tensor."""
     steps, ranges = 4, [(0.25, 0.75), (0.0, 1.0)]
     ref = diffusers_pipe(models, family, ["base.safetensors", "plus.safetensors"])
-    ours = ipa_pipe(models, family, [models.adapter(family, "base"), models.adapter(family, "plus")], scheduler=scheduler)
+    adapters = [models.adapter(family, "base"), models.adapter(family, "plus")]
+    ours = ipa_pipe(models, family, adapters, scheduler=scheduler)
     if scheduler:
         ref.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
 

@@ -10,7 +10,7 @@ from ipa_rt import testing as T
 from ipa_rt.adapter import cross_attention_layers
 from ipa_rt.attention import decoupled_attention_reference
 from ipa_rt.checkpoint import AdapterSource, read_adapter
-from ipa_rt.scale import expand_scale
+from ipa_rt.scale import expand_scale, scale_tables
 from ipa_rt.variants import VARIANTS, build_projection, detect_variant
 
 
@@ -74,17 +74,17 @@ def test_scale_expansion_matches_diffusers(models, scale):
     unet = pipe.unet
     layers = cross_attention_layers(unet)
     expected = torch.tensor([[unet.attn_processors[n].scale[0] for n in layers]])
-    assert torch.equal(expand_scale(scale, unet, layers, 1), expected)
+    assert torch.equal(scale_tables(expand_scale(scale, unet, layers, 1))[0], expected)
 
 
 def test_scale_broadcast_and_list(models):
     pipe = diffusers_pipe(models, "sd15")
     layers = cross_attention_layers(pipe.unet)
-    t = expand_scale([0.5, {"mid": 2.0}], pipe.unet, layers, 2)
+    t = scale_tables(expand_scale([0.5, {"mid": 2.0}], pipe.unet, layers, 2))[0]
     assert t.shape == (2, len(layers))
     assert torch.all(t[0] == 0.5)
     assert t[1].tolist() == [2.0 if n.startswith("mid_block") else 0.0 for n in layers]
-    assert torch.all(expand_scale(0.3, pipe.unet, layers, 3) == 0.3)
+    assert torch.all(scale_tables(expand_scale(0.3, pipe.unet, layers, 3))[0] == 0.3)
 
 
 def _attention_case(b, h, n, d, lengths, dtype, seed):
