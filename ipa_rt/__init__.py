@@ -1,6 +1,7 @@
 """ipa_rt: an inference runtime for IP-Adapter on Stable Diffusion UNets that matches diffusers' output."""
 
 from .checkpoint import AdapterSource
+from .conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -27,5 +28,7 @@ __all__ = [
     "ScaleError",
     "__version__",
     "from_diffusers",
+    "load_ip_adapter_embeds",
+    "save_ip_adapter_embeds",
     "scale_preset",
 ]

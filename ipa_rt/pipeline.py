@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from . import modes
 from .adapter import IPAdapterStack
 from .checkpoint import AdapterSource, read_adapter
+from .conditions import ImageConditioner
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
-from .image import default_feature_extractor, encode_images, load_image
+from .image import default_feature_extractor
 from .kernels.ops import fused_available
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
 from .modes import DEFAULT_STRENGTH
@@ -111,6 +112,8 @@ class Pipeline:
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
+        self.conditioner = ImageConditioner(self)
+        self._prepared: tuple | None = None  # cache key of the image side now in the K/V buffers
         self._check_encoder()
         if adapters is not None:
             adapters.install(self.unet)
@@ -287,87 +290,26 @@ class Pipeline:
         self._ranges = expand_step_ranges(ranges, self.adapters.num_adapters)
 
     # --- per-call conditions --------------------------------------------------------------------------------------
-    def _image_conditions(
-        self, images: Any, embeds: Any, copies: int, cfg: bool
-    ) -> tuple[list[Tensor], list[Tensor | None]] | None:
-        """Per adapter: encoder outputs ``[B, n_img, ...]`` (and CLIP states for FaceID-Plus), CFG-batched."""
-        if images is None and embeds is None:
-            return None
-        if self.adapters is None:
-            raise ConfigError("ip_adapter_image / ip_adapter_image_embeds were given but no IP-Adapter is loaded")
-        entries = self.adapters.entries
-        count = len(entries)
-        if images is not None:
-            images = images if isinstance(images, list) else [images]
-            if len(images) != count:
-                raise ImageInputError(
-                    f"ip_adapter_image has {len(images)} entries; expected {count} (one per IP-Adapter; "
-                    "several images for one adapter go in a nested list)"
-                )
-            images = [
-                [load_image(im, f"ip_adapter_image[{i}]") for im in (x if isinstance(x, list) else [x])]
-                if x is not None
-                else None
-                for i, x in enumerate(images)
-            ]
-        if embeds is not None:
-            if not isinstance(embeds, (list, tuple)) or len(embeds) != count:
-                raise ImageInputError(
-                    f"ip_adapter_image_embeds must be a list of {count} tensors (one per IP-Adapter); got "
-                    f"{type(embeds).__name__}{'' if not isinstance(embeds, (list, tuple)) else f' of {len(embeds)}'}"
-                )
-        pos, neg, clip_pos, clip_neg = [], [], [], []
-        for a, entry in enumerate(entries):
-            spec = entry.spec
-            if embeds is not None:
-                e = embeds[a]
-                if not isinstance(e, Tensor) or e.ndim not in (3, 4) or (cfg and e.shape[0] % 2):
-                    shape = list(e.shape) if isinstance(e, Tensor) else type(e).__name__
-                    raise ImageInputError(
-                        f"ip_adapter_image_embeds[{a}] is {shape}; expected a 3-D or 4-D tensor [batch, images, ...]"
-                        + (" with negative embeddings first (even batch), as guidance is on" if cfg else "")
-                    )
-                n, p = e.chunk(2) if cfg else (None, e)
-            else:
-                if spec.encoder_output == FACE_ID:
-                    raise ImageInputError(
-                        f"IP-Adapter {a} ({spec.description}) needs face embeddings: pass "
-                        "ip_adapter_image_embeds (e.g. InsightFace normed_embedding, [2, 1, 1, 512] with CFG)"
-                    )
-                p, n = self._encode(spec.encoder_output, images[a], a)
-            pos.append(p)
-            neg.append(n)
-            if spec.needs_clip_states:
-                if images is None or images[a] is None:
-                    raise ImageInputError(
-                        f"IP-Adapter {a} ({spec.description}) also needs the face image for CLIP: "
-                        f"pass it in ip_adapter_image[{a}]"
-                    )
-                cp, cn = self._encode(HIDDEN, images[a], a)
-                clip_pos.append(cp)
-                clip_neg.append(cn)
-            else:
-                clip_pos.append(None)
-                clip_neg.append(None)
-
-        def batch(p: Tensor | None, n: Tensor | None) -> Tensor | None:
-            if p is None:
-                return None
-            p = torch.cat([p] * copies)
-            return (torch.cat([torch.cat([n] * copies), p]) if cfg else p).to(self.device)
-
-        embeds_out = [batch(p, n) for p, n in zip(pos, neg, strict=True)]
-        return embeds_out, [batch(p, n) for p, n in zip(clip_pos, clip_neg, strict=True)]
-
-    def _encode(self, output: str, images: list | None, index: int) -> tuple[Tensor, Tensor]:
-        if images is None:
-            raise ImageInputError(f"ip_adapter_image[{index}] is None; expected an image for this adapter")
-        if self.image_encoder is None:
-            raise ConfigError(
-                "an image prompt was given but no image encoder is loaded: pass image_encoder=<CLIP vision folder> "
-                "to from_pretrained (no image_encoder/ was found beside the adapter file)"
-            )
-        return encode_images(output, images, self.image_encoder, self.feature_extractor, self.device)
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image: Any,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_ip_adapter_image: Any = None,
+        ip_adapter_combine: str = "concat",
+    ) -> list[Tensor]:
+        """diffusers-format ``ip_adapter_image_embeds`` (negative first with guidance), e.g. to save and reuse."""
+        out = self.conditioner(
+            ip_adapter_image,
+            None,
+            negative_ip_adapter_image,
+            ip_adapter_combine,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+        )
+        if out is None:
+            raise ImageInputError("prepare_ip_adapter_image_embeds: ip_adapter_image is None; expected images")
+        return out[0]
 
     # --- the call -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -392,6 +334,8 @@ class Pipeline:
         strength: float | None = None,
         mask_image: Any = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        negative_ip_adapter_image: Any = None,
+        ip_adapter_combine: str = "concat",
     ) -> PipelineOutput:
         """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img."""
         if output_type not in OUTPUT_TYPES:
@@ -430,7 +374,9 @@ class Pipeline:
             negative_prompt_2=negative_prompt_2,
             force_zeros_for_empty_prompt=self.base.force_zeros_for_empty_prompt,
         )
-        conditions = self._image_conditions(ip_adapter_image, ip_adapter_image_embeds, copies, cfg)
+        conditions = self.conditioner(
+            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, ip_adapter_combine, copies, cfg
+        )
         masks = self._ip_masks(cross_attention_kwargs, conditions) if self.adapters is not None else None
 
         plan = self._plan(num_inference_steps, float(strength), eta)
@@ -464,8 +410,12 @@ class Pipeline:
         if self.adapters is not None:  # image side once per request, at the resolution the mode settled on
             names, vsf = self.adapters.layer_names, self.vae_scale_factor
             self.adapters.query_tokens = _query_tokens(self.unet, names, setup.height, setup.width, vsf)
-            tokens = self.adapters.project(*conditions) if conditions is not None else None
-            self.adapters.prepare(tokens, masks=masks, image_scale=self._image_scale if masks else None)
+            if conditions is None:
+                self.adapters.prepare(None)
+            elif masks is not None or conditions[2] != self._prepared:  # same reference: skip projection and K/V
+                tokens = self.adapters.project(conditions[0], conditions[1])
+                self.adapters.prepare(tokens, masks=masks, image_scale=self._image_scale if masks else None)
+            self._prepared = conditions[2] if conditions is not None and masks is None else None
         noise = None
         if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
             noise = torch.zeros((plan.steps, *setup.latents.shape), device=self.device, dtype=dtype)

@@ -147,7 +147,8 @@ def test_faceid_without_embeds(models, images):
         ({"up": {"block_1": [1.0, 0.0]}}, r"\['up'\]\['block_1'\] has 2 values; expected 3"),
         ({"mid": [1.0, 2.0]}, r"\['mid'\] has 2 values; expected 1"),
         ([0.5, 0.5], r"list of 2 entries; expected 1"),
-        ("high", r"'high'; expected a finite number"),
+        ("high", r"scale preset 'high' is unknown"),
+        ([True], r"True; expected a finite number"),
         (float("nan"), r"nan; expected a finite number"),
     ],
 )

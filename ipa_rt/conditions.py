@@ -1,0 +1,219 @@
+"""Image-prompt conditions per adapter: encoding (cached by content), negative images, combine modes, embeds I/O.
+
+Follows diffusers' ``prepare_ip_adapter_image_embeds``: per adapter ``[B, n_img, ...]`` encoder outputs,
+negative first when guidance is on. Additions over diffusers, each off by default:
+
+- ``negative_ip_adapter_image``: the unconditional side is the encoding of this image (ComfyUI's
+  ``image_negative``) instead of zeros / the encoder on zero pixels;
+- combine modes for several images of one adapter (ComfyUI's ``combine_embeds``): ``concat`` (diffusers'
+  behaviour, tokens side by side in one softmax), ``average``, ``norm_average`` (each feature divided by
+  its norm over the images, then averaged), ``add``, ``subtract`` (first image minus the mean of the others);
+  the unconditional side keeps its first entry, so its rule (zeros, zero pixels) is unchanged;
+- a reference cache: encoder outputs keyed by the images' content hash, so the same reference image on
+  the next call skips the CLIP encoder; the pipeline also skips projection and image K/V then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .errors import CheckpointError, ConfigError, ImageInputError
+from .image import encode_images, load_image
+from .variants import FACE_ID, HIDDEN
+
+COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
+CACHE_SIZE = 16
+
+
+def content_hash(image: Any) -> str:
+    """sha256 of an image's pixels (PIL, array or tensor), independent of file names and objects."""
+    h = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, np.ndarray):
+        h.update(f"{image.dtype}{image.shape}".encode())
+        h.update(np.ascontiguousarray(image).tobytes())
+    else:
+        t = image.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def combine(x: Tensor, mode: str) -> Tensor:
+    """Collapse the image axis (dim 1) of ``[B, n_img, ...]`` encoder outputs by ``mode``."""
+    if mode == "concat" or x.shape[1] == 1:
+        return x
+    if mode == "average":
+        return x.mean(dim=1, keepdim=True)
+    if mode == "norm_average":
+        return (x / torch.norm(x, dim=1, keepdim=True)).mean(dim=1, keepdim=True)
+    if mode == "add":
+        return x.sum(dim=1, keepdim=True)
+    return x[:, :1] - x[:, 1:].mean(dim=1, keepdim=True)  # subtract
+
+
+class ImageConditioner:
+    """Turns the call's image arguments into per-adapter encoder outputs for a pipeline."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self.hits = 0
+
+    def _images(self, images: Any, count: int, name: str) -> list[list | None] | None:
+        if images is None:
+            return None
+        images = images if isinstance(images, list) else [images]
+        if len(images) != count:
+            raise ImageInputError(
+                f"{name} has {len(images)} entries; expected {count} (one per IP-Adapter; several images for "
+                "one adapter go in a nested list)"
+            )
+        return [
+            [load_image(im, f"{name}[{i}]") for im in (x if isinstance(x, list) else [x])] if x is not None else None
+            for i, x in enumerate(images)
+        ]
+
+    def encode(self, output: str, images: list, negative: list | None, index: int) -> tuple[Tensor, Tensor, tuple]:
+        """``(cond, uncond, cache key)`` for one adapter's images, from the cache when seen before."""
+        pipe = self.pipe
+        if pipe.image_encoder is None:
+            raise ConfigError(
+                "an image prompt was given but no image encoder is loaded: pass image_encoder=<CLIP vision folder> "
+                "to from_pretrained (no image_encoder/ was found beside the adapter file)"
+            )
+        key = (output, tuple(map(content_hash, images)), tuple(map(content_hash, negative or [])))
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            self.hits += 1
+            cond, uncond = self.cache[key]
+            return cond, uncond, key
+        cond, uncond = encode_images(output, images, pipe.image_encoder, pipe.feature_extractor, pipe.device)
+        if negative is not None:  # a negative image prompt replaces the unconditional rule
+            neg, _ = encode_images(output, negative, pipe.image_encoder, pipe.feature_extractor, pipe.device)
+            if neg.shape[1] not in (1, cond.shape[1]):
+                raise ImageInputError(
+                    f"negative_ip_adapter_image[{index}] has {neg.shape[1]} images; expected 1 or {cond.shape[1]}"
+                )
+            uncond = neg.expand_as(cond).contiguous() if neg.shape[1] == 1 else neg
+        self.cache[key] = (cond, uncond)
+        while len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return cond, uncond, key
+
+    def __call__(
+        self, images: Any, embeds: Any, negative: Any, combine_mode: str, copies: int, cfg: bool
+    ) -> tuple[list[Tensor], list[Tensor | None], tuple] | None:
+        """Per adapter ``[B, n_img, ...]`` embeds (and FaceID-Plus CLIP states), CFG-batched, plus a cache key
+        that is equal for two calls exactly when their image side is the same."""
+        if images is None and embeds is None:
+            if negative is not None:
+                raise ImageInputError("negative_ip_adapter_image was given without ip_adapter_image")
+            return None
+        adapters = self.pipe.adapters
+        if adapters is None:
+            raise ConfigError("ip_adapter_image / ip_adapter_image_embeds were given but no IP-Adapter is loaded")
+        if combine_mode not in COMBINE_MODES:
+            raise ConfigError(f"ip_adapter_combine is {combine_mode!r}; expected one of {COMBINE_MODES}")
+        entries = adapters.entries
+        count = len(entries)
+        images = self._images(images, count, "ip_adapter_image")
+        negative = self._images(negative, count, "negative_ip_adapter_image")
+        if embeds is not None and (not isinstance(embeds, (list, tuple)) or len(embeds) != count):
+            got = f" of {len(embeds)}" if isinstance(embeds, (list, tuple)) else ""
+            raise ImageInputError(
+                f"ip_adapter_image_embeds must be a list of {count} tensors (one per IP-Adapter); "
+                f"got {type(embeds).__name__}{got}"
+            )
+        pos, neg, clip_pos, clip_neg, keys = [], [], [], [], []
+        for a, entry in enumerate(entries):
+            spec = entry.spec
+            if embeds is not None:
+                e = embeds[a]
+                if not isinstance(e, Tensor) or e.ndim not in (3, 4) or (cfg and e.shape[0] % 2):
+                    shape = list(e.shape) if isinstance(e, Tensor) else type(e).__name__
+                    raise ImageInputError(
+                        f"ip_adapter_image_embeds[{a}] is {shape}; expected a 3-D or 4-D tensor [batch, images, ...]"
+                        + (" with negative embeddings first (even batch), as guidance is on" if cfg else "")
+                    )
+                n, p = e.chunk(2) if cfg else (None, e)
+                key: tuple = ("embeds", content_hash(e))
+            else:
+                if spec.encoder_output == FACE_ID:
+                    raise ImageInputError(
+                        f"IP-Adapter {a} ({spec.description}) needs face embeddings: pass "
+                        "ip_adapter_image_embeds (e.g. InsightFace normed_embedding, [2, 1, 1, 512] with CFG)"
+                    )
+                if images[a] is None:
+                    raise ImageInputError(f"ip_adapter_image[{a}] is None; expected an image for this adapter")
+                p, n, key = self.encode(spec.encoder_output, images[a], negative[a] if negative else None, a)
+                p, n = combine(p, combine_mode), (n if combine_mode == "concat" else n[:, :1])
+            cp = cn = None
+            if spec.needs_clip_states:
+                if images is None or images[a] is None:
+                    raise ImageInputError(
+                        f"IP-Adapter {a} ({spec.description}) also needs the face image for CLIP: "
+                        f"pass it in ip_adapter_image[{a}]"
+                    )
+                cp, cn, clip_key = self.encode(HIDDEN, images[a], negative[a] if negative else None, a)
+                key = (key, clip_key)
+            pos.append(p)
+            neg.append(n)
+            clip_pos.append(cp)
+            clip_neg.append(cn)
+            keys.append(key)
+
+        device = self.pipe.device
+
+        def batch(p: Tensor | None, n: Tensor | None) -> Tensor | None:
+            if p is None:
+                return None
+            p = torch.cat([p] * copies)
+            return (torch.cat([torch.cat([n] * copies), p]) if cfg else p).to(device)
+
+        embeds_out = [batch(p, n) for p, n in zip(pos, neg, strict=True)]
+        clips = [batch(p, n) for p, n in zip(clip_pos, clip_neg, strict=True)]
+        return embeds_out, clips, (tuple(keys), combine_mode, copies, cfg)
+
+
+def save_ip_adapter_embeds(path: str | os.PathLike, embeds: list[Tensor]) -> Path:
+    """Write per-adapter image embeddings (diffusers' ``ip_adapter_image_embeds`` list) to ``.safetensors``,
+    atomically."""
+    from safetensors.torch import save
+
+    from .checkpoint import atomic_write_bytes
+
+    if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, Tensor) for e in embeds):
+        raise ConfigError("embeds must be a list of tensors (one per IP-Adapter)")
+    data = save({f"adapter_{i}": e.detach().cpu().contiguous() for i, e in enumerate(embeds)}, {"format": "ipa_rt"})
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def load_ip_adapter_embeds(path: str | os.PathLike, device: str | torch.device = "cpu") -> list[Tensor]:
+    """Read embeddings written by :func:`save_ip_adapter_embeds`, ready for ``ip_adapter_image_embeds``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"embeddings file '{path}' does not exist; expected a .safetensors written by ipa_rt")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"embeddings file '{path}' is not a readable safetensors file: {exc}") from exc
+    names = sorted(tensors, key=lambda k: int(k.split("_")[-1]) if k.startswith("adapter_") else -1)
+    if not names or not all(k.startswith("adapter_") for k in names):
+        raise CheckpointError(f"embeddings file '{path}' has keys {names[:4]}; expected adapter_0, adapter_1, ...")
+    return [tensors[k] for k in names]
