@@ -27,6 +27,7 @@ from .conditions import ImageConditioner
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from .image import default_feature_extractor
 from .kernels.ops import fused_available
+from .lora import fuse_loras
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
 from .modes import DEFAULT_STRENGTH
 from .runtime import DenoiseLoop, StepInputs
@@ -134,6 +135,8 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         scheduler: Any = None,
         attention: str = "auto",
+        lora: Any = None,
+        vae: torch.nn.Module | None = None,
         **hub_kwargs: Any,
     ) -> Pipeline:
         """Load a diffusers base model and IP-Adapter checkpoint(s).
@@ -142,8 +145,11 @@ class Pipeline:
         an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
         ``CLIPVisionModelWithProjection`` folder; by default ``image_encoder/`` beside the first adapter file,
         as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
-        or instance; by default the base model's own. ``attention``: ``"auto"`` (the fused Triton kernel on CUDA,
-        SDPA elsewhere), ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``) or ``"sdpa"``.
+        or instance; by default the base model's own. ``lora``: LoRA file(s) (diffusers or kohya format, or
+        ``(path, weight)`` pairs) fused into the weights at load. ``vae``: another autoencoder with the same
+        latent space, e.g. diffusers' ``AutoencoderTiny`` (TAESD) for realtime decoding. ``attention``:
+        ``"auto"`` (the fused Triton kernel on CUDA, SDPA elsewhere), ``"triton"`` (also on the CPU under
+        ``TRITON_INTERPRET=1``) or ``"sdpa"``.
         """
         if backend not in BACKENDS:
             raise ConfigError(
@@ -157,6 +163,10 @@ class Pipeline:
         model = load_base_model(base, dtype, **hub_kwargs)
         if scheduler is not None:
             model.scheduler = make_scheduler(scheduler, model.scheduler)
+        if lora is not None:  # fused into the weights before the adapters wrap the UNet
+            fuse_loras(model, lora)
+        if vae is not None:
+            model.vae = _check_vae(vae, model.vae, dtype)
         sources = _adapter_sources(ip_adapter, subfolder, weight_name)
         raws = [read_adapter(s, **hub_kwargs) for s in sources]
         stack = IPAdapterStack.from_checkpoints(model.unet, raws, sources) if raws else None
@@ -525,7 +535,7 @@ class Pipeline:
 
     def _decode(self, latents: Tensor, output_type: str) -> Any:
         vae = self.vae
-        latents = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+        latents = latents.to(next(vae.parameters()).dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
@@ -562,3 +572,13 @@ def _query_tokens(unet, layer_names: list[str], height: int, width: int, vae_sca
             hh, ww = -(-hh // 2), -(-ww // 2)
         out.append(hh * ww)
     return out
+
+
+def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:
+    """A replacement autoencoder must speak the base model's latent space (channels; TAESD included)."""
+    if not hasattr(vae, "decode") or not hasattr(vae, "config"):
+        raise ConfigError(f"vae is a {type(vae).__name__}; expected a diffusers autoencoder (AutoencoderKL/Tiny)")
+    have, want = vae.config.latent_channels, base_vae.config.latent_channels
+    if have != want:
+        raise ConfigError(f"vae has {have} latent channels; the base model's latents have {want}")
+    return vae.to(dtype=dtype).eval()

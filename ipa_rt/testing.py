@@ -335,3 +335,32 @@ def write_example(root: str | os.PathLike, family: str = "sd15", variant: str = 
     image = root / "reference.png"
     make_image().save(image)
     return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image}
+
+
+def write_lora(path: str | os.PathLike, base_folder: str | os.PathLike, fmt: str = "diffusers", seed: int = 3) -> Path:
+    """A random rank-4 UNet LoRA on q/k/v/out of every attention, as a diffusers or a kohya ``.safetensors``."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_folder) / "unet"))
+    r = _Rand(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        module = name.removesuffix(".processor")
+        for proj, lin in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out.0", attn.to_out[0])):
+            down, up = r.linear(LORA_RANK, lin.in_features), r.linear(lin.out_features, LORA_RANK) * 0.3
+            if fmt == "diffusers":
+                out[f"unet.{module}.{proj}.lora_A.weight"] = down
+                out[f"unet.{module}.{proj}.lora_B.weight"] = up
+            elif fmt == "kohya":
+                key = "lora_unet_" + f"{module}.{proj}".replace(".", "_")
+                out[f"{key}.lora_down.weight"] = down
+                out[f"{key}.lora_up.weight"] = up
+                out[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
+            else:
+                raise ValueError(f"fmt must be 'diffusers' or 'kohya', got {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path

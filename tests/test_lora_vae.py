@@ -1,0 +1,69 @@
+"""LoRA fused at load equals diffusers' load_lora_weights + fuse_lora; vae= swaps in AutoencoderTiny (TAESD)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+
+import ipa_rt
+from ipa_rt import testing as T
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("sd15", "diffusers"), ("sd15", "kohya"), ("sdxl", "diffusers")])
+def test_fused_lora_matches_diffusers(models, images, tmp_path, family, fmt):
+    lora = T.write_lora(tmp_path / f"style-{fmt}.safetensors", models.base(family), fmt=fmt)
+    ref = diffusers_pipe(models, family)
+    ref.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[0.8])
+    ref.fuse_lora(adapter_names=["style"])
+    ref.load_ip_adapter(str(models.adapter_dir(family)), subfolder="", weight_name="base.safetensors")
+    a = ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
+    ours = ipa_pipe(models, family, models.adapter(family, "base"), lora=[(lora, 0.8)])
+    b = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
+    assert_parity(b, a)
+    plain = ipa_pipe(models, family, models.adapter(family, "base"))(
+        "a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL
+    ).images
+    assert not torch.allclose(plain, b, atol=1e-3)  # the LoRA really acts
+    assert not any("lora" in n for n, _ in ours.unet.named_modules())  # fused, no LoRA modules left
+
+
+def test_missing_lora_file(models, tmp_path):
+    with pytest.raises(ipa_rt.CheckpointError, match=r"LoRA file '.*nope\.safetensors' does not exist"):
+        ipa_pipe(models, "sd15", lora=tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_autoencoder(models, images, family):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+    ref = diffusers_pipe(models, family, ["base.safetensors"], vae=taesd)
+    call = {**CALL, "output_type": "np"}
+    a = ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    ours = ipa_pipe(models, family, models.adapter(family, "base"), vae=taesd)
+    b = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    assert a.shape == b.shape == (1, 32, 32, 3)
+    assert abs(a - b).max() <= 1e-4
+    with pytest.raises(ipa_rt.ConfigError, match=r"vae has 8 latent channels; the base model's latents have 4"):
+        ipa_pipe(
+            models,
+            family,
+            vae=AutoencoderTiny(
+                latent_channels=8,
+                encoder_block_out_channels=(8, 8),
+                decoder_block_out_channels=(8, 8),
+                num_encoder_blocks=(1, 1),
+                num_decoder_blocks=(1, 1),
+            ),
+        )
