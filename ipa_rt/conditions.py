@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError, ImageInputError
-from .image import encode_images, load_image
+from .image import EncoderRunner, encode_images, load_image
 from .variants import FACE_ID, HIDDEN
 
 COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
@@ -70,6 +70,7 @@ class ImageConditioner:
         self.pipe = pipe
         self.cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
         self.hits = 0
+        self.runner = EncoderRunner(pipe.image_encoder) if pipe.image_encoder is not None else None
 
     def _images(self, images: Any, count: int, name: str) -> list[list | None] | None:
         if images is None:
@@ -99,9 +100,9 @@ class ImageConditioner:
             self.hits += 1
             cond, uncond = self.cache[key]
             return cond, uncond, key
-        cond, uncond = encode_images(output, images, pipe.image_encoder, pipe.feature_extractor, pipe.device)
+        cond, uncond = encode_images(output, images, self.runner, pipe.feature_extractor, pipe.device)
         if negative is not None:  # a negative image prompt replaces the unconditional rule
-            neg, _ = encode_images(output, negative, pipe.image_encoder, pipe.feature_extractor, pipe.device)
+            neg, _ = encode_images(output, negative, self.runner, pipe.feature_extractor, pipe.device)
             if neg.shape[1] not in (1, cond.shape[1]):
                 raise ImageInputError(
                     f"negative_ip_adapter_image[{index}] has {neg.shape[1]} images; expected 1 or {cond.shape[1]}"

@@ -57,16 +57,36 @@ def default_feature_extractor(image_encoder) -> Any:
     return CLIPImageProcessor(size=size, crop_size=size)
 
 
+class EncoderRunner:
+    """Runs the CLIP image encoder for one output kind; on CUDA from a static input buffer, replaying a CUDA
+    graph per input shape (the encoder's shapes are fixed by its resolution, so that is one graph per image
+    count). On the CPU it simply calls the encoder."""
+
+    def __init__(self, image_encoder) -> None:
+        from .runtime import Graphed
+
+        self.encoder = image_encoder
+        self.hidden = Graphed(lambda px: image_encoder(px, output_hidden_states=True).hidden_states[-2])
+        self.embeds = Graphed(lambda px: image_encoder(px).image_embeds)
+
+    def __call__(self, output: str, pixels: Tensor) -> Tensor:
+        if output == HIDDEN:
+            return self.hidden(pixels)
+        if output == EMBEDS:
+            return self.embeds(pixels)
+        raise ValueError(f"encoder output kind {output!r}; expected {EMBEDS!r} or {HIDDEN!r}")
+
+
 @torch.no_grad()
 def encode_images(
-    output: str, images: Sequence[Any], image_encoder, feature_extractor, device
+    output: str, images: Sequence[Any], runner: EncoderRunner, feature_extractor, device
 ) -> tuple[Tensor, Tensor]:
     """``(cond, uncond)`` encoder outputs ``[1, n_img, ...]`` for one adapter's images (diffusers' rules).
 
     ``output`` is ``EMBEDS`` (pooled projection; unconditional = zeros) or ``HIDDEN`` (penultimate hidden
     states; unconditional = the encoder on zero pixels).
     """
-    dtype = next(image_encoder.parameters()).dtype
+    dtype = next(runner.encoder.parameters()).dtype
     if all(isinstance(im, Tensor) for im in images) and len(images) == 1 and images[0].ndim == 4:
         pixels = images[0]  # already preprocessed pixel values, as diffusers accepts
     else:
@@ -75,12 +95,6 @@ def encode_images(
         except (ValueError, TypeError) as exc:
             raise ImageInputError(f"ip_adapter_image: preprocessing failed ({exc}); expected RGB images") from exc
     pixels = pixels.to(device=device, dtype=dtype)
-    if output == HIDDEN:
-        cond = image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
-        uncond = image_encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
-    elif output == EMBEDS:
-        cond = image_encoder(pixels).image_embeds
-        uncond = torch.zeros_like(cond)
-    else:
-        raise ValueError(f"encoder output kind {output!r}; expected {EMBEDS!r} or {HIDDEN!r}")
+    cond = runner(output, pixels)
+    uncond = runner(output, torch.zeros_like(pixels)) if output == HIDDEN else torch.zeros_like(cond)
     return cond[None], uncond[None]

@@ -30,7 +30,7 @@ from .kernels.ops import fused_available
 from .lora import fuse_loras
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
 from .modes import DEFAULT_STRENGTH
-from .runtime import DenoiseLoop, StepInputs
+from .runtime import DenoiseLoop, Graphed, StepInputs
 from .sampling import EagerPlan, Plan, make_plan
 from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
@@ -114,6 +114,7 @@ class Pipeline:
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
         self.conditioner = ImageConditioner(self)
+        self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0])
         self._prepared: tuple | None = None  # cache key of the image side now in the K/V buffers
         self._check_encoder()
         if adapters is not None:
@@ -543,7 +544,7 @@ class Pipeline:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        image = self._decoder(latents)
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 
 

@@ -45,3 +45,20 @@ def test_no_recapture_and_no_sync_across_controls(models, images):
             torch.cuda.set_sync_debug_mode("default")
         pipe("a cat", ip_adapter_image=images[1], latents=fixed_latents().cuda().half(), **call)
     assert pipe.loop.captures == 1
+
+
+def test_graphed_encoder_and_decoder_equal_eager(models, images):
+    pipe = cuda_pipe(models)
+    z = fixed_latents().cuda().half()
+    graphed = pipe._decoder(z)
+    assert len(pipe._decoder.graphs) == 1
+    eager = pipe.vae.decode(z, return_dict=False)[0]
+    assert rel_l2(graphed.float(), eager.float()) <= FP16_RTOL
+    px = torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.float16)
+    runner = pipe.conditioner.runner
+    assert (
+        rel_l2(
+            runner("hidden_states", px).float(), runner.encoder(px, output_hidden_states=True).hidden_states[-2].float()
+        )
+        <= FP16_RTOL
+    )
