@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import environment
 
 TEXT_TOKENS = 77
 ADAPTER_SETS = {1: [4], 2: [4, 16]}  # tokens per adapter: base (4), then Plus (16)
@@ -128,36 +127,6 @@ def floor_bytes(shape: Shape, tokens: list[int], batch: int, itemsize: int) -> i
     b, h, n, d = batch, shape.heads, shape.queries, shape.head_dim
     keys = TEXT_TOKENS + sum(tokens)
     return itemsize * (2 * b * h * n * d + 2 * b * h * keys * d)
-
-
-def environment(device: torch.device) -> dict:
-    import triton
-
-    env = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    else:
-        env |= {"gpu": None, "cpu": platform.processor() or platform.machine()}
-    return env
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _git(*args: str) -> str | None:
-    return _run(["git", "-C", str(Path(__file__).resolve().parent), *args])
 
 
 def peak_gbps(name: str | None, override: float | None) -> float | None:

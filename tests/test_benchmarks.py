@@ -18,7 +18,9 @@ from ipa_rt.kernels import fused_available
     reason="the Triton kernel cannot run here",
 )
 def test_attention_benchmark_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the scripts import their shared helpers as siblings
+    path = folder / "attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there
@@ -30,3 +32,17 @@ def test_attention_benchmark_smoke(tmp_path):
         assert row["us"]["fused"] > 0 and row["speedup_vs_diffusers"] > 0
         assert row["rel_err_vs_diffusers"] < 5e-3  # fp16 kernel vs fp16 diffusers math
     assert (tmp_path / next(tmp_path.glob("*.md")).name).read_text().startswith("# Decoupled attention")
+
+
+def test_runtime_benchmark_smoke(tmp_path):
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_runtime", folder / "runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("runtime-graphs-*.json")]
+    assert {r["workload"] for r in result["rows"]} == {"LCM 4 steps", "DPM++ 2M 30 steps CFG"}
+    assert all(r["per_step_ms"] > 0 and r["end_to_end_ms"] > 0 for r in result["rows"])
+    assert result["controls"]["recaptures"] == 0

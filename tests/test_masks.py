@@ -63,3 +63,23 @@ def test_mask_errors(models, images):
         pipe("x", ip_adapter_image=[[images[0], images[1]]], **CALL)
     with pytest.raises(ipa_rt.ConfigError, match=r"only 'ip_adapter_masks' is supported"):
         pipe("x", cross_attention_kwargs={"scale": 0.5}, **CALL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_adapters_each_with_a_region(models, images, family):
+    """diffusers' documented two-adapter regional setup: one mask per adapter, one image each."""
+    both = masks()
+    per_adapter = [both[:, :1], both[:, 1:]]
+    ref = diffusers_pipe(models, family, ["plus.safetensors", "base.safetensors"])
+    ref.set_ip_adapter_scale([0.6, 0.9])
+    ours = ipa_pipe(models, family, [models.adapter(family, "plus"), models.adapter(family, "base")])
+    ours.set_ip_adapter_scale([0.6, 0.9])
+    kw = dict(
+        ip_adapter_image=[images[0], images[1]],
+        cross_attention_kwargs={"ip_adapter_masks": per_adapter},
+        generator=None,
+        **CALL,
+    )
+    a = ref("two cats", latents=fixed_latents(), **kw).images
+    b = ours("two cats", latents=fixed_latents(), **kw).images
+    assert_parity(b, a)

@@ -1,0 +1,63 @@
+"""What every benchmark result records: device, driver, versions, commit and the command that made it."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import diffusers
+
+    env = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "commit": _run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    else:
+        env |= {"gpu": None, "cpu": platform.processor() or platform.machine()}
+    return env
+
+
+def device_timer(device: torch.device):
+    """``time(fn) -> seconds``: CUDA events around ``fn`` on CUDA (synchronised), perf_counter elsewhere."""
+    import time
+
+    def run(fn) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run

@@ -1,0 +1,193 @@
+"""Runtime benchmark: eager loop vs CUDA-graph loop, per step and end to end, and the cost of live controls.
+
+Full-size SD1.5 architecture (UNet, VAE, CLIP-L text encoder, ViT-H image encoder, a base IP-Adapter) with
+seeded random weights — speed does not depend on weight values — written in the real diffusers / h94
+formats and loaded through ``ipa_rt.Pipeline.from_pretrained`` like a user's files. Workloads at 512²,
+fp16, batch 1: LCM 4 steps (no CFG) and DPM++ 2M 30 steps with CFG. For each: ms per step and end to end
+(PIL reference in, latents out), eager and graphed; then the cost of a scale change, a step-range change
+and a new reference image, with the number of graph captures they caused (must stay 0).
+
+    python benchmarks/runtime.py                      # CUDA: writes results/runtime-graphs-<gpu>.{json,md}
+    python benchmarks/runtime.py --smoke --out /tmp   # CPU: tiny model, checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import device_timer, environment
+
+import ipa_rt
+from ipa_rt import testing as T
+
+SD15 = dict(  # the SD1.5 UNet / VAE / CLIP configurations (stable-diffusion-v1-5 config files)
+    unet=dict(
+        sample_size=64,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    vae=dict(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    ),
+    text=dict(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+    ),
+    encoder=dict(  # ViT-H/14 (h94/IP-Adapter models/image_encoder)
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=16,
+        num_hidden_layers=32,
+        projection_dim=1024,
+        image_size=224,
+        patch_size=14,
+    ),
+)
+
+
+def write_models(root: Path, smoke: bool) -> dict[str, Path]:
+    """The benchmark's model files: the tiny fixture for --smoke, else full-size SD1.5 shapes."""
+    if not smoke:
+        T.SD15_UNET.update(SD15["unet"])
+        T.VAE_CONFIG.update(SD15["vae"])
+        T.TEXT_CONFIG.update(SD15["text"])
+        T.ENCODER_CONFIG.update(SD15["encoder"])
+    return T.write_example(root)
+
+
+def measure(pipe, image, steps: int, guidance: float, graphs: bool, size: int, reps: int, timer) -> dict:
+    pipe.loop.use_graphs = graphs
+    pipe.loop.states.clear()
+    pipe.conditioner.cache.clear()
+    pipe._prepared = None
+    call = dict(ip_adapter_image=image, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
+    pipe("warm-up", output_type="latent", **call)  # capture / autotune / allocate, excluded
+    total = [timer(lambda: pipe("a photo", output_type="latent", **call)) for _ in range(reps)]
+    (state,) = [s for s in pipe.loop.states.values() if s.sig.steps == steps]
+    per_step = []  # the loop alone, from its static buffers
+    for _ in range(reps):
+        state.idx.zero_()  # rewind the step counter: the timed steps replay the last request
+        if graphs and state.graph is not None:
+            per_step.append(timer(lambda: [state.graph.replay() for _ in range(steps)]) / steps)
+        else:
+            per_step.append(timer(lambda: [pipe.loop._step(state) for _ in range(steps)]) / steps)
+    return {
+        "end_to_end_ms": 1000 * statistics.median(total),
+        "end_to_end_p90_ms": 1000 * sorted(total)[int(0.9 * (len(total) - 1))],
+        "per_step_ms": 1000 * statistics.median(per_step),
+        "captures": pipe.loop.captures,
+    }
+
+
+def control_costs(pipe, image, images, size: int, timer) -> dict:
+    """Time of each live control plus the next call, and whether any of them recaptured."""
+    call = dict(num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent")
+    pipe("warm-up", ip_adapter_image=image, **call)
+    before = pipe.loop.captures
+    out = {
+        "set_scale_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale(0.7)),
+        "set_scale_dict_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale("style")),
+        "set_step_range_ms": 1000 * timer(lambda: pipe.set_ip_adapter_step_range((0.25, 1.0))),
+        "call_after_controls_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=image, **call)),
+        "call_new_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
+        "call_same_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
+    }
+    out["recaptures"] = pipe.loop.captures - before
+    return out
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"# Runtime: eager vs CUDA graphs ({env.get('gpu') or 'CPU smoke run'})",
+        "",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, CUDA {env.get('cuda')}, driver {env.get('driver')}, "
+        f"commit `{env['commit']}`, command `{env['command']}`; model: {result['model']}, {result['size']}², fp16, "
+        "batch 1, random weights.",
+        "",
+        "| workload | loop | ms / step | end to end ms (median) | p90 ms | graph captures |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['workload']} | {row['loop']} | {row['per_step_ms']:.2f} | {row['end_to_end_ms']:.1f} | "
+            f"{row['end_to_end_p90_ms']:.1f} | {row['captures']} |"
+        )
+    c = result["controls"]
+    lines += [
+        "",
+        "| live control | ms |",
+        "|---|---|",
+        *(f"| {k} | {v:.3f} |" for k, v in c.items() if k != "recaptures"),
+        f"| recaptures caused by the controls | {c['recaptures']} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        parser.error("no CUDA device: this benchmark needs a GPU (use --smoke on the CPU)")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    size = 32 if args.smoke else 512
+    timer = device_timer(device)
+    with tempfile.TemporaryDirectory(prefix="ipa_rt-bench-") as tmp:
+        files = write_models(Path(tmp), args.smoke)
+        pipe = ipa_rt.Pipeline.from_pretrained(
+            files["base"], ip_adapter=files["adapter"], device=device, dtype=dtype, scheduler="lcm"
+        )
+        pipe.set_progress_bar_config(disable=True)
+        image = T.make_image(0, (256, 256))
+        images = [image, T.make_image(1, (256, 256))]
+        rows = []
+        for workload, scheduler, steps, guidance in (
+            ("LCM 4 steps", "lcm", 4, 1.0),
+            ("DPM++ 2M 30 steps CFG", "dpm++2m", 30, 7.5),
+        ):
+            pipe.scheduler = ipa_rt.schedulers.make_scheduler(scheduler, pipe.base.scheduler)
+            for graphs in (False, True) if cuda else (False,):
+                r = measure(pipe, image, steps, guidance, graphs, size, args.reps, timer)
+                rows.append({"workload": workload, "loop": "graph" if graphs else "eager", **r})
+                print(rows[-1], flush=True)
+        pipe.scheduler = ipa_rt.schedulers.make_scheduler("lcm", pipe.base.scheduler)
+        pipe.loop.use_graphs = None
+        controls = control_costs(pipe, image, images, size, timer)
+    result = {
+        "environment": environment(device),
+        "model": "tiny fixture" if args.smoke else "SD1.5 architecture + IP-Adapter (ViT-H), random weights",
+        "size": size,
+        "rows": rows,
+        "controls": controls,
+    }
+    name = (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"runtime-graphs-{name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"runtime-graphs-{name}.md").write_text(markdown(result))
+    print(f"wrote {args.out}/runtime-graphs-{name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
