@@ -67,13 +67,19 @@ def fuse_loras(model: BaseModel, lora: Any) -> list[tuple[str, float]]:
     names = []
     for i, (path, _) in enumerate(sources):
         p = Path(path)
-        if not p.exists():
+        parts = path.split("/")
+        if p.exists():
+            where, kwargs = str(p.parent if p.is_file() else p), ({"weight_name": p.name} if p.is_file() else {})
+        elif len(parts) >= 2 and not path.startswith(("/", ".", "~")):  # hub: owner/repo[/file]
+            where, kwargs = "/".join(parts[:2]), ({"weight_name": "/".join(parts[2:])} if len(parts) > 2 else {})
+        else:
             raise CheckpointError(f"LoRA file '{path}' does not exist; expected a .safetensors (diffusers or kohya)")
         name = f"ipa_rt_lora_{i}"
-        kwargs = {"weight_name": p.name} if p.is_file() else {}
         try:
-            pipe.load_lora_weights(str(p.parent if p.is_file() else p), adapter_name=name, **kwargs)
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            pipe.load_lora_weights(where, adapter_name=name, **kwargs)
+        except Exception as exc:  # diffusers/hub raise many types for a file they cannot use
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(f"LoRA file '{path}' cannot be loaded by diffusers' LoRA loader: {exc}") from exc
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[w for _, w in sources])
