@@ -78,8 +78,6 @@ def fuse_loras(model: BaseModel, lora: Any) -> list[tuple[str, float]]:
         try:
             pipe.load_lora_weights(where, adapter_name=name, **kwargs)
         except Exception as exc:  # diffusers/hub raise many types for a file they cannot use
-            if isinstance(exc, CheckpointError):
-                raise
             raise CheckpointError(f"LoRA file '{path}' cannot be loaded by diffusers' LoRA loader: {exc}") from exc
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[w for _, w in sources])

@@ -31,9 +31,13 @@ def test_fused_lora_matches_diffusers(models, images, tmp_path, family, fmt):
     assert not any("lora" in n for n, _ in ours.unet.named_modules())  # fused, no LoRA modules left
 
 
-def test_missing_lora_file(models, tmp_path):
+def test_missing_or_broken_lora_file(models, tmp_path):
     with pytest.raises(ipa_rt.CheckpointError, match=r"LoRA file '.*nope\.safetensors' does not exist"):
         ipa_pipe(models, "sd15", lora=tmp_path / "nope.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    with pytest.raises(ipa_rt.CheckpointError, match=r"broken\.safetensors' cannot be loaded"):
+        ipa_pipe(models, "sd15", lora=broken)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
