@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import environment
+from common import environment, write_results
 
 TEXT_TOKENS = 77
 ADAPTER_SETS = {1: [4], 2: [4, 16]}  # tokens per adapter: base (4), then Plus (16)
@@ -213,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         parser.error("no CUDA device: the benchmark needs a GPU (use --smoke with TRITON_INTERPRET=1 on the CPU)")
     result = run(args)
-    name = (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"attention-{name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"attention-{name}.md").write_text(markdown(result))
-    print(f"wrote {args.out}/attention-{name}.json and .md")
+    write_results(args.out, "attention", result, markdown(result))
     return 0
 
 

@@ -61,3 +61,14 @@ def device_timer(device: torch.device):
         return time.perf_counter() - t0
 
     return run
+
+
+def write_results(out: Path, prefix: str, result: dict, markdown: str) -> None:
+    """``<out>/<prefix>-<gpu>.json`` and ``.md`` (``cpu-smoke`` without a GPU)."""
+    import json
+
+    name = (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{prefix}-{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{prefix}-{name}.md").write_text(markdown)
+    print(f"wrote {out}/{prefix}-{name}.json and .md")

@@ -14,14 +14,13 @@ and a new reference image, with the number of graph captures they caused (must s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import device_timer, environment
+from common import device_timer, environment, write_results
 
 import ipa_rt
 from ipa_rt import testing as T
@@ -181,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "controls": controls,
     }
-    name = (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"runtime-graphs-{name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"runtime-graphs-{name}.md").write_text(markdown(result))
-    print(f"wrote {args.out}/runtime-graphs-{name}.json and .md")
+    write_results(args.out, "runtime-graphs", result, markdown(result))
     return 0
 
 

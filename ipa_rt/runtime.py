@@ -171,6 +171,21 @@ class DenoiseLoop:
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
+    def _guided(self, model_in, t, text, timestep_cond, added, cfg: bool, guidance) -> Tensor:
+        """The UNet on the (CFG) batch, then classifier-free guidance as diffusers combines it."""
+        out = self.unet(
+            model_in,
+            t,
+            encoder_hidden_states=text,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
     def _step(self, st: StaticState) -> None:
         plan: Plan = st.extra["plan"]
         i1 = st.idx
@@ -184,17 +199,7 @@ class DenoiseLoop:
         if st.sig.inpaint == 9:
             model_in = torch.cat([model_in, st.mask, st.inpaint_latents], dim=1)
         t = st.timesteps.index_select(0, i1)
-        out = self.unet(
-            model_in,
-            t,
-            encoder_hidden_states=st.text,
-            timestep_cond=st.timestep_cond,
-            added_cond_kwargs=st.added,
-            return_dict=False,
-        )[0]
-        if st.sig.cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + st.guidance * (cond - uncond)
+        out = self._guided(model_in, t, st.text, st.timestep_cond, st.added, st.sig.cfg, st.guidance)
         noise = st.noise.index_select(0, i1)[0] if st.noise is not None else None
         c = st.coef.index_select(0, i1)[0]
         x_next, x0 = plan.update(c, x, out, noise, st.prev_x0)
@@ -239,17 +244,7 @@ class DenoiseLoop:
             model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
             if inp.inpaint_mask is not None and self.unet.config.in_channels == 9:
                 model_in = torch.cat([model_in, inp.inpaint_mask, inp.inpaint_latents], dim=1)
-            out = self.unet(
-                model_in,
-                t,
-                encoder_hidden_states=inp.text,
-                timestep_cond=inp.timestep_cond,
-                added_cond_kwargs=inp.added,
-                return_dict=False,
-            )[0]
-            if inp.cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
+            out = self._guided(model_in, t, inp.text, inp.timestep_cond, inp.added, inp.cfg, guidance)
             x = sched.step(out, t, x, **extra, return_dict=False)[0]
             if inp.blend_noise is not None:  # 4-channel inpainting, as diffusers does it
                 proper = inp.inpaint_latents

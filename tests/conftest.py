@@ -122,3 +122,11 @@ def ipa_pipe(models: Models, family: str, adapters=None, **kw):
 
 
 CALL = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent")
+
+
+def count_forwards(**modules) -> dict[str, int]:
+    """Forward-call counters for the given modules (name=module); the dict updates as they run."""
+    counts = dict.fromkeys(modules, 0)
+    for name, module in modules.items():
+        module.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, assert_parity, count_forwards, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
 from ipa_rt.conditions import combine, load_ip_adapter_embeds, save_ip_adapter_embeds
@@ -61,17 +61,9 @@ def test_embeds_file_roundtrip(models, images, tmp_path):
 
 def test_reference_cache_skips_encoder_projection_and_kv(models, images):
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "plus"))
-    counts = {"encoder": 0, "projection": 0, "to_k_ip": 0}
-
-    def hook(name):
-        def fn(*_):
-            counts[name] += 1
-
-        return fn
-
-    pipe.image_encoder.register_forward_hook(hook("encoder"))
-    pipe.adapters.projections[0].register_forward_hook(hook("projection"))
-    pipe.adapters.to_k_ip[0][0].register_forward_hook(hook("to_k_ip"))
+    counts = count_forwards(
+        encoder=pipe.image_encoder, projection=pipe.adapters.projections[0], to_k_ip=pipe.adapters.to_k_ip[0][0]
+    )
     first = pipe("x", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
     seen = dict(counts)
     same_pixels = images[0].copy()  # another object, same content: still a cache hit

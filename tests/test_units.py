@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILIES, count_forwards, diffusers_pipe, fixed_latents, ipa_pipe
 
 from ipa_rt import testing as T
 from ipa_rt.adapter import cross_attention_layers
@@ -170,18 +170,12 @@ def test_scale_change_is_one_tensor_write(models, images):
 def test_image_side_work_runs_once_per_call(models, images):
     """Encoder, projection and image K/V are computed once per call, not once per step."""
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "plus"))
-    counts = {"encoder": 0, "projection": 0, "to_k_ip": 0, "unet": 0}
-
-    def hook(name):
-        def fn(*_):
-            counts[name] += 1
-
-        return fn
-
-    pipe.image_encoder.register_forward_hook(hook("encoder"))
-    pipe.adapters.projections[0].register_forward_hook(hook("projection"))
-    pipe.adapters.to_k_ip[0][0].register_forward_hook(hook("to_k_ip"))
-    pipe.unet.register_forward_hook(hook("unet"))
+    counts = count_forwards(
+        encoder=pipe.image_encoder,
+        projection=pipe.adapters.projections[0],
+        to_k_ip=pipe.adapters.to_k_ip[0][0],
+        unet=pipe.unet,
+    )
     pipe("x", ip_adapter_image=images[0], latents=fixed_latents(), **{**CALL, "num_inference_steps": 5})
     assert counts["unet"] >= 5
     assert counts == {"encoder": 2, "projection": 1, "to_k_ip": 1, "unet": counts["unet"]}  # cond + zero-pixel uncond
