@@ -63,11 +63,11 @@ def device_timer(device: torch.device):
     return run
 
 
-def write_results(out: Path, prefix: str, result: dict, markdown: str) -> None:
-    """``<out>/<prefix>-<gpu>.json`` and ``.md`` (``cpu-smoke`` without a GPU)."""
+def write_results(out: Path, prefix: str, result: dict, markdown: str, hardware: str | None = None) -> None:
+    """``<out>/<prefix>-<hardware>.json`` and ``.md`` (hardware: the GPU's name, else ``cpu-smoke``)."""
     import json
 
-    name = (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
+    name = hardware or (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{prefix}-{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{prefix}-{name}.md").write_text(markdown)

@@ -21,60 +21,17 @@ from pathlib import Path
 
 import torch
 from common import device_timer, environment, write_results
+from models import write_models
 
 import ipa_rt
 from ipa_rt import testing as T
-
-SD15 = dict(  # the SD1.5 UNet / VAE / CLIP configurations (stable-diffusion-v1-5 config files)
-    unet=dict(
-        sample_size=64,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ),
-    vae=dict(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-    ),
-    text=dict(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
-    ),
-    encoder=dict(  # ViT-H/14 (h94/IP-Adapter models/image_encoder)
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_attention_heads=16,
-        num_hidden_layers=32,
-        projection_dim=1024,
-        image_size=224,
-        patch_size=14,
-    ),
-)
-
-
-def write_models(root: Path, smoke: bool) -> dict[str, Path]:
-    """The benchmark's model files: the tiny fixture for --smoke, else full-size SD1.5 shapes."""
-    if not smoke:
-        T.SD15_UNET.update(SD15["unet"])
-        T.VAE_CONFIG.update(SD15["vae"])
-        T.TEXT_CONFIG.update(SD15["text"])
-        T.ENCODER_CONFIG.update(SD15["encoder"])
-    return T.write_example(root)
 
 
 def measure(pipe, image, steps: int, guidance: float, graphs: bool, size: int, reps: int, timer) -> dict:
     pipe.loop.use_graphs = graphs
     pipe.loop.states.clear()
     pipe.conditioner.cache.clear()
-    pipe._prepared = None
+    pipe.adapters.prepared_key = None
     call = dict(ip_adapter_image=image, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
     pipe("warm-up", output_type="latent", **call)  # capture / autotune / allocate, excluded
     total = [timer(lambda: pipe("a photo", output_type="latent", **call)) for _ in range(reps)]
@@ -153,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 32 if args.smoke else 512
     timer = device_timer(device)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-bench-") as tmp:
-        files = write_models(Path(tmp), args.smoke)
+        files = write_models(Path(tmp), "sd15", full=not args.smoke)
         pipe = ipa_rt.Pipeline.from_pretrained(
             files["base"], ip_adapter=files["adapter"], device=device, dtype=dtype, scheduler="lcm"
         )

@@ -135,6 +135,7 @@ class IPAdapterStack(nn.Module):
         self._saved: dict | None = None
         self._fused = [False] * len(self.layer_names)
         self._store: dict = {}  # per-request image buffers, reused while the shapes repeat
+        self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
         self._processors: list[DecoupledCrossAttnProcessor] = []
 
@@ -284,6 +285,7 @@ class IPAdapterStack(nn.Module):
         tokens: Sequence[Tensor] | None,
         masks: Sequence[Tensor | None] | None = None,
         image_scale: Tensor | None = None,
+        key: tuple | None = None,
     ) -> None:
         """Compute every layer's image keys/values once for this request (they do not depend on the step).
 
@@ -293,6 +295,7 @@ class IPAdapterStack(nn.Module):
         Buffers are reused when the shapes repeat, so a captured CUDA graph keeps reading valid memory.
         """
         ctx = self.context
+        self.prepared_key = key  # what the buffers now hold (None: unknown), for the reference cache
         if tokens is None:
             ctx.kv = None
             ctx.segments, ctx.masks, ctx.seg_mult = [], {}, None

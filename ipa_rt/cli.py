@@ -40,7 +40,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("-o", "--output", required=True, help="output PNG path")
+    bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _bench(argv: list[str]) -> int:
+    """Thin front of ``benchmarks/harness.py``, which lives in the source checkout, not in the wheel."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (folder / "harness.py").is_file():
+        print(
+            "ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/harness.py not found)", file=sys.stderr
+        )
+        return 2
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("ipa_rt_bench_harness", folder / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -92,6 +113,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":

@@ -115,7 +115,6 @@ class Pipeline:
         self._image_scale: Tensor | None = None
         self.conditioner = ImageConditioner(self)
         self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0])
-        self._prepared: tuple | None = None  # cache key of the image side now in the K/V buffers
         self._check_encoder()
         if adapters is not None:
             adapters.install(self.unet)
@@ -423,10 +422,10 @@ class Pipeline:
             self.adapters.query_tokens = _query_tokens(self.unet, names, setup.height, setup.width, vsf)
             if conditions is None:
                 self.adapters.prepare(None)
-            elif masks is not None or conditions[2] != self._prepared:  # same reference: skip projection and K/V
+            elif masks is not None or conditions[2] != self.adapters.prepared_key:  # same reference: skip it all
                 tokens = self.adapters.project(conditions[0], conditions[1])
-                self.adapters.prepare(tokens, masks=masks, image_scale=self._image_scale if masks else None)
-            self._prepared = conditions[2] if conditions is not None and masks is None else None
+                key = conditions[2] if masks is None else None
+                self.adapters.prepare(tokens, masks=masks, image_scale=self._image_scale if masks else None, key=key)
         noise = None
         if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
             noise = torch.zeros((plan.steps, *setup.latents.shape), device=self.device, dtype=dtype)

@@ -134,9 +134,15 @@ def write_base_model(
     time_cond_proj_dim: int | None = None,
     feature_extractor: bool | None = None,
     in_channels: int = 4,
+    configs: dict[str, dict] | None = None,
 ) -> Path:
     """A tiny diffusers-format base model folder of ``family`` ``"sd15"`` or ``"sdxl"`` (``in_channels=9``:
-    an inpainting model)."""
+    an inpainting model). ``configs`` overrides the tiny architecture per component (``unet``, ``vae``,
+    ``text``, ``text_2``, ``image_size``), e.g. with the full-size configs in ``benchmarks/configs``."""
+    configs = {
+        k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v
+        for k, v in (configs or {}).items()
+    }
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -145,14 +151,14 @@ def write_base_model(
     sdxl = family == "sdxl"
     if family not in ("sd15", "sdxl"):
         raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
-    unet_cfg = dict(SDXL_UNET if sdxl else SD15_UNET)
+    unet_cfg = {**(SDXL_UNET if sdxl else SD15_UNET), **configs.get("unet", {})}
     if time_cond_proj_dim is not None:
         unet_cfg["time_cond_proj_dim"] = time_cond_proj_dim
     unet_cfg["in_channels"] = in_channels  # 9: an inpainting UNet (latents + mask + masked-image latents)
     UNet2DConditionModel(**unet_cfg).save_pretrained(folder / "unet")
-    AutoencoderKL(**VAE_CONFIG, force_upcast=sdxl).save_pretrained(folder / "vae")
+    AutoencoderKL(**{"force_upcast": sdxl, **VAE_CONFIG, **configs.get("vae", {})}).save_pretrained(folder / "vae")
     vocab = write_tokenizer(folder / "tokenizer")
-    CLIPTextModel(_text_config(vocab)).save_pretrained(folder / "text_encoder")
+    CLIPTextModel(_text_config(vocab, **configs.get("text", {}))).save_pretrained(folder / "text_encoder")
     scheduler = scheduler or ("EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
@@ -173,7 +179,8 @@ def write_base_model(
     }
     if sdxl:
         write_tokenizer(folder / "tokenizer_2")
-        CLIPTextModelWithProjection(_text_config(vocab)).save_pretrained(folder / "text_encoder_2")
+        text_2 = configs.get("text_2", {})
+        CLIPTextModelWithProjection(_text_config(vocab, **text_2)).save_pretrained(folder / "text_encoder_2")
         index.update(
             text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
             tokenizer_2=["transformers", "CLIPTokenizer"],
@@ -182,7 +189,7 @@ def write_base_model(
     else:
         index.update(safety_checker=[None, None], requires_safety_checker=False)
     if feature_extractor if feature_extractor is not None else not sdxl:  # SD1.5 repos ship one
-        size = ENCODER_CONFIG["image_size"]
+        size = configs.get("image_size", ENCODER_CONFIG["image_size"])
         CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
             folder / "feature_extractor"
         )
@@ -325,13 +332,18 @@ def make_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def write_example(root: str | os.PathLike, family: str = "sd15", variant: str = "base") -> dict[str, Path]:
-    """Everything the offline example needs: base model, adapter with its image_encoder/, a reference image."""
+def write_example(
+    root: str | os.PathLike, family: str = "sd15", variant: str = "base", configs: dict[str, dict] | None = None
+) -> dict[str, Path]:
+    """Everything the offline example needs: base model, adapter with its image_encoder/, a reference image.
+    ``configs`` (see :func:`write_base_model`, plus ``encoder``) makes full-size architectures for benchmarks."""
     root = Path(root)
-    base = write_base_model(root / f"tiny-{family}", family=family)
+    configs = configs or {}
+    encoder = {k: v for k, v in configs.get("encoder", {}).items() if not k.startswith("_")}
+    base = write_base_model(root / f"model-{family}", family=family, configs=configs)
     models = root / "IP-Adapter" / "models"
-    write_image_encoder(models / "image_encoder")
-    adapter = write_adapter(models / f"ip-adapter-{variant}_tiny-{family}.safetensors", variant, base)
+    write_image_encoder(models / "image_encoder", **encoder)
+    adapter = write_adapter(models / f"ip-adapter-{variant}_{family}.safetensors", variant, base, **encoder)
     image = root / "reference.png"
     make_image().save(image)
     return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image}

@@ -46,3 +46,22 @@ def test_runtime_benchmark_smoke(tmp_path):
     assert {r["workload"] for r in result["rows"]} == {"LCM 4 steps", "DPM++ 2M 30 steps CFG"}
     assert all(r["per_step_ms"] > 0 and r["end_to_end_ms"] > 0 for r in result["rows"])
     assert result["controls"]["recaptures"] == 0
+
+
+def test_bench_harness_tiny(tmp_path):
+    """The harness end to end on tiny models (the real CPU profile uses the full-size architecture)."""
+    from ipa_rt.cli import main
+
+    assert main(["bench", "--tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
+    workloads = {r["workload"] for r in result["rows"]}
+    assert {
+        "unet step b1",
+        "unet step b2",
+        "LCM 4 steps end to end",
+        "change image prompt",
+        "change scale",
+    } <= workloads
+    assert {r["system"] for r in result["rows"]} == {"diffusers", "ipa_rt"}
+    assert result["errors"]["sd15 ipa_rt"] <= 1e-4  # same weights, same seed: diffusers' output
+    assert (tmp_path / "tiny-cpu.png").stat().st_size > 0 and (tmp_path / "tiny-cpu.md").exists()
