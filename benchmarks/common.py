@@ -72,3 +72,11 @@ def write_results(out: Path, prefix: str, result: dict, markdown: str, hardware:
     (out / f"{prefix}-{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{prefix}-{name}.md").write_text(markdown)
     print(f"wrote {out}/{prefix}-{name}.json and .md")
+
+
+def rows_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of ``ipa_rt bench`` timing rows."""
+    lines = ["| family | workload | system | median ms | p90 ms |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+    return lines

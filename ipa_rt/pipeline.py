@@ -1,9 +1,11 @@
-"""``ipa_rt.Pipeline``: diffusers' SD1.5 / SDXL text-to-image with IP-Adapter, shaped like diffusers.
+"""``ipa_rt.Pipeline``: diffusers' SD1.5 / SDXL txt2img, img2img and inpainting with IP-Adapter, shaped like
+diffusers.
 
-The denoising loop follows ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.__call__`` step for step
-(same latents, scheduler calls, CFG batch order and decode), so the same files and latents give diffusers'
-output. What differs is where work happens: text embeddings, image encoding, projection and every layer's
-image keys/values are computed once per call, and the adapter scale is a device tensor.
+A call follows the diffusers pipelines step for step (prompt encoding, image embeddings, latents and the
+generator's draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output.
+What differs is where work happens: text embeddings, image encoding, projection and every layer's image
+keys/values once per call (and not at all for a reference seen before); the scheduler as a tensor program
+in a static, graph-captured loop (:mod:`ipa_rt.runtime`); the adapter scale as a device tensor.
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.restore(self.unet)
             self.adapters = None
+            self.loop = DenoiseLoop(self.unet, None)  # the old buffers belong to the adapters' signature
 
     # --- live controls --------------------------------------------------------------------------------------------
     def set_ip_adapter_scale(self, scale: Any) -> None:

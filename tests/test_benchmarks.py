@@ -65,3 +65,12 @@ def test_bench_harness_tiny(tmp_path):
     assert {r["system"] for r in result["rows"]} == {"diffusers", "ipa_rt"}
     assert result["errors"]["sd15 ipa_rt"] <= 1e-4  # same weights, same seed: diffusers' output
     assert (tmp_path / "tiny-cpu.png").stat().st_size > 0 and (tmp_path / "tiny-cpu.md").exists()
+
+
+def test_readme_performance_table_matches_results_files():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_report", folder / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["--check"]) == 0, "README's table is stale: run python benchmarks/report.py"
