@@ -298,7 +298,7 @@ def chart(result: dict, path: Path) -> None:
         y = 40 + i * (bar_h + pad)
         label = f"{r['family']} {r['workload']} / {r['system']}"
         d.text((10, y + 3), label[:52], fill="black")
-        length = int((width - 420) * r["median_ms"] / top)
+        length = int((width - 460) * r["median_ms"] / top)  # room for the value label
         color = (40, 110, 200) if r["system"].startswith("ipa_rt") else (200, 120, 40)
         d.rectangle([380, y, 380 + max(length, 1), y + bar_h], fill=color)
         d.text((385 + length, y + 3), f"{r['median_ms']:.1f}", fill="black")

@@ -30,7 +30,7 @@ class Signature:
     latents: tuple[int, ...]
     text: tuple[int, ...]
     steps: int
-    kind: str
+    kind: str  # scheduler program, prediction type and clipping: they shape the captured step
     cfg: bool
     tokens: tuple[int, ...]  # image tokens per segment (empty: no image prompt)
     masked: bool
@@ -92,7 +92,7 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int) -> Signature:
         latents=tuple(inp.latents.shape),
         text=tuple(inp.text.shape),
         steps=inp.plan.steps,
-        kind=inp.plan.kind,
+        kind=f"{inp.plan.kind}:{getattr(inp.plan, 'prediction', '')}:{getattr(inp.plan, 'clip', None)}",
         cfg=inp.cfg,
         tokens=tokens,
         masked=bool(ctx.masks),
