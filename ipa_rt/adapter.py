@@ -320,12 +320,7 @@ class IPAdapterStack(nn.Module):
             store["seg_adapter"] = torch.arange(len(segments), dtype=torch.int32, device=device)
             store["owner"] = torch.tensor(owners, dtype=torch.long, device=device)
             store["kv"] = [None] * len(self.heads)
-        for layer, heads in enumerate(self.heads):
-            k = torch.cat([self.to_k_ip[layer][a](x) for a, x in enumerate(flat)], dim=1)
-            v = torch.cat([self.to_v_ip[layer][a](x) for a, x in enumerate(flat)], dim=1)
-            b, t, inner = k.shape
-            k = k.view(b, t, heads, inner // heads).transpose(1, 2)
-            v = v.view(b, t, heads, inner // heads).transpose(1, 2)
+        for layer, (k, v) in enumerate(self.image_kv(flat)):
             if store["kv"][layer] is None or store["kv"][layer][0].shape != k.shape:
                 fmt = torch.contiguous_format
                 store["kv"][layer] = (torch.empty_like(k, memory_format=fmt), torch.empty_like(v, memory_format=fmt))
@@ -345,6 +340,22 @@ class IPAdapterStack(nn.Module):
             ctx.seg_mult = mult
         else:
             ctx.seg_mult = None
+
+    def image_kv(self, tokens: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(K, V)`` ``[B, H, T, d]`` of all adapters' tokens ``[B, T_a, C]`` laid end to end: a pure
+        function (the static buffers copy from it; the ONNX export traces it)."""
+        out = []
+        for layer, heads in enumerate(self.heads):
+            k = torch.cat([self.to_k_ip[layer][a](x) for a, x in enumerate(tokens)], dim=1)
+            v = torch.cat([self.to_v_ip[layer][a](x) for a, x in enumerate(tokens)], dim=1)
+            b, t, inner = k.shape
+            out.append(
+                (
+                    k.view(b, t, heads, inner // heads).transpose(1, 2),
+                    v.view(b, t, heads, inner // heads).transpose(1, 2),
+                )
+            )
+        return out
 
     def _downsample_masks(self, masks, tokens, batch: int, count: int, device, dtype) -> dict[int, Tensor]:
         """``{query tokens: [S, B, N]}`` for every layer resolution: diffusers' bicubic mask downsampling, ones

@@ -272,6 +272,13 @@ class Pipeline:
             )
         return [True] * len(dims)
 
+    def image_encoder_tokens(self) -> int:
+        """Tokens of the CLIP encoder's hidden states (the Full-face adapter's token count)."""
+        if self.image_encoder is None:
+            raise ConfigError("no image encoder is loaded, so its token count is unknown")
+        cfg = self.image_encoder.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.progress_bar_config = kwargs
 
