@@ -133,7 +133,9 @@ class Bench:
         added = {}
         if self.family == "sdxl":
             added = {
-                "text_embeds": torch.randn(batch, 1280, device=self.device, dtype=self.dtype),
+                "text_embeds": torch.randn(
+                    batch, pipe.text_encoder_2.config.projection_dim, device=self.device, dtype=self.dtype
+                ),
                 "time_ids": torch.ones(batch, 6, device=self.device, dtype=self.dtype),
             }
         embeds = self.embeds[batch]
@@ -305,12 +307,25 @@ def chart(result: dict, path: Path) -> None:
     img.save(path)
 
 
+def model_family(folder: Path) -> str:
+    """``sd15`` or ``sdxl`` for a diffusers folder, by ipa_rt's own detection table."""
+    import json
+
+    from ipa_rt.models import detect_family
+
+    index = json.loads((folder / "model_index.json").read_text())
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    return detect_family(index, unet, str(folder)).name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipa_rt bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per workload (default: profile's)")
     parser.add_argument("--size", type=int, default=None, help="override the image size (pixels)")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of full-size (checks the harness)")
+    parser.add_argument("--model", type=Path, default=None, help="a real diffusers base model folder to use")
+    parser.add_argument("--ip-adapter", type=Path, default=None, help="with --model: its IP-Adapter file")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
@@ -321,10 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or profile["reps"]
     timer = device_timer(device)
     rows, errors, load_s, compile_s = [], {}, {}, {}
-    for family in profile["families"]:
+    if args.model is not None and args.ip_adapter is None:
+        parser.error("--model needs --ip-adapter (the adapter file; image_encoder/ beside it)")
+    families = [model_family(args.model)] if args.model is not None else profile["families"]
+    for family in families:
         size = args.size or (32 if args.tiny else profile["size"][family])
         with tempfile.TemporaryDirectory(prefix="ipa_rt-bench-") as tmp:
-            files = write_models(Path(tmp), family, full=not args.tiny)
+            if args.model is not None:  # the user's real weights instead of random ones
+                files = {"base": args.model, "adapter": args.ip_adapter}
+            else:
+                files = write_models(Path(tmp), family, full=not args.tiny)
             bench = Bench(family, files, device, dtype, size)
             rows += run_family(bench, profile, timer, reps)
             errors |= {f"{family} {k}": v for k, v in errors_vs_diffusers(bench).items()}
@@ -337,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": profile["dtype"],
         "threads": torch.get_num_threads(),
         "tiny": args.tiny,
+        "model": str(args.model) if args.model else "random weights, full-size architectures from benchmarks/configs",
         "rows": rows,
         "errors": errors,
         "summary": summary(rows, args.profile),

@@ -74,3 +74,13 @@ def test_readme_performance_table_matches_results_files():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     assert report.main(["--check"]) == 0, "README's table is stale: run python benchmarks/report.py"
+
+
+def test_bench_harness_on_a_given_model_folder(models, tmp_path):
+    from ipa_rt.cli import main
+
+    argv = ["bench", "--tiny", "--reps", "1", "--model", str(models.base("sdxl"))]
+    argv += ["--ip-adapter", str(models.adapter("sdxl", "plus")), "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
+    assert {r["family"] for r in result["rows"]} == {"sdxl"} and result["model"] == str(models.base("sdxl"))
