@@ -22,8 +22,6 @@ from torch import Tensor
 from .errors import ImageInputError
 from .variants import EMBEDS, HIDDEN
 
-ImageLike = Image.Image | np.ndarray | Tensor | str | os.PathLike
-
 
 def load_image(image: Any, argument: str) -> Image.Image | np.ndarray | Tensor:
     """Open a path as an RGB PIL image; pass PIL images, arrays and tensors through after a shape check."""

@@ -23,12 +23,11 @@ class Family:
     text_encoders: tuple[str, ...]  # model_index.json component names, in encoding order
     tokenizers: tuple[str, ...]
     pooled_text: bool  # SDXL: pooled text embeds + time ids go to the UNet as added conditions
-    text_hidden_layer: int  # which hidden state of each encoder feeds the UNet (-1: last, -2: penultimate)
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False, -1),
-    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, -2),
+    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False),
+    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True),
 }
 
 

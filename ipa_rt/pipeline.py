@@ -453,9 +453,7 @@ class Pipeline:
             gate=self._gate(plan.steps),
             inpaint_mask=setup.mask,
             inpaint_latents=setup.inpaint_latents,
-            blend=modes.blend_coefficients(plan).to(self.device)
-            if setup.noise is not None and plan.kind != "eager"
-            else None,
+            blend=self._blend(plan) if setup.noise is not None and plan.kind != "eager" else None,
             blend_noise=setup.noise,
         )
         with tqdm(total=plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
@@ -508,6 +506,12 @@ class Pipeline:
             plan = make_plan(self.scheduler, steps, strength, eta).to(self.device)
             self._plans = {key: plan}  # keep the latest: a request signature rarely alternates
         return plan
+
+    def _blend(self, plan: Plan) -> Tensor:
+        """4-channel inpainting blend coefficients, once per (cached) plan rather than once per call."""
+        if plan.blend is None:
+            plan.blend = modes.blend_coefficients(plan).to(self.device)
+        return plan.blend
 
     def _gate(self, steps: int) -> Tensor:
         """``[adapters, steps]``: 1 where an adapter's step range covers the step, else 0."""

@@ -43,6 +43,7 @@ class Plan:
     prediction: str
     clip: float | None  # DDIM/LCM clip_sample range
     scheduler: Any = field(repr=False, default=None)  # the configured diffusers scheduler (add_noise, begin)
+    blend: Tensor | None = field(repr=False, default=None)  # inpainting blend table, computed once when needed
 
     @property
     def steps(self) -> int:

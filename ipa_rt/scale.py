@@ -81,11 +81,6 @@ def attention_blocks(unet: nn.Module) -> dict[str, dict[int, int]]:
     return out
 
 
-def _is_image_list(value: Any) -> bool:
-    """``[[0.0, 0.0, 1.0]]``-style entries: a list of numbers is one value per masked image."""
-    return isinstance(value, Sequence) and len(value) == 1 and isinstance(value[0], Sequence)
-
-
 def _value(value: Any, where: str) -> float | tuple[float, ...]:
     """A number, or a list of numbers (one per masked image, as diffusers takes them with regional masks)."""
     if isinstance(value, Sequence) and not isinstance(value, str):
