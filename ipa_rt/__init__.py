@@ -5,6 +5,7 @@ from .conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
 from .errors import (
     CheckpointError,
     ConfigError,
+    EngineError,
     ImageInputError,
     IncompatibleAdapterError,
     IpaRtError,
@@ -20,6 +21,7 @@ __all__ = [
     "AdapterSource",
     "CheckpointError",
     "ConfigError",
+    "EngineError",
     "ImageInputError",
     "IncompatibleAdapterError",
     "IpaRtError",

@@ -1,4 +1,4 @@
-"""``ipa_rt`` command line: ``ipa_rt generate ...`` (also ``python -m ipa_rt``)."""
+"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``bench`` (also ``python -m ipa_rt``)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    gen.add_argument("--engine", metavar="DIR", help="run from an engine directory written by `ipa_rt build`")
     gen.add_argument("-o", "--output", required=True, help="output PNG path")
+    build = sub.add_parser(
+        "build",
+        help="export to ONNX and build ONNX Runtime / TensorRT engines",
+        description="Export every network and build engines into DIR (with manifest.json).",
+    )
+    build.add_argument("base", help="diffusers base model folder or hub id")
+    build.add_argument("--ip-adapter", action="append", required=True, metavar="FILE", help="adapter; repeatable")
+    build.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
+    build.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    build.add_argument("--height", type=int, default=512)
+    build.add_argument("--width", type=int, default=512)
+    build.add_argument("--batch", type=int, default=1, help="images per call the engines serve (x2 with CFG)")
+    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
+    build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
+    build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
+    inspect = sub.add_parser("inspect", help="describe an engine directory", description="Say what a manifest says.")
+    inspect.add_argument("engine", metavar="DIR")
     bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -80,21 +99,25 @@ def _generate(args: argparse.Namespace) -> None:
             args.prompt = args.prompt or "a tiny example"
             args.height, args.width = args.height or 32, args.width or 32
             args.steps = min(args.steps, 4)
-        if not args.base:
-            raise SystemExit("ipa_rt generate: error: BASE is required (or pass --example)")
-        pipe = Pipeline.from_pretrained(
-            args.base,
-            ip_adapter=args.ip_adapter or None,
-            image_encoder=args.image_encoder,
-            device=args.device,
-            dtype=dtype,
-            scheduler=args.scheduler,
-        )
+        if args.engine:
+            pipe = Pipeline.from_engine(args.engine, device=args.device, scheduler=args.scheduler)
+        elif not args.base:
+            raise SystemExit("ipa_rt generate: error: BASE is required (or pass --example or --engine DIR)")
+        else:
+            pipe = Pipeline.from_pretrained(
+                args.base,
+                ip_adapter=args.ip_adapter or None,
+                image_encoder=args.image_encoder,
+                device=args.device,
+                dtype=dtype,
+                scheduler=args.scheduler,
+            )
         if args.scale:
             pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
         images = None
         if args.ip_image:
-            images = args.ip_image if len(args.ip_image) == len(args.ip_adapter) else [args.ip_image]
+            count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
+            images = args.ip_image if len(args.ip_image) == count else [args.ip_image]
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         out = pipe(
             args.prompt,
@@ -112,6 +135,73 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _build(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .export.build import BuildRequest, build_engines
+
+    req = BuildRequest(
+        base=args.base,
+        ip_adapter=args.ip_adapter,
+        image_encoder=args.image_encoder,
+        backend=args.backend,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        dtype=args.dtype,
+        lora=args.lora,
+    )
+    req.check()
+    with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:
+
+        def progress(message: str) -> None:
+            bar.update()
+            bar.set_postfix_str(message[:60])
+            tqdm.write(message, file=sys.stdout)
+
+        build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
+
+
+def describe(manifest: dict) -> str:
+    """A manifest in words, for ``ipa_rt inspect``."""
+    shapes, v = manifest["shapes"], manifest["versions"]
+    gpu = manifest.get("gpu")
+    lines = [
+        f"{manifest['backend']} engines for a {manifest['family'].upper()} model, {manifest['dtype']} "
+        f"(inputs and outputs {manifest['io_dtype']}), built in {manifest['built_seconds']} s",
+        f"images {shapes['width']}x{shapes['height']}, up to {shapes['batch']} per call "
+        f"({2 * shapes['batch']} UNet rows with guidance), {shapes['text_tokens']} text tokens",
+        f"built with ipa_rt {v['ipa_rt']}, torch {v['torch']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, "
+        f"TensorRT {v['tensorrt'] or 'not installed'}"
+        + (f", on {gpu['name']} (sm {gpu['capability']})" if gpu else ""),
+        f"{len(manifest['adapters'])} IP-Adapter(s) over {manifest['layers']} cross-attention layers; "
+        "the scale is an engine input (changing it rebuilds nothing):",
+    ]
+    lines += [
+        f"  [{i}] {a['variant']}: {a['tokens']} image tokens, from {a['origin']}"
+        for i, a in enumerate(manifest["adapters"])
+    ]
+    lines.append("networks:")
+    for name, net in manifest["networks"].items():
+        size = sum(f["size"] for f in net["files"].values()) / 2**20
+        ins = ", ".join(f"{k} {v['profile'][1]}" for k, v in net["inputs"].items())
+        lines.append(f"  {name} ({size:.1f} MiB, batch {net['batch'][0]}..{net['batch'][2]}): {ins}")
+    lines.append(f"from {len(manifest['sources'])} source files (sha256 recorded)")
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .export.manifest import check_engine_dir, read_manifest
+
+    folder = Path(args.engine)
+    manifest = read_manifest(folder)
+    print(describe(manifest))
+    check_engine_dir(folder, manifest, torch.device("cuda" if manifest["backend"] == "tensorrt" else "cpu"))
+    print("status: every engine file is intact and no source file changed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -120,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "build":
+            _build(args)
+        elif args.command == "inspect":
+            _inspect(args)
     except IpaRtError as exc:
         print(f"ipa_rt: error: {exc}", file=sys.stderr)
         return 2

@@ -30,3 +30,7 @@ class ScaleError(IpaRtError):
 
 class ConfigError(IpaRtError):
     """A base model folder, scheduler name or call argument is not one ipa_rt supports."""
+
+
+class EngineError(IpaRtError):
+    """An engine directory is missing, broken (truncated file) or stale (other GPU, TensorRT version or weights)."""

@@ -39,7 +39,7 @@ from .schedulers import make_scheduler
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 from .variants import FACE_ID, HIDDEN
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ATTENTION = ("auto", "triton", "sdpa")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # family -> (prompt encoder, default guidance for txt2img / img2img / inpaint) as the diffusers pipelines set them
@@ -95,10 +95,12 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         attention: str = "auto",
+        backend: str = "torch",
     ) -> None:
         if attention not in ATTENTION:
             raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
-        self.attention = attention
+        self.attention, self.backend = attention, backend
+        self.engine_manifest: dict | None = None  # set by from_engine
         self.base = base
         self.family = base.family
         self.unet, self.vae, self.scheduler = base.unet, base.vae, base.scheduler
@@ -108,6 +110,8 @@ class Pipeline:
         self.feature_extractor = feature_extractor
         self.device, self.dtype = torch.device(device), dtype
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        self.default_size = (native, native)  # an engine pipeline sets the size its engines were built for
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.progress_bar_config: dict[str, Any] = {}
         self.mask_processor = modes.mask_processor(self.vae_scale_factor)
@@ -117,7 +121,13 @@ class Pipeline:
         self._image_scale: Tensor | None = None
         self.conditioner = ImageConditioner(self)
         self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0])
-        self._check_encoder()
+        if backend == "onnxruntime":  # ORT runs on its own streams: nothing of it can be captured in a CUDA graph
+            self.loop.use_graphs = False
+            self._decoder.enabled = False
+            if self.conditioner.runner is not None:
+                self.conditioner.runner.hidden.enabled = self.conditioner.runner.embeds.enabled = False
+        if backend == "torch":  # engines were checked when they were built
+            self._check_encoder()
         if adapters is not None:
             adapters.install(self.unet)
         self.to(self.device)
@@ -139,6 +149,7 @@ class Pipeline:
         attention: str = "auto",
         lora: Any = None,
         vae: torch.nn.Module | None = None,
+        engine_options: dict[str, Any] | None = None,
         **hub_kwargs: Any,
     ) -> Pipeline:
         """Load a diffusers base model and IP-Adapter checkpoint(s).
@@ -151,12 +162,26 @@ class Pipeline:
         ``(path, weight)`` pairs) fused into the weights at load. ``vae``: another autoencoder with the same
         latent space, e.g. diffusers' ``AutoencoderTiny`` (TAESD) for realtime decoding. ``attention``:
         ``"auto"`` (the fused Triton kernel on CUDA, SDPA elsewhere), ``"triton"`` (also on the CPU under
-        ``TRITON_INTERPRET=1``) or ``"sdpa"``.
+        ``TRITON_INTERPRET=1``) or ``"sdpa"``. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` to
+        build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or reuse them;
+        ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample size, 1)
+        and ``rebuild``.
         """
         if backend not in BACKENDS:
-            raise ConfigError(
-                f"backend {backend!r} is not available in this version; expected one of {BACKENDS} "
-                "(ONNX Runtime and TensorRT engines come with `ipa_rt build`)"
+            raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
+        if backend != "torch":
+            return cls._from_cache(
+                base,
+                ip_adapter,
+                image_encoder,
+                subfolder,
+                weight_name,
+                backend,
+                device,
+                dtype,
+                scheduler,
+                lora,
+                engine_options or {},
             )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(
@@ -179,6 +204,48 @@ class Pipeline:
         if stack is not None:
             stack.to_runtime("cpu", dtype)
         return cls(model, stack, encoder, fe, device=device, dtype=dtype, attention=attention)
+
+    @classmethod
+    def from_engine(
+        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None
+    ) -> Pipeline:
+        """A pipeline whose networks run from the engines ``ipa_rt build`` wrote into ``folder``: the same call
+        API and live controls (``set_ip_adapter_scale`` writes an engine input: nothing is rebuilt)."""
+        from .export.build import load_engine_pipeline
+
+        return load_engine_pipeline(folder, device, scheduler)
+
+    @classmethod
+    def _from_cache(
+        cls, base, ip_adapter, image_encoder, subfolder, weight_name, backend, device, dtype, scheduler, lora, options
+    ) -> Pipeline:
+        from .export.build import DTYPE_NAMES, BuildRequest, cached_engines
+
+        unknown = set(options) - {"height", "width", "batch", "rebuild"}
+        if unknown:
+            raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, rebuild")
+        sources = _adapter_sources(ip_adapter, subfolder, weight_name)
+        if any(isinstance(s.source, dict) for s in sources) or not sources:
+            raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
+        if isinstance(image_encoder, torch.nn.Module):
+            raise ConfigError(f"backend {backend!r} needs image_encoder as a folder, not a loaded module")
+        size = _sample_pixels(base)
+        loras = lora if isinstance(lora, (list, tuple)) else ([lora] if lora is not None else [])
+        req = BuildRequest(
+            base=os.fspath(base),
+            ip_adapter=[os.fspath(s.source) for s in sources],
+            image_encoder=os.fspath(image_encoder) if image_encoder is not None else None,
+            backend=backend,
+            height=int(options.get("height", size)),
+            width=int(options.get("width", size)),
+            batch=int(options.get("batch", 1)),
+            dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+            lora=[os.fspath(x) for x in loras],
+            weight_name=[s.weight_name for s in sources],
+            subfolder=[s.subfolder for s in sources],
+        )
+        folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
+        return cls.from_engine(folder, device=device, scheduler=scheduler)
 
     @staticmethod
     def _resolve_encoder(image_encoder: Any, stack: IPAdapterStack | None, dtype, hub_kwargs) -> Any:
@@ -373,9 +440,8 @@ class Pipeline:
             strength = DEFAULT_STRENGTH[self.family.name][mode == "inpaint"]
         if not 0.0 < float(strength) <= 1.0:
             raise ConfigError(f"strength is {strength}; expected a number in (0, 1]")
-        sample = self.unet.config.sample_size
-        height = height or sample * self.vae_scale_factor
-        width = width or sample * self.vae_scale_factor
+        height = height or self.default_size[0]
+        width = width or self.default_size[1]
         if height % 8 or width % 8:
             raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
         batch = len(prompt) if isinstance(prompt, list) else 1
@@ -428,8 +494,9 @@ class Pipeline:
                 cfg,
             )
         if self.adapters is not None:  # image side once per request, at the resolution the mode settled on
-            names, vsf = self.adapters.layer_names, self.vae_scale_factor
-            self.adapters.query_tokens = _query_tokens(self.unet, names, setup.height, setup.width, vsf)
+            if masks is not None:  # masks are downsampled to every layer's query count
+                names, vsf = self.adapters.layer_names, self.vae_scale_factor
+                self.adapters.query_tokens = _query_tokens(self.unet, names, setup.height, setup.width, vsf)
             if conditions is None:
                 self.adapters.prepare(None)
             elif masks is not None or conditions[2] != self.adapters.prepared_key:  # same reference: skip it all
@@ -525,9 +592,10 @@ class Pipeline:
         if not self.family.pooled_text:
             return {}
         time_ids = [height, width, 0, 0, height, width]  # original size, crop top-left, target size
-        expected = self.unet.add_embedding.linear_1.in_features
+        embedding = getattr(self.unet, "add_embedding", None)  # an engine's UNet was checked when it was built
+        expected = embedding.linear_1.in_features if embedding is not None else None
         passed = self.unet.config.addition_time_embed_dim * len(time_ids) + self.text_encoders[-1].config.projection_dim
-        if expected != passed:
+        if expected is not None and expected != passed:
             raise ConfigError(f"SDXL UNet expects an added embedding of {expected}, the text encoders give {passed}")
         ids = torch.tensor([time_ids], dtype=text.embeds.dtype)
         ids = (torch.cat([ids, ids]) if cfg else ids).to(self.device).repeat(copies, 1)
@@ -586,6 +654,22 @@ def _query_tokens(unet, layer_names: list[str], height: int, width: int, vae_sca
             hh, ww = -(-hh // 2), -(-ww // 2)
         out.append(hh * ww)
     return out
+
+
+def _sample_pixels(base: str | os.PathLike) -> int:
+    """The base model's native resolution (UNet sample size x VAE scale factor), from its configs."""
+    import json
+    from pathlib import Path
+
+    folder = Path(base)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the sample size of '{base}' ({exc}); pass engine_options={{'height': H, 'width': W}}"
+        ) from exc
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:

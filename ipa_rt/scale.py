@@ -70,7 +70,12 @@ def _number(value: Any, where: str) -> float:
 
 
 def attention_blocks(unet: nn.Module) -> dict[str, dict[int, int]]:
-    """``{"down": {block: attentions}, "up": {...}, "mid": {0: n}}`` for blocks that have cross-attention."""
+    """``{"down": {block: attentions}, "up": {...}, "mid": {0: n}}`` for blocks that have cross-attention.
+
+    An engine-backed UNet has no blocks to walk: it carries the table its manifest recorded."""
+    recorded = getattr(unet, "attention_blocks", None)
+    if recorded is not None:
+        return recorded
     out: dict[str, dict[int, int]] = {"down": {}, "up": {}, "mid": {}}
     for side, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
         for i, block in enumerate(blocks):

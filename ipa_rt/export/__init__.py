@@ -1,6 +1,18 @@
-"""Export of ipa_rt's networks (ONNX today; engines and their cache come with ``ipa_rt build``)."""
+"""``ipa_rt build``: export contracts, ONNX export, engines (ONNX Runtime, TensorRT), the engine directory."""
 
+from .build import BuildRequest, build_engines, load_engine_pipeline
 from .contracts import Contract, all_contracts, unet_contract
-from .onnx_export import export_onnx, ort_session, run_onnx
+from .engines import OrtEngine, TrtEngine
+from .onnx_export import export_onnx
 
-__all__ = ["Contract", "all_contracts", "export_onnx", "ort_session", "run_onnx", "unet_contract"]
+__all__ = [
+    "BuildRequest",
+    "Contract",
+    "OrtEngine",
+    "TrtEngine",
+    "all_contracts",
+    "build_engines",
+    "export_onnx",
+    "load_engine_pipeline",
+    "unet_contract",
+]

@@ -1,9 +1,10 @@
-"""One export contract per network (the TensorRT demo's pattern): a traceable wrapper module, named inputs
-and outputs, and example inputs at the build's shapes.
+"""One export contract per network (the TensorRT demo's pattern): a traceable wrapper module, named inputs and
+outputs, example inputs, and the batch axis with its min/opt/max range (the optimisation profile).
 
 Live controls stay inputs: the UNet takes the image tokens of every adapter and the ``[adapters, layers]``
-scale tensor, so changing the scale or the reference image never needs a new export or engine. Shapes are
-static per build (batch, height, width, token counts), which is what CUDA-graph replay needs anyway.
+scale tensor, so changing the scale or the reference image never needs a new export or engine. Spatial sizes
+and token counts are static per build (what CUDA-graph replay needs anyway); the batch axis is dynamic so
+one engine serves guidance on and off, 1..B prompts and several reference images.
 """
 
 from __future__ import annotations
@@ -17,36 +18,60 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
+EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: trace with 2 so the batch axis stays symbolic
+MAX_IMAGES = 4  # reference images per adapter and call an engine accepts (the CLIP encoder's batch)
+
 
 @dataclass
 class Contract:
-    """What one network exports: module, ordered input names and example tensors, output names."""
+    """What one network exports: module, ordered input names and example tensors, output names, and which
+    inputs carry the batch axis (dim 0) with its ``(min, opt, max)`` range."""
 
     name: str
     module: nn.Module
     inputs: dict[str, Tensor]  # ordered: the forward's positional arguments
     outputs: tuple[str, ...]
+    batched: tuple[str, ...] = ()  # inputs whose dim 0 is the dynamic batch
+    batch: tuple[int, int, int] = (1, 1, 1)
     meta: dict = field(default_factory=dict)  # shapes and facts for the manifest
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per input ``(min, opt, max)`` shapes: the one TensorRT optimisation profile of this network."""
+        out = {}
+        for name, x in self.inputs.items():
+            shape = tuple(x.shape)
+            if name in self.batched:
+                out[name] = tuple((b, *shape[1:]) for b in self.batch)
+            else:
+                out[name] = (shape, shape, shape)
+        return out
+
+
+def _batch(opt: int, most: int) -> tuple[int, int, int]:
+    most = max(most, EXAMPLE_BATCH)
+    return (1, min(opt, most), most)
 
 
 class _UNetIP(nn.Module):
     """UNet + decoupled cross-attention with image tokens and scales as inputs (K/V computed in-graph)."""
 
-    def __init__(self, pipe, added: tuple[str, ...]) -> None:
+    def __init__(self, pipe, extra: tuple[str, ...], adapters: int) -> None:
         super().__init__()
-        self.unet, self.stack, self.added = pipe.unet, pipe.adapters, added
+        self.unet, self.stack, self.extra, self.adapters = pipe.unet, pipe.adapters, extra, adapters
 
     def forward(self, sample: Tensor, timestep: Tensor, text: Tensor, *rest: Tensor) -> Tensor:
-        added = dict(zip(self.added, rest[: len(self.added)], strict=True))
-        tokens, scale = rest[len(self.added) : -1], rest[-1]
+        extra = dict(zip(self.extra, rest[: len(self.extra)], strict=True))
+        tokens, scale = rest[len(self.extra) : len(self.extra) + self.adapters], rest[-1]
+        cond = extra.pop("timestep_cond", None)
         ctx = self.stack.context
-        if tokens:
-            ctx.kv, bounds = self.stack.image_kv(tokens), [0]
-            for t in tokens:
-                bounds.append(bounds[-1] + t.shape[1])
-            ctx.segments = list(itertools.pairwise(bounds))
+        ctx.kv, bounds = self.stack.image_kv(tokens), [0]
+        for t in tokens:
+            bounds.append(bounds[-1] + t.shape[1])
+        ctx.segments = list(itertools.pairwise(bounds))
         ctx.scale_eff, ctx.seg_mult, ctx.masks = scale, None, {}
-        return self.unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(
+            sample, timestep, encoder_hidden_states=text, timestep_cond=cond, added_cond_kwargs=extra, return_dict=False
+        )[0]
 
 
 class _Call(nn.Module):
@@ -58,67 +83,63 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
-def unet_contract(pipe, batch: int, height: int, width: int, cfg: bool = True) -> Contract:
-    """``noise_pred = unet(sample, timestep, encoder_hidden_states[, text_embeds, time_ids], ip_tokens_*,
-    ip_scale)`` at the build's batch (doubled for CFG) and size."""
+def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
+    """``noise_pred = unet(sample, timestep, encoder_hidden_states[, timestep_cond][, text_embeds, time_ids],
+    ip_tokens_0.., ip_scale)``; rows range over 1..2·batch (guidance doubles them)."""
     if pipe.adapters is None:
         raise ConfigError("export needs a pipeline with IP-Adapters loaded")
-    dev, dt = pipe.device, pipe.dtype
-    rows = batch * (2 if cfg else 1)
-    vsf = pipe.vae_scale_factor
+    if height % 8 or width % 8:
+        raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
+    dev, dt, cfg = pipe.device, pipe.dtype, pipe.unet.config
+    rows, vsf = EXAMPLE_BATCH, pipe.vae_scale_factor
     inputs: dict[str, Tensor] = {
-        "sample": torch.randn(rows, pipe.unet.config.in_channels, height // vsf, width // vsf, device=dev, dtype=dt),
+        "sample": torch.randn(rows, cfg.in_channels, height // vsf, width // vsf, device=dev, dtype=dt),
         "timestep": torch.full((rows,), 500.0, device=dev),
-        "encoder_hidden_states": torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, device=dev, dtype=dt),
+        "encoder_hidden_states": torch.randn(rows, 77, cfg.cross_attention_dim, device=dev, dtype=dt),
     }
-    added: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    if cfg.time_cond_proj_dim is not None:  # LCM-distilled UNets take guidance as an embedding
+        extra += ("timestep_cond",)
+        inputs["timestep_cond"] = torch.randn(rows, cfg.time_cond_proj_dim, device=dev, dtype=dt)
     if pipe.family.pooled_text:
-        added = ("text_embeds", "time_ids")
+        extra += ("text_embeds", "time_ids")
         inputs["text_embeds"] = torch.randn(rows, pipe.text_encoders[-1].config.projection_dim, device=dev, dtype=dt)
         inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, device=dev, dtype=dt)
     tokens = []
     for a, entry in enumerate(pipe.adapters.entries):
         count = entry.tokens_per_image or pipe.image_encoder_tokens()
-        inputs[f"ip_tokens_{a}"] = torch.randn(rows, count, pipe.unet.config.cross_attention_dim, device=dev, dtype=dt)
+        inputs[f"ip_tokens_{a}"] = torch.randn(rows, count, cfg.cross_attention_dim, device=dev, dtype=dt)
         tokens.append(count)
     inputs["ip_scale"] = pipe.adapters.scale.clone()
-    meta = {
-        "batch": batch,
-        "height": height,
-        "width": width,
-        "cfg": cfg,
-        "tokens": tokens,
-        "layers": len(pipe.adapters.layer_names),
-        "variants": [e.spec.name for e in pipe.adapters.entries],
-    }
-    return Contract("unet", _UNetIP(pipe, added).eval(), inputs, ("noise_pred",), meta)
+    batched = tuple(k for k in inputs if k != "ip_scale")
+    meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
+    module = _UNetIP(pipe, extra, len(tokens)).eval()
+    return Contract("unet", module, inputs, ("noise_pred",), batched, _batch(2 * batch, 2 * batch), meta)
 
 
-def image_projection_contract(pipe, index: int) -> Contract:
-    """``ip_tokens = projection(image_embeds)`` for adapter ``index`` (FaceID-Plus needs its CLIP states:
+def image_projection_contract(pipe, index: int, batch: int) -> Contract:
+    """``ip_tokens = projection(image_embeds)`` for adapter ``index`` (FaceID-Plus needs its CLIP states too:
     not exportable as one input yet)."""
     entry = pipe.adapters.entries[index]
     if entry.spec.needs_clip_states:
-        raise ConfigError(f"adapter {index} ({entry.spec.description}) has two image inputs; export not supported")
+        raise ConfigError(
+            f"IP-Adapter {index} ({entry.spec.description}) has two image inputs (face embedding and CLIP states); "
+            "engines do not support it yet: use backend='torch'"
+        )
     dev, dt = pipe.device, pipe.dtype
     if entry.spec.encoder_output == "hidden_states":
-        cfg = pipe.image_encoder.config
-        shape = (2, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+        shape = (EXAMPLE_BATCH, pipe.image_encoder_tokens(), pipe.image_encoder.config.hidden_size)
     else:
         dim = entry.spec.encoder_dim(entry.projection) or entry.spec.face_id_dim(entry.projection)
-        shape = (2, dim)
+        shape = (EXAMPLE_BATCH, dim)
     example = {"image_embeds": torch.randn(*shape, device=dev, dtype=dt)}
-    return Contract(
-        f"image_projection_{index}",
-        _Call(entry.projection, entry.projection).eval(),
-        example,
-        ("ip_tokens",),
-        {"variant": entry.spec.name},
-    )
+    module = _Call(entry.projection, entry.projection).eval()
+    most = 2 * batch * MAX_IMAGES  # guidance rows x images
+    return Contract(f"image_projection_{index}", module, example, ("ip_tokens",), ("image_embeds",), _batch(2, most))
 
 
 def image_encoder_contract(pipe) -> Contract:
-    """``(image_embeds, penultimate_hidden_states) = clip(pixel_values)``."""
+    """``(image_embeds, penultimate hidden states) = clip(pixel_values)``: the two outputs adapters read."""
     enc = pipe.image_encoder
     cfg = enc.config
 
@@ -126,54 +147,64 @@ def image_encoder_contract(pipe) -> Contract:
         out = enc(px, output_hidden_states=True)
         return out.image_embeds, out.hidden_states[-2]
 
-    px = torch.randn(1, 3, cfg.image_size, cfg.image_size, device=pipe.device, dtype=pipe.dtype)
-    return Contract("image_encoder", _Call(run, enc).eval(), {"pixel_values": px}, ("image_embeds", "hidden_states"))
+    px = torch.randn(EXAMPLE_BATCH, 3, cfg.image_size, cfg.image_size, device=pipe.device, dtype=pipe.dtype)
+    outputs = ("image_embeds", "hidden_states")
+    return Contract(
+        "image_encoder", _Call(run, enc).eval(), {"pixel_values": px}, outputs, ("pixel_values",), _batch(1, MAX_IMAGES)
+    )
 
 
-def text_encoder_contract(pipe, index: int) -> Contract:
-    """``(last_hidden_state or pooled, penultimate) = text_encoder_i(input_ids)``."""
+def text_encoder_contract(pipe, index: int, batch: int) -> Contract:
+    """``(output[0], penultimate hidden states) = text_encoder_i(input_ids)``: the last hidden state (or the
+    projected pooled embedding of SDXL's second encoder) and what SDXL reads."""
     enc = pipe.text_encoders[index]
 
     def run(ids: Tensor) -> tuple[Tensor, Tensor]:
         out = enc(ids, output_hidden_states=True)
         return out[0], out.hidden_states[-2]
 
-    ids = torch.randint(0, enc.config.vocab_size, (1, 77), device=pipe.device)
-    return Contract(f"text_encoder_{index}", _Call(run, enc).eval(), {"input_ids": ids}, ("output", "hidden_states"))
+    ids = torch.randint(0, enc.config.vocab_size, (EXAMPLE_BATCH, 77), device=pipe.device)
+    module = _Call(run, enc).eval()
+    return Contract(
+        f"text_encoder_{index}",
+        module,
+        {"input_ids": ids},
+        ("output", "hidden_states"),
+        ("input_ids",),
+        _batch(batch, batch),
+    )
+
+
+def _latents(pipe, height: int, width: int) -> Tensor:
+    vae, vsf = pipe.vae, pipe.vae_scale_factor
+    dtype = next(vae.parameters()).dtype
+    return torch.randn(
+        EXAMPLE_BATCH, vae.config.latent_channels, height // vsf, width // vsf, device=pipe.device, dtype=dtype
+    )
 
 
 def vae_decoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
-    vae, vsf = pipe.vae, pipe.vae_scale_factor
-    z = torch.randn(
-        batch,
-        vae.config.latent_channels,
-        height // vsf,
-        width // vsf,
-        device=pipe.device,
-        dtype=next(vae.parameters()).dtype,
-    )
-    return Contract(
-        "vae_decoder", _Call(lambda x: vae.decode(x, return_dict=False)[0], vae).eval(), {"latents": z}, ("images",)
-    )
+    vae = pipe.vae
+    module = _Call(lambda x: vae.decode(x, return_dict=False)[0], vae).eval()
+    latents = _latents(pipe, height, width)
+    return Contract("vae_decoder", module, {"latents": latents}, ("images",), ("latents",), _batch(batch, batch))
 
 
 def vae_encoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
-    """The posterior mean (sampling with the user's generator stays outside the engine)."""
+    """The posterior's moments (mean and log-variance): sampling with the user's generator stays outside."""
     vae = pipe.vae
-    px = torch.randn(batch, 3, height, width, device=pipe.device, dtype=next(vae.parameters()).dtype)
-    return Contract(
-        "vae_encoder", _Call(lambda x: vae.encode(x).latent_dist.mean, vae).eval(), {"images": px}, ("latent_mean",)
-    )
+    dtype = next(vae.parameters()).dtype
+    px = torch.randn(EXAMPLE_BATCH, 3, height, width, device=pipe.device, dtype=dtype)
+    module = _Call(lambda x: vae.encode(x).latent_dist.parameters, vae).eval()
+    return Contract("vae_encoder", module, {"images": px}, ("moments",), ("images",), _batch(batch, batch))
 
 
-def all_contracts(pipe, batch: int, height: int, width: int, cfg: bool = True) -> list[Contract]:
+def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:
     """Every network of a pipeline: UNet, projections, CLIP encoder, text encoders, VAE decoder and encoder."""
-    out = [unet_contract(pipe, batch, height, width, cfg)]
-    out += [
-        image_projection_contract(pipe, a) for a, e in enumerate(pipe.adapters.entries) if not e.spec.needs_clip_states
-    ]
+    out = [unet_contract(pipe, batch, height, width)]
+    out += [image_projection_contract(pipe, a, batch) for a in range(pipe.adapters.num_adapters)]
     if pipe.image_encoder is not None:
         out.append(image_encoder_contract(pipe))
-    out += [text_encoder_contract(pipe, i) for i in range(len(pipe.text_encoders))]
+    out += [text_encoder_contract(pipe, i, batch) for i in range(len(pipe.text_encoders))]
     out += [vae_decoder_contract(pipe, batch, height, width), vae_encoder_contract(pipe, batch, height, width)]
     return out

@@ -1,12 +1,17 @@
-"""ONNX export of a :class:`~ipa_rt.export.contracts.Contract` and ONNX Runtime sessions to check it.
+"""ONNX export of a :class:`~ipa_rt.export.contracts.Contract`: dynamo exporter, the batch axis dynamic, graph
+cleanup (onnx-graphsurgeon cleanup and topological sort, polygraphy constant folding and shape inference, as
+the TensorRT demo does), external data past ONNX's 2 GB protobuf limit, and ``onnx.checker``.
 
-The decoupled attention exports in standard operators (see ``decoupled_attention_decomposed``); external
-data is used past ONNX's 2 GB protobuf limit; ``onnx.checker`` validates every file.
+The decoupled attention exports in standard operators (``decoupled_attention_decomposed``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,16 +23,37 @@ OPSET = 18
 PROTOBUF_LIMIT = 2 * 2**30
 
 
-def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Export ``contract`` to ``path`` (static shapes of its example inputs) and check the file."""
+def _dynamic_shapes(contract: Contract) -> tuple:
+    """``torch.export`` dynamic shapes in the structure of the module's forward (named params, then ``*args``)."""
+    dim = torch.export.Dim(f"{contract.name}_batch", min=contract.batch[0], max=contract.batch[2])
+    per_input = [{0: dim} if name in contract.batched else None for name in contract.inputs]
+    params = inspect.signature(contract.module.forward).parameters.values()
+    named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return (*per_input[:named], tuple(per_input[named:]))
+    return tuple(per_input)
+
+
+def _needs(module: str, extra: str = "onnx"):
+    import importlib
+
     try:
-        import onnx
-    except ImportError as exc:  # pragma: no cover - dev extra installs it
-        raise ConfigError("ONNX export needs onnx and onnxscript: pip install 'ipa_rt[onnx]'") from exc
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - the onnx extra installs them
+        raise ConfigError(f"ONNX export needs {module}: pip install 'ipa_rt[{extra}]'") from exc
+
+
+def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Export ``contract`` to ``path``, clean the graph up and check it. Returns ``path``."""
+    onnx = _needs("onnx")
+    _needs("onnxscript")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(p.numel() * p.element_size() for p in contract.module.parameters())
-    with torch.no_grad():
+    large = size > PROTOBUF_LIMIT
+    log = io.StringIO()  # the exporter narrates every stage on stdout: keep it for the error message only
+    with torch.no_grad(), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             contract.module,
             tuple(contract.inputs.values()),
@@ -36,21 +62,35 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET)
             output_names=list(contract.outputs),
             opset_version=opset,
             dynamo=True,
-            external_data=size > PROTOBUF_LIMIT,
+            dynamic_shapes=_dynamic_shapes(contract),
+            external_data=large,
+            verbose=False,
         )
+    cleanup_onnx(path, large)
     onnx.checker.check_model(str(path))
     return path
 
 
-def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
-    """An ONNX Runtime session: CUDA EP when onnxruntime-gpu has it, else the CPU EP."""
-    import onnxruntime as ort
+def cleanup_onnx(path: Path, large: bool) -> None:
+    """graphsurgeon cleanup + toposort, polygraphy constant folding and shape inference, saved in place."""
+    onnx = _needs("onnx")
+    gs = _needs("onnx_graphsurgeon")
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
+    from polygraphy.logger import G_LOGGER
 
-    available = ort.get_available_providers()
-    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), providers=providers)
-
-
-def run_onnx(session, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
-    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+    model = onnx.load(str(path), load_external_data=True)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if not large:  # folding materialises every constant in memory: the demo skips it for >2 GB graphs too
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            model = fold_constants(model, error_ok=True)
+            model = infer_shapes(model, error_ok=True)
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    if large:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
+    else:
+        onnx.save_model(model, str(path))

@@ -1,0 +1,439 @@
+"""``ipa_rt build``: export every network of a pipeline to ONNX, build ONNX Runtime or TensorRT engines, and
+write them with their manifest into an engine directory; :func:`load_engine_pipeline` reads one back.
+
+A build is identified by its request (backend, shapes, dtype), the sha256 of every source file and the
+versions it depends on (plus GPU and TensorRT version for TensorRT). The same build into the same directory
+rewrites nothing; a different or broken one is refused with what differs unless ``rebuild`` is set. Files
+are exported into a private temporary folder and moved into place only when every network is done, the
+manifest last, under a file lock, so a crash or a concurrent build never leaves a half-written engine dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import AdapterSource, atomic_write_bytes
+from ..errors import ConfigError, EngineError
+from .contracts import Contract, all_contracts
+from .engines import OrtEngine, TrtEngine, build_trt_engine, tensorrt_version
+from .manifest import (
+    FORMAT,
+    REBUILD,
+    build_lock,
+    check_engine_dir,
+    differences,
+    file_record,
+    gpu_info,
+    read_manifest,
+    versions,
+    write_manifest,
+)
+from .onnx_export import export_onnx
+
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+BASE_PARTS = (
+    "model_index.json",
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+    "feature_extractor",
+    "image_encoder",
+)
+SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
+log = logging.getLogger("ipa_rt.build")
+
+
+@dataclass
+class BuildRequest:
+    """What ``ipa_rt build`` is asked for; with the sources' hashes, this names the engines."""
+
+    base: str
+    ip_adapter: list[str]
+    image_encoder: str | None = None
+    backend: str = "onnxruntime"
+    height: int = 512
+    width: int = 512
+    batch: int = 1
+    dtype: str = "fp32"
+    lora: list[str] = field(default_factory=list)
+    weight_name: list[str | None] = field(default_factory=list)  # hub / folder form of ip_adapter
+    subfolder: list[str | None] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.backend not in ENGINE_BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is unknown; expected one of {ENGINE_BACKENDS}")
+        if self.dtype not in DTYPES or (self.dtype == "bf16" and self.backend != "tensorrt"):
+            allowed = sorted(DTYPES) if self.backend == "tensorrt" else ["fp16", "fp32"]
+            raise ConfigError(f"dtype {self.dtype!r} is not supported by {self.backend}; expected one of {allowed}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 8:
+                raise ConfigError(f"{name} is {value!r}; expected a positive multiple of 8")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"batch is {self.batch!r}; expected a positive integer")
+        if not self.ip_adapter:
+            raise ConfigError("an engine build needs at least one IP-Adapter (--ip-adapter FILE)")
+
+    def sources(self) -> list[AdapterSource]:
+        n = len(self.ip_adapter)
+        names = self.weight_name or [None] * n
+        subs = self.subfolder or [None] * n
+        return [
+            AdapterSource(a, weight_name=w, subfolder=s) for a, w, s in zip(self.ip_adapter, names, subs, strict=True)
+        ]
+
+
+# --- source files ------------------------------------------------------------------------------------------------
+def _hub_snapshot(repo: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:
+        raise ConfigError(f"'{repo}' is neither a local path nor a reachable hub id ({exc})") from exc
+
+
+def _files_under(root: Path, parts: Sequence[str]) -> list[Path]:
+    out = []
+    for part in parts:
+        p = root / part
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return out
+
+
+def _adapter_file(src: AdapterSource) -> Path:
+    path = Path(os.fspath(src.source))
+    if path.is_file():
+        return path
+    if path.is_dir() and src.weight_name:
+        return path / (src.subfolder or "") / src.weight_name
+    if not path.exists() and src.weight_name:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(str(src.source), src.weight_name, subfolder=src.subfolder))
+        except Exception as exc:
+            raise ConfigError(
+                f"IP-Adapter '{src.source}' is neither a local file nor a reachable hub id ({exc})"
+            ) from exc
+    raise ConfigError(
+        f"IP-Adapter '{src.source}' does not exist; expected a .safetensors/.bin file (or a folder/hub id with "
+        "weight_name)"
+    )
+
+
+def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{role: {path, size, mtime_ns, sha256}}`` of every file the engines are made from; ``known`` (records by
+    path) spares re-hashing files whose size and mtime did not change."""
+    roles: dict[str, Path] = {}
+    base = Path(req.base)
+    if not base.is_dir():
+        base = _hub_snapshot(req.base, [f"{p}/*" if "." not in p else p for p in BASE_PARTS])
+    if not (base / "model_index.json").is_file():
+        raise ConfigError(f"base model '{req.base}' has no model_index.json; expected a diffusers-format folder")
+    for f in _files_under(base, BASE_PARTS):
+        roles[f"base/{f.relative_to(base).as_posix()}"] = f
+    adapters = req.sources()
+    for a, src in enumerate(adapters):
+        roles[f"ip_adapter_{a}/{_adapter_file(src).name}"] = _adapter_file(src)
+    encoder = Path(req.image_encoder) if req.image_encoder else None
+    if encoder is None:  # diffusers' default: the base's own encoder, else image_encoder/ beside the adapter
+        beside = _adapter_file(adapters[0]).parent / "image_encoder"
+        encoder = beside if beside.is_dir() and not (base / "image_encoder").is_dir() else None
+    elif not encoder.is_dir():
+        encoder = _hub_snapshot("/".join(encoder.parts[:2]), ["/".join(encoder.parts[2:]) + "/*"]).joinpath(
+            *encoder.parts[2:]
+        )
+    if encoder is not None:
+        for f in _files_under(encoder, ["."]):
+            roles[f"image_encoder/{f.relative_to(encoder).as_posix()}"] = f
+    for i, lora in enumerate(req.lora):
+        roles[f"lora_{i}/{Path(lora).name}"] = Path(lora)
+    for role, path in roles.items():
+        if not path.is_file():
+            raise ConfigError(f"source file '{path}' ({role}) does not exist")
+    return {role: file_record(path, known.get(str(path.resolve()))) for role, path in roles.items()}
+
+
+def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Everything the engines depend on (the scale is not: it is an engine input)."""
+    v = versions()
+    keep = ["ipa_rt", "torch", "onnx", "diffusers", "transformers"] + (
+        ["tensorrt"] if req.backend == "tensorrt" else []
+    )
+    request = asdict(req)
+    for key in ("base", "ip_adapter", "image_encoder", "lora", "weight_name", "subfolder"):
+        request.pop(key)  # paths do not name a build; the files' hashes do
+    return {
+        "format": FORMAT,
+        "request": request,
+        "versions": {k: v[k] for k in keep},
+        "gpu": gpu_info(device) if req.backend == "tensorrt" else None,
+        "sources": {k: s["sha256"] for k, s in sources.items()},
+    }
+
+
+def cache_key(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- the build ---------------------------------------------------------------------------------------------------
+def build_engines(
+    req: BuildRequest,
+    out: str | os.PathLike,
+    rebuild: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build (or find already built) the engines of ``req`` in ``out``; returns ``out``."""
+    req.check()
+    say = progress or (lambda msg: log.info(msg))
+    out = Path(out)
+    device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
+    if req.backend == "tensorrt" and tensorrt_version() is None:
+        raise ConfigError("backend 'tensorrt' needs TensorRT (pip install tensorrt from NVIDIA's index); not installed")
+    with build_lock(out):
+        old = None
+        if (out / "manifest.json").exists():
+            try:
+                old = read_manifest(out)
+            except EngineError:
+                if not rebuild:
+                    raise
+        sources = source_records(req, {r["path"]: r for r in old["sources"].values()} if old else {})
+        ident = build_identity(req, sources, device)
+        if old is not None and not rebuild:
+            diff = differences(old.get("identity", {}), ident)
+            if diff:
+                raise EngineError(
+                    f"'{out}' holds other engines; what differs (built -> requested): {'; '.join(diff[:8])}"
+                    f"{' ...' if len(diff) > 8 else ''}. {REBUILD}"
+                )
+            check_engine_dir(out, old, device)
+            say(f"engines in '{out}' are up to date: nothing to build")
+            return out
+        _build(req, out, sources, ident, device, say)
+    return out
+
+
+def _build(req, out: Path, sources, ident, device, say) -> None:
+    from ..pipeline import Pipeline
+
+    stages_done = time.perf_counter()
+    say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
+    pipe = Pipeline.from_pretrained(
+        req.base,
+        [s for s in req.sources()],
+        req.image_encoder,
+        dtype=DTYPES[req.dtype] if req.backend == "onnxruntime" else torch.float32,
+        lora=req.lora or None,
+        attention="sdpa",
+    )
+    contracts = all_contracts(pipe, req.batch, req.height, req.width)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    try:
+        networks = {}
+        for i, contract in enumerate(contracts, 1):
+            t0 = time.perf_counter()
+            onnx_path = export_onnx(contract, tmp / "onnx" / f"{contract.name}.onnx")
+            files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]
+            if req.backend == "tensorrt":
+                plan = build_trt_engine(
+                    onnx_path,
+                    tmp / "tensorrt" / f"{contract.name}.plan",
+                    contract.profile(),
+                    DTYPES[req.dtype],
+                    out / "timing.cache",
+                )
+                files = [plan]
+            networks[contract.name] = _network_record(contract, files, tmp)
+            say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s")
+        _write_model_files(pipe, tmp / "model")
+        manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
+        manifest.update(
+            sources=sources,
+            networks=networks,
+            backend=req.backend,
+            dtype=req.dtype,
+            io_dtype=DTYPE_NAMES[pipe.dtype],
+            vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype],
+            versions=versions(),
+            gpu=gpu_info(device),
+            family=pipe.family.name,
+            shapes={"batch": req.batch, "height": req.height, "width": req.width, "text_tokens": 77},
+            adapters=[
+                {"variant": e.spec.name, "tokens": t, "origin": e.origin}
+                for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
+            ],
+            layers=len(pipe.adapters.layer_names),
+            layer_names=pipe.adapters.layer_names,
+            attention_blocks=_blocks(pipe),
+            token_width=pipe.unet.config.cross_attention_dim,
+            force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
+            built_seconds=round(time.perf_counter() - stages_done, 1),
+        )
+        (out / "manifest.json").unlink(missing_ok=True)  # old engines are no longer vouched for
+        for sub in ("onnx", "tensorrt", "model"):
+            if (out / sub).exists():
+                shutil.rmtree(out / sub)
+            if (tmp / sub).exists():
+                os.replace(tmp / sub, out / sub)
+        write_manifest(out, manifest)
+        say(f"engines written to '{out}' ({manifest['built_seconds']} s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _blocks(pipe) -> dict:
+    from ..scale import attention_blocks
+
+    return {side: {str(k): v for k, v in d.items()} for side, d in attention_blocks(pipe.unet).items()}
+
+
+def _network_record(contract: Contract, files: list[Path], root: Path) -> dict[str, Any]:
+    from .manifest import sha256_file
+
+    return {
+        "files": {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+        "inputs": {
+            name: {"dtype": str(x.dtype).removeprefix("torch."), "profile": [list(s) for s in prof]}
+            for (name, x), prof in zip(contract.inputs.items(), contract.profile().values(), strict=True)
+        },
+        "outputs": list(contract.outputs),
+        "batch": list(contract.batch),
+    }
+
+
+def _write_model_files(pipe, folder: Path) -> None:
+    """Configs, tokenizers, scheduler and feature extractor: what the engine pipeline needs besides engines."""
+    folder.mkdir(parents=True)
+    configs = {
+        "unet": dict(pipe.unet.config),
+        "vae": dict(pipe.vae.config),
+        **{f"text_encoder_{i}": e.config.to_dict() for i, e in enumerate(pipe.text_encoders)},
+    }
+    if pipe.image_encoder is not None:
+        configs["image_encoder"] = pipe.image_encoder.config.to_dict()
+    (folder / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True, default=_jsonable))
+    for i, tok in enumerate(pipe.tokenizers):
+        tok.save_pretrained(folder / f"tokenizer_{i}")
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    if pipe.feature_extractor is not None:
+        pipe.feature_extractor.save_pretrained(folder / "feature_extractor")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
+    """A :class:`~ipa_rt.Pipeline` whose networks run from the engines in ``folder``."""
+    import diffusers
+    from diffusers.configuration_utils import FrozenDict
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    from ..image import default_feature_extractor
+    from ..models import FAMILIES, BaseModel
+    from ..pipeline import Pipeline
+    from ..schedulers import make_scheduler
+    from ..variants import VARIANTS
+    from .modules import EngineAdapters, EngineEntry, EngineImageEncoder, EngineTextEncoder, EngineUNet, EngineVAE
+
+    folder, device = Path(folder), torch.device(device)
+    manifest = read_manifest(folder)
+    check_engine_dir(folder, manifest, device)
+    backend = manifest["backend"]
+    runner = OrtEngine if backend == "onnxruntime" else TrtEngine
+    engines = {name: runner(folder / next(iter(info["files"])), device) for name, info in manifest["networks"].items()}
+    dtype = DTYPES[manifest["io_dtype"]]
+    model = folder / "model"
+    configs = json.loads((model / "configs.json").read_text())
+    specs = {v.name: v for v in VARIANTS}
+    entries = [EngineEntry(specs[a["variant"]], a["tokens"], a["origin"]) for a in manifest["adapters"]]
+    projections = [engines[f"image_projection_{i}"] for i in range(len(entries))]
+    adapters = EngineAdapters(entries, projections, manifest["layer_names"], manifest["token_width"], device, dtype)
+    blocks = {side: {int(k): v for k, v in d.items()} for side, d in manifest["attention_blocks"].items()}
+    unet = EngineUNet(engines["unet"], FrozenDict(configs["unet"]), dtype, device, adapters, blocks)
+    unet.built_for = tuple(manifest["networks"]["unet"]["inputs"]["sample"]["profile"][1][2:])
+    vae_dtype = DTYPES[manifest["vae_dtype"]]
+    vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device)
+    family = FAMILIES[manifest["family"]]
+    text_encoders = [
+        EngineTextEncoder(
+            engines[f"text_encoder_{i}"], CLIPTextConfig.from_dict(configs[f"text_encoder_{i}"]), dtype, device
+        )
+        for i in range(len(family.text_encoders))
+    ]
+    tokenizers = [AutoTokenizer.from_pretrained(model / f"tokenizer_{i}") for i in range(len(family.tokenizers))]
+    sched_name = json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    base_scheduler = getattr(diffusers, sched_name).from_pretrained(model / "scheduler")
+    encoder = None
+    if "image_encoder" in engines:
+        enc_cfg = CLIPVisionConfig.from_dict(configs["image_encoder"])
+        encoder = EngineImageEncoder(engines["image_encoder"], enc_cfg, dtype, device)
+    fe_dir = model / "feature_extractor"
+    fe = CLIPImageProcessor.from_pretrained(fe_dir) if fe_dir.is_dir() else None
+    if fe is None and encoder is not None:
+        fe = default_feature_extractor(encoder)
+    base = BaseModel(
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler=make_scheduler(scheduler, base_scheduler) if scheduler is not None else base_scheduler,
+        feature_extractor=fe,
+        force_zeros_for_empty_prompt=manifest["force_zeros_for_empty_prompt"],
+        origin=str(folder),
+    )
+    pipe = Pipeline(base, adapters, encoder, fe, device=device, dtype=dtype, attention="sdpa", backend=backend)
+    pipe.engine_manifest = manifest
+    pipe.default_size = (manifest["shapes"]["height"], manifest["shapes"]["width"])
+    return pipe
+
+
+def engine_cache_root() -> Path:
+    """``$IPA_RT_CACHE`` or ``~/.cache/ipa_rt/engines``: where from_pretrained(..., backend=...) keeps engines."""
+    root = os.environ.get("IPA_RT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "ipa_rt" / "engines"
+
+
+def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> Path:
+    """Build ``req`` into the cache (a directory named by what the engines depend on), or reuse it."""
+    req.check()
+    device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
+    memo_path = engine_cache_root() / "source-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    sources = source_records(req, memo)
+    memo.update({r["path"]: r for r in sources.values()})
+    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
+    ident = build_identity(req, sources, device)
+    return build_engines(req, engine_cache_root() / f"{req.backend}-{cache_key(ident)}", rebuild, progress)

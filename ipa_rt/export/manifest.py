@@ -1,0 +1,166 @@
+"""The engine directory's ``manifest.json``: what was built, from which files, for which shapes and machine.
+
+Engines are named by what they depend on (the TensorRT demo's rule): source weight files (sha256), shapes and
+profile, dtype, backend, adapter variants and token counts, and for TensorRT the GPU and TensorRT version. The
+adapter scale is not among them: it is an engine input. :func:`check_engine_dir` turns every way an engine dir
+can be stale or broken into an :class:`~ipa_rt.errors.EngineError` that names what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_write_bytes
+from ..errors import EngineError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+REBUILD = "`ipa_rt build ... --rebuild` (or from_pretrained(..., rebuild=True)) rebuilds it"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{path, size, mtime_ns, sha256}``; the hash is reused from ``known`` while size and mtime match
+    (as make does), so checking multi-GB weights is free when nothing changed."""
+    st = path.stat()
+    if known and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+        digest = known["sha256"]
+    else:
+        digest = sha256_file(path)
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of everything an engine's bytes or numerics depend on."""
+    from .. import __version__
+
+    out: dict[str, str | None] = {"ipa_rt": __version__, "torch": torch.__version__}
+    for name in ("onnx", "onnxruntime", "tensorrt", "diffusers", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def gpu_info(device: torch.device | None = None) -> dict[str, str] | None:
+    if not torch.cuda.is_available():
+        return None
+    index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}"}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EngineError(
+            f"'{folder}' is not an ipa_rt engine directory: {MANIFEST} is missing; build one with `ipa_rt build`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"'{path}' is not valid JSON ({exc}); {REBUILD}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineError(f"'{path}' has format {found!r}; expected {FORMAT} (this ipa_rt's layout); {REBUILD}")
+    return data
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable ``key: old -> new`` lines between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_engine_dir(folder: Path, manifest: dict[str, Any], device: torch.device) -> None:
+    """Raise :class:`EngineError` if an engine file is missing or truncated, the machine differs from the one a
+    TensorRT engine was built for, or a source weight file still on disk was edited since the build."""
+    for network, info in manifest["networks"].items():
+        for name, record in info["files"].items():
+            path = folder / name
+            if not path.is_file():
+                raise EngineError(f"engine file '{path}' ({network}) is missing; {REBUILD}")
+            size = path.stat().st_size
+            if size != record["size"]:
+                raise EngineError(
+                    f"engine file '{path}' ({network}) has {size} bytes; the manifest recorded {record['size']} "
+                    f"(truncated or overwritten); {REBUILD}"
+                )
+    if manifest["backend"] == "tensorrt":
+        have = {"tensorrt": versions()["tensorrt"], "gpu": gpu_info(device)}
+        want = {"tensorrt": manifest["versions"]["tensorrt"], "gpu": manifest["gpu"]}
+        diff = differences(want, have)
+        if diff:
+            raise EngineError(
+                f"TensorRT engines in '{folder}' were built for another machine: {'; '.join(diff)} (built -> here); "
+                f"{REBUILD}"
+            )
+    for role, record in manifest["sources"].items():
+        path = Path(record["path"])
+        if path.is_file():
+            now = file_record(path, record)
+            if now["sha256"] != record["sha256"]:
+                raise EngineError(
+                    f"source file '{path}' ({role}) changed since the engines in '{folder}' were built "
+                    f"(sha256 {record['sha256'][:12]}... -> {now['sha256'][:12]}...); {REBUILD}"
+                )
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` for the whole build: a second build waits, then finds the work done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".ipa_rt.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: msvcrt locks a byte range instead
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+            try:
+                yield
+            finally:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_partial(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -1,0 +1,238 @@
+"""Engine-backed stand-ins for the torch modules a :class:`~ipa_rt.Pipeline` calls.
+
+Each stand-in answers the calls ipa_rt's pipeline makes of the diffusers / transformers module it replaces
+(same arguments, same outputs, same ``config``), so ``Pipeline.from_engine`` runs the very code path of the
+torch backend — prompt encoding, image conditions, the static denoising loop, decoding — with the networks
+executed by ONNX Runtime or TensorRT. A zero-size parameter carries the engine's dtype and device for code
+that asks a module for them (``next(module.parameters()).dtype``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from torch import Tensor, nn
+
+from ..attention import ImageContext
+from ..errors import ConfigError
+from ..variants import VariantSpec
+
+
+class EngineModule(nn.Module):
+    """Base of the stand-ins: an engine, a config, and the dtype/device anchor."""
+
+    def __init__(self, engine, config: Any, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.engine, self.config = engine, config
+        self.anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def to(self, *args: Any, **kwargs: Any) -> EngineModule:  # engines live where they were loaded
+        device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if device is not None and torch.device(device) != self.device:
+            raise ConfigError(
+                f"engine-backed {type(self).__name__} runs on {self.device}; load it with "
+                f"Pipeline.from_engine(..., device={str(device)!r}) instead of moving it"
+            )
+        return self
+
+
+@dataclass
+class EncoderOutput:
+    """What ipa_rt reads of transformers' CLIP outputs: ``out[0]``, ``out.image_embeds`` and
+    ``out.hidden_states[-2]`` (the penultimate layer: the only hidden state an engine exports)."""
+
+    first: Tensor
+    penultimate: Tensor
+
+    def __getitem__(self, index: int) -> Tensor:
+        if index != 0:
+            raise IndexError("an engine's encoder output exposes out[0] and hidden_states[-2] only")
+        return self.first
+
+    @property
+    def image_embeds(self) -> Tensor:
+        return self.first
+
+    @property
+    def hidden_states(self) -> tuple[Tensor, None]:
+        return (self.penultimate, None)
+
+
+class EngineTextEncoder(EngineModule):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> EncoderOutput:
+        if attention_mask is not None:
+            raise ConfigError("this text encoder engine was exported without attention_mask (use_attention_mask)")
+        first, penultimate = self.engine({"input_ids": input_ids.to(self.device, torch.int64)})
+        return EncoderOutput(first, penultimate)
+
+
+class EngineImageEncoder(EngineModule):
+    def forward(self, pixel_values: Tensor, **_: Any) -> EncoderOutput:
+        embeds, hidden = self.engine({"pixel_values": pixel_values})
+        return EncoderOutput(embeds, hidden)
+
+
+class EngineVAE(EngineModule):
+    """``decode(z, return_dict=False)[0]`` and ``encode(x).latent_dist`` (the posterior from exported moments)."""
+
+    def __init__(self, decoder, encoder, config: Any, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(decoder, config, dtype, device)
+        self.encoder_engine = encoder
+
+    def decode(self, z: Tensor, return_dict: bool = False) -> tuple[Tensor]:
+        return (self.engine({"latents": z})[0],)
+
+    def encode(self, x: Tensor, return_dict: bool = True) -> AutoencoderKLOutput:
+        (moments,) = self.encoder_engine({"images": x})
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
+
+
+@dataclass
+class EngineEntry:
+    """One adapter as the manifest records it: its variant (from the one table) and image tokens."""
+
+    spec: VariantSpec
+    tokens: int
+    origin: str
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.tokens
+
+
+class EngineAdapters:
+    """The adapter side of an engine pipeline: projection engines, the ``[adapters, layers]`` scale tensor
+    (an engine input), and static image-token buffers the UNet engine reads (the pipeline's
+    :class:`~ipa_rt.adapter.IPAdapterStack` interface, minus what an engine does in-graph)."""
+
+    def __init__(
+        self,
+        entries: Sequence[EngineEntry],
+        projections: Sequence[Any],
+        layer_names: list[str],
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.entries, self.projections, self.layer_names = list(entries), list(projections), layer_names
+        self.width, self.device, self.dtype = width, device, dtype
+        self.scale = torch.ones(len(entries), len(layer_names), device=device)
+        self.scale_eff = torch.ones_like(self.scale)
+        self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff)
+        self.active = torch.zeros((), device=device)  # 1 while an image prompt is prepared, else 0 (text only)
+        self.tokens: list[Tensor] = []
+        self.prepared_key: tuple | None = None
+        self.query_tokens: list[int] = []
+        self.head_dims: list[int] = []  # no per-layer kernel choice: attention runs inside the engine
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.entries)
+
+    def install(self, unet: Any) -> None:  # the engine's UNet already has decoupled attention
+        pass
+
+    def restore(self, unet: Any) -> None:
+        pass
+
+    def set_attention(self, fused: Sequence[bool]) -> None:
+        pass
+
+    def to(self, device: torch.device | str) -> EngineAdapters:
+        if torch.device(device) != self.device:
+            raise ConfigError(f"engine adapters run on {self.device}; load the engine on {device} instead")
+        return self
+
+    @torch.no_grad()
+    def project(self, embeds: Sequence[Tensor], clip_states: Sequence[Tensor | None]) -> list[Tensor]:
+        """Image tokens ``[B, n_img, T, C]`` per adapter through each adapter's projection engine."""
+        out = []
+        for engine, emb in zip(self.projections, embeds, strict=True):
+            b, n = emb.shape[:2]
+            (tokens,) = engine({"image_embeds": emb.reshape((b * n, *emb.shape[2:]))})
+            out.append(tokens.reshape((b, n, *tokens.shape[1:])))
+        return out
+
+    @torch.no_grad()
+    def prepare(self, tokens, masks=None, image_scale=None, key=None) -> None:
+        """Copy this request's image tokens into the static buffers the UNet engine reads."""
+        if masks is not None and any(m is not None for m in masks):
+            raise ConfigError("regional ip_adapter_masks are not part of engines yet; use backend='torch' for them")
+        self.prepared_key = key
+        if tokens is None:
+            self.active.zero_()
+            return
+        flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]
+        for a, (t, entry) in enumerate(zip(flat, self.entries, strict=True)):
+            if t.shape[1] != entry.tokens:
+                raise ConfigError(
+                    f"IP-Adapter {a}: {t.shape[1]} image tokens ({t.shape[1] // entry.tokens} images); the engine was "
+                    f"built for {entry.tokens} (one image per adapter): combine several images with "
+                    "ip_adapter_combine='average' (or 'norm_average', 'add', 'subtract')"
+                )
+        if not self.tokens or self.tokens[0].shape[0] != flat[0].shape[0]:
+            self.tokens = [torch.empty_like(t) for t in flat]
+        for buf, t in zip(self.tokens, flat, strict=True):
+            buf.copy_(t)
+        self.active.fill_(1.0)
+
+    def feeds(self, rows: int) -> dict[str, Tensor]:
+        """The UNet engine's image inputs for ``rows`` batch rows: tokens (zeros when text only) and scale."""
+        out = {}
+        for a, entry in enumerate(self.entries):
+            if self.tokens and self.tokens[a].shape[0] == rows:
+                out[f"ip_tokens_{a}"] = self.tokens[a]
+            else:
+                out[f"ip_tokens_{a}"] = torch.zeros(
+                    rows, entry.tokens, self.width, device=self.device, dtype=self.dtype
+                )
+        out["ip_scale"] = self.context.scale_eff * self.active  # zero scale is exactly text-only (where, not 0*x)
+        return out
+
+
+class EngineUNet(EngineModule):
+    """``unet(sample, t, encoder_hidden_states=..., timestep_cond=..., added_cond_kwargs=...)`` with the image
+    tokens and scales fed from :class:`EngineAdapters`."""
+
+    def __init__(self, engine, config, dtype, device, adapters: EngineAdapters, blocks: dict) -> None:
+        super().__init__(engine, config, dtype, device)
+        self.adapters = adapters
+        self.attention_blocks = blocks  # what set_ip_adapter_scale's per-block dicts expand against
+        self.built_for: tuple[int, ...] | None = None  # latent (h, w) of the engine's static spatial size
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        timestep_cond: Tensor | None = None,
+        added_cond_kwargs: dict[str, Tensor] | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ) -> tuple[Tensor]:
+        rows = sample.shape[0]
+        if self.built_for is not None and tuple(sample.shape[2:]) != self.built_for:
+            raise ConfigError(
+                f"the UNet engine was built for latents of {list(self.built_for)}, got {list(sample.shape[2:])}: "
+                "call with the height and width given to `ipa_rt build` (or build another engine)"
+            )
+        t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
+        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
+        if timestep_cond is not None:
+            feeds["timestep_cond"] = timestep_cond
+        feeds.update(added_cond_kwargs or {})
+        feeds.update(self.adapters.feeds(rows))
+        return (self.engine(feeds)[0],)
