@@ -118,6 +118,8 @@ class IPAdapterStack(nn.Module):
     processor reads. Adapter order is the order given at load time, as in diffusers.
     """
 
+    supports_masks = True  # regional masks (engines leave them out)
+
     def __init__(self, unet: nn.Module, entries: Sequence[AdapterEntry]) -> None:
         super().__init__()
         self.layer_names = cross_attention_layers(unet)

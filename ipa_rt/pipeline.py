@@ -541,6 +541,8 @@ class Pipeline:
             return None
         if conditions is None:
             raise ImageInputError("ip_adapter_masks were given without ip_adapter_image / ip_adapter_image_embeds")
+        if not self.adapters.supports_masks:
+            raise ConfigError(f"regional ip_adapter_masks are not part of {self.backend} engines; use backend='torch'")
         if isinstance(masks, Tensor):  # legacy [adapters, 1, H, W]
             masks = list(masks.unsqueeze(1))
         count = self.adapters.num_adapters

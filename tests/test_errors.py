@@ -165,8 +165,10 @@ def test_missing_base_and_bad_options(models, tmp_path):
         ipa_rt.Pipeline.from_pretrained(tmp_path / "nobase")
     with pytest.raises(ipa_rt.ConfigError, match=r"scheduler 'warp' is unknown"):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), scheduler="warp")
-    with pytest.raises(ipa_rt.ConfigError, match=r"backend 'tensorrt' is not available"):
-        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="tensorrt")
+    with pytest.raises(ipa_rt.ConfigError, match=r"backend 'tvm' is unknown"):
+        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="tvm")
+    with pytest.raises(ipa_rt.ConfigError, match=r"backend 'onnxruntime' builds engines from IP-Adapter files"):
+        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime")
     pipe = ipa_pipe(models, "sd15")
     with pytest.raises(ipa_rt.ConfigError, match=r"latents have shape \[1, 4, 16, 16\]; expected \[1, 4, 8, 8\]"):
         pipe("x", latents=fixed_latents(), **{**CALL, "height": 16, "width": 16})

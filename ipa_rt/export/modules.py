@@ -118,6 +118,8 @@ class EngineAdapters:
     (an engine input), and static image-token buffers the UNet engine reads (the pipeline's
     :class:`~ipa_rt.adapter.IPAdapterStack` interface, minus what an engine does in-graph)."""
 
+    supports_masks = False  # regional masks are not an engine input yet
+
     def __init__(
         self,
         entries: Sequence[EngineEntry],
@@ -169,8 +171,6 @@ class EngineAdapters:
     @torch.no_grad()
     def prepare(self, tokens, masks=None, image_scale=None, key=None) -> None:
         """Copy this request's image tokens into the static buffers the UNet engine reads."""
-        if masks is not None and any(m is not None for m in masks):
-            raise ConfigError("regional ip_adapter_masks are not part of engines yet; use backend='torch' for them")
         self.prepared_key = key
         if tokens is None:
             self.active.zero_()

@@ -1,0 +1,373 @@
+"""ipa_rt build: every network exported and run in ONNX Runtime, engine pipelines against diffusers and the torch
+backend, the engine directory's cache and manifest, and each way an engine dir can be bad."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("polygraphy")
+
+import ipa_rt
+from ipa_rt import cli
+from ipa_rt.errors import ConfigError, EngineError, ImageInputError
+from ipa_rt.export import BuildRequest, OrtEngine, all_contracts, build_engines
+from ipa_rt.export.manifest import MANIFEST, check_engine_dir, read_manifest, sha256_file
+
+# fp32 on the CPU: ONNX Runtime's kernels and PyTorch's differ only in summation order and fusion (observed
+# ~1e-6 relative); the issue's bound for a whole engine pipeline is 1e-3, each network is held to 1e-4.
+NETWORK_RTOL = 1e-4
+ENGINE_RTOL = 1e-3
+ADAPTERS = {"sd15": ("base", "plus"), "sdxl": ("base",)}
+
+
+@pytest.fixture(scope="module")
+def engines(models, tmp_path_factory):
+    """SD1.5 engines built through the CLI; SDXL engines built transparently by from_pretrained(backend=...)."""
+    root = tmp_path_factory.mktemp("engines")
+    out = {"sd15": root / "sd15", "cache": root / "cache"}
+    argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(out["sd15"])]
+    for variant in ADAPTERS["sd15"]:
+        argv += ["--ip-adapter", str(models.adapter("sd15", variant))]
+    assert cli.main(argv) == 0
+    old = os.environ.get("IPA_RT_CACHE")
+    os.environ["IPA_RT_CACHE"] = str(out["cache"])
+    try:
+        pipe = ipa_rt.Pipeline.from_pretrained(
+            models.base("sdxl"),
+            [models.adapter("sdxl", v) for v in ADAPTERS["sdxl"]],
+            backend="onnxruntime",
+            engine_options={"height": 32, "width": 32},
+        )
+        out["sdxl"] = Path(pipe.engine_manifest and next(p for p in out["cache"].iterdir() if p.is_dir()))
+    finally:
+        os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_ino, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+def fresh(x: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
+    shape = (rows, *x.shape[1:])
+    if x.dtype == torch.int64:
+        return torch.randint(0, 500, shape, generator=gen)
+    return torch.randn(shape, generator=gen, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
+    """Each engine against its contract's torch module, on fresh inputs at the smallest and largest batch."""
+    import onnx
+
+    pipe = ipa_pipe(models, family, [models.adapter(family, v) for v in ADAPTERS[family]])
+    pipe.set_ip_adapter_scale(0.6 if family == "sdxl" else [0.6, {"up": 1.2}])
+    manifest = read_manifest(engines[family])
+    contracts = all_contracts(pipe, 1, 32, 32)
+    assert sorted(c.name for c in contracts) == sorted(manifest["networks"])
+    gen = torch.Generator().manual_seed(11)
+    for contract in contracts:
+        path = engines[family] / next(iter(manifest["networks"][contract.name]["files"]))
+        onnx.checker.check_model(str(path))
+        engine = OrtEngine(path)
+        assert [n for n, _ in engine.inputs] == list(contract.inputs)
+        for rows in (contract.batch[0], contract.batch[2]):
+            feeds = {k: fresh(v, rows, gen) if k in contract.batched else v.clone() for k, v in contract.inputs.items()}
+            if "time_ids" in feeds:
+                feeds["time_ids"] = contract.inputs["time_ids"][:1].repeat(rows, 1)
+            with torch.no_grad():
+                want = contract.module(*feeds.values())
+            want = want if isinstance(want, tuple) else (want,)
+            got = engine(feeds)
+            for g, w in zip(got, want, strict=True):
+                assert rel_l2(g, w.float()) <= NETWORK_RTOL, (contract.name, rows)
+            if contract.name == "unet":  # the scale is an input: zero is the text-only UNet, no new export
+                zero = dict(feeds, ip_scale=torch.zeros_like(feeds["ip_scale"]))
+                with torch.no_grad():
+                    want0 = contract.module(*zero.values())
+                got0 = engine(zero)[0]
+                assert rel_l2(got0, want0) <= NETWORK_RTOL and rel_l2(got0, got[0]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_engine_pipeline_matches_diffusers_and_scale_changes_rebuild_nothing(models, images, engines, family):
+    variants = ADAPTERS[family]
+    ref = diffusers_pipe(models, family, [f"{v}.safetensors" for v in variants])
+    torch_pipe = ipa_pipe(models, family, [models.adapter(family, v) for v in variants])
+    before = snapshot(engines[family])
+    pipe = ipa_rt.Pipeline.from_engine(engines[family])
+    pipe.set_progress_bar_config(disable=True)
+    sessions = [id(e.engine) for e in (pipe.unet, pipe.vae, *pipe.text_encoders, pipe.image_encoder)]
+    prompt_images = [images[0]] * len(variants)
+    scales = [[0.7, 0.7], [0.3, {"down": {"block_2": [0.0, 1.5]}}]] if len(variants) > 1 else [[0.7], [1.6]]
+    for scale in scales:  # the second value: a live change on the same pipeline and engines
+        for p in (ref, torch_pipe, pipe):
+            p.set_ip_adapter_scale(scale)
+        call = dict(CALL, latents=fixed_latents())
+        want = ref("a cat", ip_adapter_image=prompt_images, **call).images
+        same_backend = torch_pipe("a cat", ip_adapter_image=prompt_images, **call).images
+        got = pipe("a cat", ip_adapter_image=prompt_images, **call).images
+        assert_parity(got, want, ENGINE_RTOL)
+        assert_parity(got, same_backend, ENGINE_RTOL)
+    assert sessions == [id(e.engine) for e in (pipe.unet, pipe.vae, *pipe.text_encoders, pipe.image_encoder)]
+    assert snapshot(engines[family]) == before  # nothing rebuilt, nothing rewritten
+    images_np = pipe("a cat", ip_adapter_image=prompt_images, num_inference_steps=2, output_type="np").images
+    assert images_np.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images_np)).all()
+
+
+def test_engine_img2img_and_text_only_match_torch_backend(models, images, engines):
+    """The VAE encoder engine (posterior moments, sampled with the user's generator) and calls without images."""
+    pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
+    ours = ipa_pipe(models, "sd15", [models.adapter("sd15", v) for v in ADAPTERS["sd15"]])
+    for p in (pipe, ours):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(image=images[1].resize((32, 32)), strength=0.6, num_inference_steps=4, output_type="latent")
+    got = pipe("a dog", ip_adapter_image=[images[0]] * 2, generator=torch.Generator().manual_seed(3), **kw).images
+    want = ours("a dog", ip_adapter_image=[images[0]] * 2, generator=torch.Generator().manual_seed(3), **kw).images
+    assert_parity(got, want, ENGINE_RTOL)
+    got = pipe("a dog", latents=fixed_latents(), **CALL).images
+    want = ours("a dog", latents=fixed_latents(), **CALL).images
+    assert_parity(got, want, ENGINE_RTOL)
+
+
+def test_second_identical_build_rewrites_nothing(models, engines, capsys):
+    before = snapshot(engines["sd15"])
+    argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(engines["sd15"])]
+    for variant in ADAPTERS["sd15"]:
+        argv += ["--ip-adapter", str(models.adapter("sd15", variant))]
+    start = time.perf_counter()
+    assert cli.main(argv) == 0
+    assert time.perf_counter() - start < 30  # hashing, no export (a UNet export alone takes about a minute here)
+    assert "up to date" in capsys.readouterr().out
+    assert snapshot(engines["sd15"]) == before
+
+
+def test_from_pretrained_reuses_cached_engines(models, engines, monkeypatch):
+    import ipa_rt.export.build as build
+
+    def no_export(*_a, **_k):
+        raise AssertionError("an engine was exported again")
+
+    monkeypatch.setattr(build, "export_onnx", no_export)
+    monkeypatch.setenv("IPA_RT_CACHE", str(engines["cache"]))
+    before = snapshot(engines["cache"] / engines["sdxl"].name)
+    pipe = ipa_rt.Pipeline.from_pretrained(
+        models.base("sdxl"),
+        models.adapter("sdxl", "base"),
+        backend="onnxruntime",
+        engine_options={"height": 32, "width": 32},
+    )
+    assert pipe.backend == "onnxruntime" and pipe.engine_manifest["shapes"]["height"] == 32
+    assert snapshot(engines["cache"] / engines["sdxl"].name) == before
+    assert len([p for p in engines["cache"].iterdir() if p.is_dir()]) == 1
+
+
+def copy_engines(engines, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(engines["sd15"], dst)
+    return dst
+
+
+def test_truncated_engine_file(engines, tmp_path, capsys):
+    folder = copy_engines(engines, tmp_path)
+    unet = folder / "onnx" / "unet.onnx"
+    data = unet.read_bytes()
+    unet.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match=r"(?s)unet.onnx.*truncated.*--rebuild"):
+        ipa_rt.Pipeline.from_engine(folder)
+    assert cli.main(["inspect", str(folder)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    unet.write_bytes(b"\0" * len(data))  # right size, garbage inside: ONNX Runtime's refusal, as an ipa_rt error
+    with pytest.raises(EngineError, match=r"cannot be loaded by ONNX Runtime.*--rebuild"):
+        ipa_rt.Pipeline.from_engine(folder)
+
+
+def test_edited_source_weights(models, engines, tmp_path):
+    folder = copy_engines(engines, tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    shutil.copy(models.adapter("sd15", "base"), weights)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    role = next(r for r in manifest["sources"] if r.startswith("ip_adapter_0/"))
+    st = weights.stat()  # the same bytes, moved: the manifest follows the file to its new place
+    manifest["sources"][role].update(path=str(weights), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    assert manifest["sources"][role]["sha256"] == sha256_file(weights)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    ipa_rt.Pipeline.from_engine(folder)  # unchanged: loads
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight byte edited
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=r"adapter.safetensors.*changed since.*--rebuild"):
+        ipa_rt.Pipeline.from_engine(folder)
+
+
+def test_tensorrt_engine_for_other_gpu_or_version(engines, tmp_path):
+    folder = copy_engines(engines, tmp_path)
+    manifest = read_manifest(folder)
+    manifest.update(backend="tensorrt", gpu={"name": "NVIDIA H100 80GB HBM3", "capability": "9.0"})
+    manifest["versions"]["tensorrt"] = "10.9.0"
+    with pytest.raises(EngineError, match=r"(?s)another machine.*gpu.*H100.*tensorrt: 10.9.0.*--rebuild"):
+        check_engine_dir(folder, manifest, torch.device("cpu"))
+
+
+def test_build_refuses_other_engines_without_rebuild(models, engines):
+    before = snapshot(engines["sd15"])
+    req = BuildRequest(
+        str(models.base("sd15")), [str(models.adapter("sd15", v)) for v in ADAPTERS["sd15"]], height=64, width=32
+    )
+    with pytest.raises(EngineError, match=r"(?s)holds other engines.*request.height: 32 -> 64.*--rebuild"):
+        build_engines(req, engines["sd15"])
+    assert snapshot(engines["sd15"]) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"backend": "tvm"}, "backend 'tvm' is unknown"),
+        ({"dtype": "bf16"}, "dtype 'bf16' is not supported by onnxruntime"),
+        ({"height": 30}, "height is 30; expected a positive multiple of 8"),
+        ({"batch": 0}, "batch is 0"),
+        ({"ip_adapter": []}, "at least one IP-Adapter"),
+        ({"ip_adapter": ["/nonexistent/ip.safetensors"]}, "does not exist"),
+        ({"base": "/nonexistent/base"}, "neither a local path nor a reachable hub id|model_index.json"),
+    ],
+)
+def test_bad_build_arguments_write_nothing(models, tmp_path, change, pattern):
+    req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], height=32, width=32)
+    for key, value in change.items():
+        setattr(req, key, value)
+    with pytest.raises(ConfigError, match=pattern):
+        build_engines(req, tmp_path / "out")
+    assert not (tmp_path / "out" / MANIFEST).exists()
+    assert not list((tmp_path / "out").glob("*/*")) if (tmp_path / "out").exists() else True
+
+
+def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch):
+    """A failure mid-build (here the third network) leaves no manifest, no engine file, no temporary folder."""
+    import ipa_rt.export.build as build
+
+    calls = []
+
+    def flaky(contract, path, *a):
+        calls.append(contract.name)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    monkeypatch.setattr(build, "export_onnx", flaky)
+    req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], height=32, width=32)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_engines(req, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".ipa_rt.lock"]
+
+
+def test_concurrent_builds_wait_for_the_lock(models, engines):
+    """A second build waits while the first holds the lock, then finds the engines up to date."""
+    from ipa_rt.export.manifest import build_lock
+
+    req = BuildRequest(
+        str(models.base("sd15")), [str(models.adapter("sd15", v)) for v in ADAPTERS["sd15"]], height=32, width=32
+    )
+    events = []
+    with build_lock(engines["sd15"]):
+        worker = threading.Thread(target=lambda: events.append(build_engines(req, engines["sd15"])))
+        worker.start()
+        time.sleep(0.5)
+        assert events == [] and worker.is_alive()  # blocked on the lock
+    worker.join(timeout=60)
+    assert events == [engines["sd15"]]
+
+
+@pytest.mark.parametrize("what", ["manifest_missing", "manifest_corrupt", "manifest_format"])
+def test_not_an_engine_dir(engines, tmp_path, what):
+    folder = copy_engines(engines, tmp_path)
+    if what == "manifest_missing":
+        (folder / MANIFEST).unlink()
+    elif what == "manifest_corrupt":
+        (folder / MANIFEST).write_text("{not json")
+    else:
+        (folder / MANIFEST).write_text(json.dumps({"format": 99}))
+    with pytest.raises(EngineError, match=r"manifest.json"):
+        ipa_rt.Pipeline.from_engine(folder)
+
+
+def test_engine_call_errors(engines, images):
+    pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ConfigError, match=r"8 image tokens \(2 images\).*built for 4.*ip_adapter_combine"):
+        pipe("x", ip_adapter_image=[[images[0], images[1]], images[0]], **CALL)
+    out = pipe(  # averaging several images keeps the token count the engine was built for
+        "x", ip_adapter_image=[[images[0], images[1]], images[0]], ip_adapter_combine="average", **CALL
+    ).images
+    assert torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="built for latents of \\[16, 16\\]"):
+        pipe("x", ip_adapter_image=[images[0]] * 2, **dict(CALL, height=64, width=64))
+    masks = [torch.ones(1, 1, 32, 32), torch.ones(1, 1, 32, 32)]
+    with pytest.raises(ConfigError, match="regional ip_adapter_masks"):
+        pipe("x", ip_adapter_image=[images[0]] * 2, cross_attention_kwargs={"ip_adapter_masks": masks}, **CALL)
+    with pytest.raises(ImageInputError):
+        pipe("x", ip_adapter_image=[images[0]], **CALL)
+    with pytest.raises(ConfigError, match="from_engine"):
+        pipe.to("meta")
+
+
+def test_cli_inspect_and_generate_from_engine(engines, images, tmp_path, capsys):
+    assert cli.main(["inspect", str(engines["sd15"])]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime engines for a SD15 model" in text and "[1] plus: 16 image tokens" in text
+    assert "the scale is an engine input" in text and "status: every engine file is intact" in text
+    ref = tmp_path / "ref.png"
+    images[0].save(ref)
+    out = tmp_path / "out.png"
+    argv = ["generate", "--engine", str(engines["sd15"]), "--prompt", "a cat", "--steps", "2", "-o", str(out)]
+    argv += ["--ip-image", str(ref), "--ip-image", str(ref), "--scale", "0.5", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+
+
+def test_tensorrt_profile_and_missing_tensorrt(models):
+    """The TensorRT optimisation profile comes from the contract; without TensorRT a build says so."""
+    pipe = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")])
+    unet = all_contracts(pipe, 3, 32, 32)[0]
+    prof = unet.profile()
+    assert prof["sample"] == ((1, 4, 16, 16), (6, 4, 16, 16), (6, 4, 16, 16))
+    assert prof["ip_scale"] == ((1, 16),) * 3  # the scale: a fixed-shape input, never a build parameter
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="tensorrt")
+        with pytest.raises(ConfigError, match="needs TensorRT"):
+            build_engines(req, "/nonexistent/never-written")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+def test_tensorrt_engine_pipeline_matches_diffusers(models, images, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA's index is unreachable here)")
+    req = BuildRequest(
+        str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="tensorrt", height=32, width=32
+    )
+    folder = build_engines(req, tmp_path / "trt")
+    pipe = ipa_rt.Pipeline.from_engine(folder, device="cuda")
+    ref = diffusers_pipe(models, "sd15", ["base.safetensors"]).to("cuda")
+    for p in (pipe, ref):
+        p.set_ip_adapter_scale(0.7)
+    call = dict(CALL, latents=fixed_latents().cuda())
+    want = ref("a cat", ip_adapter_image=images[0], **call).images
+    got = pipe("a cat", ip_adapter_image=[images[0]], **call).images
+    assert_parity(got.float(), want.float(), ENGINE_RTOL)
