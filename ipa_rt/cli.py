@@ -1,4 +1,4 @@
-"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``bench`` (also ``python -m ipa_rt``)."""
+"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``bench`` (also ``python -m ipa_rt``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
-from .errors import IpaRtError
+from .errors import ConfigError, IpaRtError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,6 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
+    demo = sub.add_parser(
+        "demo",
+        help="LCM 4-step realtime web demo (or --sweep to a GIF)",
+        description="Serve a live page where image prompt, text and scale sliders drive LCM frames.",
+    )
+    demo.add_argument("base", nargs="?", help="diffusers base model folder or hub id (not with --engine)")
+    demo.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="adapter; repeatable")
+    demo.add_argument("--image-encoder", metavar="DIR")
+    demo.add_argument("--engine", metavar="DIR", help="run from an engine directory (`ipa_rt build`)")
+    demo.add_argument("--lora", action="append", default=[], metavar="FILE", help="e.g. an LCM-LoRA; repeatable")
+    demo.add_argument("--example", action="store_true", help="a tiny random model written on the fly (offline)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    demo.add_argument("--steps", type=int, default=4, help="LCM steps per frame")
+    demo.add_argument("--guidance", type=float, default=None, help="default: 8.5 for LCM-distilled UNets, else 1")
+    demo.add_argument("--sweep", metavar="S0,S1,...", help="render these scales headless to -o GIF + contact sheet")
+    demo.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="reference(s) for --sweep")
+    demo.add_argument("--prompt", default="a photo", help="prompt for --sweep")
+    demo.add_argument("--seed", type=int, default=0, help="seed for --sweep")
+    demo.add_argument("-o", "--output", help="GIF path for --sweep (the sheet is written beside it)")
     inspect = sub.add_parser("inspect", help="describe an engine directory", description="Say what a manifest says.")
     inspect.add_argument("engine", metavar="DIR")
     bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
@@ -162,6 +184,62 @@ def _build(args: argparse.Namespace) -> None:
         build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import LiveRenderer, sweep
+    from .image import load_image
+    from .pipeline import Pipeline
+
+    if args.sweep and not args.output:
+        raise SystemExit("ipa_rt demo: error: --sweep needs -o OUT.gif")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    with tempfile.TemporaryDirectory(prefix="ipa_rt-demo-") as tmp:
+        if args.example:
+            from .testing import write_example
+
+            files = write_example(tmp)
+            args.base, args.ip_adapter = str(files["base"]), args.ip_adapter or [str(files["adapter"])]
+            args.ip_image = args.ip_image or [str(files["image"])]
+        if args.engine:
+            pipe = Pipeline.from_engine(args.engine, device=args.device, scheduler="lcm")
+        elif not args.base:
+            raise SystemExit("ipa_rt demo: error: BASE is required (or --engine DIR, or --example)")
+        else:
+            pipe = Pipeline.from_pretrained(
+                args.base,
+                ip_adapter=args.ip_adapter or None,
+                image_encoder=args.image_encoder,
+                device=args.device,
+                dtype=dtype,
+                scheduler="lcm",
+                lora=args.lora or None,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        guidance = args.guidance
+        if guidance is None:  # diffusers' LCM pipeline default for distilled UNets; no CFG for LCM-LoRA
+            guidance = 8.5 if pipe.unet.config.time_cond_proj_dim is not None else 1.0
+        if args.sweep:
+            try:
+                scales = [float(s) for s in args.sweep.split(",")]
+            except ValueError as exc:
+                raise ConfigError(f"--sweep is {args.sweep!r}; expected comma-separated numbers") from exc
+            count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
+            refs = [load_image(p, f"--ip-image {p}") for p in args.ip_image]
+            if refs and len(refs) not in (1, count):
+                raise ConfigError(f"--ip-image given {len(refs)} times; expected 1 or {count} (one per adapter)")
+            images = (refs * count if len(refs) == 1 else refs) if refs else [None] * count
+            gif, sheet = sweep(pipe, images, scales, args.output, args.prompt, args.seed, args.steps, guidance)
+            print(f"wrote {gif} and {sheet}")
+            return
+        from .demo.server import serve
+
+        renderer = LiveRenderer(pipe, steps=args.steps, guidance=guidance)
+        print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.device}, {pipe.backend})")
+        try:
+            serve(renderer, args.host, args.port)
+        finally:
+            renderer.stop()
+
+
 def describe(manifest: dict) -> str:
     """A manifest in words, for ``ipa_rt inspect``."""
     shapes, v = manifest["shapes"], manifest["versions"]
@@ -214,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _build(args)
         elif args.command == "inspect":
             _inspect(args)
+        elif args.command == "demo":
+            _demo(args)
     except IpaRtError as exc:
         print(f"ipa_rt: error: {exc}", file=sys.stderr)
         return 2
