@@ -371,3 +371,23 @@ def test_tensorrt_engine_pipeline_matches_diffusers(models, images, tmp_path):
     want = ref("a cat", ip_adapter_image=images[0], **call).images
     got = pipe("a cat", ip_adapter_image=[images[0]], **call).images
     assert_parity(got.float(), want.float(), ENGINE_RTOL)
+
+
+def test_engine_without_guidance_and_the_demo_sweep(models, images, engines, tmp_path):
+    """LCM without CFG feeds the UNet engine one row (the dynamic batch's minimum); the demo runs on engines."""
+    pipe = ipa_rt.Pipeline.from_engine(engines["sd15"], scheduler="lcm")
+    ours = ipa_pipe(models, "sd15", [models.adapter("sd15", v) for v in ADAPTERS["sd15"]], scheduler="lcm")
+    for p in (pipe, ours):
+        p.set_progress_bar_config(disable=True)
+        p.set_ip_adapter_scale([0.8, 0.4])
+    call = dict(CALL, latents=fixed_latents(), guidance_scale=1.0, num_inference_steps=4)
+    gen = torch.Generator().manual_seed  # LCM re-noises between steps: both runs draw from the same seed
+    got = pipe("a cat", ip_adapter_image=[images[0]] * 2, generator=gen(4), **call).images
+    want = ours("a cat", ip_adapter_image=[images[0]] * 2, generator=gen(4), **call).images
+    assert_parity(got, want, ENGINE_RTOL)
+    ref = tmp_path / "ref.png"
+    images[0].save(ref)
+    out = tmp_path / "sweep.gif"
+    argv = ["demo", "--engine", str(engines["sd15"]), "--sweep", "0,1", "--ip-image", str(ref), "-o", str(out)]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    assert out.is_file() and (tmp_path / "sweep-sheet.png").is_file()
