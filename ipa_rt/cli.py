@@ -105,9 +105,27 @@ def _bench(argv: list[str]) -> int:
     return module.main(argv)
 
 
+def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler, **kwargs):
+    """The pipeline a command asked for: from an engine dir (``--engine``) or from weights (``BASE``)."""
+    from .pipeline import Pipeline
+
+    if args.engine:
+        return Pipeline.from_engine(args.engine, device=args.device, scheduler=scheduler)
+    if not args.base:
+        raise SystemExit(f"ipa_rt {command}: error: BASE is required (or --engine DIR, or --example)")
+    return Pipeline.from_pretrained(
+        args.base,
+        ip_adapter=args.ip_adapter or None,
+        image_encoder=args.image_encoder,
+        device=args.device,
+        dtype=dtype,
+        scheduler=scheduler,
+        **kwargs,
+    )
+
+
 def _generate(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_write_bytes
-    from .pipeline import Pipeline
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-example-") as tmp:
@@ -121,19 +139,7 @@ def _generate(args: argparse.Namespace) -> None:
             args.prompt = args.prompt or "a tiny example"
             args.height, args.width = args.height or 32, args.width or 32
             args.steps = min(args.steps, 4)
-        if args.engine:
-            pipe = Pipeline.from_engine(args.engine, device=args.device, scheduler=args.scheduler)
-        elif not args.base:
-            raise SystemExit("ipa_rt generate: error: BASE is required (or pass --example or --engine DIR)")
-        else:
-            pipe = Pipeline.from_pretrained(
-                args.base,
-                ip_adapter=args.ip_adapter or None,
-                image_encoder=args.image_encoder,
-                device=args.device,
-                dtype=dtype,
-                scheduler=args.scheduler,
-            )
+        pipe = _load(args, "generate", dtype, args.scheduler)
         if args.scale:
             pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
         images = None
@@ -187,7 +193,6 @@ def _build(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import LiveRenderer, sweep
     from .image import load_image
-    from .pipeline import Pipeline
 
     if args.sweep and not args.output:
         raise SystemExit("ipa_rt demo: error: --sweep needs -o OUT.gif")
@@ -199,20 +204,7 @@ def _demo(args: argparse.Namespace) -> None:
             files = write_example(tmp)
             args.base, args.ip_adapter = str(files["base"]), args.ip_adapter or [str(files["adapter"])]
             args.ip_image = args.ip_image or [str(files["image"])]
-        if args.engine:
-            pipe = Pipeline.from_engine(args.engine, device=args.device, scheduler="lcm")
-        elif not args.base:
-            raise SystemExit("ipa_rt demo: error: BASE is required (or --engine DIR, or --example)")
-        else:
-            pipe = Pipeline.from_pretrained(
-                args.base,
-                ip_adapter=args.ip_adapter or None,
-                image_encoder=args.image_encoder,
-                device=args.device,
-                dtype=dtype,
-                scheduler="lcm",
-                lora=args.lora or None,
-            )
+        pipe = _load(args, "demo", dtype, "lcm", lora=args.lora or None)
         pipe.set_progress_bar_config(disable=True)
         guidance = args.guidance
         if guidance is None:  # diffusers' LCM pipeline default for distilled UNets; no CFG for LCM-LoRA
