@@ -26,6 +26,7 @@ from . import modes
 from .adapter import IPAdapterStack
 from .checkpoint import AdapterSource, read_adapter
 from .conditions import ImageConditioner
+from .control import ControlStack, load_controlnets
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from .image import default_feature_extractor
 from .kernels.ops import fused_available
@@ -96,6 +97,7 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         attention: str = "auto",
         backend: str = "torch",
+        controlnets: Sequence[torch.nn.Module] | None = None,
     ) -> None:
         if attention not in ATTENTION:
             raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
@@ -115,7 +117,8 @@ class Pipeline:
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.progress_bar_config: dict[str, Any] = {}
         self.mask_processor = modes.mask_processor(self.vae_scale_factor)
-        self.loop = DenoiseLoop(self.unet, adapters.context if adapters is not None else None)
+        self.control = ControlStack(controlnets, self.vae_scale_factor) if controlnets else None
+        self.loop = DenoiseLoop(self.unet, adapters.context if adapters is not None else None, control=self.control)
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
@@ -150,6 +153,8 @@ class Pipeline:
         lora: Any = None,
         vae: torch.nn.Module | None = None,
         engine_options: dict[str, Any] | None = None,
+        controlnet: Any = None,
+        t2i_adapter: Any = None,
         **hub_kwargs: Any,
     ) -> Pipeline:
         """Load a diffusers base model and IP-Adapter checkpoint(s).
@@ -165,10 +170,19 @@ class Pipeline:
         ``TRITON_INTERPRET=1``) or ``"sdpa"``. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` to
         build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or reuse them;
         ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample size, 1)
-        and ``rebuild``.
+        and ``rebuild``. ``controlnet``: diffusers ``ControlNetModel`` folder(s) or hub id(s); the call then
+        takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines.
         """
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
+        if t2i_adapter is not None:
+            raise ConfigError(
+                "t2i_adapter is not supported yet; expected controlnet= (diffusers ControlNetModel folders)"
+            )
+        if controlnet is not None and backend != "torch":
+            raise ConfigError(
+                f"ControlNets run on backend='torch' for now; backend {backend!r} has no ControlNet engine"
+            )
         if backend != "torch":
             return cls._from_cache(
                 base,
@@ -203,7 +217,8 @@ class Pipeline:
         fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
         if stack is not None:
             stack.to_runtime("cpu", dtype)
-        return cls(model, stack, encoder, fe, device=device, dtype=dtype, attention=attention)
+        nets = load_controlnets(controlnet, model.unet, dtype, **hub_kwargs) if controlnet is not None else None
+        return cls(model, stack, encoder, fe, device=device, dtype=dtype, attention=attention, controlnets=nets)
 
     @classmethod
     def from_engine(
@@ -319,6 +334,8 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.to(self.device)
             self.adapters.set_attention(self._fused_layers())
+        if self.control is not None:
+            self.control.to(self.device)
         return self
 
     def _fused_layers(self) -> list[bool]:
@@ -354,7 +371,9 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.restore(self.unet)
             self.adapters = None
-            self.loop = DenoiseLoop(self.unet, None)  # the old buffers belong to the adapters' signature
+            self.loop = DenoiseLoop(
+                self.unet, None, control=self.control
+            )  # the old buffers belong to the adapters' signature
 
     # --- live controls --------------------------------------------------------------------------------------------
     def set_ip_adapter_scale(self, scale: Any) -> None:
@@ -423,8 +442,22 @@ class Pipeline:
         cross_attention_kwargs: dict[str, Any] | None = None,
         negative_ip_adapter_image: Any = None,
         ip_adapter_combine: str = "concat",
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
     ) -> PipelineOutput:
-        """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img."""
+        """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img.
+
+        With ControlNets loaded, ``image`` is the control image(s) (diffusers' ControlNet pipelines) and
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``end`` and ``guess_mode`` apply."""
+        if self.control is not None:
+            if control_image is not None or mask_image is not None:
+                raise ConfigError("ControlNets are supported for txt2img (image= is the control image) for now")
+            control_image, image = image, None
+        elif control_image is not None:
+            raise ConfigError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type {output_type!r} is unknown; expected one of {OUTPUT_TYPES}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -440,13 +473,19 @@ class Pipeline:
             strength = DEFAULT_STRENGTH[self.family.name][mode == "inpaint"]
         if not 0.0 < float(strength) <= 1.0:
             raise ConfigError(f"strength is {strength}; expected a number in (0, 1]")
+        batch = len(prompt) if isinstance(prompt, list) else 1
+        copies = batch * num_images_per_prompt
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        if self.control is not None:  # the control images settle the size, as in diffusers
+            self.control.guess_mode = bool(guess_mode) or self.control.global_pool
+            self.control.set_scale(controlnet_conditioning_scale)
+            height, width = self.control.prepare_images(
+                control_image, height, width, copies, num_images_per_prompt, cfg, self.device
+            )
         height = height or self.default_size[0]
         width = width or self.default_size[1]
         if height % 8 or width % 8:
             raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
-        batch = len(prompt) if isinstance(prompt, list) else 1
-        copies = batch * num_images_per_prompt
-        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         text = encode_prompt(
             self.text_encoders,
             self.tokenizers,
@@ -522,6 +561,11 @@ class Pipeline:
             inpaint_latents=setup.inpaint_latents,
             blend=self._blend(plan) if setup.noise is not None and plan.kind != "eager" else None,
             blend_noise=setup.noise,
+            control_keep=(
+                self.control.keep_gate(control_guidance_start, control_guidance_end, plan.steps, self.device)
+                if self.control is not None
+                else None
+            ),
         )
         with tqdm(total=plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             latents = self.loop.run(inputs, progress=bar, generator=generator)

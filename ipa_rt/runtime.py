@@ -38,6 +38,7 @@ class Signature:
     noise: bool
     added: tuple[tuple[str, tuple[int, ...]], ...]
     timestep_cond: bool
+    control: tuple = ()  # ControlNet count, guess mode and control image shapes (empty: none)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class StepInputs:
     inpaint_latents: Tensor | None = None  # 9-ch: masked-image latents; 4-ch: clean image latents
     blend: Tensor | None = None  # 4-ch: [S, 2] add_noise coefficients for the image latents at t_{i+1}
     blend_noise: Tensor | None = None  # 4-ch: the initial noise add_noise mixes in
+    control_keep: Tensor | None = None  # [C, S] ControlNet keep gate (control_guidance_start/end)
 
 
 @dataclass
@@ -80,12 +82,13 @@ class StaticState:
     inpaint_latents: Tensor | None = None
     blend: Tensor | None = None
     blend_noise: Tensor | None = None
+    control_keep: Tensor | None = None
     graph: Any = None
     captures: int = 0
     extra: dict = field(default_factory=dict)
 
 
-def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int) -> Signature:
+def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control) -> Signature:
     tokens = tuple(e - s for s, e in ctx.segments) if ctx.kv is not None else ()
     inpaint = 0 if inp.inpaint_mask is None else (9 if unet_in == 9 else 4)
     return Signature(
@@ -100,15 +103,23 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int) -> Signature:
         noise=inp.noise is not None,
         added=tuple(sorted((k, tuple(v.shape)) for k, v in inp.added.items())),
         timestep_cond=inp.timestep_cond is not None,
+        control=(
+            (control.guess_mode, *(tuple(x.shape) for x in control.images))
+            if control is not None and inp.control_keep is not None
+            else ()
+        ),
     )
 
 
 class DenoiseLoop:
     """Runs the denoising loop from static buffers; captures and replays CUDA graphs per signature."""
 
-    def __init__(self, unet: torch.nn.Module, context: ImageContext | None, use_graphs: bool | None = None) -> None:
+    def __init__(
+        self, unet: torch.nn.Module, context: ImageContext | None, use_graphs: bool | None = None, control=None
+    ) -> None:
         self.unet = unet
         self.context = context
+        self.control = control  # a ControlStack (ControlNets run inside the step), or None
         self.use_graphs = use_graphs
         self.states: dict[Signature, StaticState] = {}
         self.captures = 0  # total graph captures, for tests and the benchmark's "no recapture" check
@@ -117,7 +128,10 @@ class DenoiseLoop:
     def _state(self, inp: StepInputs) -> StaticState:
         ctx = self.context
         sig = _signature(
-            inp, ctx if ctx is not None else ImageContext(scale=torch.zeros(0, 0)), self.unet.config.in_channels
+            inp,
+            ctx if ctx is not None else ImageContext(scale=torch.zeros(0, 0)),
+            self.unet.config.in_channels,
+            self.control,
         )
         st = self.states.get(sig)
         plan, device = inp.plan, inp.latents.device
@@ -137,6 +151,8 @@ class DenoiseLoop:
                 coef=torch.empty_like(plan.coef),
                 in_scale=torch.empty_like(plan.in_scale) if plan.in_scale is not None else None,
             )
+            if inp.control_keep is not None:
+                st.control_keep = torch.empty_like(inp.control_keep)
             if inp.inpaint_mask is not None:
                 st.mask = torch.empty_like(inp.inpaint_mask)
                 st.inpaint_latents = torch.empty_like(inp.inpaint_latents)
@@ -161,6 +177,8 @@ class DenoiseLoop:
         st.coef.copy_(plan.coef)
         if st.in_scale is not None:
             st.in_scale.copy_(plan.in_scale)
+        if st.control_keep is not None:
+            st.control_keep.copy_(inp.control_keep)
         if st.mask is not None:
             st.mask.copy_(inp.inpaint_mask)
             st.inpaint_latents.copy_(inp.inpaint_latents)
@@ -171,8 +189,12 @@ class DenoiseLoop:
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
-    def _guided(self, model_in, t, text, timestep_cond, added, cfg: bool, guidance) -> Tensor:
-        """The UNet on the (CFG) batch, then classifier-free guidance as diffusers combines it."""
+    def _guided(self, model_in, t, text, timestep_cond, added, cfg: bool, guidance, keep=None, step=None) -> Tensor:
+        """ControlNets (if any) and the UNet on the (CFG) batch, then classifier-free guidance as diffusers
+        combines it."""
+        extra = {}
+        if keep is not None:
+            extra = self.control.residuals(model_in, t, text, added, keep, step, cfg)
         out = self.unet(
             model_in,
             t,
@@ -180,6 +202,7 @@ class DenoiseLoop:
             timestep_cond=timestep_cond,
             added_cond_kwargs=added,
             return_dict=False,
+            **extra,
         )[0]
         if not cfg:
             return out
@@ -199,7 +222,9 @@ class DenoiseLoop:
         if st.sig.inpaint == 9:
             model_in = torch.cat([model_in, st.mask, st.inpaint_latents], dim=1)
         t = st.timesteps.index_select(0, i1)
-        out = self._guided(model_in, t, st.text, st.timestep_cond, st.added, st.sig.cfg, st.guidance)
+        out = self._guided(
+            model_in, t, st.text, st.timestep_cond, st.added, st.sig.cfg, st.guidance, st.control_keep, i1
+        )
         noise = st.noise.index_select(0, i1)[0] if st.noise is not None else None
         c = st.coef.index_select(0, i1)[0]
         x_next, x0 = plan.update(c, x, out, noise, st.prev_x0)
@@ -244,7 +269,10 @@ class DenoiseLoop:
             model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
             if inp.inpaint_mask is not None and self.unet.config.in_channels == 9:
                 model_in = torch.cat([model_in, inp.inpaint_mask, inp.inpaint_latents], dim=1)
-            out = self._guided(model_in, t, inp.text, inp.timestep_cond, inp.added, inp.cfg, guidance)
+            step = torch.full((1,), i, dtype=torch.long, device=x.device)
+            out = self._guided(
+                model_in, t, inp.text, inp.timestep_cond, inp.added, inp.cfg, guidance, inp.control_keep, step
+            )
             x = sched.step(out, t, x, **extra, return_dict=False)[0]
             if inp.blend_noise is not None:  # 4-channel inpainting, as diffusers does it
                 proper = inp.inpaint_latents

@@ -376,3 +376,22 @@ def write_lora(path: str | os.PathLike, base_folder: str | os.PathLike, fmt: str
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     return path
+
+
+def write_controlnet(folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 5) -> Path:
+    """A random ControlNet in diffusers' folder format, built from the base UNet's config (``from_unet``), with
+    its zero convolutions made random so its residuals matter; the conditioning embedding downsamples to the
+    tiny VAE's latent size."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
+    vae = json.loads((Path(base_folder) / "vae" / "config.json").read_text())
+    channels = (16, 32, 64, 128)[: len(vae["block_out_channels"])]  # one stride-2 conv per VAE downsampling
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.05)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.05)
+    net.save_pretrained(folder)
+    return Path(folder)

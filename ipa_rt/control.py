@@ -1,0 +1,167 @@
+"""ControlNets next to the IP-Adapters: structure from a control image, content and style from the image prompt.
+
+Follows diffusers' ``StableDiffusion(XL)ControlNetPipeline`` step for step: each ControlNet sees the (CFG) latents
+and the text embeddings (never the image tokens), its residuals are summed over ControlNets in order
+(``MultiControlNetModel``) and fed to the UNet as ``down_block_additional_residuals`` /
+``mid_block_additional_residual``; guess mode runs them on the conditional half only and pads the
+unconditional half with zeros. What differs is where the numbers live: the conditioning scales are a
+``[controlnets]`` device tensor and ``control_guidance_start/end`` a ``[controlnets, steps]`` gate, both read
+inside the (graph-captured) step, so changing them never rebuilds or recaptures anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from torch import Tensor
+
+from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+
+
+def load_controlnets(sources: Any, unet, dtype: torch.dtype, **hub_kwargs: Any) -> list:
+    """diffusers ``ControlNetModel`` folders or hub ids (one or a list), checked against the base UNet."""
+    from diffusers import ControlNetModel
+
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    nets = []
+    for i, item in enumerate(items):
+        if isinstance(item, ControlNetModel):
+            net = item
+        else:
+            path = os.fspath(item)
+            if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                raise CheckpointError(f"controlnet[{i}] '{path}' has no config.json; expected a ControlNetModel folder")
+            try:
+                net = ControlNetModel.from_pretrained(path, torch_dtype=dtype, **hub_kwargs)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"controlnet[{i}] '{path}' cannot be loaded as a ControlNetModel: {exc}") from exc
+        for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
+            have, want = net.config.get(key), unet.config.get(key)
+            if key == "block_out_channels":
+                have, want = tuple(have), tuple(want)
+            if have != want:
+                raise IncompatibleAdapterError(
+                    f"controlnet[{i}] has {key} {have}, but the base UNet has {want}; expected a ControlNet trained "
+                    "for this base model (SD1.5 ControlNets on SD1.5, SDXL ones on SDXL)"
+                )
+        nets.append(net.to(dtype=dtype).eval())
+    return nets
+
+
+def _per_net(value: Any, count: int, name: str) -> list[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ConfigError(f"{name} has {len(values)} entries; expected {count} (one per ControlNet)")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{name} entry {v!r} is not a number")
+        out.append(float(v))
+    return out
+
+
+class ControlStack:
+    """Loaded ControlNets with their live scales, per-request control images and per-step keep gate."""
+
+    def __init__(self, nets: Sequence[torch.nn.Module], vae_scale_factor: int) -> None:
+        self.nets = list(nets)
+        self.scale = torch.ones(len(self.nets))  # live conditioning scales (device tensor once moved)
+        self.images: list[Tensor] = []  # static buffers, one per ControlNet
+        self.guess_mode = False
+        self.processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+
+    def to(self, device: torch.device) -> ControlStack:
+        for net in self.nets:
+            net.to(device)
+        self.scale = self.scale.to(device)
+        self.images = [x.to(device) for x in self.images]
+        return self
+
+    def set_scale(self, value: Any) -> None:
+        """``controlnet_conditioning_scale`` (a number or one per ControlNet): an in-place device write."""
+        self.scale.copy_(torch.tensor(_per_net(value, len(self.nets), "controlnet_conditioning_scale")))
+
+    @property
+    def global_pool(self) -> bool:
+        return bool(self.nets[0].config.global_pool_conditions)
+
+    def prepare_images(
+        self, image: Any, height: int | None, width: int | None, copies: int, per_prompt: int, cfg: bool, device
+    ) -> tuple[int, int]:
+        """diffusers' ``prepare_image`` for each ControlNet (into reused buffers); returns the height and width
+        the control images settle on (what the latents follow)."""
+        count = len(self.nets)
+        if image is None:
+            raise ImageInputError(f"{count} ControlNet(s) are loaded: pass their control image(s) as image=")
+        images = image if count > 1 else [image]
+        if count > 1 and (not isinstance(image, list) or len(image) != count):
+            raise ImageInputError(f"image must be a list of {count} control images (one per ControlNet)")
+        dtype = self.nets[0].dtype
+        prepared = []
+        for i, img in enumerate(images):
+            try:
+                x = self.processor.preprocess(img, height=height, width=width).to(dtype=torch.float32)
+            except (ValueError, TypeError) as exc:
+                raise ImageInputError(
+                    f"control image {i}: preprocessing failed ({exc}); expected an RGB image"
+                ) from exc
+            x = x.repeat_interleave(copies if x.shape[0] == 1 else per_prompt, dim=0).to(device=device, dtype=dtype)
+            if cfg and not self.guess_mode:
+                x = torch.cat([x] * 2)
+            prepared.append(x)
+        if any(p.shape[-2:] != prepared[0].shape[-2:] for p in prepared):
+            raise ImageInputError("control images must share one size")
+        if len(self.images) != count or any(b.shape != p.shape for b, p in zip(self.images, prepared, strict=True)):
+            self.images = [torch.empty_like(p) for p in prepared]
+        for buf, p in zip(self.images, prepared, strict=True):
+            buf.copy_(p)
+        return int(prepared[0].shape[-2]), int(prepared[0].shape[-1])
+
+    def keep_gate(self, start: Any, end: Any, steps: int, device) -> Tensor:
+        """``[controlnets, steps]``: diffusers' ``controlnet_keep`` (1 where step i is inside [start, end])."""
+        count = len(self.nets)
+        starts, ends = _per_net(start, count, "control_guidance_start"), _per_net(end, count, "control_guidance_end")
+        for s, e in zip(starts, ends, strict=True):
+            if not 0.0 <= s < e <= 1.0:
+                raise ConfigError(f"control guidance start {s} / end {e}; expected 0 <= start < end <= 1")
+        rows = [
+            [1.0 - float(i / steps < s or (i + 1) / steps > e) for i in range(steps)]
+            for s, e in zip(starts, ends, strict=True)
+        ]
+        return torch.tensor(rows, dtype=torch.float32, device=device)
+
+    def residuals(
+        self, model_in: Tensor, t: Tensor, text: Tensor, added: dict, keep: Tensor, step: Tensor, cfg: bool
+    ) -> dict[str, Any]:
+        """The UNet's extra kwargs for this step: every ControlNet's residuals, scaled, summed in order."""
+        guess = self.guess_mode and cfg
+        if guess:  # the conditional half only; zeros for the unconditional half
+            half = model_in.shape[0] // 2
+            model_in, text = model_in[half:], text.chunk(2)[1]
+            added = {k: v.chunk(2)[1] for k, v in added.items()}
+        scales = self.scale * keep.index_select(1, step)[:, 0]
+        down, mid = None, None
+        for c, (net, image) in enumerate(zip(self.nets, self.images, strict=True)):
+            d, m = net(
+                model_in,
+                t,
+                encoder_hidden_states=text,
+                controlnet_cond=image,
+                conditioning_scale=scales[c],
+                guess_mode=self.guess_mode,
+                added_cond_kwargs=added or None,
+                return_dict=False,
+            )
+            if down is None:
+                down, mid = list(d), m
+            else:
+                down = [a + b for a, b in zip(down, d, strict=True)]
+                mid = mid + m
+        if guess:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
