@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch", type=int, default=1, help="images per call the engines serve (x2 with CFG)")
     build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
+    build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
     demo = sub.add_parser(
@@ -178,6 +179,7 @@ def _build(args: argparse.Namespace) -> None:
         batch=args.batch,
         dtype=args.dtype,
         lora=args.lora,
+        controlnet=args.controlnet,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:
@@ -251,6 +253,10 @@ def describe(manifest: dict) -> str:
         f"  [{i}] {a['variant']}: {a['tokens']} image tokens, from {a['origin']}"
         for i, a in enumerate(manifest["adapters"])
     ]
+    for i, net in enumerate(manifest.get("controlnets", [])):
+        lines.append(
+            f"  ControlNet [{i}] from {net['origin']} ({net['residuals']} residuals; scales are engine inputs)"
+        )
     lines.append("networks:")
     for name, net in manifest["networks"].items():
         size = sum(f["size"] for f in net["files"].values()) / 2**20

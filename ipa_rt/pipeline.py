@@ -179,10 +179,6 @@ class Pipeline:
             raise ConfigError(
                 "t2i_adapter is not supported yet; expected controlnet= (diffusers ControlNetModel folders)"
             )
-        if controlnet is not None and backend != "torch":
-            raise ConfigError(
-                f"ControlNets run on backend='torch' for now; backend {backend!r} has no ControlNet engine"
-            )
         if backend != "torch":
             return cls._from_cache(
                 base,
@@ -196,6 +192,7 @@ class Pipeline:
                 scheduler,
                 lora,
                 engine_options or {},
+                controlnet,
             )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(
@@ -232,7 +229,19 @@ class Pipeline:
 
     @classmethod
     def _from_cache(
-        cls, base, ip_adapter, image_encoder, subfolder, weight_name, backend, device, dtype, scheduler, lora, options
+        cls,
+        base,
+        ip_adapter,
+        image_encoder,
+        subfolder,
+        weight_name,
+        backend,
+        device,
+        dtype,
+        scheduler,
+        lora,
+        options,
+        controlnet=None,
     ) -> Pipeline:
         from .export.build import DTYPE_NAMES, BuildRequest, cached_engines
 
@@ -256,6 +265,9 @@ class Pipeline:
             batch=int(options.get("batch", 1)),
             dtype=DTYPE_NAMES.get(dtype, str(dtype)),
             lora=[os.fspath(x) for x in loras],
+            controlnet=[os.fspath(x) for x in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
+            if controlnet is not None
+            else [],
             weight_name=[s.weight_name for s in sources],
             subfolder=[s.subfolder for s in sources],
         )

@@ -74,6 +74,7 @@ class BuildRequest:
     batch: int = 1
     dtype: str = "fp32"
     lora: list[str] = field(default_factory=list)
+    controlnet: list[str] = field(default_factory=list)  # diffusers ControlNetModel folders
     weight_name: list[str | None] = field(default_factory=list)  # hub / folder form of ip_adapter
     subfolder: list[str | None] = field(default_factory=list)
 
@@ -170,6 +171,12 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
             roles[f"image_encoder/{f.relative_to(encoder).as_posix()}"] = f
     for i, lora in enumerate(req.lora):
         roles[f"lora_{i}/{Path(lora).name}"] = Path(lora)
+    for i, net in enumerate(req.controlnet):
+        folder = Path(net) if Path(net).is_dir() else _hub_snapshot(net, ["*.json", "*.safetensors"])
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"controlnet '{net}' has no config.json; expected a diffusers ControlNetModel folder")
+        for f in _files_under(folder, ["."]):
+            roles[f"controlnet_{i}/{f.relative_to(folder).as_posix()}"] = f
     for role, path in roles.items():
         if not path.is_file():
             raise ConfigError(f"source file '{path}' ({role}) does not exist")
@@ -183,7 +190,7 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         ["tensorrt"] if req.backend == "tensorrt" else []
     )
     request = asdict(req)
-    for key in ("base", "ip_adapter", "image_encoder", "lora", "weight_name", "subfolder"):
+    for key in ("base", "ip_adapter", "image_encoder", "lora", "controlnet", "weight_name", "subfolder"):
         request.pop(key)  # paths do not name a build; the files' hashes do
     return {
         "format": FORMAT,
@@ -248,6 +255,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         dtype=DTYPES[req.dtype] if req.backend == "onnxruntime" else torch.float32,
         lora=req.lora or None,
         attention="sdpa",
+        controlnet=req.controlnet or None,
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
@@ -285,6 +293,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
                 {"variant": e.spec.name, "tokens": t, "origin": e.origin}
                 for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
             ],
+            controlnets=[{"origin": origin, "residuals": _residuals(contracts)} for origin in req.controlnet],
             layers=len(pipe.adapters.layer_names),
             layer_names=pipe.adapters.layer_names,
             attention_blocks=_blocks(pipe),
@@ -302,6 +311,11 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         say(f"engines written to '{out}' ({manifest['built_seconds']} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _residuals(contracts: list[Contract]) -> int:
+    """How many residuals (down + mid) the UNet takes from its ControlNets."""
+    return sum(1 for k in contracts[0].inputs if k == "mid_residual" or k.startswith("down_residual_"))
 
 
 def _blocks(pipe) -> dict:
@@ -334,6 +348,8 @@ def _write_model_files(pipe, folder: Path) -> None:
     }
     if pipe.image_encoder is not None:
         configs["image_encoder"] = pipe.image_encoder.config.to_dict()
+    for i, net in enumerate(pipe.control.nets if pipe.control is not None else []):
+        configs[f"controlnet_{i}"] = dict(net.config)
     (folder / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True, default=_jsonable))
     for i, tok in enumerate(pipe.tokenizers):
         tok.save_pretrained(folder / f"tokenizer_{i}")
@@ -362,7 +378,15 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
     from ..pipeline import Pipeline
     from ..schedulers import make_scheduler
     from ..variants import VARIANTS
-    from .modules import EngineAdapters, EngineEntry, EngineImageEncoder, EngineTextEncoder, EngineUNet, EngineVAE
+    from .modules import (
+        EngineAdapters,
+        EngineControlNet,
+        EngineEntry,
+        EngineImageEncoder,
+        EngineTextEncoder,
+        EngineUNet,
+        EngineVAE,
+    )
 
     folder, device = Path(folder), torch.device(device)
     manifest = read_manifest(folder)
@@ -411,7 +435,23 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         force_zeros_for_empty_prompt=manifest["force_zeros_for_empty_prompt"],
         origin=str(folder),
     )
-    pipe = Pipeline(base, adapters, encoder, fe, device=device, dtype=dtype, attention="sdpa", backend=backend)
+    controlnets = [
+        EngineControlNet(
+            engines[f"controlnet_{i}"], FrozenDict(configs[f"controlnet_{i}"]), dtype, device, c["residuals"]
+        )
+        for i, c in enumerate(manifest.get("controlnets", []))
+    ]
+    pipe = Pipeline(
+        base,
+        adapters,
+        encoder,
+        fe,
+        device=device,
+        dtype=dtype,
+        attention="sdpa",
+        backend=backend,
+        controlnets=controlnets,
+    )
     pipe.engine_manifest = manifest
     pipe.default_size = (manifest["shapes"]["height"], manifest["shapes"]["width"])
     return pipe

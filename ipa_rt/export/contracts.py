@@ -55,14 +55,24 @@ def _batch(opt: int, most: int) -> tuple[int, int, int]:
 class _UNetIP(nn.Module):
     """UNet + decoupled cross-attention with image tokens and scales as inputs (K/V computed in-graph)."""
 
-    def __init__(self, pipe, extra: tuple[str, ...], adapters: int) -> None:
+    def __init__(self, pipe, extra: tuple[str, ...], adapters: int, residuals: int) -> None:
         super().__init__()
         self.unet, self.stack, self.extra, self.adapters = pipe.unet, pipe.adapters, extra, adapters
+        self.residuals = residuals  # ControlNet down residuals + 1 mid (0: no ControlNet inputs)
 
     def forward(self, sample: Tensor, timestep: Tensor, text: Tensor, *rest: Tensor) -> Tensor:
         extra = dict(zip(self.extra, rest[: len(self.extra)], strict=True))
-        tokens, scale = rest[len(self.extra) : len(self.extra) + self.adapters], rest[-1]
+        rest = rest[len(self.extra) :]
+        control, rest = rest[: self.residuals], rest[self.residuals :]
+        tokens, scale = rest[: self.adapters], rest[-1]
         cond = extra.pop("timestep_cond", None)
+        if control:
+            extra_res = {
+                "down_block_additional_residuals": list(control[:-1]),
+                "mid_block_additional_residual": control[-1],
+            }
+        else:
+            extra_res = {}
         ctx = self.stack.context
         ctx.kv, bounds = self.stack.image_kv(tokens), [0]
         for t in tokens:
@@ -70,7 +80,13 @@ class _UNetIP(nn.Module):
         ctx.segments = list(itertools.pairwise(bounds))
         ctx.scale_eff, ctx.seg_mult, ctx.masks = scale, None, {}
         return self.unet(
-            sample, timestep, encoder_hidden_states=text, timestep_cond=cond, added_cond_kwargs=extra, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states=text,
+            timestep_cond=cond,
+            added_cond_kwargs=extra,
+            return_dict=False,
+            **extra_res,
         )[0]
 
 
@@ -105,6 +121,10 @@ def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
         extra += ("text_embeds", "time_ids")
         inputs["text_embeds"] = torch.randn(rows, pipe.text_encoders[-1].config.projection_dim, device=dev, dtype=dt)
         inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, device=dev, dtype=dt)
+    residuals = _residual_shapes(pipe, rows, height, width) if pipe.control is not None else []
+    for i, shape in enumerate(residuals):
+        name = "mid_residual" if i == len(residuals) - 1 else f"down_residual_{i}"
+        inputs[name] = torch.randn(*shape, device=dev, dtype=dt)
     tokens = []
     for a, entry in enumerate(pipe.adapters.entries):
         count = entry.tokens_per_image or pipe.image_encoder_tokens()
@@ -113,8 +133,66 @@ def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
     inputs["ip_scale"] = pipe.adapters.scale.clone()
     batched = tuple(k for k in inputs if k != "ip_scale")
     meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
-    module = _UNetIP(pipe, extra, len(tokens)).eval()
+    module = _UNetIP(pipe, extra, len(tokens), len(residuals)).eval()
     return Contract("unet", module, inputs, ("noise_pred",), batched, _batch(2 * batch, 2 * batch), meta)
+
+
+def _residual_shapes(pipe, rows: int, height: int, width: int) -> list[tuple[int, ...]]:
+    """Shapes of a ControlNet's down residuals and mid residual at this size (one dry run of the first net)."""
+    net = pipe.control.nets[0]
+    vsf, cfg = pipe.vae_scale_factor, pipe.unet.config
+    added = {}
+    if pipe.family.pooled_text:
+        proj = pipe.text_encoders[-1].config.projection_dim
+        added = {"text_embeds": torch.zeros(1, proj), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad():
+        down, mid = net(
+            torch.zeros(1, cfg.in_channels, height // vsf, width // vsf),
+            torch.zeros(1),
+            encoder_hidden_states=torch.zeros(1, 77, cfg.cross_attention_dim),
+            controlnet_cond=torch.zeros(1, net.config.conditioning_channels, height, width),
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )
+    return [(rows, *x.shape[1:]) for x in (*down, mid)]
+
+
+class _ControlNet(nn.Module):
+    """A ControlNet with its per-residual scales as an input (``[down + 1]``: the conditioning scale, times
+    diffusers' guess-mode ramp when asked), so scale, guidance range and guess mode stay live."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, sample, timestep, text, cond, scales, *added: Tensor) -> tuple[Tensor, ...]:
+        kwargs = {"added_cond_kwargs": dict(zip(("text_embeds", "time_ids"), added, strict=True))} if added else {}
+        down, mid = self.net(
+            sample, timestep, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False, **kwargs
+        )
+        return tuple(x * scales[i].to(x.dtype) for i, x in enumerate((*down, mid)))
+
+
+def controlnet_contract(pipe, index: int, batch: int, height: int, width: int, unet: dict[str, Tensor]) -> Contract:
+    """``(down_residual_0.., mid_residual) = controlnet_i(sample, timestep, encoder_hidden_states,
+    controlnet_cond, conditioning_scales[, text_embeds, time_ids])``."""
+    net = pipe.control.nets[index]  # ``unet``: the UNet contract's example inputs (same rows and sizes)
+    rows = EXAMPLE_BATCH
+    count = len(_residual_shapes(pipe, 1, height, width))
+    dev, dt = pipe.device, pipe.dtype
+    inputs = {
+        "sample": unet["sample"],
+        "timestep": unet["timestep"],
+        "encoder_hidden_states": unet["encoder_hidden_states"],
+        "controlnet_cond": torch.rand(rows, net.config.conditioning_channels, height, width, device=dev, dtype=dt),
+        "conditioning_scales": torch.rand(count, device=dev),
+    }
+    if pipe.family.pooled_text:
+        inputs["text_embeds"], inputs["time_ids"] = unet["text_embeds"], unet["time_ids"]
+    outputs = (*(f"down_residual_{i}" for i in range(count - 1)), "mid_residual")
+    batched = tuple(k for k in inputs if k != "conditioning_scales")
+    module = _ControlNet(net).eval()
+    return Contract(f"controlnet_{index}", module, inputs, outputs, batched, _batch(2 * batch, 2 * batch))
 
 
 def image_projection_contract(pipe, index: int, batch: int) -> Contract:
@@ -202,6 +280,9 @@ def vae_encoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
 def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:
     """Every network of a pipeline: UNet, projections, CLIP encoder, text encoders, VAE decoder and encoder."""
     out = [unet_contract(pipe, batch, height, width)]
+    if pipe.control is not None:
+        nets = range(len(pipe.control.nets))
+        out += [controlnet_contract(pipe, i, batch, height, width, out[0].inputs) for i in nets]
     out += [image_projection_contract(pipe, a, batch) for a in range(pipe.adapters.num_adapters)]
     if pipe.image_encoder is not None:
         out.append(image_encoder_contract(pipe))

@@ -221,7 +221,7 @@ class EngineUNet(EngineModule):
         timestep_cond: Tensor | None = None,
         added_cond_kwargs: dict[str, Tensor] | None = None,
         return_dict: bool = False,
-        **_: Any,
+        **kwargs: Any,
     ) -> tuple[Tensor]:
         rows = sample.shape[0]
         if self.built_for is not None and tuple(sample.shape[2:]) != self.built_for:
@@ -235,4 +235,47 @@ class EngineUNet(EngineModule):
             feeds["timestep_cond"] = timestep_cond
         feeds.update(added_cond_kwargs or {})
         feeds.update(self.adapters.feeds(rows))
+        down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+        if down is not None:
+            feeds.update({f"down_residual_{i}": x for i, x in enumerate(down)}, mid_residual=mid)
         return (self.engine(feeds)[0],)
+
+
+class EngineControlNet(EngineModule):
+    """``controlnet(sample, t, encoder_hidden_states=..., controlnet_cond=..., conditioning_scale=..., guess_mode=...,
+    added_cond_kwargs=...)`` -> ``(down residuals, mid residual)``, with diffusers' per-residual scales (guess
+    mode's ramp from 0.1 to 1) computed here and fed to the engine as an input."""
+
+    def __init__(self, engine, config, dtype, device, residuals: int) -> None:
+        super().__init__(engine, config, dtype, device)
+        self.residuals = residuals
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        controlnet_cond: Tensor,
+        conditioning_scale: Tensor | float = 1.0,
+        guess_mode: bool = False,
+        added_cond_kwargs: dict[str, Tensor] | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ) -> tuple[list[Tensor], Tensor]:
+        rows = sample.shape[0]
+        scale = torch.as_tensor(conditioning_scale, device=self.device, dtype=torch.float32)
+        if guess_mode and not self.config.global_pool_conditions:
+            scales = torch.logspace(-1, 0, self.residuals, device=self.device) * scale
+        else:
+            scales = scale.expand(self.residuals)
+        t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
+        feeds = {
+            "sample": sample,
+            "timestep": t,
+            "encoder_hidden_states": encoder_hidden_states,
+            "controlnet_cond": controlnet_cond,
+            "conditioning_scales": scales.contiguous(),
+            **{k: v for k, v in (added_cond_kwargs or {}).items() if k in ("text_embeds", "time_ids")},
+        }
+        out = self.engine(feeds)
+        return out[:-1], out[-1]

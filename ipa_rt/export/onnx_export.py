@@ -29,7 +29,7 @@ def _dynamic_shapes(contract: Contract) -> tuple:
     per_input = [{0: dim} if name in contract.batched else None for name in contract.inputs]
     params = inspect.signature(contract.module.forward).parameters.values()
     named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and len(per_input) > named:
         return (*per_input[:named], tuple(per_input[named:]))
     return tuple(per_input)
 
