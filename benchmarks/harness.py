@@ -8,7 +8,8 @@ system's output is compared with diffusers' and the error is reported next to th
 
 Workloads: one UNet step at batch 1 and 2 (CFG); LCM 4 steps end to end, PIL reference in, PIL image out
 (image encode, text encode, 4 steps, VAE decode); 30 steps with CFG (GPU profile; SD1.5 and SDXL); the cost of
-changing the image prompt and of changing the scale. Warm-up excluded, device-synchronised timing, median
+changing the image prompt and of changing the scale; SD1.5 + IP-Adapter + one ControlNet, LCM 4 steps and 30
+steps CFG (``--controlnet``, on by default for the GPU profile). Warm-up excluded, device-synchronised timing, median
 and p90, peak memory; load / compile time reported separately.
 
     ipa_rt bench --profile cpu      # SD1.5 architecture at 256², LCM 4 steps, batch 1 (~10 min on 2 cores)
@@ -223,6 +224,50 @@ def errors_vs_diffusers(bench: Bench) -> dict[str, float]:
     return {s: ((o - ref).norm() / ref.norm()).item() for s, o in outs.items() if s != "diffusers"}
 
 
+def run_controlnet(files: dict, device, dtype, size: int, profile: dict, timer, reps: int) -> tuple[list, dict]:
+    """SD1.5 + IP-Adapter + one ControlNet (random, from the base UNet's config): LCM 4 steps and (GPU) 30 steps
+    CFG end to end, diffusers' ControlNet pipeline against ipa_rt on the same files; plus the output error."""
+    import diffusers
+
+    net_dir = T.write_controlnet(Path(files["base"]).parent / "controlnet", files["base"])
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        files["base"],
+        controlnet=diffusers.ControlNetModel.from_pretrained(net_dir, torch_dtype=dtype),
+        torch_dtype=dtype,
+    ).to(device)
+    adapter = Path(files["adapter"])
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
+    ours = ipa_rt.Pipeline.from_pretrained(files["base"], adapter, controlnet=net_dir, device=device, dtype=dtype)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    image, control = T.make_image(0, (384, 384)), T.make_image(5, (size, size))
+    systems = {"diffusers": ref, "ipa_rt" + ("+graphs" if device.type == "cuda" else ""): ours}
+
+    def call(pipe, steps, guidance, output_type="pil"):
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type=output_type)
+        kw["generator"] = torch.Generator("cpu").manual_seed(0)
+        return pipe("a photo of a house", image=control, ip_adapter_image=image, **kw).images
+
+    workloads = [("LCM 4 steps end to end", "lcm", 4, 1.0)]
+    if profile["cfg_steps"]:
+        workloads.append((f"{profile['cfg_steps']} steps CFG end to end", "dpm++2m", profile["cfg_steps"], 7.5))
+    rows, outs = [], {}
+    for workload, scheduler, steps, guidance in workloads:
+        for system, pipe in systems.items():
+            pipe.scheduler = ipa_rt.schedulers.make_scheduler(scheduler, ref.scheduler)
+            call(pipe, steps, guidance)  # warm-up (and graph capture)
+            samples = [timer(lambda p=pipe, n=steps, g=guidance: call(p, n, g)) for _ in range(reps)]
+            rows.append({"system": system, "workload": workload, "family": "sd15+controlnet", **stats(samples)})
+            if scheduler == "lcm":
+                outs[system] = call(pipe, steps, guidance, "latent").float()
+    err = {
+        f"sd15+controlnet {s}": ((o - outs["diffusers"]).norm() / outs["diffusers"].norm()).item()
+        for s, o in outs.items()
+        if s != "diffusers"
+    }
+    return rows, err
+
+
 def summary(rows: list[dict], profile: str) -> dict:
     def med(system, workload, family="sd15"):
         return next(
@@ -326,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of full-size (checks the harness)")
     parser.add_argument("--model", type=Path, default=None, help="a real diffusers base model folder to use")
     parser.add_argument("--ip-adapter", type=Path, default=None, help="with --model: its IP-Adapter file")
+    parser.add_argument(
+        "--controlnet",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also SD1.5 + IP-Adapter + one ControlNet (default: on for --profile gpu)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
@@ -351,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             errors |= {f"{family} {k}": v for k, v in errors_vs_diffusers(bench).items()}
             load_s[family], compile_s[family] = round(bench.load_s, 1), bench.compile_s
             del bench
+            with_control = args.controlnet if args.controlnet is not None else args.profile == "gpu"
+            if with_control and family == "sd15":
+                extra, err = run_controlnet(files, device, dtype, size, profile, timer, reps)
+                rows, errors = rows + extra, errors | err
     result = {
         "environment": environment(device),
         "profile": args.profile,

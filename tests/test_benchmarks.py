@@ -52,7 +52,7 @@ def test_bench_harness_tiny(tmp_path):
     """The harness end to end on tiny models (the real CPU profile uses the full-size architecture)."""
     from ipa_rt.cli import main
 
-    assert main(["bench", "--tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--tiny", "--reps", "1", "--controlnet", "--out", str(tmp_path)]) == 0
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
     workloads = {r["workload"] for r in result["rows"]}
     assert {
@@ -64,6 +64,8 @@ def test_bench_harness_tiny(tmp_path):
     } <= workloads
     assert {r["system"] for r in result["rows"]} == {"diffusers", "ipa_rt"}
     assert result["errors"]["sd15 ipa_rt"] <= 1e-4  # same weights, same seed: diffusers' output
+    control = {r["workload"] for r in result["rows"] if r["family"] == "sd15+controlnet"}
+    assert control == {"LCM 4 steps end to end"} and result["errors"]["sd15+controlnet ipa_rt"] <= 1e-4
     assert (tmp_path / "tiny-cpu.png").stat().st_size > 0 and (tmp_path / "tiny-cpu.md").exists()
 
 
