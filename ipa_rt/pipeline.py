@@ -180,20 +180,13 @@ class Pipeline:
                 "t2i_adapter is not supported yet; expected controlnet= (diffusers ControlNetModel folders)"
             )
         if backend != "torch":
-            return cls._from_cache(
-                base,
-                ip_adapter,
-                image_encoder,
-                subfolder,
-                weight_name,
-                backend,
-                device,
-                dtype,
-                scheduler,
-                lora,
-                engine_options or {},
-                controlnet,
-            )
+            from .export.build import cached_engines
+
+            sources = _adapter_sources(ip_adapter, subfolder, weight_name)
+            options = dict(engine_options or {})
+            req = _engine_request(base, sources, image_encoder, backend, dtype, lora, controlnet, options)
+            folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
+            return cls.from_engine(folder, device=device, scheduler=scheduler)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(
                 f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
@@ -226,53 +219,6 @@ class Pipeline:
         from .export.build import load_engine_pipeline
 
         return load_engine_pipeline(folder, device, scheduler)
-
-    @classmethod
-    def _from_cache(
-        cls,
-        base,
-        ip_adapter,
-        image_encoder,
-        subfolder,
-        weight_name,
-        backend,
-        device,
-        dtype,
-        scheduler,
-        lora,
-        options,
-        controlnet=None,
-    ) -> Pipeline:
-        from .export.build import DTYPE_NAMES, BuildRequest, cached_engines
-
-        unknown = set(options) - {"height", "width", "batch", "rebuild"}
-        if unknown:
-            raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, rebuild")
-        sources = _adapter_sources(ip_adapter, subfolder, weight_name)
-        if any(isinstance(s.source, dict) for s in sources) or not sources:
-            raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
-        if isinstance(image_encoder, torch.nn.Module):
-            raise ConfigError(f"backend {backend!r} needs image_encoder as a folder, not a loaded module")
-        size = _sample_pixels(base)
-        loras = lora if isinstance(lora, (list, tuple)) else ([lora] if lora is not None else [])
-        req = BuildRequest(
-            base=os.fspath(base),
-            ip_adapter=[os.fspath(s.source) for s in sources],
-            image_encoder=os.fspath(image_encoder) if image_encoder is not None else None,
-            backend=backend,
-            height=int(options.get("height", size)),
-            width=int(options.get("width", size)),
-            batch=int(options.get("batch", 1)),
-            dtype=DTYPE_NAMES.get(dtype, str(dtype)),
-            lora=[os.fspath(x) for x in loras],
-            controlnet=[os.fspath(x) for x in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
-            if controlnet is not None
-            else [],
-            weight_name=[s.weight_name for s in sources],
-            subfolder=[s.subfolder for s in sources],
-        )
-        folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
-        return cls.from_engine(folder, device=device, scheduler=scheduler)
 
     @staticmethod
     def _resolve_encoder(image_encoder: Any, stack: IPAdapterStack | None, dtype, hub_kwargs) -> Any:
@@ -712,6 +658,36 @@ def _query_tokens(unet, layer_names: list[str], height: int, width: int, vae_sca
             hh, ww = -(-hh // 2), -(-ww // 2)
         out.append(hh * ww)
     return out
+
+
+def _engine_request(base, sources, image_encoder, backend, dtype, lora, controlnet, options):
+    """The :class:`~ipa_rt.export.BuildRequest` behind ``from_pretrained(..., backend=...)``."""
+    from .export.build import DTYPE_NAMES, BuildRequest
+
+    unknown = set(options) - {"height", "width", "batch", "rebuild"}
+    if unknown:
+        raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, rebuild")
+    if any(isinstance(s.source, dict) for s in sources) or not sources:
+        raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
+    if isinstance(image_encoder, torch.nn.Module):
+        raise ConfigError(f"backend {backend!r} needs image_encoder as a folder, not a loaded module")
+    size = _sample_pixels(base)
+    loras = lora if isinstance(lora, (list, tuple)) else ([lora] if lora is not None else [])
+    nets = controlnet if isinstance(controlnet, (list, tuple)) else ([controlnet] if controlnet is not None else [])
+    return BuildRequest(
+        base=os.fspath(base),
+        ip_adapter=[os.fspath(s.source) for s in sources],
+        image_encoder=os.fspath(image_encoder) if image_encoder is not None else None,
+        backend=backend,
+        height=int(options.get("height", size)),
+        width=int(options.get("width", size)),
+        batch=int(options.get("batch", 1)),
+        dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+        lora=[os.fspath(x) for x in loras],
+        controlnet=[os.fspath(x) for x in nets],
+        weight_name=[s.weight_name for s in sources],
+        subfolder=[s.subfolder for s in sources],
+    )
 
 
 def _sample_pixels(base: str | os.PathLike) -> int:
