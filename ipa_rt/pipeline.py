@@ -216,7 +216,7 @@ class Pipeline:
     ) -> Pipeline:
         """A pipeline whose networks run from the engines ``ipa_rt build`` wrote into ``folder``: the same call
         API and live controls (``set_ip_adapter_scale`` writes an engine input: nothing is rebuilt)."""
-        from .export.build import load_engine_pipeline
+        from .export.loader import load_engine_pipeline
 
         return load_engine_pipeline(folder, device, scheduler)
 

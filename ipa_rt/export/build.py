@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import AdapterSource, atomic_write_bytes
 from ..errors import ConfigError, EngineError
 from .contracts import Contract, all_contracts
-from .engines import OrtEngine, TrtEngine, build_trt_engine, tensorrt_version
+from .engines import build_trt_engine, tensorrt_version
 from .manifest import (
     FORMAT,
     REBUILD,
@@ -366,97 +366,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-# --- loading -----------------------------------------------------------------------------------------------------
-def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
-    """A :class:`~ipa_rt.Pipeline` whose networks run from the engines in ``folder``."""
-    import diffusers
-    from diffusers.configuration_utils import FrozenDict
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
-
-    from ..image import default_feature_extractor
-    from ..models import FAMILIES, BaseModel
-    from ..pipeline import Pipeline
-    from ..schedulers import make_scheduler
-    from ..variants import VARIANTS
-    from .modules import (
-        EngineAdapters,
-        EngineControlNet,
-        EngineEntry,
-        EngineImageEncoder,
-        EngineTextEncoder,
-        EngineUNet,
-        EngineVAE,
-    )
-
-    folder, device = Path(folder), torch.device(device)
-    manifest = read_manifest(folder)
-    check_engine_dir(folder, manifest, device)
-    backend = manifest["backend"]
-    runner = OrtEngine if backend == "onnxruntime" else TrtEngine
-    engines = {name: runner(folder / next(iter(info["files"])), device) for name, info in manifest["networks"].items()}
-    dtype = DTYPES[manifest["io_dtype"]]
-    model = folder / "model"
-    configs = json.loads((model / "configs.json").read_text())
-    specs = {v.name: v for v in VARIANTS}
-    entries = [EngineEntry(specs[a["variant"]], a["tokens"], a["origin"]) for a in manifest["adapters"]]
-    projections = [engines[f"image_projection_{i}"] for i in range(len(entries))]
-    adapters = EngineAdapters(entries, projections, manifest["layer_names"], manifest["token_width"], device, dtype)
-    blocks = {side: {int(k): v for k, v in d.items()} for side, d in manifest["attention_blocks"].items()}
-    unet = EngineUNet(engines["unet"], FrozenDict(configs["unet"]), dtype, device, adapters, blocks)
-    unet.built_for = tuple(manifest["networks"]["unet"]["inputs"]["sample"]["profile"][1][2:])
-    vae_dtype = DTYPES[manifest["vae_dtype"]]
-    vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device)
-    family = FAMILIES[manifest["family"]]
-    text_encoders = [
-        EngineTextEncoder(
-            engines[f"text_encoder_{i}"], CLIPTextConfig.from_dict(configs[f"text_encoder_{i}"]), dtype, device
-        )
-        for i in range(len(family.text_encoders))
-    ]
-    tokenizers = [AutoTokenizer.from_pretrained(model / f"tokenizer_{i}") for i in range(len(family.tokenizers))]
-    sched_name = json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-    base_scheduler = getattr(diffusers, sched_name).from_pretrained(model / "scheduler")
-    encoder = None
-    if "image_encoder" in engines:
-        enc_cfg = CLIPVisionConfig.from_dict(configs["image_encoder"])
-        encoder = EngineImageEncoder(engines["image_encoder"], enc_cfg, dtype, device)
-    fe_dir = model / "feature_extractor"
-    fe = CLIPImageProcessor.from_pretrained(fe_dir) if fe_dir.is_dir() else None
-    if fe is None and encoder is not None:
-        fe = default_feature_extractor(encoder)
-    base = BaseModel(
-        family=family,
-        unet=unet,
-        vae=vae,
-        text_encoders=text_encoders,
-        tokenizers=tokenizers,
-        scheduler=make_scheduler(scheduler, base_scheduler) if scheduler is not None else base_scheduler,
-        feature_extractor=fe,
-        force_zeros_for_empty_prompt=manifest["force_zeros_for_empty_prompt"],
-        origin=str(folder),
-    )
-    controlnets = [
-        EngineControlNet(
-            engines[f"controlnet_{i}"], FrozenDict(configs[f"controlnet_{i}"]), dtype, device, c["residuals"]
-        )
-        for i, c in enumerate(manifest.get("controlnets", []))
-    ]
-    pipe = Pipeline(
-        base,
-        adapters,
-        encoder,
-        fe,
-        device=device,
-        dtype=dtype,
-        attention="sdpa",
-        backend=backend,
-        controlnets=controlnets,
-    )
-    pipe.engine_manifest = manifest
-    pipe.default_size = (manifest["shapes"]["height"], manifest["shapes"]["width"])
-    return pipe
-
-
+# --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
 def engine_cache_root() -> Path:
     """``$IPA_RT_CACHE`` or ``~/.cache/ipa_rt/engines``: where from_pretrained(..., backend=...) keeps engines."""
     root = os.environ.get("IPA_RT_CACHE")
