@@ -67,9 +67,10 @@ def txt2img(shape, plan, generator, device, dtype, latents: Tensor | None) -> Te
     return latents.to(device) * plan.init_noise_sigma
 
 
-def img2img(pipe, image, plan, batch, generator, device, dtype, latents: Tensor | None) -> ModeSetup:
-    """``StableDiffusion(XL)Img2ImgPipeline.prepare_latents``: encode, then noise to the first timestep."""
-    pixels = pipe.image_processor.preprocess(image)
+def img2img(pipe, image, plan, batch, generator, device, dtype, latents: Tensor | None, size=None) -> ModeSetup:
+    """``StableDiffusion(XL)Img2ImgPipeline.prepare_latents``: encode, then noise to the first timestep.
+    ``size``: ``(height, width)`` to resize the image to first (the ControlNet img2img pipelines do)."""
+    pixels = pipe.image_processor.preprocess(image, *(size or ()))
     height, width = pixels.shape[-2:]
     pixels = pixels.to(device=device, dtype=dtype)
     sdxl = pipe.family.name == "sdxl"

@@ -408,12 +408,16 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img.
 
-        With ControlNets loaded, ``image`` is the control image(s) (diffusers' ControlNet pipelines) and
-        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``end`` and ``guess_mode`` apply."""
+        With ControlNets loaded, ``image`` is the control image(s) (diffusers' ControlNet pipelines), or the init
+        image with ``control_image`` (ControlNet img2img), and ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` / ``end`` and ``guess_mode`` apply."""
         if self.control is not None:
-            if control_image is not None or mask_image is not None:
-                raise ConfigError("ControlNets are supported for txt2img (image= is the control image) for now")
-            control_image, image = image, None
+            if mask_image is not None:
+                raise ConfigError("ControlNet inpainting is not supported yet; use txt2img or img2img (control_image=)")
+            if control_image is None:  # diffusers' ControlNet txt2img: image= is the control image
+                control_image, image = image, None
+            elif strength is None:
+                strength = 0.8  # diffusers' ControlNet img2img default (both families)
         elif control_image is not None:
             raise ConfigError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
         if output_type not in OUTPUT_TYPES:
@@ -473,7 +477,8 @@ class Pipeline:
             )
             setup = modes.ModeSetup(modes.txt2img(shape, plan, generator, self.device, dtype, latents), height, width)
         elif mode == "img2img":
-            setup = modes.img2img(self, image, plan, copies, generator, self.device, dtype, latents)
+            size = (height, width) if self.control is not None else None  # ControlNet img2img resizes the image
+            setup = modes.img2img(self, image, plan, copies, generator, self.device, dtype, latents, size)
         else:
             setup = modes.inpaint(
                 self,

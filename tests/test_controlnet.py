@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CALL, FAMILIES, assert_parity, fixed_latents, ipa_pipe
 
 import ipa_rt
@@ -88,6 +89,9 @@ def test_controlnet_errors(models, images, controlnets, tmp_path):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=tmp_path)
     with pytest.raises(ipa_rt.ConfigError, match="t2i_adapter is not supported yet"):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), t2i_adapter=tmp_path)
+    with pytest.raises(ipa_rt.ConfigError, match="ControlNet inpainting is not supported yet"):
+        cn = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sd15", 5)])
+        cn("x", image=images[0], mask_image=images[1], control_image=images[2], **CALL)
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=[controlnets[("sd15", 5)]] * 2)
     control = T.make_image(seed=3, size=(32, 32))
     with pytest.raises(ipa_rt.ImageInputError, match="pass their control image"):
@@ -157,3 +161,63 @@ def test_build_cli_with_controlnets_is_up_to_date(models, controlnets, control_e
     assert "up to date" in capsys.readouterr().out
     assert cli.main(["inspect", str(folder)]) == 0
     assert "ControlNet [1] from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_controlnet_img2img_matches_diffusers(models, images, controlnets, family):
+    """``image`` = init image, ``control_image`` = structure: diffusers' ControlNet img2img pipelines, seeded."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    name = (
+        "StableDiffusionXLControlNetImg2ImgPipeline" if family == "sdxl" else "StableDiffusionControlNetImg2ImgPipeline"
+    )
+    net = controlnets[(family, 5)]
+    ref = getattr(diffusers, name).from_pretrained(models.base(family), controlnet=ControlNetModel.from_pretrained(net))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(models.adapter_dir(family)), subfolder="", weight_name="plus.safetensors")
+    ours = ipa_pipe(models, family, models.adapter(family, "plus"), controlnet=net)
+    init, control = T.make_image(seed=31, size=(32, 32)), T.make_image(seed=32, size=(32, 32))
+    for strength in (None, 0.6):  # None: diffusers' ControlNet img2img default (0.8 for both families)
+        kw = dict(num_inference_steps=4, output_type="latent", controlnet_conditioning_scale=0.7)
+        kw |= {"strength": strength} if strength else {}
+        for p in (ref, ours):
+            p.set_ip_adapter_scale(0.6)
+        call = dict(kw, image=init, control_image=control, ip_adapter_image=images[2])
+        want = ref("a car", generator=torch.Generator().manual_seed(2), **call).images
+        got = ours("a car", generator=torch.Generator().manual_seed(2), **call).images
+        assert_parity(got, want)
+
+
+def test_controlnet_img2img_through_engines(models, images, controlnets, control_engines):
+    import diffusers
+    from diffusers import ControlNetModel
+
+    pipe, _ = control_engines
+    nets = [controlnets[("sd15", 5)], controlnets[("sd15", 6)]]
+    ref = diffusers.StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        models.base("sd15"), controlnet=[ControlNetModel.from_pretrained(n) for n in nets]
+    )
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(models.adapter_dir("sd15")), subfolder="", weight_name="plus.safetensors")
+    init, control = T.make_image(seed=41, size=(32, 32)), [T.make_image(seed=s, size=(32, 32)) for s in (42, 43)]
+    kw = dict(num_inference_steps=4, output_type="latent", controlnet_conditioning_scale=[0.7, 0.4], strength=0.7)
+    for p in (ref, pipe):
+        p.set_ip_adapter_scale(0.5)
+    want = ref(
+        "a car",
+        image=init,
+        control_image=control,
+        ip_adapter_image=images[2],
+        generator=torch.Generator().manual_seed(2),
+        **kw,
+    ).images
+    got = pipe(
+        "a car",
+        image=init,
+        control_image=control,
+        ip_adapter_image=[images[2]],
+        generator=torch.Generator().manual_seed(2),
+        **kw,
+    ).images
+    assert_parity(got, want, 1e-3)
