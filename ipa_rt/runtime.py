@@ -135,56 +135,41 @@ class DenoiseLoop:
         )
         st = self.states.get(sig)
         plan, device = inp.plan, inp.latents.device
+        # every per-request tensor by its StaticState field (None: this signature has no such buffer)
+        values = {
+            "latents": inp.latents,
+            "text": inp.text,
+            "timestep_cond": inp.timestep_cond,
+            "noise": inp.noise,
+            "gate": inp.gate,
+            "timesteps": plan.timesteps,
+            "coef": plan.coef,
+            "in_scale": plan.in_scale,
+            "control_keep": inp.control_keep,
+            "mask": inp.inpaint_mask,
+            "inpaint_latents": inp.inpaint_latents,
+            "blend": inp.blend,
+            "blend_noise": inp.blend_noise,
+        }
         if st is None:
             st = StaticState(
                 sig=sig,
                 idx=torch.zeros(1, dtype=torch.long, device=device),
-                latents=torch.empty_like(inp.latents),
                 prev_x0=torch.zeros_like(inp.latents),
-                text=torch.empty_like(inp.text),
                 added={k: torch.empty_like(v) for k, v in inp.added.items()},
-                timestep_cond=torch.empty_like(inp.timestep_cond) if inp.timestep_cond is not None else None,
                 guidance=torch.zeros((), dtype=torch.float32, device=device),
-                noise=torch.empty_like(inp.noise) if inp.noise is not None else None,
-                gate=torch.empty_like(inp.gate),
-                timesteps=torch.empty_like(plan.timesteps),
-                coef=torch.empty_like(plan.coef),
-                in_scale=torch.empty_like(plan.in_scale) if plan.in_scale is not None else None,
+                **{k: torch.empty_like(v) if v is not None else None for k, v in values.items()},
             )
-            if inp.control_keep is not None:
-                st.control_keep = torch.empty_like(inp.control_keep)
-            if inp.inpaint_mask is not None:
-                st.mask = torch.empty_like(inp.inpaint_mask)
-                st.inpaint_latents = torch.empty_like(inp.inpaint_latents)
-                if inp.blend is not None:
-                    st.blend = torch.empty_like(inp.blend)
-                    st.blend_noise = torch.empty_like(inp.blend_noise)
             self.states[sig] = st
         # one request's values into the static storage (in place: the graph keeps reading the same memory)
         st.idx.zero_()
-        st.latents.copy_(inp.latents)
         st.prev_x0.zero_()
-        st.text.copy_(inp.text)
+        st.guidance.fill_(inp.guidance)
         for k, v in inp.added.items():
             st.added[k].copy_(v)
-        if st.timestep_cond is not None:
-            st.timestep_cond.copy_(inp.timestep_cond)
-        st.guidance.fill_(inp.guidance)
-        if st.noise is not None:
-            st.noise.copy_(inp.noise)
-        st.gate.copy_(inp.gate)
-        st.timesteps.copy_(plan.timesteps)
-        st.coef.copy_(plan.coef)
-        if st.in_scale is not None:
-            st.in_scale.copy_(plan.in_scale)
-        if st.control_keep is not None:
-            st.control_keep.copy_(inp.control_keep)
-        if st.mask is not None:
-            st.mask.copy_(inp.inpaint_mask)
-            st.inpaint_latents.copy_(inp.inpaint_latents)
-            if st.blend is not None:
-                st.blend.copy_(inp.blend)
-                st.blend_noise.copy_(inp.blend_noise)
+        for k, v in values.items():
+            if v is not None:
+                getattr(st, k).copy_(v)
         st.extra["plan"] = plan
         return st
 

@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoint import AdapterSource, atomic_write_bytes
 from ..errors import ConfigError, EngineError
-from .contracts import Contract, all_contracts
+from .contracts import Contract, all_contracts, residual_names
 from .engines import build_trt_engine, tensorrt_version
 from .manifest import (
     FORMAT,
@@ -211,6 +211,7 @@ def build_engines(
     out: str | os.PathLike,
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
+    known: dict[str, Any] | None = None,
 ) -> Path:
     """Build (or find already built) the engines of ``req`` in ``out``; returns ``out``."""
     req.check()
@@ -227,7 +228,8 @@ def build_engines(
             except EngineError:
                 if not rebuild:
                     raise
-        sources = source_records(req, {r["path"]: r for r in old["sources"].values()} if old else {})
+        known = dict(known or {}) | ({r["path"]: r for r in old["sources"].values()} if old else {})
+        sources = source_records(req, known)
         ident = build_identity(req, sources, device)
         if old is not None and not rebuild:
             diff = differences(old.get("identity", {}), ident)
@@ -293,7 +295,9 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
                 {"variant": e.spec.name, "tokens": t, "origin": e.origin}
                 for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
             ],
-            controlnets=[{"origin": origin, "residuals": _residuals(contracts)} for origin in req.controlnet],
+            controlnets=[
+                {"origin": origin, "residuals": len(residual_names(contracts[0].inputs))} for origin in req.controlnet
+            ],
             layers=len(pipe.adapters.layer_names),
             layer_names=pipe.adapters.layer_names,
             attention_blocks=_blocks(pipe),
@@ -311,11 +315,6 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         say(f"engines written to '{out}' ({manifest['built_seconds']} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _residuals(contracts: list[Contract]) -> int:
-    """How many residuals (down + mid) the UNet takes from its ControlNets."""
-    return sum(1 for k in contracts[0].inputs if k == "mid_residual" or k.startswith("down_residual_"))
 
 
 def _blocks(pipe) -> dict:
@@ -386,4 +385,5 @@ def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> P
     memo.update({r["path"]: r for r in sources.values()})
     atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
     ident = build_identity(req, sources, device)
-    return build_engines(req, engine_cache_root() / f"{req.backend}-{cache_key(ident)}", rebuild, progress)
+    folder = engine_cache_root() / f"{req.backend}-{cache_key(ident)}"
+    return build_engines(req, folder, rebuild, progress, known=memo)  # the hashes just taken are reused

@@ -157,6 +157,11 @@ def _residual_shapes(pipe, rows: int, height: int, width: int) -> list[tuple[int
     return [(rows, *x.shape[1:]) for x in (*down, mid)]
 
 
+def residual_names(unet_inputs: dict[str, Tensor]) -> list[str]:
+    """The UNet contract's ControlNet residual inputs (down ones, then the mid one)."""
+    return [k for k in unet_inputs if k.startswith("down_residual_") or k == "mid_residual"]
+
+
 class _ControlNet(nn.Module):
     """A ControlNet with its per-residual scales as an input (``[down + 1]``: the conditioning scale, times
     diffusers' guess-mode ramp when asked), so scale, guidance range and guess mode stay live."""
@@ -178,7 +183,7 @@ def controlnet_contract(pipe, index: int, batch: int, height: int, width: int, u
     controlnet_cond, conditioning_scales[, text_embeds, time_ids])``."""
     net = pipe.control.nets[index]  # ``unet``: the UNet contract's example inputs (same rows and sizes)
     rows = EXAMPLE_BATCH
-    count = len(_residual_shapes(pipe, 1, height, width))
+    count = len(residual_names(unet))
     dev, dt = pipe.device, pipe.dtype
     inputs = {
         "sample": unet["sample"],

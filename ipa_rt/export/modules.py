@@ -136,6 +136,7 @@ class EngineAdapters:
         self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff)
         self.active = torch.zeros((), device=device)  # 1 while an image prompt is prepared, else 0 (text only)
         self.tokens: list[Tensor] = []
+        self._zeros: dict[tuple[int, ...], Tensor] = {}
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []
         self.head_dims: list[int] = []  # no per-layer kernel choice: attention runs inside the engine
@@ -195,10 +196,11 @@ class EngineAdapters:
         for a, entry in enumerate(self.entries):
             if self.tokens and self.tokens[a].shape[0] == rows:
                 out[f"ip_tokens_{a}"] = self.tokens[a]
-            else:
-                out[f"ip_tokens_{a}"] = torch.zeros(
-                    rows, entry.tokens, self.width, device=self.device, dtype=self.dtype
-                )
+            else:  # text only: zeros, allocated once per shape rather than every step
+                shape = (rows, entry.tokens, self.width)
+                if shape not in self._zeros:
+                    self._zeros[shape] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                out[f"ip_tokens_{a}"] = self._zeros[shape]
         out["ip_scale"] = self.context.scale_eff * self.active  # zero scale is exactly text-only (where, not 0*x)
         return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineError
 from .contracts import Contract
 
 OPSET = 18
@@ -52,20 +52,26 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET)
     size = sum(p.numel() * p.element_size() for p in contract.module.parameters())
     large = size > PROTOBUF_LIMIT
     log = io.StringIO()  # the exporter narrates every stage on stdout: keep it for the error message only
-    with torch.no_grad(), contextlib.redirect_stdout(log), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            contract.module,
-            tuple(contract.inputs.values()),
-            str(path),
-            input_names=list(contract.inputs),
-            output_names=list(contract.outputs),
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(contract),
-            external_data=large,
-            verbose=False,
-        )
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                contract.module,
+                tuple(contract.inputs.values()),
+                str(path),
+                input_names=list(contract.inputs),
+                output_names=list(contract.outputs),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(contract),
+                external_data=large,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise EngineError(
+            f"exporting {contract.name} to ONNX failed ({type(exc).__name__}: {str(exc)[-600:]}); exporter log:\n"
+            f"{log.getvalue()[-2000:]}"
+        ) from exc
     cleanup_onnx(path, large)
     onnx.checker.check_model(str(path))
     return path
