@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
+    build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
     demo = sub.add_parser(
@@ -180,6 +181,7 @@ def _build(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         lora=args.lora,
         controlnet=args.controlnet,
+        t2i_adapter=args.t2i_adapter,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:
@@ -256,6 +258,11 @@ def describe(manifest: dict) -> str:
     for i, net in enumerate(manifest.get("controlnets", [])):
         lines.append(
             f"  ControlNet [{i}] from {net['origin']} ({net['residuals']} residuals; scales are engine inputs)"
+        )
+    for i, a in enumerate(manifest.get("t2i_adapters", [])):
+        lines.append(
+            f"  T2I-Adapter [{i}] from {a['origin']} ({a['type']}, {a['features']} features; weighted per step "
+            "outside the engine by the live scale)"
         )
     lines.append("networks:")
     for name, net in manifest["networks"].items():

@@ -48,7 +48,7 @@ def load_controlnets(sources: Any, unet, dtype: torch.dtype, **hub_kwargs: Any) 
                     f"controlnet[{i}] has {key} {have}, but the base UNet has {want}; expected a ControlNet trained "
                     "for this base model (SD1.5 ControlNets on SD1.5, SDXL ones on SDXL)"
                 )
-        nets.append(net.to(dtype=dtype).eval())
+        nets.append((net if net.dtype == dtype else net.to(dtype=dtype)).eval())
     return nets
 
 

@@ -37,6 +37,7 @@ from .runtime import DenoiseLoop, Graphed, StepInputs
 from .sampling import EagerPlan, Plan, make_plan
 from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
+from .t2i import T2IStack, load_t2i_adapters
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 from .variants import FACE_ID, HIDDEN
 
@@ -98,6 +99,7 @@ class Pipeline:
         attention: str = "auto",
         backend: str = "torch",
         controlnets: Sequence[torch.nn.Module] | None = None,
+        t2i_adapters: Sequence[torch.nn.Module] | None = None,
     ) -> None:
         if attention not in ATTENTION:
             raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
@@ -118,7 +120,8 @@ class Pipeline:
         self.progress_bar_config: dict[str, Any] = {}
         self.mask_processor = modes.mask_processor(self.vae_scale_factor)
         self.control = ControlStack(controlnets, self.vae_scale_factor) if controlnets else None
-        self.loop = DenoiseLoop(self.unet, adapters.context if adapters is not None else None, control=self.control)
+        self.t2i = T2IStack(t2i_adapters) if t2i_adapters else None
+        self.loop = self._new_loop()
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
@@ -171,20 +174,19 @@ class Pipeline:
         build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or reuse them;
         ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample size, 1)
         and ``rebuild``. ``controlnet``: diffusers ``ControlNetModel`` folder(s) or hub id(s); the call then
-        takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines.
+        takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines. ``t2i_adapter``: diffusers
+        ``T2IAdapter`` folder(s) or hub id(s); the call takes their condition image(s) as ``image=`` like diffusers'
+        adapter pipelines (``adapter_image=`` when ControlNets are loaded too).
         """
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
-        if t2i_adapter is not None:
-            raise ConfigError(
-                "t2i_adapter is not supported yet; expected controlnet= (diffusers ControlNetModel folders)"
-            )
         if backend != "torch":
             from .export.build import cached_engines
 
             sources = _adapter_sources(ip_adapter, subfolder, weight_name)
             options = dict(engine_options or {})
-            req = _engine_request(base, sources, image_encoder, backend, dtype, lora, controlnet, options)
+            structure = {"controlnet": controlnet, "t2i_adapter": t2i_adapter}
+            req = _engine_request(base, sources, image_encoder, backend, dtype, lora, structure, options)
             folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
             return cls.from_engine(folder, device=device, scheduler=scheduler)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -208,7 +210,21 @@ class Pipeline:
         if stack is not None:
             stack.to_runtime("cpu", dtype)
         nets = load_controlnets(controlnet, model.unet, dtype, **hub_kwargs) if controlnet is not None else None
-        return cls(model, stack, encoder, fe, device=device, dtype=dtype, attention=attention, controlnets=nets)
+        t2i = None
+        if t2i_adapter is not None:
+            vsf = 2 ** (len(model.vae.config.block_out_channels) - 1)
+            t2i = load_t2i_adapters(t2i_adapter, model.unet, vsf, dtype, **hub_kwargs)
+        return cls(
+            model,
+            stack,
+            encoder,
+            fe,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            controlnets=nets,
+            t2i_adapters=t2i,
+        )
 
     @classmethod
     def from_engine(
@@ -292,9 +308,14 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.to(self.device)
             self.adapters.set_attention(self._fused_layers())
-        if self.control is not None:
-            self.control.to(self.device)
+        for extra in (self.control, self.t2i):
+            if extra is not None:
+                extra.to(self.device)
         return self
+
+    def _new_loop(self) -> DenoiseLoop:
+        context = self.adapters.context if self.adapters is not None else None
+        return DenoiseLoop(self.unet, context, control=self.control, t2i=self.t2i)
 
     def _fused_layers(self) -> list[bool]:
         """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call)."""
@@ -329,9 +350,7 @@ class Pipeline:
         if self.adapters is not None:
             self.adapters.restore(self.unet)
             self.adapters = None
-            self.loop = DenoiseLoop(
-                self.unet, None, control=self.control
-            )  # the old buffers belong to the adapters' signature
+            self.loop = self._new_loop()  # the old buffers belong to the adapters' signature
 
     # --- live controls --------------------------------------------------------------------------------------------
     def set_ip_adapter_scale(self, scale: Any) -> None:
@@ -405,12 +424,26 @@ class Pipeline:
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
         guess_mode: bool = False,
+        adapter_image: Any = None,
+        adapter_conditioning_scale: float | list[float] = 1.0,
+        adapter_conditioning_factor: float = 1.0,
     ) -> PipelineOutput:
         """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img.
 
         With ControlNets loaded, ``image`` is the control image(s) (diffusers' ControlNet pipelines), or the init
         image with ``control_image`` (ControlNet img2img), and ``controlnet_conditioning_scale``,
-        ``control_guidance_start`` / ``end`` and ``guess_mode`` apply."""
+        ``control_guidance_start`` / ``end`` and ``guess_mode`` apply. With T2I-Adapters loaded, ``image`` is their
+        condition image(s) (diffusers' adapter pipelines), or ``adapter_image`` (always, when ControlNets are
+        loaded too; ``image`` is then free for img2img), with ``adapter_conditioning_scale`` and
+        ``adapter_conditioning_factor``."""
+        if self.t2i is not None and adapter_image is None:
+            if self.control is not None:
+                raise ImageInputError(
+                    "T2I-Adapters and ControlNets are loaded: pass the T2I-Adapter image(s) as adapter_image="
+                )
+            adapter_image, image = image, None  # diffusers' adapter pipelines: image= is the condition image
+        elif self.t2i is None and adapter_image is not None:
+            raise ConfigError("adapter_image was given but no T2I-Adapter is loaded (from_pretrained(t2i_adapter=...))")
         if self.control is not None:
             if mask_image is not None:
                 raise ConfigError("ControlNet inpainting is not supported yet; use txt2img or img2img (control_image=)")
@@ -444,10 +477,15 @@ class Pipeline:
             height, width = self.control.prepare_images(
                 control_image, height, width, copies, num_images_per_prompt, cfg, self.device
             )
+        if self.t2i is not None:  # the condition image settles the size when none is given, as in diffusers
+            self.t2i.set_scale(adapter_conditioning_scale)
+            height, width = self.t2i.default_size(adapter_image, height, width)
         height = height or self.default_size[0]
         width = width or self.default_size[1]
         if height % 8 or width % 8:
             raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
+        if self.t2i is not None:
+            self.t2i.prepare(adapter_image, height, width, copies, num_images_per_prompt, cfg, self.device)
         text = encode_prompt(
             self.text_encoders,
             self.tokenizers,
@@ -477,7 +515,8 @@ class Pipeline:
             )
             setup = modes.ModeSetup(modes.txt2img(shape, plan, generator, self.device, dtype, latents), height, width)
         elif mode == "img2img":
-            size = (height, width) if self.control is not None else None  # ControlNet img2img resizes the image
+            structure = self.control is not None or self.t2i is not None
+            size = (height, width) if structure else None  # structure inputs fix the size: the init image follows
             setup = modes.img2img(self, image, plan, copies, generator, self.device, dtype, latents, size)
         else:
             setup = modes.inpaint(
@@ -527,6 +566,11 @@ class Pipeline:
             control_keep=(
                 self.control.keep_gate(control_guidance_start, control_guidance_end, plan.steps, self.device)
                 if self.control is not None
+                else None
+            ),
+            t2i_keep=(
+                self.t2i.keep_gate(adapter_conditioning_factor, plan.steps, self.device)
+                if self.t2i is not None
                 else None
             ),
         )
@@ -665,7 +709,7 @@ def _query_tokens(unet, layer_names: list[str], height: int, width: int, vae_sca
     return out
 
 
-def _engine_request(base, sources, image_encoder, backend, dtype, lora, controlnet, options):
+def _engine_request(base, sources, image_encoder, backend, dtype, lora, structure, options):
     """The :class:`~ipa_rt.export.BuildRequest` behind ``from_pretrained(..., backend=...)``."""
     from .export.build import DTYPE_NAMES, BuildRequest
 
@@ -678,7 +722,12 @@ def _engine_request(base, sources, image_encoder, backend, dtype, lora, controln
         raise ConfigError(f"backend {backend!r} needs image_encoder as a folder, not a loaded module")
     size = _sample_pixels(base)
     loras = lora if isinstance(lora, (list, tuple)) else ([lora] if lora is not None else [])
-    nets = controlnet if isinstance(controlnet, (list, tuple)) else ([controlnet] if controlnet is not None else [])
+    paths = {}  # controlnet / t2i_adapter: folders (or hub ids) as a list
+    for key, value in structure.items():
+        items = value if isinstance(value, (list, tuple)) else ([value] if value is not None else [])
+        if any(isinstance(x, torch.nn.Module) for x in items):
+            raise ConfigError(f"backend {backend!r} needs {key} as folders, not loaded modules")
+        paths[key] = [os.fspath(x) for x in items]
     return BuildRequest(
         base=os.fspath(base),
         ip_adapter=[os.fspath(s.source) for s in sources],
@@ -689,7 +738,7 @@ def _engine_request(base, sources, image_encoder, backend, dtype, lora, controln
         batch=int(options.get("batch", 1)),
         dtype=DTYPE_NAMES.get(dtype, str(dtype)),
         lora=[os.fspath(x) for x in loras],
-        controlnet=[os.fspath(x) for x in nets],
+        **paths,
         weight_name=[s.weight_name for s in sources],
         subfolder=[s.subfolder for s in sources],
     )

@@ -39,6 +39,7 @@ class Signature:
     added: tuple[tuple[str, tuple[int, ...]], ...]
     timestep_cond: bool
     control: tuple = ()  # ControlNet count, guess mode and control image shapes (empty: none)
+    t2i: tuple = ()  # T2I-Adapter feature shapes (empty: none)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class StepInputs:
     blend: Tensor | None = None  # 4-ch: [S, 2] add_noise coefficients for the image latents at t_{i+1}
     blend_noise: Tensor | None = None  # 4-ch: the initial noise add_noise mixes in
     control_keep: Tensor | None = None  # [C, S] ControlNet keep gate (control_guidance_start/end)
+    t2i_keep: Tensor | None = None  # [S] T2I-Adapter gate (adapter_conditioning_factor)
 
 
 @dataclass
@@ -83,12 +85,13 @@ class StaticState:
     blend: Tensor | None = None
     blend_noise: Tensor | None = None
     control_keep: Tensor | None = None
+    t2i_keep: Tensor | None = None
     graph: Any = None
     captures: int = 0
     extra: dict = field(default_factory=dict)
 
 
-def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control) -> Signature:
+def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -> Signature:
     tokens = tuple(e - s for s, e in ctx.segments) if ctx.kv is not None else ()
     inpaint = 0 if inp.inpaint_mask is None else (9 if unet_in == 9 else 4)
     return Signature(
@@ -108,6 +111,7 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control) -> Sig
             if control is not None and inp.control_keep is not None
             else ()
         ),
+        t2i=tuple(tuple(f.shape) for fs in t2i.features for f in fs) if inp.t2i_keep is not None else (),
     )
 
 
@@ -115,11 +119,17 @@ class DenoiseLoop:
     """Runs the denoising loop from static buffers; captures and replays CUDA graphs per signature."""
 
     def __init__(
-        self, unet: torch.nn.Module, context: ImageContext | None, use_graphs: bool | None = None, control=None
+        self,
+        unet: torch.nn.Module,
+        context: ImageContext | None,
+        use_graphs: bool | None = None,
+        control=None,
+        t2i=None,
     ) -> None:
         self.unet = unet
         self.context = context
         self.control = control  # a ControlStack (ControlNets run inside the step), or None
+        self.t2i = t2i  # a T2IStack (weighted features summed inside the step), or None
         self.use_graphs = use_graphs
         self.states: dict[Signature, StaticState] = {}
         self.captures = 0  # total graph captures, for tests and the benchmark's "no recapture" check
@@ -132,6 +142,7 @@ class DenoiseLoop:
             ctx if ctx is not None else ImageContext(scale=torch.zeros(0, 0)),
             self.unet.config.in_channels,
             self.control,
+            self.t2i,
         )
         st = self.states.get(sig)
         plan, device = inp.plan, inp.latents.device
@@ -146,6 +157,7 @@ class DenoiseLoop:
             "coef": plan.coef,
             "in_scale": plan.in_scale,
             "control_keep": inp.control_keep,
+            "t2i_keep": inp.t2i_keep,
             "mask": inp.inpaint_mask,
             "inpaint_latents": inp.inpaint_latents,
             "blend": inp.blend,
@@ -174,18 +186,20 @@ class DenoiseLoop:
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
-    def _guided(self, model_in, t, text, timestep_cond, added, cfg: bool, guidance, keep=None, step=None) -> Tensor:
-        """ControlNets (if any) and the UNet on the (CFG) batch, then classifier-free guidance as diffusers
-        combines it."""
+    def _guided(self, model_in, t, src: StaticState | StepInputs, cfg: bool, guidance, step: Tensor) -> Tensor:
+        """ControlNets and T2I-Adapters (if any) and the UNet on the (CFG) batch, then classifier-free guidance
+        as diffusers combines it. ``src``: the text conditions and control gates (static buffers or a request's)."""
         extra = {}
-        if keep is not None:
-            extra = self.control.residuals(model_in, t, text, added, keep, step, cfg)
+        if src.control_keep is not None:
+            extra = self.control.residuals(model_in, t, src.text, src.added, src.control_keep, step, cfg)
+        if src.t2i_keep is not None:
+            extra["down_intrablock_additional_residuals"] = self.t2i.residuals(src.t2i_keep, step)
         out = self.unet(
             model_in,
             t,
-            encoder_hidden_states=text,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs=added,
+            encoder_hidden_states=src.text,
+            timestep_cond=src.timestep_cond,
+            added_cond_kwargs=src.added,
             return_dict=False,
             **extra,
         )[0]
@@ -207,9 +221,7 @@ class DenoiseLoop:
         if st.sig.inpaint == 9:
             model_in = torch.cat([model_in, st.mask, st.inpaint_latents], dim=1)
         t = st.timesteps.index_select(0, i1)
-        out = self._guided(
-            model_in, t, st.text, st.timestep_cond, st.added, st.sig.cfg, st.guidance, st.control_keep, i1
-        )
+        out = self._guided(model_in, t, st, st.sig.cfg, st.guidance, i1)
         noise = st.noise.index_select(0, i1)[0] if st.noise is not None else None
         c = st.coef.index_select(0, i1)[0]
         x_next, x0 = plan.update(c, x, out, noise, st.prev_x0)
@@ -255,9 +267,7 @@ class DenoiseLoop:
             if inp.inpaint_mask is not None and self.unet.config.in_channels == 9:
                 model_in = torch.cat([model_in, inp.inpaint_mask, inp.inpaint_latents], dim=1)
             step = torch.full((1,), i, dtype=torch.long, device=x.device)
-            out = self._guided(
-                model_in, t, inp.text, inp.timestep_cond, inp.added, inp.cfg, guidance, inp.control_keep, step
-            )
+            out = self._guided(model_in, t, inp, inp.cfg, guidance, step)
             x = sched.step(out, t, x, **extra, return_dict=False)[0]
             if inp.blend_noise is not None:  # 4-channel inpainting, as diffusers does it
                 proper = inp.inpaint_latents

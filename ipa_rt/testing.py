@@ -395,3 +395,38 @@ def write_controlnet(folder: str | os.PathLike, base_folder: str | os.PathLike, 
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.05)
     net.save_pretrained(folder)
     return Path(folder)
+
+
+def write_t2i_adapter(
+    folder: str | os.PathLike,
+    base_folder: str | os.PathLike,
+    seed: int = 5,
+    adapter_type: str | None = None,
+    in_channels: int = 3,
+) -> Path:
+    """A random T2I-Adapter in diffusers' folder format whose features land on the base UNet's residual slots:
+    ``full_adapter`` (SD1.5 layout) or ``light_adapter`` for UNets whose first block has cross-attention,
+    ``full_adapter_xl`` for SDXL's layout."""
+    from diffusers import T2IAdapter
+
+    from .t2i import unet_slots
+
+    unet = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(base_folder) / "vae" / "config.json").read_text())
+    vsf = 2 ** (len(vae["block_out_channels"]) - 1)
+    slots = unet_slots(unet, vsf)
+    xl = slots[0][1] != vsf  # SDXL: the first block has no cross-attention, its residual lands after downsampling
+    kind = adapter_type or ("full_adapter_xl" if xl else "full_adapter")
+    chans = [c for c, _ in (slots if xl else slots[:-1])]
+    if kind == "light_adapter":
+        chans = chans[:-1]
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(
+        in_channels=in_channels,
+        channels=chans,
+        num_res_blocks=1,
+        downscale_factor=2 * vsf if xl else vsf,
+        adapter_type=kind,
+    )
+    adapter.save_pretrained(folder)
+    return Path(folder)

@@ -87,8 +87,6 @@ def test_controlnet_errors(models, images, controlnets, tmp_path):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sdxl", 5)])
     with pytest.raises(ipa_rt.CheckpointError, match=r"no config\.json"):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=tmp_path)
-    with pytest.raises(ipa_rt.ConfigError, match="t2i_adapter is not supported yet"):
-        ipa_pipe(models, "sd15", models.adapter("sd15", "base"), t2i_adapter=tmp_path)
     with pytest.raises(ipa_rt.ConfigError, match="ControlNet inpainting is not supported yet"):
         cn = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sd15", 5)])
         cn("x", image=images[0], mask_image=images[1], control_image=images[2], **CALL)

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import AdapterSource, atomic_write_bytes
 from ..errors import ConfigError, EngineError
+from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
 from .engines import build_trt_engine, tensorrt_version
 from .manifest import (
@@ -75,6 +76,7 @@ class BuildRequest:
     dtype: str = "fp32"
     lora: list[str] = field(default_factory=list)
     controlnet: list[str] = field(default_factory=list)  # diffusers ControlNetModel folders
+    t2i_adapter: list[str] = field(default_factory=list)  # diffusers T2IAdapter folders
     weight_name: list[str | None] = field(default_factory=list)  # hub / folder form of ip_adapter
     subfolder: list[str | None] = field(default_factory=list)
 
@@ -171,12 +173,16 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
             roles[f"image_encoder/{f.relative_to(encoder).as_posix()}"] = f
     for i, lora in enumerate(req.lora):
         roles[f"lora_{i}/{Path(lora).name}"] = Path(lora)
-    for i, net in enumerate(req.controlnet):
-        folder = Path(net) if Path(net).is_dir() else _hub_snapshot(net, ["*.json", "*.safetensors"])
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"controlnet '{net}' has no config.json; expected a diffusers ControlNetModel folder")
-        for f in _files_under(folder, ["."]):
-            roles[f"controlnet_{i}/{f.relative_to(folder).as_posix()}"] = f
+    for kind, items, cls in (
+        ("controlnet", req.controlnet, "ControlNetModel"),
+        ("t2i_adapter", req.t2i_adapter, "T2IAdapter"),
+    ):
+        for i, item in enumerate(items):
+            folder = Path(item) if Path(item).is_dir() else _hub_snapshot(item, ["*.json", "*.safetensors"])
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"{kind} '{item}' has no config.json; expected a diffusers {cls} folder")
+            for f in _files_under(folder, ["."]):
+                roles[f"{kind}_{i}/{f.relative_to(folder).as_posix()}"] = f
     for role, path in roles.items():
         if not path.is_file():
             raise ConfigError(f"source file '{path}' ({role}) does not exist")
@@ -190,7 +196,7 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         ["tensorrt"] if req.backend == "tensorrt" else []
     )
     request = asdict(req)
-    for key in ("base", "ip_adapter", "image_encoder", "lora", "controlnet", "weight_name", "subfolder"):
+    for key in ("base", "ip_adapter", "image_encoder", "lora", "controlnet", "t2i_adapter", "weight_name", "subfolder"):
         request.pop(key)  # paths do not name a build; the files' hashes do
     return {
         "format": FORMAT,
@@ -258,6 +264,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         lora=req.lora or None,
         attention="sdpa",
         controlnet=req.controlnet or None,
+        t2i_adapter=req.t2i_adapter or None,
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
@@ -297,6 +304,10 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             ],
             controlnets=[
                 {"origin": origin, "residuals": len(residual_names(contracts[0].inputs))} for origin in req.controlnet
+            ],
+            t2i_adapters=[
+                {"origin": origin, "type": a.config["adapter_type"], "features": len(feature_layout(a.config))}
+                for origin, a in zip(req.t2i_adapter, pipe.t2i.adapters if pipe.t2i is not None else [], strict=True)
             ],
             layers=len(pipe.adapters.layer_names),
             layer_names=pipe.adapters.layer_names,
@@ -349,6 +360,8 @@ def _write_model_files(pipe, folder: Path) -> None:
         configs["image_encoder"] = pipe.image_encoder.config.to_dict()
     for i, net in enumerate(pipe.control.nets if pipe.control is not None else []):
         configs[f"controlnet_{i}"] = dict(net.config)
+    for i, adapter in enumerate(pipe.t2i.adapters if pipe.t2i is not None else []):
+        configs[f"t2i_adapter_{i}"] = dict(adapter.config)
     (folder / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True, default=_jsonable))
     for i, tok in enumerate(pipe.tokenizers):
         tok.save_pretrained(folder / f"tokenizer_{i}")

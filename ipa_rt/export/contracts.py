@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..t2i import feature_layout
 
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: trace with 2 so the batch axis stays symbolic
 MAX_IMAGES = 4  # reference images per adapter and call an engine accepts (the CLIP encoder's batch)
@@ -55,24 +56,25 @@ def _batch(opt: int, most: int) -> tuple[int, int, int]:
 class _UNetIP(nn.Module):
     """UNet + decoupled cross-attention with image tokens and scales as inputs (K/V computed in-graph)."""
 
-    def __init__(self, pipe, extra: tuple[str, ...], adapters: int, residuals: int) -> None:
+    def __init__(self, pipe, extra: tuple[str, ...], adapters: int, residuals: int, intrablock: int) -> None:
         super().__init__()
         self.unet, self.stack, self.extra, self.adapters = pipe.unet, pipe.adapters, extra, adapters
         self.residuals = residuals  # ControlNet down residuals + 1 mid (0: no ControlNet inputs)
+        self.intrablock = intrablock  # T2I-Adapter features (0: no T2I-Adapter inputs)
 
     def forward(self, sample: Tensor, timestep: Tensor, text: Tensor, *rest: Tensor) -> Tensor:
         extra = dict(zip(self.extra, rest[: len(self.extra)], strict=True))
         rest = rest[len(self.extra) :]
         control, rest = rest[: self.residuals], rest[self.residuals :]
+        intrablock, rest = rest[: self.intrablock], rest[self.intrablock :]
         tokens, scale = rest[: self.adapters], rest[-1]
         cond = extra.pop("timestep_cond", None)
+        extra_res = {}
         if control:
-            extra_res = {
-                "down_block_additional_residuals": list(control[:-1]),
-                "mid_block_additional_residual": control[-1],
-            }
-        else:
-            extra_res = {}
+            extra_res["down_block_additional_residuals"] = list(control[:-1])
+            extra_res["mid_block_additional_residual"] = control[-1]
+        if intrablock:
+            extra_res["down_intrablock_additional_residuals"] = list(intrablock)  # the UNet pops from this list
         ctx = self.stack.context
         ctx.kv, bounds = self.stack.image_kv(tokens), [0]
         for t in tokens:
@@ -100,8 +102,9 @@ class _Call(nn.Module):
 
 
 def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
-    """``noise_pred = unet(sample, timestep, encoder_hidden_states[, timestep_cond][, text_embeds, time_ids],
-    ip_tokens_0.., ip_scale)``; rows range over 1..2·batch (guidance doubles them)."""
+    """``noise_pred = unet(sample, timestep, encoder_hidden_states[, timestep_cond][, text_embeds, time_ids]
+    [, down_residual_0.., mid_residual][, intrablock_0..], ip_tokens_0.., ip_scale)``; rows range over
+    1..2·batch (guidance doubles them). ControlNet residuals and T2I-Adapter features arrive already scaled."""
     if pipe.adapters is None:
         raise ConfigError("export needs a pipeline with IP-Adapters loaded")
     if height % 8 or width % 8:
@@ -125,6 +128,9 @@ def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
     for i, shape in enumerate(residuals):
         name = "mid_residual" if i == len(residuals) - 1 else f"down_residual_{i}"
         inputs[name] = torch.randn(*shape, device=dev, dtype=dt)
+    features = feature_layout(pipe.t2i.adapters[0].config) if pipe.t2i is not None else []
+    for j, (channels, stride) in enumerate(features):
+        inputs[f"intrablock_{j}"] = torch.randn(rows, channels, height // stride, width // stride, device=dev, dtype=dt)
     tokens = []
     for a, entry in enumerate(pipe.adapters.entries):
         count = entry.tokens_per_image or pipe.image_encoder_tokens()
@@ -133,7 +139,7 @@ def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
     inputs["ip_scale"] = pipe.adapters.scale.clone()
     batched = tuple(k for k in inputs if k != "ip_scale")
     meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
-    module = _UNetIP(pipe, extra, len(tokens), len(residuals)).eval()
+    module = _UNetIP(pipe, extra, len(tokens), len(residuals), len(features)).eval()
     return Contract("unet", module, inputs, ("noise_pred",), batched, _batch(2 * batch, 2 * batch), meta)
 
 
@@ -198,6 +204,18 @@ def controlnet_contract(pipe, index: int, batch: int, height: int, width: int, u
     batched = tuple(k for k in inputs if k != "conditioning_scales")
     module = _ControlNet(net).eval()
     return Contract(f"controlnet_{index}", module, inputs, outputs, batched, _batch(2 * batch, 2 * batch))
+
+
+def t2i_adapter_contract(pipe, index: int, batch: int, height: int, width: int) -> Contract:
+    """``(feature_0..) = t2i_adapter_i(image)``: unweighted features, once per request (the weights are applied
+    per step outside, from the live scale tensor)."""
+    adapter = pipe.t2i.adapters[index]
+    image = torch.rand(
+        EXAMPLE_BATCH, adapter.config["in_channels"], height, width, device=pipe.device, dtype=pipe.dtype
+    )
+    outputs = tuple(f"feature_{j}" for j in range(len(feature_layout(adapter.config))))
+    module = _Call(lambda x: tuple(adapter(x)), adapter).eval()
+    return Contract(f"t2i_adapter_{index}", module, {"image": image}, outputs, ("image",), _batch(1, batch))
 
 
 def image_projection_contract(pipe, index: int, batch: int) -> Contract:
@@ -283,11 +301,14 @@ def vae_encoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
 
 
 def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:
-    """Every network of a pipeline: UNet, projections, CLIP encoder, text encoders, VAE decoder and encoder."""
+    """Every network of a pipeline: UNet, ControlNets, T2I-Adapters, projections, CLIP encoder, text encoders,
+    VAE decoder and encoder."""
     out = [unet_contract(pipe, batch, height, width)]
     if pipe.control is not None:
         nets = range(len(pipe.control.nets))
         out += [controlnet_contract(pipe, i, batch, height, width, out[0].inputs) for i in nets]
+    if pipe.t2i is not None:
+        out += [t2i_adapter_contract(pipe, i, batch, height, width) for i in range(len(pipe.t2i.adapters))]
     out += [image_projection_contract(pipe, a, batch) for a in range(pipe.adapters.num_adapters)]
     if pipe.image_encoder is not None:
         out.append(image_encoder_contract(pipe))

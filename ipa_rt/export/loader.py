@@ -31,6 +31,7 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         EngineControlNet,
         EngineEntry,
         EngineImageEncoder,
+        EngineT2IAdapter,
         EngineTextEncoder,
         EngineUNet,
         EngineVAE,
@@ -89,6 +90,10 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         )
         for i, c in enumerate(manifest.get("controlnets", []))
     ]
+    t2i_adapters = [
+        EngineT2IAdapter(engines[f"t2i_adapter_{i}"], FrozenDict(configs[f"t2i_adapter_{i}"]), dtype, device)
+        for i in range(len(manifest.get("t2i_adapters", [])))
+    ]
     pipe = Pipeline(
         base,
         adapters,
@@ -99,6 +104,7 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         attention="sdpa",
         backend=backend,
         controlnets=controlnets,
+        t2i_adapters=t2i_adapters,
     )
     pipe.engine_manifest = manifest
     pipe.default_size = (manifest["shapes"]["height"], manifest["shapes"]["width"])

@@ -240,6 +240,9 @@ class EngineUNet(EngineModule):
         down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
         if down is not None:
             feeds.update({f"down_residual_{i}": x for i, x in enumerate(down)}, mid_residual=mid)
+        intrablock = kwargs.get("down_intrablock_additional_residuals")
+        if intrablock is not None:
+            feeds.update({f"intrablock_{j}": x for j, x in enumerate(intrablock)})
         return (self.engine(feeds)[0],)
 
 
@@ -281,3 +284,10 @@ class EngineControlNet(EngineModule):
         }
         out = self.engine(feeds)
         return out[:-1], out[-1]
+
+
+class EngineT2IAdapter(EngineModule):
+    """``adapter(image)`` -> the list of unweighted features (``config`` is the T2IAdapter's: its layout)."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return list(self.engine({"image": x}))
