@@ -44,10 +44,10 @@ from .variants import FACE_ID, HIDDEN
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ATTENTION = ("auto", "triton", "sdpa")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# family -> (prompt encoder, default guidance for txt2img / img2img / inpaint) as the diffusers pipelines set them
+# family -> (prompt encoder, default guidance per task) as the diffusers pipelines set them
 _FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], dict[str, float]]] = {
-    "sd15": (encode_prompt_sd15, {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5}),
-    "sdxl": (encode_prompt_sdxl, {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5}),
+    "sd15": (encode_prompt_sd15, {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "controlnet_inpaint": 7.5}),
+    "sdxl": (encode_prompt_sdxl, {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5, "controlnet_inpaint": 5.0}),
 }
 
 
@@ -445,11 +445,14 @@ class Pipeline:
         elif self.t2i is None and adapter_image is not None:
             raise ConfigError("adapter_image was given but no T2I-Adapter is loaded (from_pretrained(t2i_adapter=...))")
         if self.control is not None:
-            if mask_image is not None:
-                raise ConfigError("ControlNet inpainting is not supported yet; use txt2img or img2img (control_image=)")
+            if mask_image is not None and control_image is None:
+                raise ImageInputError(
+                    "ControlNet inpainting takes the init image as image=, the mask as mask_image= and the control "
+                    "image(s) as control_image="
+                )
             if control_image is None:  # diffusers' ControlNet txt2img: image= is the control image
                 control_image, image = image, None
-            elif strength is None:
+            elif strength is None and mask_image is None:
                 strength = 0.8  # diffusers' ControlNet img2img default (both families)
         elif control_image is not None:
             raise ConfigError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
@@ -461,7 +464,8 @@ class Pipeline:
             raise ImageInputError("mask_image was given without image; inpainting needs both")
         mode = "inpaint" if mask_image is not None else ("img2img" if image is not None else "txt2img")
         encode_prompt, default_guidance = _FAMILY_RUNTIME[self.family.name]
-        guidance_scale = default_guidance[mode] if guidance_scale is None else float(guidance_scale)
+        task = f"controlnet_{mode}" if self.control is not None and mode == "inpaint" else mode
+        guidance_scale = default_guidance[task] if guidance_scale is None else float(guidance_scale)
         if mode == "txt2img":
             strength = 1.0
         elif strength is None:

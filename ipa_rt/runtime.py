@@ -186,16 +186,17 @@ class DenoiseLoop:
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
-    def _guided(self, model_in, t, src: StaticState | StepInputs, cfg: bool, guidance, step: Tensor) -> Tensor:
+    def _guided(self, model_in, t, src: StaticState | StepInputs, cfg: bool, guidance, step: Tensor, channels=()):
         """ControlNets and T2I-Adapters (if any) and the UNet on the (CFG) batch, then classifier-free guidance
-        as diffusers combines it. ``src``: the text conditions and control gates (static buffers or a request's)."""
+        as diffusers combines it. ``src``: the text conditions and control gates (static buffers or a request's);
+        ``channels``: a 9-channel inpainting UNet's mask and masked-image latents (ControlNets see 4 channels)."""
         extra = {}
         if src.control_keep is not None:
             extra = self.control.residuals(model_in, t, src.text, src.added, src.control_keep, step, cfg)
         if src.t2i_keep is not None:
             extra["down_intrablock_additional_residuals"] = self.t2i.residuals(src.t2i_keep, step)
         out = self.unet(
-            model_in,
+            torch.cat([model_in, *channels], dim=1) if channels else model_in,
             t,
             encoder_hidden_states=src.text,
             timestep_cond=src.timestep_cond,
@@ -218,10 +219,9 @@ class DenoiseLoop:
         model_in = torch.cat([x, x]) if st.sig.cfg else x
         if st.in_scale is not None:
             model_in = model_in / st.in_scale.index_select(0, i1)[0]
-        if st.sig.inpaint == 9:
-            model_in = torch.cat([model_in, st.mask, st.inpaint_latents], dim=1)
         t = st.timesteps.index_select(0, i1)
-        out = self._guided(model_in, t, st, st.sig.cfg, st.guidance, i1)
+        channels = (st.mask, st.inpaint_latents) if st.sig.inpaint == 9 else ()
+        out = self._guided(model_in, t, st, st.sig.cfg, st.guidance, i1, channels)
         noise = st.noise.index_select(0, i1)[0] if st.noise is not None else None
         c = st.coef.index_select(0, i1)[0]
         x_next, x0 = plan.update(c, x, out, noise, st.prev_x0)
@@ -264,10 +264,10 @@ class DenoiseLoop:
             if ctx is not None and ctx.scale_eff is not None:
                 torch.mul(ctx.scale, inp.gate[:, i : i + 1], out=ctx.scale_eff)
             model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
-            if inp.inpaint_mask is not None and self.unet.config.in_channels == 9:
-                model_in = torch.cat([model_in, inp.inpaint_mask, inp.inpaint_latents], dim=1)
+            nine = inp.inpaint_mask is not None and self.unet.config.in_channels == 9
+            channels = (inp.inpaint_mask, inp.inpaint_latents) if nine else ()
             step = torch.full((1,), i, dtype=torch.long, device=x.device)
-            out = self._guided(model_in, t, inp, inp.cfg, guidance, step)
+            out = self._guided(model_in, t, inp, inp.cfg, guidance, step, channels)
             x = sched.step(out, t, x, **extra, return_dict=False)[0]
             if inp.blend_noise is not None:  # 4-channel inpainting, as diffusers does it
                 proper = inp.inpaint_latents

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CALL, FAMILIES, assert_parity, fixed_latents, ipa_pipe
+from test_modes import make_mask
 
 import ipa_rt
 from ipa_rt import testing as T
@@ -87,9 +88,9 @@ def test_controlnet_errors(models, images, controlnets, tmp_path):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sdxl", 5)])
     with pytest.raises(ipa_rt.CheckpointError, match=r"no config\.json"):
         ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=tmp_path)
-    with pytest.raises(ipa_rt.ConfigError, match="ControlNet inpainting is not supported yet"):
-        cn = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sd15", 5)])
-        cn("x", image=images[0], mask_image=images[1], control_image=images[2], **CALL)
+    cn = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=controlnets[("sd15", 5)])
+    with pytest.raises(ipa_rt.ImageInputError, match="ControlNet inpainting takes the init image as image="):
+        cn("x", image=images[0], mask_image=images[1], **CALL)
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), controlnet=[controlnets[("sd15", 5)]] * 2)
     control = T.make_image(seed=3, size=(32, 32))
     with pytest.raises(ipa_rt.ImageInputError, match="pass their control image"):
@@ -218,4 +219,55 @@ def test_controlnet_img2img_through_engines(models, images, controlnets, control
         generator=torch.Generator().manual_seed(2),
         **kw,
     ).images
+    assert_parity(got, want, 1e-3)
+
+
+def _inpaint_reference(models, family, base, nets):
+    import diffusers
+    from diffusers import ControlNetModel
+
+    name = (
+        "StableDiffusionXLControlNetInpaintPipeline" if family == "sdxl" else "StableDiffusionControlNetInpaintPipeline"
+    )
+    loaded = [ControlNetModel.from_pretrained(n) for n in nets]
+    ref = getattr(diffusers, name).from_pretrained(base, controlnet=loaded if len(loaded) > 1 else loaded[0])
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(models.adapter_dir(family)), subfolder="", weight_name="plus.safetensors")
+    return ref
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_controlnet_inpaint_matches_diffusers(models, images, controlnets, family, channels):
+    """``image`` = init, ``mask_image``, ``control_image``: diffusers' ControlNet inpaint pipelines (their default
+    strength and guidance), on a 4-channel UNet (blend after each step) and a 9-channel inpainting UNet (the
+    ControlNet sees the 4 latent channels), seeded."""
+    base = models.base(family) if channels == 4 else models.root / f"{family}-inpaint"
+    net = controlnets[(family, 5)]
+    ref = _inpaint_reference(models, family, base, [net])
+    ours = ipa_pipe(models, family, models.adapter(family, "plus"), controlnet=net, base=base)
+    init, control = T.make_image(seed=61, size=(32, 32)), T.make_image(seed=62, size=(32, 32))
+    mask = make_mask()
+    for guess in (False, True):
+        call = dict(num_inference_steps=3, output_type="latent", controlnet_conditioning_scale=0.7, guess_mode=guess)
+        call |= dict(image=init, mask_image=mask, control_image=control, ip_adapter_image=images[0])
+        for p in (ref, ours):
+            p.set_ip_adapter_scale(0.6)
+        want = ref("a car", generator=torch.Generator().manual_seed(4), **call).images
+        got = ours("a car", generator=torch.Generator().manual_seed(4), **call).images
+        assert_parity(got, want)
+
+
+def test_controlnet_inpaint_through_engines(models, images, controlnets, control_engines):
+    nets = [controlnets[("sd15", 5)], controlnets[("sd15", 6)]]
+    ref = _inpaint_reference(models, "sd15", models.base("sd15"), nets)
+    pipe, _ = control_engines
+    init, control = T.make_image(seed=71, size=(32, 32)), [T.make_image(seed=s, size=(32, 32)) for s in (72, 73)]
+    mask = make_mask()
+    call = dict(num_inference_steps=3, output_type="latent", controlnet_conditioning_scale=[0.7, 0.4], strength=0.8)
+    call |= dict(image=init, mask_image=mask, control_image=control)
+    for p in (ref, pipe):
+        p.set_ip_adapter_scale(0.5)
+    want = ref("a car", ip_adapter_image=images[1], generator=torch.Generator().manual_seed(4), **call).images
+    got = pipe("a car", ip_adapter_image=[images[1]], generator=torch.Generator().manual_seed(4), **call).images
     assert_parity(got, want, 1e-3)

@@ -191,8 +191,9 @@ def controlnet_contract(pipe, index: int, batch: int, height: int, width: int, u
     rows = EXAMPLE_BATCH
     count = len(residual_names(unet))
     dev, dt = pipe.device, pipe.dtype
+    latent = unet["sample"]  # a 9-channel inpainting UNet's ControlNets still see the 4 latent channels
     inputs = {
-        "sample": unet["sample"],
+        "sample": torch.randn(rows, net.config.in_channels, *latent.shape[2:], device=dev, dtype=dt),
         "timestep": unet["timestep"],
         "encoder_hidden_states": unet["encoder_hidden_states"],
         "controlnet_cond": torch.rand(rows, net.config.conditioning_channels, height, width, device=dev, dtype=dt),
