@@ -22,23 +22,32 @@ from torch import Tensor
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
 
 
+def load_folders(sources: Any, cls: type, arg: str, dtype: torch.dtype, **hub_kwargs: Any) -> list:
+    """diffusers ``cls`` models from folders or hub ids (one or a list; loaded instances pass through), in
+    ``dtype`` and eval mode; ``arg`` names the argument in errors."""
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, cls):
+            model = item
+        else:
+            path = os.fspath(item)
+            if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                raise CheckpointError(f"{arg}[{i}] '{path}' has no config.json; expected a {cls.__name__} folder")
+            try:
+                model = cls.from_pretrained(path, torch_dtype=dtype, **hub_kwargs)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{arg}[{i}] '{path}' cannot be loaded as a {cls.__name__}: {exc}") from exc
+        out.append((model if model.dtype == dtype else model.to(dtype=dtype)).eval())
+    return out
+
+
 def load_controlnets(sources: Any, unet, dtype: torch.dtype, **hub_kwargs: Any) -> list:
     """diffusers ``ControlNetModel`` folders or hub ids (one or a list), checked against the base UNet."""
     from diffusers import ControlNetModel
 
-    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-    nets = []
-    for i, item in enumerate(items):
-        if isinstance(item, ControlNetModel):
-            net = item
-        else:
-            path = os.fspath(item)
-            if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
-                raise CheckpointError(f"controlnet[{i}] '{path}' has no config.json; expected a ControlNetModel folder")
-            try:
-                net = ControlNetModel.from_pretrained(path, torch_dtype=dtype, **hub_kwargs)
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"controlnet[{i}] '{path}' cannot be loaded as a ControlNetModel: {exc}") from exc
+    nets = load_folders(sources, ControlNetModel, "controlnet", dtype, **hub_kwargs)
+    for i, net in enumerate(nets):
         for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
             have, want = net.config.get(key), unet.config.get(key)
             if key == "block_out_channels":
@@ -48,7 +57,6 @@ def load_controlnets(sources: Any, unet, dtype: torch.dtype, **hub_kwargs: Any) 
                     f"controlnet[{i}] has {key} {have}, but the base UNet has {want}; expected a ControlNet trained "
                     "for this base model (SD1.5 ControlNets on SD1.5, SDXL ones on SDXL)"
                 )
-        nets.append((net if net.dtype == dtype else net.to(dtype=dtype)).eval())
     return nets
 
 

@@ -12,7 +12,6 @@ the scale or factor never reruns the adapter, rebuilds or recaptures anything.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +20,8 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from .control import load_folders
+from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
 
 # adapter_type -> its features as (channels, pixel stride), from config channels and downscale_factor: the one
 # table of T2I-Adapter variants (diffusers' FullAdapter, FullAdapterXL and LightAdapter)
@@ -71,22 +71,10 @@ def load_t2i_adapters(sources: Any, unet, vae_scale_factor: int, dtype: torch.dt
     """diffusers ``T2IAdapter`` folders or hub ids (one or a list), checked against the base UNet."""
     from diffusers import T2IAdapter
 
-    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, T2IAdapter):
-            adapter = item
-        else:
-            path = os.fspath(item)
-            if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
-                raise CheckpointError(f"t2i_adapter[{i}] '{path}' has no config.json; expected a T2IAdapter folder")
-            try:
-                adapter = T2IAdapter.from_pretrained(path, torch_dtype=dtype, **hub_kwargs)
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"t2i_adapter[{i}] '{path}' cannot be loaded as a T2IAdapter: {exc}") from exc
+    adapters = load_folders(sources, T2IAdapter, "t2i_adapter", dtype, **hub_kwargs)
+    for i, adapter in enumerate(adapters):
         check_layout(i, adapter.config, unet.config, vae_scale_factor)
-        out.append((adapter if adapter.dtype == dtype else adapter.to(dtype=dtype)).eval())
-    return out
+    return adapters
 
 
 def preprocess_adapter_image(image: Any, height: int, width: int, index: int) -> Tensor:
