@@ -8,7 +8,7 @@ FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was t
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +136,7 @@ class IPAdapterStack(nn.Module):
         ]
         self._saved: dict | None = None
         self._fused = [False] * len(self.layer_names)
-        self._store: dict = {}  # per-request image buffers, reused while the shapes repeat
+        self._stores: dict[tuple, dict] = {}  # image-side static buffers, one set per shape key (see prepare)
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
         self._processors: list[DecoupledCrossAttnProcessor] = []
@@ -294,7 +294,8 @@ class IPAdapterStack(nn.Module):
         Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
         adapter is one segment with its images' tokens concatenated (diffusers' semantics); with a regional
         mask ``[1, n_img, H, W]`` each of its images is its own segment (own softmax, own mask, own scale).
-        Buffers are reused when the shapes repeat, so a captured CUDA graph keeps reading valid memory.
+        Every tensor the step reads lives in a buffer set kept per shape key and written in place, so a CUDA
+        graph captured for one shape still reads valid, current memory when that shape comes back.
         """
         ctx = self.context
         self.prepared_key = key  # what the buffers now hold (None: unknown), for the reference cache
@@ -313,33 +314,30 @@ class IPAdapterStack(nn.Module):
                 images.append(i if m is not None else -1)
         segments = list(itertools.pairwise(bounds))
         device = flat[0].device
-        store = self._store
-        key = (tuple(bounds), tuple(flat[0].shape[:1]), device, flat[0].dtype)
-        if store.get("key") != key:
-            store.clear()
-            store["key"] = key
-            store["seg_offsets"] = torch.tensor(bounds, dtype=torch.int32, device=device)
-            store["seg_adapter"] = torch.arange(len(segments), dtype=torch.int32, device=device)
-            store["owner"] = torch.tensor(owners, dtype=torch.long, device=device)
-            store["kv"] = [None] * len(self.heads)
-        for layer, (k, v) in enumerate(self.image_kv(flat)):
-            if store["kv"][layer] is None or store["kv"][layer][0].shape != k.shape:
-                fmt = torch.contiguous_format
-                store["kv"][layer] = (torch.empty_like(k, memory_format=fmt), torch.empty_like(v, memory_format=fmt))
-            store["kv"][layer][0].copy_(k)
-            store["kv"][layer][1].copy_(v)
-        ctx.kv = store["kv"]
+        masked = any(m is not None for m in masks)
+        key = (tuple(bounds), flat[0].shape[0], device, flat[0].dtype, tuple(self.query_tokens) if masked else ())
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = {
+                "seg_offsets": torch.tensor(bounds, dtype=torch.int32, device=device),
+                "seg_adapter": torch.arange(len(segments), dtype=torch.int32, device=device),
+                "owner": torch.tensor(owners, dtype=torch.long, device=device),
+            }
+        ctx.kv = [
+            (_static(store, ("k", layer), k), _static(store, ("v", layer), v))
+            for layer, (k, v) in enumerate(self.image_kv(flat))
+        ]
         ctx.segments = segments
         ctx.seg_offsets, ctx.seg_adapter, ctx.seg_owner = store["seg_offsets"], store["seg_adapter"], store["owner"]
-        ctx.masks = self._downsample_masks(masks, tokens, flat[0].shape[0], len(segments), device, flat[0].dtype)
-        per_segment = any(m is not None for m in masks) or image_scale is not None
-        if per_segment:  # per-image scale factors per layer: [S, L]
+        down = self._downsample_masks(masks, tokens, flat[0].shape[0], len(segments), device, flat[0].dtype)
+        ctx.masks = {n: _static(store, ("mask", n), m) for n, m in down.items()}
+        if masked or image_scale is not None:  # per-image scale factors per layer: [S, L]
             mult = torch.ones(len(segments), len(self.heads), device=device)
             if image_scale is not None:
                 for s, (a, i) in enumerate(zip(owners, images, strict=True)):
                     if i >= 0:
                         mult[s] = image_scale[a, i].to(device)
-            ctx.seg_mult = mult
+            ctx.seg_mult = _static(store, "seg_mult", mult)
         else:
             ctx.seg_mult = None
 
@@ -386,3 +384,12 @@ class IPAdapterStack(nn.Module):
         self._fused = list(fused)
         for proc in self._processors:
             proc.fused = self._fused[proc.layer]
+
+
+def _static(store: dict, name: Hashable, value: Tensor) -> Tensor:
+    """``value`` written into ``store[name]`` (allocated, contiguous, on first use or a shape change)."""
+    buf = store.get(name)
+    if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
+        buf = store[name] = torch.empty_like(value, memory_format=torch.contiguous_format)
+    buf.copy_(value)
+    return buf

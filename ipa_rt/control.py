@@ -78,7 +78,8 @@ class ControlStack:
     def __init__(self, nets: Sequence[torch.nn.Module], vae_scale_factor: int) -> None:
         self.nets = list(nets)
         self.scale = torch.ones(len(self.nets))  # live conditioning scales (device tensor once moved)
-        self.images: list[Tensor] = []  # static buffers, one per ControlNet
+        self.images: list[Tensor] = []  # this request's static buffers, one per ControlNet
+        self._buffers: dict[tuple, list[Tensor]] = {}  # control image shapes -> static buffers
         self.guess_mode = False
         self.processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False)
 
@@ -86,7 +87,7 @@ class ControlStack:
         for net in self.nets:
             net.to(device)
         self.scale = self.scale.to(device)
-        self.images = [x.to(device) for x in self.images]
+        self.images, self._buffers = [], {}  # the next request fills buffers on the new device
         return self
 
     def set_scale(self, value: Any) -> None:
@@ -123,8 +124,10 @@ class ControlStack:
             prepared.append(x)
         if any(p.shape[-2:] != prepared[0].shape[-2:] for p in prepared):
             raise ImageInputError("control images must share one size")
-        if len(self.images) != count or any(b.shape != p.shape for b, p in zip(self.images, prepared, strict=True)):
-            self.images = [torch.empty_like(p) for p in prepared]
+        key = tuple(tuple(p.shape) for p in prepared)
+        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
+            self._buffers[key] = [torch.empty_like(p) for p in prepared]
+        self.images = self._buffers[key]
         for buf, p in zip(self.images, prepared, strict=True):
             buf.copy_(p)
         return int(prepared[0].shape[-2]), int(prepared[0].shape[-1])

@@ -311,6 +311,7 @@ class Pipeline:
         for extra in (self.control, self.t2i):
             if extra is not None:
                 extra.to(self.device)
+        self.loop = self._new_loop()  # static buffers (and graphs) belong to one device
         return self
 
     def _new_loop(self) -> DenoiseLoop:

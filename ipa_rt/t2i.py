@@ -113,13 +113,14 @@ class T2IStack:
     def __init__(self, adapters: Sequence[torch.nn.Module]) -> None:
         self.adapters = list(adapters)
         self.scale = torch.ones(len(self.adapters))  # live adapter_conditioning_scale (device tensor once moved)
-        self.features: list[list[Tensor]] = []  # [adapter][slot]: [rows, C, h, w]
+        self.features: list[list[Tensor]] = []  # [adapter][slot]: [rows, C, h, w], this request's
+        self._buffers: dict[tuple, list[list[Tensor]]] = {}  # feature shapes -> static buffers
 
     def to(self, device: torch.device) -> T2IStack:
         for adapter in self.adapters:
             adapter.to(device)
         self.scale = self.scale.to(device)
-        self.features = [[f.to(device) for f in fs] for fs in self.features]
+        self.features, self._buffers = [], {}  # the next request fills buffers on the new device
         return self
 
     def set_scale(self, value: Any) -> None:
@@ -172,9 +173,10 @@ class T2IStack:
                     )
                 rows.append(torch.cat([f, f]) if cfg else f)
             features.append(rows)
-        shapes = [[f.shape for f in fs] for fs in features]
-        if shapes != [[f.shape for f in fs] for fs in self.features]:
-            self.features = [[torch.empty_like(f) for f in fs] for fs in features]
+        key = tuple(tuple(f.shape) for fs in features for f in fs)
+        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
+            self._buffers[key] = [[torch.empty_like(f) for f in fs] for fs in features]
+        self.features = self._buffers[key]
         for bufs, fs in zip(self.features, features, strict=True):
             for buf, f in zip(bufs, fs, strict=True):
                 buf.copy_(f)

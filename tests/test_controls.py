@@ -86,3 +86,52 @@ def test_bad_step_ranges(models):
         pipe.set_ip_adapter_step_range([(0.0, 1.0), (0.0, 0.5)])
     with pytest.raises(ipa_rt.ScaleError, match=r"preset 'sketch' is unknown"):
         pipe.set_ip_adapter_scale("sketch")
+
+
+def test_static_buffers_survive_shape_changes(models, images, tmp_path):
+    """What a captured CUDA graph relies on: when a request shape comes back after another one, every tensor the
+    step reads (image keys/values, masks, per-image scales, control images, T2I features) is the very buffer the
+    first request of that shape filled, rewritten in place with the new request's values."""
+    from test_masks import masks
+
+    from ipa_rt import testing as T
+
+    net = T.write_controlnet(tmp_path / "cn", models.base("sd15"))
+    adapter = T.write_t2i_adapter(tmp_path / "t2i", models.base("sd15"))
+    pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "plus"), controlnet=net, t2i_adapter=adapter)
+    ctx, small, large = pipe.adapters.context, T.make_image(seed=1, size=(32, 32)), T.make_image(seed=2, size=(48, 48))
+
+    def request(refs, structure, scale, mask=None):
+        extra = {"cross_attention_kwargs": {"ip_adapter_masks": [mask]}} if mask is not None else {}
+        pipe.set_ip_adapter_scale(scale)
+        size = structure.size[0]
+        pipe(
+            "x",
+            ip_adapter_image=[refs],
+            image=structure,
+            adapter_image=structure,
+            **dict(CALL, height=size, width=size),
+            **extra,
+        )
+        return (
+            [t for kv in ctx.kv for t in kv],
+            list(ctx.masks.values()),
+            ctx.seg_mult,
+            pipe.control.images,
+            pipe.t2i.features,
+        )
+
+    def same(a, b):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+    kv1, _, _, cn1, t2i1 = request(images[0], small, 0.5)
+    first = [t.clone() for t in kv1]
+    request([images[1], images[2]], large, 0.5)  # other token count, other size
+    kv2, _, _, cn2, t2i2 = request(images[1], small, 0.5)
+    assert same(kv1, kv2) and same(cn1, cn2) and same(t2i1[0], t2i2[0])
+    assert any(not torch.equal(a, b) for a, b in zip(first, kv2, strict=True))  # rewritten in place
+    m1 = masks()
+    _, masks1, mult1, _, _ = request([images[0], images[1]], small, [[0.7, 0.4]], m1)
+    request(images[0], small, 0.5)
+    _, masks2, mult2, _, _ = request([images[0], images[1]], small, [[0.2, 0.9]], m1.flip(-1))
+    assert same(masks1, masks2) and mult1 is mult2 and mult2[0, 0].item() == pytest.approx(0.2)

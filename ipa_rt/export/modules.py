@@ -135,7 +135,8 @@ class EngineAdapters:
         self.scale_eff = torch.ones_like(self.scale)
         self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff)
         self.active = torch.zeros((), device=device)  # 1 while an image prompt is prepared, else 0 (text only)
-        self.tokens: list[Tensor] = []
+        self.tokens: list[Tensor] = []  # this request's image tokens, one static buffer per adapter
+        self._buffers: dict[tuple, list[Tensor]] = {}  # token shapes -> static buffers
         self._zeros: dict[tuple[int, ...], Tensor] = {}
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []
@@ -184,8 +185,10 @@ class EngineAdapters:
                     f"built for {entry.tokens} (one image per adapter): combine several images with "
                     "ip_adapter_combine='average' (or 'norm_average', 'add', 'subtract')"
                 )
-        if not self.tokens or self.tokens[0].shape[0] != flat[0].shape[0]:
-            self.tokens = [torch.empty_like(t) for t in flat]
+        key = tuple(tuple(t.shape) for t in flat)
+        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
+            self._buffers[key] = [torch.empty_like(t) for t in flat]
+        self.tokens = self._buffers[key]
         for buf, t in zip(self.tokens, flat, strict=True):
             buf.copy_(t)
         self.active.fill_(1.0)
