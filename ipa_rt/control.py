@@ -20,6 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from .runtime import static_set
 
 
 def load_folders(sources: Any, cls: type, arg: str, dtype: torch.dtype, **hub_kwargs: Any) -> list:
@@ -124,12 +125,7 @@ class ControlStack:
             prepared.append(x)
         if any(p.shape[-2:] != prepared[0].shape[-2:] for p in prepared):
             raise ImageInputError("control images must share one size")
-        key = tuple(tuple(p.shape) for p in prepared)
-        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
-            self._buffers[key] = [torch.empty_like(p) for p in prepared]
-        self.images = self._buffers[key]
-        for buf, p in zip(self.images, prepared, strict=True):
-            buf.copy_(p)
+        self.images = static_set(self._buffers, prepared)
         return int(prepared[0].shape[-2]), int(prepared[0].shape[-1])
 
     def keep_gate(self, start: Any, end: Any, steps: int, device) -> Tensor:

@@ -300,6 +300,17 @@ class DenoiseLoop:
         self.captures += 1
 
 
+def static_set(buffers: dict, values: list[Tensor]) -> list[Tensor]:
+    """``values`` copied in place into the buffer set kept for their shapes (allocated on first use). One set
+    per shape: a CUDA graph captured for a shape keeps reading the set it saw when that shape comes back."""
+    key = tuple((tuple(v.shape), v.dtype, v.device) for v in values)
+    if key not in buffers:
+        buffers[key] = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
+    for buf, v in zip(buffers[key], values, strict=True):
+        buf.copy_(v)
+    return buffers[key]
+
+
 class Graphed:
     """``fn(x)`` from a static input buffer: on CUDA captured as a CUDA graph per input shape and dtype and
     replayed (the VAE decoder, the CLIP encoder); elsewhere a plain call. Returns a fresh tensor each call."""

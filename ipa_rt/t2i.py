@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .control import load_folders
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
+from .runtime import static_set
 
 # adapter_type -> its features as (channels, pixel stride), from config channels and downscale_factor: the one
 # table of T2I-Adapter variants (diffusers' FullAdapter, FullAdapterXL and LightAdapter)
@@ -72,8 +73,9 @@ def load_t2i_adapters(sources: Any, unet, vae_scale_factor: int, dtype: torch.dt
     from diffusers import T2IAdapter
 
     adapters = load_folders(sources, T2IAdapter, "t2i_adapter", dtype, **hub_kwargs)
-    for i, adapter in enumerate(adapters):
-        check_layout(i, adapter.config, unet.config, vae_scale_factor)
+    counts = [check_layout(i, a.config, unet.config, vae_scale_factor) for i, a in enumerate(adapters)]
+    if len(set(counts)) > 1:  # their features are summed slot by slot, as diffusers' MultiAdapter does
+        raise IncompatibleAdapterError(f"the T2I-Adapters give {counts} features; expected the same count for all")
     return adapters
 
 
@@ -114,7 +116,7 @@ class T2IStack:
         self.adapters = list(adapters)
         self.scale = torch.ones(len(self.adapters))  # live adapter_conditioning_scale (device tensor once moved)
         self.features: list[list[Tensor]] = []  # [adapter][slot]: [rows, C, h, w], this request's
-        self._buffers: dict[tuple, list[list[Tensor]]] = {}  # feature shapes -> static buffers
+        self._buffers: dict[tuple, list[Tensor]] = {}  # feature shapes -> static buffers (flat)
 
     def to(self, device: torch.device) -> T2IStack:
         for adapter in self.adapters:
@@ -173,13 +175,8 @@ class T2IStack:
                     )
                 rows.append(torch.cat([f, f]) if cfg else f)
             features.append(rows)
-        key = tuple(tuple(f.shape) for fs in features for f in fs)
-        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
-            self._buffers[key] = [[torch.empty_like(f) for f in fs] for fs in features]
-        self.features = self._buffers[key]
-        for bufs, fs in zip(self.features, features, strict=True):
-            for buf, f in zip(bufs, fs, strict=True):
-                buf.copy_(f)
+        flat, n = static_set(self._buffers, [f for fs in features for f in fs]), len(features[0])
+        self.features = [flat[a * n : (a + 1) * n] for a in range(count)]  # every adapter has the UNet's slots
 
     def keep_gate(self, factor: Any, steps: int, device) -> Tensor:
         """``[steps]``: 1 for the first ``int(steps * adapter_conditioning_factor)`` steps, as diffusers gates them."""

@@ -233,6 +233,12 @@ def test_t2i_errors(models, images, t2i, tmp_path):
         ipa_rt.ConfigError, match=r"t2i_adapter '.*' has no config\.json; expected a diffusers T2IAdapter"
     ):
         ipa_pipe(models, "sd15", plus, t2i_adapter=tmp_path, backend="onnxruntime")
+    three = tmp_path / "xl-three"  # SDXL adapter without the mid-block feature: 3 features, not 4
+    T2IAdapter(
+        channels=[32, 64, 64], num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl"
+    ).save_pretrained(three)
+    with pytest.raises(ipa_rt.IncompatibleAdapterError, match=r"give \[4, 3\] features; expected the same count"):
+        ipa_pipe(models, "sdxl", models.adapter("sdxl", "plus"), t2i_adapter=[t2i[("sdxl", "full")], three])
     plain = ipa_pipe(models, "sd15", plus)
     with pytest.raises(ipa_rt.ConfigError, match="no T2I-Adapter is loaded"):
         plain("x", adapter_image=rgb, **CALL)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..attention import ImageContext
 from ..errors import ConfigError
+from ..runtime import static_set
 from ..variants import VariantSpec
 
 
@@ -185,12 +186,7 @@ class EngineAdapters:
                     f"built for {entry.tokens} (one image per adapter): combine several images with "
                     "ip_adapter_combine='average' (or 'norm_average', 'add', 'subtract')"
                 )
-        key = tuple(tuple(t.shape) for t in flat)
-        if key not in self._buffers:  # one set per shape: a captured graph keeps reading the set it saw
-            self._buffers[key] = [torch.empty_like(t) for t in flat]
-        self.tokens = self._buffers[key]
-        for buf, t in zip(self.tokens, flat, strict=True):
-            buf.copy_(t)
+        self.tokens = static_set(self._buffers, flat)
         self.active.fill_(1.0)
 
     def feeds(self, rows: int) -> dict[str, Tensor]:
