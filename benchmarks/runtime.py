@@ -34,20 +34,24 @@ def measure(pipe, image, steps: int, guidance: float, graphs: bool, size: int, r
     pipe.adapters.prepared_key = None
     call = dict(ip_adapter_image=image, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
     pipe("warm-up", output_type="latent", **call)  # capture / autotune / allocate, excluded
-    total = [timer(lambda: pipe("a photo", output_type="latent", **call)) for _ in range(reps)]
-    (state,) = [s for s in pipe.loop.states.values() if s.sig.steps == steps]
-    per_step = []  # the loop alone, from its static buffers
-    for _ in range(reps):
-        state.idx.zero_()  # rewind the step counter: the timed steps replay the last request
-        if graphs and state.graph is not None:
-            per_step.append(timer(lambda: [state.graph.replay() for _ in range(steps)]) / steps)
-        else:
-            per_step.append(timer(lambda: [pipe.loop._step(state) for _ in range(steps)]) / steps)
+    (state,) = [s for s in pipe.loop.states.values() if s.steps == steps]
+    # every timed region in inference mode: nothing records autograd history or bumps version counters
+    with torch.inference_mode():
+        total = [timer(lambda: pipe("a photo", output_type="latent", **call)) for _ in range(reps)]
+        per_step = []  # the loop alone, from its static buffers
+        for _ in range(reps):
+            state.idx.zero_()  # rewind the step counter: the timed steps replay the last request
+            if graphs and state.graph is not None:
+                per_step.append(timer(lambda: [state.graph.replay() for _ in range(steps)]) / steps)
+            else:
+                per_step.append(timer(lambda: [pipe.loop._step(state) for _ in range(steps)]) / steps)
     return {
         "end_to_end_ms": 1000 * statistics.median(total),
         "end_to_end_p90_ms": 1000 * sorted(total)[int(0.9 * (len(total) - 1))],
         "per_step_ms": 1000 * statistics.median(per_step),
         "captures": pipe.loop.captures,
+        "graph": state.graph is not None,
+        "memory": pipe.memory_stats(),
     }
 
 
@@ -56,14 +60,15 @@ def control_costs(pipe, image, images, size: int, timer) -> dict:
     call = dict(num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent")
     pipe("warm-up", ip_adapter_image=image, **call)
     before = pipe.loop.captures
-    out = {
-        "set_scale_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale(0.7)),
-        "set_scale_dict_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale("style")),
-        "set_step_range_ms": 1000 * timer(lambda: pipe.set_ip_adapter_step_range((0.25, 1.0))),
-        "call_after_controls_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=image, **call)),
-        "call_new_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
-        "call_same_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
-    }
+    with torch.inference_mode():
+        out = {
+            "set_scale_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale(0.7)),
+            "set_scale_dict_ms": 1000 * timer(lambda: pipe.set_ip_adapter_scale("style")),
+            "set_step_range_ms": 1000 * timer(lambda: pipe.set_ip_adapter_step_range((0.25, 1.0))),
+            "call_after_controls_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=image, **call)),
+            "call_new_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
+            "call_same_reference_ms": 1000 * timer(lambda: pipe("a photo", ip_adapter_image=images[1], **call)),
+        }
     out["recaptures"] = pipe.loop.captures - before
     return out
 

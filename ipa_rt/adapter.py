@@ -341,6 +341,11 @@ class IPAdapterStack(nn.Module):
         else:
             ctx.seg_mult = None
 
+    def drop_buffers(self) -> None:
+        """Forget every image-side static buffer (after a device move the next request allocates anew)."""
+        self._stores.clear()
+        self.prepare(None)
+
     def image_kv(self, tokens: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(K, V)`` ``[B, H, T, d]`` of all adapters' tokens ``[B, T_a, C]`` laid end to end: a pure
         function (the static buffers copy from it; the ONNX export traces it)."""

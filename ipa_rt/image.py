@@ -61,11 +61,17 @@ class EncoderRunner:
     count). On the CPU it simply calls the encoder."""
 
     def __init__(self, image_encoder) -> None:
-        from .runtime import Graphed
+        from .graphs import Graphed
 
         self.encoder = image_encoder
-        self.hidden = Graphed(lambda px: image_encoder(px, output_hidden_states=True).hidden_states[-2])
-        self.embeds = Graphed(lambda px: image_encoder(px).image_embeds)
+        weights = lambda: [image_encoder]  # noqa: E731
+        hidden = lambda px: image_encoder(px, output_hidden_states=True).hidden_states[-2]  # noqa: E731
+        self.hidden = Graphed(hidden, weights, "CLIP image encoder (hidden states)")
+        self.embeds = Graphed(lambda px: image_encoder(px).image_embeds, weights, "CLIP image encoder (embeds)")
+
+    @property
+    def graphed(self) -> list:
+        return [self.hidden, self.embeds]
 
     def __call__(self, output: str, pixels: Tensor) -> Tensor:
         if output == HIDDEN:

@@ -23,11 +23,12 @@ class Family:
     text_encoders: tuple[str, ...]  # model_index.json component names, in encoding order
     tokenizers: tuple[str, ...]
     pooled_text: bool  # SDXL: pooled text embeds + time ids go to the UNet as added conditions
+    honours_force_upcast: bool  # diffusers' pipelines of the family run an fp16 VAE with force_upcast in fp32
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False),
-    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True),
+    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False, False),
+    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, True),
 }
 
 
@@ -119,8 +120,7 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
             raise CheckpointError(f"base model '{base}': cannot load '{name}' ({cls.__name__}): {exc}") from exc
 
     unet = load("unet", torch_dtype=dtype).eval()
-    vae_dtype = torch.float32 if dtype == torch.float16 and _vae_forces_upcast(base, hub_kwargs) else dtype
-    vae = load("vae", torch_dtype=vae_dtype).eval()
+    vae = load("vae", torch_dtype=dtype).eval()  # upcast later as diffusers does (see vae_upcast)
     text_encoders = [load(n, torch_dtype=dtype).eval() for n in family.text_encoders]
     tokenizers = [load(n) for n in family.tokenizers]
     scheduler = load("scheduler")
@@ -145,12 +145,13 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
     )
 
 
-def _vae_forces_upcast(base: str, hub_kwargs: dict[str, Any]) -> bool:
-    """diffusers decodes SDXL VAEs with ``force_upcast`` in fp32; keeping that VAE in fp32 does the same."""
-    try:
-        return bool(_read_json(base, "vae/config.json", hub_kwargs).get("force_upcast", False))
-    except CheckpointError:
-        return False
+def vae_upcast(family: Family, vae: Any) -> bool:
+    """Whether diffusers decodes (and encodes) with this VAE in fp32: its SDXL pipelines do so for an fp16 VAE whose
+    config has ``force_upcast`` (diffusers' default: True; the fp16-fixed SDXL VAE sets False), since real SDXL VAE
+    weights overflow fp16 (NaN, black images). Its SD1.5 pipelines never upcast."""
+    params = next(vae.parameters(), None) if isinstance(vae, torch.nn.Module) else None
+    fp16 = params is not None and params.dtype == torch.float16
+    return fp16 and family.honours_force_upcast and bool(getattr(vae.config, "force_upcast", True))
 
 
 def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder: str | None = None, **hub_kwargs):

@@ -28,12 +28,13 @@ from .checkpoint import AdapterSource, read_adapter
 from .conditions import ImageConditioner
 from .control import ControlStack, load_controlnets
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
+from .graphs import Graphed, GraphPool
 from .image import default_feature_extractor
 from .kernels.ops import fused_available
 from .lora import fuse_loras
-from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder
+from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder, vae_upcast
 from .modes import DEFAULT_STRENGTH
-from .runtime import DenoiseLoop, Graphed, StepInputs
+from .runtime import DenoiseLoop, StepInputs
 from .sampling import EagerPlan, Plan, make_plan
 from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
@@ -121,19 +122,20 @@ class Pipeline:
         self.mask_processor = modes.mask_processor(self.vae_scale_factor)
         self.control = ControlStack(controlnets, self.vae_scale_factor) if controlnets else None
         self.t2i = T2IStack(t2i_adapters) if t2i_adapters else None
+        self.graph_pool = GraphPool()  # one CUDA graph memory pool for the loop, the VAE decoder and the encoder
         self.loop = self._new_loop()
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
         self.conditioner = ImageConditioner(self)
-        self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0])
-        if backend == "onnxruntime":  # ORT runs on its own streams: nothing of it can be captured in a CUDA graph
-            self.loop.use_graphs = False
-            self._decoder.enabled = False
-            if self.conditioner.runner is not None:
-                self.conditioner.runner.hidden.enabled = self.conditioner.runner.embeds.enabled = False
+        self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
+        for g in self._graphed():
+            g.pool = self.graph_pool
+            g.enabled = False if backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
         if backend == "torch":  # engines were checked when they were built
             self._check_encoder()
+            if vae_upcast(self.family, self.vae):  # diffusers' SDXL pipelines decode such a VAE in fp32
+                self.vae.to(torch.float32)
         if adapters is not None:
             adapters.install(self.unet)
         self.to(self.device)
@@ -311,12 +313,33 @@ class Pipeline:
         for extra in (self.control, self.t2i):
             if extra is not None:
                 extra.to(self.device)
-        self.loop = self._new_loop()  # static buffers (and graphs) belong to one device
+        # every captured graph and static buffer belongs to the old weights and device: drop them all
+        self.graph_pool = GraphPool()
+        for g in self._graphed():
+            g.clear()
+            g.pool = self.graph_pool
+        if self.adapters is not None:
+            self.adapters.drop_buffers()
+        self.loop = self._new_loop()
         return self
 
     def _new_loop(self) -> DenoiseLoop:
         context = self.adapters.context if self.adapters is not None else None
-        return DenoiseLoop(self.unet, context, control=self.control, t2i=self.t2i)
+        graphs = False if self.backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
+        return DenoiseLoop(self.unet, context, graphs, self.control, self.t2i, self.graph_pool)
+
+    def _graphed(self) -> list[Graphed]:
+        """The graph-captured fixed-shape calls: VAE decoder and CLIP encoder."""
+        runner = self.conditioner.runner
+        return [self._decoder, *(runner.graphed if runner is not None else [])]
+
+    def memory_stats(self) -> dict[str, Any]:
+        """What the runtime holds on the device: the loop's signatures, graphs, static buffer bytes and evictions,
+        the graph pool's growth (loop, VAE decoder and encoder share it) and the graphs per fixed-shape call."""
+        stats = self.loop.memory_stats()
+        stats["graph_pool_reserved_bytes"] = self.graph_pool.reserved_bytes
+        stats["graphed_calls"] = {g.name: len(g.graphs) for g in self._graphed()}
+        return stats
 
     def _fused_layers(self) -> list[bool]:
         """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call)."""

@@ -7,29 +7,44 @@ keys/values and scales. One step — UNet on the CFG batch, guidance, scheduler 
 step counter increment — is captured as a CUDA graph once per signature and replayed; on the CPU the same
 step runs eagerly. Live controls (scale, step range, guidance, a new reference image of the same token
 count) are in-place writes into those buffers, so they never recapture.
+
+Per-step tables are sized to a step *capacity* (a power of two, at least :data:`MIN_CAPACITY`), not to the
+step count, so a new step count or img2img strength reuses the captured graph. All graphs of a loop share one
+memory pool, and past :attr:`DenoiseLoop.max_states` signatures the least recently used one is dropped.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .attention import ImageContext
+from .graphs import CaptureFailed, GraphPool, capture_graph, warn_eager
 from .sampling import EagerPlan, Plan
+
+MIN_CAPACITY = 64  # step tables hold at least this many steps: every usual step count shares one graph
+MAX_STATES = 8  # signatures (buffer sets and graphs) a loop keeps before dropping the least recently used
+
+
+def step_capacity(steps: int) -> int:
+    """Rows of the per-step tables for ``steps`` steps: a power of two, at least :data:`MIN_CAPACITY`."""
+    return max(MIN_CAPACITY, 1 << max(0, steps - 1).bit_length())
 
 
 @dataclass(frozen=True)
 class Signature:
-    """What a captured graph depends on: shapes and structure, never values."""
+    """What a captured graph depends on: shapes and structure, never values (nor the step count: tables are
+    sized to a capacity)."""
 
     latents: tuple[int, ...]
     text: tuple[int, ...]
-    steps: int
+    capacity: int  # rows of the per-step tables (step_capacity)
     kind: str  # scheduler program, prediction type and clipping: they shape the captured step
     cfg: bool
     tokens: tuple[int, ...]  # image tokens per segment (empty: no image prompt)
@@ -63,6 +78,32 @@ class StepInputs:
     t2i_keep: Tensor | None = None  # [S] T2I-Adapter gate (adapter_conditioning_factor)
 
 
+# per-request tensors: StaticState field -> (where it comes from, its step axis or None)
+_REQUEST: dict[str, tuple[str, int | None]] = {
+    "latents": ("latents", None),
+    "text": ("text", None),
+    "timestep_cond": ("timestep_cond", None),
+    "noise": ("noise", 0),
+    "gate": ("gate", 1),
+    "timesteps": ("plan.timesteps", 0),
+    "coef": ("plan.coef", 0),
+    "in_scale": ("plan.in_scale", 0),
+    "control_keep": ("control_keep", 1),
+    "t2i_keep": ("t2i_keep", 0),
+    "mask": ("inpaint_mask", None),
+    "inpaint_latents": ("inpaint_latents", None),
+    "blend": ("blend", 0),
+    "blend_noise": ("blend_noise", None),
+}
+
+
+def _request_value(inp: StepInputs, source: str) -> Tensor | None:
+    obj: Any = inp
+    for part in source.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class StaticState:
     """The buffers of one signature (and its CUDA graph, once captured)."""
@@ -87,8 +128,18 @@ class StaticState:
     control_keep: Tensor | None = None
     t2i_keep: Tensor | None = None
     graph: Any = None
+    eager: bool = False  # the capture failed: this signature runs eagerly
+    steps: int = 0  # steps of the request the buffers hold now (<= sig.capacity)
     captures: int = 0
     extra: dict = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor]:
+        """Every static buffer of this state (what a captured step may read or write)."""
+        out = [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        return out + list(self.added.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -> Signature:
@@ -97,7 +148,7 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -
     return Signature(
         latents=tuple(inp.latents.shape),
         text=tuple(inp.text.shape),
-        steps=inp.plan.steps,
+        capacity=step_capacity(inp.plan.steps),
         kind=f"{inp.plan.kind}:{getattr(inp.plan, 'prediction', '')}:{getattr(inp.plan, 'clip', None)}",
         cfg=inp.cfg,
         tokens=tokens,
@@ -115,6 +166,13 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -
     )
 
 
+def _table(value: Tensor, axis: int, capacity: int) -> Tensor:
+    """A zero buffer like ``value`` with ``capacity`` rows on its step axis."""
+    shape = list(value.shape)
+    shape[axis] = capacity
+    return torch.zeros(shape, dtype=value.dtype, device=value.device)
+
+
 class DenoiseLoop:
     """Runs the denoising loop from static buffers; captures and replays CUDA graphs per signature."""
 
@@ -125,14 +183,18 @@ class DenoiseLoop:
         use_graphs: bool | None = None,
         control=None,
         t2i=None,
+        pool: GraphPool | None = None,
     ) -> None:
         self.unet = unet
         self.context = context
         self.control = control  # a ControlStack (ControlNets run inside the step), or None
         self.t2i = t2i  # a T2IStack (weighted features summed inside the step), or None
         self.use_graphs = use_graphs
-        self.states: dict[Signature, StaticState] = {}
+        self.pool = pool if pool is not None else GraphPool()
+        self.states: OrderedDict[Signature, StaticState] = OrderedDict()  # least recently used first
+        self.max_states = MAX_STATES
         self.captures = 0  # total graph captures, for tests and the benchmark's "no recapture" check
+        self.evictions = 0
 
     # --- buffers ------------------------------------------------------------------------------------------------
     def _state(self, inp: StepInputs) -> StaticState:
@@ -144,45 +206,39 @@ class DenoiseLoop:
             self.control,
             self.t2i,
         )
+        values = {name: (_request_value(inp, src), axis) for name, (src, axis) in _REQUEST.items()}
         st = self.states.get(sig)
-        plan, device = inp.plan, inp.latents.device
-        # every per-request tensor by its StaticState field (None: this signature has no such buffer)
-        values = {
-            "latents": inp.latents,
-            "text": inp.text,
-            "timestep_cond": inp.timestep_cond,
-            "noise": inp.noise,
-            "gate": inp.gate,
-            "timesteps": plan.timesteps,
-            "coef": plan.coef,
-            "in_scale": plan.in_scale,
-            "control_keep": inp.control_keep,
-            "t2i_keep": inp.t2i_keep,
-            "mask": inp.inpaint_mask,
-            "inpaint_latents": inp.inpaint_latents,
-            "blend": inp.blend,
-            "blend_noise": inp.blend_noise,
-        }
         if st is None:
+            device = inp.latents.device
             st = StaticState(
                 sig=sig,
                 idx=torch.zeros(1, dtype=torch.long, device=device),
                 prev_x0=torch.zeros_like(inp.latents),
                 added={k: torch.empty_like(v) for k, v in inp.added.items()},
                 guidance=torch.zeros((), dtype=torch.float32, device=device),
-                **{k: torch.empty_like(v) if v is not None else None for k, v in values.items()},
+                **{
+                    k: (None if v is None else torch.empty_like(v) if axis is None else _table(v, axis, sig.capacity))
+                    for k, (v, axis) in values.items()
+                },
             )
             self.states[sig] = st
+            while len(self.states) > self.max_states:  # drop the least recently used signature and its graph
+                self.states.popitem(last=False)
+                self.evictions += 1
+        self.states.move_to_end(sig)
         # one request's values into the static storage (in place: the graph keeps reading the same memory)
         st.idx.zero_()
         st.prev_x0.zero_()
         st.guidance.fill_(inp.guidance)
         for k, v in inp.added.items():
             st.added[k].copy_(v)
-        for k, v in values.items():
-            if v is not None:
-                getattr(st, k).copy_(v)
-        st.extra["plan"] = plan
+        for k, (v, axis) in values.items():
+            if v is None:
+                continue
+            buf = getattr(st, k)
+            (buf if axis is None else buf.narrow(axis, 0, v.shape[axis])).copy_(v)
+        st.steps = inp.plan.steps
+        st.extra["plan"] = inp.plan
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
@@ -209,7 +265,10 @@ class DenoiseLoop:
         uncond, cond = out.chunk(2)
         return uncond + guidance * (cond - uncond)
 
+    @torch.no_grad()
     def _step(self, st: StaticState) -> None:
+        """One denoising step from ``st``'s buffers, written back into them. Under ``no_grad`` whoever calls it: the
+        UNet's parameters require grad, and a recorded graph would keep every step's activations alive."""
         plan: Plan = st.extra["plan"]
         i1 = st.idx
         ctx = self.context
@@ -235,12 +294,15 @@ class DenoiseLoop:
         st.idx.add_(1)
 
     # --- the loop ---------------------------------------------------------------------------------------------------
+    def graphs_on(self, device: torch.device) -> bool:
+        return self.use_graphs if self.use_graphs is not None else device.type == "cuda"
+
+    @torch.no_grad()
     def run(self, inp: StepInputs, progress=None, generator=None) -> Tensor:
         if isinstance(inp.plan, EagerPlan):
             return self._run_eager(inp, progress, generator)
         st = self._state(inp)
-        graphs = self.use_graphs if self.use_graphs is not None else st.latents.device.type == "cuda"
-        if graphs and st.graph is None:
+        if self.graphs_on(st.latents.device) and st.graph is None and not st.eager:
             self._capture(st)
         for _ in range(inp.plan.steps):
             if st.graph is not None:
@@ -251,6 +313,7 @@ class DenoiseLoop:
                 progress.update()
         return st.latents.clone()
 
+    @torch.no_grad()
     def _run_eager(self, inp: StepInputs, progress, generator) -> Tensor:
         """Host-driven loop around diffusers' own ``step`` for schedulers without a tensor program."""
         plan: EagerPlan = inp.plan  # type: ignore[assignment]
@@ -280,24 +343,38 @@ class DenoiseLoop:
         return x
 
     def _capture(self, st: StaticState) -> None:
-        """Warm up on a side stream, capture one step, then restore the buffers the warm-up advanced."""
+        """Capture one step (after warm-up steps that are undone); if the capture fails, this signature runs
+        eagerly from now on, with one warning."""
         saved = (st.latents.clone(), st.prev_x0.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(st)
-                st.idx.zero_()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(st)
-        st.idx.zero_()
-        st.latents.copy_(saved[0])
-        st.prev_x0.copy_(saved[1])
-        st.graph = graph
-        st.captures += 1
-        self.captures += 1
+
+        def restore() -> None:
+            st.idx.zero_()
+            st.latents.copy_(saved[0])
+            st.prev_x0.copy_(saved[1])
+
+        try:
+            st.graph, _ = capture_graph(lambda: self._step(st), reset=restore, pool=self.pool)
+        except CaptureFailed as exc:
+            st.eager = True
+            warn_eager(f"the denoising step for latents {list(st.sig.latents)}", exc)
+        finally:
+            restore()
+        if st.graph is not None:
+            st.captures += 1
+            self.captures += 1
+
+    def memory_stats(self) -> dict[str, Any]:
+        """What the loop holds: signatures, graphs, static buffer bytes, graph pool growth, evictions."""
+        return {
+            "signatures": len(self.states),
+            "graphs": sum(st.graph is not None for st in self.states.values()),
+            "eager_signatures": sum(st.eager for st in self.states.values()),
+            "static_buffer_bytes": sum(st.nbytes() for st in self.states.values()),
+            "graph_pool_reserved_bytes": self.pool.reserved_bytes,
+            "captures": self.captures,
+            "evictions": self.evictions,
+            "max_signatures": self.max_states,
+        }
 
 
 def static_set(buffers: dict, values: list[Tensor]) -> list[Tensor]:
@@ -309,34 +386,3 @@ def static_set(buffers: dict, values: list[Tensor]) -> list[Tensor]:
     for buf, v in zip(buffers[key], values, strict=True):
         buf.copy_(v)
     return buffers[key]
-
-
-class Graphed:
-    """``fn(x)`` from a static input buffer: on CUDA captured as a CUDA graph per input shape and dtype and
-    replayed (the VAE decoder, the CLIP encoder); elsewhere a plain call. Returns a fresh tensor each call."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.graphs: dict[tuple, tuple[Any, Tensor, Tensor]] = {}
-        self.enabled = True
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.device.type != "cuda" or not self.enabled:
-            return self.fn(x)
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self.graphs:
-            static_in = x.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self.fn(static_in)
-            self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()

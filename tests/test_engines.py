@@ -141,6 +141,30 @@ def test_engine_img2img_and_text_only_match_torch_backend(models, images, engine
     assert_parity(got, want, ENGINE_RTOL)
 
 
+def test_text_only_then_image_call_feed_the_same_token_buffers(models, images, engines):
+    """A graph captured during a text-only call must see the next image call's tokens: the UNet engine is fed the
+    very same token buffers in both calls (zeros, then the image tokens), and the image call equals diffusers."""
+    pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    assert not pipe.loop.graphs_on(torch.device("cuda")) and not any(g.enabled is not False for g in pipe._graphed())
+    fed: list[dict[str, int]] = []
+    run = pipe.unet.engine.__call__
+
+    class Spy:
+        def __call__(self, feeds, copy=True):
+            fed.append({k: v.data_ptr() for k, v in feeds.items() if k.startswith("ip_tokens_")})
+            return run(feeds, copy)
+
+    pipe.unet.engine = Spy()
+    pipe("a cat", latents=fixed_latents(), **CALL)
+    text_only = fed[-1]
+    ref = diffusers_pipe(models, "sd15", [f"{v}.safetensors" for v in ADAPTERS["sd15"]])
+    want = ref("a cat", ip_adapter_image=[images[0]] * 2, latents=fixed_latents(), **CALL).images
+    got = pipe("a cat", ip_adapter_image=[images[0]] * 2, latents=fixed_latents(), **CALL).images
+    assert fed[-1] == text_only and len(text_only) == len(ADAPTERS["sd15"])
+    assert_parity(got, want, ENGINE_RTOL)
+
+
 def test_second_identical_build_rewrites_nothing(models, engines, capsys):
     before = snapshot(engines["sd15"])
     argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(engines["sd15"])]

@@ -39,7 +39,7 @@ def test_no_recapture_and_no_sync_across_controls(models, images):
         change()
         torch.cuda.set_sync_debug_mode("error")  # any host sync inside the loop raises
         try:
-            for _ in range(state.sig.steps):
+            for _ in range(state.steps):
                 state.graph.replay()
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -71,3 +71,31 @@ def test_tiny_autoencoder(models, images, family):
                 num_decoder_blocks=(1, 1),
             ),
         )
+
+
+def test_sdxl_force_upcast_vae_decodes_in_fp32_as_diffusers(models, images):
+    """diffusers' SDXL pipelines decode an fp16 VAE whose config has ``force_upcast`` in fp32 (real SDXL VAE
+    weights overflow fp16: NaN, black images). The fixture VAE is made to overflow in fp16; through
+    ``from_diffusers`` (shared fp16 modules) and ``from_pretrained(dtype=fp16)`` ipa_rt decodes it as diffusers does."""
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(models.base("sdxl"), torch_dtype=torch.float16)
+    ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref.vae.decoder.conv_in.weight.mul_(30000)  # activations past fp16's 65504, fine in fp32
+        z = fixed_latents().half() / ref.vae.config.scaling_factor
+        assert not torch.isfinite(ref.vae.decode(z).sample).all()  # what an fp16 decode gives
+    assert ref.vae.config.force_upcast
+    call = {**CALL, "output_type": "pt", "num_inference_steps": 2}
+    want = ref("a cat", latents=fixed_latents().half(), **call).images  # diffusers upcasts inside its call
+    ref.load_ip_adapter(str(models.adapter_dir("sdxl")), subfolder="", weight_name="base.safetensors")
+    ref.set_ip_adapter_scale(0.0)
+    ours = ipa_rt.from_diffusers(ref)
+    assert next(ref.vae.parameters()).dtype == torch.float32  # upcast once, as diffusers does per call
+    got = ours("a cat", latents=fixed_latents().half(), **call).images
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    assert (got.float() - want.float()).abs().max() <= 2e-2  # fp16 UNet on both sides: a few fp16 ulps of [0, 1]
+    fp16 = ipa_pipe(models, "sdxl", models.adapter("sdxl", "base"), dtype=torch.float16)
+    assert next(fp16.vae.parameters()).dtype == torch.float32
+    sd15 = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), dtype=torch.float16)
+    assert next(sd15.vae.parameters()).dtype == torch.float16  # diffusers' SD1.5 pipelines never upcast

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from ..attention import ImageContext
 from ..errors import ConfigError
-from ..runtime import static_set
 from ..variants import VariantSpec
 
 
@@ -136,9 +135,9 @@ class EngineAdapters:
         self.scale_eff = torch.ones_like(self.scale)
         self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff)
         self.active = torch.zeros((), device=device)  # 1 while an image prompt is prepared, else 0 (text only)
-        self.tokens: list[Tensor] = []  # this request's image tokens, one static buffer per adapter
-        self._buffers: dict[tuple, list[Tensor]] = {}  # token shapes -> static buffers
-        self._zeros: dict[tuple[int, ...], Tensor] = {}
+        # (adapter, rows) -> the one token buffer the UNet engine reads for that row count, image call or not, so a
+        # graph captured during a text-only call reads the tokens of a later image call (zeros until then)
+        self._tokens: dict[tuple[int, int], Tensor] = {}
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []
         self.head_dims: list[int] = []  # no per-layer kernel choice: attention runs inside the engine
@@ -171,9 +170,21 @@ class EngineAdapters:
             out.append(tokens.reshape((b, n, *tokens.shape[1:])))
         return out
 
+    def token_buffer(self, adapter: int, rows: int) -> Tensor:
+        key = (adapter, rows)
+        if key not in self._tokens:
+            shape = (rows, self.entries[adapter].tokens, self.width)
+            self._tokens[key] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return self._tokens[key]
+
+    def drop_buffers(self) -> None:
+        self._tokens.clear()
+        self.prepare(None)
+
     @torch.no_grad()
     def prepare(self, tokens, masks=None, image_scale=None, key=None) -> None:
-        """Copy this request's image tokens into the static buffers the UNet engine reads."""
+        """Copy this request's image tokens into the static buffers the UNet engine reads (text only: the buffers
+        keep what they hold and ``active`` zeroes the scale, which selects exact zeros in-graph)."""
         self.prepared_key = key
         if tokens is None:
             self.active.zero_()
@@ -186,21 +197,14 @@ class EngineAdapters:
                     f"built for {entry.tokens} (one image per adapter): combine several images with "
                     "ip_adapter_combine='average' (or 'norm_average', 'add', 'subtract')"
                 )
-        self.tokens = static_set(self._buffers, flat)
+            self.token_buffer(a, t.shape[0]).copy_(t)
         self.active.fill_(1.0)
 
     def feeds(self, rows: int) -> dict[str, Tensor]:
-        """The UNet engine's image inputs for ``rows`` batch rows: tokens (zeros when text only) and scale."""
-        out = {}
-        for a, entry in enumerate(self.entries):
-            if self.tokens and self.tokens[a].shape[0] == rows:
-                out[f"ip_tokens_{a}"] = self.tokens[a]
-            else:  # text only: zeros, allocated once per shape rather than every step
-                shape = (rows, entry.tokens, self.width)
-                if shape not in self._zeros:
-                    self._zeros[shape] = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                out[f"ip_tokens_{a}"] = self._zeros[shape]
-        out["ip_scale"] = self.context.scale_eff * self.active  # zero scale is exactly text-only (where, not 0*x)
+        """The UNet engine's image inputs for ``rows`` batch rows: the same token buffers whatever the call, and the
+        scale (times ``active``: zero scale is exactly text-only, ``where`` rather than ``0 * x``)."""
+        out = {f"ip_tokens_{a}": self.token_buffer(a, rows) for a in range(len(self.entries))}
+        out["ip_scale"] = self.context.scale_eff * self.active
         return out
 
 

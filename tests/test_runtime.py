@@ -1,0 +1,232 @@
+"""CUDA-free checks of the static loop's device branches: what a graph would capture, replay and read.
+
+A CUDA graph replays the kernels it captured on the memory it captured them with. What makes that safe is
+bookkeeping that runs on any device: which signature captures, when a graph is reused or dropped, which storages
+a step reads, that controls write in place, that ``to()`` and a weight change drop every graph. These tests check
+that bookkeeping on the CPU, with the real capture path (which fails without CUDA, exercising the eager fallback)
+or with :class:`ReplayGraph`, a stand-in whose replay re-runs the captured callable.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ipa_rt import graphs, runtime
+
+
+class ReplayGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on the CPU: ``replay`` re-runs the captured callable and writes its
+    output into the captured output tensor, as a graph replay rewrites the same memory."""
+
+    def __init__(self, body, out) -> None:
+        self.body, self.out = body, out
+
+    def replay(self) -> None:
+        result = self.body()
+        if isinstance(self.out, torch.Tensor):
+            self.out.copy_(result)
+
+
+def replay_capture(body, reset=None, pool=None, warmup=2):
+    for _ in range(warmup):
+        body()
+        if reset is not None:
+            reset()
+    out = body()
+    if pool is not None:
+        pool.captures += 1
+    return ReplayGraph(body, out), out
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Every capture goes through :func:`replay_capture` (both users of ``capture_graph``)."""
+    monkeypatch.setattr(runtime, "capture_graph", replay_capture)
+    monkeypatch.setattr(graphs, "capture_graph", replay_capture)
+
+
+def sd15(models, **kw):
+    return ipa_pipe(models, "sd15", models.adapter("sd15", "plus"), **kw)
+
+
+def test_loop_keeps_no_autograd_history(models, images):
+    """The UNet's parameters require grad: a step run outside no_grad (as a benchmark timing the loop does) must
+    still leave nothing that records history in the static buffers or the output."""
+    pipe = sd15(models, scheduler="lcm")
+    pipe("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **{**CALL, "guidance_scale": 1.0})
+    (state,) = pipe.loop.states.values()
+    assert any(p.requires_grad for p in pipe.unet.parameters())
+    state.idx.zero_()
+    for _ in range(state.steps):
+        pipe.loop._step(state)  # deliberately outside any no_grad / inference_mode
+    held = [t for t in state.tensors() if t.requires_grad or t.grad_fn is not None]
+    assert not held, [tuple(t.shape) for t in held]
+    ctx = pipe.adapters.context
+    assert not any(t.requires_grad for kv in ctx.kv for t in kv) and not ctx.scale_eff.requires_grad
+
+
+def test_step_count_and_strength_share_one_signature(models, images):
+    """Tables are sized to a capacity: 3, 5 steps and an img2img strength reuse one state; parity still holds."""
+    pipe = sd15(models, scheduler="ddim")
+    ref = diffusers_pipe(models, "sd15", ["plus.safetensors"])
+    ref.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    for steps in (3, 5):
+        call = {**CALL, "num_inference_steps": steps}
+        out = pipe("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+        assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images)
+    assert len(pipe.loop.states) == 1
+    (state,) = pipe.loop.states.values()
+    assert state.sig.capacity == runtime.MIN_CAPACITY and state.timesteps.shape[0] == runtime.MIN_CAPACITY
+    pipe("a cat", ip_adapter_image=images[0], **{**CALL, "num_inference_steps": runtime.MIN_CAPACITY + 1})
+    assert len(pipe.loop.states) == 2  # beyond the capacity: a bigger table, a second signature
+    assert [s.sig.capacity for s in pipe.loop.states.values()] == [64, 128]
+
+
+def test_least_recently_used_signature_is_evicted(models, images):
+    pipe = sd15(models, scheduler="ddim")
+    pipe.loop.max_states = 2
+    sizes = (32, 40, 48)
+    for size in sizes:
+        pipe("a cat", ip_adapter_image=images[0], **{**CALL, "height": size, "width": size})
+    assert pipe.loop.evictions == 1 and len(pipe.loop.states) == 2
+    kept = [s.sig.latents[-1] for s in pipe.loop.states.values()]
+    assert kept == [20, 24]  # 40 and 48 px remain (VAE factor 2), 32 px (least recently used) was dropped
+    stats = pipe.memory_stats()
+    assert stats["signatures"] == 2 and stats["evictions"] == 1 and stats["static_buffer_bytes"] > 0
+
+
+def test_graph_bookkeeping_with_a_replay_double(models, images, fake_graphs):
+    """One capture per signature; new step counts, scales, step ranges and references replay it."""
+    pipe = sd15(models, scheduler="ddim")
+    pipe.loop.use_graphs = True
+    ref = diffusers_pipe(models, "sd15", ["plus.safetensors"])
+    ref.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    for steps, scale, image in ((3, 0.6, 0), (4, 1.3, 1), (2, 0.0, 1)):
+        pipe.set_ip_adapter_scale(scale)
+        ref.set_ip_adapter_scale(scale)
+        call = {**CALL, "num_inference_steps": steps}
+        out = pipe("a cat", ip_adapter_image=images[image], latents=fixed_latents(), **call).images
+        assert_parity(out, ref("a cat", ip_adapter_image=images[image], latents=fixed_latents(), **call).images)
+    assert pipe.loop.captures == 1
+    (state,) = pipe.loop.states.values()
+    assert isinstance(state.graph, ReplayGraph)
+
+
+def test_failed_capture_runs_eagerly_with_one_warning(models, images):
+    """Forcing graphs on the CPU makes the real capture fail (no CUDA): the signature falls back to the eager
+    step, warns once, and the result is still diffusers'."""
+    pipe = sd15(models, scheduler="ddim")
+    pipe.loop.use_graphs = True
+    for g in pipe._graphed():
+        g.enabled = True
+    ref = diffusers_pipe(models, "sd15", ["plus.safetensors"])
+    ref.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    call = {**CALL, "output_type": "pt"}
+    with pytest.warns(UserWarning, match="CUDA graph capture failed") as caught:
+        out = pipe("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    names = {str(w.message).split(":")[0] for w in caught}
+    assert any("denoising step" in n for n in names) and any("VAE decoder" in n for n in names)
+    assert any("CLIP image encoder" in n for n in names)
+    assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the failure is remembered per signature / shape
+        pipe("a cat", ip_adapter_image=images[1], latents=fixed_latents(), **call)
+    (state,) = pipe.loop.states.values()
+    assert state.eager and state.graph is None and pipe.memory_stats()["eager_signatures"] == 1
+
+
+def test_to_drops_every_graph_and_buffer(models, images, fake_graphs):
+    pipe = sd15(models, scheduler="ddim")
+    pipe.loop.use_graphs = True
+    for g in pipe._graphed():
+        g.enabled = True
+    pipe("a cat", ip_adapter_image=images[0], **{**CALL, "output_type": "pt"})
+    assert pipe.loop.captures == 1 and all(len(g.graphs) for g in pipe._graphed()[:2])
+    assert pipe.adapters._stores and pipe.adapters.context.kv is not None
+    old_pool = pipe.graph_pool
+    pipe.to("cpu")
+    assert not pipe.loop.states and pipe.loop.captures == 0
+    assert not any(g.graphs for g in pipe._graphed()) and pipe.graph_pool is not old_pool
+    assert not pipe.adapters._stores and pipe.adapters.context.kv is None and pipe.adapters.prepared_key is None
+
+
+def test_graphed_call_is_keyed_on_the_weights(models, fake_graphs):
+    """A dtype change of the module (diffusers' SDXL pipeline upcasting a shared VAE does this) drops the graphs
+    captured on the old weights instead of replaying freed memory."""
+    pipe = sd15(models)
+    decoder = pipe._decoder
+    decoder.enabled = True
+    z = fixed_latents()
+    first = decoder(z)
+    assert len(decoder.graphs) == 1
+    (entry,) = decoder.graphs.values()
+    pipe.vae.to(torch.float64)
+    again = decoder(z.double())
+    assert len(decoder.graphs) == 1 and next(iter(decoder.graphs.values())) is not entry
+    assert torch.allclose(again.float(), first, atol=1e-4)
+    pipe.vae.to(torch.float32)
+    assert torch.equal(decoder(z), first)
+
+
+class StorageReads(TorchDispatchMode):
+    """Records the storage of every tensor an op reads that was not produced inside the recorded region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[int] = set()
+        self.made: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)
+        }
+        self.read |= inputs - {0}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):  # new storage only: a view or an in-place op's output aliases an input
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.made.add(t.untyped_storage().data_ptr())
+        return out
+
+    @property
+    def foreign(self) -> frozenset[int]:
+        return frozenset(self.read - self.made)
+
+
+def step_reads(pipe) -> frozenset[int]:
+    """Storages the last request's first step reads from outside the step (what a graph would bake in)."""
+    state = next(reversed(pipe.loop.states.values()))
+    state.idx.zero_()
+    with StorageReads() as reads:
+        pipe.loop._step(state)
+    return reads.foreign
+
+
+def test_a_step_reads_the_same_storage_for_every_request(models, images, tmp_path):
+    """What a captured graph needs: two requests of one signature (other reference, scale, prompt, guidance, step
+    count, ControlNet and T2I images) make the step read exactly the same storages. The check itself is shown to
+    catch a buffer reallocated between requests."""
+    from ipa_rt import testing as T
+
+    net = T.write_controlnet(tmp_path / "cn", models.base("sd15"))
+    adapter = T.write_t2i_adapter(tmp_path / "t2i", models.base("sd15"))
+    pipe = sd15(models, scheduler="euler_a", controlnet=net, t2i_adapter=adapter)
+    structure = [T.make_image(seed=s, size=(32, 32)) for s in (4, 5)]
+
+    def request(i, scale, steps):
+        pipe.set_ip_adapter_scale(scale)
+        call = {**CALL, "num_inference_steps": steps, "guidance_scale": 3.0 + i}
+        pipe(f"prompt {i}", ip_adapter_image=images[i], image=structure[i], adapter_image=structure[i], **call)
+        return step_reads(pipe)
+
+    first = request(0, 0.5, 3)
+    second = request(1, 1.5, 4)
+    assert len(pipe.loop.states) == 1 and first == second
+    ctx = pipe.adapters.context
+    ctx.kv = [(k.clone(), v.clone()) for k, v in ctx.kv]  # what the old per-request K/V allocation did
+    assert step_reads(pipe) != first
