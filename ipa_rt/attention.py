@@ -6,6 +6,7 @@ below runs it inside diffusers' ``Attention`` modules and is the CPU path and th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -106,6 +107,7 @@ def _exporting() -> bool:
 
 
 _EMPTY: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_WARNED: set[str] = set()  # kernel failure reasons already reported
 
 
 def _empty_segments(device: torch.device) -> tuple[Tensor, Tensor]:
@@ -129,6 +131,26 @@ class DecoupledCrossAttnProcessor:
         self.layer = layer
         self.context = context
         self.fused = fused  # decided once at install from device, dtype and head dim: never per call
+
+    def _fused(self, query, key, value, kv, scales, mask) -> Tensor | None:
+        """The fused kernel, or ``None`` if it fails here (a compile or launch error on this GPU): the layer then
+        runs SDPA from now on, with one warning, rather than failing the call."""
+        ctx = self.context
+        if kv is None:
+            k_img = v_img = key[:, :, :0]
+            offsets, segs = _empty_segments(query.device)
+        else:
+            (k_img, v_img), offsets, segs = kv, ctx.seg_offsets, ctx.seg_adapter
+        try:
+            return torch.ops.ipa_rt.decoupled_attention(query, key, value, k_img, v_img, offsets, segs, scales, mask)
+        except Exception as exc:
+            self.fused = False
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            if reason not in _WARNED:
+                _WARNED.add(reason)
+                msg = f"fused attention kernel failed ({reason}); such layers run SDPA from now on"
+                warnings.warn(msg, stacklevel=2)
+            return None
 
     def __call__(
         self,
@@ -175,15 +197,11 @@ class DecoupledCrossAttnProcessor:
         mask = ctx.masks.get(query.shape[2]) if kv is not None and ctx.masks else None
         if kv is not None and ctx.seg_mult is not None:  # per-image segments: adapter scale x image factor
             scales = scales.index_select(0, ctx.seg_owner) * ctx.seg_mult[:, self.layer]
+        fused = None
         if self.fused and attention_mask is None and not _exporting():
-            if kv is None:
-                k_img = v_img = key[:, :, :0]
-                offsets, segs = _empty_segments(query.device)
-            else:
-                (k_img, v_img), offsets, segs = kv, ctx.seg_offsets, ctx.seg_adapter
-            hidden_states = torch.ops.ipa_rt.decoupled_attention(
-                query, key, value, k_img, v_img, offsets, segs, scales, mask
-            )
+            fused = self._fused(query, key, value, kv, scales, mask)
+        if fused is not None:
+            hidden_states = fused
         else:
             image_kv = [(kv[0][:, :, s:e], kv[1][:, :, s:e]) for s, e in ctx.segments] if kv is not None else ()
             if _exporting():

@@ -41,11 +41,18 @@ class GraphPool:
 
 
 def capture_graph(
-    body: Callable[[], Any], reset: Callable[[], None] | None = None, pool: GraphPool | None = None, warmup: int = 2
+    body: Callable[[], Any],
+    device: torch.device,
+    reset: Callable[[], None] | None = None,
+    pool: GraphPool | None = None,
+    warmup: int = 2,
 ) -> tuple[Any, Any]:
     """``body`` captured as a CUDA graph: ``warmup`` eager runs on a side stream first (cuBLAS/cuDNN workspaces,
     Triton compiles, lazy inits), ``reset`` after each to undo what a run advanced. Returns ``(graph, output of
-    the captured call)``; raises :class:`CaptureFailed` with the cause."""
+    the captured call)``; raises :class:`CaptureFailed` with the cause (``device``: where ``body``'s tensors live;
+    work on any other device would silently be left out of the graph)."""
+    if device.type != "cuda":
+        raise CaptureFailed(f"{device} is not a CUDA device")
     try:
         before = torch.cuda.memory_reserved()
         side = torch.cuda.Stream()
@@ -122,7 +129,7 @@ class Graphed:
         if key not in self.graphs:
             static_in = x.clone()
             try:
-                graph, static_out = capture_graph(lambda: self.fn(static_in), pool=self.pool)
+                graph, static_out = capture_graph(lambda: self.fn(static_in), x.device, pool=self.pool)
             except CaptureFailed as exc:
                 warn_eager(f"{self.name} at {list(x.shape)}", exc)
                 self.eager.add(key)

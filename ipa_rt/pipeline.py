@@ -11,7 +11,6 @@ in a static, graph-captured loop (:mod:`ipa_rt.runtime`); the adapter scale as a
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from .control import ControlStack, load_controlnets
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from .graphs import Graphed, GraphPool
 from .image import default_feature_extractor
-from .kernels.ops import fused_available
+from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
 from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder, vae_upcast
 from .modes import DEFAULT_STRENGTH
@@ -106,6 +105,7 @@ class Pipeline:
             raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
         self.attention, self.backend = attention, backend
         self.engine_manifest: dict | None = None  # set by from_engine
+        self.kernel_fallbacks: dict[int, str] = {}  # head dim -> why its layers run SDPA instead of the kernel
         self.base = base
         self.family = base.family
         self.unet, self.vae, self.scheduler = base.unet, base.vae, base.scheduler
@@ -342,22 +342,24 @@ class Pipeline:
         return stats
 
     def _fused_layers(self) -> list[bool]:
-        """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call)."""
-        dims = self.adapters.head_dims
-        if self.attention == "sdpa":
-            return [False] * len(dims)
-        reasons = [fused_available(self.device, self.dtype, d) for d in dims]
-        if self.attention == "auto":  # triton on CUDA where it can run, SDPA elsewhere
-            return [self.device.type == "cuda" and r is None for r in reasons]
-        bad = next((r for r in reasons if r is not None), None)
-        if bad is not None and "disabled by" in bad:
-            warnings.warn(f"attention='triton' falls back to SDPA: {bad}", stacklevel=3)
-            return [False] * len(dims)
-        if bad is not None:
-            raise ConfigError(
-                f"attention='triton' cannot run here: {bad}; expected a CUDA device, or TRITON_INTERPRET=1"
-            )
-        return [True] * len(dims)
+        """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call); layers whose
+        kernel fails its build-time self-test fall back to SDPA (reasons in ``kernel_fallbacks``)."""
+        fused, self.kernel_fallbacks = choose_layers(self.attention, self.device, self.dtype, self.layer_shapes())
+        return fused
+
+    def layer_shapes(self) -> list[LayerShape]:
+        """Every cross-attention layer as the fused kernel sees it at the default size."""
+        stack = self.adapters
+        if not stack.head_dims:  # engines: attention runs inside the engine
+            return []
+        h, w = self.default_size
+        queries = _query_tokens(self.unet, stack.layer_names, h, w, self.vae_scale_factor)
+        encoder_tokens = self.image_encoder_tokens() if self.image_encoder is not None else 4
+        segments = tuple(e.tokens_per_image or encoder_tokens for e in stack.entries)
+        return [
+            LayerShape(d, heads, n, 77, segments)
+            for d, heads, n in zip(stack.head_dims, stack.heads, queries, strict=True)
+        ]
 
     def image_encoder_tokens(self) -> int:
         """Tokens of the CLIP encoder's hidden states (the Full-face adapter's token count)."""

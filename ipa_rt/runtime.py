@@ -353,7 +353,7 @@ class DenoiseLoop:
             st.prev_x0.copy_(saved[1])
 
         try:
-            st.graph, _ = capture_graph(lambda: self._step(st), reset=restore, pool=self.pool)
+            st.graph, _ = capture_graph(lambda: self._step(st), st.latents.device, reset=restore, pool=self.pool)
         except CaptureFailed as exc:
             st.eager = True
             warn_eager(f"the denoising step for latents {list(st.sig.latents)}", exc)

@@ -13,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():  # run Triton kernels on the CPU; must be set before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # parity on a GPU compares exact fp32 products: no TF32 in matmuls or convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 from ipa_rt import testing as T
 
@@ -31,6 +34,7 @@ except ImportError:  # pragma: no cover
     pass
 
 FAMILIES = ("sd15", "sdxl")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused kernel runs (CPU: interpreter)
 SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
 PARITY_RTOL = 1e-4  # issue requirement: relative L2 error of final latents, fp32 on CPU
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, KERNEL_DEVICE, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
 from ipa_rt.kernels import fused_available
@@ -27,21 +27,21 @@ def test_triton_pipeline_matches_diffusers(models, images, family, variants, sca
     ref_pipe = diffusers_pipe(models, family, [f"{v}.safetensors" for v in variants])
     ref_pipe.set_ip_adapter_scale(scale if len(variants) > 1 else [scale])
     ref = ref_pipe("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images
-    ours = ipa_pipe(models, family, [models.adapter(family, v) for v in variants], attention="triton")
+    adapters = [models.adapter(family, v) for v in variants]
+    ours = ipa_pipe(models, family, adapters, attention="triton", device=KERNEL_DEVICE)
     assert all(p.fused for p in ours.adapters._processors)
     ours.set_ip_adapter_scale(scale)
-    out = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images
+    out = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images.cpu()
     assert_parity(out, ref)
     ours.set_ip_adapter_scale(0.0)  # scale 0 through the kernel: exactly the text-only result's path
-    zero = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images
+    zero = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images.cpu()
     no_adapter = diffusers_pipe(models, family)("a cat", latents=fixed_latents(), **FAST).images
     assert_parity(zero, no_adapter)
 
 
 def test_auto_is_sdpa_on_cpu(models):
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
-    expected = torch.cuda.is_available()
-    assert all(p.fused == expected for p in pipe.adapters._processors)
+    assert pipe.device.type == "cpu" and not any(p.fused for p in pipe.adapters._processors)
 
 
 def test_kill_switch_forces_sdpa(models, monkeypatch):
@@ -104,3 +104,69 @@ def test_layer_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
             want = layer(x, text, k, v, s).numpy()
             layer.attn.processor.fused = True
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [("raise", r"falls back to SDPA for the \d+ layer\(s\) of head dim \d+: RuntimeError: ptxas"),
+     ("wrong", r"falls back to SDPA .* differs from the reference")],
+)  # fmt: skip
+def test_kernel_failing_its_build_self_test_falls_back_to_sdpa(models, images, monkeypatch, failure, message):
+    """A kernel that does not compile (forced: ptxas raises) or computes wrong values (forced: an offset) on this
+    machine is caught when the pipeline is built: its layers run SDPA, one warning per head dim says why, and the
+    result is diffusers'."""
+    from ipa_rt.kernels import decoupled_kernel as kmod
+
+    real = kmod.launch
+
+    def broken(*args, **kwargs):
+        if failure == "raise":
+            raise RuntimeError("ptxas fatal: simulated failure")
+        return real(*args, **kwargs) + 0.5
+
+    monkeypatch.setattr(kmod, "launch", broken)
+    with pytest.warns(UserWarning, match=message):
+        ours = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")], attention="triton", device=KERNEL_DEVICE)
+    assert not any(p.fused for p in ours.adapters._processors) and ours.kernel_fallbacks
+    ref = diffusers_pipe(models, "sd15", ["base.safetensors"])
+    out = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images.cpu()
+    assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images)
+
+
+@needs_kernel
+def test_kernel_failing_during_a_call_falls_back_to_sdpa(models, images, monkeypatch):
+    """A kernel that fails at run time (a shape first seen in a request) never fails the call: those layers switch
+    to SDPA with one warning and the call returns diffusers' result."""
+    from ipa_rt.kernels import decoupled_kernel as kmod
+
+    ours = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")], attention="triton", device=KERNEL_DEVICE)
+    assert all(p.fused for p in ours.adapters._processors)
+    monkeypatch.setattr(kmod, "launch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("launch failed: 719")))
+    with pytest.warns(UserWarning, match="fused attention kernel failed .*launch failed: 719") as caught:
+        out = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images.cpu()
+    assert len([w for w in caught if "kernel failed" in str(w.message)]) == 1
+    assert not any(p.fused for p in ours.adapters._processors)
+    ref = diffusers_pipe(models, "sd15", ["base.safetensors"])
+    assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images)
+
+
+def test_layer_choice_policy(monkeypatch):
+    """What each attention mode picks, with the device checks stubbed: auto fuses fp16/bf16 on CUDA (fp32 keeps
+    SDPA), a head dim whose self-test fails falls back alone, sdpa never fuses."""
+    from ipa_rt.kernels import decoupled_kernel as kmod
+    from ipa_rt.kernels import select
+
+    monkeypatch.setattr(kmod, "kernel_supports", lambda device, dtype, d: None)
+    monkeypatch.setattr(
+        select, "self_test", lambda s, dtype, device: "ptxas: out of resources" if s.head_dim == 160 else None
+    )
+    monkeypatch.setenv(select.TUNE_SWITCH, "0")
+    layers = [select.LayerShape(d, 8, n, 77, (4,)) for d, n in ((40, 4096), (80, 1024), (160, 256), (160, 64))]
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) of head dim 160: ptxas: out of resources"):
+        fused, why = select.choose_layers("auto", cuda, torch.float16, layers)
+    assert fused == [True, True, False, False] and set(why) == {160}
+    assert select.choose_layers("auto", cuda, torch.float32, layers)[0] == [False] * 4
+    assert select.choose_layers("auto", torch.device("cpu"), torch.float16, layers)[0] == [False] * 4
+    assert select.choose_layers("sdpa", cuda, torch.float16, layers)[0] == [False] * 4

@@ -15,6 +15,7 @@ import torch
 from ipa_rt.attention import decoupled_attention_reference
 from ipa_rt.kernels import decoupled_attention, fused_available
 from ipa_rt.kernels import decoupled_kernel as kmod
+from ipa_rt.kernels.tuning import candidates
 
 pytestmark = pytest.mark.skipif(
     fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64) is not None,
@@ -53,10 +54,10 @@ def reference(q, k_text, v_text, k_img, v_img, bounds, scales, masks=None, dtype
     )
 
 
-def run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask=None):
+def run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask=None, config=None):
     b, h, n, d = q.shape
     out = torch.full((b, n, h * d), float("nan"), device=q.device, dtype=q.dtype)  # poisoned: all must be written
-    return kmod.launch(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask, out=out)
+    return kmod.launch(q, k_text, v_text, k_img, v_img, offsets, adapters, scales, mask, out=out, config=config)
 
 
 def check(out, q, k_text, v_text, k_img, v_img, bounds, scales, masks=None):
@@ -77,6 +78,7 @@ SHAPES = [  # (head dim, query tokens, text tokens, image segments)
     (40, 96, 231, [4, 16, 257, 4]),
     (80, 33, 77, [8]),  # one adapter, two images of 4 tokens each: one segment
     (64, 4096, 77, [16, 4]),
+    (120, 50, 77, [4, 4]),  # a tail tile with padding (64 + 56 -> 64 + 64)
 ]
 # narrow set for local debugging: SHAPES = [(40, 64, 77, [4])]
 
@@ -96,9 +98,12 @@ def test_zero_scale_is_exactly_text_only(dtype):
     q, k_text, v_text, k_img, v_img, offsets, adapters, scales, _ = make(2, 2, 50, 64, 77, [4, 16], dtype, 7)
     v_img = torch.full_like(v_img, float("inf"))  # an overflowing image branch must not leak NaN
     zero = torch.zeros_like(scales)
-    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, zero)
+    # one pinned launch configuration: the two calls have different shape keys, which may be tuned differently,
+    # and a different block size changes the text softmax's summation order
+    pinned = candidates(str(dtype).removeprefix("torch."), 64)[0]
+    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, zero, config=pinned)
     no_seg = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int32, device=DEVICE)
-    text_only = run_kernel(q, k_text, v_text, k_img[:, :, :0], v_img[:, :, :0], *no_seg, zero)
+    text_only = run_kernel(q, k_text, v_text, k_img[:, :, :0], v_img[:, :, :0], *no_seg, zero, config=pinned)
     assert torch.equal(out, text_only)
 
 
@@ -137,3 +142,28 @@ def test_custom_op_has_fake_impl_and_traces():
     exported = torch.export.export(One(), tuple(args))
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert "ipa_rt.decoupled_attention.default" in targets
+
+
+def test_head_dim_split_wastes_no_tensor_core_work_at_sd_dims():
+    assert kmod.split_head_dim(40) == (32, 16)  # 17% padding instead of 37.5% (one tile of 64)
+    assert kmod.split_head_dim(64) == (64, 0)
+    assert kmod.split_head_dim(80) == (64, 16)
+    assert kmod.split_head_dim(160) == (128, 32)
+    assert kmod.split_head_dim(120) == (64, 64)
+    assert kmod.split_head_dim(8) == (16, 0)  # tl.dot's minimum tile
+
+
+def test_tuned_configs_are_looked_up_by_bucketed_shape_key(monkeypatch):
+    """A request only looks its configuration up (tuned at build, else the head dim's default): query length, B·H
+    and token counts are bucketed to powers of two, so nearby sizes share one tuned entry."""
+    from ipa_rt.kernels import tuning
+
+    q = torch.empty(2, 8, 4000, 40).transpose(1, 2).transpose(1, 2)
+    key = kmod.shape_key(q, torch.empty(2, 8, 77, 40), torch.empty(2, 8, 20, 40), None)
+    assert key == ("float32", 40, 4096, 16, 128, 32, False)
+    near = kmod.shape_key(torch.empty(2, 8, 3000, 40), torch.empty(2, 8, 77, 40), torch.empty(2, 8, 17, 40), None)
+    assert near == key
+    assert tuning.config_for(key) == tuning.candidates("float32", 40)[0]
+    chosen = tuning.candidates("float32", 40)[1]
+    monkeypatch.setitem(tuning._TUNED, key, chosen)
+    assert tuning.config_for(near) == chosen

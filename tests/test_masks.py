@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILIES, KERNEL_DEVICE, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 from PIL import Image
 
 import ipa_rt
@@ -22,13 +22,12 @@ def masks(size: int = 32):
     return m.reshape(1, m.shape[0], m.shape[2], m.shape[3])
 
 
-def run(models, images, family, attention="sdpa", fmt=None):
+def run(models, images, family, attention="sdpa", device="cpu"):
     scale = [[0.7, 0.4], 0.5]  # adapter 0: two masked images with their own scales; adapter 1: unmasked
     ref = diffusers_pipe(models, family, ["plus.safetensors", "base.safetensors"])
     ref.set_ip_adapter_scale(scale)
-    ours = ipa_pipe(
-        models, family, [models.adapter(family, "plus"), models.adapter(family, "base")], attention=attention
-    )
+    adapters = [models.adapter(family, "plus"), models.adapter(family, "base")]
+    ours = ipa_pipe(models, family, adapters, attention=attention, device=device)
     ours.set_ip_adapter_scale(scale)
     kw = dict(
         ip_adapter_image=[[images[0], images[1]], images[2]],
@@ -36,7 +35,7 @@ def run(models, images, family, attention="sdpa", fmt=None):
         latents=fixed_latents(),
         **CALL,
     )
-    return ours("two cats", **kw).images, ref("two cats", **kw).images
+    return ours("two cats", **kw).images.cpu(), ref("two cats", **kw).images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -50,7 +49,7 @@ def test_masks_and_per_image_scales_match_diffusers(models, images, family):
     reason="the Triton kernel cannot run here",
 )
 def test_masks_through_the_fused_kernel(models, images):
-    out, ref = run(models, images, "sd15", attention="triton")
+    out, ref = run(models, images, "sd15", attention="triton", device=KERNEL_DEVICE)
     assert_parity(out, ref)
 
 

@@ -33,7 +33,7 @@ class ReplayGraph:
             self.out.copy_(result)
 
 
-def replay_capture(body, reset=None, pool=None, warmup=2):
+def replay_capture(body, device, reset=None, pool=None, warmup=2):
     for _ in range(warmup):
         body()
         if reset is not None:
@@ -71,8 +71,10 @@ def test_loop_keeps_no_autograd_history(models, images):
     assert not any(t.requires_grad for kv in ctx.kv for t in kv) and not ctx.scale_eff.requires_grad
 
 
-def test_step_count_and_strength_share_one_signature(models, images):
-    """Tables are sized to a capacity: 3, 5 steps and an img2img strength reuse one state; parity still holds."""
+def test_step_count_and_strength_share_one_signature(models, images, monkeypatch):
+    """Tables are sized to a capacity: 3 and 5 steps reuse one state (parity still holds); past the capacity, a
+    bigger table."""
+    monkeypatch.setattr(runtime, "MIN_CAPACITY", 8)  # the rule at a size the test can step through quickly
     pipe = sd15(models, scheduler="ddim")
     ref = diffusers_pipe(models, "sd15", ["plus.safetensors"])
     ref.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -82,10 +84,11 @@ def test_step_count_and_strength_share_one_signature(models, images):
         assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images)
     assert len(pipe.loop.states) == 1
     (state,) = pipe.loop.states.values()
-    assert state.sig.capacity == runtime.MIN_CAPACITY and state.timesteps.shape[0] == runtime.MIN_CAPACITY
-    pipe("a cat", ip_adapter_image=images[0], **{**CALL, "num_inference_steps": runtime.MIN_CAPACITY + 1})
+    assert state.sig.capacity == 8 and state.timesteps.shape[0] == 8
+    pipe("a cat", ip_adapter_image=images[0], **{**CALL, "num_inference_steps": 9})
     assert len(pipe.loop.states) == 2  # beyond the capacity: a bigger table, a second signature
-    assert [s.sig.capacity for s in pipe.loop.states.values()] == [64, 128]
+    assert [s.sig.capacity for s in pipe.loop.states.values()] == [8, 16]
+    assert runtime.step_capacity(30) == 8 * 4 and runtime.step_capacity(1) == 8
 
 
 def test_least_recently_used_signature_is_evicted(models, images):
@@ -119,8 +122,8 @@ def test_graph_bookkeeping_with_a_replay_double(models, images, fake_graphs):
 
 
 def test_failed_capture_runs_eagerly_with_one_warning(models, images):
-    """Forcing graphs on the CPU makes the real capture fail (no CUDA): the signature falls back to the eager
-    step, warns once, and the result is still diffusers'."""
+    """Forcing graphs on a CPU pipeline makes the real capture fail (not a CUDA device): the signature falls back to
+    the eager step, warns once, and the result is still diffusers'."""
     pipe = sd15(models, scheduler="ddim")
     pipe.loop.use_graphs = True
     for g in pipe._graphed():
