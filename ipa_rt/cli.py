@@ -240,14 +240,19 @@ def describe(manifest: dict) -> str:
     """A manifest in words, for ``ipa_rt inspect``."""
     shapes, v = manifest["shapes"], manifest["versions"]
     gpu = manifest.get("gpu")
+    from .export.engines import TENSORRT_RANGE
+
     lines = [
         f"{manifest['backend']} engines for a {manifest['family'].upper()} model, {manifest['dtype']} "
-        f"(inputs and outputs {manifest['io_dtype']}), built in {manifest['built_seconds']} s",
+        f"(inputs and outputs {manifest['io_dtype']}, VAE {manifest['vae_dtype']}; exported in these types with "
+        f"normalisations in fp32), built in {manifest['built_seconds']} s",
         f"images {shapes['width']}x{shapes['height']}, up to {shapes['batch']} per call "
         f"({2 * shapes['batch']} UNet rows with guidance), {shapes['text_tokens']} text tokens",
         f"built with ipa_rt {v['ipa_rt']}, torch {v['torch']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, "
         f"TensorRT {v['tensorrt'] or 'not installed'}"
         + (f", on {gpu['name']} (sm {gpu['capability']})" if gpu else ""),
+        f"TensorRT engines need TensorRT {TENSORRT_RANGE} (10.x and 11.x; networks built strongly typed) and the GPU "
+        "they were built on",
         f"{len(manifest['adapters'])} IP-Adapter(s) over {manifest['layers']} cross-attention layers; "
         "the scale is an engine input (changing it rebuilds nothing):",
     ]

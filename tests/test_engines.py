@@ -352,6 +352,7 @@ def test_cli_inspect_and_generate_from_engine(engines, images, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "onnxruntime engines for a SD15 model" in text and "[1] plus: 16 image tokens" in text
     assert "the scale is an engine input" in text and "status: every engine file is intact" in text
+    assert "TensorRT engines need TensorRT >=10.0,<12 (10.x and 11.x; networks built strongly typed)" in text
     ref = tmp_path / "ref.png"
     images[0].save(ref)
     out = tmp_path / "out.png"
@@ -379,22 +380,109 @@ def test_tensorrt_profile_and_missing_tensorrt(models):
             build_engines(req, "/nonexistent/never-written")
 
 
+FP16_ENGINE_RTOL = 2e-2  # an fp16 engine against the fp16 torch pipeline: both ~1e-3 per network from fp32
+LOW_PRECISION_INPUTS = {"timestep", "ip_scale", "conditioning_scales"}  # fp32 by contract in every engine
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
-def test_tensorrt_engine_pipeline_matches_diffusers(models, images, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_tensorrt_engine_pipeline_matches_diffusers(models, images, tmp_path, dtype):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA's index is unreachable here)")
     req = BuildRequest(
-        str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="tensorrt", height=32, width=32
+        str(models.base("sdxl")), [str(models.adapter("sdxl", "base"))], "tensorrt", height=32, width=32, dtype=dtype
     )
     folder = build_engines(req, tmp_path / "trt")
     pipe = ipa_rt.Pipeline.from_engine(folder, device="cuda")
-    ref = diffusers_pipe(models, "sd15", ["base.safetensors"]).to("cuda")
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    ref = diffusers_pipe(models, "sdxl", ["base.safetensors"], torch_dtype=torch_dtype).to("cuda")
     for p in (pipe, ref):
         p.set_ip_adapter_scale(0.7)
-    call = dict(CALL, latents=fixed_latents().cuda())
+    call = dict(CALL, latents=fixed_latents().cuda().to(torch_dtype))
     want = ref("a cat", ip_adapter_image=images[0], **call).images
     got = pipe("a cat", ip_adapter_image=[images[0]], **call).images
-    assert_parity(got.float(), want.float(), ENGINE_RTOL)
+    assert_parity(got.float(), want.float(), ENGINE_RTOL if dtype == "fp32" else FP16_ENGINE_RTOL)
+    assert pipe.loop.captures == 1  # the UNet engine runs inside the captured step
+
+
+def test_fp16_engines_are_strongly_typed_and_match_torch(models, images, tmp_path):
+    """What a strongly typed TensorRT build (the only kind in TensorRT 11) needs from the ONNX, checked on the CPU:
+    an fp16 SDXL export whose every graph passes ONNX Runtime's full type check (no mixed-type node), whose float
+    inputs are fp16 (scales and timesteps fp32), whose normalisations compute in fp32, whose force_upcast VAE is fp32
+    — and whose engine pipeline matches the fp16 torch pipeline."""
+    import onnx
+
+    req = BuildRequest(str(models.base("sdxl")), [str(models.adapter("sdxl", "base"))], height=32, width=32)
+    req.dtype = "fp16"
+    folder = build_engines(req, tmp_path / "fp16")
+    manifest = read_manifest(folder)
+    assert (manifest["io_dtype"], manifest["vae_dtype"]) == ("fp16", "fp32")
+    float_types = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    for name, info in manifest["networks"].items():
+        path = folder / next(iter(info["files"]))
+        OrtEngine(path)  # ONNX Runtime type-checks every node on load
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        typed = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+        want = "fp32" if name.startswith("vae") else "fp16"
+        for i in model.graph.input:
+            kind = float_types.get(i.type.tensor_type.elem_type)
+            assert kind in (None, "fp32" if i.name in LOW_PRECISION_INPUTS else want), (name, i.name, kind)
+        norms = [n for n in model.graph.node if n.op_type.endswith("Normalization")]
+        assert all(typed.get(n.input[0]) == onnx.TensorProto.FLOAT for n in norms), name
+        assert norms or name.startswith("image_projection"), name
+    pipe = ipa_rt.Pipeline.from_engine(folder)
+    ours = ipa_pipe(models, "sdxl", models.adapter("sdxl", "base"), dtype=torch.float16)
+    for p in (pipe, ours):
+        p.set_progress_bar_config(disable=True)
+    call = dict(CALL, latents=fixed_latents().half())
+    got = pipe("a cat", ip_adapter_image=[images[0]], **call).images
+    want = ours("a cat", ip_adapter_image=[images[0]], **call).images
+    assert got.dtype == torch.float16
+    assert_parity(got.float(), want.float(), FP16_ENGINE_RTOL)
+
+
+def test_tensorrt_build_is_strongly_typed_without_precision_flags(tmp_path, monkeypatch):
+    """The polygraphy calls of a TensorRT build, recorded and bound against the installed polygraphy's signatures:
+    a strongly typed network on every supported TensorRT, no FP16/BF16 builder flags (TensorRT 11 has none), one
+    profile, the shared timing cache. Versions outside 10.x-11.x are refused with what to install."""
+    import inspect
+
+    import polygraphy.backend.trt as ptrt
+
+    from ipa_rt.export import engines as eng
+
+    calls = {}
+
+    def recorder(name, fn, result=None):
+        def record(*args, **kwargs):
+            inspect.signature(fn).bind(*args, **kwargs)  # the real API accepts these arguments
+            calls[name] = kwargs
+            return result if result is not None else name
+
+        return record
+
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", recorder("network", ptrt.network_from_onnx_path))
+    monkeypatch.setattr(ptrt, "CreateConfig", recorder("config", ptrt.CreateConfig, "cfg"))
+    monkeypatch.setattr(ptrt, "engine_from_network", recorder("engine", ptrt.engine_from_network))
+    monkeypatch.setattr(ptrt, "save_engine", recorder("save", ptrt.save_engine))
+    monkeypatch.setattr(
+        ptrt, "Profile", lambda: type("P", (), {"add": lambda self, *a, **k: calls.setdefault("profile", k)})()
+    )
+    cache = tmp_path / "cache" / "tensorrt-11.1.0-H100-sm9.0.timing-cache"
+    for version in ("10.8.0", "11.1.0"):
+        monkeypatch.setattr(eng, "tensorrt_version", lambda version=version: version)
+        eng.build_trt_engine(tmp_path / "unet.onnx", tmp_path / "unet.plan", {"sample": ((1,), (2,), (4,))}, cache)
+        assert calls["network"] == {"strongly_typed": True}
+        assert not {"fp16", "bf16", "tf32", "int8", "fp8"} & set(calls["config"])
+        assert calls["config"]["builder_optimization_level"] == 3 and calls["config"]["profiles"]
+        assert calls["engine"]["save_timing_cache"] == str(cache) and calls["profile"]["max"] == (4,)
+    for bad, message in (("9.3.0", r"TensorRT 9.3.0 is installed; ipa_rt supports TensorRT >=10.0,<12"),
+                         (None, r"needs TensorRT >=10.0,<12 .*not installed")):  # fmt: skip
+        monkeypatch.setattr(eng, "tensorrt_version", lambda bad=bad: bad)
+        with pytest.raises(ConfigError, match=message):
+            eng.build_trt_engine(tmp_path / "unet.onnx", tmp_path / "unet.plan", {}, cache)
+    path = eng.timing_cache_path(tmp_path, "10.8.0", {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0"})
+    assert path == tmp_path / "tensorrt-10.8.0-NVIDIA-H100-80GB-HBM3-sm9.0.timing-cache"
 
 
 def test_engine_without_guidance_and_the_demo_sweep(models, images, engines, tmp_path):

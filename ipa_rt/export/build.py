@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from ..cache import cache_root
 from ..checkpoint import AdapterSource, atomic_write_bytes
 from ..errors import ConfigError, EngineError
 from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
-from .engines import build_trt_engine, tensorrt_version
+from .engines import build_trt_engine, check_tensorrt, tensorrt_version, timing_cache_path
 from .manifest import (
     FORMAT,
     REBUILD,
@@ -224,8 +225,8 @@ def build_engines(
     say = progress or (lambda msg: log.info(msg))
     out = Path(out)
     device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
-    if req.backend == "tensorrt" and tensorrt_version() is None:
-        raise ConfigError("backend 'tensorrt' needs TensorRT (pip install tensorrt from NVIDIA's index); not installed")
+    if req.backend == "tensorrt":
+        check_tensorrt(tensorrt_version())
     with build_lock(out):
         old = None
         if (out / "manifest.json").exists():
@@ -256,11 +257,11 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
 
     stages_done = time.perf_counter()
     say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
-    pipe = Pipeline.from_pretrained(
+    pipe = Pipeline.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
         req.base,
         [s for s in req.sources()],
         req.image_encoder,
-        dtype=DTYPES[req.dtype] if req.backend == "onnxruntime" else torch.float32,
+        dtype=DTYPES[req.dtype],
         lora=req.lora or None,
         attention="sdpa",
         controlnet=req.controlnet or None,
@@ -275,13 +276,9 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             onnx_path = export_onnx(contract, tmp / "onnx" / f"{contract.name}.onnx")
             files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]
             if req.backend == "tensorrt":
-                plan = build_trt_engine(
-                    onnx_path,
-                    tmp / "tensorrt" / f"{contract.name}.plan",
-                    contract.profile(),
-                    DTYPES[req.dtype],
-                    out / "timing.cache",
-                )
+                timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
+                plan = tmp / "tensorrt" / f"{contract.name}.plan"
+                plan = build_trt_engine(onnx_path, plan, contract.profile(), timing)
                 files = [plan]
             networks[contract.name] = _network_record(contract, files, tmp)
             say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s")
@@ -379,17 +376,11 @@ def _jsonable(value: Any) -> Any:
 
 
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
-def engine_cache_root() -> Path:
-    """``$IPA_RT_CACHE`` or ``~/.cache/ipa_rt/engines``: where from_pretrained(..., backend=...) keeps engines."""
-    root = os.environ.get("IPA_RT_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "ipa_rt" / "engines"
-
-
 def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> Path:
     """Build ``req`` into the cache (a directory named by what the engines depend on), or reuse it."""
     req.check()
     device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
-    memo_path = engine_cache_root() / "source-hashes.json"
+    memo_path = cache_root() / "source-hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -398,5 +389,5 @@ def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> P
     memo.update({r["path"]: r for r in sources.values()})
     atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
     ident = build_identity(req, sources, device)
-    folder = engine_cache_root() / f"{req.backend}-{cache_key(ident)}"
+    folder = cache_root() / f"{req.backend}-{cache_key(ident)}"
     return build_engines(req, folder, rebuild, progress, known=memo)  # the hashes just taken are reused

@@ -64,6 +64,8 @@ class _UNetIP(nn.Module):
 
     def forward(self, sample: Tensor, timestep: Tensor, text: Tensor, *rest: Tensor) -> Tensor:
         extra = dict(zip(self.extra, rest[: len(self.extra)], strict=True))
+        if "text_embeds" in extra:  # diffusers concatenates it with the fp32 time embedding (torch promotes to fp32;
+            extra["text_embeds"] = extra["text_embeds"].float()  # the exporter would leave a mixed-type Concat)
         rest = rest[len(self.extra) :]
         control, rest = rest[: self.residuals], rest[self.residuals :]
         intrablock, rest = rest[: self.intrablock], rest[self.intrablock :]

@@ -101,6 +101,10 @@ class OrtEngine:
 
 
 # --- TensorRT (thin, through polygraphy; unverified on the development machines) -------------------------------
+TENSORRT_RANGE = ">=10.0,<12"  # the pyproject extra says the same
+_TENSORRT_MAJORS = (10, 11)
+
+
 def tensorrt_version() -> str | None:
     try:
         import tensorrt as trt
@@ -109,33 +113,58 @@ def tensorrt_version() -> str | None:
     return trt.__version__
 
 
+def check_tensorrt(version: str | None) -> str:
+    """``version`` if ipa_rt supports it (TensorRT 10.x and 11.x), else a :class:`ConfigError` saying what to
+    install."""
+    if version is None:
+        raise ConfigError(
+            f"backend 'tensorrt' needs TensorRT {TENSORRT_RANGE} (pip install 'ipa_rt[tensorrt]'); it is not installed"
+        )
+    major = int(version.split(".")[0])
+    if major not in _TENSORRT_MAJORS:
+        raise ConfigError(
+            f"TensorRT {version} is installed; ipa_rt supports TensorRT {TENSORRT_RANGE} (10.x and 11.x): "
+            f"pip install 'tensorrt{TENSORRT_RANGE}'"
+        )
+    return version
+
+
 def build_trt_engine(
     onnx_path: Path,
     engine_path: Path,
     profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
-    dtype: torch.dtype,
     timing_cache: Path,
     optimization_level: int = 3,
 ) -> Path:
-    """Build a TensorRT engine from ``onnx_path`` with one optimisation profile (the contract's min/opt/max)."""
-    if tensorrt_version() is None:
-        raise ConfigError("backend 'tensorrt' needs TensorRT: pip install tensorrt (NVIDIA's index); not installed")
+    """Build a TensorRT engine from ``onnx_path`` with one optimisation profile (the contract's min/opt/max).
+
+    The network is strongly typed on every supported version: TensorRT 11 knows no other kind (its FP16/BF16
+    builder flags are gone) and TensorRT 10 is asked for the same, so an engine computes in exactly the types the
+    ONNX was exported with (:mod:`ipa_rt.export.precision`). ``timing_cache``: shared by every build on this GPU
+    and TensorRT version (read if present, written back)."""
+    check_tensorrt(tensorrt_version())
     from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
 
     trt_profile = Profile()
     for name, (lo, opt, hi) in profile.items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
     config = CreateConfig(
-        fp16=dtype == torch.float16,
-        bf16=dtype == torch.bfloat16,
         profiles=[trt_profile],
         load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
         builder_optimization_level=optimization_level,
     )
-    network = network_from_onnx_path(str(onnx_path))
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
     save_engine(engine, path=str(engine_path))
     return engine_path
+
+
+def timing_cache_path(root: Path, version: str, gpu: dict | None) -> Path:
+    """One TensorRT timing cache per TensorRT version and GPU, in the cache root: every build reuses the tactic
+    timings measured before (a timing cache from another GPU or version is not applicable)."""
+    name = (gpu or {}).get("name", "gpu").replace(" ", "-")
+    return root / f"tensorrt-{version}-{name}-sm{(gpu or {}).get('capability', '0')}.timing-cache"
 
 
 class TrtEngine:
@@ -143,8 +172,7 @@ class TrtEngine:
     CUDA-graph capture around the denoising step captures the engine's kernels too)."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cuda") -> None:
-        if tensorrt_version() is None:
-            raise ConfigError("backend 'tensorrt' needs TensorRT (pip install tensorrt); it is not installed")
+        check_tensorrt(tensorrt_version())
         import tensorrt as trt
         from polygraphy.backend.common import bytes_from_path
         from polygraphy.backend.trt import engine_from_bytes

@@ -2,7 +2,8 @@
 cleanup (onnx-graphsurgeon cleanup and topological sort, polygraphy constant folding and shape inference, as
 the TensorRT demo does), external data past ONNX's 2 GB protobuf limit, and ``onnx.checker``.
 
-The decoupled attention exports in standard operators (``decoupled_attention_decomposed``).
+The decoupled attention exports in standard operators (``decoupled_attention_decomposed``); fp16/bf16 models
+export with their normalisations in fp32 (:mod:`ipa_rt.export.precision`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..errors import ConfigError, EngineError
 from .contracts import Contract
+from .precision import fp32_normalization
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 2**30
@@ -53,7 +55,7 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET)
     large = size > PROTOBUF_LIMIT
     log = io.StringIO()  # the exporter narrates every stage on stdout: keep it for the error message only
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        with torch.no_grad(), fp32_normalization(), contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 contract.module,

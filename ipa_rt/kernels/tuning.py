@@ -4,20 +4,20 @@ Candidates per (dtype class, head dim split) are the configurations that compile
 register spills and within shared memory (checked in CI by ``tests/test_kernel_aot.py``, which compiles every
 one of them ahead of time with Triton's own compiler). A pipeline tunes once, when it is built, for the attention
 shapes of its model at its default size (:func:`tune`); a request only looks its configuration up
-(:func:`config_for`), never tunes. Results are kept per GPU and Triton version in
-``$IPA_RT_CACHE/kernel-tuning.json`` (default ``~/.cache/ipa_rt``), so a second process tunes nothing.
+(:func:`config_for`), never tunes. Results are kept per GPU and Triton version in ``kernel-tuning.json`` in the
+cache root (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``), so a second process tunes nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..checkpoint import atomic_write_bytes
 from .decoupled_kernel import KernelConfig, split_head_dim
 
@@ -55,8 +55,7 @@ def config_for(key: tuple) -> KernelConfig:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("IPA_RT_CACHE", Path.home() / ".cache" / "ipa_rt"))
-    return root / "kernel-tuning.json"
+    return cache_root() / "kernel-tuning.json"
 
 
 def _machine() -> str:

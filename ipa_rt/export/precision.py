@@ -1,0 +1,45 @@
+"""Precision of exported graphs: the engine's dtype written into the ONNX itself, as strongly typed TensorRT needs.
+
+TensorRT 11 builds strongly typed networks only (no FP16/BF16 builder flags) and TensorRT 10 is asked for the same:
+every tensor keeps the type the ONNX gives it. So an fp16/bf16 engine is exported from the model in that dtype,
+with the operations that must stay fp32 cast explicitly in the graph: group and layer normalisation compute their
+statistics in fp32 (a sum of squares over thousands of activations overflows fp16's 65504 — NaN, black images;
+PyTorch's CUDA kernels do the same internally), and the timestep embedding stays fp32 as diffusers computes it.
+An SDXL VAE that diffusers upcasts (``force_upcast``) is exported in fp32 altogether (the pipeline loads it so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def fp32_normalization() -> Iterator[None]:
+    """While tracing: ``F.group_norm`` / ``F.layer_norm`` on fp16/bf16 inputs run as cast -> fp32 norm -> cast back
+    (``nn.GroupNorm``, ``nn.LayerNorm`` and diffusers call these functions)."""
+    group_norm, layer_norm = F.group_norm, F.layer_norm
+
+    def up(t):
+        return t.float() if t is not None else None
+
+    def group(x, num_groups, weight=None, bias=None, eps=1e-5):
+        if x.dtype not in LOW:
+            return group_norm(x, num_groups, weight, bias, eps)
+        return group_norm(x.float(), num_groups, up(weight), up(bias), eps).to(x.dtype)
+
+    def layer(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if x.dtype not in LOW:
+            return layer_norm(x, normalized_shape, weight, bias, eps)
+        return layer_norm(x.float(), normalized_shape, up(weight), up(bias), eps).to(x.dtype)
+
+    F.group_norm, F.layer_norm = group, layer
+    try:
+        yield
+    finally:
+        F.group_norm, F.layer_norm = group_norm, layer_norm
