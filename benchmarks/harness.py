@@ -6,7 +6,8 @@ Systems (those that exist on the machine): ``diffusers`` (eager, its own IP-Adap
 loaded from the same files (``ipa_rt.from_diffusers``), so the weights are identical by construction; every
 system's output is compared with diffusers' and the error is reported next to the speed.
 
-Workloads: one UNet step at batch 1 and 2 (CFG); LCM 4 steps end to end, PIL reference in, PIL image out
+Workloads: one UNet step at batch 1 and 2 (CFG) — for ``ipa_rt+graphs`` one replay of the captured step (UNet,
+guidance and scheduler update: a superset of the UNet call); LCM 4 steps end to end, PIL reference in, PIL image out
 (image encode, text encode, 4 steps, VAE decode); 30 steps with CFG (GPU profile; SD1.5 and SDXL); the cost of
 changing the image prompt and of changing the scale; SD1.5 + IP-Adapter + one ControlNet, LCM 4 steps and 30
 steps CFG (``--controlnet``, on by default for the GPU profile). Warm-up excluded, device-synchronised timing, median
@@ -102,8 +103,12 @@ class Bench:
             stack.install(self.ours.unet)
             fused = system in ("ipa_rt+triton", "ipa_rt+graphs")
             stack.set_attention([fused] * len(stack.layer_names))
-            self.ours.loop.use_graphs = system == "ipa_rt+graphs"
+            graphs = system == "ipa_rt+graphs"
+            self.ours.loop.use_graphs = graphs
             self.ours.loop.states.clear()
+            for g in self.ours._graphed():  # the eager systems run the VAE and the encoder eagerly too
+                g.clear()
+                g.enabled = None if graphs else False
 
     def systems(self) -> list[str]:
         out = ["diffusers", "ipa_rt"]
@@ -143,9 +148,26 @@ class Bench:
         if system.startswith("diffusers"):
             added = {**added, "image_embeds": embeds}
             return lambda: pipe.unet(lat, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        if system == "ipa_rt+graphs":
+            return self.graphed_step(batch)
         stack = self.ours.adapters
         stack.prepare(stack.project([e.to(self.dtype) for e in embeds], [None]))
         return lambda: self.ours.unet(lat, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    def graphed_step(self, batch: int):
+        """One replay of the captured step (UNet on ``batch`` rows, guidance, scheduler update): what the graphed
+        system runs per step. The step counter is rewound before each replay so the timed replays repeat step 0."""
+        lcm = ipa_rt.schedulers.make_scheduler("lcm", self.diffusers.scheduler)
+        self.ours.scheduler = copy.deepcopy(lcm)
+        self.call("ipa_rt+graphs", 4, 7.5 if batch == 2 else 1.0, output_type="latent")  # captures
+        state = next(reversed(self.ours.loop.states.values()))
+        assert state.graph is not None and state.sig.cfg == (batch == 2), "the step was not captured"
+
+        def replay():
+            state.idx.zero_()
+            state.graph.replay()
+
+        return replay
 
 
 def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:

@@ -86,3 +86,33 @@ def test_bench_harness_on_a_given_model_folder(models, tmp_path):
     assert main(argv) == 0
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
     assert {r["family"] for r in result["rows"]} == {"sdxl"} and result["model"] == str(models.base("sdxl"))
+
+
+def test_harness_times_what_each_system_runs(models, monkeypatch):
+    """The graphed system's "unet step" is a replay of the captured step (not an eager UNet call), and the eager
+    systems decode and encode without graphs; checked on the CPU with a replay double standing in for CUDA graphs."""
+    from test_runtime import ReplayGraph, replay_capture
+
+    from ipa_rt import graphs, runtime
+
+    monkeypatch.setattr(runtime, "capture_graph", replay_capture)
+    monkeypatch.setattr(graphs, "capture_graph", replay_capture)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_harness_systems", folder / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    files = {"base": models.base("sd15"), "adapter": models.adapter("sd15", "base")}
+    bench = harness.Bench("sd15", files, torch.device("cpu"), torch.float32, 32)
+    bench.use("ipa_rt")
+    assert all(g.enabled is False for g in bench.ours._graphed()) and bench.ours.loop.use_graphs is False
+    bench.use("ipa_rt+graphs")
+    for batch in (1, 2):
+        step = bench.unet_step("ipa_rt+graphs", batch)
+        state = next(reversed(bench.ours.loop.states.values()))
+        assert isinstance(state.graph, ReplayGraph) and state.latents.shape[0] * (1 + state.sig.cfg) == batch
+        replays = []
+        monkeypatch.setattr(state.graph, "replay", lambda r=replays, s=state: r.append(s.idx.item()))
+        for _ in range(3):
+            step()
+        assert replays == [0, 0, 0]  # the step counter is rewound: every timed replay is step 0
