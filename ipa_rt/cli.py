@@ -1,4 +1,5 @@
-"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``bench`` (also ``python -m ipa_rt``)."""
+"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``doctor``, ``bench`` (also
+``python -m ipa_rt``)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="a photo", help="prompt for --sweep")
     demo.add_argument("--seed", type=int, default=0, help="seed for --sweep")
     demo.add_argument("-o", "--output", help="GIF path for --sweep (the sheet is written beside it)")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this machine: fused kernel, CUDA graphs and engines against their references",
+        description="Run each optimisation next to the computation it replaces, on this device and model; print a "
+        "table, write it as JSON; exit 1 if any check fails.",
+    )
+    doctor.add_argument("base", nargs="?", help="diffusers base model folder or hub id (with --ip-adapter)")
+    doctor.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="adapter; repeatable")
+    doctor.add_argument("--image-encoder", metavar="DIR")
+    doctor.add_argument("--engine", metavar="DIR", help="also check this engine directory against the torch backend")
+    doctor.add_argument("--example", action="store_true", help="a tiny random model written on the fly (offline)")
+    doctor.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    doctor.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    doctor.add_argument("-o", "--output", default="ipa_rt-doctor.json", help="JSON report path")
     inspect = sub.add_parser("inspect", help="describe an engine directory", description="Say what a manifest says.")
     inspect.add_argument("engine", metavar="DIR")
     bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
@@ -236,6 +251,39 @@ def _demo(args: argparse.Namespace) -> None:
             renderer.stop()
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import doctor
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    with tempfile.TemporaryDirectory(prefix="ipa_rt-doctor-") as tmp:
+        pipe = None
+        if args.example:
+            from .testing import write_example
+
+            files = write_example(tmp)
+            args.base, args.ip_adapter = str(files["base"]), args.ip_adapter or [str(files["adapter"])]
+        if args.base:
+            if not args.ip_adapter:
+                raise ConfigError("ipa_rt doctor BASE needs --ip-adapter FILE (the checks run the adapter's layers)")
+            args.engine, engine = None, args.engine
+            pipe = _load(args, "doctor", dtype, None)
+            pipe.set_progress_bar_config(disable=True)
+            args.engine = engine
+        elif not args.engine:
+            raise SystemExit("ipa_rt doctor: error: give BASE --ip-adapter FILE, --engine DIR or --example")
+        rows = doctor.run(pipe, Path(args.engine) if args.engine else None, args.device)
+    print(doctor.table(rows))
+    doctor.write_report(rows, Path(args.output))
+    failed = [r.name for r in rows if r.status == "fail"]
+    print(
+        f"wrote {args.output}: "
+        + (f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "all checks passed")
+    )
+    return 1 if failed else 0
+
+
 def describe(manifest: dict) -> str:
     """A manifest in words, for ``ipa_rt inspect``."""
     shapes, v = manifest["shapes"], manifest["versions"]
@@ -304,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _inspect(args)
         elif args.command == "demo":
             _demo(args)
+        elif args.command == "doctor":
+            return _doctor(args)
     except IpaRtError as exc:
         print(f"ipa_rt: error: {exc}", file=sys.stderr)
         return 2

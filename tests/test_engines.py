@@ -165,6 +165,14 @@ def test_text_only_then_image_call_feed_the_same_token_buffers(models, images, e
     assert_parity(got, want, ENGINE_RTOL)
 
 
+def test_doctor_checks_an_engine_against_the_torch_backend(engines, tmp_path):
+    """``ipa_rt doctor --engine DIR`` rebuilds the torch backend from the manifest's source files and compares."""
+    out = tmp_path / "doctor.json"
+    assert cli.main(["doctor", "--engine", str(engines["sd15"]), "--device", "cpu", "-o", str(out)]) == 0
+    (row,) = [r for r in json.loads(out.read_text())["checks"] if r["name"] == "engine_vs_torch"]
+    assert row["status"] == "ok" and row["max_error"] <= row["tolerance"] == 1e-3
+
+
 def test_second_identical_build_rewrites_nothing(models, engines, capsys):
     before = snapshot(engines["sd15"])
     argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(engines["sd15"])]
