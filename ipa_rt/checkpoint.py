@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -178,3 +178,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def adapter_sources(ip_adapter: Any, subfolder: Any, weight_name: Any) -> list[AdapterSource]:
+    """``from_pretrained``'s ``ip_adapter`` / ``subfolder`` / ``weight_name`` as one :class:`AdapterSource` per adapter
+    (diffusers' forms: one value shared, or one per adapter; one repo with several files)."""
+    if ip_adapter is None:
+        return []
+    items = list(ip_adapter) if isinstance(ip_adapter, (list, tuple)) else [ip_adapter]
+    names = weight_name if isinstance(weight_name, (list, tuple)) else [weight_name] * len(items)
+    subs = subfolder if isinstance(subfolder, (list, tuple)) else [subfolder] * len(items)
+    if len(items) == 1 and len(names) > 1:  # one repo, several files (diffusers' broadcast)
+        items = items * len(names)
+        subs = subs * len(names) if len(subs) == 1 else subs
+    if not len(items) == len(names) == len(subs):
+        raise ConfigError(
+            f"ip_adapter has {len(items)} entries but weight_name has {len(names)} and subfolder {len(subs)}; "
+            "expected one each per adapter (or a single value to share)"
+        )
+    out = []
+    for item, name, sub in zip(items, names, subs, strict=True):
+        if isinstance(item, AdapterSource):
+            out.append(item)
+        elif isinstance(item, (str, os.PathLike, dict)):
+            out.append(AdapterSource(item, weight_name=name, subfolder=sub))
+        else:
+            raise ConfigError(
+                f"ip_adapter entry is a {type(item).__name__}; expected a path, hub id, dict or AdapterSource"
+            )
+    return out

@@ -78,30 +78,38 @@ class StepInputs:
     t2i_keep: Tensor | None = None  # [S] T2I-Adapter gate (adapter_conditioning_factor)
 
 
-# per-request tensors: StaticState field -> (where it comes from, its step axis or None)
-_REQUEST: dict[str, tuple[str, int | None]] = {
-    "latents": ("latents", None),
-    "text": ("text", None),
-    "timestep_cond": ("timestep_cond", None),
-    "noise": ("noise", 0),
-    "gate": ("gate", 1),
-    "timesteps": ("plan.timesteps", 0),
-    "coef": ("plan.coef", 0),
-    "in_scale": ("plan.in_scale", 0),
-    "control_keep": ("control_keep", 1),
-    "t2i_keep": ("t2i_keep", 0),
-    "mask": ("inpaint_mask", None),
-    "inpaint_latents": ("inpaint_latents", None),
-    "blend": ("blend", 0),
-    "blend_noise": ("blend_noise", None),
+# the step axis of each per-step table (sized to the capacity); the other request tensors keep their shape
+_STEP_AXIS = {
+    "noise": 0,
+    "gate": 1,
+    "timesteps": 0,
+    "coef": 0,
+    "in_scale": 0,
+    "control_keep": 1,
+    "t2i_keep": 0,
+    "blend": 0,
 }
 
 
-def _request_value(inp: StepInputs, source: str) -> Tensor | None:
-    obj: Any = inp
-    for part in source.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _request_tensors(inp: StepInputs) -> dict[str, Tensor | None]:
+    """Every per-request tensor by its :class:`StaticState` field (None: this signature has no such buffer)."""
+    plan = inp.plan
+    return {
+        "latents": inp.latents,
+        "text": inp.text,
+        "timestep_cond": inp.timestep_cond,
+        "noise": inp.noise,
+        "gate": inp.gate,
+        "timesteps": plan.timesteps,
+        "coef": plan.coef,
+        "in_scale": plan.in_scale,
+        "control_keep": inp.control_keep,
+        "t2i_keep": inp.t2i_keep,
+        "mask": inp.inpaint_mask,
+        "inpaint_latents": inp.inpaint_latents,
+        "blend": inp.blend,
+        "blend_noise": inp.blend_noise,
+    }
 
 
 @dataclass
@@ -166,10 +174,12 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -
     )
 
 
-def _table(value: Tensor, axis: int, capacity: int) -> Tensor:
-    """A zero buffer like ``value`` with ``capacity`` rows on its step axis."""
+def _buffer_for(name: str, value: Tensor, capacity: int) -> Tensor:
+    """The static buffer of one request tensor: its shape, with ``capacity`` rows on a step table's step axis."""
+    if name not in _STEP_AXIS:
+        return torch.empty_like(value)
     shape = list(value.shape)
-    shape[axis] = capacity
+    shape[_STEP_AXIS[name]] = capacity
     return torch.zeros(shape, dtype=value.dtype, device=value.device)
 
 
@@ -206,7 +216,7 @@ class DenoiseLoop:
             self.control,
             self.t2i,
         )
-        values = {name: (_request_value(inp, src), axis) for name, (src, axis) in _REQUEST.items()}
+        values = _request_tensors(inp)
         st = self.states.get(sig)
         if st is None:
             device = inp.latents.device
@@ -216,10 +226,7 @@ class DenoiseLoop:
                 prev_x0=torch.zeros_like(inp.latents),
                 added={k: torch.empty_like(v) for k, v in inp.added.items()},
                 guidance=torch.zeros((), dtype=torch.float32, device=device),
-                **{
-                    k: (None if v is None else torch.empty_like(v) if axis is None else _table(v, axis, sig.capacity))
-                    for k, (v, axis) in values.items()
-                },
+                **{k: None if v is None else _buffer_for(k, v, sig.capacity) for k, v in values.items()},
             )
             self.states[sig] = st
             while len(self.states) > self.max_states:  # drop the least recently used signature and its graph
@@ -232,11 +239,10 @@ class DenoiseLoop:
         st.guidance.fill_(inp.guidance)
         for k, v in inp.added.items():
             st.added[k].copy_(v)
-        for k, (v, axis) in values.items():
-            if v is None:
-                continue
-            buf = getattr(st, k)
-            (buf if axis is None else buf.narrow(axis, 0, v.shape[axis])).copy_(v)
+        for k, v in values.items():
+            if v is not None:
+                buf = getattr(st, k)
+                (buf.narrow(_STEP_AXIS[k], 0, v.shape[_STEP_AXIS[k]]) if k in _STEP_AXIS else buf).copy_(v)
         st.steps = inp.plan.steps
         st.extra["plan"] = inp.plan
         return st

@@ -169,6 +169,10 @@ def test_missing_base_and_bad_options(models, tmp_path):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="tvm")
     with pytest.raises(ipa_rt.ConfigError, match=r"backend 'onnxruntime' builds engines from IP-Adapter files"):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime")
+    with pytest.raises(ipa_rt.ConfigError, match=r"backend='onnxruntime'\) does not take \['attention', 'vae'\]"):
+        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime", vae=object(), attention="sdpa")
+    with pytest.raises(ipa_rt.ConfigError, match=r"engine_options apply to backend='onnxruntime' or 'tensorrt'"):
+        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), engine_options={"height": 64})
     pipe = ipa_pipe(models, "sd15")
     with pytest.raises(ipa_rt.ConfigError, match=r"latents have shape \[1, 4, 16, 16\]; expected \[1, 4, 8, 8\]"):
         pipe("x", latents=fixed_latents(), **{**CALL, "height": 16, "width": 16})

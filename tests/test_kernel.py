@@ -8,6 +8,7 @@ fp32 (where PyTorch's own error is ~0 and only summation order differs). NaN nev
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -167,3 +168,39 @@ def test_tuned_configs_are_looked_up_by_bucketed_shape_key(monkeypatch):
     chosen = tuning.candidates("float32", 40)[1]
     monkeypatch.setitem(tuning._TUNED, key, chosen)
     assert tuning.config_for(near) == chosen
+
+
+def test_tuning_picks_the_fastest_correct_candidate_once(monkeypatch, tmp_path):
+    """Tuning (CUDA at pipeline build) with its timer and GPU name stubbed, the kernel run for real: a candidate
+    whose output is rejected is never timed nor chosen, the fastest accepted one is, the choice is kept on disk, and
+    a second tuning of the same key runs nothing."""
+    import triton.testing
+
+    from ipa_rt.kernels import tuning
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_machine", lambda: "test GPU|sm_90|triton x")
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    pool = tuning.candidates("float16", 40)
+    assert len(pool) == 4
+    checked, timed = [], []
+    times = iter([3.0, 1.0, 2.0])  # for the three accepted candidates, in order
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        timed.append(fn)
+        return next(times)
+
+    def accept(out):  # the second candidate's output "mismatches the reference"
+        checked.append(out)
+        return len(checked) != 2
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    args = (*make(1, 2, 16, 40, 77, [4], torch.float16, 1)[:8], None)
+    key = kmod.shape_key(args[0], args[1], args[3], None)
+    chosen = tuning.tune([(key, lambda: args, accept)])
+    assert len(checked) == 4 and len(timed) == 3
+    assert chosen[key] == pool[2] and tuning.config_for(key) == pool[2]  # fastest accepted; pool[1] never timed
+    timed.clear()
+    assert tuning.tune([(key, lambda: args, accept)])[key] == pool[2] and not timed  # from disk
+    assert json.loads(tuning.cache_file().read_text())["test GPU|sm_90|triton x"]

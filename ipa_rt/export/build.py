@@ -26,6 +26,7 @@ import torch
 
 from ..cache import cache_root
 from ..checkpoint import AdapterSource, atomic_write_bytes
+from ..core import PipelineCore
 from ..errors import ConfigError, EngineError
 from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
@@ -253,11 +254,9 @@ def build_engines(
 
 
 def _build(req, out: Path, sources, ident, device, say) -> None:
-    from ..pipeline import Pipeline
-
     stages_done = time.perf_counter()
     say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
-    pipe = Pipeline.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
+    pipe = PipelineCore.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
         req.base,
         [s for s in req.sources()],
         req.image_encoder,
@@ -376,6 +375,52 @@ def _jsonable(value: Any) -> Any:
 
 
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
+def request_for_pretrained(base, sources, image_encoder, backend, dtype, lora, structure, options) -> BuildRequest:
+    """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
+    unknown = set(options) - {"height", "width", "batch", "rebuild"}
+    if unknown:
+        raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, rebuild")
+    if any(isinstance(s.source, dict) for s in sources) or not sources:
+        raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
+    if isinstance(image_encoder, torch.nn.Module):
+        raise ConfigError(f"backend {backend!r} needs image_encoder as a folder, not a loaded module")
+    size = _sample_pixels(base)
+    loras = lora if isinstance(lora, (list, tuple)) else ([lora] if lora is not None else [])
+    paths = {}  # controlnet / t2i_adapter: folders (or hub ids) as a list
+    for key, value in structure.items():
+        items = value if isinstance(value, (list, tuple)) else ([value] if value is not None else [])
+        if any(isinstance(x, torch.nn.Module) for x in items):
+            raise ConfigError(f"backend {backend!r} needs {key} as folders, not loaded modules")
+        paths[key] = [os.fspath(x) for x in items]
+    return BuildRequest(
+        base=os.fspath(base),
+        ip_adapter=[os.fspath(s.source) for s in sources],
+        image_encoder=os.fspath(image_encoder) if image_encoder is not None else None,
+        backend=backend,
+        height=int(options.get("height", size)),
+        width=int(options.get("width", size)),
+        batch=int(options.get("batch", 1)),
+        dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+        lora=[os.fspath(x) for x in loras],
+        **paths,
+        weight_name=[s.weight_name for s in sources],
+        subfolder=[s.subfolder for s in sources],
+    )
+
+
+def _sample_pixels(base: str | os.PathLike) -> int:
+    """The base model's native resolution (UNet sample size x VAE scale factor), from its configs."""
+    folder = Path(base)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the sample size of '{base}' ({exc}); pass engine_options={{'height': H, 'width': W}}"
+        ) from exc
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> Path:
     """Build ``req`` into the cache (a directory named by what the engines depend on), or reuse it."""
     req.check()

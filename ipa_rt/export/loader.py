@@ -15,15 +15,15 @@ from .engines import OrtEngine, TrtEngine
 from .manifest import check_engine_dir, read_manifest
 
 
-def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
-    """A :class:`~ipa_rt.Pipeline` whose networks run from the engines in ``folder``."""
+def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, scheduler: Any, cls: type):
+    """A pipeline of class ``cls`` (a :class:`~ipa_rt.core.PipelineCore`) whose networks run from the engines in
+    ``folder``."""
     import diffusers
     from diffusers.configuration_utils import FrozenDict
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
     from ..image import default_feature_extractor
     from ..models import FAMILIES, BaseModel
-    from ..pipeline import Pipeline
     from ..schedulers import make_scheduler
     from ..variants import VARIANTS
     from .modules import (
@@ -94,7 +94,7 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         EngineT2IAdapter(engines[f"t2i_adapter_{i}"], FrozenDict(configs[f"t2i_adapter_{i}"]), dtype, device)
         for i in range(len(manifest.get("t2i_adapters", [])))
     ]
-    pipe = Pipeline(
+    return cls(
         base,
         adapters,
         encoder,
@@ -105,7 +105,5 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str =
         backend=backend,
         controlnets=controlnets,
         t2i_adapters=t2i_adapters,
+        engine_manifest=manifest,
     )
-    pipe.engine_manifest = manifest
-    pipe.default_size = (manifest["shapes"]["height"], manifest["shapes"]["width"])
-    return pipe

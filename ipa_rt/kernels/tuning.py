@@ -73,8 +73,9 @@ def _load() -> dict:
 
 
 def tune(problems: Iterable[tuple], reps: int = 20) -> dict[tuple, KernelConfig]:
-    """Pick the fastest candidate for each problem ``(key, make_inputs)`` (CUDA only), remembering the choices on
-    disk; problems already tuned on this GPU and Triton version are not run again."""
+    """Pick the fastest candidate for each problem ``(key, make_inputs, accept)`` (CUDA only) among those whose
+    output ``accept`` takes (matches the reference), and remember the choices on disk; problems already tuned on
+    this GPU and Triton version (with a configuration still among the candidates) are not run again."""
     from triton.testing import do_bench
 
     from .decoupled_kernel import launch
@@ -83,26 +84,29 @@ def tune(problems: Iterable[tuple], reps: int = 20) -> dict[tuple, KernelConfig]
     with _LOCK:
         disk = _load()
         known = disk.get(machine, {})
-        chosen = {}
-        for key, make in problems:
+        chosen, new = {}, False
+        for key, make, accept in problems:
             name = json.dumps(list(key))
-            if name in known:
+            allowed = candidates(key[0], key[1])
+            if name in known and C(*known[name]) in allowed:
                 chosen[key] = C(*known[name])
                 continue
             args = make()
             best, best_ms = None, float("inf")
-            for cfg in candidates(key[0], key[1]):
+            for cfg in allowed:
                 try:
+                    if not accept(launch(*args, config=cfg)):
+                        continue
                     ms = do_bench(lambda cfg=cfg, args=args: launch(*args, config=cfg), warmup=5, rep=reps)
                 except Exception:  # a configuration that does not compile or launch here is skipped
                     continue
                 if ms < best_ms:
                     best, best_ms = cfg, ms
-            if best is None:
-                continue
-            chosen[key] = best
-            known[name] = [best.block_m, best.block_n, best.warps, best.stages]
+            if best is not None:
+                chosen[key] = best
+                known[name], new = [best.block_m, best.block_n, best.warps, best.stages], True
         _TUNED.update(chosen)
-        disk[machine] = known
-        atomic_write_bytes(cache_file(), json.dumps(disk, indent=1).encode())
+        if new:
+            disk[machine] = known
+            atomic_write_bytes(cache_file(), json.dumps(disk, indent=1).encode())
     return chosen

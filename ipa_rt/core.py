@@ -1,0 +1,433 @@
+"""The pipeline itself, whatever runs its networks: diffusers' SD1.5 / SDXL txt2img, img2img and inpainting with
+IP-Adapter, shaped like diffusers (:class:`PipelineCore`; :class:`ipa_rt.Pipeline` adds the engine constructors).
+
+A call follows the diffusers pipelines step for step (prompt encoding, image embeddings, latents and the
+generator's draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output.
+What differs is where work happens: text embeddings, image encoding, projection and every layer's image
+keys/values once per call (and not at all for a reference seen before); the scheduler as a tensor program
+in a static, graph-captured loop (:mod:`ipa_rt.runtime`); the adapter scale as a device tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import modes, request
+from .adapter import IPAdapterStack
+from .checkpoint import adapter_sources, read_adapter
+from .conditions import ImageConditioner
+from .control import ControlStack, load_controlnets
+from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
+from .graphs import Graphed, GraphPool
+from .image import default_feature_extractor
+from .kernels.select import LayerShape, choose_layers
+from .lora import fuse_loras
+from .models import BaseModel, detect_family, load_base_model, load_image_encoder, vae_upcast
+from .request import query_tokens
+from .runtime import DenoiseLoop
+from .scale import expand_scale, expand_step_ranges, scale_tables
+from .schedulers import make_scheduler
+from .t2i import T2IStack, load_t2i_adapters
+from .variants import FACE_ID, HIDDEN
+
+ATTENTION = ("auto", "triton", "sdpa")
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: PIL list, numpy ``[B, H, W, 3]``, torch ``[B, 3, H, W]``, or latents for ``"latent"``."""
+
+    images: Any
+
+
+class PipelineCore:
+    """IP-Adapter generation for SD1.5- and SDXL-family diffusers models, from the networks it is given (torch
+    modules, or engine stand-ins that answer the same calls). Nothing here imports the engine code."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        adapters: IPAdapterStack | None,
+        image_encoder: torch.nn.Module | None,
+        feature_extractor: Any | None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attention: str = "auto",
+        backend: str = "torch",
+        controlnets: Sequence[torch.nn.Module] | None = None,
+        t2i_adapters: Sequence[torch.nn.Module] | None = None,
+        engine_manifest: dict | None = None,
+    ) -> None:
+        if attention not in ATTENTION:
+            raise ConfigError(f"attention {attention!r} is unknown; expected one of {ATTENTION}")
+        self.attention, self.backend = attention, backend
+        self.engine_manifest = engine_manifest  # what an engine pipeline's engines were built for
+        self.kernel_fallbacks: dict[int, str] = {}  # head dim -> why its layers run SDPA instead of the kernel
+        self.base = base
+        self.family = base.family
+        self.unet, self.vae, self.scheduler = base.unet, base.vae, base.scheduler
+        self.text_encoders, self.tokenizers = base.text_encoders, base.tokenizers
+        self.adapters = adapters
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        self.default_size = (native, native)
+        if engine_manifest is not None:  # the size the engines were built for
+            self.default_size = (engine_manifest["shapes"]["height"], engine_manifest["shapes"]["width"])
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.progress_bar_config: dict[str, Any] = {}
+        self.mask_processor = modes.mask_processor(self.vae_scale_factor)
+        self.control = ControlStack(controlnets, self.vae_scale_factor) if controlnets else None
+        self.t2i = T2IStack(t2i_adapters) if t2i_adapters else None
+        self.graph_pool = GraphPool()  # one CUDA graph memory pool for the loop, the VAE decoder and the encoder
+        self.loop = self._new_loop()
+        self._plans: dict = {}
+        self._ranges: list[tuple[float, float]] = []
+        self._image_scale: Tensor | None = None
+        self.conditioner = ImageConditioner(self)
+        self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
+        for g in self._graphed():
+            g.pool = self.graph_pool
+            g.enabled = False if backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
+        if backend == "torch":  # engines were checked when they were built
+            self._check_encoder()
+            if vae_upcast(self.family, self.vae):  # diffusers' SDXL pipelines decode such a VAE in fp32
+                self.vae.to(torch.float32)
+        if adapters is not None:
+            adapters.install(self.unet)
+        self.to(self.device)
+
+    # --- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        ip_adapter: Any = None,
+        image_encoder: str | os.PathLike | torch.nn.Module | None = None,
+        *,
+        subfolder: str | Sequence[str] | None = None,
+        weight_name: str | Sequence[str] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scheduler: Any = None,
+        attention: str = "auto",
+        lora: Any = None,
+        vae: torch.nn.Module | None = None,
+        controlnet: Any = None,
+        t2i_adapter: Any = None,
+        **hub_kwargs: Any,
+    ) -> PipelineCore:
+        """Load a diffusers base model and IP-Adapter checkpoint(s).
+
+        ``ip_adapter``: a file path, a folder or hub id with ``weight_name`` (and ``subfolder``), a state dict,
+        an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
+        ``CLIPVisionModelWithProjection`` folder; by default ``image_encoder/`` beside the first adapter file,
+        as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
+        or instance; by default the base model's own. ``lora``: LoRA file(s) (diffusers or kohya format, or
+        ``(path, weight)`` pairs) fused into the weights at load. ``vae``: another autoencoder with the same
+        latent space, e.g. diffusers' ``AutoencoderTiny`` (TAESD) for realtime decoding. ``attention``:
+        ``"auto"`` (the fused Triton kernel on CUDA, SDPA elsewhere), ``"triton"`` (also on the CPU under
+        ``TRITON_INTERPRET=1``) or ``"sdpa"``. ``controlnet``: diffusers ``ControlNetModel`` folder(s) or hub id(s);
+        the call then takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines.
+        ``t2i_adapter``: diffusers ``T2IAdapter`` folder(s) or hub id(s); the call takes their condition image(s) as
+        ``image=`` like diffusers' adapter pipelines (``adapter_image=`` when ControlNets are loaded too).
+        """
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(
+                f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
+            )
+        model = load_base_model(base, dtype, **hub_kwargs)
+        if scheduler is not None:
+            model.scheduler = make_scheduler(scheduler, model.scheduler)
+        if lora is not None:  # fused into the weights before the adapters wrap the UNet
+            fuse_loras(model, lora)
+        if vae is not None:
+            model.vae = _check_vae(vae, model.vae, dtype)
+        sources = adapter_sources(ip_adapter, subfolder, weight_name)
+        raws = [read_adapter(s, **hub_kwargs) for s in sources]
+        stack = IPAdapterStack.from_checkpoints(model.unet, raws, sources) if raws else None
+        if image_encoder is None and model.image_encoder is not None:
+            image_encoder = model.image_encoder  # as diffusers: the pipeline's own encoder wins
+        encoder = cls._resolve_encoder(image_encoder, stack, dtype, hub_kwargs)
+        fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
+        if stack is not None:
+            stack.to_runtime("cpu", dtype)
+        nets = load_controlnets(controlnet, model.unet, dtype, **hub_kwargs) if controlnet is not None else None
+        t2i = None
+        if t2i_adapter is not None:
+            vsf = 2 ** (len(model.vae.config.block_out_channels) - 1)
+            t2i = load_t2i_adapters(t2i_adapter, model.unet, vsf, dtype, **hub_kwargs)
+        return cls(
+            model,
+            stack,
+            encoder,
+            fe,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            controlnets=nets,
+            t2i_adapters=t2i,
+        )
+
+    @staticmethod
+    def _resolve_encoder(image_encoder: Any, stack: IPAdapterStack | None, dtype, hub_kwargs) -> Any:
+        if isinstance(image_encoder, torch.nn.Module):
+            return image_encoder.to(dtype=dtype).eval()
+        if image_encoder is not None:
+            return load_image_encoder(image_encoder, dtype, **hub_kwargs)
+        if stack is None:
+            return None
+        needing = [e for e in stack.entries if e.spec.encoder_output != FACE_ID or e.spec.needs_clip_states]
+        for entry in needing:  # diffusers' default: image_encoder/ beside the adapter
+            if entry.encoder_dir is not None and os.path.isdir(entry.encoder_dir):
+                return load_image_encoder(entry.encoder_dir, dtype)
+            if entry.encoder_subfolder is not None:
+                repo, sub = entry.encoder_subfolder.split("::", 1)
+                return load_image_encoder(repo, dtype, subfolder=sub, **hub_kwargs)
+        return None  # images then raise a clear error; embeddings still work
+
+    @classmethod
+    def from_diffusers(cls, pipe: Any, attention: str = "auto") -> PipelineCore:
+        """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called (modules are shared).
+
+        The UNet is shared too: ipa_rt's processors replace diffusers' IP processors until
+        :meth:`unload_ip_adapter` puts them back.
+        """
+        unet = getattr(pipe, "unet", None)
+        if unet is None:
+            raise ConfigError(f"ipa_rt.from_diffusers: {type(pipe).__name__} has no UNet; expected an SD/SDXL pipeline")
+        components = {k: v for k, v in pipe.components.items()}
+        index = {k: ([None, None] if v is None else ["", type(v).__name__]) for k, v in components.items()}
+        family = detect_family(index, dict(unet.config), type(pipe).__name__)
+        stack, scales = IPAdapterStack.from_diffusers_unet(unet)
+        model = BaseModel(
+            family=family,
+            unet=unet,
+            vae=pipe.vae,
+            text_encoders=[components[n] for n in family.text_encoders],
+            tokenizers=[components[n] for n in family.tokenizers],
+            scheduler=pipe.scheduler,
+            feature_extractor=components.get("feature_extractor"),
+            force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+            origin=type(pipe).__name__,
+        )
+        stack.scale.copy_(scales)
+        encoder = components.get("image_encoder")
+        return cls(model, stack, encoder, model.feature_extractor, unet.device, unet.dtype, attention=attention)
+
+    def _check_encoder(self) -> None:
+        """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
+        if self.adapters is None or self.image_encoder is None:
+            return
+        cfg = self.image_encoder.config
+        for entry in self.adapters.entries:
+            want = entry.spec.encoder_dim(entry.projection)
+            if want is None:
+                continue
+            hidden = entry.spec.encoder_output == HIDDEN or entry.spec.needs_clip_states
+            have, what = (cfg.hidden_size, "hidden_size") if hidden else (cfg.projection_dim, "projection_dim")
+            if have != want:
+                raise IncompatibleAdapterError(
+                    f"image encoder ({cfg.name_or_path or 'given module'}) has {what} {have}, but IP-Adapter "
+                    f"'{entry.origin}' ({entry.spec.description}) expects {want}; expected the encoder the adapter was "
+                    "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
+                )
+
+    def to(self, device: torch.device | str) -> PipelineCore:
+        self.device = torch.device(device)
+        for module in (self.unet, self.vae, *self.text_encoders, self.image_encoder):
+            if module is not None:
+                module.to(self.device)
+        if self.adapters is not None:
+            self.adapters.to(self.device)
+            self.adapters.set_attention(self._fused_layers())
+        for extra in (self.control, self.t2i):
+            if extra is not None:
+                extra.to(self.device)
+        # every captured graph and static buffer belongs to the old weights and device: drop them all
+        self.graph_pool = GraphPool()
+        for g in self._graphed():
+            g.clear()
+            g.pool = self.graph_pool
+        if self.adapters is not None:
+            self.adapters.drop_buffers()
+        self.loop = self._new_loop()
+        return self
+
+    def _new_loop(self) -> DenoiseLoop:
+        context = self.adapters.context if self.adapters is not None else None
+        graphs = False if self.backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
+        return DenoiseLoop(self.unet, context, graphs, self.control, self.t2i, self.graph_pool)
+
+    def _graphed(self) -> list[Graphed]:
+        """The graph-captured fixed-shape calls: VAE decoder and CLIP encoder."""
+        runner = self.conditioner.runner
+        return [self._decoder, *(runner.graphed if runner is not None else [])]
+
+    def memory_stats(self) -> dict[str, Any]:
+        """What the runtime holds on the device: the loop's signatures, graphs, static buffer bytes and evictions,
+        the graph pool's growth (loop, VAE decoder and encoder share it) and the graphs per fixed-shape call."""
+        stats = self.loop.memory_stats()
+        stats["graph_pool_reserved_bytes"] = self.graph_pool.reserved_bytes
+        stats["graphed_calls"] = {g.name: len(g.graphs) for g in self._graphed()}
+        return stats
+
+    def _fused_layers(self) -> list[bool]:
+        """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call); layers whose
+        kernel fails its build-time self-test fall back to SDPA (reasons in ``kernel_fallbacks``)."""
+        fused, self.kernel_fallbacks = choose_layers(self.attention, self.device, self.dtype, self.layer_shapes())
+        return fused
+
+    def layer_shapes(self) -> list[LayerShape]:
+        """Every cross-attention layer as the fused kernel sees it at the default size."""
+        stack = self.adapters
+        if not stack.head_dims:  # engines: attention runs inside the engine
+            return []
+        h, w = self.default_size
+        queries = query_tokens(self.unet, stack.layer_names, h, w, self.vae_scale_factor)
+        encoder_tokens = self.image_encoder_tokens() if self.image_encoder is not None else 4
+        segments = tuple(e.tokens_per_image or encoder_tokens for e in stack.entries)
+        return [
+            LayerShape(d, heads, n, 77, segments)
+            for d, heads, n in zip(stack.head_dims, stack.heads, queries, strict=True)
+        ]
+
+    def image_encoder_tokens(self) -> int:
+        """Tokens of the CLIP encoder's hidden states (the Full-face adapter's token count)."""
+        if self.image_encoder is None:
+            raise ConfigError("no image encoder is loaded, so its token count is unknown")
+        cfg = self.image_encoder.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.progress_bar_config = kwargs
+
+    def unload_ip_adapter(self) -> None:
+        """Give the UNet back exactly as it was before this pipeline wrapped it."""
+        if self.adapters is not None:
+            self.adapters.restore(self.unet)
+            self.adapters = None
+            self.loop = self._new_loop()  # the old buffers belong to the adapters' signature
+
+    # --- live controls --------------------------------------------------------------------------------------------
+    def set_ip_adapter_scale(self, scale: Any) -> None:
+        """A number, a list (one per adapter), InstantStyle per-block dicts or preset names (``"style"``,
+        ``"composition"``, ``"style_and_composition"``); one in-place tensor write."""
+        if self.adapters is None:
+            raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
+        rows = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
+        table, per_image = scale_tables(rows)
+        self.adapters.scale.copy_(table, non_blocking=True)
+        self.adapters.scale_eff.copy_(table, non_blocking=True)
+        self._image_scale = per_image  # per masked image factors (None: per-adapter scales only)
+
+    def set_ip_adapter_step_range(self, ranges: Any) -> None:
+        """Active steps per adapter as ``(start, end)`` fractions of the schedule (one pair, or one per adapter):
+        the adapter acts on step ``i`` of ``S`` when ``start <= i/S < end`` (``end = 1`` includes the last step).
+        Applied through a per-step gate tensor: changing it never rebuilds or recaptures anything."""
+        if self.adapters is None:
+            raise ConfigError("set_ip_adapter_step_range: no IP-Adapter is loaded in this pipeline")
+        self._ranges = expand_step_ranges(ranges, self.adapters.num_adapters)
+
+    # --- per-call conditions --------------------------------------------------------------------------------------
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image: Any,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_ip_adapter_image: Any = None,
+        ip_adapter_combine: str = "concat",
+    ) -> list[Tensor]:
+        """diffusers-format ``ip_adapter_image_embeds`` (negative first with guidance), e.g. to save and reuse."""
+        out = self.conditioner(
+            ip_adapter_image,
+            None,
+            negative_ip_adapter_image,
+            ip_adapter_combine,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+        )
+        if out is None:
+            raise ImageInputError("prepare_ip_adapter_image_embeds: ip_adapter_image is None; expected images")
+        return out[0]
+
+    # --- the call -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        mask_image: Any = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        negative_ip_adapter_image: Any = None,
+        ip_adapter_combine: str = "concat",
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        adapter_image: Any = None,
+        adapter_conditioning_scale: float | list[float] = 1.0,
+        adapter_conditioning_factor: float = 1.0,
+    ) -> PipelineOutput:
+        """Generate. ``image`` alone: img2img; ``image`` + ``mask_image``: inpainting; neither: txt2img.
+
+        With ControlNets loaded, ``image`` is the control image(s) (diffusers' ControlNet pipelines), or the init
+        image with ``control_image`` (ControlNet img2img), and ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` / ``end`` and ``guess_mode`` apply. With T2I-Adapters loaded, ``image`` is their
+        condition image(s) (diffusers' adapter pipelines), or ``adapter_image`` (always, when ControlNets are
+        loaded too; ``image`` is then free for img2img), with ``adapter_conditioning_scale`` and
+        ``adapter_conditioning_factor``."""
+        req = request.resolve(self, {k: v for k, v in locals().items() if k != "self"})
+        inputs = request.step_inputs(self, req)
+        with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
+            latents = self.loop.run(inputs, progress=bar, generator=req.generator)
+        return PipelineOutput(latents if req.output_type == "latent" else self._decode(latents, req.output_type))
+
+    def _decode(self, latents: Tensor, output_type: str) -> Any:
+        vae = self.vae
+        latents = latents.to(next(vae.parameters()).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = self._decoder(latents)
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+
+
+def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:
+    """A replacement autoencoder must speak the base model's latent space (channels; TAESD included)."""
+    if not hasattr(vae, "decode") or not hasattr(vae, "config"):
+        raise ConfigError(f"vae is a {type(vae).__name__}; expected a diffusers autoencoder (AutoencoderKL/Tiny)")
+    have, want = vae.config.latent_channels, base_vae.config.latent_channels
+    if have != want:
+        raise ConfigError(f"vae has {have} latent channels; the base model's latents have {want}")
+    return vae.to(dtype=dtype).eval()

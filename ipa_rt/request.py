@@ -1,0 +1,341 @@
+"""One call of a pipeline, from its arguments to the denoising loop's inputs, following diffusers step for step.
+
+:func:`resolve` settles what the call means (which image argument is the init, control or condition image, the
+mode, diffusers' defaults for guidance and strength, the CFG batch); :func:`step_inputs` then does what diffusers
+does before its loop (prompt encoding, image conditions, structure inputs, initial latents, the generator's
+draws) and hands the loop one :class:`~ipa_rt.runtime.StepInputs`. Works on any pipeline object with the
+attributes of :class:`~ipa_rt.core.PipelineCore` (torch modules or engine stand-ins alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from . import modes
+from .errors import ConfigError, ImageInputError, ScaleError
+from .modes import DEFAULT_STRENGTH
+from .runtime import StepInputs
+from .sampling import EagerPlan, Plan, make_plan
+from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# family -> (prompt encoder, default guidance per task) as the diffusers pipelines set them
+FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], dict[str, float]]] = {
+    "sd15": (encode_prompt_sd15, {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "controlnet_inpaint": 7.5}),
+    "sdxl": (encode_prompt_sdxl, {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5, "controlnet_inpaint": 5.0}),
+}
+
+
+@dataclass
+class Request:
+    """A call's arguments (``Pipeline.__call__``'s, by name) and what :func:`resolve` settled from them."""
+
+    args: dict[str, Any]
+    mode: str = "txt2img"  # txt2img, img2img or inpaint
+    guidance: float = 7.5
+    strength: float = 1.0
+    copies: int = 1  # prompts x images per prompt
+    cfg: bool = True
+    height: int = 0
+    width: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:  # the call's own arguments, read as attributes
+        try:
+            return self.__dict__["args"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def resolve(pipe, args: dict[str, Any]) -> Request:
+    """Route the image arguments by what is loaded (diffusers' ControlNet and adapter pipelines each read
+    ``image=`` their own way), validate, and apply diffusers' defaults."""
+    a = dict(args)
+    if pipe.t2i is not None and a["adapter_image"] is None:
+        if pipe.control is not None:
+            raise ImageInputError(
+                "T2I-Adapters and ControlNets are loaded: pass the T2I-Adapter image(s) as adapter_image="
+            )
+        a["adapter_image"], a["image"] = a["image"], None  # diffusers' adapter pipelines: image= is the condition
+    elif pipe.t2i is None and a["adapter_image"] is not None:
+        raise ConfigError("adapter_image was given but no T2I-Adapter is loaded (from_pretrained(t2i_adapter=...))")
+    if pipe.control is not None:
+        if a["mask_image"] is not None and a["control_image"] is None:
+            raise ImageInputError(
+                "ControlNet inpainting takes the init image as image=, the mask as mask_image= and the control "
+                "image(s) as control_image="
+            )
+        if a["control_image"] is None:  # diffusers' ControlNet txt2img: image= is the control image
+            a["control_image"], a["image"] = a["image"], None
+        elif a["strength"] is None and a["mask_image"] is None:
+            a["strength"] = 0.8  # diffusers' ControlNet img2img default (both families)
+    elif a["control_image"] is not None:
+        raise ConfigError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
+    if a["output_type"] not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type {a['output_type']!r} is unknown; expected one of {OUTPUT_TYPES}")
+    steps = a["num_inference_steps"]
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"num_inference_steps is {steps!r}; expected a positive integer")
+    if a["mask_image"] is not None and a["image"] is None:
+        raise ImageInputError("mask_image was given without image; inpainting needs both")
+    mode = "inpaint" if a["mask_image"] is not None else ("img2img" if a["image"] is not None else "txt2img")
+    default_guidance = FAMILY_RUNTIME[pipe.family.name][1]
+    task = f"controlnet_{mode}" if pipe.control is not None and mode == "inpaint" else mode
+    guidance = default_guidance[task] if a["guidance_scale"] is None else float(a["guidance_scale"])
+    strength = a["strength"]
+    if mode == "txt2img":
+        strength = 1.0
+    elif strength is None:
+        strength = DEFAULT_STRENGTH[pipe.family.name][mode == "inpaint"]
+    if not 0.0 < float(strength) <= 1.0:
+        raise ConfigError(f"strength is {strength}; expected a number in (0, 1]")
+    prompts = len(a["prompt"]) if isinstance(a["prompt"], list) else 1
+    copies = prompts * a["num_images_per_prompt"]
+    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    return Request(a, mode, guidance, float(strength), copies, cfg)
+
+
+def prepare_structure(pipe, req: Request) -> None:
+    """ControlNet images and T2I-Adapter features for this request; they settle the size, as in diffusers."""
+    height, width = req.args["height"], req.args["width"]
+    if pipe.control is not None:
+        pipe.control.guess_mode = bool(req.guess_mode) or pipe.control.global_pool
+        pipe.control.set_scale(req.controlnet_conditioning_scale)
+        height, width = pipe.control.prepare_images(
+            req.control_image, height, width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
+        )
+    if pipe.t2i is not None:  # the condition image settles the size when none is given
+        pipe.t2i.set_scale(req.adapter_conditioning_scale)
+        height, width = pipe.t2i.default_size(req.adapter_image, height, width)
+    req.height, req.width = height or pipe.default_size[0], width or pipe.default_size[1]
+    if req.height % 8 or req.width % 8:
+        raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
+    if pipe.t2i is not None:
+        pipe.t2i.prepare(
+            req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
+        )
+
+
+def step_inputs(pipe, req: Request) -> StepInputs:
+    """Everything before diffusers' denoising loop, in its order, as the static loop's inputs."""
+    prepare_structure(pipe, req)
+    encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]
+    text = encode_prompt(
+        pipe.text_encoders,
+        pipe.tokenizers,
+        req.prompt,
+        req.negative_prompt,
+        req.num_images_per_prompt,
+        req.cfg,
+        pipe.device,
+        pipe.dtype,
+        prompt_2=req.prompt_2,
+        negative_prompt_2=req.negative_prompt_2,
+        force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
+    )
+    conditions = pipe.conditioner(
+        req.ip_adapter_image,
+        req.ip_adapter_image_embeds,
+        req.negative_ip_adapter_image,
+        req.ip_adapter_combine,
+        req.copies,
+        req.cfg,
+    )
+    masks = ip_masks(pipe, req.cross_attention_kwargs, conditions) if pipe.adapters is not None else None
+    plan = cached_plan(pipe, req.num_inference_steps, req.strength, req.eta)
+    dtype = text.embeds.dtype
+    setup = _mode_setup(pipe, req, plan, dtype)
+    if pipe.adapters is not None:  # image side once per request, at the resolution the mode settled on
+        _prepare_image_side(pipe, conditions, masks, setup)
+    noise = None
+    if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
+        noise = torch.zeros((plan.steps, *setup.latents.shape), device=pipe.device, dtype=dtype)
+        for j in plan.noise_steps:
+            noise[j] = randn_tensor(setup.latents.shape, generator=req.generator, device=pipe.device, dtype=dtype)
+    return StepInputs(
+        plan=plan,
+        latents=setup.latents,
+        text=text.embeds,
+        added=added_conditions(pipe, text, setup.height, setup.width, req.copies, req.cfg),
+        timestep_cond=guidance_embedding(pipe, req.guidance, req.copies, dtype),
+        guidance=req.guidance,
+        cfg=req.cfg,
+        noise=noise,
+        gate=step_gate(pipe, plan.steps),
+        inpaint_mask=setup.mask,
+        inpaint_latents=setup.inpaint_latents,
+        blend=_blend(pipe, plan) if setup.noise is not None and plan.kind != "eager" else None,
+        blend_noise=setup.noise,
+        control_keep=(
+            pipe.control.keep_gate(req.control_guidance_start, req.control_guidance_end, plan.steps, pipe.device)
+            if pipe.control is not None
+            else None
+        ),
+        t2i_keep=(
+            pipe.t2i.keep_gate(req.adapter_conditioning_factor, plan.steps, pipe.device)
+            if pipe.t2i is not None
+            else None
+        ),
+    )
+
+
+def _mode_setup(pipe, req: Request, plan, dtype: torch.dtype) -> modes.ModeSetup:
+    """Initial latents (and inpainting inputs) for the request's mode, with the generator's draws in order."""
+    device, generator, latents = pipe.device, req.generator, req.latents
+    if req.mode == "txt2img":
+        vsf = pipe.vae_scale_factor
+        shape = (req.copies, pipe.unet.config.in_channels, req.height // vsf, req.width // vsf)
+        return modes.ModeSetup(modes.txt2img(shape, plan, generator, device, dtype, latents), req.height, req.width)
+    if req.mode == "img2img":
+        structure = pipe.control is not None or pipe.t2i is not None
+        size = (req.height, req.width) if structure else None  # structure inputs fix the size: the init follows
+        return modes.img2img(pipe, req.image, plan, req.copies, generator, device, dtype, latents, size)
+    return modes.inpaint(
+        pipe,
+        req.image,
+        req.mask_image,
+        plan,
+        req.copies,
+        generator,
+        device,
+        dtype,
+        latents,
+        req.height,
+        req.width,
+        req.strength,
+        req.cfg,
+    )
+
+
+def _prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup) -> None:
+    """Projection and every layer's image keys/values, skipped when the same reference is already in place."""
+    stack, vsf = pipe.adapters, pipe.vae_scale_factor
+    if masks is not None:  # masks are downsampled to every layer's query count
+        stack.query_tokens = query_tokens(pipe.unet, stack.layer_names, setup.height, setup.width, vsf)
+    if conditions is None:
+        stack.prepare(None)
+    elif masks is not None or conditions[2] != stack.prepared_key:  # same reference: skip it all
+        tokens = stack.project(conditions[0], conditions[1])
+        key = conditions[2] if masks is None else None
+        stack.prepare(tokens, masks=masks, image_scale=pipe._image_scale if masks else None, key=key)
+
+
+def ip_masks(pipe, kwargs: dict[str, Any] | None, conditions) -> list[Tensor | None] | None:
+    """``cross_attention_kwargs={"ip_adapter_masks": ...}`` validated as diffusers' processor does."""
+    kwargs = dict(kwargs or {})
+    masks = kwargs.pop("ip_adapter_masks", None)
+    image_scale = pipe._image_scale
+    if kwargs:
+        raise ConfigError(f"cross_attention_kwargs has {sorted(kwargs)}; only 'ip_adapter_masks' is supported")
+    if masks is None:
+        if image_scale is not None:
+            raise ScaleError("per-image scales (lists per adapter) need regional masks: pass ip_adapter_masks")
+        return None
+    if conditions is None:
+        raise ImageInputError("ip_adapter_masks were given without ip_adapter_image / ip_adapter_image_embeds")
+    if not pipe.adapters.supports_masks:
+        raise ConfigError(f"regional ip_adapter_masks are not part of {pipe.backend} engines; use backend='torch'")
+    if isinstance(masks, Tensor):  # legacy [adapters, 1, H, W]
+        masks = list(masks.unsqueeze(1))
+    count = pipe.adapters.num_adapters
+    if len(masks) != count:
+        raise ImageInputError(f"ip_adapter_masks has {len(masks)} entries; expected {count} (one per adapter)")
+    embeds = conditions[0]
+    for a, m in enumerate(masks):
+        if m is None:
+            continue
+        if not isinstance(m, Tensor) or m.ndim != 4:
+            raise ImageInputError(
+                f"ip_adapter_masks[{a}] is {type(m).__name__}; expected a [1, images, H, W] tensor "
+                "(IPAdapterMaskProcessor.preprocess output)"
+            )
+        if m.shape[1] != embeds[a].shape[1]:
+            raise ImageInputError(
+                f"ip_adapter_masks[{a}] has {m.shape[1]} masks; expected {embeds[a].shape[1]} (one per image)"
+            )
+        if image_scale is not None and image_scale.shape[1] not in (1, m.shape[1]):
+            raise ScaleError(
+                f"per-image scales have {image_scale.shape[1]} entries; expected {m.shape[1]} (one per mask)"
+            )
+    return list(masks)
+
+
+def cached_plan(pipe, steps: int, strength: float, eta: float) -> Plan | EagerPlan:
+    """The scheduler's tensor program for (steps, strength, eta), cached: the loop reads only tensors."""
+    key = (id(pipe.scheduler), steps, strength, eta)
+    plan = pipe._plans.get(key)
+    if plan is None:
+        plan = make_plan(pipe.scheduler, steps, strength, eta).to(pipe.device)
+        pipe._plans = {key: plan}  # keep the latest: a request signature rarely alternates
+    return plan
+
+
+def _blend(pipe, plan: Plan) -> Tensor:
+    """4-channel inpainting blend coefficients, once per (cached) plan rather than once per call."""
+    if plan.blend is None:
+        plan.blend = modes.blend_coefficients(plan).to(pipe.device)
+    return plan.blend
+
+
+def step_gate(pipe, steps: int) -> Tensor:
+    """``[adapters, steps]``: 1 where an adapter's step range covers the step, else 0."""
+    count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
+    pos = torch.arange(steps, dtype=torch.float64) / steps
+    rows = [((pos >= lo) & ((pos < hi) | (hi >= 1.0))).float() for lo, hi in pipe._ranges[:count]]
+    rows += [torch.ones(steps)] * (count - len(rows))
+    return (torch.stack(rows) if rows else torch.zeros(0, steps)).to(pipe.device)
+
+
+def added_conditions(pipe, text: PromptEmbeds, height: int, width: int, copies: int, cfg: bool) -> dict:
+    """SDXL's pooled text embeddings and time ids, as diffusers' SDXL pipelines add them."""
+    if not pipe.family.pooled_text:
+        return {}
+    time_ids = [height, width, 0, 0, height, width]  # original size, crop top-left, target size
+    embedding = getattr(pipe.unet, "add_embedding", None)  # an engine's UNet was checked when it was built
+    expected = embedding.linear_1.in_features if embedding is not None else None
+    passed = pipe.unet.config.addition_time_embed_dim * len(time_ids) + pipe.text_encoders[-1].config.projection_dim
+    if expected is not None and expected != passed:
+        raise ConfigError(f"SDXL UNet expects an added embedding of {expected}, the text encoders give {passed}")
+    ids = torch.tensor([time_ids], dtype=text.embeds.dtype)
+    ids = (torch.cat([ids, ids]) if cfg else ids).to(pipe.device).repeat(copies, 1)
+    return {"text_embeds": text.pooled, "time_ids": ids}
+
+
+def guidance_embedding(pipe, guidance_scale: float, copies: int, dtype: torch.dtype) -> Tensor | None:
+    """LCM-distilled UNets (``time_cond_proj_dim``) take guidance as an embedding, as diffusers builds it."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor(guidance_scale - 1).repeat(copies) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(device=pipe.device, dtype=dtype)
+
+
+def query_tokens(unet, layer_names: list[str], height: int, width: int, vae_scale_factor: int) -> list[int]:
+    """Query tokens of each cross-attention layer at this resolution (stride-2 convs round up)."""
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    out = []
+    for name in layer_names:
+        part, _, rest = name.partition(".")
+        if part == "mid_block":
+            level = len(unet.down_blocks) - 1
+        elif part == "up_blocks":
+            level = len(unet.up_blocks) - 1 - int(rest.split(".")[0])
+        else:
+            level = int(rest.split(".")[0])
+        hh, ww = h, w
+        for _ in range(level):
+            hh, ww = -(-hh // 2), -(-ww // 2)
+        out.append(hh * ww)
+    return out
