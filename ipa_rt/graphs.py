@@ -32,7 +32,6 @@ class GraphPool:
     def __init__(self) -> None:
         self.handle: Any = None
         self.reserved_bytes = 0  # growth of the CUDA caching allocator's reserve across captures
-        self.captures = 0
 
     def get(self) -> Any:
         if self.handle is None:
@@ -72,7 +71,6 @@ def capture_graph(
         raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if pool is not None:
         pool.reserved_bytes += max(0, torch.cuda.memory_reserved() - before)
-        pool.captures += 1
     return graph, out
 
 

@@ -10,7 +10,7 @@ attributes of :class:`~ipa_rt.core.PipelineCore` (torch modules or engine stand-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +44,6 @@ class Request:
     cfg: bool = True
     height: int = 0
     width: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:  # the call's own arguments, read as attributes
         try:
