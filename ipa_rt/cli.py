@@ -50,11 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("base", help="diffusers base model folder or hub id")
     build.add_argument("--ip-adapter", action="append", required=True, metavar="FILE", help="adapter; repeatable")
     build.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
-    build.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    build.add_argument("--backend", choices=("onnxruntime", "tensorrt", "openvino"), default="onnxruntime")
     build.add_argument("--height", type=int, default=512)
     build.add_argument("--width", type=int, default=512)
     build.add_argument("--batch", type=int, default=1, help="images per call the engines serve (x2 with CFG)")
-    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export dtype (TensorRT, ORT)")
+    build.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="OpenVINO: fp32 (faithful), bf16, int8 (int8 UNet weights)",
+    )
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
     build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
@@ -194,6 +200,7 @@ def _build(args: argparse.Namespace) -> None:
         width=args.width,
         batch=args.batch,
         dtype=args.dtype,
+        precision=args.precision,
         lora=args.lora,
         controlnet=args.controlnet,
         t2i_adapter=args.t2i_adapter,
@@ -290,8 +297,9 @@ def describe(manifest: dict) -> str:
     gpu = manifest.get("gpu")
     from .export.engines import TENSORRT_RANGE
 
+    precision = f", {manifest['precision']} compute" if manifest["backend"] == "openvino" else ""
     lines = [
-        f"{manifest['backend']} engines for a {manifest['family'].upper()} model, {manifest['dtype']} "
+        f"{manifest['backend']} engines for a {manifest['family'].upper()} model, {manifest['dtype']}{precision} "
         f"(inputs and outputs {manifest['io_dtype']}, VAE {manifest['vae_dtype']}; exported in these types with "
         f"normalisations in fp32), built in {manifest['built_seconds']} s",
         f"images {shapes['width']}x{shapes['height']}, up to {shapes['batch']} per call "

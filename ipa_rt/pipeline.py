@@ -18,7 +18,7 @@ from .core import PipelineCore, PipelineOutput
 from .errors import ConfigError
 from .models import FAMILIES
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
 ENGINE_ARGUMENTS = {"subfolder", "weight_name", "device", "dtype", "scheduler", "lora", "controlnet", "t2i_adapter"}
 
@@ -38,10 +38,10 @@ class Pipeline(PipelineCore):
         **kwargs: Any,
     ) -> Pipeline:
         """Load a diffusers base model and IP-Adapter checkpoint(s); the other arguments are
-        :meth:`PipelineCore.from_pretrained`'s. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` to
-        build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or reuse them;
-        ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample size, 1) and
-        ``rebuild``."""
+        :meth:`PipelineCore.from_pretrained`'s. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` /
+        ``"openvino"`` to build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or
+        reuse them; ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample
+        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
         if backend == "torch":

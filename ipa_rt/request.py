@@ -115,9 +115,28 @@ def prepare_structure(pipe, req: Request) -> None:
     req.height, req.width = height or pipe.default_size[0], width or pipe.default_size[1]
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
+    if pipe.engine_manifest is not None:
+        _check_engine_shapes(pipe.engine_manifest, req)
     if pipe.t2i is not None:
         pipe.t2i.prepare(
             req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
+        )
+
+
+def _check_engine_shapes(manifest: dict, req: Request) -> None:
+    """An engine pipeline runs the size and batch its engines were built for: say so before any work."""
+    built = manifest["shapes"]
+    rebuild = "build engines for it (ipa_rt build ... --height H --width W --batch B, or from_pretrained(..., " \
+        "engine_options={'height': H, 'width': W, 'batch': B}))"  # fmt: skip
+    if (req.height, req.width) != (built["height"], built["width"]):
+        raise ConfigError(
+            f"the engines were built for {built['width']}x{built['height']} images; this call asks for "
+            f"{req.width}x{req.height}: call with height={built['height']}, width={built['width']}, or {rebuild}"
+        )
+    if req.copies > built["batch"]:
+        raise ConfigError(
+            f"the engines were built for up to {built['batch']} image(s) per call; this call makes {req.copies} "
+            f"(prompts x num_images_per_prompt): {rebuild}"
         )
 
 

@@ -344,8 +344,12 @@ def test_engine_call_errors(engines, images):
         "x", ip_adapter_image=[[images[0], images[1]], images[0]], ip_adapter_combine="average", **CALL
     ).images
     assert torch.isfinite(out).all()
-    with pytest.raises(ConfigError, match="built for latents of \\[16, 16\\]"):
+    with pytest.raises(ConfigError, match=r"built for 32x32 images; this call asks for 64x64: .*--height H --width W"):
         pipe("x", ip_adapter_image=[images[0]] * 2, **dict(CALL, height=64, width=64))
+    with pytest.raises(ConfigError, match=r"built for up to 1 image\(s\) per call; this call makes 2 .*--batch B"):
+        pipe(["x", "y"], ip_adapter_image=[images[0]] * 2, **CALL)
+    with pytest.raises(ConfigError, match=r"the image_encoder engine .* was built for pixel_values of shape "):
+        pipe.image_encoder(torch.zeros(9, 3, 32, 32))  # more reference images than the encoder engine takes
     masks = [torch.ones(1, 1, 32, 32), torch.ones(1, 1, 32, 32)]
     with pytest.raises(ConfigError, match="regional ip_adapter_masks"):
         pipe("x", ip_adapter_image=[images[0]] * 2, cross_attention_kwargs={"ip_adapter_masks": masks}, **CALL)

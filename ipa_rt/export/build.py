@@ -44,8 +44,9 @@ from .manifest import (
     write_manifest,
 )
 from .onnx_export import export_onnx
+from .openvino_engine import convert_onnx
 
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 BASE_PARTS = (
@@ -60,7 +61,7 @@ BASE_PARTS = (
     "feature_extractor",
     "image_encoder",
 )
-SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
+SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan", "openvino": ".xml"}
 log = logging.getLogger("ipa_rt.build")
 
 
@@ -76,6 +77,7 @@ class BuildRequest:
     width: int = 512
     batch: int = 1
     dtype: str = "fp32"
+    precision: str = "fp32"  # OpenVINO's compute precision: fp32 (faithful), bf16 or int8 (int8 weights)
     lora: list[str] = field(default_factory=list)
     controlnet: list[str] = field(default_factory=list)  # diffusers ControlNetModel folders
     t2i_adapter: list[str] = field(default_factory=list)  # diffusers T2IAdapter folders
@@ -85,9 +87,23 @@ class BuildRequest:
     def check(self) -> None:
         if self.backend not in ENGINE_BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; expected one of {ENGINE_BACKENDS}")
-        if self.dtype not in DTYPES or (self.dtype == "bf16" and self.backend != "tensorrt"):
-            allowed = sorted(DTYPES) if self.backend == "tensorrt" else ["fp16", "fp32"]
-            raise ConfigError(f"dtype {self.dtype!r} is not supported by {self.backend}; expected one of {allowed}")
+        allowed = {"tensorrt": sorted(DTYPES), "onnxruntime": ["fp16", "fp32"], "openvino": ["fp32"]}[self.backend]
+        if self.dtype not in allowed:
+            hint = " (OpenVINO engines are exported in fp32: choose --precision fp32|bf16|int8)" * (
+                self.backend == "openvino"
+            )
+            raise ConfigError(
+                f"dtype {self.dtype!r} is not supported by {self.backend}; expected one of {allowed}{hint}"
+            )
+        if self.backend == "openvino":
+            from .openvino_engine import check_precision
+
+            check_precision(self.precision)
+        elif self.precision != "fp32":
+            raise ConfigError(
+                f"precision {self.precision!r} applies to backend 'openvino'; {self.backend} engines take their "
+                "precision from dtype (--dtype)"
+            )
         for name in ("height", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 8:
@@ -194,9 +210,8 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
 def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Everything the engines depend on (the scale is not: it is an engine input)."""
     v = versions()
-    keep = ["ipa_rt", "torch", "onnx", "diffusers", "transformers"] + (
-        ["tensorrt"] if req.backend == "tensorrt" else []
-    )
+    keep = ["ipa_rt", "torch", "onnx", "diffusers", "transformers"]
+    keep += {"tensorrt": ["tensorrt"], "openvino": ["openvino", "nncf"]}.get(req.backend, [])
     request = asdict(req)
     for key in ("base", "ip_adapter", "image_encoder", "lora", "controlnet", "t2i_adapter", "weight_name", "subfolder"):
         request.pop(key)  # paths do not name a build; the files' hashes do
@@ -279,6 +294,9 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
                 plan = tmp / "tensorrt" / f"{contract.name}.plan"
                 plan = build_trt_engine(onnx_path, plan, contract.profile(), timing)
                 files = [plan]
+            elif req.backend == "openvino":
+                xml = tmp / "openvino" / f"{contract.name}.xml"
+                files = convert_onnx(onnx_path, xml, contract.name, req.precision)
             networks[contract.name] = _network_record(contract, files, tmp)
             say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s")
         _write_model_files(pipe, tmp / "model")
@@ -288,6 +306,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             networks=networks,
             backend=req.backend,
             dtype=req.dtype,
+            precision=req.precision,
             io_dtype=DTYPE_NAMES[pipe.dtype],
             vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype],
             versions=versions(),
@@ -313,7 +332,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             built_seconds=round(time.perf_counter() - stages_done, 1),
         )
         (out / "manifest.json").unlink(missing_ok=True)  # old engines are no longer vouched for
-        for sub in ("onnx", "tensorrt", "model"):
+        for sub in ("onnx", "tensorrt", "openvino", "model"):
             if (out / sub).exists():
                 shutil.rmtree(out / sub)
             if (tmp / sub).exists():
@@ -377,9 +396,9 @@ def _jsonable(value: Any) -> Any:
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
 def request_for_pretrained(base, sources, image_encoder, backend, dtype, lora, structure, options) -> BuildRequest:
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
-    unknown = set(options) - {"height", "width", "batch", "rebuild"}
+    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild"}
     if unknown:
-        raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, rebuild")
+        raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild")
     if any(isinstance(s.source, dict) for s in sources) or not sources:
         raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
     if isinstance(image_encoder, torch.nn.Module):
@@ -401,6 +420,7 @@ def request_for_pretrained(base, sources, image_encoder, backend, dtype, lora, s
         width=int(options.get("width", size)),
         batch=int(options.get("batch", 1)),
         dtype=DTYPE_NAMES.get(dtype, str(dtype)),
+        precision=str(options.get("precision", "fp32")),
         lora=[os.fspath(x) for x in loras],
         **paths,
         weight_name=[s.weight_name for s in sources],

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from .build import DTYPES
+from ..errors import ConfigError
+from .build import DTYPES, SUFFIX
 from .engines import OrtEngine, TrtEngine
 from .manifest import check_engine_dir, read_manifest
+from .openvino_engine import OvEngine, compute_precision
 
 
 def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, scheduler: Any, cls: type):
@@ -40,9 +42,8 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     folder, device = Path(folder), torch.device(device)
     manifest = read_manifest(folder)
     check_engine_dir(folder, manifest, device)
+    engines = {name: _engine(folder, name, info, manifest, device) for name, info in manifest["networks"].items()}
     backend = manifest["backend"]
-    runner = OrtEngine if backend == "onnxruntime" else TrtEngine
-    engines = {name: runner(folder / next(iter(info["files"])), device) for name, info in manifest["networks"].items()}
     dtype = DTYPES[manifest["io_dtype"]]
     model = folder / "model"
     configs = json.loads((model / "configs.json").read_text())
@@ -52,7 +53,6 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     adapters = EngineAdapters(entries, projections, manifest["layer_names"], manifest["token_width"], device, dtype)
     blocks = {side: {int(k): v for k, v in d.items()} for side, d in manifest["attention_blocks"].items()}
     unet = EngineUNet(engines["unet"], FrozenDict(configs["unet"]), dtype, device, adapters, blocks)
-    unet.built_for = tuple(manifest["networks"]["unet"]["inputs"]["sample"]["profile"][1][2:])
     vae_dtype = DTYPES[manifest["vae_dtype"]]
     vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device)
     family = FAMILIES[manifest["family"]]
@@ -107,3 +107,40 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
         t2i_adapters=t2i_adapters,
         engine_manifest=manifest,
     )
+
+
+def _engine(folder: Path, network: str, info: dict, manifest: dict, device: torch.device) -> ShapeChecked:
+    backend = manifest["backend"]
+    path = folder / next(f for f in info["files"] if f.endswith(SUFFIX[backend]))  # not .onnx.data, .bin
+    if backend == "onnxruntime":
+        engine = OrtEngine(path, device)
+    elif backend == "tensorrt":
+        engine = TrtEngine(path, device)
+    else:
+        engine = OvEngine(path, device, compute_precision(network, manifest.get("precision", "fp32")))
+    return ShapeChecked(engine, network, info, folder)
+
+
+class ShapeChecked:
+    """An engine that refuses inputs outside the shapes it was built for, saying which and how to rebuild (the
+    runtimes' own messages name neither the network nor the build)."""
+
+    def __init__(self, engine: Any, network: str, info: dict, folder: Path) -> None:
+        self.engine, self.network, self.folder = engine, network, folder
+        self.profile = {name: spec["profile"] for name, spec in info["inputs"].items()}  # [min, opt, max] per input
+
+    def __call__(self, feeds: dict[str, torch.Tensor], copy: bool = True) -> list[torch.Tensor]:
+        for name, (lo, _, hi) in self.profile.items():
+            shape = list(feeds[name].shape)
+            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi, strict=True)):
+                built = list(hi) if lo == hi else f"{lo} .. {hi}"
+                raise ConfigError(
+                    f"the {self.network} engine in '{self.folder}' was built for {name} of shape {built}; this call "
+                    f"gives {shape}: call with the size and batch the engines were built for (`ipa_rt inspect`), or "
+                    "build engines for this one (ipa_rt build ... --height H --width W --batch B, or "
+                    "from_pretrained(..., engine_options={'height': H, 'width': W, 'batch': B}))"
+                )
+        return self.engine(feeds, copy)
+
+    def __getattr__(self, name: str) -> Any:  # the engine's own attributes (inputs, outputs, session, ...)
+        return getattr(self.engine, name)

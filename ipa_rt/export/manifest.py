@@ -50,7 +50,7 @@ def versions() -> dict[str, str | None]:
     from .. import __version__
 
     out: dict[str, str | None] = {"ipa_rt": __version__, "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "tensorrt", "diffusers", "transformers"):
+    for name in ("onnx", "onnxruntime", "tensorrt", "openvino", "nncf", "diffusers", "transformers"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:

@@ -216,7 +216,6 @@ class EngineUNet(EngineModule):
         super().__init__(engine, config, dtype, device)
         self.adapters = adapters
         self.attention_blocks = blocks  # what set_ip_adapter_scale's per-block dicts expand against
-        self.built_for: tuple[int, ...] | None = None  # latent (h, w) of the engine's static spatial size
 
     def forward(
         self,
@@ -229,11 +228,6 @@ class EngineUNet(EngineModule):
         **kwargs: Any,
     ) -> tuple[Tensor]:
         rows = sample.shape[0]
-        if self.built_for is not None and tuple(sample.shape[2:]) != self.built_for:
-            raise ConfigError(
-                f"the UNet engine was built for latents of {list(self.built_for)}, got {list(sample.shape[2:])}: "
-                "call with the height and width given to `ipa_rt build` (or build another engine)"
-            )
         t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
         feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
         if timestep_cond is not None:

@@ -1,0 +1,152 @@
+"""OpenVINO engines for CPUs: an export contract's ONNX converted to OpenVINO IR at build time, compiled per static
+input shape at run time, inputs and outputs shared with torch buffers.
+
+- **Precision** is chosen at build and recorded in the manifest: ``fp32`` is faithful (OpenVINO's CPU plugin
+  computes in bf16 by itself on CPUs with AVX512_BF16 or AMX unless told ``INFERENCE_PRECISION_HINT=f32``), ``bf16``
+  computes in bf16, ``int8`` stores the UNet's and ControlNets' weights in int8 (NNCF weight compression) and
+  computes in bf16 where the CPU can, else f32. Networks whose output goes straight to pixels (the VAE) keep f32 in
+  the low-precision modes (:func:`compute_precision`).
+- **Static shapes**: the IR keeps the contract's dynamic batch; each row count a pipeline uses is compiled once, at
+  its static shape (CPU kernels are chosen per shape), and OpenVINO's model cache (``CACHE_DIR`` in the cache root)
+  keeps the compiled blobs, so a second load takes seconds.
+- **No copies per step**: inputs are wrapped (``shared_memory=True``) and outputs are written by OpenVINO straight
+  into preallocated torch tensors; threads are set to the physical cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cache import cache_root
+from ..errors import ConfigError, EngineError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8 compresses (name prefixes)
+PIXEL_NETWORKS = ("vae_decoder", "vae_encoder")  # f32 in every mode: their output is the picture itself
+_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+_TORCH = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32}
+
+
+def openvino():
+    """The ``openvino`` module, or a :class:`ConfigError` naming the extra that installs it."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ConfigError("backend 'openvino' needs OpenVINO: pip install 'ipa_rt[openvino]'") from exc
+    return ov
+
+
+def cpu_supports_bf16() -> bool:
+    return "BF16" in openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def check_precision(precision: str) -> None:
+    """A precision this CPU can run, or a :class:`ConfigError` saying which to use instead."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown for OpenVINO; expected one of {PRECISIONS}")
+    if precision == "bf16" and not cpu_supports_bf16():
+        raise ConfigError(
+            "precision 'bf16' needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), which this one lacks; "
+            "use --precision fp32 (faithful) or int8 (int8 weights, f32 arithmetic here)"
+        )
+
+
+def compute_precision(network: str, precision: str) -> str:
+    """OpenVINO's inference precision for one network of a build: ``f32`` or ``bf16``."""
+    if precision == "fp32" or network.startswith(PIXEL_NETWORKS):
+        return "f32"
+    return "bf16" if cpu_supports_bf16() else "f32"
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover - psutil comes with the dev and openvino extras
+        return os.cpu_count() or 1
+
+
+def convert_onnx(onnx_path: Path, xml_path: Path, network: str, precision: str) -> list[Path]:
+    """ONNX -> OpenVINO IR (``.xml`` + ``.bin``, fp32 weights, or int8 weights for the compressed networks in
+    ``int8`` mode). Returns the files written."""
+    ov = openvino()
+    model = ov.convert_model(str(onnx_path))
+    if precision == "int8" and network.startswith(WEIGHT_COMPRESSED):
+        try:
+            import nncf
+        except ImportError as exc:
+            raise ConfigError("precision 'int8' needs NNCF: pip install 'ipa_rt[openvino]'") from exc
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return [xml_path, xml_path.with_suffix(".bin")]
+
+
+class OvEngine:
+    """One network's OpenVINO model: compiled once per static input shape (with the model cache), run with inputs
+    and outputs shared with torch tensors."""
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "f32") -> None:
+        ov = openvino()
+        self.path, self.device, self.precision = Path(path), torch.device(device), precision
+        if self.device.type != "cpu":
+            raise ConfigError(f"OpenVINO engines run on the CPU; got device {self.device}")
+        self.core = ov.Core()
+        # one blob cache per compute precision: in one process, OpenVINO 2026.4 can import a blob compiled for
+        # another precision hint of the same model (wrong values, NaN) when they share a cache directory
+        cache = cache_root() / "openvino-cache" / f"{ov.__version__.split('-')[0]}-{precision}"
+        self.core.set_property({"CACHE_DIR": str(cache)})
+        try:
+            self.model = self.core.read_model(str(self.path))
+        except Exception as exc:
+            raise EngineError(
+                f"engine file '{self.path}' cannot be read by OpenVINO ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300]}); rebuild it with `ipa_rt build ... --rebuild`"
+            ) from exc
+        self.inputs = [(p.get_any_name(), _TORCH[p.get_element_type().get_type_name()]) for p in self.model.inputs]
+        self.outputs = [o.get_any_name() for o in self.model.outputs]
+        self.config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": physical_cores(),
+        }
+        self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers)
+
+    def _compile(self, shapes: tuple) -> tuple:
+        model = self.model.clone()
+        model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        request = compiled.create_infer_request()
+        outs = []
+        for i, port in enumerate(compiled.outputs):
+            dtype = _TORCH[port.get_element_type().get_type_name()]
+            buf = torch.empty(tuple(port.get_shape()), dtype=dtype)
+            request.set_output_tensor(i, self._wrap(buf))
+            outs.append(buf)
+        return request, outs
+
+    @staticmethod
+    def _wrap(x: Tensor):
+        import openvino as ov
+
+        return ov.Tensor(x.numpy(), shared_memory=True)
+
+    def __call__(self, feeds: dict[str, Tensor], copy: bool = True) -> list[Tensor]:
+        """Run on ``feeds``; ``copy=False`` returns the output buffers themselves, valid until the next call with
+        the same shapes."""
+        held = [feeds[name].to(dtype=dtype).contiguous() for name, dtype in self.inputs]
+        shapes = tuple(tuple(x.shape) for x in held)
+        entry = self._compiled.get(shapes)
+        if entry is None:
+            entry = self._compiled[shapes] = self._compile(shapes)
+        request, outs = entry
+        for i, x in enumerate(held):
+            request.set_input_tensor(i, self._wrap(x))
+        request.infer()
+        return [o.clone() for o in outs] if copy else outs

@@ -1,0 +1,167 @@
+"""OpenVINO engines (CPU): parity with diffusers in the faithful fp32 mode (SD1.5 with a ControlNet, SDXL), live
+scale changes without a rebuild, int8 weights end to end, and the errors a CPU user can meet."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxscript")
+
+import ipa_rt
+from ipa_rt import cli
+from ipa_rt import testing as T
+from ipa_rt.errors import ConfigError
+from ipa_rt.export import BuildRequest, build_engines
+from ipa_rt.export.manifest import read_manifest
+
+FAITHFUL_RTOL = 1e-4  # the issue's bound for fp32 (observed ~1e-6: OpenVINO's f32 kernels vs PyTorch's)
+LOW_RTOL = 5e-2  # bf16 arithmetic / int8 weights over a whole tiny pipeline (observed ~1.6e-2)
+
+
+@pytest.fixture(scope="module")
+def ov_engines(models, tmp_path_factory):
+    """SD1.5 + one ControlNet through the CLI (fp32), SD1.5 int8, SDXL through from_pretrained(backend=...)."""
+    root = tmp_path_factory.mktemp("ov")
+    net = T.write_controlnet(root / "cn", models.base("sd15"), seed=5)
+    out = {"cn": net, "sd15": root / "sd15", "int8": root / "int8", "cache": root / "cache"}
+    argv = ["build", str(models.base("sd15")), "--ip-adapter", str(models.adapter("sd15", "plus"))]
+    argv += ["--controlnet", str(net), "--backend", "openvino", "--height", "32", "--width", "32"]
+    assert cli.main([*argv, "-o", str(out["sd15"])]) == 0
+    req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="openvino")
+    req.height = req.width = 32
+    req.precision = "int8"
+    build_engines(req, out["int8"])
+    old = os.environ.get("IPA_RT_CACHE")
+    os.environ["IPA_RT_CACHE"] = str(out["cache"])
+    try:
+        out["sdxl_pipe"] = ipa_rt.Pipeline.from_pretrained(
+            models.base("sdxl"),
+            models.adapter("sdxl", "base"),
+            backend="openvino",
+            engine_options={"height": 32, "width": 32},
+        )
+    finally:
+        os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
+    return out
+
+
+def controlnet_reference(models, net):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        models.base("sd15"), controlnet=ControlNetModel.from_pretrained(net)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(models.adapter_dir("sd15")), subfolder="", weight_name="plus.safetensors")
+    return pipe
+
+
+def test_fp32_controlnet_engines_match_diffusers_and_scales_are_inputs(models, images, ov_engines):
+    from test_engines import snapshot
+
+    pipe = ipa_rt.Pipeline.from_engine(ov_engines["sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    manifest = pipe.engine_manifest
+    assert (manifest["backend"], manifest["precision"]) == ("openvino", "fp32")
+    assert all(f.startswith("openvino/") for net in manifest["networks"].values() for f in net["files"])
+    ref = controlnet_reference(models, ov_engines["cn"])
+    control = T.make_image(seed=21, size=(32, 32))
+    before = snapshot(ov_engines["sd15"])
+    engines = [id(pipe.unet.engine), id(pipe.control.nets[0].engine)]
+    for ip_scale, cn_scale in ((0.6, 0.8), (1.3, 0.3), (0.0, 1.0)):  # live changes: engine inputs, no rebuild
+        for p in (ref, pipe):
+            p.set_ip_adapter_scale(ip_scale)
+        kw = dict(CALL, image=control, controlnet_conditioning_scale=cn_scale, latents=fixed_latents())
+        want = ref("a house", ip_adapter_image=images[0], **kw).images
+        got = pipe("a house", ip_adapter_image=[images[0]], **kw).images
+        assert_parity(got, want, FAITHFUL_RTOL)
+    assert snapshot(ov_engines["sd15"]) == before and engines == [id(pipe.unet.engine), id(pipe.control.nets[0].engine)]
+
+
+def test_sdxl_engines_built_transparently_match_diffusers(models, images, ov_engines):
+    pipe = ov_engines["sdxl_pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    ref = diffusers_pipe(models, "sdxl", ["base.safetensors"])
+    for scale in (0.7, 1.4):
+        for p in (ref, pipe):
+            p.set_ip_adapter_scale(scale)
+        want = ref("a cat", ip_adapter_image=images[1], latents=fixed_latents(), **CALL).images
+        got = pipe("a cat", ip_adapter_image=[images[1]], latents=fixed_latents(), **CALL).images
+        assert_parity(got, want, FAITHFUL_RTOL)
+
+
+def test_int8_weights_run_end_to_end(models, images, ov_engines):
+    """int8 UNet weights (NNCF), low-precision arithmetic: close to diffusers, not faithful, and recorded."""
+    manifest = read_manifest(ov_engines["int8"])
+    assert manifest["precision"] == "int8" and manifest["versions"]["nncf"]
+    pipe = ipa_rt.Pipeline.from_engine(ov_engines["int8"])
+    pipe.set_progress_bar_config(disable=True)
+    ours = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
+    got = pipe("a cat", ip_adapter_image=[images[0]], latents=fixed_latents(), **CALL).images
+    want = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
+    err = rel_l2(got, want)
+    assert 0 < err <= LOW_RTOL, err
+    fp32_unet = (ov_engines["sd15"] / "openvino" / "unet.bin").stat().st_size
+    assert (ov_engines["int8"] / "openvino" / "unet.bin").stat().st_size < fp32_unet / 2  # int8 weights stored
+
+
+def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monkeypatch):
+    """OpenVINO 2026.4 imports a wrong blob when two precision hints of one model share a cache directory in one
+    process (wrong values, NaN): each precision gets its own cache, so f32, bf16, f32, bf16 stay right."""
+    from ipa_rt.export.openvino_engine import OvEngine, cpu_supports_bf16
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
+    xml = ov_engines["sd15"] / "openvino" / "image_encoder.xml"
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    low = "bf16" if cpu_supports_bf16() else "f32"
+    outs = [OvEngine(xml, "cpu", p)({"pixel_values": pixels})[0] for p in ("f32", low, "f32", low)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    assert rel_l2(outs[1], outs[0]) <= LOW_RTOL
+
+
+def test_openvino_errors(models, ov_engines, images, monkeypatch):
+    pipe = ipa_rt.Pipeline.from_engine(ov_engines["int8"])
+    with pytest.raises(ConfigError, match=r"built for 32x32 images; this call asks for 48x48"):
+        pipe("x", ip_adapter_image=[images[0]], **dict(CALL, height=48, width=48))
+    req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="openvino")
+    req.dtype = "fp16"
+    with pytest.raises(ConfigError, match=r"dtype 'fp16' is not supported by openvino.*--precision fp32\|bf16\|int8"):
+        req.check()
+    req.dtype, req.precision = "fp32", "fp8"
+    with pytest.raises(ConfigError, match=r"precision 'fp8' is unknown for OpenVINO"):
+        req.check()
+    from ipa_rt.export import openvino_engine
+
+    monkeypatch.setattr(openvino_engine, "cpu_supports_bf16", lambda: False)
+    req.precision = "bf16"
+    with pytest.raises(ConfigError, match=r"needs a CPU with bf16 arithmetic .* use --precision fp32"):
+        req.check()
+    req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], precision="int8")
+    with pytest.raises(ConfigError, match=r"precision 'int8' applies to backend 'openvino'"):
+        req.check()
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(ConfigError, match=r"backend 'openvino' needs OpenVINO: pip install 'ipa_rt\[openvino\]'"):
+        openvino_engine.openvino()
+
+
+def test_inspect_names_the_precision(ov_engines, capsys):
+    assert cli.main(["inspect", str(ov_engines["int8"])]) == 0
+    assert "openvino engines for a SD15 model, fp32, int8 compute" in capsys.readouterr().out
+    manifest = json.loads((ov_engines["int8"] / "manifest.json").read_text())
+    assert manifest["identity"]["request"]["precision"] == "int8"
