@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--engine", metavar="DIR", help="run from an engine directory written by `ipa_rt build`")
+    _add_backend_options(gen)
     gen.add_argument("-o", "--output", required=True, help="output PNG path")
     build = sub.add_parser(
         "build",
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
     build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
+    build.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
     demo = sub.add_parser(
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="adapter; repeatable")
     demo.add_argument("--image-encoder", metavar="DIR")
     demo.add_argument("--engine", metavar="DIR", help="run from an engine directory (`ipa_rt build`)")
+    _add_backend_options(demo)
     demo.add_argument("--lora", action="append", default=[], metavar="FILE", help="e.g. an LCM-LoRA; repeatable")
     demo.add_argument("--example", action="store_true", help="a tiny random model written on the fly (offline)")
     demo.add_argument("--host", default="127.0.0.1")
@@ -128,23 +131,63 @@ def _bench(argv: list[str]) -> int:
     return module.main(argv)
 
 
+def default_backend(device: str) -> str:
+    """The fastest backend installed for ``device``: on a CPU OpenVINO when present (else PyTorch), on CUDA PyTorch
+    (the graphed loop with the fused kernel; TensorRT is chosen explicitly)."""
+    if device.startswith("cuda"):
+        return "torch"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "openvino"
+
+
+def _add_backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "tensorrt", "openvino"),
+        default=None,
+        help="default: openvino on a CPU when installed (engines built once into the cache), else torch",
+    )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "int8"), default=None, help="OpenVINO compute precision (default fp32)"
+    )
+    parser.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
+
+
 def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler, **kwargs):
-    """The pipeline a command asked for: from an engine dir (``--engine``) or from weights (``BASE``)."""
+    """The pipeline a command asked for: from an engine dir (``--engine``) or from weights (``BASE``) on the chosen
+    backend (engines are built into the cache once, then reused); says which backend, precision and decoder run."""
     from .pipeline import Pipeline
 
     if args.engine:
-        return Pipeline.from_engine(args.engine, device=args.device, scheduler=scheduler)
-    if not args.base:
+        pipe = Pipeline.from_engine(args.engine, device=args.device, scheduler=scheduler)
+    elif not args.base:
         raise SystemExit(f"ipa_rt {command}: error: BASE is required (or --engine DIR, or --example)")
-    return Pipeline.from_pretrained(
-        args.base,
-        ip_adapter=args.ip_adapter or None,
-        image_encoder=args.image_encoder,
-        device=args.device,
-        dtype=dtype,
-        scheduler=scheduler,
-        **kwargs,
-    )
+    else:
+        backend = args.backend or default_backend(args.device)
+        if args.precision not in (None, "fp32") and backend != "openvino":
+            raise ConfigError(f"--precision {args.precision} applies to --backend openvino; got --backend {backend}")
+        if backend != "torch":
+            options = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+            if backend == "openvino":
+                if dtype != torch.float32:
+                    raise ConfigError("--backend openvino takes --precision fp32|bf16|int8, not --dtype")
+                options["precision"] = args.precision or "fp32"
+            kwargs |= {"backend": backend, "engine_options": options}
+        pipe = Pipeline.from_pretrained(
+            args.base,
+            ip_adapter=args.ip_adapter or None,
+            image_encoder=args.image_encoder,
+            device=args.device,
+            dtype=dtype,
+            scheduler=scheduler,
+            vae=args.vae,
+            **kwargs,
+        )
+    print(f"ipa_rt {command}: {pipe.runtime_summary()}", flush=True)
+    return pipe
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -159,6 +202,7 @@ def _generate(args: argparse.Namespace) -> None:
             args.base = str(files["base"])
             args.ip_adapter = args.ip_adapter or [str(files["adapter"])]
             args.ip_image = args.ip_image or [str(files["image"])]
+            args.vae = str(files["taesd"]) if args.vae == "taesd" else args.vae  # the example's own tiny TAESD
             args.prompt = args.prompt or "a tiny example"
             args.height, args.width = args.height or 32, args.width or 32
             args.steps = min(args.steps, 4)
@@ -204,6 +248,7 @@ def _build(args: argparse.Namespace) -> None:
         lora=args.lora,
         controlnet=args.controlnet,
         t2i_adapter=args.t2i_adapter,
+        vae=args.vae,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:
@@ -230,6 +275,7 @@ def _demo(args: argparse.Namespace) -> None:
             files = write_example(tmp)
             args.base, args.ip_adapter = str(files["base"]), args.ip_adapter or [str(files["adapter"])]
             args.ip_image = args.ip_image or [str(files["image"])]
+            args.vae = str(files["taesd"]) if args.vae == "taesd" else args.vae
         pipe = _load(args, "demo", dtype, "lcm", lora=args.lora or None)
         pipe.set_progress_bar_config(disable=True)
         guidance = args.guidance
@@ -251,7 +297,7 @@ def _demo(args: argparse.Namespace) -> None:
         from .demo.server import serve
 
         renderer = LiveRenderer(pipe, steps=args.steps, guidance=guidance)
-        print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.device}, {pipe.backend})")
+        print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.runtime_summary()})")
         try:
             serve(renderer, args.host, args.port)
         finally:

@@ -30,7 +30,7 @@ from .graphs import Graphed, GraphPool
 from .image import default_feature_extractor
 from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
-from .models import BaseModel, detect_family, load_base_model, load_image_encoder, vae_upcast
+from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
 from .request import query_tokens
 from .runtime import DenoiseLoop
 from .scale import expand_scale, expand_step_ranges, scale_tables
@@ -122,7 +122,7 @@ class PipelineCore:
         scheduler: Any = None,
         attention: str = "auto",
         lora: Any = None,
-        vae: torch.nn.Module | None = None,
+        vae: torch.nn.Module | str | os.PathLike | None = None,
         controlnet: Any = None,
         t2i_adapter: Any = None,
         **hub_kwargs: Any,
@@ -135,7 +135,8 @@ class PipelineCore:
         as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
         or instance; by default the base model's own. ``lora``: LoRA file(s) (diffusers or kohya format, or
         ``(path, weight)`` pairs) fused into the weights at load. ``vae``: another autoencoder with the same
-        latent space, e.g. diffusers' ``AutoencoderTiny`` (TAESD) for realtime decoding. ``attention``:
+        latent space (a module, a folder or hub id), or ``"taesd"``: the family's tiny autoencoder (TAESD/TAESDXL),
+        the fast decoder for realtime use. ``attention``:
         ``"auto"`` (the fused Triton kernel on CUDA, SDPA elsewhere), ``"triton"`` (also on the CPU under
         ``TRITON_INTERPRET=1``) or ``"sdpa"``. ``controlnet``: diffusers ``ControlNetModel`` folder(s) or hub id(s);
         the call then takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines.
@@ -152,6 +153,8 @@ class PipelineCore:
         if lora is not None:  # fused into the weights before the adapters wrap the UNet
             fuse_loras(model, lora)
         if vae is not None:
+            if not isinstance(vae, torch.nn.Module):
+                vae = load_vae(vae, model.family, dtype, **hub_kwargs)
             model.vae = _check_vae(vae, model.vae, dtype)
         sources = adapter_sources(ip_adapter, subfolder, weight_name)
         raws = [read_adapter(s, **hub_kwargs) for s in sources]
@@ -273,6 +276,17 @@ class PipelineCore:
         """The graph-captured fixed-shape calls: VAE decoder and CLIP encoder."""
         runner = self.conditioner.runner
         return [self._decoder, *(runner.graphed if runner is not None else [])]
+
+    def runtime_summary(self) -> str:
+        """What runs: backend, precision, decoder and device (printed by the CLI and the demo)."""
+        m = self.engine_manifest
+        if m is None:
+            precision, decoder = str(self.dtype).removeprefix("torch."), type(self.vae).__name__
+        else:
+            precision = m["precision"] if m["backend"] == "openvino" else m["dtype"]
+            decoder = m.get("vae_class", "AutoencoderKL")
+        tiny = " (TAESD: fast, approximate)" if decoder == "AutoencoderTiny" else ""
+        return f"backend {self.backend}, precision {precision}, decoder {decoder}{tiny}, device {self.device}"
 
     def memory_stats(self) -> dict[str, Any]:
         """What the runtime holds on the device: the loop's signatures, graphs, static buffer bytes and evictions,

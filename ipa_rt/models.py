@@ -24,11 +24,14 @@ class Family:
     tokenizers: tuple[str, ...]
     pooled_text: bool  # SDXL: pooled text embeds + time ids go to the UNet as added conditions
     honours_force_upcast: bool  # diffusers' pipelines of the family run an fp16 VAE with force_upcast in fp32
+    taesd: str  # the hub id of the family's tiny autoencoder (vae="taesd": the fast decoder)
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False, False),
-    "sdxl": Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, True),
+    "sd15": Family("sd15", ("text_encoder",), ("tokenizer",), False, False, "madebyollin/taesd"),
+    "sdxl": Family(
+        "sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, True, "madebyollin/taesdxl"
+    ),
 }
 
 
@@ -65,11 +68,11 @@ class BaseModel:
     image_encoder: Any | None = None  # a base model that ships one: diffusers uses it before the adapter's
 
 
-def _read_json(base: str, name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "base model") -> dict[str, Any]:
     local = Path(base) / name
     if Path(base).is_dir():
         if not local.exists():
-            raise CheckpointError(f"base model folder '{base}' has no {name}; expected a diffusers-format folder")
+            raise CheckpointError(f"{what} folder '{base}' has no {name}; expected a diffusers-format folder")
         path = local
     else:
         from huggingface_hub import hf_hub_download
@@ -78,12 +81,12 @@ def _read_json(base: str, name: str, hub_kwargs: dict[str, Any]) -> dict[str, An
             path = Path(hf_hub_download(base, name, **hub_kwargs))
         except Exception as exc:  # any hub failure: not a local folder and not fetchable
             raise CheckpointError(
-                f"base model '{base}' is neither a local diffusers folder nor a reachable hub id ({exc})"
+                f"{what} '{base}' is neither a local diffusers folder nor a reachable hub id ({exc})"
             ) from exc
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"base model file '{path}' is not valid JSON: {exc}") from exc
+        raise CheckpointError(f"{what} file '{path}' is not valid JSON: {exc}") from exc
 
 
 def _component_class(model_index: dict[str, Any], name: str, origin: str) -> type:
@@ -143,6 +146,25 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
         origin=base,
         image_encoder=image_encoder.eval() if image_encoder is not None else None,
     )
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def load_vae(vae: str | os.PathLike, family: Family, dtype: torch.dtype, **hub_kwargs: Any) -> torch.nn.Module:
+    """``vae=`` given as a folder or hub id of a diffusers autoencoder, or ``"taesd"`` for the family's tiny
+    autoencoder (TAESD / TAESDXL: the fast decoder)."""
+    import diffusers
+
+    name = family.taesd if os.fspath(vae) == "taesd" else os.fspath(vae)
+    config = _read_json(name, "config.json", hub_kwargs, what="vae")
+    cls = config.get("_class_name")
+    if cls not in VAE_CLASSES:
+        raise ConfigError(f"vae '{name}' is a {cls!r}; expected one of {VAE_CLASSES} (or vae='taesd')")
+    try:
+        return getattr(diffusers, cls).from_pretrained(name, torch_dtype=dtype, **hub_kwargs).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"vae '{name}' cannot be loaded as {cls}: {exc}") from exc
 
 
 def vae_upcast(family: Family, vae: Any) -> bool:

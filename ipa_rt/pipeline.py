@@ -20,7 +20,17 @@ from .models import FAMILIES
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
-ENGINE_ARGUMENTS = {"subfolder", "weight_name", "device", "dtype", "scheduler", "lora", "controlnet", "t2i_adapter"}
+ENGINE_ARGUMENTS = {
+    "subfolder",
+    "weight_name",
+    "device",
+    "dtype",
+    "scheduler",
+    "lora",
+    "controlnet",
+    "t2i_adapter",
+    "vae",
+}
 
 
 class Pipeline(PipelineCore):
@@ -61,7 +71,9 @@ class Pipeline(PipelineCore):
         options = dict(engine_options or {})
         structure = {"controlnet": get("controlnet"), "t2i_adapter": get("t2i_adapter")}
         dtype = get("dtype", torch.float32)
-        req = request_for_pretrained(base, sources, image_encoder, backend, dtype, get("lora"), structure, options)
+        req = request_for_pretrained(
+            base, sources, image_encoder, backend, dtype, get("lora"), structure, options, get("vae")
+        )
         folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
         return cls.from_engine(folder, device=get("device", "cpu"), scheduler=get("scheduler"))
 

@@ -346,7 +346,23 @@ def write_example(
     adapter = write_adapter(models / f"ip-adapter-{variant}_{family}.safetensors", variant, base, **encoder)
     image = root / "reference.png"
     make_image().save(image)
-    return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image}
+    taesd = write_taesd(root / "taesd", full=bool(configs))
+    return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image, "taesd": taesd}
+
+
+def write_taesd(folder: str | os.PathLike, full: bool = False, seed: int = 9) -> Path:
+    """An ``AutoencoderTiny`` folder (the TAESD format): the real architecture with ``full``, else a tiny one."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    small = dict(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+    )
+    AutoencoderTiny(latent_channels=4, **({} if full else small)).save_pretrained(folder)
+    return Path(folder)
 
 
 def write_lora(path: str | os.PathLike, base_folder: str | os.PathLike, fmt: str = "diffusers", seed: int = 3) -> Path:

@@ -206,7 +206,8 @@ def test_socket_disconnect_mid_frame(live_pipe):
 
 def test_headless_sweep_writes_gif_and_contact_sheet(tmp_path, capsys):
     out = tmp_path / "sweep.gif"
-    assert cli.main(["demo", "--example", "--sweep", "0,0.5,1.5", "-o", str(out), "--device", "cpu"]) == 0
+    argv = ["demo", "--example", "--backend", "torch", "--sweep", "0,0.5,1.5", "-o", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 0
     with Image.open(out) as gif:
         frames = []
         for i in range(gif.n_frames):
@@ -215,7 +216,7 @@ def test_headless_sweep_writes_gif_and_contact_sheet(tmp_path, capsys):
     assert len(frames) == 3 and np.abs(frames[0] - frames[2]).mean() > 0.5
     with Image.open(tmp_path / "sweep-sheet.png") as sheet:
         assert sheet.size[0] == 3 * frames[0].shape[1]
-    assert cli.main(["demo", "--example", "--sweep", "0,x", "-o", str(out)]) == 2
+    assert cli.main(["demo", "--example", "--backend", "torch", "--sweep", "0,x", "-o", str(out)]) == 2
     assert "expected comma-separated numbers" in capsys.readouterr().err
 
 

@@ -40,6 +40,25 @@ def test_missing_or_broken_lora_file(models, tmp_path):
         ipa_pipe(models, "sd15", lora=broken)
 
 
+def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
+    """``vae=`` a TAESD folder loads it (the same result as the module); anything but an autoencoder is refused."""
+    from diffusers import AutoencoderTiny
+
+    folder = T.write_taesd(tmp_path / "taesd")
+    module = AutoencoderTiny.from_pretrained(folder)
+    call = {**CALL, "output_type": "pt"}
+    by_path = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=str(folder))
+    by_module = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=module)
+    assert type(by_path.vae).__name__ == "AutoencoderTiny" and "decoder AutoencoderTiny" in by_path.runtime_summary()
+    a = by_path("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    b = by_module("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
+    assert torch.equal(a, b)
+    with pytest.raises(ipa_rt.ConfigError, match=r"vae '.*unet' is a 'UNet2DConditionModel'; expected one of"):
+        ipa_pipe(models, "sd15", vae=str(models.base("sd15") / "unet"))
+    with pytest.raises(ipa_rt.CheckpointError, match=r"vae folder '.*' has no config.json"):
+        ipa_pipe(models, "sd15", vae=str(tmp_path))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_autoencoder(models, images, family):
     from diffusers import AutoencoderTiny

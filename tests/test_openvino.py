@@ -33,9 +33,10 @@ def ov_engines(models, tmp_path_factory):
     argv = ["build", str(models.base("sd15")), "--ip-adapter", str(models.adapter("sd15", "plus"))]
     argv += ["--controlnet", str(net), "--backend", "openvino", "--height", "32", "--width", "32"]
     assert cli.main([*argv, "-o", str(out["sd15"])]) == 0
+    out["taesd"] = T.write_taesd(root / "taesd")
     req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], backend="openvino")
     req.height = req.width = 32
-    req.precision = "int8"
+    req.precision, req.vae = "int8", str(out["taesd"])  # the fast mode: int8 UNet weights, TAESD decoder
     build_engines(req, out["int8"])
     old = os.environ.get("IPA_RT_CACHE")
     os.environ["IPA_RT_CACHE"] = str(out["cache"])
@@ -96,17 +97,26 @@ def test_sdxl_engines_built_transparently_match_diffusers(models, images, ov_eng
         assert_parity(got, want, FAITHFUL_RTOL)
 
 
-def test_int8_weights_run_end_to_end(models, images, ov_engines):
-    """int8 UNet weights (NNCF), low-precision arithmetic: close to diffusers, not faithful, and recorded."""
+def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
+    """int8 UNet weights (NNCF), low-precision arithmetic and the TAESD decoder and encoder as OpenVINO engines:
+    close to the torch pipeline with the same TAESD, not faithful, and recorded."""
     manifest = read_manifest(ov_engines["int8"])
     assert manifest["precision"] == "int8" and manifest["versions"]["nncf"]
+    assert manifest["vae_class"] == "AutoencoderTiny" and any(
+        r.startswith("vae_override/") for r in manifest["sources"]
+    )
     pipe = ipa_rt.Pipeline.from_engine(ov_engines["int8"])
     pipe.set_progress_bar_config(disable=True)
-    ours = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
+    assert "precision int8, decoder AutoencoderTiny (TAESD" in pipe.runtime_summary()
+    ours = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=str(ov_engines["taesd"]))
     got = pipe("a cat", ip_adapter_image=[images[0]], latents=fixed_latents(), **CALL).images
     want = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images
     err = rel_l2(got, want)
     assert 0 < err <= LOW_RTOL, err
+    kw = dict(CALL, output_type="pt", image=images[1].resize((32, 32)), strength=0.7)  # TAESD encoder engine too
+    got = pipe("a cat", ip_adapter_image=[images[0]], generator=torch.Generator().manual_seed(1), **kw).images
+    want = ours("a cat", ip_adapter_image=images[0], generator=torch.Generator().manual_seed(1), **kw).images
+    assert got.shape == want.shape == (1, 3, 32, 32) and (got - want).abs().max() <= 0.1
     fp32_unet = (ov_engines["sd15"] / "openvino" / "unet.bin").stat().st_size
     assert (ov_engines["int8"] / "openvino" / "unet.bin").stat().st_size < fp32_unet / 2  # int8 weights stored
 

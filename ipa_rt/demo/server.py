@@ -2,8 +2,8 @@
 
 Socket protocol (JSON text messages):
 
-- server -> client ``{"type": "hello", "device", "backend", "adapters": [{"variant", "tokens"}], "size": [h, w],
-  "steps", "scales", "max_scale"}`` on connect;
+- server -> client ``{"type": "hello", "device", "backend", "runtime", "adapters": [{"variant", "tokens"}],
+  "size": [h, w], "steps", "scales", "max_scale"}`` on connect;
 - client -> server ``{"type": "params", "prompt"?, "scales"?, "seed"?}`` and
   ``{"type": "image", "adapter": i, "data": "<data URL>"}``; each valid change schedules a frame (latest wins);
 - server -> client ``{"type": "frame", "id", "image": "data:image/jpeg;base64,...", "latency_ms", "params"}`` and
@@ -51,6 +51,7 @@ def create_app(renderer: LiveRenderer, default_scale: float = 0.6) -> FastAPI:
         "type": "hello",
         "device": str(pipe.device),
         "backend": pipe.backend,
+        "runtime": pipe.runtime_summary(),  # backend, precision, decoder
         "adapters": adapters,
         "size": list(pipe.default_size),
         "steps": renderer.steps,

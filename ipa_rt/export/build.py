@@ -81,6 +81,7 @@ class BuildRequest:
     lora: list[str] = field(default_factory=list)
     controlnet: list[str] = field(default_factory=list)  # diffusers ControlNetModel folders
     t2i_adapter: list[str] = field(default_factory=list)  # diffusers T2IAdapter folders
+    vae: str | None = None  # another autoencoder folder or hub id, or "taesd" (the fast decoder)
     weight_name: list[str | None] = field(default_factory=list)  # hub / folder form of ip_adapter
     subfolder: list[str | None] = field(default_factory=list)
 
@@ -191,6 +192,16 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
             roles[f"image_encoder/{f.relative_to(encoder).as_posix()}"] = f
     for i, lora in enumerate(req.lora):
         roles[f"lora_{i}/{Path(lora).name}"] = Path(lora)
+    if req.vae is not None:
+        vae = (
+            Path(req.vae)
+            if Path(req.vae).is_dir()
+            else _hub_snapshot(_vae_repo(req.vae, base), ["*.json", "*.safetensors"])
+        )
+        if not (vae / "config.json").is_file():
+            raise ConfigError(f"vae '{req.vae}' has no config.json; expected a diffusers autoencoder folder")
+        for f in _files_under(vae, ["."]):
+            roles[f"vae_override/{f.relative_to(vae).as_posix()}"] = f
     for kind, items, cls in (
         ("controlnet", req.controlnet, "ControlNetModel"),
         ("t2i_adapter", req.t2i_adapter, "T2IAdapter"),
@@ -207,13 +218,34 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
     return {role: file_record(path, known.get(str(path.resolve()))) for role, path in roles.items()}
 
 
+def _vae_repo(vae: str, base: Path) -> str:
+    """``"taesd"`` as the base family's tiny-autoencoder hub id; anything else as given."""
+    if vae != "taesd":
+        return vae
+    from ..models import detect_family
+
+    index = json.loads((base / "model_index.json").read_text())
+    return detect_family(index, json.loads((base / "unet" / "config.json").read_text()), str(base)).taesd
+
+
 def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Everything the engines depend on (the scale is not: it is an engine input)."""
     v = versions()
     keep = ["ipa_rt", "torch", "onnx", "diffusers", "transformers"]
     keep += {"tensorrt": ["tensorrt"], "openvino": ["openvino", "nncf"]}.get(req.backend, [])
     request = asdict(req)
-    for key in ("base", "ip_adapter", "image_encoder", "lora", "controlnet", "t2i_adapter", "weight_name", "subfolder"):
+    paths = (
+        "base",
+        "ip_adapter",
+        "image_encoder",
+        "lora",
+        "controlnet",
+        "t2i_adapter",
+        "vae",
+        "weight_name",
+        "subfolder",
+    )
+    for key in paths:
         request.pop(key)  # paths do not name a build; the files' hashes do
     return {
         "format": FORMAT,
@@ -280,6 +312,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         attention="sdpa",
         controlnet=req.controlnet or None,
         t2i_adapter=req.t2i_adapter or None,
+        vae=req.vae,
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
@@ -309,6 +342,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             precision=req.precision,
             io_dtype=DTYPE_NAMES[pipe.dtype],
             vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype],
+            vae_class=type(pipe.vae).__name__,
             versions=versions(),
             gpu=gpu_info(device),
             family=pipe.family.name,
@@ -394,8 +428,12 @@ def _jsonable(value: Any) -> Any:
 
 
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
-def request_for_pretrained(base, sources, image_encoder, backend, dtype, lora, structure, options) -> BuildRequest:
+def request_for_pretrained(
+    base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None
+) -> BuildRequest:
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
+    if isinstance(vae, torch.nn.Module):
+        raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd', not a loaded module")
     unknown = set(options) - {"height", "width", "batch", "precision", "rebuild"}
     if unknown:
         raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild")
@@ -422,6 +460,7 @@ def request_for_pretrained(base, sources, image_encoder, backend, dtype, lora, s
         dtype=DTYPE_NAMES.get(dtype, str(dtype)),
         precision=str(options.get("precision", "fp32")),
         lora=[os.fspath(x) for x in loras],
+        vae=os.fspath(vae) if vae is not None else None,
         **paths,
         weight_name=[s.weight_name for s in sources],
         subfolder=[s.subfolder for s in sources],

@@ -295,12 +295,21 @@ def vae_decoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
 
 
 def vae_encoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
-    """The posterior's moments (mean and log-variance): sampling with the user's generator stays outside."""
+    """The posterior's moments (mean and log-variance): sampling with the user's generator stays outside. A tiny
+    autoencoder (TAESD) has no posterior: its latents."""
     vae = pipe.vae
     dtype = next(vae.parameters()).dtype
     px = torch.randn(EXAMPLE_BATCH, 3, height, width, device=pipe.device, dtype=dtype)
-    module = _Call(lambda x: vae.encode(x).latent_dist.parameters, vae).eval()
-    return Contract("vae_encoder", module, {"images": px}, ("moments",), ("images",), _batch(batch, batch))
+    if is_tiny(vae):
+        module, outputs = _Call(lambda x: vae.encode(x).latents, vae).eval(), ("latents",)
+    else:
+        module, outputs = _Call(lambda x: vae.encode(x).latent_dist.parameters, vae).eval(), ("moments",)
+    return Contract("vae_encoder", module, {"images": px}, outputs, ("images",), _batch(batch, batch))
+
+
+def is_tiny(vae) -> bool:
+    """A TAESD-style autoencoder (diffusers' ``AutoencoderTiny``): latents out of ``encode``, no posterior."""
+    return type(vae).__name__ == "AutoencoderTiny"
 
 
 def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:

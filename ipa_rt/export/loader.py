@@ -54,7 +54,8 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     blocks = {side: {int(k): v for k, v in d.items()} for side, d in manifest["attention_blocks"].items()}
     unet = EngineUNet(engines["unet"], FrozenDict(configs["unet"]), dtype, device, adapters, blocks)
     vae_dtype = DTYPES[manifest["vae_dtype"]]
-    vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device)
+    tiny = manifest.get("vae_class") == "AutoencoderTiny"
+    vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device, tiny)
     family = FAMILIES[manifest["family"]]
     text_encoders = [
         EngineTextEncoder(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import Tensor, nn
@@ -86,18 +87,21 @@ class EngineImageEncoder(EngineModule):
 
 
 class EngineVAE(EngineModule):
-    """``decode(z, return_dict=False)[0]`` and ``encode(x).latent_dist`` (the posterior from exported moments)."""
+    """``decode(z, return_dict=False)[0]`` and ``encode(x)``: ``.latent_dist`` (the posterior from exported moments),
+    or ``.latents`` for a tiny autoencoder (TAESD)."""
 
-    def __init__(self, decoder, encoder, config: Any, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, decoder, encoder, config: Any, dtype: torch.dtype, device: torch.device, tiny: bool) -> None:
         super().__init__(decoder, config, dtype, device)
-        self.encoder_engine = encoder
+        self.encoder_engine, self.tiny = encoder, tiny
 
     def decode(self, z: Tensor, return_dict: bool = False) -> tuple[Tensor]:
         return (self.engine({"latents": z})[0],)
 
-    def encode(self, x: Tensor, return_dict: bool = True) -> AutoencoderKLOutput:
-        (moments,) = self.encoder_engine({"images": x})
-        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
+    def encode(self, x: Tensor, return_dict: bool = True) -> AutoencoderKLOutput | AutoencoderTinyOutput:
+        (out,) = self.encoder_engine({"images": x})
+        if self.tiny:
+            return AutoencoderTinyOutput(latents=out)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(out))
 
 
 @dataclass
