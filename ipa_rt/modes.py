@@ -64,7 +64,7 @@ def txt2img(shape, plan, generator, device, dtype, latents: Tensor | None) -> Te
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     elif tuple(latents.shape) != tuple(shape):
         raise ConfigError(f"latents have shape {list(latents.shape)}; expected {list(shape)} for this call")
-    return latents.to(device) * plan.init_noise_sigma
+    return latents.to(device=device, dtype=dtype) * plan.init_noise_sigma  # given latents join the pipeline's dtype
 
 
 def img2img(pipe, image, plan, batch, generator, device, dtype, latents: Tensor | None, size=None) -> ModeSetup:
