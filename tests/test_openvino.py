@@ -175,3 +175,33 @@ def test_inspect_names_the_precision(ov_engines, capsys):
     assert "openvino engines for a SD15 model, fp32, int8 compute" in capsys.readouterr().out
     manifest = json.loads((ov_engines["int8"] / "manifest.json").read_text())
     assert manifest["identity"]["request"]["precision"] == "int8"
+
+
+def test_kept_exports_are_reused_per_network(models, tmp_path, monkeypatch):
+    """IPA_RT_KEEP_EXPORTS=1: a second build that differs in backend and precision exports nothing again, one that
+    changes the decoder re-exports the VAE networks only, and other ipa_rt code never reuses an export."""
+    import ipa_rt.export.build as build
+    from ipa_rt.export import export_cache
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(export_cache.SWITCH, "1")
+    exported = []
+    real = build.export_onnx
+    monkeypatch.setattr(build, "export_onnx", lambda c, p: exported.append(c.name) or real(c, p))
+    taesd = T.write_taesd(tmp_path / "taesd")
+    base = dict(base=str(models.base("sd15")), ip_adapter=[str(models.adapter("sd15", "base"))], height=32, width=32)
+    build_engines(BuildRequest(**base, backend="onnxruntime"), tmp_path / "ort")
+    everything = list(exported)
+    assert "unet" in everything and "vae_decoder" in everything
+    exported.clear()
+    build_engines(BuildRequest(**base, backend="openvino", precision="int8"), tmp_path / "ov")
+    assert exported == []
+    build_engines(BuildRequest(**base, backend="openvino", vae=str(taesd)), tmp_path / "ov-taesd")
+    assert sorted(exported) == ["vae_decoder", "vae_encoder"]
+    exported.clear()
+    monkeypatch.setattr(export_cache, "code_hash", lambda: "other code")
+    build_engines(BuildRequest(**base, backend="openvino"), tmp_path / "ov-other-code")
+    assert sorted(exported) == sorted(everything)
+    pipe = ipa_rt.Pipeline.from_engine(tmp_path / "ov-taesd")  # assembled from kept and new exports, and it runs
+    out = pipe("a cat", **CALL).images
+    assert torch.isfinite(out).all()

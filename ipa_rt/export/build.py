@@ -31,6 +31,7 @@ from ..errors import ConfigError, EngineError
 from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
 from .engines import build_trt_engine, check_tensorrt, tensorrt_version, timing_cache_path
+from .export_cache import export_cached
 from .manifest import (
     FORMAT,
     REBUILD,
@@ -320,7 +321,9 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         networks = {}
         for i, contract in enumerate(contracts, 1):
             t0 = time.perf_counter()
-            onnx_path = export_onnx(contract, tmp / "onnx" / f"{contract.name}.onnx")
+            target = tmp / "onnx" / f"{contract.name}.onnx"
+            export = lambda c=contract, t=target: export_onnx(c, t)  # noqa: E731
+            onnx_path, kept = export_cached(contract, ident, target, export)
             files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]
             if req.backend == "tensorrt":
                 timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
@@ -331,7 +334,8 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
                 xml = tmp / "openvino" / f"{contract.name}.xml"
                 files = convert_onnx(onnx_path, xml, contract.name, req.precision)
             networks[contract.name] = _network_record(contract, files, tmp)
-            say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s")
+            reused = " (export reused)" if kept else ""
+            say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s{reused}")
         _write_model_files(pipe, tmp / "model")
         manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
         manifest.update(
