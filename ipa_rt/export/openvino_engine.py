@@ -4,8 +4,9 @@ input shape at run time, inputs and outputs shared with torch buffers.
 - **Precision** is chosen at build and recorded in the manifest: ``fp32`` is faithful (OpenVINO's CPU plugin
   computes in bf16 by itself on CPUs with AVX512_BF16 or AMX unless told ``INFERENCE_PRECISION_HINT=f32``), ``bf16``
   computes in bf16, ``int8`` stores the UNet's and ControlNets' weights in int8 (NNCF weight compression) and
-  computes in bf16 where the CPU can, else f32. Networks whose output goes straight to pixels (the VAE) keep f32 in
-  the low-precision modes (:func:`compute_precision`).
+  computes in bf16 where the CPU can, else f32. The VAE follows the mode too: measured on full-size SD1.5 at 256²
+  (2-core AVX512_BF16 CPU), its decoder in bf16 took 0.33 s instead of 1.85 s at 47.5 dB PSNR against f32, and bf16
+  has fp32's range, so the SDXL VAE cannot overflow in it (:func:`compute_precision`).
 - **Static shapes**: the IR keeps the contract's dynamic batch; each row count a pipeline uses is compiled once, at
   its static shape (CPU kernels are chosen per shape), and OpenVINO's model cache (``CACHE_DIR`` in the cache root)
   keeps the compiled blobs, so a second load takes seconds.
@@ -27,7 +28,6 @@ from ..errors import ConfigError, EngineError
 
 PRECISIONS = ("fp32", "bf16", "int8")
 WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8 compresses (name prefixes)
-PIXEL_NETWORKS = ("vae_decoder", "vae_encoder")  # f32 in every mode: their output is the picture itself
 _NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32}
 
@@ -58,7 +58,7 @@ def check_precision(precision: str) -> None:
 
 def compute_precision(network: str, precision: str) -> str:
     """OpenVINO's inference precision for one network of a build: ``f32`` or ``bf16``."""
-    if precision == "fp32" or network.startswith(PIXEL_NETWORKS):
+    if precision == "fp32":
         return "f32"
     return "bf16" if cpu_supports_bf16() else "f32"
 
