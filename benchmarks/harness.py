@@ -13,7 +13,7 @@ changing the image prompt and of changing the scale; SD1.5 + IP-Adapter + one Co
 steps CFG (``--controlnet``, on by default for the GPU profile). Warm-up excluded, device-synchronised timing, median
 and p90, peak memory; load / compile time reported separately.
 
-    ipa_rt bench --profile cpu      # SD1.5 architecture at 256², LCM 4 steps, batch 1 (~10 min on 2 cores)
+    ipa_rt bench --profile cpu-basic   # SD1.5 architecture at 256², LCM 4 steps, batch 1 (~10 min on 2 cores)
     ipa_rt bench --profile gpu      # SD1.5 512² and SDXL 1024², fp16
 """
 
@@ -38,7 +38,7 @@ import ipa_rt
 from ipa_rt import testing as T
 
 PROFILES = {
-    "cpu": {"families": ["sd15"], "size": {"sd15": 256}, "dtype": "fp32", "reps": 5, "cfg_steps": None},
+    "cpu-basic": {"families": ["sd15"], "size": {"sd15": 256}, "dtype": "fp32", "reps": 5, "cfg_steps": None},
     "gpu": {
         "families": ["sd15", "sdxl"],
         "size": {"sd15": 512, "sdxl": 1024},
@@ -48,7 +48,7 @@ PROFILES = {
     },
 }
 TARGETS = {  # from the issue: benchmark figures, never timed tests
-    "cpu": {"lcm4_end_to_end_speedup_vs_diffusers": 1.5},
+    "cpu-basic": {"lcm4_end_to_end_speedup_vs_diffusers": 1.5},
     "gpu": {
         "sd15_cfg_step_ms": 4.0,
         "sd15_lcm4_end_to_end_ms": 15.0,
@@ -387,7 +387,7 @@ def model_family(folder: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipa_rt bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-basic")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per workload (default: profile's)")
     parser.add_argument("--size", type=int, default=None, help="override the image size (pixels)")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of full-size (checks the harness)")

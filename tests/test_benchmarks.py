@@ -52,7 +52,9 @@ def test_bench_harness_tiny(tmp_path):
     """The harness end to end on tiny models (the real CPU profile uses the full-size architecture)."""
     from ipa_rt.cli import main
 
-    assert main(["bench", "--tiny", "--reps", "1", "--controlnet", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["bench", "--profile", "cpu-basic", "--tiny", "--reps", "1", "--controlnet", "--out", str(tmp_path)]) == 0
+    )
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
     workloads = {r["workload"] for r in result["rows"]}
     assert {
@@ -81,7 +83,7 @@ def test_readme_performance_table_matches_results_files():
 def test_bench_harness_on_a_given_model_folder(models, tmp_path):
     from ipa_rt.cli import main
 
-    argv = ["bench", "--tiny", "--reps", "1", "--model", str(models.base("sdxl"))]
+    argv = ["bench", "--profile", "cpu-basic", "--tiny", "--reps", "1", "--model", str(models.base("sdxl"))]
     argv += ["--ip-adapter", str(models.adapter("sdxl", "plus")), "--out", str(tmp_path)]
     assert main(argv) == 0
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]

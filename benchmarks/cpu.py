@@ -1,0 +1,429 @@
+"""CPU benchmark: diffusers against every ipa_rt CPU backend, same weights, one process (``ipa_rt bench``).
+
+Full-size SD1.5 with an IP-Adapter (base, and Plus at 256²), random weights in the real formats (speed does not depend
+on weight values), at 256² and 512². Systems (each where installed):
+
+- ``diffusers fp32``: what users run; the oracle every row's error is measured against;
+- ``diffusers bf16+taesd``: diffusers with the fast recipe (bf16 weights, TAESD decoder): the fair peer of fast modes;
+- ``ipa_rt torch fp32`` / ``torch bf16`` (± TAESD); ``ipa_rt onnxruntime fp32``;
+- ``ipa_rt openvino fp32`` / ``bf16`` / ``int8``, each ± TAESD (engines built once into the bench cache, exports kept);
+- ``optimum-intel`` (its OpenVINO SD pipeline, no IP-Adapter), when installed.
+
+Workloads: LCM 4 steps end to end (a PIL reference in, a PIL image out, the reference encoded every call), 25 steps
+with classifier-free guidance end to end (DPM++ 2M), one denoising step, changing the image prompt, changing the
+scale. Warm-up excluded, medians and p90 over repeats, every timed region in inference mode. Every system's LCM-4
+latents and decoded image are compared with diffusers fp32's (relative L2, PSNR). The machine's matmul peaks (fp32,
+bf16) are measured in the same run, and each system's UNet step is reported as a fraction of its precision's peak.
+
+    ipa_rt bench --profile cpu                  # ~1.5 h on 2 cores (engine builds included the first time)
+    ipa_rt bench --profile cpu --tiny --sizes 32   # tiny models: checks the harness (the test suite runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import environment, write_results
+from models import write_models
+
+import ipa_rt
+from ipa_rt import testing as T
+
+TARGETS = {  # from the issue, at the largest size run (512²): benchmark figures, never timed tests
+    "faithful_lcm4_speedup_vs_diffusers_fp32": 2.0,
+    "fast_lcm4_speedup_vs_diffusers_fp32": 5.0,
+    "fast_lcm4_speedup_vs_diffusers_same_recipe": 2.5,
+    "unet_step_fraction_of_matmul_peak": 0.6,
+}
+FAITHFUL_RTOL = 1e-4  # latents relative L2 against diffusers fp32
+LCM, CFG = "LCM 4 steps end to end", "25 steps CFG end to end"
+
+
+@dataclass
+class System:
+    name: str
+    kind: str  # "diffusers", "ipa_rt" or "optimum"
+    precision: str  # fp32, bf16 or int8: which matmul peak its step is measured against
+    taesd: bool = False
+    backend: str = "torch"
+    options: dict = field(default_factory=dict)
+
+    @property
+    def fast(self) -> bool:  # the fast-mode recipe: low precision and the TAESD decoder
+        return self.taesd and self.precision != "fp32"
+
+
+def systems(openvino: bool) -> list[System]:
+    out = [
+        System("diffusers fp32", "diffusers", "fp32"),
+        System("diffusers bf16+taesd", "diffusers", "bf16", taesd=True),
+        System("ipa_rt torch fp32", "ipa_rt", "fp32"),
+        System("ipa_rt torch bf16", "ipa_rt", "bf16"),
+        System("ipa_rt torch bf16+taesd", "ipa_rt", "bf16", taesd=True),
+        System("ipa_rt onnxruntime fp32", "ipa_rt", "fp32", backend="onnxruntime"),
+    ]
+    if openvino:
+        for precision in ("fp32", "bf16", "int8"):
+            for taesd in (False, True):
+                name = f"ipa_rt openvino {precision}" + ("+taesd" if taesd else "")
+                out.append(System(name, "ipa_rt", precision, taesd, "openvino", {"precision": precision}))
+    return out
+
+
+def stats(samples: list[float]) -> dict:
+    s = sorted(samples)
+    return {
+        "median_ms": 1000 * statistics.median(s),
+        "p90_ms": 1000 * s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)],
+        "n": len(s),
+    }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    return time.perf_counter() - start
+
+
+def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n³ matmul in fp32 and bf16 on this machine (median of ``reps``)."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        out[name] = 2 * n**3 / statistics.median(timed(lambda a=a, b=b: a @ b) for _ in range(reps)) / 1e9
+    return out
+
+
+def unet_flops(files: dict, size: int) -> float:
+    """FLOPs of one UNet forward on one row at ``size``, counted by PyTorch's FLOP counter on the real module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe = ipa_rt.Pipeline.from_pretrained(files["base"], files["adapter"], attention="sdpa")
+    h = size // pipe.vae_scale_factor
+    tokens = pipe.adapters.entries[0].tokens_per_image or pipe.image_encoder_tokens()
+    pipe.adapters.prepare([torch.randn(1, 1, tokens, pipe.unet.config.cross_attention_dim)])
+    sample, text = torch.randn(1, 4, h, h), torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        pipe.unet(sample, torch.tensor([500]), encoder_hidden_states=text)
+    return float(counter.get_total_flops())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Runner:
+    """One system loaded for one model and size: its pipeline and how to run each workload on it."""
+
+    def __init__(self, system: System, files: dict, size: int) -> None:
+        self.system, self.files, self.size = system, files, size
+        t0 = time.perf_counter()
+        self.pipe = self._load()
+        self.load_s = time.perf_counter() - t0
+        self.pipe.set_progress_bar_config(disable=True)
+        # the dtype the pipeline's own tensors are in: engines take fp32 whatever they compute in
+        self.dtype = torch.bfloat16 if system.precision == "bf16" and system.backend == "torch" else torch.float32
+
+    def _load(self):
+        s, f = self.system, self.files
+        if s.kind == "diffusers":
+            import diffusers
+
+            dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+            kw = {"vae": diffusers.AutoencoderTiny.from_pretrained(f["taesd"], torch_dtype=dtype)} if s.taesd else {}
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(f["base"], torch_dtype=dtype, **kw)
+            adapter = Path(f["adapter"])
+            pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
+            pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+            return pipe
+        kw = {"scheduler": "lcm", "vae": str(f["taesd"]) if s.taesd else None}
+        if s.backend == "torch":
+            dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+            return ipa_rt.Pipeline.from_pretrained(f["base"], f["adapter"], dtype=dtype, **kw)
+        options = {"height": self.size, "width": self.size, **s.options}
+        return ipa_rt.Pipeline.from_pretrained(f["base"], f["adapter"], backend=s.backend, engine_options=options, **kw)
+
+    def scheduler(self, name: str) -> None:
+        import diffusers
+
+        if self.system.kind == "diffusers":
+            cls = diffusers.LCMScheduler if name == "lcm" else diffusers.DPMSolverMultistepScheduler
+            self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
+        else:
+            self.pipe.scheduler = ipa_rt.schedulers.make_scheduler(name, self.pipe.base.scheduler)
+
+    def forget_reference(self) -> None:
+        if self.system.kind == "ipa_rt":  # every timed call pays the whole image side, as diffusers does
+            self.pipe.conditioner.cache.clear()
+            self.pipe.adapters.prepared_key = None
+
+    def call(self, image, steps: int, guidance: float, output_type: str = "pil", latents=None):
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=self.size, width=self.size)
+        if latents is not None:
+            kw["latents"] = latents.to(self.dtype)
+        ref = image if self.system.kind == "diffusers" else [image]
+        gen = torch.Generator().manual_seed(0)
+        return self.pipe("a photo of a cat", ip_adapter_image=ref, generator=gen, output_type=output_type, **kw).images
+
+    def step(self) -> Callable[[], object]:
+        """One denoising step, from the loop's static buffers (ipa_rt) or one UNet call with the adapter (diffusers)."""
+        if self.system.kind == "ipa_rt":
+            state = next(reversed(self.pipe.loop.states.values()))
+
+            def one() -> None:
+                state.idx.zero_()
+                self.pipe.loop._step(state)
+
+            return one
+        pipe = self.pipe
+        h = self.size // pipe.vae_scale_factor
+        embeds = pipe.prepare_ip_adapter_image_embeds([T.make_image(0, (384, 384))], None, "cpu", 1, False)
+        lat = torch.randn(1, 4, h, h, dtype=self.dtype)
+        text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, dtype=self.dtype)
+        added = {"image_embeds": [e.to(self.dtype) for e in embeds]}
+        return lambda: pipe.unet(lat, torch.tensor(500), encoder_hidden_states=text, added_cond_kwargs=added)
+
+    def change_image(self, image) -> Callable[[], object]:
+        if self.system.kind == "ipa_rt":
+            pipe = self.pipe
+
+            def new() -> None:
+                pipe.conditioner.cache.clear()
+                c = pipe.conditioner(image, None, None, "concat", 1, False)
+                pipe.adapters.prepare(pipe.adapters.project(c[0], c[1]))
+
+            return new
+        return lambda: self.pipe.prepare_ip_adapter_image_embeds([image], None, "cpu", 1, False)
+
+
+def run_system(system: System, files: dict, size: int, variant: str, args, oracle: dict) -> tuple[list, dict]:
+    """All workloads of one system; returns rows and its errors against the oracle (diffusers fp32)."""
+    runner = Runner(system, files, size)
+    label = f"sd15 {variant} {size}²"
+    image, other = T.make_image(0, (384, 384)), T.make_image(1, (384, 384))
+    rows, info = [], {"load_s": round(runner.load_s, 1)}
+
+    def row(workload: str, samples: list[float]) -> None:
+        rows.append({"family": label, "size": size, "variant": variant, "system": system.name,
+                     "workload": workload, **stats(samples)})  # fmt: skip
+        print(f"{label:18s} {system.name:28s} {workload:26s} {rows[-1]['median_ms']:10.1f} ms", flush=True)
+
+    latent = size // runner.pipe.vae_scale_factor
+    lat = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        latents = runner.call(image, 4, 1.0, "latent", latents=lat).float()  # also the warm-up
+        pixels = runner.call(image, 4, 1.0, "pt", latents=lat).float()
+    if system.name == "diffusers fp32":
+        oracle.update(latents=latents, pixels=pixels)
+    info["latent_rel_l2"] = rel_l2(latents, oracle["latents"])
+    info["psnr_db"] = psnr(pixels, oracle["pixels"])
+    samples = []
+    for _ in range(args.reps):
+        runner.forget_reference()
+        samples.append(timed(lambda: runner.call(image, 4, 1.0)))
+    row(LCM, samples)
+    if variant == "base":
+        row("one denoising step", [timed(runner.step()) for _ in range(args.reps)])
+        row("change image prompt", [timed(runner.change_image(other)) for _ in range(args.reps)])
+        row("change scale", [timed(lambda: runner.pipe.set_ip_adapter_scale(0.7)) for _ in range(args.reps)])
+        if size in args.cfg_sizes and (size <= 256 or system.name in args.cfg_512_systems):
+            runner.scheduler("dpm++2m")
+            runner.call(image, args.cfg_steps, 7.5)  # warm-up (a CFG signature)
+            reps = 1 if size > 256 else args.reps
+            row(CFG, [timed(lambda: runner.call(image, args.cfg_steps, 7.5)) for _ in range(reps)])
+    for r in rows:
+        r.update(latent_rel_l2=info["latent_rel_l2"], psnr_db=info["psnr_db"])
+    return rows, info
+
+
+def optimum_rows(files: dict, size: int, args) -> list[dict]:
+    """optimum-intel's OpenVINO Stable Diffusion pipeline (no IP-Adapter): the CPU anchor users know, if installed."""
+    try:
+        from optimum.intel import OVStableDiffusionPipeline
+    except ImportError:
+        return []
+    import diffusers
+
+    pipe = OVStableDiffusionPipeline.from_pretrained(str(files["base"]), export=True, compile=False)
+    pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.compile()
+    call = dict(num_inference_steps=4, guidance_scale=1.0, height=size, width=size)
+    pipe("a photo of a cat", **call)
+    samples = [timed(lambda: pipe("a photo of a cat", **call)) for _ in range(args.reps)]
+    return [{"family": f"sd15 base {size}²", "size": size, "variant": "base", "system": "optimum-intel openvino",
+             "workload": LCM + " (no IP-Adapter)", **stats(samples)}]  # fmt: skip
+
+
+def summary(rows: list[dict], errors: dict, peaks: dict, flops: dict) -> dict:
+    def med(system: str, workload: str, size: int, variant: str = "base") -> float | None:
+        return next((r["median_ms"] for r in rows if (r["system"], r["workload"], r["size"], r["variant"])
+                     == (system, workload, size, variant)), None)  # fmt: skip
+
+    big = max(r["size"] for r in rows)
+    d32, peer = med("diffusers fp32", LCM, big), med("diffusers bf16+taesd", LCM, big)
+    ours = {n: e for n, e in errors.items() if n.startswith("ipa_rt") and n.endswith(f"@{big}")}
+    faithful = [med(n.split("@")[0], LCM, big) for n, e in ours.items() if e["latent_rel_l2"] <= FAITHFUL_RTOL]
+    fast = [med(n.split("@")[0], LCM, big) for n in ours if "taesd" in n and "fp32" not in n]
+    best_faithful, best_fast = min(filter(None, faithful), default=None), min(filter(None, fast), default=None)
+    utilization = {}
+    for r in rows:
+        if r["workload"] == "one denoising step" and r["system"].startswith("ipa_rt"):
+            precision = "fp32" if "fp32" in r["system"] else "bf16"
+            achieved = flops[r["size"]] / (r["median_ms"] / 1000) / 1e9
+            utilization[f"{r['system']} @{r['size']}"] = {"gflops": achieved, "fraction": achieved / peaks[precision]}
+    measured = {
+        "faithful_lcm4_speedup_vs_diffusers_fp32": d32 / best_faithful if d32 and best_faithful else None,
+        "fast_lcm4_speedup_vs_diffusers_fp32": d32 / best_fast if d32 and best_fast else None,
+        "fast_lcm4_speedup_vs_diffusers_same_recipe": peer / best_fast if peer and best_fast else None,
+        "unet_step_fraction_of_matmul_peak": max((u["fraction"] for u in utilization.values()), default=None),
+    }
+    targets = {}
+    for key, want in TARGETS.items():
+        have = measured[key]
+        if have is not None:
+            ok = have >= want
+            targets[key] = {"target": want, "measured": have, "met": ok, "short_by": None if ok else want / have}
+    return {"size": big, "measured": measured, "targets": targets, "unet_step_utilization": utilization}
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"# ipa_rt bench — profile cpu on CPU ({env.get('cpu')}, {result['threads']} threads)",
+        "",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, openvino {result['versions'].get('openvino')}, "
+        f"onnxruntime {result['versions'].get('onnxruntime')}, commit `{env['commit']}`, command `{env['command']}`;"
+        " random weights of the full-size SD1.5 architecture, one process.",
+        f"Matmul peaks measured in this run: fp32 {result['peaks']['fp32']:.0f} GFLOP/s, bf16 "
+        f"{result['peaks']['bf16']:.0f} GFLOP/s.",
+        "",
+        *rows_with_errors(result["rows"]),
+        "",
+        "| target | wanted | measured | met | short by |",
+        "|---|---|---|---|---|",
+    ]
+    for key, g in result["summary"]["targets"].items():
+        short = f"{g['short_by']:.2f}x" if g["short_by"] else ""
+        lines.append(f"| {key} | {g['target']} | {g['measured']:.2f} | {'yes' if g['met'] else 'no'} | {short} |")
+    lines += ["", "| UNet step | GFLOP/s | fraction of its precision's matmul peak |", "|---|---|---|"]
+    for name, u in result["summary"]["unet_step_utilization"].items():
+        lines.append(f"| {name} | {u['gflops']:.0f} | {u['fraction']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_with_errors(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | workload | system | median ms | p90 ms | latents rel. L2 vs diffusers fp32 | PSNR dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        err = f"{r['latent_rel_l2']:.1e}" if "latent_rel_l2" in r else ""
+        db = "" if "psnr_db" not in r else ("inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f}")
+        times = f"{r['median_ms']:.1f} | {r['p90_ms']:.1f}"
+        lines.append(f"| {r['family']} | {r['workload']} | {r['system']} | {times} | {err} | {db} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ipa_rt bench --profile cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cfg-steps", type=int, default=25)
+    parser.add_argument("--cfg-sizes", type=int, nargs="*", default=[256, 512])
+    parser.add_argument(
+        "--cfg-512-systems",
+        nargs="*",
+        default=["diffusers fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16+taesd"],
+        help="systems that also run the 25-step CFG workload above 256² (one repeat: minutes each)",
+    )
+    parser.add_argument("--systems", nargs="*", default=None, help="only these systems (names as listed)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models: checks the harness")
+    parser.add_argument("--plus", action=argparse.BooleanOptionalAction, default=True, help="IP-Adapter Plus too")
+    parser.add_argument("--work", type=Path, default=None, help="models and engine cache (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"ipa_rt-cpu-bench-{os.getpid()}"
+    os.environ.setdefault("IPA_RT_CACHE", str(work / "cache"))
+    os.environ.setdefault("IPA_RT_KEEP_EXPORTS", "1")  # the engine variants share their exports
+    try:
+        import openvino  # noqa: F401
+
+        have_ov = True
+    except ImportError:
+        have_ov = False
+    chosen = [s for s in systems(have_ov) if args.systems is None or s.name in args.systems]
+    peaks = matmul_peaks(256 if args.tiny else 2048)
+    print(f"matmul peaks GFLOP/s: {peaks}", flush=True)
+    rows, errors, loads, flops = [], {}, {}, {}
+    for variant in ("base", "plus") if args.plus else ("base",):
+        folder = work / ("tiny" if args.tiny else "full") / variant
+        if not (folder / "reference.png").exists():
+            write_models(folder, "sd15", full=not args.tiny, variant=variant)
+        files = {
+            "base": folder / "model-sd15",
+            "adapter": next((folder / "IP-Adapter" / "models").glob("*.safetensors")),
+            "taesd": folder / "taesd",
+        }
+        sizes = args.sizes if variant == "base" else [min(args.sizes)]
+        for size in sizes:
+            if variant == "base":
+                flops[size] = unet_flops(files, size)
+            oracle: dict = {}
+            for system in chosen:
+                if variant == "plus" and system.name not in (
+                    "diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16+taesd"
+                ):  # fmt: skip
+                    continue
+                got, info = run_system(system, files, size, variant, args, oracle)
+                gc.collect()  # one system's pipeline in memory at a time
+                rows += got
+                errors[f"{system.name} {variant}@{size}" if variant != "base" else f"{system.name}@{size}"] = info
+                loads[f"{system.name}@{size}"] = info["load_s"]
+            if variant == "base" and not args.tiny:
+                rows += optimum_rows(files, size, args)
+    from ipa_rt.export.manifest import versions
+
+    result = {
+        "environment": environment(torch.device("cpu")),
+        "profile": "cpu",
+        "date": dt.date.today().isoformat(),
+        "dtype": "mixed (see each system)",
+        "threads": torch.get_num_threads(),
+        "tiny": args.tiny,
+        "versions": versions(),
+        "peaks": peaks,
+        "unet_flops_per_row": flops,
+        "rows": rows,
+        "errors": errors,
+        "load_s": loads,
+        "summary": summary(rows, errors, peaks, flops),
+    }
+    prefix = "tiny" if args.tiny else result["date"]
+    write_results(args.out, prefix, result, markdown(result), hardware="cpu")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
