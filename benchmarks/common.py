@@ -75,8 +75,19 @@ def write_results(out: Path, prefix: str, result: dict, markdown: str, hardware:
 
 
 def rows_table(rows: list[dict]) -> list[str]:
-    """Markdown lines of ``ipa_rt bench`` timing rows."""
-    lines = ["| family | workload | system | median ms | p90 ms |", "|---|---|---|---|---|"]
+    """Markdown lines of ``ipa_rt bench`` timing rows, with each row's error against diffusers fp32 when it has one
+    (final latents relative L2, decoded image PSNR)."""
+    import math
+
+    errors = any("latent_rel_l2" in r for r in rows)
+    head = "| model | workload | system | median ms | p90 ms |"
+    lines = [head + (" latents rel. L2 vs diffusers fp32 | PSNR dB |" if errors else ""), "|---|---|---|---|---|"]
+    lines[1] += "---|---|" if errors else ""
     for r in rows:
-        lines.append(f"| {r['family']} | {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+        line = f"| {r['family']} | {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |"
+        if errors:
+            err = f" {r['latent_rel_l2']:.1e} |" if "latent_rel_l2" in r else " |"
+            db = r.get("psnr_db")
+            line += err + ("" if db is None else " inf" if math.isinf(db) else f" {db:.1f}") + " |"
+        lines.append(line)
     return lines

@@ -15,7 +15,7 @@ scale. Warm-up excluded, medians and p90 over repeats, every timed region in inf
 latents and decoded image are compared with diffusers fp32's (relative L2, PSNR). The machine's matmul peaks (fp32,
 bf16) are measured in the same run, and each system's UNet step is reported as a fraction of its precision's peak.
 
-    ipa_rt bench --profile cpu                  # ~1.5 h on 2 cores (engine builds included the first time)
+    ipa_rt bench --profile cpu                  # ~1.5-2 h on 2 cores (engine builds included the first time)
     ipa_rt bench --profile cpu --tiny --sizes 32   # tiny models: checks the harness (the test suite runs it)
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import environment, write_results
+from common import environment, rows_table, write_results
 from models import write_models
 
 import ipa_rt
@@ -249,7 +249,7 @@ def run_system(system: System, files: dict, size: int, variant: str, args, oracl
         row("change scale", [timed(lambda: runner.pipe.set_ip_adapter_scale(0.7)) for _ in range(args.reps)])
         if size in args.cfg_sizes and (size <= 256 or system.name in args.cfg_512_systems):
             runner.scheduler("dpm++2m")
-            runner.call(image, args.cfg_steps, 7.5)  # warm-up (a CFG signature)
+            runner.call(image, 2, 7.5)  # warm-up: the CFG signature (the step count is not part of it)
             reps = 1 if size > 256 else args.reps
             row(CFG, [timed(lambda: runner.call(image, args.cfg_steps, 7.5)) for _ in range(reps)])
     for r in rows:
@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
         f"Matmul peaks measured in this run: fp32 {result['peaks']['fp32']:.0f} GFLOP/s, bf16 "
         f"{result['peaks']['bf16']:.0f} GFLOP/s.",
         "",
-        *rows_with_errors(result["rows"]),
+        *rows_table(result["rows"]),
         "",
         "| target | wanted | measured | met | short by |",
         "|---|---|---|---|---|",
@@ -331,19 +331,6 @@ def markdown(result: dict) -> str:
     for name, u in result["summary"]["unet_step_utilization"].items():
         lines.append(f"| {name} | {u['gflops']:.0f} | {u['fraction']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def rows_with_errors(rows: list[dict]) -> list[str]:
-    lines = [
-        "| model | workload | system | median ms | p90 ms | latents rel. L2 vs diffusers fp32 | PSNR dB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        err = f"{r['latent_rel_l2']:.1e}" if "latent_rel_l2" in r else ""
-        db = "" if "psnr_db" not in r else ("inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f}")
-        times = f"{r['median_ms']:.1f} | {r['p90_ms']:.1f}"
-        lines.append(f"| {r['family']} | {r['workload']} | {r['system']} | {times} | {err} | {db} |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

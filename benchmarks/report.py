@@ -33,6 +33,13 @@ def table() -> str:
             "",
             *rows_table(r["rows"]),
         ]
+        if "peaks" in r:  # the CPU profile: the machine's matmul peaks and how close each UNet step comes
+            lines.append(
+                f"\nMatmul peaks measured in the same run: fp32 {r['peaks']['fp32']:.0f} GFLOP/s, bf16 "
+                f"{r['peaks']['bf16']:.0f} GFLOP/s. UNet step, fraction of its precision's peak: "
+                + ", ".join(f"{k} {u['fraction']:.2f}" for k, u in r["summary"]["unet_step_utilization"].items())
+                + "."
+            )
         s = r["summary"]
         for key, g in s["targets"].items():
             verdict = "met" if g["met"] else f"not met, short by {g['short_by']:.2f}x"

@@ -163,9 +163,10 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
 
 
-def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler, **kwargs):
-    """The pipeline a command asked for: from an engine dir (``--engine``) or from weights (``BASE``) on the chosen
-    backend (engines are built into the cache once, then reused); says which backend, precision and decoder run."""
+def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler, backend: str | None = None, **kwargs):
+    """The pipeline a command asked for: from an engine dir (``--engine``) or from weights (``BASE``) on ``backend``
+    (else the one asked for, else the fastest installed; engines are built into the cache once, then reused); says
+    which backend, precision and decoder run."""
     from .pipeline import Pipeline
 
     if args.engine:
@@ -173,15 +174,16 @@ def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler,
     elif not args.base:
         raise SystemExit(f"ipa_rt {command}: error: BASE is required (or --engine DIR, or --example)")
     else:
-        backend = args.backend or default_backend(args.device)
-        if args.precision not in (None, "fp32") and backend != "openvino":
-            raise ConfigError(f"--precision {args.precision} applies to --backend openvino; got --backend {backend}")
+        backend = backend or args.backend or default_backend(args.device)
+        precision, vae = getattr(args, "precision", None), getattr(args, "vae", None)
+        if precision not in (None, "fp32") and backend != "openvino":
+            raise ConfigError(f"--precision {precision} applies to --backend openvino; got --backend {backend}")
         if backend != "torch":
             options = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
             if backend == "openvino":
                 if dtype != torch.float32:
                     raise ConfigError("--backend openvino takes --precision fp32|bf16|int8, not --dtype")
-                options["precision"] = args.precision or "fp32"
+                options["precision"] = precision or "fp32"
             kwargs |= {"backend": backend, "engine_options": options}
         pipe = Pipeline.from_pretrained(
             args.base,
@@ -190,7 +192,7 @@ def _load(args: argparse.Namespace, command: str, dtype: torch.dtype, scheduler,
             device=args.device,
             dtype=dtype,
             scheduler=scheduler,
-            vae=args.vae,
+            vae=vae,
             **kwargs,
         )
     print(f"ipa_rt {command}: {pipe.runtime_summary()}", flush=True)
@@ -328,7 +330,7 @@ def _doctor(args: argparse.Namespace) -> int:
             if not args.ip_adapter:
                 raise ConfigError("ipa_rt doctor BASE needs --ip-adapter FILE (the checks run the adapter's layers)")
             args.engine, engine = None, args.engine
-            pipe = _load(args, "doctor", dtype, None)
+            pipe = _load(args, "doctor", dtype, None, backend="torch")  # the reference the checks compare against
             pipe.set_progress_bar_config(disable=True)
             args.engine = engine
         elif not args.engine:

@@ -118,3 +118,29 @@ def test_harness_times_what_each_system_runs(models, monkeypatch):
         for _ in range(3):
             step()
         assert replays == [0, 0, 0]  # the step counter is rewound: every timed replay is step 0
+
+
+def test_cpu_benchmark_tiny(tmp_path):
+    """benchmarks/cpu.py end to end on tiny models (the committed results use the full-size architecture): every
+    row carries its error against diffusers fp32, targets and the UNet-step utilisation land in the JSON."""
+    from ipa_rt.cli import main
+
+    systems = ["diffusers fp32", "diffusers bf16+taesd", "ipa_rt torch fp32", "ipa_rt openvino bf16+taesd"]
+    argv = ["bench", "--tiny", "--sizes", "32", "--reps", "1", "--cfg-steps", "2", "--cfg-sizes", "32", "--no-plus", "--systems", *systems]
+    assert main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
+    assert {r["system"] for r in result["rows"]} == set(systems)
+    workloads = {r["workload"] for r in result["rows"]}
+    assert workloads == {"LCM 4 steps end to end", "25 steps CFG end to end", "one denoising step",
+                         "change image prompt", "change scale"}  # fmt: skip
+    assert all("latent_rel_l2" in r and "psnr_db" in r for r in result["rows"])
+    assert result["errors"]["ipa_rt torch fp32@32"]["latent_rel_l2"] == 0.0  # the faithful torch path: bitwise
+    assert result["peaks"]["fp32"] > 0 and result["peaks"]["bf16"] > 0 and result["unet_flops_per_row"]["32"] > 0
+    summary = result["summary"]
+    assert set(summary["targets"]) == {
+        "faithful_lcm4_speedup_vs_diffusers_fp32",
+        "fast_lcm4_speedup_vs_diffusers_fp32",
+        "fast_lcm4_speedup_vs_diffusers_same_recipe",
+        "unet_step_fraction_of_matmul_peak",
+    }
+    assert (tmp_path / "tiny-cpu.md").read_text().startswith("# ipa_rt bench — profile cpu")

@@ -257,7 +257,7 @@ def test_browser_moves_the_slider_and_sees_new_frames(live_pipe, images, tmp_pat
         wait = WebDriverWait(driver, 60)
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: d.find_element(By.ID, "device").text == "cpu")
-        assert driver.find_element(By.ID, "backend").text == "torch"
+        assert driver.find_element(By.ID, "backend").text == live_pipe.runtime_summary()  # backend, precision, decoder
         frames = lambda d: int(d.find_element(By.ID, "frames").text)  # noqa: E731
         wait.until(lambda d: frames(d) >= 1)
         ref = tmp_path / "ref.png"

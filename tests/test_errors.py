@@ -169,8 +169,12 @@ def test_missing_base_and_bad_options(models, tmp_path):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="tvm")
     with pytest.raises(ipa_rt.ConfigError, match=r"backend 'onnxruntime' builds engines from IP-Adapter files"):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime")
-    with pytest.raises(ipa_rt.ConfigError, match=r"backend='onnxruntime'\) does not take \['attention', 'vae'\]"):
-        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime", vae=object(), attention="sdpa")
+    with pytest.raises(ipa_rt.ConfigError, match=r"backend='onnxruntime'\) does not take \['attention'\]"):
+        ipa_rt.Pipeline.from_pretrained(models.base("sd15"), backend="onnxruntime", attention="sdpa")
+    with pytest.raises(ipa_rt.ConfigError, match=r"needs vae as a folder, hub id or 'taesd'; got a object"):
+        ipa_rt.Pipeline.from_pretrained(
+            models.base("sd15"), models.adapter("sd15", "base"), backend="onnxruntime", vae=object()
+        )
     with pytest.raises(ipa_rt.ConfigError, match=r"engine_options apply to backend='onnxruntime' or 'tensorrt'"):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), engine_options={"height": 64})
     pipe = ipa_pipe(models, "sd15")

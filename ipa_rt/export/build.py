@@ -436,8 +436,8 @@ def request_for_pretrained(
     base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None
 ) -> BuildRequest:
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
-    if isinstance(vae, torch.nn.Module):
-        raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd', not a loaded module")
+    if vae is not None and not isinstance(vae, (str, os.PathLike)):
+        raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd'; got a {type(vae).__name__}")
     unknown = set(options) - {"height", "width", "batch", "precision", "rebuild"}
     if unknown:
         raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild")
