@@ -69,8 +69,10 @@ def write_results(out: Path, prefix: str, result: dict, markdown: str, hardware:
 
     name = hardware or (result["environment"].get("gpu") or "cpu-smoke").lower().replace(" ", "-")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{prefix}-{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{prefix}-{name}.md").write_text(markdown)
+    for suffix, text in (("json", json.dumps(result, indent=2)), ("md", markdown)):
+        tmp = out / f".{prefix}-{name}.{suffix}.tmp"  # atomic: a killed run never leaves half a file
+        tmp.write_text(text)
+        tmp.replace(out / f"{prefix}-{name}.{suffix}")
     print(f"wrote {out}/{prefix}-{name}.json and .md")
 
 

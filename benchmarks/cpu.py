@@ -26,6 +26,7 @@ import datetime as dt
 import gc
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -318,7 +319,7 @@ def markdown(result: dict) -> str:
         " random weights of the full-size SD1.5 architecture, one process.",
         f"Matmul peaks measured in this run: fp32 {result['peaks']['fp32']:.0f} GFLOP/s, bf16 "
         f"{result['peaks']['bf16']:.0f} GFLOP/s.",
-        "",
+        "" if result["complete"] else "\n**Incomplete run**: the rows below are what it measured before it stopped.\n",
         *rows_table(result["rows"]),
         "",
         "| target | wanted | measured | met | short by |",
@@ -349,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models: checks the harness")
     parser.add_argument("--plus", action=argparse.BooleanOptionalAction, default=True, help="IP-Adapter Plus too")
     parser.add_argument("--work", type=Path, default=None, help="models and engine cache (default: a temp dir)")
+    parser.add_argument("--resume", action="store_true", help="go on from the last run's progress in --work")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"ipa_rt-cpu-bench-{os.getpid()}"
+    own_cache = "IPA_RT_CACHE" not in os.environ  # then engines are dropped once measured (GBs per set)
     os.environ.setdefault("IPA_RT_CACHE", str(work / "cache"))
     os.environ.setdefault("IPA_RT_KEEP_EXPORTS", "1")  # the engine variants share their exports
     try:
@@ -363,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in systems(have_ov) if args.systems is None or s.name in args.systems]
     peaks = matmul_peaks(256 if args.tiny else 2048)
     print(f"matmul peaks GFLOP/s: {peaks}", flush=True)
-    rows, errors, loads, flops = [], {}, {}, {}
+    progress = Progress(work / f"progress-{'tiny' if args.tiny else 'full'}.json", args.resume)
+    rows, errors, loads, flops = progress.rows, progress.errors, progress.loads, progress.flops
+    prefix = "tiny" if args.tiny else dt.date.today().isoformat()
     for variant in ("base", "plus") if args.plus else ("base",):
         folder = work / ("tiny" if args.tiny else "full") / variant
         if not (folder / "reference.png").exists():
@@ -375,24 +380,78 @@ def main(argv: list[str] | None = None) -> int:
         }
         sizes = args.sizes if variant == "base" else [min(args.sizes)]
         for size in sizes:
-            if variant == "base":
-                flops[size] = unet_flops(files, size)
-            oracle: dict = {}
+            if variant == "base" and str(size) not in flops:
+                flops[str(size)] = unet_flops(files, size)
+            oracle = progress.oracle(variant, size)
             for system in chosen:
                 if variant == "plus" and system.name not in (
                     "diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16+taesd"
                 ):  # fmt: skip
                     continue
+                key = f"{system.name} {variant}@{size}" if variant != "base" else f"{system.name}@{size}"
+                if key in errors:
+                    continue  # measured by the run this one resumes
                 got, info = run_system(system, files, size, variant, args, oracle)
                 gc.collect()  # one system's pipeline in memory at a time
+                if own_cache and system.backend != "torch":
+                    drop_engines(Path(os.environ["IPA_RT_CACHE"]))
                 rows += got
-                errors[f"{system.name} {variant}@{size}" if variant != "base" else f"{system.name}@{size}"] = info
-                loads[f"{system.name}@{size}"] = info["load_s"]
+                errors[key], loads[f"{system.name}@{size}"] = info, info["load_s"]
+                progress.save(variant, size, oracle)
+                # results written after every system: a run stopped early still leaves what it measured
+                partial = result(args, peaks, progress, False)
+                write_results(args.out, prefix, partial, markdown(partial), hardware="cpu")
             if variant == "base" and not args.tiny:
                 rows += optimum_rows(files, size, args)
+            if own_cache:
+                shutil.rmtree(
+                    Path(os.environ["IPA_RT_CACHE"]) / "exports", ignore_errors=True
+                )  # next size: new exports
+    final = result(args, peaks, progress, True)
+    write_results(args.out, prefix, final, markdown(final), hardware="cpu")
+    return 0
+
+
+def drop_engines(cache: Path) -> None:
+    """Remove the engine sets and OpenVINO's compiled blobs of the system just measured (full-size sets are several
+    GB each; the kept ONNX exports stay for the next precision of the same size)."""
+    for entry in cache.iterdir():
+        if entry.is_dir() and entry.name != "exports":
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+class Progress:
+    """What a run has measured so far, saved after every system (rows, errors, the oracle's tensors) so that
+    ``--resume`` goes on where a stopped run ended."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        import json
+
+        self.path = path
+        state = json.loads(path.read_text()) if resume and path.exists() else {}
+        self.rows, self.errors = state.get("rows", []), state.get("errors", {})
+        self.loads, self.flops = state.get("load_s", {}), state.get("flops", {})
+
+    def oracle(self, variant: str, size: int) -> dict:
+        f = self.path.with_name(f"{self.path.stem}-oracle-{variant}-{size}.pt")
+        return torch.load(f) if f.exists() and self.errors else {}
+
+    def save(self, variant: str, size: int, oracle: dict) -> None:
+        import json
+
+        torch.save(oracle, self.path.with_name(f"{self.path.stem}-oracle-{variant}-{size}.pt"))
+        state = {"rows": self.rows, "errors": self.errors, "load_s": self.loads, "flops": self.flops}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.path)
+
+
+def result(args, peaks: dict, progress: Progress, complete: bool) -> dict:
+    """The results file's content from what ``progress`` holds."""
     from ipa_rt.export.manifest import versions
 
-    result = {
+    flops = {int(k): v for k, v in progress.flops.items()}
+    return {
         "environment": environment(torch.device("cpu")),
         "profile": "cpu",
         "date": dt.date.today().isoformat(),
@@ -402,14 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "peaks": peaks,
         "unet_flops_per_row": flops,
-        "rows": rows,
-        "errors": errors,
-        "load_s": loads,
-        "summary": summary(rows, errors, peaks, flops),
+        "complete": complete,  # False: a run stopped early (or still going); its rows are what it measured
+        "rows": progress.rows,
+        "errors": progress.errors,
+        "load_s": progress.loads,
+        "summary": summary(progress.rows, progress.errors, peaks, flops),
     }
-    prefix = "tiny" if args.tiny else result["date"]
-    write_results(args.out, prefix, result, markdown(result), hardware="cpu")
-    return 0
 
 
 if __name__ == "__main__":

@@ -120,15 +120,22 @@ def test_harness_times_what_each_system_runs(models, monkeypatch):
         assert replays == [0, 0, 0]  # the step counter is rewound: every timed replay is step 0
 
 
-def test_cpu_benchmark_tiny(tmp_path):
+def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     """benchmarks/cpu.py end to end on tiny models (the committed results use the full-size architecture): every
-    row carries its error against diffusers fp32, targets and the UNet-step utilisation land in the JSON."""
+    row carries its error against diffusers fp32, targets and the UNet-step utilisation land in the JSON; engines
+    in the bench's own cache are dropped once measured; ``--resume`` measures nothing twice."""
     from ipa_rt.cli import main
 
+    monkeypatch.delenv("IPA_RT_CACHE", raising=False)
     systems = ["diffusers fp32", "diffusers bf16+taesd", "ipa_rt torch fp32", "ipa_rt openvino bf16+taesd"]
-    argv = ["bench", "--tiny", "--sizes", "32", "--reps", "1", "--cfg-steps", "2", "--cfg-sizes", "32", "--no-plus", "--systems", *systems]
-    assert main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    argv = ["bench", "--tiny", "--sizes", "32", "--reps", "1", "--cfg-steps", "2", "--cfg-sizes", "32", "--no-plus",
+            "--systems", *systems, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
+    assert result["complete"] and not [p for p in (tmp_path / "work" / "cache").iterdir() if p.is_dir()]
+    monkeypatch.delenv("IPA_RT_CACHE")  # the run set it for itself
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((tmp_path / "tiny-cpu.json").read_text())["rows"] == result["rows"]  # nothing measured again
     assert {r["system"] for r in result["rows"]} == set(systems)
     workloads = {r["workload"] for r in result["rows"]}
     assert workloads == {"LCM 4 steps end to end", "25 steps CFG end to end", "one denoising step",
