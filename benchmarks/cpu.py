@@ -335,6 +335,17 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; the environment variables it sets for itself are restored afterwards (tests call it
+    in-process)."""
+    saved = {k: os.environ.get(k) for k in ("IPA_RT_CACHE", "IPA_RT_KEEP_EXPORTS")}
+    try:
+        return _main(argv)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipa_rt bench --profile cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reps", type=int, default=3)

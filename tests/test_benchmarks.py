@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -126,14 +127,15 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     in the bench's own cache are dropped once measured; ``--resume`` measures nothing twice."""
     from ipa_rt.cli import main
 
-    monkeypatch.delenv("IPA_RT_CACHE", raising=False)
+    monkeypatch.delenv("IPA_RT_CACHE", raising=False)  # the bench sets both for itself; restored after the test
+    monkeypatch.delenv("IPA_RT_KEEP_EXPORTS", raising=False)
     systems = ["diffusers fp32", "diffusers bf16+taesd", "ipa_rt torch fp32", "ipa_rt openvino bf16+taesd"]
     argv = ["bench", "--tiny", "--sizes", "32", "--reps", "1", "--cfg-steps", "2", "--cfg-sizes", "32", "--no-plus",
             "--systems", *systems, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("tiny-cpu.json")]
     assert result["complete"] and not [p for p in (tmp_path / "work" / "cache").iterdir() if p.is_dir()]
-    monkeypatch.delenv("IPA_RT_CACHE")  # the run set it for itself
+    assert "IPA_RT_CACHE" not in os.environ and "IPA_RT_KEEP_EXPORTS" not in os.environ  # restored by the bench
     assert main([*argv, "--resume"]) == 0
     assert json.loads((tmp_path / "tiny-cpu.json").read_text())["rows"] == result["rows"]  # nothing measured again
     assert {r["system"] for r in result["rows"]} == set(systems)

@@ -124,7 +124,7 @@ def control_engines(models, controlnets, tmp_path_factory):
         )
     finally:
         os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
-    return pipe, next(p for p in cache.iterdir() if p.is_dir())
+    return pipe, next(p for p in cache.iterdir() if (p / "manifest.json").is_file())  # not the kept exports
 
 
 def test_controlnet_engine_matches_diffusers_and_scales_are_inputs(models, images, controlnets, control_engines):

@@ -49,7 +49,9 @@ def engines(models, tmp_path_factory):
             backend="onnxruntime",
             engine_options={"height": 32, "width": 32},
         )
-        (out["sdxl"],) = [p for p in out["cache"].iterdir() if p.is_dir()]  # exactly one engine dir was built
+        (out["sdxl"],) = [
+            p for p in out["cache"].iterdir() if (p / "manifest.json").is_file()
+        ]  # exactly one engine dir was built
     finally:
         os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
     return out
@@ -202,7 +204,7 @@ def test_from_pretrained_reuses_cached_engines(models, engines, monkeypatch):
     )
     assert pipe.backend == "onnxruntime" and pipe.engine_manifest["shapes"]["height"] == 32
     assert snapshot(engines["cache"] / engines["sdxl"].name) == before
-    assert len([p for p in engines["cache"].iterdir() if p.is_dir()]) == 1
+    assert len([p for p in engines["cache"].iterdir() if (p / "manifest.json").is_file()]) == 1
 
 
 def copy_engines(engines, tmp_path) -> Path:
