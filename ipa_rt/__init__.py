@@ -13,12 +13,14 @@ from .errors import (
 )
 from .pipeline import Pipeline, PipelineOutput, from_diffusers
 from .scale import PRESETS, scale_preset
+from .video import AnimateDiffPipeline, VideoPipelineOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
     "AdapterSource",
+    "AnimateDiffPipeline",
     "CheckpointError",
     "ConfigError",
     "EngineError",
@@ -28,6 +30,7 @@ __all__ = [
     "Pipeline",
     "PipelineOutput",
     "ScaleError",
+    "VideoPipelineOutput",
     "__version__",
     "from_diffusers",
     "load_ip_adapter_embeds",

@@ -8,6 +8,7 @@ import io
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--engine", metavar="DIR", help="run from an engine directory written by `ipa_rt build`")
     _add_backend_options(gen)
-    gen.add_argument("-o", "--output", required=True, help="output PNG path")
+    vid = gen.add_argument_group("video (AnimateDiff; torch backend)")
+    vid.add_argument("--motion-adapter", metavar="DIR", help="MotionAdapter folder or hub id: generate a clip")
+    vid.add_argument("--frames", type=int, default=None, help="frames of the clip (default 16; --video: its length)")
+    vid.add_argument("--video", metavar="FILE", help="input clip (.gif/.mp4/.webm/.mov): video-to-video")
+    vid.add_argument("--strength", type=float, default=0.8, help="video-to-video strength")
+    vid.add_argument("--fps", type=float, default=8.0, help="frames per second of the written clip")
+    gen.add_argument("-o", "--output", required=True, help="output path: .png (image), .gif/.mp4/.webm/.mov (clip)")
     build = sub.add_parser(
         "build",
         help="export to ONNX and build ONNX Runtime / TensorRT engines",
@@ -205,7 +212,7 @@ def _generate(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-example-") as tmp:
         if args.example:
-            from .testing import write_example
+            from .testing import write_example, write_motion_adapter
 
             files = write_example(tmp)
             args.base = str(files["base"])
@@ -215,6 +222,10 @@ def _generate(args: argparse.Namespace) -> None:
             args.prompt = args.prompt or "a tiny example"
             args.height, args.width = args.height or 32, args.width or 32
             args.steps = min(args.steps, 4)
+            if (args.frames or args.video) and not args.motion_adapter:  # a clip: the tiny motion adapter too
+                args.motion_adapter = str(write_motion_adapter(Path(tmp) / "motion", files["base"]))
+        if args.motion_adapter or args.video:
+            return _generate_video(args, dtype)
         pipe = _load(args, "generate", dtype, args.scheduler)
         if args.scale:
             pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
@@ -237,6 +248,44 @@ def _generate(args: argparse.Namespace) -> None:
         out.images[0].save(buf, format="PNG")
         atomic_write_bytes(args.output, buf.getvalue())
     print(f"wrote {args.output}")
+
+
+def _generate_video(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """``generate --motion-adapter``: an AnimateDiff clip (txt2video, or video-to-video with ``--video``)."""
+    from .video import AnimateDiffPipeline
+    from .video_io import FORMATS, read_video, write_video
+
+    if not args.motion_adapter:
+        raise ConfigError("--video needs --motion-adapter DIR (video-to-video runs AnimateDiff)")
+    if Path(args.output).suffix.lower() not in FORMATS:
+        raise ConfigError(f"--output '{args.output}' must end in one of {FORMATS} for a clip")
+    if args.engine or args.backend not in (None, "torch"):
+        raise ConfigError("video runs on --backend torch for now (no --engine / other backends)")
+    clip = read_video(args.video) if args.video else None  # read first: a bad file fails before any loading
+    pipe = AnimateDiffPipeline.from_pretrained(
+        args.base, args.ip_adapter or None, args.image_encoder, motion_adapter=args.motion_adapter,
+        device=args.device, dtype=dtype, scheduler=args.scheduler, vae=args.vae,
+    )  # fmt: skip
+    print(f"ipa_rt generate: {pipe.runtime_summary()}, motion adapter {args.motion_adapter}", flush=True)
+    if args.scale:
+        pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
+    count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
+    images = (args.ip_image if len(args.ip_image) == count else [args.ip_image]) if args.ip_image else None
+    out = pipe(
+        args.prompt,
+        num_frames=args.frames or 16,
+        ip_adapter_image=images,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=7.5 if args.guidance is None else args.guidance,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        video=clip,
+        strength=args.strength,
+    )
+    write_video(args.output, out.frames[0], fps=args.fps)
+    print(f"wrote {args.output} ({len(out.frames[0])} frames)")
 
 
 def _build(args: argparse.Namespace) -> None:

@@ -145,6 +145,8 @@ class ControlStack:
         self, model_in: Tensor, t: Tensor, text: Tensor, added: dict, keep: Tensor, step: Tensor, cfg: bool
     ) -> dict[str, Any]:
         """The UNet's extra kwargs for this step: every ControlNet's residuals, scaled, summed in order."""
+        if model_in.ndim == 5:  # AnimateDiff [B, C, F, h, w]: every frame is an image to the ControlNets
+            model_in = model_in.transpose(1, 2).flatten(0, 1)
         guess = self.guess_mode and cfg
         if guess:  # the conditional half only; zeros for the unconditional half
             half = model_in.shape[0] // 2

@@ -11,7 +11,7 @@ in a static, graph-captured loop (:mod:`ipa_rt.runtime`); the adapter scale as a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +125,7 @@ class PipelineCore:
         vae: torch.nn.Module | str | os.PathLike | None = None,
         controlnet: Any = None,
         t2i_adapter: Any = None,
+        model_hook: Callable[[BaseModel], None] | None = None,
         **hub_kwargs: Any,
     ) -> PipelineCore:
         """Load a diffusers base model and IP-Adapter checkpoint(s).
@@ -148,6 +149,8 @@ class PipelineCore:
                 f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
             )
         model = load_base_model(base, dtype, **hub_kwargs)
+        if model_hook is not None:  # before LoRAs fuse and adapters wrap the UNet (AnimateDiff's motion UNet)
+            model_hook(model)
         if scheduler is not None:
             model.scheduler = make_scheduler(scheduler, model.scheduler)
         if lora is not None:  # fused into the weights before the adapters wrap the UNet

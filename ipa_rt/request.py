@@ -231,16 +231,19 @@ def _mode_setup(pipe, req: Request, plan, dtype: torch.dtype) -> modes.ModeSetup
     )
 
 
-def _prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup) -> None:
-    """Projection and every layer's image keys/values, skipped when the same reference is already in place."""
+def _prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: int = 1) -> None:
+    """Projection and every layer's image keys/values, skipped when the same reference is already in place.
+    ``frames`` > 1 (video): every frame of a row sees that row's tokens, as AnimateDiff's UNet repeats them."""
     stack, vsf = pipe.adapters, pipe.vae_scale_factor
     if masks is not None:  # masks are downsampled to every layer's query count
         stack.query_tokens = query_tokens(pipe.unet, stack.layer_names, setup.height, setup.width, vsf)
     if conditions is None:
         stack.prepare(None)
-    elif masks is not None or conditions[2] != stack.prepared_key:  # same reference: skip it all
+    elif masks is not None or (conditions[2], frames) != stack.prepared_key:  # same reference: skip it all
         tokens = stack.project(conditions[0], conditions[1])
-        key = conditions[2] if masks is None else None
+        if frames > 1:
+            tokens = [t.repeat_interleave(frames, dim=0) for t in tokens]
+        key = (conditions[2], frames) if masks is None else None
         stack.prepare(tokens, masks=masks, image_scale=pipe._image_scale if masks else None, key=key)
 
 

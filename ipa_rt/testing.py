@@ -446,3 +446,30 @@ def write_t2i_adapter(
     )
     adapter.save_pretrained(folder)
     return Path(folder)
+
+
+def write_motion_adapter(
+    folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 7, max_frames: int = 32
+) -> Path:
+    """A random AnimateDiff ``MotionAdapter`` in diffusers' folder format for the base model's UNet layout (its
+    block widths and layers per block), with the temporal output projections made random: diffusers starts them
+    at zero, and a motion module that adds nothing would test nothing."""
+    from diffusers import MotionAdapter
+
+    unet = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(
+        block_out_channels=tuple(unet["block_out_channels"]),
+        motion_layers_per_block=unet["layers_per_block"],
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=unet.get("norm_num_groups", 32),
+        motion_max_seq_length=max_frames,
+        use_motion_mid_block=True,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "proj_out" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    adapter.save_pretrained(folder)
+    return Path(folder)

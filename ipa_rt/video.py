@@ -1,0 +1,347 @@
+"""Video: AnimateDiff with IP-Adapter, shaped like diffusers' ``AnimateDiffPipeline`` (txt2video),
+``AnimateDiffVideoToVideoPipeline`` (``video=`` + ``strength``) and ``AnimateDiffControlNetPipeline``
+(``conditioning_frames=``) in one class, :class:`AnimateDiffPipeline`.
+
+A motion adapter turns the SD1.5 UNet into diffusers' ``UNetMotionModel`` (temporal layers between the spatial
+ones; frames are a batch axis to the spatial layers). Everything else is the stills runtime: one reference image
+per clip, its projection and every layer's image keys/values once per call (repeated per frame, as the motion
+UNet repeats the image embeddings), the scale as a device tensor, the static loop, the same schedulers. Frames are
+decoded in chunks of ``decode_chunk_size`` so memory does not grow with the clip.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import request as rq
+from .control import load_folders
+from .core import PipelineCore
+from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from .models import BaseModel
+from .runtime import StepInputs
+
+VIDEO_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class VideoPipelineOutput:
+    """``frames``: per video a list of PIL frames, numpy ``[B, F, H, W, 3]``, torch ``[B, F, 3, H, W]``, or
+    latents ``[B, 4, F, h, w]`` for ``"latent"`` (diffusers' ``AnimateDiffPipelineOutput``)."""
+
+    frames: Any
+
+
+def load_motion_adapter(source: Any, dtype: torch.dtype, **hub_kwargs: Any) -> Any:
+    """A diffusers ``MotionAdapter`` (folder, hub id or instance)."""
+    from diffusers import MotionAdapter
+
+    if source is None:
+        raise ConfigError(
+            "motion_adapter is required: a MotionAdapter folder or hub id (e.g. "
+            "'guoyww/animatediff-motion-adapter-v1-5-2' or 'wangfuyun/AnimateLCM')"
+        )
+    path = os.fspath(source) if not isinstance(source, MotionAdapter) else None
+    if path is not None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"motion_adapter '{path}' has no config.json; expected a diffusers MotionAdapter folder")
+    if path is not None and os.path.isfile(os.path.join(path, "config.json")):
+        import json
+
+        kind = json.loads(open(os.path.join(path, "config.json")).read()).get("_class_name")
+        if kind != "MotionAdapter":
+            raise CheckpointError(f"motion_adapter '{path}' is a {kind!r}; expected a 'MotionAdapter' folder")
+    return load_folders(source, MotionAdapter, "motion_adapter", dtype, **hub_kwargs)[0]
+
+
+def motion_unet(model: BaseModel, adapter: Any) -> torch.nn.Module:
+    """diffusers' ``UNetMotionModel.from_unet2d``, after checking that the adapter fits the base model."""
+    from diffusers import UNetMotionModel
+
+    if model.family.name != "sd15":
+        raise ConfigError(
+            f"AnimateDiff runs on SD1.5-family bases in ipa_rt; the base model is {model.family.name} "
+            "(SDXL motion adapters / AnimateDiffSDXLPipeline are not supported)"
+        )
+    have, want = tuple(adapter.config.block_out_channels), tuple(model.unet.config.block_out_channels)
+    if have != want:
+        raise IncompatibleAdapterError(
+            f"motion_adapter has block_out_channels {list(have)}, the base UNet has {list(want)}; expected a motion "
+            "adapter for this base (SD1.5 motion adapters on SD1.5 bases; SDXL ones are not supported)"
+        )
+    try:
+        unet = UNetMotionModel.from_unet2d(model.unet, adapter)
+    except (ValueError, RuntimeError) as exc:
+        raise IncompatibleAdapterError(f"motion_adapter does not fit the base UNet: {exc}") from exc
+    return unet.eval()  # from_unet2d keeps the base UNet's dtype
+
+
+class AnimateDiffPipeline(PipelineCore):
+    """AnimateDiff clips with IP-Adapter, the stills runtime underneath (see the module docstring).
+
+    One class covers diffusers' three AnimateDiff pipelines because its call already routes by argument:
+    ``video=`` makes it video-to-video, ``conditioning_frames=`` feeds the ControlNets; the image prompt,
+    scales, presets, masks and step ranges are the stills pipeline's own.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        ip_adapter: Any = None,
+        image_encoder: Any = None,
+        *,
+        motion_adapter: Any = None,
+        backend: str = "torch",
+        **kwargs: Any,
+    ) -> AnimateDiffPipeline:
+        """``Pipeline.from_pretrained``'s arguments plus ``motion_adapter``: a ``MotionAdapter`` folder, hub id
+        or instance. ``controlnet=`` loads ControlNets run on every frame (``conditioning_frames=`` in the call).
+        """
+        if backend != "torch":
+            raise ConfigError(f"AnimateDiffPipeline runs on backend='torch' only for now; got backend={backend!r}")
+        for unsupported in ("t2i_adapter",):
+            if kwargs.get(unsupported) is not None:
+                raise ConfigError(f"AnimateDiffPipeline does not take {unsupported}= (diffusers has no such pipeline)")
+        dtype = kwargs.get("dtype", torch.float32)
+        hub = {k: v for k, v in kwargs.items() if k not in _CORE_ARGUMENTS}
+        adapter = load_motion_adapter(motion_adapter, dtype, **hub)
+
+        def swap(model: BaseModel) -> None:
+            model.unet = motion_unet(model, adapter)
+
+        return super().from_pretrained(base, ip_adapter, image_encoder, model_hook=swap, **kwargs)
+
+    @property
+    def max_frames(self) -> int:
+        """The most frames the motion modules' positional embeddings take."""
+        return int(self.unet.config.motion_max_seq_length)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        num_frames: int | None = 16,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[Tensor] | None = None,
+        negative_ip_adapter_image: Any = None,
+        ip_adapter_combine: str = "concat",
+        output_type: str = "pil",
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        decode_chunk_size: int = 16,
+        video: Any = None,
+        strength: float = 0.8,
+        conditioning_frames: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
+    ) -> VideoPipelineOutput:
+        """Generate clips: txt2video; ``video=`` (a list of frames): video-to-video with ``strength``;
+        ``conditioning_frames=`` (a list of frames, or one list per ControlNet) with ControlNets loaded. The
+        other arguments are diffusers' AnimateDiff pipelines' (``num_videos_per_prompt`` plays
+        ``num_images_per_prompt``)."""
+        args = {k: v for k, v in locals().items() if k != "self"}
+        req, frames = _resolve(self, args)
+        inputs = _step_inputs(self, req, frames)
+        with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
+            out = self.loop.run(inputs, progress=bar, generator=req.generator)
+        if output_type == "latent":
+            return VideoPipelineOutput(out)
+        return VideoPipelineOutput(self._decode_video(out, decode_chunk_size, output_type))
+
+    def _decode_video(self, latents: Tensor, chunk: int, output_type: str) -> Any:
+        """diffusers' ``decode_latents`` (frames in chunks, the same arithmetic) and ``postprocess_video``."""
+        vae = self.vae
+        latents = 1 / vae.config.scaling_factor * latents.to(next(vae.parameters()).dtype)
+        b, c, f, h, w = latents.shape
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        pixels = torch.cat([self._decoder(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
+        video = pixels[None, :].reshape((b, f, -1, *pixels.shape[2:])).permute(0, 2, 1, 3, 4).float()
+        return VideoProcessor(vae_scale_factor=self.vae_scale_factor).postprocess_video(video, output_type)
+
+
+_CORE_ARGUMENTS = {
+    "subfolder", "weight_name", "device", "dtype", "scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter",
+}  # fmt: skip
+
+
+def _frame_list(value: Any, what: str) -> list:
+    """A clip as a list of frames (PIL images, arrays or tensors), as diffusers' video processor takes it."""
+    if isinstance(value, Tensor) and value.ndim == 4:
+        return list(value)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ImageInputError(f"{what} is a {type(value).__name__}; expected a non-empty list of frames")
+    return list(value)
+
+
+def _resolve(pipe: AnimateDiffPipeline, a: dict[str, Any]) -> tuple[rq.Request, int]:
+    """The call's mode, frame count and diffusers' defaults, validated before any work."""
+    if a["output_type"] not in VIDEO_OUTPUT_TYPES:
+        raise ConfigError(f"output_type {a['output_type']!r} is unknown; expected one of {VIDEO_OUTPUT_TYPES}")
+    steps = a["num_inference_steps"]
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"num_inference_steps is {steps!r}; expected a positive integer")
+    chunk = a["decode_chunk_size"]
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"decode_chunk_size is {chunk!r}; expected a positive integer")
+    mode = "txt2img"
+    frames = a["num_frames"]
+    if a["video"] is not None:
+        a["video"] = _frame_list(a["video"], "video")
+        frames, mode = len(a["video"]), "img2img"
+    elif a["latents"] is not None and a["latents"].ndim == 5:
+        frames = a["latents"].shape[2]
+    if not isinstance(frames, int) or not 1 <= frames <= pipe.max_frames:
+        raise ConfigError(
+            f"num_frames is {frames!r}; the motion modules take 1 to {pipe.max_frames} frames "
+            "(motion_max_seq_length of the motion adapter)"
+        )
+    strength = 1.0 if mode == "txt2img" else float(a["strength"])
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength is {a['strength']}; expected a number in (0, 1]")
+    prompts = len(a["prompt"]) if isinstance(a["prompt"], list) else 1
+    copies = prompts * a["num_videos_per_prompt"]
+    guidance = float(a["guidance_scale"])
+    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    if pipe.control is not None:
+        if a["conditioning_frames"] is None:
+            raise ImageInputError("ControlNets are loaded: pass one control frame per frame as conditioning_frames=")
+        if copies != 1:
+            raise ConfigError(f"a ControlNet video call makes one clip; this call makes {copies} (prompts x videos)")
+        if a["guess_mode"] and cfg:
+            raise ConfigError(
+                "guess_mode with classifier-free guidance is not supported for video (diffusers' "
+                "AnimateDiffControlNetPipeline cannot run it either); use guidance_scale <= 1"
+            )
+    elif a["conditioning_frames"] is not None:
+        raise ConfigError("conditioning_frames was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
+    if mode == "img2img" and a["latents"] is not None:
+        raise ConfigError("latents= cannot be combined with video= (video-to-video makes its latents from the video)")
+    a.update(num_images_per_prompt=a["num_videos_per_prompt"], prompt_2=None, negative_prompt_2=None)
+    req = rq.Request(a, mode, guidance, strength, copies, cfg)
+    req.height = a["height"] or pipe.default_size[0]
+    req.width = a["width"] or pipe.default_size[1]
+    if req.height % 8 or req.width % 8:
+        raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
+    return req, frames
+
+
+def _step_inputs(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> StepInputs:
+    """What diffusers' AnimateDiff pipelines do before their loop, in their order, as the static loop's inputs."""
+    device = pipe.device
+    plan = rq.cached_plan(pipe, req.num_inference_steps, req.strength, req.eta)
+    init = None
+    if req.mode == "img2img":  # video-to-video encodes and noises the clip before the prompt
+        init = _video_latents(pipe, req, plan, frames)
+    text = rq.FAMILY_RUNTIME["sd15"][0](
+        pipe.text_encoders, pipe.tokenizers, req.prompt, req.negative_prompt, req.num_images_per_prompt, req.cfg,
+        device, pipe.dtype, force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
+    )  # fmt: skip
+    dtype = text.embeds.dtype
+    embeds = text.embeds.repeat_interleave(frames, dim=0)  # every frame of a row reads that row's prompt
+    conditions = pipe.conditioner(
+        req.ip_adapter_image, req.ip_adapter_image_embeds, req.negative_ip_adapter_image, req.ip_adapter_combine,
+        req.copies, req.cfg,
+    )  # fmt: skip
+    masks = rq.ip_masks(pipe, req.cross_attention_kwargs, conditions) if pipe.adapters is not None else None
+    if pipe.control is not None:
+        _prepare_control(pipe, req, frames)
+    shape = (req.copies, pipe.unet.config.in_channels, frames, req.height // pipe.vae_scale_factor,
+             req.width // pipe.vae_scale_factor)  # fmt: skip
+    if init is None:
+        if req.latents is not None and tuple(req.latents.shape) != shape:
+            raise ConfigError(f"latents have shape {list(req.latents.shape)}; expected {list(shape)} for this call")
+        init = rq.modes.txt2img(shape, plan, req.generator, device, dtype, req.latents)
+    setup = rq.modes.ModeSetup(init, req.height, req.width)
+    if pipe.adapters is not None:
+        rq._prepare_image_side(pipe, conditions, masks, setup, frames)
+    noise = None
+    if plan.needs_noise:  # the scheduler's draws, taken now in the order its steps would take them
+        noise = torch.zeros((plan.steps, *init.shape), device=device, dtype=dtype)
+        for j in plan.noise_steps:
+            noise[j] = randn_tensor(init.shape, generator=req.generator, device=device, dtype=dtype)
+    return StepInputs(
+        plan=plan,
+        latents=init,
+        text=embeds,
+        added={},
+        timestep_cond=rq.guidance_embedding(pipe, req.guidance, req.copies, dtype),
+        guidance=req.guidance,
+        cfg=req.cfg,
+        noise=noise,
+        gate=rq.step_gate(pipe, plan.steps),
+        control_keep=(
+            pipe.control.keep_gate(req.control_guidance_start, req.control_guidance_end, plan.steps, device)
+            if pipe.control is not None
+            else None
+        ),
+    )
+
+
+def _video_latents(pipe: AnimateDiffPipeline, req: rq.Request, plan, frames: int) -> Tensor:
+    """``AnimateDiffVideoToVideoPipeline.prepare_latents``: encode the clip in chunks (posterior samples from the
+    generator), scale, then noise to the first timestep."""
+    device, dtype, vae = pipe.device, pipe.dtype, pipe.vae
+    processor = VideoProcessor(vae_scale_factor=pipe.vae_scale_factor)
+    try:
+        pixels = processor.preprocess_video(req.video, height=req.height, width=req.width)
+    except (ValueError, TypeError) as exc:
+        raise ImageInputError(f"video: preprocessing failed ({exc}); expected a list of RGB frames") from exc
+    pixels = pixels.permute(0, 2, 1, 3, 4).to(device=device, dtype=dtype)  # [videos, F, 3, H, W]
+    if pixels.shape[0] != req.copies:
+        raise ImageInputError(
+            f"video gives {pixels.shape[0]} clip(s) for {req.copies} prompt(s) x videos per prompt; expected one "
+            "clip per generated video (as diffusers' AnimateDiffVideoToVideoPipeline)"
+        )
+    vae_dtype = next(vae.parameters()).dtype
+    chunk = req.decode_chunk_size
+    clips = []
+    for i, clip in enumerate(pixels):
+        gen = req.generator[i] if isinstance(req.generator, list) else req.generator
+        parts = [
+            retrieve_latents(vae.encode(clip[j : j + chunk].to(vae_dtype)), generator=gen)
+            for j in range(0, clip.shape[0], chunk)
+        ]
+        clips.append(torch.cat(parts).unsqueeze(0))
+    init = vae.config.scaling_factor * torch.cat(clips).to(dtype)
+    noise = randn_tensor(init.shape, generator=req.generator, device=device, dtype=dtype)
+    t0 = plan.timesteps[:1].repeat(req.copies)
+    return plan.scheduler.add_noise(init, noise, t0).permute(0, 2, 1, 3, 4)
+
+
+def _prepare_control(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> None:
+    """``AnimateDiffControlNetPipeline.prepare_video`` for each ControlNet: one control frame per frame."""
+    control = pipe.control
+    count = len(control.nets)
+    clips = req.conditioning_frames if count > 1 else [req.conditioning_frames]
+    if count > 1 and (not isinstance(req.conditioning_frames, list) or len(clips) != count):
+        raise ImageInputError(f"conditioning_frames must be a list of {count} clips (one per ControlNet)")
+    control.guess_mode = bool(req.guess_mode) or control.global_pool
+    control.set_scale(req.controlnet_conditioning_scale)
+    images = []
+    for i, clip in enumerate(clips):
+        clip = _frame_list(clip, f"conditioning_frames[{i}]" if count > 1 else "conditioning_frames")
+        if len(clip) != frames:
+            raise ImageInputError(
+                f"conditioning_frames{f'[{i}]' if count > 1 else ''} has {len(clip)} frames; expected {frames} "
+                "(one control frame per generated frame)"
+            )
+        images.append(clip)
+    control.prepare_images(images if count > 1 else images[0], req.height, req.width, frames, 1, req.cfg, pipe.device)
