@@ -40,8 +40,9 @@ def table() -> str:
                 + ", ".join(f"{k} {u['fraction']:.2f}" for k, u in r["summary"]["unet_step_utilization"].items())
                 + "."
             )
-        s = r["summary"]
-        for key, g in s["targets"].items():
+        for workload, x in r.get("speedup_vs_diffusers", {}).items():  # the video profile
+            lines.append(f"\n{workload}: ipa_rt {x:.2f}x diffusers.")
+        for key, g in r.get("summary", {}).get("targets", {}).items():
             verdict = "met" if g["met"] else f"not met, short by {g['short_by']:.2f}x"
             lines.append(f"\nTarget `{key}` ≥/≤ {g['target']}: measured {g['measured']:.2f} ({verdict}).")
         lines.append("")

@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench(argv: list[str]) -> int:
     """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
-    default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile gpu`` and ``cpu-basic``
+    default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
+    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile gpu`` and ``cpu-basic``
     run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
     weights)."""
     import importlib.util
@@ -129,13 +130,13 @@ def _bench(argv: list[str]) -> int:
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else "cpu"
-    script = "cpu.py" if profile == "cpu" else "harness.py"
+    script = {"cpu": "cpu.py", "video": "video.py"}.get(profile, "harness.py")
     if not (folder / script).is_file():
         print(
             f"ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/{script} not found)", file=sys.stderr
         )
         return 2
-    if script == "cpu.py":
+    if script in ("cpu.py", "video.py"):
         argv = [a for i, a in enumerate(argv) if a != "--profile" and (i == 0 or argv[i - 1] != "--profile")]
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"ipa_rt_bench_{script[:-3]}", folder / script)

@@ -449,10 +449,11 @@ def write_t2i_adapter(
 
 
 def write_motion_adapter(
-    folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 7, max_frames: int = 32
+    folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 7, max_frames: int = 32, heads: int = 2
 ) -> Path:
     """A random AnimateDiff ``MotionAdapter`` in diffusers' folder format for the base model's UNet layout (its
-    block widths and layers per block), with the temporal output projections made random: diffusers starts them
+    block widths and layers per block; ``heads=8`` on a full-size base: AnimateDiff v1.5's architecture), with the
+    temporal output projections made random: diffusers starts them
     at zero, and a motion module that adds nothing would test nothing."""
     from diffusers import MotionAdapter
 
@@ -461,7 +462,7 @@ def write_motion_adapter(
     adapter = MotionAdapter(
         block_out_channels=tuple(unet["block_out_channels"]),
         motion_layers_per_block=unet["layers_per_block"],
-        motion_num_attention_heads=2,
+        motion_num_attention_heads=heads,
         motion_norm_num_groups=unet.get("norm_num_groups", 32),
         motion_max_seq_length=max_frames,
         use_motion_mid_block=True,

@@ -153,3 +153,22 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
         "unet_step_fraction_of_matmul_peak",
     }
     assert (tmp_path / "tiny-cpu.md").read_text().startswith("# ipa_rt bench — profile cpu")
+
+
+def test_video_benchmark_tiny(tmp_path):
+    """benchmarks/video.py end to end on tiny models: both systems, both workloads, ipa_rt's latents equal to
+    diffusers' (fp32: bitwise), speedups in the JSON."""
+    from ipa_rt.cli import main
+
+    argv = ["bench", "--profile", "video", "--tiny", "--size", "32", "--frames", "4", "--reps", "1", "--steps", "2",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "tiny-video-cpu.json").read_text())
+    assert {(r["system"], r["workload"]) for r in result["rows"]} == {
+        (s, w) for s in ("diffusers float32", "ipa_rt torch float32")
+        for w in ("AnimateLCM 4 steps end to end", "CFG end to end")
+    }  # fmt: skip
+    assert all(r["median_ms"] > 0 for r in result["rows"])
+    assert all(r["latent_rel_l2"] == 0.0 for r in result["rows"])
+    assert set(result["speedup_vs_diffusers"]) == {"AnimateLCM 4 steps end to end", "CFG end to end"}
+    assert (tmp_path / "tiny-video-cpu.md").read_text().count("| sd15 4 frames 32² |") == 4
