@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
     build.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
+    build.add_argument("--motion-adapter", metavar="DIR", help="AnimateDiff MotionAdapter: video engines (onnxruntime)")
+    build.add_argument("--frames", type=int, default=16, help="frames per clip of video engines (static)")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
     demo = sub.add_parser(
         "demo",
@@ -225,7 +227,7 @@ def _generate(args: argparse.Namespace) -> None:
             args.steps = min(args.steps, 4)
             if (args.frames or args.video) and not args.motion_adapter:  # a clip: the tiny motion adapter too
                 args.motion_adapter = str(write_motion_adapter(Path(tmp) / "motion", files["base"]))
-        if args.motion_adapter or args.video:
+        if args.motion_adapter or args.video or (args.engine and _video_engine(args.engine)):
             return _generate_video(args, dtype)
         pipe = _load(args, "generate", dtype, args.scheduler)
         if args.scale:
@@ -251,23 +253,38 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _video_engine(folder: str) -> bool:
+    """Whether an engine directory holds video (AnimateDiff) engines."""
+    from .export.manifest import read_manifest
+
+    return bool(read_manifest(Path(folder))["shapes"].get("frames"))
+
+
 def _generate_video(args: argparse.Namespace, dtype: torch.dtype) -> None:
     """``generate --motion-adapter``: an AnimateDiff clip (txt2video, or video-to-video with ``--video``)."""
     from .video import AnimateDiffPipeline
     from .video_io import FORMATS, read_video, write_video
 
-    if not args.motion_adapter:
+    if not args.motion_adapter and not args.engine:
         raise ConfigError("--video needs --motion-adapter DIR (video-to-video runs AnimateDiff)")
     if Path(args.output).suffix.lower() not in FORMATS:
         raise ConfigError(f"--output '{args.output}' must end in one of {FORMATS} for a clip")
-    if args.engine or args.backend not in (None, "torch"):
-        raise ConfigError("video runs on --backend torch for now (no --engine / other backends)")
     clip = read_video(args.video) if args.video else None  # read first: a bad file fails before any loading
-    pipe = AnimateDiffPipeline.from_pretrained(
-        args.base, args.ip_adapter or None, args.image_encoder, motion_adapter=args.motion_adapter,
-        device=args.device, dtype=dtype, scheduler=args.scheduler, vae=args.vae,
-    )  # fmt: skip
-    print(f"ipa_rt generate: {pipe.runtime_summary()}, motion adapter {args.motion_adapter}", flush=True)
+    if args.engine:
+        pipe = AnimateDiffPipeline.from_engine(args.engine, device=args.device, scheduler=args.scheduler)
+        args.frames = args.frames or pipe.engine_manifest["shapes"]["frames"]
+        args.height, args.width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
+    else:
+        backend = args.backend or "torch"  # video engines are built on request only (--backend onnxruntime)
+        engine = {"backend": backend, "engine_options": {"frames": args.frames or 16}} if backend != "torch" else {}
+        if engine and (args.height or args.width):
+            engine["engine_options"] |= {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+        pipe = AnimateDiffPipeline.from_pretrained(
+            args.base, args.ip_adapter or None, args.image_encoder, motion_adapter=args.motion_adapter,
+            device=args.device, dtype=dtype, scheduler=args.scheduler, vae=args.vae, **engine,
+        )  # fmt: skip
+    motion = f", motion adapter {args.motion_adapter}" if args.motion_adapter else ", video engines"
+    print(f"ipa_rt generate: {pipe.runtime_summary()}{motion}", flush=True)
     if args.scale:
         pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
     count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
@@ -308,6 +325,8 @@ def _build(args: argparse.Namespace) -> None:
         controlnet=args.controlnet,
         t2i_adapter=args.t2i_adapter,
         vae=args.vae,
+        motion_adapter=args.motion_adapter,
+        frames=args.frames if args.motion_adapter else 0,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:

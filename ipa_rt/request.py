@@ -116,14 +116,14 @@ def prepare_structure(pipe, req: Request) -> None:
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
     if pipe.engine_manifest is not None:
-        _check_engine_shapes(pipe.engine_manifest, req)
+        check_engine_shapes(pipe.engine_manifest, req)
     if pipe.t2i is not None:
         pipe.t2i.prepare(
             req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
         )
 
 
-def _check_engine_shapes(manifest: dict, req: Request) -> None:
+def check_engine_shapes(manifest: dict, req: Request) -> None:
     """An engine pipeline runs the size and batch its engines were built for: say so before any work."""
     built = manifest["shapes"]
     rebuild = "build engines for it (ipa_rt build ... --height H --width W --batch B, or from_pretrained(..., " \

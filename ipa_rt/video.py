@@ -91,6 +91,8 @@ class AnimateDiffPipeline(PipelineCore):
     scales, presets, masks and step ranges are the stills pipeline's own.
     """
 
+    video = True  # what an engine directory must hold to load into this class
+
     @classmethod
     def from_pretrained(
         cls,
@@ -100,16 +102,20 @@ class AnimateDiffPipeline(PipelineCore):
         *,
         motion_adapter: Any = None,
         backend: str = "torch",
+        engine_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> AnimateDiffPipeline:
         """``Pipeline.from_pretrained``'s arguments plus ``motion_adapter``: a ``MotionAdapter`` folder, hub id
         or instance. ``controlnet=`` loads ControlNets run on every frame (``conditioning_frames=`` in the call).
-        """
+        ``backend="onnxruntime"`` (or another engine backend) builds video engines into the cache, or reuses them;
+        ``engine_options`` then takes ``frames`` (default 16: clips of exactly that length) besides ``height``,
+        ``width``, ``batch``, ``precision`` and ``rebuild``."""
+        if kwargs.get("t2i_adapter") is not None:
+            raise ConfigError("AnimateDiffPipeline does not take t2i_adapter= (diffusers has no such pipeline)")
         if backend != "torch":
-            raise ConfigError(f"AnimateDiffPipeline runs on backend='torch' only for now; got backend={backend!r}")
-        for unsupported in ("t2i_adapter",):
-            if kwargs.get(unsupported) is not None:
-                raise ConfigError(f"AnimateDiffPipeline does not take {unsupported}= (diffusers has no such pipeline)")
+            return cls._from_engines(base, ip_adapter, image_encoder, motion_adapter, backend, engine_options, kwargs)
+        if engine_options:
+            raise ConfigError("engine_options apply to engine backends; the backend is 'torch'")
         dtype = kwargs.get("dtype", torch.float32)
         hub = {k: v for k, v in kwargs.items() if k not in _CORE_ARGUMENTS}
         adapter = load_motion_adapter(motion_adapter, dtype, **hub)
@@ -118,6 +124,38 @@ class AnimateDiffPipeline(PipelineCore):
             model.unet = motion_unet(model, adapter)
 
         return super().from_pretrained(base, ip_adapter, image_encoder, model_hook=swap, **kwargs)
+
+    @classmethod
+    def _from_engines(cls, base, ip_adapter, image_encoder, motion_adapter, backend, options, kwargs):
+        from .checkpoint import adapter_sources
+        from .export.build import cached_engines, request_for_pretrained
+        from .pipeline import BACKENDS, ENGINE_ARGUMENTS
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
+        unknown = sorted(set(kwargs) - ENGINE_ARGUMENTS)
+        if unknown:
+            raise ConfigError(f"from_pretrained(backend={backend!r}) does not take {unknown}; expected only "
+                              f"{sorted(ENGINE_ARGUMENTS)} (or backend='torch')")  # fmt: skip
+        if motion_adapter is None or not isinstance(motion_adapter, (str, os.PathLike)):
+            raise ConfigError(f"backend {backend!r} needs motion_adapter as a folder or hub id")
+        get = kwargs.get
+        sources = adapter_sources(ip_adapter, get("subfolder"), get("weight_name"))
+        options = dict(options or {})
+        structure = {"controlnet": get("controlnet"), "t2i_adapter": None}
+        req = request_for_pretrained(
+            base, sources, image_encoder, backend, get("dtype", torch.float32), get("lora"), structure, options,
+            get("vae"), motion_adapter,
+        )  # fmt: skip
+        folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
+        return cls.from_engine(folder, device=get("device", "cpu"), scheduler=get("scheduler"))
+
+    @classmethod
+    def from_engine(cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
+        """Clips from the video engines ``ipa_rt build --motion-adapter DIR --frames N`` wrote into ``folder``."""
+        from .export.loader import load_engine_pipeline
+
+        return load_engine_pipeline(folder, device, scheduler, cls)
 
     @property
     def max_frames(self) -> int:
@@ -240,6 +278,15 @@ def _resolve(pipe: AnimateDiffPipeline, a: dict[str, Any]) -> tuple[rq.Request, 
     req.width = a["width"] or pipe.default_size[1]
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
+    if pipe.engine_manifest is not None:
+        rq.check_engine_shapes(pipe.engine_manifest, req)
+        built = pipe.engine_manifest["shapes"]["frames"]
+        if frames != built:
+            raise ConfigError(
+                f"the engines were built for clips of {built} frames; this call asks for {frames}: call with "
+                f"num_frames={built}, or build engines for it (ipa_rt build ... --motion-adapter DIR --frames "
+                f"{frames}, or engine_options={{'frames': {frames}}})"
+            )
     return req, frames
 
 

@@ -261,3 +261,62 @@ def test_animatelcm_recipe_lora_fused_into_the_motion_unet(models, motion, image
     want = ref("a cat", ip_adapter_image=images[0], generator=gen(), **kw).frames
     got = pipe("a cat", ip_adapter_image=[images[0]], generator=gen(), **kw).frames
     assert_parity(got, want)
+
+
+@pytest.fixture(scope="module")
+def video_engines(models, motion, tmp_path_factory):
+    """ONNX Runtime video engines for clips of FRAMES frames, built through the CLI."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime (ipa_rt[onnx]) runs the engines")
+    from ipa_rt.cli import main
+
+    out = tmp_path_factory.mktemp("video-engines")
+    argv = ["build", str(models.base("sd15")), "--ip-adapter", str(models.adapter("sd15", "plus")),
+            "--motion-adapter", str(motion["sd15"]), "--frames", str(FRAMES), "--height", str(SIZE),
+            "--width", str(SIZE), "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_onnxruntime_video_engines_match_diffusers_with_live_scale(models, motion, images, video_engines):
+    ref = reference(models, motion, ("plus",))
+    pipe = ipa_rt.AnimateDiffPipeline.from_engine(video_engines, scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.engine_manifest["shapes"]["frames"] == FRAMES and pipe.backend == "onnxruntime"
+    kw = dict(CALL, num_inference_steps=3)
+    for scale in (0.7, 0.2):  # the scale is an engine input: nothing rebuilds
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        want = ref("a cat", ip_adapter_image=images[0], generator=gen(), **kw).frames
+        got = pipe("a cat", ip_adapter_image=[images[0]], generator=gen(), **kw).frames
+        assert_parity(got, want, tol=1e-3)
+    with pytest.raises(ipa_rt.ConfigError, match=f"clips of {FRAMES} frames; this call asks for 4"):
+        pipe("a cat", **dict(CALL, num_frames=4))
+    with pytest.raises(ipa_rt.ConfigError, match=r"AnimateDiffPipeline\.from_engine"):
+        ipa_rt.Pipeline.from_engine(video_engines)
+
+
+def test_cli_generates_a_clip_from_video_engines(video_engines, images, tmp_path):
+    from PIL import Image
+
+    from ipa_rt.cli import main
+
+    ref = tmp_path / "ref.png"
+    images[0].save(ref)
+    clip = tmp_path / "clip.gif"
+    assert (
+        main(["generate", "--engine", str(video_engines), "--ip-image", str(ref), "--steps", "2", "-o", str(clip)]) == 0
+    )
+    with Image.open(clip) as im:
+        assert im.n_frames == FRAMES and im.size == (SIZE, SIZE)
+
+
+def test_video_build_request_errors(models, motion):
+    from ipa_rt.export.build import BuildRequest
+
+    base, adapter = str(models.base("sd15")), [str(models.adapter("sd15", "base"))]
+    with pytest.raises(ipa_rt.ConfigError, match="frames applies to video builds"):
+        BuildRequest(base, adapter, frames=8).check()
+    with pytest.raises(ipa_rt.ConfigError, match="a positive count"):
+        BuildRequest(base, adapter, motion_adapter=str(motion["sd15"]), frames=0).check()
+    with pytest.raises(ipa_rt.ConfigError, match="'onnxruntime' so far"):
+        BuildRequest(base, adapter, backend="openvino", motion_adapter=str(motion["sd15"]), frames=8).check()

@@ -85,6 +85,8 @@ class BuildRequest:
     vae: str | None = None  # another autoencoder folder or hub id, or "taesd" (the fast decoder)
     weight_name: list[str | None] = field(default_factory=list)  # hub / folder form of ip_adapter
     subfolder: list[str | None] = field(default_factory=list)
+    motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder or hub id: a video build
+    frames: int = 0  # frames per clip of a video build (static), 0 for stills
 
     def check(self) -> None:
         if self.backend not in ENGINE_BACKENDS:
@@ -114,6 +116,15 @@ class BuildRequest:
             raise ConfigError(f"batch is {self.batch!r}; expected a positive integer")
         if not self.ip_adapter:
             raise ConfigError("an engine build needs at least one IP-Adapter (--ip-adapter FILE)")
+        if self.motion_adapter is not None and (not isinstance(self.frames, int) or self.frames < 1):
+            raise ConfigError(f"frames is {self.frames!r}; a video build (motion_adapter) needs a positive count")
+        if self.motion_adapter is not None and self.backend != "onnxruntime":
+            raise ConfigError(
+                f"video engines are built for backend 'onnxruntime' so far; got {self.backend!r} (the torch backend "
+                "runs video everywhere)"
+            )
+        if self.motion_adapter is None and self.frames:
+            raise ConfigError("frames applies to video builds; pass the motion adapter too (--motion-adapter DIR)")
 
     def sources(self) -> list[AdapterSource]:
         n = len(self.ip_adapter)
@@ -206,6 +217,7 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
     for kind, items, cls in (
         ("controlnet", req.controlnet, "ControlNetModel"),
         ("t2i_adapter", req.t2i_adapter, "T2IAdapter"),
+        ("motion_adapter", [req.motion_adapter] if req.motion_adapter else [], "MotionAdapter"),
     ):
         for i, item in enumerate(items):
             folder = Path(item) if Path(item).is_dir() else _hub_snapshot(item, ["*.json", "*.safetensors"])
@@ -245,9 +257,12 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         "vae",
         "weight_name",
         "subfolder",
+        "motion_adapter",
     )
     for key in paths:
         request.pop(key)  # paths do not name a build; the files' hashes do
+    if not req.motion_adapter:
+        request.pop("frames")  # stills builds keep the identity they had before video existed
     return {
         "format": FORMAT,
         "request": request,
@@ -304,7 +319,12 @@ def build_engines(
 def _build(req, out: Path, sources, ident, device, say) -> None:
     stages_done = time.perf_counter()
     say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
-    pipe = PipelineCore.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
+    video = {"motion_adapter": req.motion_adapter} if req.motion_adapter else {}
+    if video:
+        from ..video import AnimateDiffPipeline as cls
+    else:
+        cls = PipelineCore
+    pipe = cls.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
         req.base,
         [s for s in req.sources()],
         req.image_encoder,
@@ -314,8 +334,9 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         controlnet=req.controlnet or None,
         t2i_adapter=req.t2i_adapter or None,
         vae=req.vae,
+        **video,
     )
-    contracts = all_contracts(pipe, req.batch, req.height, req.width)
+    contracts = all_contracts(pipe, req.batch, req.height, req.width, req.frames)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         networks = {}
@@ -350,7 +371,14 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             versions=versions(),
             gpu=gpu_info(device),
             family=pipe.family.name,
-            shapes={"batch": req.batch, "height": req.height, "width": req.width, "text_tokens": 77},
+            shapes={
+                "batch": req.batch,
+                "height": req.height,
+                "width": req.width,
+                "text_tokens": 77,
+                "frames": req.frames,
+            },
+            motion_adapter=req.motion_adapter,
             adapters=[
                 {"variant": e.spec.name, "tokens": t, "origin": e.origin}
                 for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
@@ -433,14 +461,16 @@ def _jsonable(value: Any) -> Any:
 
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
 def request_for_pretrained(
-    base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None
+    base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None, motion_adapter=None
 ) -> BuildRequest:
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
     if vae is not None and not isinstance(vae, (str, os.PathLike)):
         raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd'; got a {type(vae).__name__}")
-    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild"}
+    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild", "frames"}
     if unknown:
-        raise ConfigError(f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild")
+        raise ConfigError(
+            f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild (and frames)"
+        )
     if any(isinstance(s.source, dict) for s in sources) or not sources:
         raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
     if isinstance(image_encoder, torch.nn.Module):
@@ -468,6 +498,8 @@ def request_for_pretrained(
         **paths,
         weight_name=[s.weight_name for s in sources],
         subfolder=[s.subfolder for s in sources],
+        motion_adapter=os.fspath(motion_adapter) if motion_adapter is not None else None,
+        frames=int(options.get("frames", 16)) if motion_adapter is not None else 0,
     )
 
 

@@ -35,6 +35,7 @@ class Contract:
     batched: tuple[str, ...] = ()  # inputs whose dim 0 is the dynamic batch
     batch: tuple[int, int, int] = (1, 1, 1)
     meta: dict = field(default_factory=dict)  # shapes and facts for the manifest
+    per_row: dict[str, int] = field(default_factory=dict)  # batched inputs with k rows per batch row (video: frames)
 
     def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """Per input ``(min, opt, max)`` shapes: the one TensorRT optimisation profile of this network."""
@@ -42,7 +43,8 @@ class Contract:
         for name, x in self.inputs.items():
             shape = tuple(x.shape)
             if name in self.batched:
-                out[name] = tuple((b, *shape[1:]) for b in self.batch)
+                k = self.per_row.get(name, 1)
+                out[name] = tuple((k * b, *shape[1:]) for b in self.batch)
             else:
                 out[name] = (shape, shape, shape)
         return out
@@ -103,20 +105,24 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
-def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
+def unet_contract(pipe, batch: int, height: int, width: int, frames: int = 0) -> Contract:
     """``noise_pred = unet(sample, timestep, encoder_hidden_states[, timestep_cond][, text_embeds, time_ids]
     [, down_residual_0.., mid_residual][, intrablock_0..], ip_tokens_0.., ip_scale)``; rows range over
-    1..2·batch (guidance doubles them). ControlNet residuals and T2I-Adapter features arrive already scaled."""
+    1..2·batch (guidance doubles them). ControlNet residuals and T2I-Adapter features arrive already scaled.
+    ``frames`` (AnimateDiff's motion UNet): ``sample`` is ``[rows, C, frames, h, w]`` and the text and image tokens
+    come per frame (``rows * frames``), as the video pipeline repeats them."""
     if pipe.adapters is None:
         raise ConfigError("export needs a pipeline with IP-Adapters loaded")
     if height % 8 or width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {height}x{width}")
     dev, dt, cfg = pipe.device, pipe.dtype, pipe.unet.config
     rows, vsf = EXAMPLE_BATCH, pipe.vae_scale_factor
+    per = max(frames, 1)  # text and image-token rows per sample row
+    latent = (cfg.in_channels, *((frames,) if frames else ()), height // vsf, width // vsf)
     inputs: dict[str, Tensor] = {
-        "sample": torch.randn(rows, cfg.in_channels, height // vsf, width // vsf, device=dev, dtype=dt),
+        "sample": torch.randn(rows, *latent, device=dev, dtype=dt),
         "timestep": torch.full((rows,), 500.0, device=dev),
-        "encoder_hidden_states": torch.randn(rows, 77, cfg.cross_attention_dim, device=dev, dtype=dt),
+        "encoder_hidden_states": torch.randn(rows * per, 77, cfg.cross_attention_dim, device=dev, dtype=dt),
     }
     extra: tuple[str, ...] = ()
     if cfg.time_cond_proj_dim is not None:  # LCM-distilled UNets take guidance as an embedding
@@ -136,13 +142,15 @@ def unet_contract(pipe, batch: int, height: int, width: int) -> Contract:
     tokens = []
     for a, entry in enumerate(pipe.adapters.entries):
         count = entry.tokens_per_image or pipe.image_encoder_tokens()
-        inputs[f"ip_tokens_{a}"] = torch.randn(rows, count, cfg.cross_attention_dim, device=dev, dtype=dt)
+        inputs[f"ip_tokens_{a}"] = torch.randn(rows * per, count, cfg.cross_attention_dim, device=dev, dtype=dt)
         tokens.append(count)
     inputs["ip_scale"] = pipe.adapters.scale.clone()
     batched = tuple(k for k in inputs if k != "ip_scale")
     meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
     module = _UNetIP(pipe, extra, len(tokens), len(residuals), len(features)).eval()
-    return Contract("unet", module, inputs, ("noise_pred",), batched, _batch(2 * batch, 2 * batch), meta)
+    per_row = {k: per for k in inputs if k == "encoder_hidden_states" or k.startswith("ip_tokens_")} if frames else {}
+    batches = _batch(2 * batch, 2 * batch)
+    return Contract("unet", module, inputs, ("noise_pred",), batched, batches, meta, per_row)
 
 
 def _residual_shapes(pipe, rows: int, height: int, width: int) -> list[tuple[int, ...]]:
@@ -312,10 +320,14 @@ def is_tiny(vae) -> bool:
     return type(vae).__name__ == "AutoencoderTiny"
 
 
-def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:
+def all_contracts(pipe, batch: int, height: int, width: int, frames: int = 0) -> list[Contract]:
     """Every network of a pipeline: UNet, ControlNets, T2I-Adapters, projections, CLIP encoder, text encoders,
-    VAE decoder and encoder."""
-    out = [unet_contract(pipe, batch, height, width)]
+    VAE decoder and encoder. ``frames`` (video): the motion UNet for clips of that many frames, and VAEs that take
+    a clip's frames at once (decode and encode chunks of up to ``batch * frames``)."""
+    if frames and (pipe.control is not None or pipe.t2i is not None):
+        raise ConfigError("video engines with ControlNets or T2I-Adapters are not supported yet; use backend='torch'")
+    out = [unet_contract(pipe, batch, height, width, frames)]
+    vae_batch = batch * max(frames, 1)
     if pipe.control is not None:
         nets = range(len(pipe.control.nets))
         out += [controlnet_contract(pipe, i, batch, height, width, out[0].inputs) for i in nets]
@@ -325,5 +337,5 @@ def all_contracts(pipe, batch: int, height: int, width: int) -> list[Contract]:
     if pipe.image_encoder is not None:
         out.append(image_encoder_contract(pipe))
     out += [text_encoder_contract(pipe, i, batch) for i in range(len(pipe.text_encoders))]
-    out += [vae_decoder_contract(pipe, batch, height, width), vae_encoder_contract(pipe, batch, height, width)]
+    out += [vae_decoder_contract(pipe, vae_batch, height, width), vae_encoder_contract(pipe, vae_batch, height, width)]
     return out

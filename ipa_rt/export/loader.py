@@ -42,6 +42,11 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     folder, device = Path(folder), torch.device(device)
     manifest = read_manifest(folder)
     check_engine_dir(folder, manifest, device)
+    video, wants_video = bool(manifest["shapes"].get("frames")), bool(getattr(cls, "video", False))
+    if video != wants_video:
+        held = "video (AnimateDiff) engines" if video else "still-image engines"
+        use = "ipa_rt.AnimateDiffPipeline.from_engine" if video else "ipa_rt.Pipeline.from_engine"
+        raise ConfigError(f"'{folder}' holds {held}; load it with {use}")
     engines = {name: _engine(folder, name, info, manifest, device) for name, info in manifest["networks"].items()}
     backend = manifest["backend"]
     dtype = DTYPES[manifest["io_dtype"]]

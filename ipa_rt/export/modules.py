@@ -237,7 +237,7 @@ class EngineUNet(EngineModule):
         if timestep_cond is not None:
             feeds["timestep_cond"] = timestep_cond
         feeds.update(added_cond_kwargs or {})
-        feeds.update(self.adapters.feeds(rows))
+        feeds.update(self.adapters.feeds(encoder_hidden_states.shape[0]))  # video: one token row per frame
         down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
         if down is not None:
             feeds.update({f"down_residual_{i}": x for i, x in enumerate(down)}, mid_residual=mid)

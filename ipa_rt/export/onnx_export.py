@@ -28,7 +28,10 @@ PROTOBUF_LIMIT = 2 * 2**30
 def _dynamic_shapes(contract: Contract) -> tuple:
     """``torch.export`` dynamic shapes in the structure of the module's forward (named params, then ``*args``)."""
     dim = torch.export.Dim(f"{contract.name}_batch", min=contract.batch[0], max=contract.batch[2])
-    per_input = [{0: dim} if name in contract.batched else None for name in contract.inputs]
+    per_input = [
+        {0: dim * contract.per_row[name] if name in contract.per_row else dim} if name in contract.batched else None
+        for name in contract.inputs
+    ]
     params = inspect.signature(contract.module.forward).parameters.values()
     named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
     if any(p.kind is p.VAR_POSITIONAL for p in params) and len(per_input) > named:
