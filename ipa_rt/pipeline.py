@@ -58,24 +58,8 @@ class Pipeline(PipelineCore):
             if engine_options:
                 raise ConfigError("engine_options apply to backend='onnxruntime' or 'tensorrt'; the backend is 'torch'")
             return super().from_pretrained(base, ip_adapter, image_encoder, **kwargs)
-        unknown = sorted(set(kwargs) - ENGINE_ARGUMENTS)
-        if unknown:
-            raise ConfigError(
-                f"from_pretrained(backend={backend!r}) does not take {unknown}: engines are built from files; "
-                f"expected only {sorted(ENGINE_ARGUMENTS)} (or backend='torch')"
-            )
-        from .export.build import cached_engines, request_for_pretrained
-
-        get = kwargs.get
-        sources = adapter_sources(ip_adapter, get("subfolder"), get("weight_name"))
-        options = dict(engine_options or {})
-        structure = {"controlnet": get("controlnet"), "t2i_adapter": get("t2i_adapter")}
-        dtype = get("dtype", torch.float32)
-        req = request_for_pretrained(
-            base, sources, image_encoder, backend, dtype, get("lora"), structure, options, get("vae")
-        )
-        folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
-        return cls.from_engine(folder, device=get("device", "cpu"), scheduler=get("scheduler"))
+        folder = engines_for(base, ip_adapter, image_encoder, backend, engine_options, kwargs)
+        return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
 
     @classmethod
     def from_engine(
@@ -86,6 +70,30 @@ class Pipeline(PipelineCore):
         from .export.loader import load_engine_pipeline
 
         return load_engine_pipeline(folder, device, scheduler, cls)
+
+
+def engines_for(
+    base, ip_adapter, image_encoder, backend: str, engine_options: dict | None, kwargs: dict, motion_adapter=None
+) -> os.PathLike:
+    """The cached engine directory for ``from_pretrained(..., backend=...)``'s arguments: built once, then reused
+    (``motion_adapter``: video engines, for :class:`ipa_rt.video.AnimateDiffPipeline`)."""
+    unknown = sorted(set(kwargs) - ENGINE_ARGUMENTS)
+    if unknown:
+        raise ConfigError(
+            f"from_pretrained(backend={backend!r}) does not take {unknown}: engines are built from files; "
+            f"expected only {sorted(ENGINE_ARGUMENTS)} (or backend='torch')"
+        )
+    from .export.build import cached_engines, request_for_pretrained
+
+    get = kwargs.get
+    sources = adapter_sources(ip_adapter, get("subfolder"), get("weight_name"))
+    options = dict(engine_options or {})
+    structure = {"controlnet": get("controlnet"), "t2i_adapter": get("t2i_adapter")}
+    dtype = get("dtype", torch.float32)
+    req = request_for_pretrained(
+        base, sources, image_encoder, backend, dtype, get("lora"), structure, options, get("vae"), motion_adapter
+    )
+    return cached_engines(req, rebuild=bool(options.get("rebuild", False)))
 
 
 def from_diffusers(pipe: Any, attention: str = "auto") -> Pipeline:

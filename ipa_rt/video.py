@@ -127,28 +127,14 @@ class AnimateDiffPipeline(PipelineCore):
 
     @classmethod
     def _from_engines(cls, base, ip_adapter, image_encoder, motion_adapter, backend, options, kwargs):
-        from .checkpoint import adapter_sources
-        from .export.build import cached_engines, request_for_pretrained
-        from .pipeline import BACKENDS, ENGINE_ARGUMENTS
+        from .pipeline import BACKENDS, engines_for
 
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
-        unknown = sorted(set(kwargs) - ENGINE_ARGUMENTS)
-        if unknown:
-            raise ConfigError(f"from_pretrained(backend={backend!r}) does not take {unknown}; expected only "
-                              f"{sorted(ENGINE_ARGUMENTS)} (or backend='torch')")  # fmt: skip
         if motion_adapter is None or not isinstance(motion_adapter, (str, os.PathLike)):
             raise ConfigError(f"backend {backend!r} needs motion_adapter as a folder or hub id")
-        get = kwargs.get
-        sources = adapter_sources(ip_adapter, get("subfolder"), get("weight_name"))
-        options = dict(options or {})
-        structure = {"controlnet": get("controlnet"), "t2i_adapter": None}
-        req = request_for_pretrained(
-            base, sources, image_encoder, backend, get("dtype", torch.float32), get("lora"), structure, options,
-            get("vae"), motion_adapter,
-        )  # fmt: skip
-        folder = cached_engines(req, rebuild=bool(options.get("rebuild", False)))
-        return cls.from_engine(folder, device=get("device", "cpu"), scheduler=get("scheduler"))
+        folder = engines_for(base, ip_adapter, image_encoder, backend, options, kwargs, motion_adapter)
+        return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
 
     @classmethod
     def from_engine(cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):

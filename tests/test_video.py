@@ -320,3 +320,19 @@ def test_video_build_request_errors(models, motion):
         BuildRequest(base, adapter, motion_adapter=str(motion["sd15"]), frames=0).check()
     with pytest.raises(ipa_rt.ConfigError, match="'onnxruntime' so far"):
         BuildRequest(base, adapter, backend="openvino", motion_adapter=str(motion["sd15"]), frames=8).check()
+
+
+def test_from_pretrained_engine_route_asks_for_video_engines(models, motion):
+    """``AnimateDiffPipeline.from_pretrained(backend=...)`` builds the same request the CLI build makes."""
+    from ipa_rt.checkpoint import adapter_sources
+    from ipa_rt.export.build import request_for_pretrained
+
+    sources = adapter_sources(models.adapter("sd15", "base"), None, None)
+    options = {"height": SIZE, "width": SIZE, "frames": 12}
+    args = (models.base("sd15"), sources, None, "onnxruntime", torch.float32, None, {}, options)
+    req = request_for_pretrained(*args, motion_adapter=motion["sd15"])
+    assert (req.motion_adapter, req.frames, req.height) == (str(motion["sd15"]), 12, SIZE)
+    req.check()
+    assert request_for_pretrained(*args).frames == 0  # stills: no frames, whatever the options say
+    with pytest.raises(ipa_rt.ConfigError, match="motion_adapter as a folder"):
+        ipa_rt.AnimateDiffPipeline.from_pretrained(models.base("sd15"), backend="onnxruntime")
