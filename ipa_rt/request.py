@@ -170,7 +170,7 @@ def step_inputs(pipe, req: Request) -> StepInputs:
     dtype = text.embeds.dtype
     setup = _mode_setup(pipe, req, plan, dtype)
     if pipe.adapters is not None:  # image side once per request, at the resolution the mode settled on
-        _prepare_image_side(pipe, conditions, masks, setup)
+        prepare_image_side(pipe, conditions, masks, setup)
     noise = None
     if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
         noise = torch.zeros((plan.steps, *setup.latents.shape), device=pipe.device, dtype=dtype)
@@ -231,7 +231,7 @@ def _mode_setup(pipe, req: Request, plan, dtype: torch.dtype) -> modes.ModeSetup
     )
 
 
-def _prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: int = 1) -> None:
+def prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: int = 1) -> None:
     """Projection and every layer's image keys/values, skipped when the same reference is already in place.
     ``frames`` > 1 (video): every frame of a row sees that row's tokens, as AnimateDiff's UNet repeats them."""
     stack, vsf = pipe.adapters, pipe.vae_scale_factor

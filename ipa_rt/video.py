@@ -117,7 +117,9 @@ class AnimateDiffPipeline(PipelineCore):
         if engine_options:
             raise ConfigError("engine_options apply to engine backends; the backend is 'torch'")
         dtype = kwargs.get("dtype", torch.float32)
-        hub = {k: v for k, v in kwargs.items() if k not in _CORE_ARGUMENTS}
+        from .pipeline import ENGINE_ARGUMENTS
+
+        hub = {k: v for k, v in kwargs.items() if k not in ENGINE_ARGUMENTS | {"attention"}}  # the rest: hub kwargs
         adapter = load_motion_adapter(motion_adapter, dtype, **hub)
 
         def swap(model: BaseModel) -> None:
@@ -199,11 +201,6 @@ class AnimateDiffPipeline(PipelineCore):
         pixels = torch.cat([self._decoder(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
         video = pixels[None, :].reshape((b, f, -1, *pixels.shape[2:])).permute(0, 2, 1, 3, 4).float()
         return VideoProcessor(vae_scale_factor=self.vae_scale_factor).postprocess_video(video, output_type)
-
-
-_CORE_ARGUMENTS = {
-    "subfolder", "weight_name", "device", "dtype", "scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter",
-}  # fmt: skip
 
 
 def _frame_list(value: Any, what: str) -> list:
@@ -304,7 +301,7 @@ def _step_inputs(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> Ste
         init = rq.modes.txt2img(shape, plan, req.generator, device, dtype, req.latents)
     setup = rq.modes.ModeSetup(init, req.height, req.width)
     if pipe.adapters is not None:
-        rq._prepare_image_side(pipe, conditions, masks, setup, frames)
+        rq.prepare_image_side(pipe, conditions, masks, setup, frames)
     noise = None
     if plan.needs_noise:  # the scheduler's draws, taken now in the order its steps would take them
         noise = torch.zeros((plan.steps, *init.shape), device=device, dtype=dtype)
