@@ -318,6 +318,10 @@ def test_video_build_request_errors(models, motion):
         BuildRequest(base, adapter, frames=8).check()
     with pytest.raises(ipa_rt.ConfigError, match="a positive count"):
         BuildRequest(base, adapter, motion_adapter=str(motion["sd15"]), frames=0).check()
+    with pytest.raises(ipa_rt.ConfigError, match="with ControlNets or T2I-Adapters"):
+        BuildRequest(
+            base, adapter, motion_adapter=str(motion["sd15"]), frames=8, controlnet=[str(motion["controlnet"])]
+        ).check()
     with pytest.raises(ipa_rt.ConfigError, match="'onnxruntime' so far"):
         BuildRequest(base, adapter, backend="openvino", motion_adapter=str(motion["sd15"]), frames=8).check()
 

@@ -123,6 +123,10 @@ class BuildRequest:
                 f"video engines are built for backend 'onnxruntime' so far; got {self.backend!r} (the torch backend "
                 "runs video everywhere)"
             )
+        if self.motion_adapter is not None and (self.controlnet or self.t2i_adapter):
+            raise ConfigError(
+                "video engines with ControlNets or T2I-Adapters are not supported yet; use backend='torch'"
+            )
         if self.motion_adapter is None and self.frames:
             raise ConfigError("frames applies to video builds; pass the motion adapter too (--motion-adapter DIR)")
 

@@ -324,8 +324,6 @@ def all_contracts(pipe, batch: int, height: int, width: int, frames: int = 0) ->
     """Every network of a pipeline: UNet, ControlNets, T2I-Adapters, projections, CLIP encoder, text encoders,
     VAE decoder and encoder. ``frames`` (video): the motion UNet for clips of that many frames, and VAEs that take
     a clip's frames at once (decode and encode chunks of up to ``batch * frames``)."""
-    if frames and (pipe.control is not None or pipe.t2i is not None):
-        raise ConfigError("video engines with ControlNets or T2I-Adapters are not supported yet; use backend='torch'")
     out = [unet_contract(pipe, batch, height, width, frames)]
     vae_batch = batch * max(frames, 1)
     if pipe.control is not None:
