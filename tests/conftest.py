@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,27 @@ FAMILIES = ("sd15", "sdxl")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused kernel runs (CPU: interpreter)
 SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
 PARITY_RTOL = 1e-4  # issue requirement: relative L2 error of final latents, fp32 on CPU
+
+
+@contextlib.contextmanager
+def scoped_env(**values: str) -> Iterator[None]:
+    """Environment variables set for a block (module fixtures cannot take ``monkeypatch``), restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kept_exports(tmp_path_factory) -> Iterator[None]:
+    """Every engine build of the suite keeps its ONNX exports in one folder: builds that differ only in backend or
+    precision (ONNX Runtime and OpenVINO engines of the same networks) export once. Exports are named by what they
+    depend on (ipa_rt.export.export_cache), so sharing them changes no result."""
+    with scoped_env(IPA_RT_KEEP_EXPORTS="1", IPA_RT_EXPORT_DIR=str(tmp_path_factory.mktemp("kept-exports"))):
+        yield
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILIES, assert_parity, fixed_latents, ipa_pipe, scoped_env
 from test_modes import make_mask
 
 import ipa_rt
@@ -109,12 +109,8 @@ def test_controlnet_errors(models, images, controlnets, tmp_path):
 @pytest.fixture(scope="module")
 def control_engines(models, controlnets, tmp_path_factory):
     """SD1.5 + Plus adapter + two ControlNets, built transparently by from_pretrained(backend="onnxruntime")."""
-    import os
-
     cache = tmp_path_factory.mktemp("cn-engines")
-    old = os.environ.get("IPA_RT_CACHE")
-    os.environ["IPA_RT_CACHE"] = str(cache)
-    try:
+    with scoped_env(IPA_RT_CACHE=str(cache)):
         pipe = ipa_rt.Pipeline.from_pretrained(
             models.base("sd15"),
             models.adapter("sd15", "plus"),
@@ -122,8 +118,6 @@ def control_engines(models, controlnets, tmp_path_factory):
             backend="onnxruntime",
             engine_options={"height": 32, "width": 32},
         )
-    finally:
-        os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
     return pipe, next(p for p in cache.iterdir() if (p / "manifest.json").is_file())  # not the kept exports
 
 

@@ -4,7 +4,6 @@ backend, the engine directory's cache and manifest, and each way an engine dir c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2
+from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2, scoped_env
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -40,20 +39,14 @@ def engines(models, tmp_path_factory):
     for variant in ADAPTERS["sd15"]:
         argv += ["--ip-adapter", str(models.adapter("sd15", variant))]
     assert cli.main(argv) == 0
-    old = os.environ.get("IPA_RT_CACHE")
-    os.environ["IPA_RT_CACHE"] = str(out["cache"])
-    try:
+    with scoped_env(IPA_RT_CACHE=str(out["cache"])):
         ipa_rt.Pipeline.from_pretrained(
             models.base("sdxl"),
             [models.adapter("sdxl", v) for v in ADAPTERS["sdxl"]],
             backend="onnxruntime",
             engine_options={"height": 32, "width": 32},
         )
-        (out["sdxl"],) = [
-            p for p in out["cache"].iterdir() if (p / "manifest.json").is_file()
-        ]  # exactly one engine dir was built
-    finally:
-        os.environ.pop("IPA_RT_CACHE") if old is None else os.environ.__setitem__("IPA_RT_CACHE", old)
+    (out["sdxl"],) = [p for p in out["cache"].iterdir() if (p / "manifest.json").is_file()]  # exactly one was built
     return out
 
 

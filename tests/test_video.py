@@ -295,6 +295,46 @@ def test_onnxruntime_video_engines_match_diffusers_with_live_scale(models, motio
         ipa_rt.Pipeline.from_engine(video_engines)
 
 
+def test_video_unet_profile_has_a_row_per_frame_for_text_and_image_tokens(video_engines):
+    """What TensorRT's optimisation profile is built from (TensorRT cannot run here): the motion UNet's text and
+    image-token inputs range over ``frames`` rows per sample row, the sample over sample rows."""
+    from ipa_rt.export.manifest import read_manifest
+
+    inputs = read_manifest(video_engines)["networks"]["unet"]["inputs"]
+    rows = [shape[0] for shape in inputs["sample"]["profile"]]
+    assert inputs["sample"]["profile"][0][2] == FRAMES
+    for name in ("encoder_hidden_states", "ip_tokens_0"):
+        assert [shape[0] for shape in inputs[name]["profile"]] == [FRAMES * r for r in rows]
+
+
+@pytest.fixture(scope="module")
+def openvino_video_engines(models, motion, video_engines, tmp_path_factory):
+    """OpenVINO video engines from the same ONNX export (the export cache keeps it: only the conversion runs)."""
+    pytest.importorskip("openvino", reason="OpenVINO (ipa_rt[openvino]) runs the engines")
+    from ipa_rt.cli import main
+
+    out = tmp_path_factory.mktemp("video-engines-openvino")
+    argv = ["build", str(models.base("sd15")), "--ip-adapter", str(models.adapter("sd15", "plus")),
+            "--motion-adapter", str(motion["sd15"]), "--frames", str(FRAMES), "--height", str(SIZE),
+            "--width", str(SIZE), "--backend", "openvino", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_openvino_video_engines_match_diffusers_with_live_scale(models, motion, images, openvino_video_engines):
+    ref = reference(models, motion, ("plus",), scheduler="LCMScheduler")
+    pipe = ipa_rt.AnimateDiffPipeline.from_engine(openvino_video_engines, scheduler="lcm")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.backend == "openvino" and pipe.engine_manifest["precision"] == "fp32"
+    kw = dict(CALL, num_inference_steps=2, guidance_scale=1.0)
+    for scale in (0.9, 0.0):  # the scale is an engine input; 0 is exactly text-only
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        want = ref("a cat", ip_adapter_image=images[1], generator=gen(2), **kw).frames
+        got = pipe("a cat", ip_adapter_image=[images[1]], generator=gen(2), **kw).frames
+        assert_parity(got, want, tol=1e-3)
+
+
 def test_cli_generates_a_clip_from_video_engines(video_engines, images, tmp_path):
     from PIL import Image
 
@@ -322,8 +362,8 @@ def test_video_build_request_errors(models, motion):
         BuildRequest(
             base, adapter, motion_adapter=str(motion["sd15"]), frames=8, controlnet=[str(motion["controlnet"])]
         ).check()
-    with pytest.raises(ipa_rt.ConfigError, match="'onnxruntime' so far"):
-        BuildRequest(base, adapter, backend="openvino", motion_adapter=str(motion["sd15"]), frames=8).check()
+    for backend in ("openvino", "tensorrt"):  # every engine backend takes video builds
+        BuildRequest(base, adapter, backend=backend, motion_adapter=str(motion["sd15"]), frames=8).check()
 
 
 def test_from_pretrained_engine_route_asks_for_video_engines(models, motion):

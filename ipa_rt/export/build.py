@@ -118,11 +118,6 @@ class BuildRequest:
             raise ConfigError("an engine build needs at least one IP-Adapter (--ip-adapter FILE)")
         if self.motion_adapter is not None and (not isinstance(self.frames, int) or self.frames < 1):
             raise ConfigError(f"frames is {self.frames!r}; a video build (motion_adapter) needs a positive count")
-        if self.motion_adapter is not None and self.backend != "onnxruntime":
-            raise ConfigError(
-                f"video engines are built for backend 'onnxruntime' so far; got {self.backend!r} (the torch backend "
-                "runs video everywhere)"
-            )
         if self.motion_adapter is not None and (self.controlnet or self.t2i_adapter):
             raise ConfigError(
                 "video engines with ControlNets or T2I-Adapters are not supported yet; use backend='torch'"

@@ -6,7 +6,8 @@ the hashes of the source files that network reads (the autoencoder's files matte
 latent size it sets for the others is in their input shapes) and a hash of ipa_rt's own code. Entries are written
 to a private folder and renamed into place, so a crash never leaves half an export; reuse hard-links the files (or
 copies them across file systems). Off by default: a full-size UNet export is several GB that a one-off build does
-not need twice.
+not need twice. They live in ``exports/`` under the cache root, or in ``$IPA_RT_EXPORT_DIR`` (a bigger disk; the
+test suite shares one folder between builds of different engine caches).
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from typing import Any
 from ..cache import cache_root
 
 SWITCH = "IPA_RT_KEEP_EXPORTS"
+PLACE = "IPA_RT_EXPORT_DIR"
 VAE_NETWORKS = ("vae_decoder", "vae_encoder")
 VAE_WEIGHTS = ("base/vae/", "vae_override/")
 
 
 def enabled() -> bool:
     return os.environ.get(SWITCH, "0") == "1"
+
+
+def exports_root() -> Path:
+    place = os.environ.get(PLACE)
+    return Path(place) if place else cache_root() / "exports"
 
 
 @functools.cache
@@ -75,7 +82,7 @@ def export_cached(contract: Any, ident: dict[str, Any], target: Path, export: Ca
     if not enabled():
         return export(), False
     network = contract.name
-    entry = cache_root() / "exports" / f"{network}-{network_key(network, ident, contract.inputs)}"
+    entry = exports_root() / f"{network}-{network_key(network, ident, contract.inputs)}"
     if (entry / "done").is_file():
         for f in entry.iterdir():
             if f.name != "done":
