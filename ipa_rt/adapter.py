@@ -137,6 +137,7 @@ class IPAdapterStack(nn.Module):
         self._saved: dict | None = None
         self._fused = [False] * len(self.layer_names)
         self._stores: dict[tuple, dict] = {}  # image-side static buffers, one set per shape key (see prepare)
+        self.row_tables: dict[int, tuple[Tensor, Tensor]] = {}  # batched calls' per-row scales (scale.per_row_scales)
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
         self._processors: list[DecoupledCrossAttnProcessor] = []
@@ -344,6 +345,7 @@ class IPAdapterStack(nn.Module):
     def drop_buffers(self) -> None:
         """Forget every image-side static buffer (after a device move the next request allocates anew)."""
         self._stores.clear()
+        self.row_tables.clear()
         self.prepare(None)
 
     def image_kv(self, tokens: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:

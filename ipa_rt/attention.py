@@ -34,7 +34,8 @@ def decoupled_attention_reference(
         q: queries ``[B, H, N, d]``.
         k_text, v_text: text keys/values ``[B, H, L, d]``.
         image_kv: per segment ``(K_s, V_s)``, each ``[B, H, T_s, d]``.
-        scales: ``[S]`` device tensor, the weight of each segment. A zero weight contributes exactly
+        scales: ``[S]`` device tensor, the weight of each segment, or ``[B, S]``: one weight per batch row (a
+            batched call of several requests, each with its own scale). A zero weight contributes exactly
             nothing (``where``, not ``0 * x``, so an overflowing image branch cannot leak NaN).
         attn_mask: optional text attention mask, as diffusers passes it to SDPA (image segments have none).
         masks: optional per-segment query multipliers ``[B, N]`` (regional masks), ``None`` entries = no mask.
@@ -49,11 +50,17 @@ def decoupled_attention_reference(
     for i, (k_s, v_s) in enumerate(image_kv):
         o_s = F.scaled_dot_product_attention(q, k_s, v_s, dropout_p=0.0, is_causal=False)
         o_s = o_s.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
-        w = scales[i]
+        w = _row_weight(scales, i)
         if masks is not None and masks[i] is not None:
             o_s = o_s * masks[i][:, :, None].to(o_s.dtype)
         out = out + torch.where(w != 0, o_s * w, zero)
     return out
+
+
+def _row_weight(scales: Tensor, segment: int) -> Tensor:
+    """Segment ``segment``'s weight: a 0-dim tensor for ``[S]`` scales, ``[B, 1, 1]`` (one per row) for ``[B, S]``."""
+    w = scales[..., segment]
+    return w.view(-1, 1, 1) if w.ndim else w
 
 
 def decoupled_attention_decomposed(
@@ -74,7 +81,7 @@ def decoupled_attention_decomposed(
 
     out = attend(k_text, v_text)
     for i, (k_s, v_s) in enumerate(image_kv):
-        w = scales[i].to(q.dtype)
+        w = _row_weight(scales, i).to(q.dtype)
         out = out + torch.where(w != 0, attend(k_s, v_s) * w, torch.zeros_like(w))
     return out
 
@@ -83,8 +90,10 @@ def decoupled_attention_decomposed(
 class ImageContext:
     """Per-request image state every cross-attention processor reads (refiners' "context" idea).
 
-    ``scale`` is the ``[adapters, layers]`` device tensor. Per layer, ``kv[layer]`` holds all image keys and
-    values laid end to end (``[B, H, T, d]``, adapter after adapter) or is ``None`` without an image prompt;
+    ``scale`` is the ``[adapters, layers]`` device tensor, or ``[rows, adapters, layers]`` while a batched call
+    gives every UNet row its own scales (and always inside an engine's UNet). Per layer, ``kv[layer]`` holds all
+    image keys and values laid end to end (``[B, H, T, d]``, adapter after adapter) or is ``None`` without an image
+    prompt;
     ``segments`` gives each segment's ``(start, end)`` token range (static for a request's shapes) and
     ``seg_offsets`` / ``seg_adapter`` the same on the device for the fused kernel.
     """
@@ -192,11 +201,11 @@ class DecoupledCrossAttnProcessor:
 
         ctx = self.context
         table = ctx.scale_eff if ctx.scale_eff is not None else ctx.scale
-        scales = table[:, self.layer]  # a strided view: no copy, no sync
+        scales = table[..., self.layer]  # [A] or [rows, A]: a strided view, no copy, no sync
         kv = ctx.kv[self.layer] if ctx.kv is not None else None
         mask = ctx.masks.get(query.shape[2]) if kv is not None and ctx.masks else None
         if kv is not None and ctx.seg_mult is not None:  # per-image segments: adapter scale x image factor
-            scales = scales.index_select(0, ctx.seg_owner) * ctx.seg_mult[:, self.layer]
+            scales = scales.index_select(-1, ctx.seg_owner) * ctx.seg_mult[:, self.layer]
         fused = None
         if self.fused and attention_mask is None and not _exporting():
             fused = self._fused(query, key, value, kv, scales, mask)

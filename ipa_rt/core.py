@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import modes, request
 from .adapter import IPAdapterStack
+from .batch import run_batch
 from .checkpoint import adapter_sources, read_adapter
 from .conditions import ImageConditioner
 from .control import ControlStack, load_controlnets
@@ -425,6 +426,14 @@ class PipelineCore:
         with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             latents = self.loop.run(inputs, progress=bar, generator=req.generator)
         return PipelineOutput(latents if req.output_type == "latent" else self._decode(latents, req.output_type))
+
+    def batch(self, requests: Sequence[dict[str, Any]]) -> list[PipelineOutput]:
+        """Several requests in one UNet batch, one :class:`PipelineOutput` per request. Each request is a dict of
+        this call's arguments (``prompt``, ``ip_adapter_image``, ``generator``, ``guidance_scale``, ...) plus
+        ``ip_adapter_scale`` (anything :meth:`set_ip_adapter_scale` takes, for that request alone); requests share
+        size, steps, strength and mode. Request ``i`` gives what ``pipe(**requests[i])`` gives (see
+        :mod:`ipa_rt.batch`)."""
+        return [PipelineOutput(images) for images in run_batch(self, requests)]
 
     def _decode(self, latents: Tensor, output_type: str) -> Any:
         vae = self.vae

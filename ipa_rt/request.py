@@ -116,32 +116,45 @@ def prepare_structure(pipe, req: Request) -> None:
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
     if pipe.engine_manifest is not None:
-        check_engine_shapes(pipe.engine_manifest, req)
+        check_engine_shapes(pipe.engine_manifest, req.height, req.width, req.copies)
     if pipe.t2i is not None:
         pipe.t2i.prepare(
             req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
         )
 
 
-def check_engine_shapes(manifest: dict, req: Request) -> None:
+def check_engine_shapes(manifest: dict, height: int, width: int, copies: int) -> None:
     """An engine pipeline runs the size and batch its engines were built for: say so before any work."""
     built = manifest["shapes"]
     rebuild = "build engines for it (ipa_rt build ... --height H --width W --batch B, or from_pretrained(..., " \
         "engine_options={'height': H, 'width': W, 'batch': B}))"  # fmt: skip
-    if (req.height, req.width) != (built["height"], built["width"]):
+    if (height, width) != (built["height"], built["width"]):
         raise ConfigError(
             f"the engines were built for {built['width']}x{built['height']} images; this call asks for "
-            f"{req.width}x{req.height}: call with height={built['height']}, width={built['width']}, or {rebuild}"
+            f"{width}x{height}: call with height={built['height']}, width={built['width']}, or {rebuild}"
         )
-    if req.copies > built["batch"]:
+    if copies > built["batch"]:
         raise ConfigError(
-            f"the engines were built for up to {built['batch']} image(s) per call; this call makes {req.copies} "
+            f"the engines were built for up to {built['batch']} image(s) per call; this call makes {copies} "
             f"(prompts x num_images_per_prompt): {rebuild}"
         )
 
 
-def step_inputs(pipe, req: Request) -> StepInputs:
-    """Everything before diffusers' denoising loop, in its order, as the static loop's inputs."""
+@dataclass
+class Parts:
+    """One request's own tensors before the loop (what a batched call concatenates row-wise)."""
+
+    text: PromptEmbeds
+    conditions: Any  # the conditioner's (embeds, CLIP states, key), None without an image prompt
+    masks: list[Tensor | None] | None
+    plan: Plan | EagerPlan
+    setup: modes.ModeSetup
+    noise: Tensor | None  # [S, *latents] what the scheduler's steps draw
+
+
+def request_parts(pipe, req: Request) -> Parts:
+    """Everything diffusers does before its loop that draws from the request's generator or encodes its inputs:
+    prompt, image conditions, structure inputs, initial latents, the scheduler's noise (same order)."""
     prepare_structure(pipe, req)
     encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]
     text = encode_prompt(
@@ -169,22 +182,29 @@ def step_inputs(pipe, req: Request) -> StepInputs:
     plan = cached_plan(pipe, req.num_inference_steps, req.strength, req.eta)
     dtype = text.embeds.dtype
     setup = _mode_setup(pipe, req, plan, dtype)
-    if pipe.adapters is not None:  # image side once per request, at the resolution the mode settled on
-        prepare_image_side(pipe, conditions, masks, setup)
     noise = None
     if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
         noise = torch.zeros((plan.steps, *setup.latents.shape), device=pipe.device, dtype=dtype)
         for j in plan.noise_steps:
             noise[j] = randn_tensor(setup.latents.shape, generator=req.generator, device=pipe.device, dtype=dtype)
+    return Parts(text, conditions, masks, plan, setup, noise)
+
+
+def step_inputs(pipe, req: Request) -> StepInputs:
+    """Everything before diffusers' denoising loop, in its order, as the static loop's inputs."""
+    parts = request_parts(pipe, req)
+    plan, setup, text = parts.plan, parts.setup, parts.text
+    if pipe.adapters is not None:  # image side once per request, at the resolution the mode settled on
+        prepare_image_side(pipe, parts.conditions, parts.masks, setup)
     return StepInputs(
         plan=plan,
         latents=setup.latents,
         text=text.embeds,
         added=added_conditions(pipe, text, setup.height, setup.width, req.copies, req.cfg),
-        timestep_cond=guidance_embedding(pipe, req.guidance, req.copies, dtype),
+        timestep_cond=guidance_embedding(pipe, req.guidance, req.copies, text.embeds.dtype),
         guidance=req.guidance,
         cfg=req.cfg,
-        noise=noise,
+        noise=parts.noise,
         gate=step_gate(pipe, plan.steps),
         inpaint_mask=setup.mask,
         inpaint_latents=setup.inpaint_latents,

@@ -53,6 +53,7 @@ class Signature:
     noise: bool
     added: tuple[tuple[str, tuple[int, ...]], ...]
     timestep_cond: bool
+    per_row: bool = False  # each row its own guidance and adapter scales (a batched call of several requests)
     control: tuple = ()  # ControlNet count, guess mode and control image shapes (empty: none)
     t2i: tuple = ()  # T2I-Adapter feature shapes (empty: none)
 
@@ -66,7 +67,7 @@ class StepInputs:
     text: Tensor
     added: dict[str, Tensor]
     timestep_cond: Tensor | None
-    guidance: float
+    guidance: float | Tensor  # one number, or one per latent row (a batched call of several requests)
     cfg: bool
     noise: Tensor | None  # [S, *latents] noise each step draws (rows of steps that draw none are zeros)
     gate: Tensor  # [A, S] per-step adapter on/off (step ranges); [0, S] without adapters
@@ -165,6 +166,7 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -
         noise=inp.noise is not None,
         added=tuple(sorted((k, tuple(v.shape)) for k, v in inp.added.items())),
         timestep_cond=inp.timestep_cond is not None,
+        per_row=isinstance(inp.guidance, Tensor) or ctx.scale.ndim == 3,
         control=(
             (control.guess_mode, *(tuple(x.shape) for x in control.images))
             if control is not None and inp.control_keep is not None
@@ -172,6 +174,15 @@ def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -
         ),
         t2i=tuple(tuple(f.shape) for fs in t2i.features for f in fs) if inp.t2i_keep is not None else (),
     )
+
+
+def guidance_tensor(guidance: float | Tensor, latents: Tensor) -> Tensor:
+    """The guidance scale as a tensor: 0-dim for one number (as diffusers multiplies by a float), ``[B, 1, ...]``
+    broadcasting over ``latents`` for one value per row."""
+    if not isinstance(guidance, Tensor):
+        return torch.tensor(float(guidance), dtype=torch.float32, device=latents.device)
+    g = guidance.to(device=latents.device, dtype=torch.float32)
+    return g.reshape(-1, *[1] * (latents.ndim - 1)).expand(latents.shape[0], *[1] * (latents.ndim - 1))
 
 
 def _buffer_for(name: str, value: Tensor, capacity: int) -> Tensor:
@@ -225,7 +236,7 @@ class DenoiseLoop:
                 idx=torch.zeros(1, dtype=torch.long, device=device),
                 prev_x0=torch.zeros_like(inp.latents),
                 added={k: torch.empty_like(v) for k, v in inp.added.items()},
-                guidance=torch.zeros((), dtype=torch.float32, device=device),
+                guidance=torch.zeros(guidance_tensor(inp.guidance, inp.latents).shape, device=device),
                 **{k: None if v is None else _buffer_for(k, v, sig.capacity) for k, v in values.items()},
             )
             self.states[sig] = st
@@ -236,7 +247,7 @@ class DenoiseLoop:
         # one request's values into the static storage (in place: the graph keeps reading the same memory)
         st.idx.zero_()
         st.prev_x0.zero_()
-        st.guidance.fill_(inp.guidance)
+        st.guidance.copy_(guidance_tensor(inp.guidance, inp.latents))
         for k, v in inp.added.items():
             st.added[k].copy_(v)
         for k, v in values.items():
@@ -269,6 +280,8 @@ class DenoiseLoop:
         if not cfg:
             return out
         uncond, cond = out.chunk(2)
+        if guidance.ndim:  # one value per row: in the output's dtype, as a 0-dim tensor or a float would act
+            guidance = guidance.to(out.dtype)
         return uncond + guidance * (cond - uncond)
 
     @torch.no_grad()
@@ -328,7 +341,7 @@ class DenoiseLoop:
         extra = {k: v for k, v in (("eta", plan.eta), ("generator", generator)) if k in params}
         ctx = self.context
         x = inp.latents
-        guidance = inp.guidance
+        guidance = guidance_tensor(inp.guidance, x)
         for i, t in enumerate(plan.timesteps):
             if ctx is not None and ctx.scale_eff is not None:
                 torch.mul(ctx.scale, inp.gate[:, i : i + 1], out=ctx.scale_eff)

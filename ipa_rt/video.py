@@ -262,7 +262,7 @@ def _resolve(pipe: AnimateDiffPipeline, a: dict[str, Any]) -> tuple[rq.Request, 
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
     if pipe.engine_manifest is not None:
-        rq.check_engine_shapes(pipe.engine_manifest, req)
+        rq.check_engine_shapes(pipe.engine_manifest, req.height, req.width, req.copies)
         built = pipe.engine_manifest["shapes"]["frames"]
         if frames != built:
             raise ConfigError(

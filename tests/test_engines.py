@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2, scoped_env
+from conftest import (
+    CALL,
+    assert_parity,
+    assert_rows_equal_alone,
+    diffusers_pipe,
+    fixed_latents,
+    ipa_pipe,
+    mixed_requests,
+    rel_l2,
+    scoped_env,
+)
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -30,21 +40,27 @@ ENGINE_RTOL = 1e-3
 ADAPTERS = {"sd15": ("base", "plus"), "sdxl": ("base",)}
 
 
+SDXL_OPTIONS = {"height": 32, "width": 32, "batch": 2}  # batch: up to two requests (or prompts) per call
+
+
+def sd15_build(models, out: Path) -> list[str]:
+    """The CLI build of the SD1.5 engines: both adapters, 32x32, up to three requests (or prompts) per call."""
+    argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "--batch", "3", "-o", str(out)]
+    return argv + [a for v in ADAPTERS["sd15"] for a in ("--ip-adapter", str(models.adapter("sd15", v)))]
+
+
 @pytest.fixture(scope="module")
 def engines(models, tmp_path_factory):
     """SD1.5 engines built through the CLI; SDXL engines built transparently by from_pretrained(backend=...)."""
     root = tmp_path_factory.mktemp("engines")
     out = {"sd15": root / "sd15", "cache": root / "cache"}
-    argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(out["sd15"])]
-    for variant in ADAPTERS["sd15"]:
-        argv += ["--ip-adapter", str(models.adapter("sd15", variant))]
-    assert cli.main(argv) == 0
+    assert cli.main(sd15_build(models, out["sd15"])) == 0
     with scoped_env(IPA_RT_CACHE=str(out["cache"])):
         ipa_rt.Pipeline.from_pretrained(
             models.base("sdxl"),
             [models.adapter("sdxl", v) for v in ADAPTERS["sdxl"]],
             backend="onnxruntime",
-            engine_options={"height": 32, "width": 32},
+            engine_options=SDXL_OPTIONS,
         )
     (out["sdxl"],) = [p for p in out["cache"].iterdir() if (p / "manifest.json").is_file()]  # exactly one was built
     return out
@@ -170,11 +186,8 @@ def test_doctor_checks_an_engine_against_the_torch_backend(engines, tmp_path):
 
 def test_second_identical_build_rewrites_nothing(models, engines, capsys):
     before = snapshot(engines["sd15"])
-    argv = ["build", str(models.base("sd15")), "--height", "32", "--width", "32", "-o", str(engines["sd15"])]
-    for variant in ADAPTERS["sd15"]:
-        argv += ["--ip-adapter", str(models.adapter("sd15", variant))]
     start = time.perf_counter()
-    assert cli.main(argv) == 0
+    assert cli.main(sd15_build(models, engines["sd15"])) == 0
     assert time.perf_counter() - start < 30  # hashing, no export (a UNet export alone takes about a minute here)
     assert "up to date" in capsys.readouterr().out
     assert snapshot(engines["sd15"]) == before
@@ -193,7 +206,7 @@ def test_from_pretrained_reuses_cached_engines(models, engines, monkeypatch):
         models.base("sdxl"),
         models.adapter("sdxl", "base"),
         backend="onnxruntime",
-        engine_options={"height": 32, "width": 32},
+        engine_options=SDXL_OPTIONS,
     )
     assert pipe.backend == "onnxruntime" and pipe.engine_manifest["shapes"]["height"] == 32
     assert snapshot(engines["cache"] / engines["sdxl"].name) == before
@@ -304,9 +317,8 @@ def test_concurrent_builds_wait_for_the_lock(models, engines):
     """A second build waits while the first holds the lock, then finds the engines up to date."""
     from ipa_rt.export.manifest import build_lock
 
-    req = BuildRequest(
-        str(models.base("sd15")), [str(models.adapter("sd15", v)) for v in ADAPTERS["sd15"]], height=32, width=32
-    )
+    adapters = [str(models.adapter("sd15", v)) for v in ADAPTERS["sd15"]]
+    req = BuildRequest(str(models.base("sd15")), adapters, height=32, width=32, batch=3)  # as sd15_build
     events = []
     with build_lock(engines["sd15"]):
         worker = threading.Thread(target=lambda: events.append(build_engines(req, engines["sd15"])))
@@ -341,8 +353,10 @@ def test_engine_call_errors(engines, images):
     assert torch.isfinite(out).all()
     with pytest.raises(ConfigError, match=r"built for 32x32 images; this call asks for 64x64: .*--height H --width W"):
         pipe("x", ip_adapter_image=[images[0]] * 2, **dict(CALL, height=64, width=64))
-    with pytest.raises(ConfigError, match=r"built for up to 1 image\(s\) per call; this call makes 2 .*--batch B"):
-        pipe(["x", "y"], ip_adapter_image=[images[0]] * 2, **CALL)
+    with pytest.raises(ConfigError, match=r"built for up to 3 image\(s\) per call; this call makes 4 .*--batch B"):
+        pipe(["x", "y"], ip_adapter_image=[images[0]] * 2, num_images_per_prompt=2, **CALL)
+    with pytest.raises(ConfigError, match=r"built for up to 3 image\(s\) per call; this call makes 4 .*--batch B"):
+        pipe.batch([dict(prompt=p, num_images_per_prompt=2, **CALL) for p in ("x", "y")])
     with pytest.raises(ConfigError, match=r"the image_encoder engine .* was built for pixel_values of shape "):
         pipe.image_encoder(torch.zeros(9, 3, 32, 32))  # more reference images than the encoder engine takes
     masks = [torch.ones(1, 1, 32, 32), torch.ones(1, 1, 32, 32)]
@@ -372,13 +386,23 @@ def test_cli_inspect_and_generate_from_engine(engines, images, tmp_path, capsys)
         assert im.size == (32, 32)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_engine_batched_rows_equal_requests_alone(engines, images, family):
+    """Different references and scales in one engine call: ip_scale is a [rows, adapters, layers] engine input."""
+    pipe = ipa_rt.Pipeline.from_engine(engines[family])
+    pipe.set_progress_bar_config(disable=True)
+    requests = mixed_requests(images, two_adapters=len(ADAPTERS[family]) == 2)
+    assert_rows_equal_alone(pipe, requests[: pipe.engine_manifest["shapes"]["batch"]], **CALL)
+
+
 def test_tensorrt_profile_and_missing_tensorrt(models):
     """The TensorRT optimisation profile comes from the contract; without TensorRT a build says so."""
     pipe = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")])
     unet = all_contracts(pipe, 3, 32, 32)[0]
     prof = unet.profile()
     assert prof["sample"] == ((1, 4, 16, 16), (6, 4, 16, 16), (6, 4, 16, 16))
-    assert prof["ip_scale"] == ((1, 16),) * 3  # the scale: a fixed-shape input, never a build parameter
+    # the scale: a row per UNet row (each request of a batched call its own), values never a build parameter
+    assert prof["ip_scale"] == ((1, 1, 16), (6, 1, 16), (6, 1, 16))
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -131,6 +131,25 @@ def test_scale_is_read_from_a_strided_device_view():
     check(second, q, k_text, v_text, k_img, v_img, bounds, torch.tensor([1.5, 0.0], device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_row_scales_weigh_each_batch_row(dtype):
+    """A batched call's ``[rows, adapters, layers]`` table, read through its ``[rows, adapters]`` layer view: every
+    row its own weights, and a zero row is exactly what a text-only row gives."""
+    q, k_text, v_text, k_img, v_img, offsets, adapters, _, bounds = make(3, 2, 40, 80, 77, [4, 16], dtype, 11)
+    table = torch.tensor([[[0.2, 0.9], [1.3, 0.5]], [[0.0, 0.0], [0.0, 0.0]], [[0.7, 0.1], [0.0, 1.2]]])
+    per_row = table.to(DEVICE)[..., 1]  # [rows, adapters], strided
+    pinned = candidates(str(dtype).removeprefix("torch."), 80)[0]
+    out = run_kernel(q, k_text, v_text, k_img, v_img, offsets, adapters, per_row, config=pinned)
+    check(out, q, k_text, v_text, k_img, v_img, bounds, per_row.clone())
+    no_seg = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    text_only = run_kernel(q, k_text, v_text, k_img[:, :, :0], v_img[:, :, :0], *no_seg, per_row, config=pinned)
+    assert torch.equal(out[1], text_only[1])
+    for row in (0, 2):  # each row as if it were alone with its own scales
+        alone = run_kernel(*(x[row : row + 1] for x in (q, k_text, v_text, k_img, v_img)), offsets, adapters,
+                           per_row[row], config=pinned)  # fmt: skip
+        assert torch.equal(out[row : row + 1], alone)
+
+
 def test_custom_op_has_fake_impl_and_traces():
     """opcheck covers schema, fake (meta) impl and dispatch; torch.export keeps the op as one node."""
     args = make(1, 2, 16, 40, 77, [4], torch.float32, 5)[:8]

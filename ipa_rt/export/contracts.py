@@ -1,10 +1,11 @@
 """One export contract per network (the TensorRT demo's pattern): a traceable wrapper module, named inputs and
 outputs, example inputs, and the batch axis with its min/opt/max range (the optimisation profile).
 
-Live controls stay inputs: the UNet takes the image tokens of every adapter and the ``[adapters, layers]``
-scale tensor, so changing the scale or the reference image never needs a new export or engine. Spatial sizes
-and token counts are static per build (what CUDA-graph replay needs anyway); the batch axis is dynamic so
-one engine serves guidance on and off, 1..B prompts and several reference images.
+Live controls stay inputs: the UNet takes the image tokens of every adapter and the ``[rows, adapters, layers]``
+scale tensor (a scale per batch row: requests with their own scales share a call), so changing the scale or the
+reference image never needs a new export or engine. Spatial sizes and token counts are static per build (what
+CUDA-graph replay needs anyway); the batch axis is dynamic so one engine serves guidance on and off, 1..B prompts
+(or batched requests) and several reference images.
 """
 
 from __future__ import annotations
@@ -144,11 +145,12 @@ def unet_contract(pipe, batch: int, height: int, width: int, frames: int = 0) ->
         count = entry.tokens_per_image or pipe.image_encoder_tokens()
         inputs[f"ip_tokens_{a}"] = torch.randn(rows * per, count, cfg.cross_attention_dim, device=dev, dtype=dt)
         tokens.append(count)
-    inputs["ip_scale"] = pipe.adapters.scale.clone()
-    batched = tuple(k for k in inputs if k != "ip_scale")
+    inputs["ip_scale"] = pipe.adapters.scale.expand(rows * per, -1, -1).clone()  # a scale per text row
+    batched = tuple(inputs)
     meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
     module = _UNetIP(pipe, extra, len(tokens), len(residuals), len(features)).eval()
-    per_row = {k: per for k in inputs if k == "encoder_hidden_states" or k.startswith("ip_tokens_")} if frames else {}
+    per_frame = ("encoder_hidden_states", "ip_scale")
+    per_row = {k: per for k in inputs if k in per_frame or k.startswith("ip_tokens_")} if frames else {}
     batches = _batch(2 * batch, 2 * batch)
     return Contract("unet", module, inputs, ("noise_pred",), batched, batches, meta, per_row)
 

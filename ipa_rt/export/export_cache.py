@@ -87,7 +87,9 @@ def export_cached(contract: Any, ident: dict[str, Any], target: Path, export: Ca
         for f in entry.iterdir():
             if f.name != "done":
                 _place(f, target.parent / f.name)
-        return target, True
+        if target.is_file():
+            return target, True
+        shutil.rmtree(entry, ignore_errors=True)  # an entry someone emptied by hand: export again
     path = export()
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{network}-", dir=entry.parent))

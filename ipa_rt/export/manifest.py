@@ -22,7 +22,7 @@ from ..checkpoint import atomic_write_bytes
 from ..errors import EngineError
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the UNet's ip_scale has a row axis ([rows, adapters, layers]: a scale per batch row)
 REBUILD = "`ipa_rt build ... --rebuild` (or from_pretrained(..., rebuild=True)) rebuilds it"
 
 

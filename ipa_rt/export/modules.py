@@ -142,6 +142,7 @@ class EngineAdapters:
         # (adapter, rows) -> the one token buffer the UNet engine reads for that row count, image call or not, so a
         # graph captured during a text-only call reads the tokens of a later image call (zeros until then)
         self._tokens: dict[tuple[int, int], Tensor] = {}
+        self.row_tables: dict[int, tuple[Tensor, Tensor]] = {}  # batched calls' per-row scales
         self.prepared_key: tuple | None = None
         self.query_tokens: list[int] = []
         self.head_dims: list[int] = []  # no per-layer kernel choice: attention runs inside the engine
@@ -183,6 +184,7 @@ class EngineAdapters:
 
     def drop_buffers(self) -> None:
         self._tokens.clear()
+        self.row_tables.clear()
         self.prepare(None)
 
     @torch.no_grad()
@@ -205,10 +207,12 @@ class EngineAdapters:
         self.active.fill_(1.0)
 
     def feeds(self, rows: int) -> dict[str, Tensor]:
-        """The UNet engine's image inputs for ``rows`` batch rows: the same token buffers whatever the call, and the
-        scale (times ``active``: zero scale is exactly text-only, ``where`` rather than ``0 * x``)."""
+        """The UNet engine's image inputs for ``rows`` text rows: the same token buffers whatever the call, and the
+        ``[rows, A, L]`` scale (times ``active``: zero scale is exactly text-only, ``where`` rather than ``0 * x``):
+        the pipeline's ``[A, L]`` on every row, or a batched call's own row per request."""
         out = {f"ip_tokens_{a}": self.token_buffer(a, rows) for a in range(len(self.entries))}
-        out["ip_scale"] = self.context.scale_eff * self.active
+        scale = self.context.scale_eff * self.active
+        out["ip_scale"] = (scale.expand(rows, *scale.shape) if scale.ndim == 2 else scale).contiguous()
         return out
 
 

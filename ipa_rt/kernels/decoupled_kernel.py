@@ -9,7 +9,8 @@ accumulator) per key segment — the text, then each image segment — folds the
 fp32 output accumulator with its weight, and writes the output once, already in the ``[B, N, H·d]`` layout
 that ``to_out`` reads. Segments never share a softmax: that is IP-Adapter's decoupled attention.
 
-Scales are read from a device tensor (a strided view of the ``[adapters, layers]`` scale tensor), so a
+Scales are read from a device tensor (a strided view of the ``[adapters, layers]`` scale tensor, or of
+``[rows, adapters, layers]`` when each batch row has its own), so a
 scale change needs no recompilation, no new launch configuration and no host sync. A zero weight selects
 exact zeros (``where``), so an overflowing image branch cannot leak NaN.
 """
@@ -120,7 +121,7 @@ if HAVE_TRITON:
     def _decoupled_fwd(
         Q, KT, VT, KI, VI, OUT, SEG_OFF, SEG_ADAPTER, SCALE, MASK,
         stride_qb, stride_qh, stride_qn, stride_tb, stride_th, stride_tn, stride_ib, stride_ih, stride_in,
-        stride_ob, stride_on, stride_scale, stride_ms, stride_mb,
+        stride_ob, stride_on, stride_sb, stride_scale, stride_ms, stride_mb,
         N, L_TEXT, H, qk_scale,
         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, NUM_SEG: tl.constexpr, HAS_MASK: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -160,7 +161,7 @@ if HAVE_TRITON:
         for s in range(NUM_SEG):  # a loop, not unrolled: one segment's registers, whatever the count
             start = tl.load(SEG_OFF + s)
             end = tl.load(SEG_OFF + s + 1)
-            w = tl.load(SCALE + tl.load(SEG_ADAPTER + s) * stride_scale).to(tl.float32)
+            w = tl.load(SCALE + b * stride_sb + tl.load(SEG_ADAPTER + s) * stride_scale).to(tl.float32)
             acc0, acc1, l_i = _segment(
                 q0, q1, ki, vi, stride_in, start, end, offs_n, offs_d0, offs_d1, HEAD_DIM, qk_scale, D0, TAIL, IEEE
             )
@@ -209,11 +210,13 @@ def kernel_args(
     """The kernel's runtime arguments and its compile-time constants for these inputs."""
     n, d = q.shape[2:]
     has_mask = mask is not None
+    per_row = scales.ndim == 2 and scales.shape[0] > 1  # [B, S]: each batch row its own weights; else broadcast
     args = (
         q, k_text, v_text, k_img, v_img, out, seg_offsets, seg_adapter, scales,
         mask if has_mask else scales,  # any pointer: never read when HAS_MASK is False
         q.stride(0), q.stride(1), q.stride(2), k_text.stride(0), k_text.stride(1), k_text.stride(2),
-        k_img.stride(0), k_img.stride(1), k_img.stride(2), out.stride(0), out.stride(1), scales.stride(0),
+        k_img.stride(0), k_img.stride(1), k_img.stride(2), out.stride(0), out.stride(1),
+        scales.stride(0) if per_row else 0, scales.stride(-1),
         mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0,
         n, k_text.shape[2], q.shape[1],
         (d**-0.5) * 1.4426950408889634,  # 1/√d folded with log2(e) for exp2
@@ -241,7 +244,8 @@ def launch(
 ) -> Tensor:
     """Run the kernel. Shapes: ``q [B,H,N,d]``, text K/V ``[B,H,L,d]``, image K/V ``[B,H,T,d]`` (segments laid
     end to end, boundaries in ``seg_offsets [S+1]`` int32, adapter of each in ``seg_adapter [S]`` int32),
-    ``scales [A]`` (any stride), ``mask [S,B,N]`` or None. Returns ``[B, N, H·d]`` in ``q``'s dtype.
+    ``scales [A]`` or ``[B, A]`` (per batch row; any strides), ``mask [S,B,N]`` or None. Returns ``[B, N, H·d]``
+    in ``q``'s dtype.
 
     ``config``: the launch configuration; by default the one tuned for this shape's key at pipeline build
     (:mod:`ipa_rt.kernels.tuning`), else the head dim's default. Nothing is tuned here, mid-request."""
