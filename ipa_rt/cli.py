@@ -1,4 +1,4 @@
-"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``doctor``, ``bench`` (also
+"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``doctor``, ``bench``, ``serve`` (also
 ``python -m ipa_rt``)."""
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 def _bench(argv: list[str]) -> int:
     """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
     default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
-    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile gpu`` and ``cpu-basic``
+    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
+    load on a local ``ipa_rt serve``), ``--profile gpu`` and ``cpu-basic``
     run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
     weights)."""
     import importlib.util
@@ -132,13 +133,13 @@ def _bench(argv: list[str]) -> int:
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else "cpu"
-    script = {"cpu": "cpu.py", "video": "video.py"}.get(profile, "harness.py")
+    script = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py"}.get(profile, "harness.py")
     if not (folder / script).is_file():
         print(
             f"ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/{script} not found)", file=sys.stderr
         )
         return 2
-    if script in ("cpu.py", "video.py"):
+    if script in ("cpu.py", "video.py", "serve.py"):
         argv = [a for i, a in enumerate(argv) if a != "--profile" and (i == 0 or argv[i - 1] != "--profile")]
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"ipa_rt_bench_{script[:-3]}", folder / script)
@@ -474,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    if argv[:1] == ["serve"]:  # its own parser: Ray is imported only when serving
+        from .serving.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":

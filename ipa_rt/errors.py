@@ -34,3 +34,12 @@ class ConfigError(IpaRtError):
 
 class EngineError(IpaRtError):
     """An engine directory is missing, broken (truncated file) or stale (other GPU, TensorRT version or weights)."""
+
+
+class RequestError(IpaRtError):
+    """A serving request (``ipa_rt serve``'s HTTP API) has a field that is missing, malformed or out of range:
+    ``status`` is the HTTP status it answers with, ``field`` the field it names."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status

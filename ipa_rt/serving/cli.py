@@ -1,0 +1,88 @@
+"""``ipa_rt serve``: start the Ray Serve application and keep it up until SIGINT/SIGTERM, then shut down gracefully.
+
+ipa_rt serve --example                              # tiny offline model, this machine, port 8000
+ipa_rt serve --config serve.json [--num-replicas 2] # your models
+ipa_rt serve --config serve.json --address auto     # on an existing Ray cluster (ray start --head / --address)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import ConfigError, IpaRtError
+from .config import ServeConfig, example_config
+
+OPTIONS = ("num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_queued_requests", "max_ongoing_requests",
+           "num_gpus", "num_cpus", "threads", "host", "port")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ipa_rt serve", description="Serve IP-Adapter generation over HTTP on Ray Serve.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--example", action="store_true", help="a tiny random model written here (offline, CPU)")
+    src.add_argument("--config", metavar="FILE", help="JSON serve config (models and options)")
+    p.add_argument("--address", default=None, help="Ray cluster ('auto': the running one); default: start one")
+    p.add_argument("--num-replicas", type=int, help="replicas per model")
+    p.add_argument("--max-batch-size", type=int, help="serve.batch: requests per UNet batch")
+    p.add_argument("--batch-wait-timeout-s", type=float, help="serve.batch: how long a batch waits to fill")
+    p.add_argument("--max-queued-requests", type=int, help="queued requests per model before 503")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests a replica holds at once")
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica (1: each replica its own GPU)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per replica")
+    p.add_argument("--threads", type=int, help="torch threads per replica")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    return p
+
+
+def config_from(args: argparse.Namespace, work: str) -> ServeConfig:
+    overrides = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    if args.example:
+        return example_config(work, **overrides)
+    config = ServeConfig.from_file(args.config)
+    config = dataclasses.replace(config, **overrides)
+    config.check()
+    return config
+
+
+def start(config: ServeConfig, address: str | None = None, **ray_init: Any):
+    """Connect to (or start) Ray, start Serve's HTTP proxy at the config's host and port, deploy the application.
+    Returns the gateway's handle."""
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, **ray_init)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    return serve.run(build_app(config), name="ipa_rt", route_prefix="/")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parser().parse_args(list(argv))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="ipa_rt-serve-") as work:
+        try:
+            config = config_from(args, work)
+            start(config, args.address)
+        except (IpaRtError, ConfigError) as exc:
+            print(f"ipa_rt serve: error: {exc}", file=sys.stderr)
+            return 2
+        models = ", ".join(config.models)
+        print(f"ipa_rt serve: {models} on http://{config.host}:{config.port}/v1/generate (Ctrl-C stops)", flush=True)
+        stop.wait()
+        from ray import serve
+
+        print("ipa_rt serve: shutting down (in-flight requests finish first)", flush=True)
+        serve.shutdown()
+    return 0
