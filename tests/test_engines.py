@@ -307,6 +307,7 @@ def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch
         return Path(path)
 
     monkeypatch.setattr(build, "export_onnx", flaky)
+    monkeypatch.setenv("IPA_RT_KEEP_EXPORTS", "0")  # fake exports must never be kept for the suite's real builds
     req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], height=32, width=32)
     with pytest.raises(RuntimeError, match="disk full"):
         build_engines(req, tmp_path / "out")

@@ -166,3 +166,33 @@ def test_serve_config_errors(tmp_path, capsys):
         ServeConfig.from_dict({**base, "max_batch_size": 8, "max_ongoing_requests": 4})
     with pytest.raises(ipa_rt.ConfigError, match="has no ip_adapter"):
         ServeConfig.from_dict({"models": {"m": {"base": "b"}}})
+
+
+def test_replica_groups_by_signature_and_answers_a_refused_request_alone(tmp_path, images):
+    """The replica's work without Ray: requests with other steps form their own UNet batch, and a request the
+    pipeline refuses (here a per-block scale naming no block) gets its 422 while its batch mates get images."""
+    import dataclasses
+
+    from ipa_rt.serving import protocol
+    from ipa_rt.serving.app import ModelServer
+    from ipa_rt.serving.config import example_config
+
+    config = example_config(tmp_path)
+    server = ModelServer(dataclasses.asdict(config.models["example"]), 8, 0.01, None)
+
+    def job(seed: int, steps: int = 2, **fields):
+        return protocol.parse({"prompt": f"p{seed}", "steps": steps, "seed": seed, **fields}, [], config)
+
+    bad = job(3)
+    bad.args.update(ip_adapter_image=[images[0]], ip_adapter_scale={"up": {"block_9": 1.0}})
+    answers = server._run([job(1), job(2, steps=3), bad, job(4)])
+    assert [a["status"] for a in answers] == [200, 200, 422, 200]
+    assert [a.get("batch") for a in answers] == [1, 1, None, 1]  # the refused group's members answered alone
+    assert "block_9" in answers[2]["error"]
+    again = server._run([job(1), job(4)])
+    assert [a["batch"] for a in again] == [2, 2]
+    import numpy as np
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(io.BytesIO(a["image"])), dtype=np.int16) for a in (again[0], answers[0])]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1  # the same request batched or alone: the same image (8-bit)

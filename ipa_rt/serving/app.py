@@ -100,9 +100,8 @@ class ModelServer:
             outputs = self.pipe.batch(requests)
         except torch.cuda.OutOfMemoryError as exc:  # the device is still sound: refuse this batch, stay healthy
             return [{"status": 503, "error": f"out of device memory ({exc})"} for _ in jobs]
-        except RuntimeError as exc:
-            if "CUDA" in str(exc):  # a sticky device fault: fail the health check so Ray replaces this replica
-                self.fault = str(exc)[:300]
+        except torch.AcceleratorError as exc:  # a sticky device fault: fail the health check so Ray replaces us
+            self.fault = str(exc)[:300]
             raise
         return [
             {"status": 200, "image": protocol.encode(o.images[0], job.format), "batch": len(jobs)}
