@@ -93,3 +93,23 @@ def rows_table(rows: list[dict]) -> list[str]:
             line += err + ("" if db is None else " inf" if math.isinf(db) else f" {db:.1f}") + " |"
         lines.append(line)
     return lines
+
+
+def serve_table(result: dict) -> list[str]:
+    """Markdown lines of a serve load test: the setting, then one row per max batch size."""
+    lines = [
+        f"{result['date']}, {result['model']}; {result['replicas']} replicas, {result['concurrency']} concurrent "
+        f"clients, {result['steps']} steps, size {result['size'] or 'default'}"
+        + (f"; one replica killed after {result['kill_after']} answers" if result["kill_after"] else ""),
+        "",
+        "| max batch | requests | ok | lost | errors | req/s | p50 s | p95 s | p99 s | requests by batch size |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lat, errors = r["latency_s"], ", ".join(f"{k}: {n}" for k, n in r["errors_by_status"].items()) or "-"
+        formed = ", ".join(f"{n}× size {k}" for k, n in r["batch_sizes_formed"].items())
+        lines.append(
+            f"| {r['max_batch_size']} | {r['requests']} | {r['ok']} | {r['lost']} | {errors} | {r['requests_per_s']} "
+            f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {formed} |"
+        )
+    return lines

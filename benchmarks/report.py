@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import rows_table
+from common import rows_table, serve_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -26,8 +26,11 @@ def table() -> str:
     for path in files:
         r = json.loads(path.read_text())
         env = r["environment"]
-        hw = env.get("gpu") or f"CPU ({env.get('cpu')}, {r['threads']} threads)"
         source = f"`benchmarks/results/{path.name}`"
+        if r.get("profile") == "serve":  # HTTP load test: throughput and latency per max batch size
+            lines += [f"**CPU ({env.get('cpu')})**, profile `serve` — {source}", "", *serve_table(r), ""]
+            continue
+        hw = env.get("gpu") or f"CPU ({env.get('cpu')}, {r['threads']} threads)"
         lines += [
             f"**{hw}**, profile `{r['profile']}`, {r['dtype']}, {r['date']} — {source}",
             "",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import environment, write_results
+from common import environment, serve_table, write_results
 
 from ipa_rt import testing as T
 from ipa_rt.serving.cli import start
@@ -163,19 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# ipa_rt bench — profile serve ({result['model']})", "",
-             f"{result['date']}, {result['environment'].get('cpu', 'CPU')}; {result['replicas']} replicas, "
-             f"{result['concurrency']} concurrent clients, {result['steps']} steps, size {result['size'] or 'default'}"
-             + (f"; one replica killed after {result['kill_after']} answers" if result["kill_after"] else ""), "",
-             "| max batch | requests | ok | lost | errors | req/s | p50 s | p95 s | p99 s | batch sizes formed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in result["runs"]:
-        lat = r["latency_s"]
-        lines.append(
-            f"| {r['max_batch_size']} | {r['requests']} | {r['ok']} | {r['lost']} | {r['errors_by_status'] or '-'} | "
-            f"{r['requests_per_s']} | {lat['p50']} | {lat['p95']} | {lat['p99']} | {r['batch_sizes_formed']} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"# ipa_rt bench — profile serve ({result['model']})", "", *serve_table(result)]) + "\n"
 
 
 def parser() -> argparse.ArgumentParser:

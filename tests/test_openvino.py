@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2, scoped_env
+from conftest import BATCH_RTOL, CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe, rel_l2, scoped_env
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxscript")
@@ -90,6 +90,17 @@ def test_sdxl_engines_built_transparently_match_diffusers(models, images, ov_eng
         want = ref("a cat", ip_adapter_image=images[1], latents=fixed_latents(), **CALL).images
         got = pipe("a cat", ip_adapter_image=[images[1]], latents=fixed_latents(), **CALL).images
         assert_parity(got, want, FAITHFUL_RTOL)
+
+
+def test_openvino_engines_read_a_batched_call_per_row_scales(images, ov_engines):
+    """``ip_scale`` with its row axis through OpenVINO (engines built for one image per call: one request, each
+    of its CFG rows reading its own row): the same as the ordinary call with that scale set."""
+    pipe = ov_engines["sdxl_pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    request = dict(prompt="a cat", ip_adapter_image=[images[2]], latents=fixed_latents(), **CALL)
+    (got,) = pipe.batch([dict(request, ip_adapter_scale=0.45)])
+    pipe.set_ip_adapter_scale(0.45)
+    assert_parity(got.images, pipe(**request).images, BATCH_RTOL)
 
 
 def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
