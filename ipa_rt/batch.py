@@ -52,6 +52,7 @@ def _check(pipe, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(requests, Mapping) or not isinstance(requests, Sequence) or not requests:
         raise ConfigError(f"batch() takes a non-empty list of requests (dicts of call arguments); got {requests!r}")
     defaults = call_arguments(pipe)
+    first = {**defaults, **requests[0]} if isinstance(requests[0], Mapping) else {}
     out = []
     for i, r in enumerate(requests):
         if not isinstance(r, Mapping):
@@ -64,9 +65,9 @@ def _check(pipe, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 raise ConfigError(f"request [{i}] passes {key}, which batch() cannot take ({why}): call it alone")
         args = {**defaults, **r}
         for key in SHARED:
-            if args[key] != {**defaults, **requests[0]}[key]:
+            if args[key] != first[key]:
                 raise ConfigError(
-                    f"request [{i}] has {key}={args[key]!r} but request [0] has {requests[0].get(key, defaults[key])!r}"
+                    f"request [{i}] has {key}={args[key]!r} but request [0] has {first[key]!r}"
                     f"; a batch shares {', '.join(SHARED)} (group requests by them)"
                 )
         out.append(args)
@@ -81,7 +82,7 @@ def _halves(parts: Sequence[Tensor], cfg: bool) -> Tensor:
     return torch.cat([*negatives, *positives])
 
 
-def _merge_conditions(pipe, conds: list, reqs: list[rq.Request], cfg: bool) -> tuple | None:
+def _merge_conditions(conds: list, reqs: list[rq.Request], cfg: bool) -> tuple | None:
     """One conditioner result for all rows: requests without an image prompt get zero embeddings (their rows have
     scale 0, so the image branch adds exact zeros)."""
     template = next((c for c in conds if c is not None), None)
@@ -155,7 +156,7 @@ def run_batch(pipe, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
     )
     latents = torch.cat([p.setup.latents for p in parts])
     dtype = text.embeds.dtype
-    conditions = _merge_conditions(pipe, [p.conditions for p in parts], reqs, cfg) if pipe.adapters else None
+    conditions = _merge_conditions([p.conditions for p in parts], reqs, cfg) if pipe.adapters else None
     setup = type(setup)(latents, setup.height, setup.width)
     if pipe.adapters is not None:
         rq.prepare_image_side(pipe, conditions, None, setup)

@@ -110,9 +110,10 @@ def test_bad_json_bodies(server):
 
 
 def test_a_full_queue_gets_503_with_retry_after(server):
-    """2 replicas x 4 ongoing + 4 queued: a burst of 32 overflows, the excess is refused at once, the rest served."""
+    """2 replicas x 4 ongoing + 4 queued: a burst of 32 overflows, the excess is refused at once, the rest served
+    (20 steps: the first batches are still running when the burst has arrived, however fast the machine)."""
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(lambda i: post(server, json={"prompt": f"p{i}", "steps": 8, "seed": i}), range(32)))
+        answers = list(pool.map(lambda i: post(server, json={"prompt": f"p{i}", "steps": 20, "seed": i}), range(32)))
     refused = [r for r in answers if r.status_code == 503]
     assert refused and all(r.headers["retry-after"] == "2" and r.json()["field"] == "model" for r in refused)
     assert all(r.status_code in (200, 503) for r in answers)

@@ -44,7 +44,7 @@ def error(status: int, field: str, message: str, headers: dict | None = None) ->
 def load_pipeline(spec: ModelSpec):
     """The replica's pipeline: ``Pipeline.from_pretrained`` with the spec's files and options."""
     from ..checkpoint import AdapterSource
-    from ..cli import DTYPES
+    from ..export.build import DTYPES
     from ..pipeline import Pipeline
 
     sources = []
