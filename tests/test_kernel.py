@@ -176,7 +176,7 @@ def test_head_dim_split_wastes_no_tensor_core_work_at_sd_dims():
 def test_tuned_configs_are_looked_up_by_bucketed_shape_key(monkeypatch):
     """A request only looks its configuration up (tuned at build, else the head dim's default): query length, B·H
     and token counts are bucketed to powers of two, so nearby sizes share one tuned entry."""
-    from ipa_rt.kernels import tuning
+    from ipa_rt.kernels import configs, tuning
 
     q = torch.empty(2, 8, 4000, 40).transpose(1, 2).transpose(1, 2)
     key = kmod.shape_key(q, torch.empty(2, 8, 77, 40), torch.empty(2, 8, 20, 40), None)
@@ -185,7 +185,7 @@ def test_tuned_configs_are_looked_up_by_bucketed_shape_key(monkeypatch):
     assert near == key
     assert tuning.config_for(key) == tuning.candidates("float32", 40)[0]
     chosen = tuning.candidates("float32", 40)[1]
-    monkeypatch.setitem(tuning._TUNED, key, chosen)
+    monkeypatch.setitem(configs._TUNED, key, chosen)  # the table the kernel reads
     assert tuning.config_for(near) == chosen
 
 
@@ -195,11 +195,11 @@ def test_tuning_picks_the_fastest_correct_candidate_once(monkeypatch, tmp_path):
     a second tuning of the same key runs nothing."""
     import triton.testing
 
-    from ipa_rt.kernels import tuning
+    from ipa_rt.kernels import configs, tuning
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "_machine", lambda: "test GPU|sm_90|triton x")
-    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(configs, "_TUNED", {})
     pool = tuning.candidates("float16", 40)
     assert len(pool) == 4
     checked, timed = [], []

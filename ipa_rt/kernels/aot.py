@@ -148,7 +148,7 @@ def sweep(archs, dtypes, head_dims, space: str = "candidates", **shape):
     """Compile every configuration of ``space`` (``candidates``: what the tuner may pick; ``defaults``: the first of
     them, what untuned keys such as masked calls run; ``all``: the 24-configuration space); yields a result dict per
     compile (``error`` set when it failed)."""
-    from .tuning import candidates
+    from .configs import candidates
 
     for arch in archs:
         for name in dtypes:

@@ -18,10 +18,11 @@ exact zeros (``where``), so an overflowing image branch cannot leak NaN.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .configs import KernelConfig, config_for, split_head_dim
 
 try:
     import triton
@@ -59,15 +60,6 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     if head_dim > MAX_HEAD_DIM or head_dim < 1:
         return f"head dim {head_dim} is outside 1..{MAX_HEAD_DIM}"
     return None
-
-
-def split_head_dim(d: int) -> tuple[int, int]:
-    """Head dim as two power-of-two tiles ``(D0, D1)`` (``D1 = 0``: one tile), each at least 16 (``tl.dot``'s
-    minimum): 40 -> 32+16, 64 -> 64, 80 -> 64+16, 160 -> 128+32. Padding 40/80/160 to one power of two would
-    waste 37.5% of the tensor-core work; split, 80 and 160 waste none and 40 wastes 17%."""
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    rest = d - d0
-    return d0, (max(16, 1 << (rest - 1).bit_length()) if rest > 0 else 0)
 
 
 if HAVE_TRITON:
@@ -182,19 +174,6 @@ if HAVE_TRITON:
             tl.store(o_row + D0 + offs_d1[None, :], out1.to(OUT.dtype.element_ty), mask=m_ok & d1_ok)
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """One launch configuration: query rows and keys per block, warps, software-pipelining stages."""
-
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-
-    def __str__(self) -> str:
-        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.warps} stages={self.stages}"
-
-
 def kernel_args(
     q: Tensor,
     k_text: Tensor,
@@ -265,8 +244,6 @@ def launch(
         _decoupled_fwd[(triton.cdiv(n, block_m), b * h)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
         return out
     if config is None:
-        from .tuning import config_for
-
         config = config_for(shape_key(q, k_text, k_img, mask))
     grid = (triton.cdiv(n, config.block_m), b * h)
     _decoupled_fwd[grid](

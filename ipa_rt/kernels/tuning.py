@@ -1,4 +1,5 @@
-"""Launch configurations of the fused kernel: the pruned candidates, the defaults, and tuning at pipeline build.
+"""Tuning of the fused kernel's launch configurations at pipeline build (the candidates and defaults are in
+:mod:`.configs`).
 
 Candidates per (dtype class, head dim split) are the configurations that compile on sm_80 and sm_90 with no
 register spills and within shared memory (checked in CI by ``tests/test_kernel_aot.py``, which compiles every
@@ -19,39 +20,17 @@ import torch
 
 from ..cache import cache_root
 from ..checkpoint import atomic_write_bytes
-from .decoupled_kernel import KernelConfig, split_head_dim
+from . import configs
+from .configs import KernelConfig, candidates, config_for, default_config
+from .decoupled_kernel import launch
+
+# The candidates, defaults and the table of tuned choices live in .configs, shared with the kernel (which only
+# reads the table); they are re-exported here, where tuning's users have always found them.
+__all__ = ["KernelConfig", "cache_file", "candidates", "config_for", "default_config", "tune"]
 
 C = KernelConfig
 
-_TUNED: dict[tuple, KernelConfig] = {}
 _LOCK = threading.Lock()
-
-
-def candidates(dtype: str, head_dim: int) -> list[KernelConfig]:
-    """The configurations tuning may pick for a dtype name (``"float16"``, ``"bfloat16"``, ``"float32"``) and a
-    head dim, default first. Pruned from the 24-configuration space by compiling it ahead of time for sm_80 and sm_90
-    (``python -m ipa_rt.kernels.aot``): only configurations that spill no registers and fit shared memory on both
-    for the split head dims of SD1.5 (40 = 32+16, 80 = 64+16, 160 = 128+32) and SDXL (64) remain."""
-    d0, d1 = split_head_dim(head_dim)
-    width = d0 + d1
-    if dtype == "float32":  # exact fp32 FMA, no tensor cores (parity checks): small tiles stay in registers
-        return [C(32, 32, 4, 2), C(32, 16, 4, 2)] if width <= 128 else [C(16, 16, 4, 2)]
-    if width <= 64:
-        return [C(128, 64, 8, 2), C(128, 32, 4, 2), C(64, 64, 4, 3), C(128, 32, 8, 3)]
-    if width <= 128:
-        return [C(128, 32, 8, 2), C(64, 64, 4, 2), C(128, 64, 8, 2), C(64, 32, 4, 3)]
-    return [C(64, 32, 4, 2), C(128, 32, 8, 2), C(64, 32, 8, 3), C(128, 16, 8, 2)]
-
-
-def default_config(key: tuple) -> KernelConfig:
-    return candidates(key[0], key[1])[0]
-
-
-def config_for(key: tuple) -> KernelConfig:
-    """The tuned configuration for a shape key (:func:`~ipa_rt.kernels.decoupled_kernel.shape_key`), else the
-    head dim's default."""
-    found = _TUNED.get(key)
-    return found if found is not None else default_config(key)
 
 
 def cache_file() -> Path:
@@ -78,8 +57,6 @@ def tune(problems: Iterable[tuple], reps: int = 20) -> dict[tuple, KernelConfig]
     this GPU and Triton version (with a configuration still among the candidates) are not run again."""
     from triton.testing import do_bench
 
-    from .decoupled_kernel import launch
-
     machine = _machine()
     with _LOCK:
         disk = _load()
@@ -105,7 +82,7 @@ def tune(problems: Iterable[tuple], reps: int = 20) -> dict[tuple, KernelConfig]
             if best is not None:
                 chosen[key] = best
                 known[name], new = [best.block_m, best.block_n, best.warps, best.stages], True
-        _TUNED.update(chosen)
+        configs.remember(chosen)
         if new:
             disk[machine] = known
             atomic_write_bytes(cache_file(), json.dumps(disk, indent=1).encode())
