@@ -1,5 +1,6 @@
 """ipa_rt: an inference runtime for IP-Adapter on Stable Diffusion UNets that matches diffusers' output."""
 
+from ._version import __version__
 from .checkpoint import AdapterSource
 from .conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
 from .errors import (
@@ -14,8 +15,6 @@ from .errors import (
 from .pipeline import Pipeline, PipelineOutput, from_diffusers
 from .scale import PRESETS, scale_preset
 from .video import AnimateDiffPipeline, VideoPipelineOutput
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",

@@ -26,6 +26,7 @@ from . import request as rq
 from .control import load_folders
 from .core import PipelineCore
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from .export.build import register_video_pipeline
 from .models import BaseModel
 from .runtime import StepInputs
 
@@ -83,6 +84,7 @@ def motion_unet(model: BaseModel, adapter: Any) -> torch.nn.Module:
     return unet.eval()  # from_unet2d keeps the base UNet's dtype
 
 
+@register_video_pipeline  # video builds load their models through this class
 class AnimateDiffPipeline(PipelineCore):
     """AnimateDiff clips with IP-Adapter, the stills runtime underneath (see the module docstring).
 

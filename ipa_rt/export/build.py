@@ -315,15 +315,29 @@ def build_engines(
     return out
 
 
+# The classes that load a build's models, by kind. ipa_rt.video registers the video one when it is imported (as
+# `import ipa_rt` always does): the export layer serves the pipelines and never imports them.
+_PIPELINES: dict[str, type[PipelineCore]] = {"stills": PipelineCore}
+
+
+def register_video_pipeline(cls: type[PipelineCore]) -> type[PipelineCore]:
+    """Class decorator: ``cls.from_pretrained(..., motion_adapter=...)`` loads the models of video builds."""
+    _PIPELINES["video"] = cls
+    return cls
+
+
+def _pipeline_class(req: BuildRequest) -> type[PipelineCore]:
+    kind = "video" if req.motion_adapter else "stills"
+    if kind not in _PIPELINES:  # only if ipa_rt.video was never imported, which `import ipa_rt` rules out
+        raise ConfigError("video builds load through ipa_rt.AnimateDiffPipeline; import ipa_rt.video first")
+    return _PIPELINES[kind]
+
+
 def _build(req, out: Path, sources, ident, device, say) -> None:
     stages_done = time.perf_counter()
     say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
     video = {"motion_adapter": req.motion_adapter} if req.motion_adapter else {}
-    if video:
-        from ..video import AnimateDiffPipeline as cls
-    else:
-        cls = PipelineCore
-    pipe = cls.from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
+    pipe = _pipeline_class(req).from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
         req.base,
         [s for s in req.sources()],
         req.image_encoder,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..checkpoint import atomic_write_bytes
 from ..errors import EngineError
 
@@ -47,8 +48,6 @@ def file_record(path: Path, known: dict[str, Any] | None = None) -> dict[str, An
 
 def versions() -> dict[str, str | None]:
     """Versions of everything an engine's bytes or numerics depend on."""
-    from .. import __version__
-
     out: dict[str, str | None] = {"ipa_rt": __version__, "torch": torch.__version__}
     for name in ("onnx", "onnxruntime", "tensorrt", "openvino", "nncf", "diffusers", "transformers"):
         try:
