@@ -1,0 +1,67 @@
+"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``doctor``, ``bench``, ``serve`` (also
+``python -m ipa_rt``).
+
+A thin parser: each command family lives in its own module (``generate``, ``build``, ``inspect``, ``demo``,
+``doctor``, ``bench`` here, ``serve`` in :mod:`ipa_rt.serving.cli`), which adds its subparser and runs it.
+:func:`build_parser` assembles the complete parser (the documentation's CLI reference is generated from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .._version import __version__
+from ..errors import IpaRtError
+from . import bench, build, demo, doctor, generate, inspect
+from .common import DTYPES, default_backend
+from .inspect import describe
+
+__all__ = ["DTYPES", "build_parser", "default_backend", "describe", "main"]
+
+# Subcommands in the order `ipa_rt --help` lists them; bench is parsed only for that listing (main hands its
+# arguments to the benchmark script untouched).
+FAMILIES = (generate, build, demo, doctor, inspect, bench)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "generate": generate.run,
+    "build": build.run,
+    "inspect": inspect.run,
+    "demo": demo.run,
+    "doctor": doctor.run,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The complete ``ipa_rt`` parser, every subcommand included except ``serve`` (its own parser,
+    :func:`ipa_rt.serving.cli.parser`, so that Ray is imported only when serving)."""
+    parser = argparse.ArgumentParser(
+        prog="ipa_rt", description="IP-Adapter inference runtime for SD1.5/SDXL that matches diffusers."
+    )
+    parser.add_argument("--version", action="version", version=f"ipa_rt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in FAMILIES:
+        family.add_parser(sub)
+    return parser
+
+
+_parser = build_parser  # the name it had before the CLI became a package
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench.run(argv[1:])
+    if argv[:1] == ["serve"]:  # its own parser: Ray is imported only when serving
+        from ..serving.cli import main as serve_main
+
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        run = COMMANDS.get(args.command)
+        code = run(args) if run is not None else None
+    except IpaRtError as exc:
+        print(f"ipa_rt: error: {exc}", file=sys.stderr)
+        return 2
+    return code or 0
+

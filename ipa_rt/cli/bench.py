@@ -1,0 +1,40 @@
+"""``ipa_rt bench``: a front of the benchmarks in the source checkout (their own arguments pass through)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``bench``: every argument belongs to the benchmark script, so none are parsed here."""
+    bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+
+def run(argv: list[str]) -> int:
+    """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
+    default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
+    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
+    load on a local ``ipa_rt serve``), ``--profile gpu`` and ``cpu-basic``
+    run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
+    weights)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"  # ipa_rt/cli/bench.py -> the checkout
+    profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else "cpu"
+    script = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py"}.get(profile, "harness.py")
+    if not (folder / script).is_file():
+        print(
+            f"ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/{script} not found)", file=sys.stderr
+        )
+        return 2
+    if script in ("cpu.py", "video.py", "serve.py"):
+        argv = [a for i, a in enumerate(argv) if a != "--profile" and (i == 0 or argv[i - 1] != "--profile")]
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"ipa_rt_bench_{script[:-3]}", folder / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main(argv)

@@ -1,0 +1,70 @@
+"""``ipa_rt build``: export every network to ONNX and build engines into a directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``build``: the engine directory's request, one flag per field of ``BuildRequest``."""
+    build = sub.add_parser(
+        "build",
+        help="export to ONNX and build ONNX Runtime / TensorRT engines",
+        description="Export every network and build engines into DIR (with manifest.json).",
+    )
+    build.add_argument("base", help="diffusers base model folder or hub id")
+    build.add_argument("--ip-adapter", action="append", required=True, metavar="FILE", help="adapter; repeatable")
+    build.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
+    build.add_argument("--backend", choices=("onnxruntime", "tensorrt", "openvino"), default="onnxruntime")
+    build.add_argument("--height", type=int, default=512)
+    build.add_argument("--width", type=int, default=512)
+    build.add_argument("--batch", type=int, default=1, help="images per call the engines serve (x2 with CFG)")
+    build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export dtype (TensorRT, ORT)")
+    build.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="OpenVINO: fp32 (faithful), bf16, int8 (int8 UNet weights)",
+    )
+    build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
+    build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
+    build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
+    build.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
+    build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
+    build.add_argument("--motion-adapter", metavar="DIR", help="AnimateDiff MotionAdapter: video engines (onnxruntime)")
+    build.add_argument("--frames", type=int, default=16, help="frames per clip of video engines (static)")
+    build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
+
+
+def run(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from ..export.build import BuildRequest, build_engines
+
+    req = BuildRequest(
+        base=args.base,
+        ip_adapter=args.ip_adapter,
+        image_encoder=args.image_encoder,
+        backend=args.backend,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        dtype=args.dtype,
+        precision=args.precision,
+        lora=args.lora,
+        controlnet=args.controlnet,
+        t2i_adapter=args.t2i_adapter,
+        vae=args.vae,
+        motion_adapter=args.motion_adapter,
+        frames=args.frames if args.motion_adapter else 0,
+    )
+    req.check()
+    with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:
+
+        def progress(message: str) -> None:
+            bar.update()
+            bar.set_postfix_str(message[:60])
+            tqdm.write(message, file=sys.stdout)
+
+        build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
