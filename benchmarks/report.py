@@ -1,8 +1,10 @@
-"""Regenerate README's performance table from the committed ``ipa_rt bench`` results files.
+"""Regenerate the performance page's tables (docs/performance.md) from the committed ``ipa_rt bench`` results files.
 
-The table sits between the two marker lines below in README.md; every number in it comes from a file in
-``benchmarks/results/`` and names the hardware and the file. ``python benchmarks/report.py`` rewrites it;
-``--check`` exits 1 if README differs from what the files say (the test suite runs that).
+The tables sit between the two marker lines below in docs/performance.md; every number in them comes from a file
+in ``benchmarks/results/``, and each table names the hardware and links its results files (the documentation
+site serves ``benchmarks/results/`` as ``results/``: docs/hooks/results_files.py) and shows the file's plot when
+one was written. ``python benchmarks/report.py`` rewrites the page; ``--check`` exits 1 if it differs from what
+the files say (the test suite runs that).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from common import rows_table, serve_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "performance.md"
+LINKED = "results/"  # benchmarks/results/ as the page links it (relative to docs/)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -26,16 +30,24 @@ def table() -> str:
     for path in files:
         r = json.loads(path.read_text())
         env = r["environment"]
-        source = f"`benchmarks/results/{path.name}`"
+        source = " · ".join(
+            f"[`benchmarks/results/{p.name}`]({LINKED}{p.name})" for p in (path, path.with_suffix(".md")) if p.is_file()
+        )
+        plot = path.with_suffix(".png")
         if r.get("profile") == "serve":  # HTTP load test: throughput and latency per max batch size
-            lines += [f"**CPU ({env.get('cpu')})**, profile `serve` — {source}", "", *serve_table(r), ""]
+            title = f"### CPU ({env.get('cpu')}), profile `serve`, {r['model']}, {r['date']}"
+            lines += [title, "", source, "", *serve_table(r), ""]
             continue
         hw = env.get("gpu") or f"CPU ({env.get('cpu')}, {r['threads']} threads)"
         lines += [
-            f"**{hw}**, profile `{r['profile']}`, {r['dtype']}, {r['date']} — {source}",
+            f"### {hw}, profile `{r['profile']}`, {r['dtype']}, {r['date']}",
+            "",
+            source,
             "",
             *rows_table(r["rows"]),
         ]
+        if plot.is_file():
+            lines += ["", f"![{path.stem}: median ms per workload and system]({LINKED}{plot.name})"]
         if "peaks" in r:  # the CPU profile: the machine's matmul peaks and how close each UNet step comes
             lines.append(
                 f"\nMatmul peaks measured in the same run: fp32 {r['peaks']['fp32']:.0f} GFLOP/s, bf16 "
@@ -52,21 +64,23 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def render(readme: str) -> str:
-    head, _, rest = readme.partition(BEGIN)
+def render(page: str) -> str:
+    head, _, rest = page.partition(BEGIN)
     _, _, tail = rest.partition(END)
     return f"{head}{BEGIN}\n{table()}{END}{tail}"
 
 
 def main(argv: list[str]) -> int:
-    readme = (ROOT / "README.md").read_text()
-    if BEGIN not in readme or END not in readme:
-        print("README.md has no bench markers", file=sys.stderr)
+    page = PAGE.read_text()
+    if BEGIN not in page or END not in page:
+        print(f"{PAGE.relative_to(ROOT)} has no bench markers ({BEGIN} ... {END})", file=sys.stderr)
         return 1
-    new = render(readme)
+    new = render(page)
     if "--check" in argv:
-        return 0 if new == readme else 1
-    (ROOT / "README.md").write_text(new)
+        if new != page:
+            print(f"{PAGE.relative_to(ROOT)} is stale: run python benchmarks/report.py", file=sys.stderr)
+        return 0 if new == page else 1
+    PAGE.write_text(new)
     return 0
 
 
