@@ -73,7 +73,15 @@ def peak_memory_mb(device: torch.device) -> float:
 class Bench:
     """One family's pipelines and the systems that can run on this device."""
 
-    def __init__(self, family: str, files: dict, device: torch.device, dtype: torch.dtype, size: int) -> None:
+    def __init__(
+        self,
+        family: str,
+        files: dict,
+        device: torch.device,
+        dtype: torch.dtype,
+        size: int,
+        only: list[str] | None = None,
+    ) -> None:
         import diffusers
 
         cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
@@ -93,6 +101,7 @@ class Bench:
         self.ours.set_progress_bar_config(disable=True)
         self.family, self.device, self.dtype, self.size = family, device, dtype, size
         self.compile_s: float | None = None
+        self.only = only  # run only these systems (the GPU kit skips diffusers+compile: minutes of autotuning)
 
     # which implementation owns the shared UNet's processors
     def use(self, system: str) -> None:
@@ -114,7 +123,7 @@ class Bench:
         out = ["diffusers", "ipa_rt"]
         if self.device.type == "cuda":
             out += ["diffusers+compile", "ipa_rt+triton", "ipa_rt+graphs"]
-        return out
+        return out if self.only is None else [s for s in out if s in self.only]
 
     def call(self, system: str, steps: int, guidance: float, image=None, output_type="pil"):
         kw = dict(

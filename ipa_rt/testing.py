@@ -214,14 +214,16 @@ class _Rand:
     def __init__(self, seed: int) -> None:
         self.g = torch.Generator().manual_seed(seed)
 
+    # device="cpu" everywhere: the same values under a ``with torch.device("cuda")`` block (the GPU kit's fast init)
     def linear(self, out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=self.g) * in_f**-0.5
+        return torch.randn(out_f, in_f, generator=self.g, device="cpu") * in_f**-0.5
 
     def bias(self, n: int) -> torch.Tensor:
-        return torch.randn(n, generator=self.g) * 0.1
+        return torch.randn(n, generator=self.g, device="cpu") * 0.1
 
     def norm(self, prefix: str, n: int) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.weight": 1 + 0.1 * torch.randn(n, generator=self.g), f"{prefix}.bias": self.bias(n)}
+        weight = 1 + 0.1 * torch.randn(n, generator=self.g, device="cpu")
+        return {f"{prefix}.weight": weight, f"{prefix}.bias": self.bias(n)}
 
 
 def _resampler(r: _Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
@@ -253,7 +255,7 @@ def _image_proj(variant: str, r: _Rand, cross: int, enc: dict[str, int]) -> dict
         } | r.norm("proj.3", cross)
     if variant == "plus":
         width = 64
-        sd = {"latents": torch.randn(1, 16, width, generator=r.g) / width**0.5}
+        sd = {"latents": torch.randn(1, 16, width, generator=r.g, device="cpu") / width**0.5}
         sd |= {"proj_in.weight": r.linear(width, hidden), "proj_in.bias": r.bias(width)}
         sd |= {"proj_out.weight": r.linear(cross, width), "proj_out.bias": r.bias(cross)}
         return sd | r.norm("norm_out", cross) | _resampler(r, width, heads=1)
