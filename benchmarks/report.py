@@ -15,6 +15,9 @@ from pathlib import Path
 
 from common import rows_table, serve_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+from first_light import targets_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "performance.md"
@@ -29,11 +32,16 @@ def table() -> str:
     lines = []
     for path in files:
         r = json.loads(path.read_text())
-        env = r["environment"]
+        env = r.get("environment", {})  # a first-light run keeps it in its environment stage
         source = " · ".join(
             f"[`benchmarks/results/{p.name}`]({LINKED}{p.name})" for p in (path, path.with_suffix(".md")) if p.is_file()
         )
         plot = path.with_suffix(".png")
+        if r.get("kit") == "benchmarks/gpu/first_light.py":  # a GPU first-light run: its targets, then its tables
+            env = r["stages"]["environment"]["result"].get("environment", {})
+            title = f"### {env.get('gpu')}, GPU first light, {r['date']}"
+            lines += [title, "", source, "", *targets_table(r["targets"]), ""]
+            continue
         if r.get("profile") == "serve":  # HTTP load test: throughput and latency per max batch size
             title = f"### CPU ({env.get('cpu')}), profile `serve`, {r['model']}, {r['date']}"
             lines += [title, "", source, "", *serve_table(r), ""]

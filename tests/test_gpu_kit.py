@@ -72,7 +72,7 @@ def test_first_light_rehearsal(tmp_path):
     assert md.startswith("# GPU first light") and "## Targets" in md and "## sdxl" in md and "## AnimateDiff" in md
 
 
-def test_first_light_time_boxes_and_failures(tmp_path):
+def test_first_light_time_boxes_and_failures(tmp_path, monkeypatch):
     """A stage over its box is killed and recorded, a failing stage is recorded, and the next stage still runs."""
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, str(KIT / "first_light.py"), str(out), "--rehearse", "--work", str(work)]
@@ -86,6 +86,24 @@ def test_first_light_time_boxes_and_failures(tmp_path):
     assert report["stages"]["environment"]["status"] == "ok"  # the stage after a failure still ran
     assert {t["target"]: t["met"] for t in report["targets"]}["doctor_failed_rows"] is None  # not measured
     assert "timed out" in (out / "first-light.log").read_text()
+    # a real run's files get their commit names, and the performance page renders their targets
+    sys.path.insert(0, str(KIT.parent))
+    sys.path.insert(0, str(KIT))
+    import collect
+    import report as bench_report
+
+    with pytest.raises(SystemExit, match="rehearsal"):
+        collect.collect(out, tmp_path)
+    report["rehearse"] = False
+    report["stages"]["environment"]["result"] = {"environment": {"gpu": "NVIDIA H200"}}
+    (out / "first-light.json").write_text(json.dumps(report))
+    results = tmp_path / "results"
+    results.mkdir()
+    names = [p.name for p in collect.collect(out, results, regenerate=False)]
+    assert names == [f"{report['date']}-first-light-nvidia-h200.{s}" for s in ("json", "md", "log")]
+    monkeypatch.setattr(bench_report, "RESULTS", results)
+    page = bench_report.table()
+    assert f"### NVIDIA H200, GPU first light, {report['date']}" in page and "| doctor_failed_rows |" in page
 
 
 def test_gpu_kit_wheels_size(tmp_path):

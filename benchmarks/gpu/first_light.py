@@ -159,6 +159,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each target, what it measures, wanted, measured, met (— where not measured), shortfall."""
+    lines = ["| target | what | wanted | measured | met | short by |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        met = "—" if t["met"] is None else "yes" if t["met"] else "no"
+        short = f"{t['short_by']:.2f}x" if t.get("short_by") else "—"
+        lines.append(f"| {t['target']} | {t['what']} | {t['wanted']} | {_fmt(t['measured'])} | {met} | {short} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["stages"].get("environment", {}).get("result", {}).get("environment", {})
     hw = env.get("gpu") or f"CPU rehearsal ({env.get('cpu')})"
@@ -177,13 +187,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | what | wanted | measured | met | short by |",
-        "|---|---|---|---|---|---|",
+        *targets_table(report["targets"]),
     ]
-    for t in report["targets"]:
-        met = "—" if t["met"] is None else "yes" if t["met"] else "no"
-        short = f"{t['short_by']:.2f}x" if t.get("short_by") else "—"
-        lines.append(f"| {t['target']} | {t['what']} | {t['wanted']} | {_fmt(t['measured'])} | {met} | {short} |")
     doctor = report["stages"].get("doctor", {}).get("result", {})
     if doctor.get("checks"):
         lines += [
