@@ -13,6 +13,16 @@ import torch
 
 from ipa_rt.kernels import fused_available
 
+# The same fp32 operations as diffusers, in the same order, yet not bitwise on every CPU: on a 2-core AMD EPYC
+# (AVX512_BF16, no AMX) the LCM rows of these benchmarks came out 1.7e-7 / 1.9e-7 from diffusers while the CFG rows
+# and the Python API's LCM parity stayed bitwise. Emulating that CPU on Intel (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) stays bitwise, so the cause is not ATen's vector width nor oneDNN's ISA;
+# the suspect left is the BLAS's vendor- and alignment-dependent sgemm kernels (the benchmark process places the
+# two pipelines' tensors at other addresses than a test does). Bitwise is what no CPU guarantees here, so these
+# assert a few ulps through 4 steps: 1e-6 relative L2, five times what was observed, a hundredth of the parity
+# tolerance (1e-4) the engines are held to.
+SAME_ARITHMETIC_RTOL = 1e-6
+
 
 @pytest.mark.skipif(
     fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float16, 64) is not None,
@@ -72,13 +82,13 @@ def test_bench_harness_tiny(tmp_path):
     assert (tmp_path / "tiny-cpu.png").stat().st_size > 0 and (tmp_path / "tiny-cpu.md").exists()
 
 
-def test_readme_performance_table_matches_results_files():
+def test_performance_page_matches_results_files():
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location("bench_report", folder / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    assert report.main(["--check"]) == 0, "README's table is stale: run python benchmarks/report.py"
+    assert report.main(["--check"]) == 0, "docs/performance.md is stale: run python benchmarks/report.py"
 
 
 def test_bench_harness_on_a_given_model_folder(models, tmp_path):
@@ -143,7 +153,8 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     assert workloads == {"LCM 4 steps end to end", "25 steps CFG end to end", "one denoising step",
                          "change image prompt", "change scale"}  # fmt: skip
     assert all("latent_rel_l2" in r and "psnr_db" in r for r in result["rows"])
-    assert result["errors"]["ipa_rt torch fp32@32"]["latent_rel_l2"] == 0.0  # the faithful torch path: bitwise
+    # the faithful torch path: diffusers' arithmetic in diffusers' order (bitwise on the Intel AMX machines)
+    assert result["errors"]["ipa_rt torch fp32@32"]["latent_rel_l2"] <= SAME_ARITHMETIC_RTOL
     assert result["peaks"]["fp32"] > 0 and result["peaks"]["bf16"] > 0 and result["unet_flops_per_row"]["32"] > 0
     summary = result["summary"]
     assert set(summary["targets"]) == {
@@ -169,6 +180,6 @@ def test_video_benchmark_tiny(tmp_path):
         for w in ("AnimateLCM 4 steps end to end", "CFG end to end")
     }  # fmt: skip
     assert all(r["median_ms"] > 0 for r in result["rows"])
-    assert all(r["latent_rel_l2"] == 0.0 for r in result["rows"])
+    assert all(r["latent_rel_l2"] <= SAME_ARITHMETIC_RTOL for r in result["rows"])
     assert set(result["speedup_vs_diffusers"]) == {"AnimateLCM 4 steps end to end", "CFG end to end"}
     assert (tmp_path / "tiny-video-cpu.md").read_text().count("| sd15 4 frames 32² |") == 4
