@@ -17,6 +17,7 @@ exact zeros (``where``), so an overflowing image branch cannot leak NaN.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,6 +56,8 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         return "triton is not installed"
     if device.type != "cuda" and not interpreting():
         return f"device {device.type} needs TRITON_INTERPRET=1 (the Triton interpreter) to run the kernel"
+    if device.type != "cuda" and (problem := interpreter_problem()) is not None:
+        return problem
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported"
     if head_dim > MAX_HEAD_DIM or head_dim < 1:
@@ -62,7 +65,32 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return None
 
 
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernel, else ``None``. Triton 3.6's interpreter turns a scalar
+    argument into a one-element array, and NumPy >= 2.4 refuses to make a loop bound of one: the kernel's loops
+    over key blocks then raise. Probed once by a three-iteration loop to a runtime bound."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _probe_loop[(1,)](out, 3)
+    except Exception as exc:
+        import numpy
+
+        return (
+            f"the Triton {triton.__version__} interpreter cannot loop to a runtime bound with NumPy "
+            f"{numpy.__version__} ({type(exc).__name__}); numpy<2.4 or a newer triton runs it"
+        )
+    return None if out.item() == 3 else "the Triton interpreter miscounted a loop (probe)"
+
+
 if HAVE_TRITON:
+
+    @triton.jit
+    def _probe_loop(OUT, n):
+        acc = 0
+        for _ in range(0, n, 1):
+            acc += 1
+        tl.store(OUT, acc)
 
     @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
