@@ -6,6 +6,7 @@ from typing import Any
 
 import diffusers
 
+from .console import hushed
 from .errors import ConfigError
 
 # name (case-insensitive) -> (diffusers class, config overrides)
@@ -39,4 +40,5 @@ def make_scheduler(name_or_scheduler: Any, base_scheduler: Any) -> Any:
             f"scheduler {name_or_scheduler!r} is unknown; expected one of {sorted(SCHEDULERS)} or a diffusers "
             "scheduler class name such as 'DDIMScheduler'"
         )
-    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **overrides)
+    with hushed("diffusers"):  # its note on the other scheduler's config keys it ignores is not the user's to act on
+        return getattr(diffusers, cls_name).from_config(base_scheduler.config, **overrides)

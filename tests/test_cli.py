@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,17 +19,32 @@ def test_help_runs_as_module():
 
 
 def test_generate_example_offline(tmp_path, capsys):
-    """The default backend on a CPU is the fastest installed (OpenVINO here: engines built once into the cache), and
-    the fast decoder works through it; the command says what runs."""
-    from ipa_rt.cli import default_backend
-
+    """The example runs on PyTorch by default (a first image in seconds); an engine backend builds its engines once
+    into the cache, and the fast decoder works through it; the command says what runs."""
     target = tmp_path / "out.png"
-    assert main(["generate", "--example", "--vae", "taesd", "-o", str(target)]) == 0
+    assert main(["generate", "--example", "-o", str(target)]) == 0
+    assert "backend torch, precision float32, decoder AutoencoderKL" in capsys.readouterr().out
+    assert main(["generate", "--example", "--backend", "openvino", "--vae", "taesd", "-o", str(target)]) == 0
     image = np.asarray(Image.open(target))
     assert image.shape == (32, 32, 3)
     assert image.std() > 0  # a real decode, not a blank file
     out = capsys.readouterr().out
-    assert f"backend {default_backend('cpu')}, precision fp32, decoder AutoencoderTiny" in out and "wrote" in out
+    assert "backend openvino, precision fp32, decoder AutoencoderTiny" in out and "wrote" in out
+
+
+def test_example_console_is_quiet(tmp_path):
+    """What a newcomer sees, line by line: ipa_rt's own lines and the denoising bar, no third-party chatter
+    (torchvision fallbacks, transformers' bars for the files the example writes); -v brings it back."""
+    env = dict(os.environ, IPA_RT_CACHE=str(tmp_path / "cache"))
+    env.pop("IPA_RT_VERBOSE", None)
+    cmd = [sys.executable, "-m", "ipa_rt", "generate", "--example", "-o", str(tmp_path / "a.png")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [part for line in (out.stdout + out.stderr).splitlines() for part in line.split("\r") if part.strip()]
+    assert lines and all(line.startswith(("ipa_rt", "denoising", "wrote")) for line in lines), lines
+    loud = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0 and "Writing model shards" in loud.stderr  # transformers' bars, when asked for
+
 
 
 def test_generate_two_adapters(models, images, tmp_path):

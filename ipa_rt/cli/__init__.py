@@ -13,12 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .._version import __version__
+from ..console import quiet_process
 from ..errors import IpaRtError
 from . import bench, build, demo, doctor, generate, inspect
 from .common import DTYPES, default_backend
 from .inspect import describe
 
 __all__ = ["DTYPES", "build_parser", "default_backend", "describe", "main"]
+
+VERBOSE_HELP = "also show third-party warnings and progress bars (transformers, diffusers, the ONNX exporter)"
 
 # Subcommands in the order `ipa_rt --help` lists them; bench is parsed only for that listing (main hands its
 # arguments to the benchmark script untouched).
@@ -39,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ipa_rt", description="IP-Adapter inference runtime for SD1.5/SDXL that matches diffusers."
     )
     parser.add_argument("--version", action="version", version=f"ipa_rt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.add_parser(sub)
+    for command in sub.choices.values():  # -v after the command too; SUPPRESS keeps a top-level -v intact
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -50,13 +56,16 @@ _parser = build_parser  # the name it had before the CLI became a package
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return bench.run(argv[1:])
-    if argv[:1] == ["serve"]:  # its own parser: Ray is imported only when serving
-        from ..serving.cli import main as serve_main
+    if argv[:1] in (["bench"], ["serve"]):  # parsed by their own scripts, which take no -v: it is taken here
+        quiet_process(any(a in ("-v", "--verbose") for a in argv))
+        rest = [a for a in argv[1:] if a not in ("-v", "--verbose")]
+        if argv[0] == "bench":
+            return bench.run(rest)
+        from ..serving.cli import main as serve_main  # its own parser: Ray is imported only when serving
 
-        return serve_main(argv[1:])
+        return serve_main(rest)
     args = build_parser().parse_args(argv)
+    quiet_process(args.verbose)
     try:
         run = COMMANDS.get(args.command)
         code = run(args) if run is not None else None
@@ -64,4 +73,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ipa_rt: error: {exc}", file=sys.stderr)
         return 2
     return code or 0
-

@@ -17,7 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``generate``: text and image prompts to an image or a clip."""
     gen = sub.add_parser("generate", help="text + image prompt -> image", description="Generate one image.")
     gen.add_argument("base", nargs="?", help="diffusers base model folder or hub id (SD1.5 or SDXL family)")
-    gen.add_argument("--example", action="store_true", help="write a tiny random model and run it (offline demo)")
+    gen.add_argument(
+        "--example",
+        action="store_true",
+        help="write a tiny random model and run it (offline; on PyTorch unless --backend is given)",
+    )
     gen.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="adapter file; repeatable")
     gen.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
     gen.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="reference image per adapter")
@@ -49,9 +53,11 @@ def run(args: argparse.Namespace) -> None:
     dtype = dtype_of(args)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-example-") as tmp:
         if args.example:
-            from ..testing import write_example, write_motion_adapter
+            from ..testing import EXAMPLE_UNET, write_example, write_motion_adapter
 
-            files = write_example(tmp)
+            files = write_example(tmp, configs={"unet": EXAMPLE_UNET})
+            # a first image in seconds: the tiny example runs on PyTorch unless an engine backend is asked for
+            args.backend = args.backend or "torch"
             args.base = str(files["base"])
             args.ip_adapter = args.ip_adapter or [str(files["adapter"])]
             args.ip_image = args.ip_image or [str(files["image"])]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import console
 from ..cache import cache_root
 from ..checkpoint import AdapterSource, atomic_write_bytes
 from ..core import PipelineCore
@@ -63,7 +63,6 @@ BASE_PARTS = (
     "image_encoder",
 )
 SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan", "openvino": ".xml"}
-log = logging.getLogger("ipa_rt.build")
 
 
 @dataclass
@@ -285,7 +284,7 @@ def build_engines(
 ) -> Path:
     """Build (or find already built) the engines of ``req`` in ``out``; returns ``out``."""
     req.check()
-    say = progress or (lambda msg: log.info(msg))
+    say = progress or console.say  # one line per stage: a build takes minutes, a reuse should say it is one
     out = Path(out)
     device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
     if req.backend == "tensorrt":
@@ -309,7 +308,7 @@ def build_engines(
                     f"{' ...' if len(diff) > 8 else ''}. {REBUILD}"
                 )
             check_engine_dir(out, old, device)
-            say(f"engines in '{out}' are up to date: nothing to build")
+            say(f"reusing the engines built in '{out}' ({len(old.get('networks', {}))} networks, nothing to build)")
             return out
         _build(req, out, sources, ident, device, say)
     return out
@@ -359,17 +358,20 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             export = lambda c=contract, t=target: export_onnx(c, t)  # noqa: E731
             onnx_path, kept = export_cached(contract, ident, target, export)
             files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]
+            stages = [f"ONNX export {'reused (kept exports)' if kept else f'{time.perf_counter() - t0:.1f} s'}"]
+            t1 = time.perf_counter()
             if req.backend == "tensorrt":
                 timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
                 plan = tmp / "tensorrt" / f"{contract.name}.plan"
                 plan = build_trt_engine(onnx_path, plan, contract.profile(), timing)
                 files = [plan]
+                stages.append(f"TensorRT build {time.perf_counter() - t1:.1f} s")
             elif req.backend == "openvino":
                 xml = tmp / "openvino" / f"{contract.name}.xml"
                 files = convert_onnx(onnx_path, xml, contract.name, req.precision)
+                stages.append(f"OpenVINO IR {time.perf_counter() - t1:.1f} s")
             networks[contract.name] = _network_record(contract, files, tmp)
-            reused = " (export reused)" if kept else ""
-            say(f"[{i}/{len(contracts)}] {contract.name}: {time.perf_counter() - t0:.1f} s{reused}")
+            say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join(stages)}")
         _write_model_files(pipe, tmp / "model")
         manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
         manifest.update(

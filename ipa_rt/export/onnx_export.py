@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import hushed
 from ..errors import ConfigError, EngineError
 from .contracts import Contract
 from .precision import fp32_normalization
@@ -58,7 +59,13 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET)
     large = size > PROTOBUF_LIMIT
     log = io.StringIO()  # the exporter narrates every stage on stdout: keep it for the error message only
     try:
-        with torch.no_grad(), fp32_normalization(), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        with (
+            torch.no_grad(),
+            fp32_normalization(),
+            contextlib.redirect_stdout(log),
+            warnings.catch_warnings(),
+            hushed("torch.onnx", "onnxscript", "onnx_ir"),  # its notes on torchvision ops it skips, per export
+        ):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 contract.module,
@@ -82,6 +89,24 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET)
     return path
 
 
+@contextlib.contextmanager
+def _ort_errors_only():
+    """Constant folding runs the graph in ONNX Runtime, whose optimiser notes every Unsqueeze it cannot remove:
+    errors only while folding (unless verbose), then ONNX Runtime's default severity (warning) again."""
+    import onnxruntime
+
+    from ..console import verbose
+
+    if verbose():
+        yield
+        return
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+
+
 def cleanup_onnx(path: Path, large: bool) -> None:
     """graphsurgeon cleanup + toposort, polygraphy constant folding and shape inference, saved in place."""
     onnx = _needs("onnx")
@@ -94,7 +119,7 @@ def cleanup_onnx(path: Path, large: bool) -> None:
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     if not large:  # folding materialises every constant in memory: the demo skips it for >2 GB graphs too
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        with G_LOGGER.verbosity(G_LOGGER.ERROR), _ort_errors_only():
             model = fold_constants(model, error_ok=True)
             model = infer_shapes(model, error_ok=True)
     for stale in path.parent.glob(path.name + "*"):

@@ -17,12 +17,14 @@ input shape at run time, inputs and outputs shared with torch buffers.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import console
 from ..cache import cache_root
 from ..errors import ConfigError, EngineError
 
@@ -119,9 +121,12 @@ class OvEngine:
         self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers)
 
     def _compile(self, shapes: tuple) -> tuple:
+        start = time.perf_counter()
         model = self.model.clone()
         model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
         compiled = self.core.compile_model(model, "CPU", self.config)
+        rows = f", {shapes[0][0]} rows" if shapes and shapes[0] else ""
+        console.say(f"OpenVINO compiled {self.path.stem}{rows}: {time.perf_counter() - start:.1f} s")
         request = compiled.create_infer_request()
         outs = []
         for i, port in enumerate(compiled.outputs):

@@ -1,0 +1,92 @@
+"""What reaches the terminal: ipa_rt's own progress lines for the long stages, and none of the third-party chatter a
+user cannot act on (torchvision fallbacks of transformers' image processors, the ONNX exporter's registry notes,
+transformers' progress bars for the files ipa_rt writes, diffusers' notes on scheduler configs ipa_rt converts).
+
+Library code hushes only around its own operations (:func:`hushed`); the command line hushes the whole process
+(:func:`quiet_process`) unless ``-v`` is given. ``IPA_RT_VERBOSE=1`` does what ``-v`` does, for the library too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+VERBOSE_ENV = "IPA_RT_VERBOSE"
+THIRD_PARTY = ("transformers", "diffusers", "torch.onnx", "onnxscript", "onnx_ir", "huggingface_hub", "nncf")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def say(message: str) -> None:
+    """One progress line of a long stage (an engine build, a conversion), on stderr so stdout stays the result."""
+    print(f"ipa_rt: {message}", file=sys.stderr, flush=True)
+
+
+def _bars(enabled: bool) -> list:
+    """Turn transformers' and huggingface_hub's progress bars on or off; returns the undo callables."""
+    undo = []
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as tlog
+
+        was = tlog.is_progress_bar_enabled()
+        (tlog.enable_progress_bar if enabled else tlog.disable_progress_bar)()
+        undo.append(tlog.enable_progress_bar if was else tlog.disable_progress_bar)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        was_off = are_progress_bars_disabled()
+        (enable_progress_bars if enabled else disable_progress_bars)()
+        undo.append(disable_progress_bars if was_off else enable_progress_bars)
+    return undo
+
+
+def _configure_libraries() -> None:
+    """transformers and diffusers set their loggers' levels when first imported: import them first, so the levels
+    set here are not reset by that."""
+    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+
+
+@contextlib.contextmanager
+def hushed(*loggers: str, bars: bool = False) -> Iterator[None]:
+    """Within the block, only errors from these third-party loggers (default: all of :data:`THIRD_PARTY`) and, with
+    ``bars``, no transformers / huggingface_hub progress bars; everything restored after. A no-op when verbose."""
+    if verbose():
+        yield
+        return
+    _configure_libraries()
+    saved = {name: logging.getLogger(name).level for name in loggers or THIRD_PARTY}
+    for name in saved:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    undo = _bars(False) if bars else []
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        for fn in undo:
+            fn()
+
+
+def quiet_process(verbose_flag: bool) -> None:
+    """The command line's default: third-party loggers at errors only, their progress bars off (ipa_rt's own
+    denoising and build progress stays), torchvision-fallback warnings dropped. ``-v`` keeps all of it."""
+    if verbose_flag:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    if verbose():
+        return
+    _configure_libraries()
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    _bars(False)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
