@@ -46,7 +46,6 @@ def test_example_console_is_quiet(tmp_path):
     assert loud.returncode == 0 and "Writing model shards" in loud.stderr  # transformers' bars, when asked for
 
 
-
 def test_generate_two_adapters(models, images, tmp_path):
     refs = []
     for i, im in enumerate(images[:2]):
