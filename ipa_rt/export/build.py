@@ -308,7 +308,7 @@ def build_engines(
                     f"{' ...' if len(diff) > 8 else ''}. {REBUILD}"
                 )
             check_engine_dir(out, old, device)
-            say(f"reusing the engines built in '{out}' ({len(old.get('networks', {}))} networks, nothing to build)")
+            say(f"reusing the engines built in '{out}' ({len(old.get('networks', {}))} networks up to date)")
             return out
         _build(req, out, sources, ident, device, say)
     return out
