@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytest-xdist runs the suite in parallel processes (pyproject's addopts): one thread each, so two workers on two
+# cores do not oversubscribe them (torch's and the CPU engines' thread pools spin while they wait)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("IPA_RT_CPU_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the processes tests start (CLI, servers, the GPU kit) too
+
 if not torch.cuda.is_available():  # run Triton kernels on the CPU; must be set before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:  # parity on a GPU compares exact fp32 products: no TF32 in matmuls or convolutions
@@ -58,7 +65,11 @@ def kept_exports(tmp_path_factory) -> Iterator[None]:
     """Every engine build of the suite keeps its ONNX exports in one folder: builds that differ only in backend or
     precision (ONNX Runtime and OpenVINO engines of the same networks) export once. Exports are named by what they
     depend on (ipa_rt.export.export_cache), so sharing them changes no result."""
-    with scoped_env(IPA_RT_KEEP_EXPORTS="1", IPA_RT_EXPORT_DIR=str(tmp_path_factory.mktemp("kept-exports"))):
+    base = tmp_path_factory.getbasetemp()
+    # xdist: one folder for all workers (the base temp's parent is theirs in common); entries are written atomically
+    folder = base.parent / "kept-exports" if os.environ.get("PYTEST_XDIST_WORKER") else base / "kept-exports"
+    folder.mkdir(exist_ok=True)
+    with scoped_env(IPA_RT_KEEP_EXPORTS="1", IPA_RT_EXPORT_DIR=str(folder)):
         yield
 
 

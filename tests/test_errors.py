@@ -194,3 +194,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_cpu_engine_threads_from_the_environment(monkeypatch):
+    from ipa_rt.export.openvino_engine import cpu_threads
+
+    monkeypatch.setenv("IPA_RT_CPU_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("IPA_RT_CPU_THREADS", "two")
+    with pytest.raises(ipa_rt.ConfigError, match="IPA_RT_CPU_THREADS='two': expected a positive whole number"):
+        cpu_threads()

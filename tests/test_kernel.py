@@ -18,9 +18,10 @@ from ipa_rt.kernels import decoupled_attention, fused_available
 from ipa_rt.kernels import decoupled_kernel as kmod
 from ipa_rt.kernels.tuning import candidates
 
+_WHY_NOT = fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64)
 pytestmark = pytest.mark.skipif(
-    fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64) is not None,
-    reason="the Triton kernel cannot run here (no CUDA and TRITON_INTERPRET is not 1, or triton missing)",
+    _WHY_NOT is not None,
+    reason=f"the Triton kernel cannot run here: {_WHY_NOT}",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_FLOOR = 2e-5  # relative to max|ref|: fp32 accumulation-order differences between kernel and SDPA

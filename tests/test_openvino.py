@@ -183,7 +183,7 @@ def test_inspect_names_the_precision(ov_engines, capsys):
     assert manifest["identity"]["request"]["precision"] == "int8"
 
 
-def test_kept_exports_are_reused_per_network(models, tmp_path, monkeypatch):
+def test_kept_exports_are_reused_per_network(tmp_path, monkeypatch):
     """IPA_RT_KEEP_EXPORTS=1: a second build that differs in backend and precision exports nothing again, one that
     changes the decoder re-exports the VAE networks only, and other ipa_rt code never reuses an export."""
     import ipa_rt.export.build as build
@@ -196,7 +196,11 @@ def test_kept_exports_are_reused_per_network(models, tmp_path, monkeypatch):
     real = build.export_onnx
     monkeypatch.setattr(build, "export_onnx", lambda c, p: exported.append(c.name) or real(c, p))
     taesd = T.write_taesd(tmp_path / "taesd")
-    base = dict(base=str(models.base("sd15")), ip_adapter=[str(models.adapter("sd15", "base"))], height=32, width=32)
+    # the example's smaller UNet: what is counted here is exports per network, and it halves this test's exports
+    folder = T.write_base_model(tmp_path / "base", configs={"unet": T.EXAMPLE_UNET})
+    adapter = T.write_adapter(tmp_path / "adapter" / "ip-adapter_sd15.safetensors", "base", folder)
+    T.write_image_encoder(tmp_path / "adapter" / "image_encoder")
+    base = dict(base=str(folder), ip_adapter=[str(adapter)], height=32, width=32)
     build_engines(BuildRequest(**base, backend="onnxruntime"), tmp_path / "ort")
     everything = list(exported)
     assert "unet" in everything and "vae_decoder" in everything

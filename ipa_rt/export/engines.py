@@ -54,6 +54,10 @@ class OrtEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if self.device.type == "cpu":
+            from .openvino_engine import cpu_threads  # the same thread count for every CPU engine
+
+            options.intra_op_num_threads = cpu_threads()
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=ort_providers(self.device))
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types: report the file and the cause

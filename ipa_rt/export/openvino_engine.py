@@ -74,6 +74,20 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+THREADS_ENV = "IPA_RT_CPU_THREADS"
+
+
+def cpu_threads() -> int:
+    """Threads a CPU engine (OpenVINO, ONNX Runtime) computes with: ``$IPA_RT_CPU_THREADS`` when set (several
+    processes sharing a machine: replicas, parallel test workers), else the physical cores."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{THREADS_ENV}={value!r}: expected a positive whole number of threads")
+        return int(value)
+    return physical_cores()
+
+
 def convert_onnx(onnx_path: Path, xml_path: Path, network: str, precision: str) -> list[Path]:
     """ONNX -> OpenVINO IR (``.xml`` + ``.bin``, fp32 weights, or int8 weights for the compressed networks in
     ``int8`` mode). Returns the files written."""
@@ -116,7 +130,7 @@ class OvEngine:
         self.config = {
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": physical_cores(),
+            "INFERENCE_NUM_THREADS": cpu_threads(),
         }
         self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers)
 
