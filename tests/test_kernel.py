@@ -95,6 +95,9 @@ def test_kernel_matches_reference(d, n, text, segments, dtype):
     check(out, q, k_text, v_text, k_img, v_img, bounds, scales)
 
 
+# the infinite image values make the interpreter's NumPy compute 0 * inf inside the branch the scale-0 select
+# discards: that is what this test provokes, and the assert checks nothing of it leaks
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_zero_scale_is_exactly_text_only(dtype):
     q, k_text, v_text, k_img, v_img, offsets, adapters, scales, _ = make(2, 2, 50, 64, 77, [4, 16], dtype, 7)
