@@ -47,7 +47,7 @@ class Stage:
 STAGES = (
     Stage("environment", 30),
     Stage("models", 120),
-    Stage("doctor", 120, interpreter=True),
+    Stage("doctor", 150, interpreter=True),  # kernel compiles and tuning at pipeline build happen here first
     Stage("attention", 75, interpreter=True),
     Stage("sd15", 210),
     Stage("sdxl", 180, min_left_s=120),
