@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 
 VERBOSE_ENV = "IPA_RT_VERBOSE"
+_TORCHVISION = ".*torchvision.*"  # transformers' and torch.onnx's notes that it is missing
 THIRD_PARTY = ("transformers", "diffusers", "torch.onnx", "onnxscript", "onnx_ir", "huggingface_hub", "nncf")
 
 
@@ -68,7 +69,7 @@ def hushed(*loggers: str, bars: bool = False) -> Iterator[None]:
     undo = _bars(False) if bars else []
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            warnings.filterwarnings("ignore", message=_TORCHVISION)
             yield
     finally:
         for name, level in saved.items():
@@ -89,4 +90,5 @@ def quiet_process(verbose_flag: bool) -> None:
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
     _bars(False)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    if not any(f[1] is not None and f[1].pattern == _TORCHVISION for f in warnings.filters):  # once per process
+        warnings.filterwarnings("ignore", message=_TORCHVISION)
