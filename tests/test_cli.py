@@ -22,9 +22,10 @@ def test_generate_example_offline(tmp_path, capsys):
     """The example runs on PyTorch by default (a first image in seconds); an engine backend builds its engines once
     into the cache, and the fast decoder works through it; the command says what runs."""
     target = tmp_path / "out.png"
-    assert main(["generate", "--example", "-o", str(target)]) == 0
+    cpu = ["--device", "cpu"]  # OpenVINO runs on the CPU, and so does this test on a CUDA machine
+    assert main(["generate", "--example", *cpu, "-o", str(target)]) == 0
     assert "backend torch, precision float32, decoder AutoencoderKL" in capsys.readouterr().out
-    assert main(["generate", "--example", "--backend", "openvino", "--vae", "taesd", "-o", str(target)]) == 0
+    assert main(["generate", "--example", *cpu, "--backend", "openvino", "--vae", "taesd", "-o", str(target)]) == 0
     image = np.asarray(Image.open(target))
     assert image.shape == (32, 32, 3)
     assert image.std() > 0  # a real decode, not a blank file

@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from ipa_rt.checkpoint import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,9 +23,7 @@ def collect(folder: Path, results: Path = ROOT / "benchmarks" / "results", regen
     written = []
     for suffix in ("json", "md", "log"):
         target = results / f"{report['date']}-first-light-{gpu}.{suffix}"
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(folder / f"first-light.{suffix}", tmp)
-        tmp.replace(target)
+        atomic_write_bytes(target, (folder / f"first-light.{suffix}").read_bytes())
         written.append(target)
     if regenerate:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")], check=True)

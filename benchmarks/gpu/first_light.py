@@ -73,6 +73,8 @@ TARGETS = (
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """ipa_rt.checkpoint.atomic_write_bytes's job, kept here: the driver imports neither torch nor ipa_rt, so a
+    broken install fails a stage (recorded) instead of the whole run before it has written anything."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -84,8 +86,9 @@ def run_stage(stage: Stage, args: argparse.Namespace, seconds: float, log) -> di
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(HERE / "stages.py"), stage.name, "--work", str(args.work), "--result", str(result)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.rehearse:
+    if args.rehearse:  # on the CPU, also on a CUDA machine: the rehearsal checks the kit, not a GPU
         cmd.append("--rehearse")
+        env["CUDA_VISIBLE_DEVICES"] = ""
         if stage.interpreter:
             env["TRITON_INTERPRET"] = "1"
     log.write(f"\n=== stage {stage.name}: box {seconds:.0f} s, {dt.datetime.now().isoformat(timespec='seconds')}\n")

@@ -25,6 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the benchmark modules (harness, attention, video, ...) sit one folder up
 
 import torch  # noqa: E402
+from common import _run  # noqa: E402
+
+from ipa_rt.checkpoint import atomic_write_bytes  # noqa: E402
+from ipa_rt.doctor import rel_l2  # noqa: E402  (NaN or inf is an infinite error: never passes)
 
 SIZES = {"sd15": 512, "sdxl": 1024}  # the families' native sizes, fp16 on the GPU
 REHEARSAL_SIZE = 32
@@ -38,16 +42,7 @@ class Record:
 
     def update(self, **items: Any) -> None:
         self.data.update(items)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        atomic_write_bytes(self.path, json.dumps(self.data, indent=1, default=str).encode())
 
 
 def device_dtype(rehearse: bool) -> tuple[torch.device, torch.dtype]:
@@ -66,13 +61,6 @@ def model_files(folder: Path, family: str) -> dict[str, Path]:
         "base": folder / f"model-{family}",
         "adapter": next((folder / "IP-Adapter" / "models").glob("*.safetensors")),
     }
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
-        return float("inf")  # NaN never passes
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # --- a. environment ---------------------------------------------------------------------------------------------
