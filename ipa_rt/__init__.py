@@ -1,11 +1,16 @@
-"""ipa_rt: an inference runtime for IP-Adapter on Stable Diffusion UNets that matches diffusers' output."""
+"""ipa_rt: an inference runtime for IP-Adapter on Stable Diffusion UNets that matches diffusers' output.
 
-from ._version import __version__
-from .console import hushed
+The public names load on first use (PEP 562), so ``import ipa_rt.comfyui`` or the CLI's parser cost no
+diffusers import."""
 
-# diffusers' pipelines import transformers' CLIP image processors, which warn that torchvision is missing and fall
-# back to PIL: the PIL path is the one ipa_rt uses, so that note is for no one here
-with hushed("transformers"):
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__ as __version__
+
+if TYPE_CHECKING:  # the same names, for type checkers and the API reference (mkdocstrings reads statically)
     from .checkpoint import AdapterSource
     from .conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
     from .errors import (
@@ -20,6 +25,27 @@ with hushed("transformers"):
     from .pipeline import Pipeline, PipelineOutput, from_diffusers
     from .scale import PRESETS, scale_preset
     from .video import AnimateDiffPipeline, VideoPipelineOutput
+
+# public name -> module that defines it
+_EXPORTS = {
+    "PRESETS": "scale",
+    "scale_preset": "scale",
+    "AdapterSource": "checkpoint",
+    "load_ip_adapter_embeds": "conditions",
+    "save_ip_adapter_embeds": "conditions",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "EngineError": "errors",
+    "ImageInputError": "errors",
+    "IncompatibleAdapterError": "errors",
+    "IpaRtError": "errors",
+    "ScaleError": "errors",
+    "Pipeline": "pipeline",
+    "PipelineOutput": "pipeline",
+    "from_diffusers": "pipeline",
+    "AnimateDiffPipeline": "video",
+    "VideoPipelineOutput": "video",
+}
 
 __all__ = [
     "PRESETS",
@@ -41,3 +67,21 @@ __all__ = [
     "save_ip_adapter_embeds",
     "scale_preset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ipa_rt' has no attribute {name!r}")
+    from .console import hushed
+
+    # diffusers' pipelines import transformers' CLIP image processors, which warn that torchvision is missing and
+    # fall back to PIL: the PIL path is the one ipa_rt uses, so that note is for no one here
+    with hushed("transformers"):
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

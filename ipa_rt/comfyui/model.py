@@ -1,0 +1,254 @@
+"""An ipa_rt pipeline as ComfyUI's ``MODEL``, ``CLIP`` and ``VAE`` (the ComfyUI_TensorRT pattern, with IP-Adapter).
+
+The diffusion model is ComfyUI's ``BaseModel`` with ipa_rt's UNet (engine or torch) in place of its own: KSampler and
+ComfyUI's samplers and schedulers drive it. IP-Adapter comes in through ``transformer_options["ipa_rt"]`` (set by
+the Apply node on a clone): per call, the image tokens of each row follow ComfyUI's ``cond_or_uncond`` (uncond rows
+get the negative tokens) and the ``[adapters, layers]`` scale is written as ``weights × gate(σ)`` with the gate in
+ComfyUI's sigma space, all tensor operations: no rebuild, no host branch on a value. What the engine cannot honour
+(another model patch, a ControlNet, a LoRA patch, SDXL's ``y``) raises an error naming it instead of being dropped.
+Imports ComfyUI: loaded only inside ComfyUI, when a node first runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+KEY = "ipa_rt"
+BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}  # diffusers name -> ComfyUI name
+ALLOWED_OBJECT_PATCHES = ("model_sampling",)  # computed outside the diffusion model: honoured
+
+
+class IpaRtDiffusionModel(torch.nn.Module):
+    """``forward(x, timesteps, context, ...)`` → the UNet's prediction, from ipa_rt's UNet."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__()
+        self.__dict__["pipe"] = pipe  # not a submodule: ComfyUI must neither count nor move the pipeline's weights
+        self.dtype = pipe.dtype
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor | None = None,
+        y: Tensor | None = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        options = transformer_options or {}
+        refuse_unhonoured(options, control, y, kwargs)
+        pipe = self.pipe
+        prepare_image_side(pipe, options.get(KEY), options, x.shape[0])
+        sample = x.to(pipe.dtype)
+        ctx = context.to(pipe.device, pipe.dtype)
+        return pipe.unet(sample, timesteps.float(), encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def refuse_unhonoured(options: dict, control: Any, y: Any, extra: dict) -> None:
+    patches = {k: sorted(v) for k in ("patches", "patches_replace") if (v := options.get(k))}
+    if patches:
+        raise ConfigError(
+            f"model: patches {patches} were applied to an ipa_rt model; its UNet runs inside ipa_rt and cannot run "
+            "them (apply IP-Adapter with the ipa_rt Apply node; other attention/block patches are not supported)"
+        )
+    if control is not None:
+        raise ConfigError(
+            "model: a ControlNet was applied; an ipa_rt engine model runs only the ControlNets it was built with "
+            "(ipa_rt build --controlnet), which ComfyUI's Apply ControlNet does not drive: remove it or use the "
+            "ipa_rt Sampler"
+        )
+    if y is not None:
+        raise ConfigError("model: SDXL's pooled `y` conditioning is not supported by the ipa_rt MODEL node (SD1.5)")
+    unknown = sorted(k for k, v in extra.items() if v is not None)
+    if unknown:
+        raise ConfigError(f"model: conditioning inputs {unknown} are not inputs of the ipa_rt UNet")
+
+
+def prepare_image_side(pipe: Any, ip: dict | None, options: dict, rows: int) -> None:
+    stack = pipe.adapters
+    if stack is None:
+        if ip is not None:
+            raise ConfigError("model: IP-Adapter was applied but the ipa_rt model has no adapter loaded")
+        return
+    if ip is None:
+        stack.prepare(None)
+        return
+    order = list(options.get("cond_or_uncond") or [0])
+    chunk = rows // len(order)
+    key = (ip["key"], tuple(order), chunk)
+    if key != stack.prepared_key:
+        embeds = [
+            torch.cat([(e["neg"] if c == 1 else e["pos"]).expand(chunk, *e["pos"].shape[1:]) for c in order])
+            for e in ip["adapters"]
+        ]
+        tokens = stack.project([e.to(pipe.device, pipe.dtype) for e in embeds], [None] * len(embeds))
+        stack.prepare(tokens, key=key)
+    sigma = options["sigmas"].reshape(-1)[:1].to(ip["start"].device, ip["start"].dtype)
+    gate = (sigma <= ip["start"]) & (sigma >= ip["end"])  # [A]: ComfyUI_IPAdapter_plus' sigma window
+    stack.scale_eff.copy_(ip["weights"] * gate.to(ip["weights"].dtype)[:, None])
+
+
+class IpaRtModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher that refuses weight patches (LoRA) instead of letting them miss the engine's weights."""
+
+    def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
+        raise ConfigError(
+            "model: a LoRA (weight patch) was applied to an ipa_rt model, whose weights live in its engines: fuse "
+            "it when the engines are built (ipa_rt build --lora FILE, or the loader's lora input)"
+        )
+
+    def add_object_patch(self, name: str, obj: Any) -> None:
+        if name not in ALLOWED_OBJECT_PATCHES:
+            raise ConfigError(f"model: the object patch {name!r} cannot be applied to an ipa_rt model")
+        super().add_object_patch(name, obj)
+
+
+def _latent_format(scale: float) -> comfy.latent_formats.LatentFormat:
+    fmt = comfy.latent_formats.LatentFormat()
+    fmt.scale_factor = scale
+    fmt.latent_channels = 4
+    return fmt
+
+
+def make_model(pipe: Any) -> IpaRtModelPatcher:
+    """ComfyUI's ``MODEL`` whose diffusion model is ``pipe``'s UNet (SD1.5 family)."""
+    if pipe.family.name != "sd15":
+        raise ConfigError(
+            f"pipeline: a {pipe.family.name} model; the ipa_rt MODEL node supports SD1.5 models (SDXL's "
+            "pre-embedded `y` conditioning is not an engine input): use the ipa_rt Sampler node"
+        )
+    sched = pipe.base.scheduler.config
+    schedule = BETA_SCHEDULES.get(sched.get("beta_schedule", "scaled_linear"))
+    if schedule is None:
+        raise ConfigError(f"pipeline: beta_schedule {sched.get('beta_schedule')!r} has no ComfyUI equivalent")
+    prediction = sched.get("prediction_type", "epsilon")
+    types = {"epsilon": comfy.model_base.ModelType.EPS, "v_prediction": comfy.model_base.ModelType.V_PREDICTION}
+    if prediction not in types:
+        raise ConfigError(f"pipeline: prediction_type {prediction!r}; expected epsilon or v_prediction")
+    config = comfy.supported_models_base.BASE({"disable_unet_model_creation": True})
+    config.sampling_settings = {
+        "beta_schedule": schedule,
+        "linear_start": sched.get("beta_start", 0.00085),
+        "linear_end": sched.get("beta_end", 0.012),
+        "timesteps": sched.get("num_train_timesteps", 1000),
+    }
+    config.latent_format = _latent_format(pipe.vae.config.scaling_factor)
+    base = comfy.model_base.BaseModel(config, model_type=types[prediction], device=pipe.device)
+    base.diffusion_model = IpaRtDiffusionModel(pipe)
+    device = comfy.model_management.get_torch_device()
+    return IpaRtModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+def ip_options(model: Any, settings: list, pipe: Any) -> dict:
+    """The ``transformer_options["ipa_rt"]`` payload: tensors and floats only (ComfyUI deep-copies it on clone)."""
+    from .pipelines import ordered, scale_configs
+
+    settings = ordered(pipe, settings)
+    if any(s.mask is not None for s in settings):
+        raise ConfigError(
+            "attention_mask: regional masks are applied by the ipa_rt Sampler node; the ipa_rt MODEL path does not "
+            "take them yet"
+        )
+    from ..scale import expand_scale, scale_tables
+
+    rows = expand_scale(
+        scale_configs(pipe, settings),
+        pipe.unet,
+        pipe.adapters.layer_names,
+        pipe.adapters.num_adapters,
+        pipe.family.name,
+    )
+    weights, _ = scale_tables(rows)
+    sampling = model.get_model_object("model_sampling")
+    start = torch.tensor([float(sampling.percent_to_sigma(s.start_at)) for s in settings])
+    end = torch.tensor([float(sampling.percent_to_sigma(s.end_at)) for s in settings])
+    return {
+        "adapters": [{"pos": s.embeds.pos, "neg": s.embeds.neg} for s in settings],
+        "key": tuple(s.embeds.key for s in settings),
+        "weights": weights.to(pipe.adapters.scale_eff.device),
+        "start": start.to(pipe.adapters.scale_eff.device),
+        "end": end.to(pipe.adapters.scale_eff.device),
+    }
+
+
+class IpaRtClip:
+    """ComfyUI's ``CLIP`` interface over the pipeline's text encoder(s), diffusers' prompt encoding (no ComfyUI
+    prompt-weight syntax: the text is tokenized as diffusers tokenizes it)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **_: Any) -> dict:
+        return {"ipa_rt": text}
+
+    def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False) -> Any:
+        from ..request import FAMILY_RUNTIME
+
+        pipe = self.pipe
+        encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]
+        text = encode_prompt(
+            pipe.text_encoders,
+            pipe.tokenizers,
+            tokens["ipa_rt"],
+            None,
+            1,
+            False,
+            pipe.device,
+            pipe.dtype,
+            force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
+        )
+        if return_dict:
+            return {"cond": text.embeds, "pooled_output": text.pooled}
+        return (text.embeds, text.pooled) if return_pooled else text.embeds
+
+    def encode_from_tokens_scheduled(
+        self, tokens: dict, unprojected: bool = False, add_dict: dict | None = None, show_pbar: bool = True
+    ) -> list:
+        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
+        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
+
+    def clone(self) -> IpaRtClip:
+        return self
+
+    def add_patches(self, *args: Any, **kwargs: Any) -> list:
+        raise ConfigError("clip: a LoRA was applied to the ipa_rt CLIP; fuse it into the pipeline (loader's lora)")
+
+    def clip_layer(self, layer: int) -> None:
+        raise ConfigError("clip: CLIP Set Last Layer is not supported by the ipa_rt CLIP (diffusers' encoding)")
+
+
+class IpaRtVae:
+    """ComfyUI's ``VAE`` interface over the pipeline's VAE: ``decode`` (unscaled latents → ``[B, H, W, 3]`` in
+    0..1, diffusers' postprocessing) and ``encode`` (pixels → unscaled latents, the posterior's mode)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def decode(self, samples: Tensor, **_: Any) -> Tensor:
+        pipe = self.pipe
+        latents = samples.to(pipe.device) * pipe.vae.config.scaling_factor
+        return pipe._decode(latents, "pt").permute(0, 2, 3, 1).float().cpu()
+
+    def encode(self, pixels: Tensor, **_: Any) -> Tensor:
+        pipe = self.pipe
+        x = pixels[..., :3].permute(0, 3, 1, 2).to(pipe.device, pipe.vae.dtype) * 2 - 1
+        out = pipe.vae.encode(x)
+        z = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
+        return z.float().cpu()
+
+    def spacial_compression_decode(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    def spacial_compression_encode(self) -> int:
+        return self.pipe.vae_scale_factor

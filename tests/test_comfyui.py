@@ -1,0 +1,368 @@
+"""ipa_rt's ComfyUI nodes inside the real application, headless and offline (end-to-end tier).
+
+The pinned ComfyUI snapshot is copied to a temporary folder, the node pack is installed by its documented step,
+``main.py --cpu`` is started on a loopback port, and the example workflows (ipa_rt/comfyui/workflows/) are queued
+through ``POST /prompt`` on tiny random models written here; images come back through ``/history`` and ``/view``
+and are compared with what ipa_rt's Python API gives for the same inputs (run in the same Python as the server,
+one thread each, so the same arithmetic: bitwise), and, for the engine-as-MODEL node, with the torch backend.
+
+ComfyUI needs a torchvision matching its torch, which the CPU wheel of torch this suite runs on lacks:
+``IPA_RT_COMFYUI_PYTHON`` names the Python that has ComfyUI's requirements (.ci/run makes one), and
+``IPA_RT_COMFYUI`` the snapshot (default ``../shared/comfyui/ComfyUI-0.3.64``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ipa_rt import testing
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(os.environ.get("IPA_RT_COMFYUI", REPO.parent / "shared" / "comfyui" / "ComfyUI-0.3.64"))
+PYTHON = os.environ.get("IPA_RT_COMFYUI_PYTHON", sys.executable)
+WORKFLOWS = REPO / "ipa_rt" / "comfyui" / "workflows"
+SIZE = 64  # tiny models: the engine is built for 64 x 64
+LATENT = SIZE // 2  # the tiny VAE's scale factor is 2
+# the ONNX Runtime engine and torch differ in fp32 rounding (other kernels, other summation orders); through 4
+# Euler steps of a random tiny UNet that stays within a few 8-bit levels of the decoded image
+ENGINE_VS_TORCH_LEVELS = 3
+
+
+def _unavailable() -> str | None:
+    if not (SNAPSHOT / "main.py").is_file():
+        return f"no ComfyUI snapshot at {SNAPSHOT} (set IPA_RT_COMFYUI)"
+    probe = subprocess.run(
+        [PYTHON, "-c", "import torchvision, aiohttp, torchsde, av, ipa_rt"], capture_output=True, text=True
+    )
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{PYTHON} cannot run ComfyUI ({last}); set IPA_RT_COMFYUI_PYTHON to a Python with its requirements"
+    return None
+
+
+REASON = _unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Comfy:
+    """A running ComfyUI server and the HTTP calls a client makes of it."""
+
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen, log: Path) -> None:
+        self.root, self.url, self.proc, self.log = root, f"http://127.0.0.1:{port}", proc, log
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def post(self, graph: dict) -> tuple[int, dict]:
+        body = json.dumps({"prompt": graph, "client_id": "ipa_rt-tests"}).encode()
+        req = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, graph: dict, timeout: float = 600) -> dict:
+        status, answer = self.post(graph)
+        assert status == 200, answer
+        pid = answer["prompt_id"]
+        end = time.time() + timeout
+        while time.time() < end:
+            history = json.loads(self.get(f"/history/{pid}"))
+            if pid in history and history[pid]["status"].get("completed") is not None:
+                if history[pid]["status"]["status_str"] != "success" or history[pid]["outputs"]:
+                    return history[pid]
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            time.sleep(0.25)
+        raise AssertionError(f"prompt {pid} did not finish in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def image(self, entry: dict, node: str) -> np.ndarray:
+        info = entry["outputs"][node]["images"][0]
+        query = urllib.parse.urlencode({k: info[k] for k in ("filename", "subfolder", "type")})
+        return np.asarray(Image.open(io.BytesIO(self.get(f"/view?{query}"))).convert("RGB"))
+
+
+def _error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("comfy-models")
+    base = testing.write_base_model(root / "model-sd15")
+    encoder = testing.write_image_encoder(root / "IP-Adapter" / "models" / "image_encoder")
+    plain = testing.write_adapter(root / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors", "base", base)
+    plus = testing.write_adapter(root / "IP-Adapter" / "models" / "ip-adapter-plus_sd15.bin", "plus", base, seed=4)
+    mask = np.zeros((SIZE, SIZE, 3), np.uint8)
+    mask[:, : SIZE // 2] = 255
+    return {
+        "base": base,
+        "encoder": encoder,
+        "plain": plain,
+        "plus": plus,
+        "mask": Image.fromarray(mask),
+        "images": [testing.make_image(0), testing.make_image(5, (40, 56))],
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, models) -> Comfy:
+    work = tmp_path_factory.mktemp("comfyui")
+    root = work / "ComfyUI"
+    shutil.copytree(SNAPSHOT, root, ignore=shutil.ignore_patterns("tests", "tests-unit", "__pycache__"))
+    installed = subprocess.run([PYTHON, "-m", "ipa_rt.comfyui", "install", str(root)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    inputs = root / "input"
+    inputs.mkdir(exist_ok=True)
+    models["images"][0].save(inputs / "reference.png")
+    models["images"][1].save(inputs / "reference_2.png")
+    models["mask"].save(inputs / "mask.png")
+    (work / "frontend").mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "IPA_RT_CACHE": str(work / "engines"),
+        "HF_HUB_OFFLINE": "1",
+        "IPA_RT_CPU_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = work / "comfyui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                PYTHON,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--output-directory",
+                str(work / "output"),
+                "--front-end-root",
+                str(work / "frontend"),
+                "--disable-api-nodes",
+            ],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Comfy(root, port, proc, log)
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                server.get("/object_info/IpaRtSampler")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        info = json.loads(server.get("/object_info/IpaRtSampler"))
+        assert "IpaRtSampler" in info, log.read_text()[-3000:]
+        server.work = work
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _workflow(name: str, models: dict, **loader) -> dict:
+    graph = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    for node in graph.values():
+        if node["class_type"] == "IpaRtLoadPipeline":
+            node["inputs"].update(
+                base=str(models["base"]),
+                ip_adapter=str(models["plain"]),
+                image_encoder=str(models["encoder"]),
+                engine_height=SIZE,
+                engine_width=SIZE,
+            )
+            node["inputs"].update(loader)
+        if node["class_type"] == "IpaRtSampler":
+            node["inputs"].update(width=SIZE, height=SIZE)
+        if node["class_type"] == "EmptyLatentImage":  # ComfyUI assumes 8 px per latent; the tiny VAE has 2
+            node["inputs"].update(width=LATENT * 8, height=LATENT * 8)
+        if node["class_type"] in ("IpaRtSampler", "KSampler"):
+            node["inputs"].update(steps=4)
+    return graph
+
+
+def _reference(comfy: Comfy, models: dict, graph: dict, adapters: list[dict]) -> np.ndarray:
+    """What the Python API gives for the workflow's loader and sampler inputs."""
+    nodes = {n["class_type"]: n["inputs"] for n in graph.values()}
+    load, s = nodes["IpaRtLoadPipeline"], nodes["IpaRtSampler"]
+    spec = {
+        "load": {
+            "base": load["base"],
+            "ip_adapters": load["ip_adapter"].splitlines(),
+            "image_encoder": load["image_encoder"],
+            "backend": load["backend"],
+            "precision": load["precision"],
+            "height": load["engine_height"],
+            "width": load["engine_width"],
+        },
+        "adapters": adapters,
+        "sample": {k: s[k] for k in ("positive", "negative", "seed", "steps", "cfg", "scheduler", "width", "height")},
+    }
+    path = comfy.work / f"ref-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(spec))
+    out = path.with_suffix(".npy")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IPA_RT_CACHE": str(comfy.work / "engines"), "IPA_RT_CPU_THREADS": "1"}
+    done = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "comfyui_reference.py"), str(path), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)
+
+
+def _adapter(
+    models: dict, index: int, image: int = 0, weight: float = 1.0, weight_type: str = "linear", mask: bool = False
+) -> dict:
+    name = "reference.png" if image == 0 else "reference_2.png"
+    entry = {
+        "index": index,
+        "image": str(models["root"] / name),
+        "weight": weight,
+        "weight_type": weight_type,
+        "start_at": 0.0,
+        "end_at": 1.0,
+    }
+    models["images"][image].save(entry["image"])
+    if mask:
+        entry["mask"] = str(models["root"] / "mask.png")
+        models["mask"].save(entry["mask"])
+    return entry
+
+
+def test_sampler_workflow_equals_python_api(comfy, models):
+    graph = _workflow("ipa_rt_sampler", models)
+    entry = comfy.run(graph)
+    got = comfy.image(entry, "6")
+    want = _reference(comfy, models, graph, [_adapter(models, 0)])
+    assert got.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_two_adapters_with_mask_equal_python_api(comfy, models):
+    graph = _workflow("ipa_rt_two_adapters_mask", models)
+    graph["1"]["inputs"]["ip_adapter"] = f"{models['plain']}\n{models['plus']}"
+    entry = comfy.run(graph)
+    got = comfy.image(entry, "10")
+    want = _reference(
+        comfy, models, graph, [_adapter(models, 0, 0, 1.0, mask=True), _adapter(models, 1, 1, 0.6, "style transfer")]
+    )
+    np.testing.assert_array_equal(got, want)
+    single = comfy.image(comfy.run(_workflow("ipa_rt_sampler", models)), "6")
+    assert np.abs(got.astype(int) - single).max() > 0  # the second adapter and the mask changed the image
+
+
+def test_engine_model_with_ksampler(comfy, models):
+    """KSampler on the engine MODEL equals KSampler on the torch MODEL (to fp32 rounding); a weight change is a
+    tensor write: the second run loads and builds nothing, and weight 0 equals the image without IP-Adapter."""
+    engines = comfy.work / "engines"
+    graph = _workflow("ipa_rt_engine_model", models)
+    first = comfy.run(graph)
+    img = comfy.image(first, "12")
+    manifests = {p: p.stat().st_mtime_ns for p in engines.rglob("manifest.json")}
+    assert len(manifests) == 1  # one engine set built, by the loader node
+    loads = comfy.log.read_text().count("ipa_rt: loaded")
+
+    heavier = copy.deepcopy(graph)
+    heavier["5"]["inputs"]["weight"] = 0.0
+    zero = comfy.image(comfy.run(heavier), "12")
+    assert {p: p.stat().st_mtime_ns for p in engines.rglob("manifest.json")} == manifests
+    assert comfy.log.read_text().count("ipa_rt: loaded") == loads  # nothing reloaded or rebuilt
+    assert np.abs(zero.astype(int) - img).max() > 0
+    ramp = copy.deepcopy(graph)
+    ramp["5"]["inputs"].update(weight_type="ease in", start_at=0.25, end_at=0.75)
+    eased = comfy.image(comfy.run(ramp), "12")
+    assert {p: p.stat().st_mtime_ns for p in engines.rglob("manifest.json")} == manifests
+    assert comfy.log.read_text().count("ipa_rt: loaded") == loads
+    assert np.abs(eased.astype(int) - img).max() > 0 and np.abs(eased.astype(int) - zero).max() > 0
+
+    text_only = copy.deepcopy(graph)
+    text_only["10"]["inputs"]["model"] = ["2", 0]
+    np.testing.assert_array_equal(comfy.image(comfy.run(text_only), "12"), zero)
+
+    torch_graph = _workflow("ipa_rt_engine_model", models, backend="torch")
+    on_torch = comfy.image(comfy.run(torch_graph), "12")
+    assert np.abs(on_torch.astype(int) - img).max() <= ENGINE_VS_TORCH_LEVELS
+
+
+def test_unsupported_patch_is_refused(comfy, models):
+    graph = _workflow("ipa_rt_engine_model", models)
+    graph["20"] = {"class_type": "TomePatchModel", "inputs": {"model": ["6", 0], "ratio": 0.3}}
+    graph["10"]["inputs"]["model"] = ["20", 0]
+    err = _error(comfy.run(graph))
+    assert err["node_type"] == "KSampler"
+    assert "patches" in err["exception_message"] and "attn1_patch" in err["exception_message"]
+    assert comfy.run(_workflow("ipa_rt_sampler", models))["status"]["status_str"] == "success"  # still serving
+
+
+def test_bad_inputs_are_execution_errors_naming_the_input(comfy, models):
+    missing = _workflow("ipa_rt_sampler", models, ip_adapter="/nonexistent/ip-adapter.safetensors")
+    err = _error(comfy.run(missing))
+    assert err["node_type"] == "IpaRtLoadPipeline" and "ip_adapter[0]" in err["exception_message"]
+
+    wrong = _workflow("ipa_rt_sampler", models)
+    wrong["3"]["inputs"]["adapter_index"] = 3
+    assert "adapter_index" in _error(comfy.run(wrong))["exception_message"]
+
+    size = _workflow("ipa_rt_engine_model", models)
+    size["9"]["inputs"].update(width=LATENT * 8 + 64, height=LATENT * 8 + 64)
+    message = _error(comfy.run(size))["exception_message"]
+    assert "built for" in message and "sample" in message
+
+    status, answer = comfy.post({**_workflow("ipa_rt_sampler", models)})
+    assert status == 200, answer
+    backwards = _workflow("ipa_rt_sampler", models)
+    backwards["4"]["inputs"].update(start_at=0.8, end_at=0.2)
+    status, answer = comfy.post(backwards)
+    assert status == 400 and "start_at" in json.dumps(answer)
+    assert comfy.run(_workflow("ipa_rt_sampler", models))["status"]["status_str"] == "success"
+
+
+def test_ui_workflows_match_the_live_node_schemas(comfy):
+    """The UI-format examples are the API-format ones laid out for the frontend, against this server's schemas
+    (``IPA_RT_WRITE_WORKFLOWS=1`` rewrites them)."""
+    from ipa_rt.comfyui.workflow_ui import api_to_ui
+
+    info = json.loads(comfy.get("/object_info"))
+    for api in sorted(WORKFLOWS.glob("*.api.json")):
+        ui = api_to_ui(json.loads(api.read_text()), info)
+        path = api.with_name(api.name.replace(".api.json", ".ui.json"))
+        if os.environ.get("IPA_RT_WRITE_WORKFLOWS"):
+            path.write_text(json.dumps(ui, indent=1) + "\n")
+        assert json.loads(path.read_text()) == ui, f"{path.name} is stale: rerun with IPA_RT_WRITE_WORKFLOWS=1"
+        graph = json.loads(api.read_text())
+        assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in graph.values()}
+        assert len(ui["links"]) == sum(isinstance(v, list) for n in graph.values() for v in n["inputs"].values())

@@ -1,0 +1,105 @@
+"""The ComfyUI node pack's pure parts (unit tier, no ComfyUI needed): weight types, the installer, the light
+import, image conversion and input errors. The real application is driven in tests/test_comfyui.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ipa_rt import ConfigError, ImageInputError, ScaleError, scale_preset
+from ipa_rt.comfyui.__main__ import FOLDER, install, main
+from ipa_rt.comfyui.pipelines import LoadSpec, comfy_to_pil, load_pipeline
+from ipa_rt.comfyui.weights import LEFT_OUT, WEIGHT_TYPES, blocks_in_key_order, scale_config
+
+SD15 = {"down": {0: 2, 1: 2, 2: 2}, "up": {1: 3, 2: 3, 3: 3}, "mid": {0: 1}}  # SD1.5's 16 attention modules
+SDXL = {"down": {1: 2, 2: 2}, "up": {0: 3, 1: 3}, "mid": {0: 1}}  # SDXL's 11 (several transformer layers each)
+
+
+def _flat(config, blocks) -> list[float]:
+    return [
+        config.get("mid", 0.0) if side == "mid" else config.get(side, {}).get(f"block_{b}", [0.0] * 9)[a]
+        for side, b, a in blocks_in_key_order(blocks)
+    ]
+
+
+def test_key_order_is_down_up_mid():
+    order = blocks_in_key_order(SD15)
+    assert len(order) == 16 and order[0] == ("down", 0, 0) and order[6] == ("up", 1, 0) and order[-1] == ("mid", 0, 0)
+    assert len(blocks_in_key_order(SDXL)) == 11
+
+
+@pytest.mark.parametrize("blocks", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_ramps_follow_their_definition(blocks):
+    n = len(blocks_in_key_order(blocks))
+    ease_in = _flat(scale_config("ease in", 0.8, blocks, "sd15"), blocks)
+    assert ease_in == pytest.approx([0.8 * (0.05 + 0.95 * (1 - t / n)) for t in range(n)])
+    ease_out = _flat(scale_config("ease out", 0.8, blocks, "sd15"), blocks)
+    assert ease_out == pytest.approx([0.8 * (0.05 + 0.95 * t / n) for t in range(n)])
+    middle = _flat(scale_config("strong middle", 1.0, blocks, "sd15"), blocks)
+    assert middle == pytest.approx([0.2] * (n - 1) + [1.0])
+    weak_in = _flat(scale_config("weak input", 1.0, blocks, "sd15"), blocks)
+    downs = sum(blocks["down"].values())
+    assert weak_in == pytest.approx([0.2] * downs + [1.0] * (n - downs))
+
+
+def test_presets_are_ipa_rt_presets_and_left_out_types_are_refused():
+    assert scale_config("linear", 0.7, SD15, "sd15") == 0.7
+    assert scale_config("style transfer", 0.5, SD15, "sd15") == scale_preset("style", "sd15", 0.5)
+    assert scale_config("composition", 1.0, SDXL, "sdxl") == scale_preset("composition", "sdxl")
+    for name in LEFT_OUT:
+        with pytest.raises(ScaleError, match="only in ComfyUI_IPAdapter_plus"):
+            scale_config(name, 1.0, SD15, "sd15")
+    with pytest.raises(ScaleError, match="weight_type is 'sideways'"):
+        scale_config("sideways", 1.0, SD15, "sd15")
+    assert len(set(WEIGHT_TYPES)) == len(WEIGHT_TYPES) == 12
+
+
+def test_installer_writes_the_shim_and_refuses_other_folders(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"COMFYUI_DIR: .* expected a ComfyUI folder"):
+        install(tmp_path)
+    assert not (tmp_path / "custom_nodes").exists()  # nothing written for a wrong folder
+    assert main(["install", str(tmp_path)]) == 2 and "error: COMFYUI_DIR" in capsys.readouterr().err
+    (tmp_path / "main.py").write_text("")
+    (tmp_path / "comfy_api").mkdir()
+    shim = install(tmp_path) / "__init__.py"
+    assert shim.parent.name == FOLDER and "from ipa_rt.comfyui import comfy_entrypoint" in shim.read_text()
+    assert [p.name for p in shim.parent.iterdir()] == ["__init__.py"]  # no temporary file left beside it
+
+
+def test_loading_the_pack_imports_nothing_heavy():
+    heavy = "('torch', 'diffusers', 'transformers')"
+    code = f"import sys, ipa_rt.comfyui; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_comfy_images_convert_exactly():
+    pixels = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    images = comfy_to_pil(pixels.float() / 255, "image")
+    assert [torch.from_numpy(np.array(im)).equal(p) for im, p in zip(images, pixels, strict=True)] == [True] * 2
+    with pytest.raises(ImageInputError, match="image: \\[5, 7\\]; expected a ComfyUI IMAGE"):
+        comfy_to_pil(torch.zeros(5, 7), "image")
+
+
+def test_loader_errors_name_the_input(tmp_path):
+    with pytest.raises(ConfigError, match="base: empty"):
+        load_pipeline(LoadSpec())
+    with pytest.raises(ConfigError, match=r"engine_folder: .* holds no manifest.json"):
+        load_pipeline(LoadSpec(engine_folder=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"ip_adapter\[0\]: '/nope/a\.safetensors' does not exist"):
+        load_pipeline(LoadSpec(base=str(tmp_path), ip_adapters=("/nope/a.safetensors",)))
+
+
+def test_adapter_lines_are_files_or_hub_specs(tmp_path):
+    from ipa_rt import AdapterSource
+    from ipa_rt.comfyui.pipelines import _adapter_source
+
+    hub = _adapter_source("h94/IP-Adapter:models/ip-adapter_sd15.safetensors", "ip_adapter[0]")
+    assert hub == AdapterSource("h94/IP-Adapter", weight_name="ip-adapter_sd15.safetensors", subfolder="models")
+    local = tmp_path / "a.bin"
+    local.write_bytes(b"")
+    assert _adapter_source(str(local), "ip_adapter[0]") == str(local)
