@@ -31,14 +31,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipa_rt import testing
+from ipa_rt.comfyui.examples import LATENT, SIZE, fill
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = Path(os.environ.get("IPA_RT_COMFYUI", REPO.parent / "shared" / "comfyui" / "ComfyUI-0.3.64"))
 PYTHON = os.environ.get("IPA_RT_COMFYUI_PYTHON", sys.executable)
 WORKFLOWS = REPO / "ipa_rt" / "comfyui" / "workflows"
-SIZE = 64  # tiny models: the engine is built for 64 x 64
-LATENT = SIZE // 2  # the tiny VAE's scale factor is 2
 # the ONNX Runtime engine and torch differ in fp32 rounding (other kernels, other summation orders); through 4
 # Euler steps of a random tiny UNet that stays within a few 8-bit levels of the decoded image
 ENGINE_VS_TORCH_LEVELS = 3
@@ -111,37 +109,29 @@ def _error(entry: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("comfy-models")
-    base = testing.write_base_model(root / "model-sd15")
-    encoder = testing.write_image_encoder(root / "IP-Adapter" / "models" / "image_encoder")
-    plain = testing.write_adapter(root / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors", "base", base)
-    plus = testing.write_adapter(root / "IP-Adapter" / "models" / "ip-adapter-plus_sd15.bin", "plus", base, seed=4)
-    mask = np.zeros((SIZE, SIZE, 3), np.uint8)
-    mask[:, : SIZE // 2] = 255
+def models(comfy) -> dict:
+    found = comfy.work / "example" / "models"
+    adapters = found / "IP-Adapter" / "models"
     return {
-        "base": base,
-        "encoder": encoder,
-        "plain": plain,
-        "plus": plus,
-        "mask": Image.fromarray(mask),
-        "images": [testing.make_image(0), testing.make_image(5, (40, 56))],
-        "root": root,
+        "base": found / "model-sd15",
+        "encoder": adapters / "image_encoder",
+        "plain": adapters / "ip-adapter_sd15.safetensors",
+        "plus": adapters / "ip-adapter-plus_sd15.bin",
+        "input": comfy.root / "input",
     }
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory, models) -> Comfy:
+def comfy(tmp_path_factory) -> Comfy:
     work = tmp_path_factory.mktemp("comfyui")
     root = work / "ComfyUI"
     shutil.copytree(SNAPSHOT, root, ignore=shutil.ignore_patterns("tests", "tests-unit", "__pycache__"))
     installed = subprocess.run([PYTHON, "-m", "ipa_rt.comfyui", "install", str(root)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr
-    inputs = root / "input"
-    inputs.mkdir(exist_ok=True)
-    models["images"][0].save(inputs / "reference.png")
-    models["images"][1].save(inputs / "reference_2.png")
-    models["mask"].save(inputs / "mask.png")
+    example = subprocess.run(
+        [PYTHON, "-m", "ipa_rt.comfyui", "example", str(root), str(work / "example")], capture_output=True, text=True
+    )  # the documented step: tiny models + filled workflows
+    assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 3, example.stderr
     (work / "frontend").mkdir()
     port = _free_port()
     env = {
@@ -193,24 +183,9 @@ def comfy(tmp_path_factory, models) -> Comfy:
 
 
 def _workflow(name: str, models: dict, **loader) -> dict:
-    graph = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
-    for node in graph.values():
-        if node["class_type"] == "IpaRtLoadPipeline":
-            node["inputs"].update(
-                base=str(models["base"]),
-                ip_adapter=str(models["plain"]),
-                image_encoder=str(models["encoder"]),
-                engine_height=SIZE,
-                engine_width=SIZE,
-            )
-            node["inputs"].update(loader)
-        if node["class_type"] == "IpaRtSampler":
-            node["inputs"].update(width=SIZE, height=SIZE)
-        if node["class_type"] == "EmptyLatentImage":  # ComfyUI assumes 8 px per latent; the tiny VAE has 2
-            node["inputs"].update(width=LATENT * 8, height=LATENT * 8)
-        if node["class_type"] in ("IpaRtSampler", "KSampler"):
-            node["inputs"].update(steps=4)
-    return graph
+    return fill(
+        name, str(models["base"]), [str(models["plain"]), str(models["plus"])], str(models["encoder"]), **loader
+    )
 
 
 def _reference(comfy: Comfy, models: dict, graph: dict, adapters: list[dict]) -> np.ndarray:
@@ -250,16 +225,14 @@ def _adapter(
     name = "reference.png" if image == 0 else "reference_2.png"
     entry = {
         "index": index,
-        "image": str(models["root"] / name),
+        "image": str(models["input"] / name),
         "weight": weight,
         "weight_type": weight_type,
         "start_at": 0.0,
         "end_at": 1.0,
     }
-    models["images"][image].save(entry["image"])
     if mask:
-        entry["mask"] = str(models["root"] / "mask.png")
-        models["mask"].save(entry["mask"])
+        entry["mask"] = str(models["input"] / "mask.png")
     return entry
 
 
@@ -274,7 +247,6 @@ def test_sampler_workflow_equals_python_api(comfy, models):
 
 def test_two_adapters_with_mask_equal_python_api(comfy, models):
     graph = _workflow("ipa_rt_two_adapters_mask", models)
-    graph["1"]["inputs"]["ip_adapter"] = f"{models['plain']}\n{models['plus']}"
     entry = comfy.run(graph)
     got = comfy.image(entry, "10")
     want = _reference(

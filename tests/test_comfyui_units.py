@@ -63,6 +63,7 @@ def test_installer_writes_the_shim_and_refuses_other_folders(tmp_path, capsys):
         install(tmp_path)
     assert not (tmp_path / "custom_nodes").exists()  # nothing written for a wrong folder
     assert main(["install", str(tmp_path)]) == 2 and "error: COMFYUI_DIR" in capsys.readouterr().err
+    assert main(["example", str(tmp_path), str(tmp_path / "out")]) == 2 and not (tmp_path / "out").exists()
     (tmp_path / "main.py").write_text("")
     (tmp_path / "comfy_api").mkdir()
     shim = install(tmp_path) / "__init__.py"

@@ -18,13 +18,17 @@ SHIM = (
 )
 
 
+def _check(root: Path) -> None:
+    if not (root / "main.py").is_file() or not (root / "comfy_api").is_dir():
+        raise ConfigError(f"COMFYUI_DIR: '{root}' has no main.py and comfy_api/; expected a ComfyUI folder")
+
+
 def install(comfyui: str | Path) -> Path:
     """Write the shim into ``comfyui``'s ``custom_nodes`` (atomically); returns its folder."""
     from ..checkpoint import atomic_write_bytes
 
     root = Path(comfyui).expanduser()
-    if not (root / "main.py").is_file() or not (root / "comfy_api").is_dir():
-        raise ConfigError(f"COMFYUI_DIR: '{root}' has no main.py and comfy_api/; expected a ComfyUI folder")
+    _check(root)
     target = root / "custom_nodes" / FOLDER
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target / "__init__.py", SHIM.encode())
@@ -37,9 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="write the node pack's shim into COMFYUI_DIR/custom_nodes").add_argument(
         "comfyui", metavar="COMFYUI_DIR"
     )
+    example = sub.add_parser("example", help="tiny models + the example workflows filled in, ready for curl")
+    example.add_argument("comfyui", metavar="COMFYUI_DIR")
+    example.add_argument("out", metavar="OUT")
     args = parser.parse_args(argv)
     try:
-        print(f"ipa_rt nodes installed in {install(args.comfyui)}; restart ComfyUI to load them")
+        if args.command == "install":
+            print(f"ipa_rt nodes installed in {install(args.comfyui)}; restart ComfyUI to load them")
+        else:
+            _check(Path(args.comfyui).expanduser())
+            from .examples import write_examples
+
+            for path in write_examples(args.comfyui, args.out):
+                print(f"curl -s -X POST http://127.0.0.1:8188/prompt -H 'Content-Type: application/json' -d @{path}")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
