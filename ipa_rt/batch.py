@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import request as rq
 from .errors import ConfigError, ScaleError
-from .runtime import StepInputs
+from .runtime import StepInputs, static_call
 from .scale import expand_scale, per_row_scales, scale_tables
 from .text import PromptEmbeds
 
@@ -128,7 +128,7 @@ def _scale_rows(pipe, args: dict[str, Any], has_image: bool, index: int) -> Tens
     return table.to(stack.scale.device)
 
 
-@torch.no_grad()
+@static_call
 def run_batch(pipe, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
     """``pipe.batch(requests)``'s work: each request's images (or latents), in order."""
     arguments = _check(pipe, requests)

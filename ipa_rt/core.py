@@ -33,7 +33,7 @@ from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
 from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
 from .request import query_tokens
-from .runtime import DenoiseLoop
+from .runtime import DenoiseLoop, static_call
 from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
 from .t2i import T2IStack, load_t2i_adapters
@@ -110,6 +110,7 @@ class PipelineCore:
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
+    @static_call
     def from_pretrained(
         cls,
         base: str | os.PathLike,
@@ -204,6 +205,7 @@ class PipelineCore:
         return None  # images then raise a clear error; embeddings still work
 
     @classmethod
+    @static_call
     def from_diffusers(cls, pipe: Any, attention: str = "auto") -> PipelineCore:
         """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called (modules are shared).
 
@@ -250,6 +252,7 @@ class PipelineCore:
                     "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
                 )
 
+    @static_call
     def to(self, device: torch.device | str) -> PipelineCore:
         self.device = torch.device(device)
         for module in (self.unet, self.vae, *self.text_encoders, self.image_encoder):
@@ -358,6 +361,7 @@ class PipelineCore:
         self._ranges = expand_step_ranges(ranges, self.adapters.num_adapters)
 
     # --- per-call conditions --------------------------------------------------------------------------------------
+    @static_call
     def prepare_ip_adapter_image_embeds(
         self,
         ip_adapter_image: Any,
@@ -380,7 +384,7 @@ class PipelineCore:
         return out[0]
 
     # --- the call -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @static_call
     def __call__(
         self,
         prompt: str | list[str] = "",

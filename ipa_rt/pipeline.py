@@ -17,6 +17,7 @@ from .checkpoint import adapter_sources
 from .core import PipelineCore, PipelineOutput
 from .errors import ConfigError
 from .models import FAMILIES
+from .runtime import static_call
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
@@ -37,6 +38,7 @@ class Pipeline(PipelineCore):
     """IP-Adapter generation for SD1.5- and SDXL-family diffusers models, on PyTorch or on engines."""
 
     @classmethod
+    @static_call
     def from_pretrained(
         cls,
         base: str | os.PathLike,
@@ -62,6 +64,7 @@ class Pipeline(PipelineCore):
         return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
 
     @classmethod
+    @static_call
     def from_engine(
         cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None
     ) -> Pipeline:

@@ -16,6 +16,7 @@ memory pool, and past :attr:`DenoiseLoop.max_states` signatures the least recent
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,19 @@ from .sampling import EagerPlan, Plan
 
 MIN_CAPACITY = 64  # step tables hold at least this many steps: every usual step count shares one graph
 MAX_STATES = 8  # signatures (buffer sets and graphs) a loop keeps before dropping the least recently used
+
+
+def static_call(fn):
+    """A pipeline entry point: no autograd, and never inference mode, even when the caller is in it. The buffers a
+    call allocates (loop state, image keys/values, caches) are rewritten in place by later calls, which PyTorch
+    refuses for tensors made under ``torch.inference_mode()`` once outside it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def step_capacity(steps: int) -> int:

@@ -28,7 +28,7 @@ from .core import PipelineCore
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
 from .export.build import register_video_pipeline
 from .models import BaseModel
-from .runtime import StepInputs
+from .runtime import StepInputs, static_call
 
 VIDEO_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -96,6 +96,7 @@ class AnimateDiffPipeline(PipelineCore):
     video = True  # what an engine directory must hold to load into this class
 
     @classmethod
+    @static_call
     def from_pretrained(
         cls,
         base: str | os.PathLike,
@@ -141,6 +142,7 @@ class AnimateDiffPipeline(PipelineCore):
         return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
 
     @classmethod
+    @static_call
     def from_engine(cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
         """Clips from the video engines ``ipa_rt build --motion-adapter DIR --frames N`` wrote into ``folder``."""
         from .export.loader import load_engine_pipeline
@@ -152,7 +154,7 @@ class AnimateDiffPipeline(PipelineCore):
         """The most frames the motion modules' positional embeddings take."""
         return int(self.unet.config.motion_max_seq_length)
 
-    @torch.no_grad()
+    @static_call
     def __call__(
         self,
         prompt: str | list[str] = "",

@@ -69,6 +69,26 @@ def test_loop_keeps_no_autograd_history(models, images):
     assert not any(t.requires_grad for kv in ctx.kv for t in kv) and not ctx.scale_eff.requires_grad
 
 
+def test_calls_inside_and_outside_inference_mode_share_the_static_buffers(models, images):
+    """A first call under ``torch.inference_mode()`` (as benchmarks and ComfyUI run) must not leave inference tensors
+    that a later call outside it writes in place (PyTorch refuses that): same outputs in, out, and in again, and for
+    a batched call."""
+    pipe = sd15(models, scheduler="lcm")
+
+    def kw() -> dict:
+        return dict(prompt="a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    with torch.inference_mode():
+        first = pipe(**kw()).images
+    assert not first.is_inference()
+    again = [pipe(**kw()).images]
+    with torch.inference_mode():
+        again += [pipe(**kw()).images, pipe.batch([kw()])[0].images]
+    again.append(pipe.batch([kw()])[0].images)
+    assert [torch.equal(out, first) for out in again] == [True] * 4, [(out - first).abs().max().item() for out in again]
+
+
 def test_step_count_and_strength_share_one_signature(models, images, monkeypatch):
     """Tables are sized to a capacity: 3 and 5 steps reuse one state (parity still holds); past the capacity, a
     bigger table."""

@@ -49,10 +49,13 @@ class IpaRtDiffusionModel(torch.nn.Module):
         options = transformer_options or {}
         refuse_unhonoured(options, control, y, kwargs)
         pipe = self.pipe
-        prepare_image_side(pipe, options.get(KEY), options, x.shape[0])
-        sample = x.to(pipe.dtype)
-        ctx = context.to(pipe.device, pipe.dtype)
-        return pipe.unet(sample, timesteps.float(), encoder_hidden_states=ctx, return_dict=False)[0]
+        # ComfyUI samples under inference mode; the image-side buffers prepared here are rewritten in place by
+        # later calls, the ipa_rt Sampler's included, which run outside it (ipa_rt.runtime.static_call)
+        with torch.inference_mode(False), torch.no_grad():
+            prepare_image_side(pipe, options.get(KEY), options, x.shape[0])
+            sample = x.to(pipe.dtype)
+            ctx = context.to(pipe.device, pipe.dtype)
+            return pipe.unet(sample, timesteps.float(), encoder_hidden_states=ctx, return_dict=False)[0]
 
 
 def refuse_unhonoured(options: dict, control: Any, y: Any, extra: dict) -> None:
