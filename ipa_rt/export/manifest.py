@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
@@ -46,14 +47,31 @@ def file_record(path: Path, known: dict[str, Any] | None = None) -> dict[str, An
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
 
 
+# the distributions a module can come from (ONNX Runtime's GPU and OpenVINO builds install the same module)
+DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")}
+
+
+def _installed(module: str) -> str | None:
+    """The installed version, read from package metadata: importing nncf, OpenVINO or ONNX Runtime just to ask
+    costs a second or two of every build. TensorRT is asked itself: its wheels come under several names."""
+    if module == "tensorrt":
+        try:
+            return __import__("tensorrt").__version__
+        except ImportError:
+            return None
+    for dist in DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def versions() -> dict[str, str | None]:
     """Versions of everything an engine's bytes or numerics depend on."""
     out: dict[str, str | None] = {"ipa_rt": __version__, "torch": torch.__version__}
     for name in ("onnx", "onnxruntime", "tensorrt", "openvino", "nncf", "diffusers", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
+        out[name] = _installed(name)
     return out
 
 
