@@ -77,19 +77,17 @@ def fresh(x: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=x.dtype)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
-    """Each engine against its contract's torch module, on fresh inputs at the smallest and largest batch."""
+def assert_networks_match_torch(pipe, folder: Path) -> None:
+    """Each engine in ``folder`` against its contract's torch module, on fresh inputs at the smallest and largest
+    batch; the UNet also with a zero scale (an input: the text-only UNet, no new export)."""
     import onnx
 
-    pipe = ipa_pipe(models, family, [models.adapter(family, v) for v in ADAPTERS[family]])
-    pipe.set_ip_adapter_scale(0.6 if family == "sdxl" else [0.6, {"up": 1.2}])
-    manifest = read_manifest(engines[family])
-    contracts = all_contracts(pipe, 1, 32, 32)
+    manifest = read_manifest(folder)
+    contracts = all_contracts(pipe, 1, manifest["shapes"]["height"], manifest["shapes"]["width"])
     assert sorted(c.name for c in contracts) == sorted(manifest["networks"])
     gen = torch.Generator().manual_seed(11)
     for contract in contracts:
-        path = engines[family] / next(iter(manifest["networks"][contract.name]["files"]))
+        path = folder / next(iter(manifest["networks"][contract.name]["files"]))
         onnx.checker.check_model(str(path))
         engine = OrtEngine(path)
         assert [n for n, _ in engine.inputs] == list(contract.inputs)
@@ -103,12 +101,36 @@ def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
             got = engine(feeds)
             for g, w in zip(got, want, strict=True):
                 assert rel_l2(g, w.float()) <= NETWORK_RTOL, (contract.name, rows)
-            if contract.name == "unet":  # the scale is an input: zero is the text-only UNet, no new export
+            if contract.name == "unet":
                 zero = dict(feeds, ip_scale=torch.zeros_like(feeds["ip_scale"]))
                 with torch.no_grad():
                     want0 = contract.module(*zero.values())
                 got0 = engine(zero)[0]
                 assert rel_l2(got0, want0) <= NETWORK_RTOL and rel_l2(got0, got[0]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
+    pipe = ipa_pipe(models, family, [models.adapter(family, v) for v in ADAPTERS[family]])
+    pipe.set_ip_adapter_scale(0.6 if family == "sdxl" else [0.6, {"up": 1.2}])
+    assert read_manifest(engines[family])["request"]["exporter"] == "torchscript"  # the default
+    assert_networks_match_torch(pipe, engines[family])
+
+
+def test_dynamo_exporter_builds_networks_that_match_pytorch(models, tmp_path):
+    """The other exporter (torch.export + onnxscript), on the example's smaller UNet: the same contracts, the same
+    parity, and the manifest says which exporter made the engines."""
+    from ipa_rt import testing as T
+
+    base = T.write_base_model(tmp_path / "base", configs={"unet": T.EXAMPLE_UNET})
+    adapter = T.write_adapter(tmp_path / "ip.safetensors", "plus", base)
+    T.write_image_encoder(tmp_path / "image_encoder")
+    req = BuildRequest(str(base), [str(adapter)], height=32, width=32, exporter="dynamo")
+    build_engines(req, tmp_path / "out")
+    assert read_manifest(tmp_path / "out")["request"]["exporter"] == "dynamo"
+    pipe = ipa_pipe(models, "sd15", [adapter], base=base)
+    pipe.set_ip_adapter_scale(0.8)
+    assert_networks_match_torch(pipe, tmp_path / "out")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -277,6 +299,7 @@ def test_build_refuses_other_engines_without_rebuild(models, engines):
         ({"dtype": "bf16"}, "dtype 'bf16' is not supported by onnxruntime"),
         ({"height": 30}, "height is 30; expected a positive multiple of 8"),
         ({"batch": 0}, "batch is 0"),
+        ({"exporter": "jit"}, "exporter 'jit' is unknown; expected one of"),
         ({"ip_adapter": []}, "at least one IP-Adapter"),
         ({"ip_adapter": ["/nonexistent/ip.safetensors"]}, "does not exist"),
         ({"base": "/nonexistent/base"}, "neither a local path nor a reachable hub id|model_index.json"),
@@ -298,7 +321,7 @@ def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch
 
     calls = []
 
-    def flaky(contract, path, *a):
+    def flaky(contract, path, *a, **kw):
         calls.append(contract.name)
         if len(calls) == 3:
             raise RuntimeError("disk full")

@@ -194,7 +194,7 @@ def test_kept_exports_are_reused_per_network(tmp_path, monkeypatch):
     monkeypatch.delenv(export_cache.PLACE, raising=False)  # not the suite's shared folder: it counts its own
     exported = []
     real = build.export_onnx
-    monkeypatch.setattr(build, "export_onnx", lambda c, p: exported.append(c.name) or real(c, p))
+    monkeypatch.setattr(build, "export_onnx", lambda c, p, **kw: exported.append(c.name) or real(c, p, **kw))
     taesd = T.write_taesd(tmp_path / "taesd")
     # the example's smaller UNet: what is counted here is exports per network, and it halves this test's exports
     folder = T.write_base_model(tmp_path / "base", configs={"unet": T.EXAMPLE_UNET})

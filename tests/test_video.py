@@ -366,6 +366,27 @@ def test_video_build_request_errors(models, motion):
         BuildRequest(base, adapter, backend=backend, motion_adapter=str(motion["sd15"]), frames=8).check()
 
 
+def test_cli_video_build_in_a_fresh_process_loads_through_the_video_pipeline(models, motion, tmp_path):
+    """`ipa_rt build --motion-adapter` in a process that never imported ipa_rt.video (the package's names are lazy):
+    the CLI registers the video pipeline, so the build loads the motion UNet (build_engines stubbed: the models'
+    class is what is checked)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import ipa_rt.export.build as b\n"
+        "b.build_engines = lambda req, *a, **k: print('loads with', b._pipeline_class(req).__name__)\n"
+        "from ipa_rt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["build", str(models.base("sd15")), "--ip-adapter", str(models.adapter("sd15", "base")),
+            "--motion-adapter", str(motion["sd15"]), "--frames", "4", "-o", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loads with AnimateDiffPipeline" in done.stdout
+
+
 def test_from_pretrained_engine_route_asks_for_video_engines(models, motion):
     """``AnimateDiffPipeline.from_pretrained(backend=...)`` builds the same request the CLI build makes."""
     from ipa_rt.checkpoint import adapter_sources

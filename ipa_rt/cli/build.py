@@ -31,6 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
     build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
     build.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
+    build.add_argument(
+        "--exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="ONNX exporter: torchscript (the tracer, fast) or dynamo (torch.export)",
+    )
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument("--motion-adapter", metavar="DIR", help="AnimateDiff MotionAdapter: video engines (onnxruntime)")
     build.add_argument("--frames", type=int, default=16, help="frames per clip of video engines (static)")
@@ -41,6 +47,9 @@ def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from ..export.build import BuildRequest, build_engines
+
+    if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
+        from .. import video  # noqa: F401
 
     req = BuildRequest(
         base=args.base,
@@ -58,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         vae=args.vae,
         motion_adapter=args.motion_adapter,
         frames=args.frames if args.motion_adapter else 0,
+        exporter=args.exporter,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:

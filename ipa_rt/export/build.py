@@ -44,7 +44,7 @@ from .manifest import (
     versions,
     write_manifest,
 )
-from .onnx_export import export_onnx
+from .onnx_export import check_exporter, export_onnx
 from .openvino_engine import convert_onnx
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
@@ -86,10 +86,12 @@ class BuildRequest:
     subfolder: list[str | None] = field(default_factory=list)
     motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder or hub id: a video build
     frames: int = 0  # frames per clip of a video build (static), 0 for stills
+    exporter: str = "torchscript"  # the ONNX exporter (onnx_export.EXPORTERS): the tracer, or torch.export's
 
     def check(self) -> None:
         if self.backend not in ENGINE_BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; expected one of {ENGINE_BACKENDS}")
+        check_exporter(self.exporter)
         allowed = {"tensorrt": sorted(DTYPES), "onnxruntime": ["fp16", "fp32"], "openvino": ["fp32"]}[self.backend]
         if self.dtype not in allowed:
             hint = " (OpenVINO engines are exported in fp32: choose --precision fp32|bf16|int8)" * (
@@ -314,8 +316,9 @@ def build_engines(
     return out
 
 
-# The classes that load a build's models, by kind. ipa_rt.video registers the video one when it is imported (as
-# `import ipa_rt` always does): the export layer serves the pipelines and never imports them.
+# The classes that load a build's models, by kind. ipa_rt.video registers the video one when it is imported (the
+# video pipeline, `ipa_rt build --motion-adapter` and `ipa_rt.AnimateDiffPipeline` import it): the export layer
+# serves the pipelines and never imports them.
 _PIPELINES: dict[str, type[PipelineCore]] = {"stills": PipelineCore}
 
 
@@ -327,8 +330,11 @@ def register_video_pipeline(cls: type[PipelineCore]) -> type[PipelineCore]:
 
 def _pipeline_class(req: BuildRequest) -> type[PipelineCore]:
     kind = "video" if req.motion_adapter else "stills"
-    if kind not in _PIPELINES:  # only if ipa_rt.video was never imported, which `import ipa_rt` rules out
-        raise ConfigError("video builds load through ipa_rt.AnimateDiffPipeline; import ipa_rt.video first")
+    if kind not in _PIPELINES:  # a direct build_engines(...) call in a process that never imported ipa_rt.video
+        raise ConfigError(
+            "a video build (motion_adapter) loads its models through ipa_rt.AnimateDiffPipeline: import ipa_rt.video "
+            "before build_engines(...), or use ipa_rt.AnimateDiffPipeline.from_pretrained(..., backend=...)"
+        )
     return _PIPELINES[kind]
 
 
@@ -351,27 +357,16 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
     contracts = all_contracts(pipe, req.batch, req.height, req.width, req.frames)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
-        networks = {}
+        networks: dict[str, dict[str, Any]] = {}
         for i, contract in enumerate(contracts, 1):
             t0 = time.perf_counter()
             target = tmp / "onnx" / f"{contract.name}.onnx"
-            export = lambda c=contract, t=target: export_onnx(c, t)  # noqa: E731
+            export = lambda c=contract, t=target: export_onnx(c, t, exporter=req.exporter)  # noqa: E731
             onnx_path, kept = export_cached(contract, ident, target, export)
-            files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]
             stages = [f"ONNX export {'reused (kept exports)' if kept else f'{time.perf_counter() - t0:.1f} s'}"]
-            t1 = time.perf_counter()
-            if req.backend == "tensorrt":
-                timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
-                plan = tmp / "tensorrt" / f"{contract.name}.plan"
-                plan = build_trt_engine(onnx_path, plan, contract.profile(), timing)
-                files = [plan]
-                stages.append(f"TensorRT build {time.perf_counter() - t1:.1f} s")
-            elif req.backend == "openvino":
-                xml = tmp / "openvino" / f"{contract.name}.xml"
-                files = convert_onnx(onnx_path, xml, contract.name, req.precision)
-                stages.append(f"OpenVINO IR {time.perf_counter() - t1:.1f} s")
+            files, stage = _convert(req, device, contract, onnx_path, tmp)
             networks[contract.name] = _network_record(contract, files, tmp)
-            say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join(stages)}")
+            say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join([*stages, *stage])}")
         _write_model_files(pipe, tmp / "model")
         manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
         manifest.update(
@@ -422,6 +417,19 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         say(f"engines written to '{out}' ({manifest['built_seconds']} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(req: BuildRequest, device, contract: Contract, onnx_path: Path, tmp: Path) -> tuple[list[Path], list[str]]:
+    """One network's engine files from its ONNX, and the progress note of that stage (none for ONNX Runtime)."""
+    start, name = time.perf_counter(), contract.name
+    if req.backend == "tensorrt":
+        timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
+        plan = build_trt_engine(onnx_path, tmp / "tensorrt" / f"{name}.plan", contract.profile(), timing)
+        return [plan], [f"TensorRT build {time.perf_counter() - start:.1f} s"]
+    if req.backend == "openvino":
+        files = convert_onnx(onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision)
+        return files, [f"OpenVINO IR {time.perf_counter() - start:.1f} s"]
+    return [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")], []
 
 
 def _blocks(pipe) -> dict:
@@ -481,10 +489,11 @@ def request_for_pretrained(
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
     if vae is not None and not isinstance(vae, (str, os.PathLike)):
         raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd'; got a {type(vae).__name__}")
-    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild", "frames"}
+    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild", "frames", "exporter"}
     if unknown:
         raise ConfigError(
-            f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, rebuild (and frames)"
+            f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, exporter, rebuild "
+            "(and frames)"
         )
     if any(isinstance(s.source, dict) for s in sources) or not sources:
         raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
@@ -515,6 +524,7 @@ def request_for_pretrained(
         subfolder=[s.subfolder for s in sources],
         motion_adapter=os.fspath(motion_adapter) if motion_adapter is not None else None,
         frames=int(options.get("frames", 16)) if motion_adapter is not None else 0,
+        exporter=str(options.get("exporter", "torchscript")),
     )
 
 
