@@ -13,14 +13,15 @@ import torch
 
 from ipa_rt.kernels import fused_available
 
-# The same fp32 operations as diffusers, in the same order, yet not bitwise on every CPU: on a 2-core AMD EPYC
-# (AVX512_BF16, no AMX) the LCM rows of these benchmarks came out 1.7e-7 / 1.9e-7 from diffusers while the CFG rows
-# and the Python API's LCM parity stayed bitwise. Emulating that CPU on Intel (ATEN_CPU_CAPABILITY=avx2,
-# ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) stays bitwise, so the cause is not ATen's vector width nor oneDNN's ISA;
-# the suspect left is the BLAS's vendor- and alignment-dependent sgemm kernels (the benchmark process places the
-# two pipelines' tensors at other addresses than a test does). Bitwise is what no CPU guarantees here, so these
-# assert a few ulps through 4 steps: 1e-6 relative L2, five times what was observed, a hundredth of the parity
-# tolerance (1e-4) the engines are held to.
+# The same fp32 operations as diffusers, in the same order, yet not bitwise on every CPU. Cause, found on a 2-core
+# AMD EPYC (AVX512_BF16, no AMX), where these LCM rows came out ~1.9e-7 from diffusers: PyTorch's x86 wheels call
+# MKL's sgemm, and on this AMD CPU its result depends on where the weight matrix sits in memory. The IP-Adapter
+# projection's Linear (M=1) on equal inputs and equal weights gives equal outputs only when the weight's address
+# is 8, 24, 40 or 56 mod 64 bytes; diffusers' weights lie at offsets inside the loaded safetensors buffer, ipa_rt's
+# were copied into fresh 64-byte-aligned storage, so the image tokens differ by an ulp and the latents by 1e-7
+# (Intel's MKL paths are alignment-independent: bitwise there). No library controls where another keeps its
+# weights, so these assert a few ulps through 4 steps: 1e-6 relative L2, five times what was observed, a hundredth
+# of the parity tolerance (1e-4) the engines are held to.
 SAME_ARITHMETIC_RTOL = 1e-6
 
 

@@ -25,6 +25,9 @@ pytest.importorskip("ray.serve", reason="ipa_rt serve needs Ray Serve (pip insta
 httpx = pytest.importorskip("httpx")
 REPO = Path(__file__).resolve().parent.parent
 QUEUE = 4  # --max-queued-requests of the server under test
+# serve.batch's wait for a batch to fill: with the default 0.05 s a loaded 2-core machine (the other test worker
+# busy) dispatched a burst's requests further apart than that, and every batch held one request
+BATCH_WAIT = 0.5
 
 
 def free_port() -> int:
@@ -39,7 +42,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     argv = [sys.executable, "-m", "ipa_rt", "serve", "--example", "--port", str(port), "--num-replicas", "2",
-            "--max-batch-size", "4", "--max-ongoing-requests", "4", "--max-queued-requests", str(QUEUE)]  # fmt: skip
+            "--max-batch-size", "4", "--max-ongoing-requests", "4", "--max-queued-requests", str(QUEUE),
+            "--batch-wait-timeout-s", str(BATCH_WAIT)]  # fmt: skip
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
