@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import PRECISIONS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``build``: the engine directory's request, one flag per field of ``BuildRequest``."""
@@ -23,9 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export dtype (TensorRT, ORT)")
     build.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "int8"),
+        choices=PRECISIONS,
         default="fp32",
-        help="OpenVINO: fp32 (faithful), bf16, int8 (int8 UNet weights)",
+        help="OpenVINO: fp32 (faithful), bf16, int8 (calibrated int8 UNet), int8-weights (int8 UNet weights only)",
+    )
+    build.add_argument(
+        "--calibration-prompts", metavar="FILE", help="int8: the UNet's calibration prompts, one a line (else built-in)"
+    )
+    build.add_argument(
+        "--calibration-images",
+        action="append",
+        default=[],
+        metavar="DIR|FILE",
+        help="int8: calibration reference images (a folder or a file; repeatable; else built-in)",
     )
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
@@ -47,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from ..export.build import BuildRequest, build_engines
+    from ..export.calibration import read_prompts
 
     if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
         from .. import video  # noqa: F401
@@ -68,6 +81,8 @@ def run(args: argparse.Namespace) -> None:
         motion_adapter=args.motion_adapter,
         frames=args.frames if args.motion_adapter else 0,
         exporter=args.exporter,
+        calibration_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else [],
+        calibration_images=args.calibration_images,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:

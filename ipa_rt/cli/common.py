@@ -9,6 +9,10 @@ import torch
 
 from ..errors import ConfigError
 
+# OpenVINO precisions: export.openvino_engine.PRECISIONS, written out so the parser imports no export code (a test
+# checks they agree)
+PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -38,7 +42,7 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         help="default: openvino on a CPU when installed (engines built once into the cache), else torch",
     )
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "int8"), default=None, help="OpenVINO compute precision (default fp32)"
+        "--precision", choices=PRECISIONS, default=None, help="OpenVINO compute precision (default fp32)"
     )
     parser.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
 
@@ -64,7 +68,7 @@ def load_pipeline(
             options = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
             if backend == "openvino":
                 if dtype != torch.float32:
-                    raise ConfigError("--backend openvino takes --precision fp32|bf16|int8, not --dtype")
+                    raise ConfigError("--backend openvino takes --precision fp32|bf16|int8|int8-weights, not --dtype")
                 options["precision"] = precision or "fp32"
             kwargs |= {"backend": backend, "engine_options": options}
         pipe = Pipeline.from_pretrained(

@@ -77,7 +77,7 @@ class BuildRequest:
     width: int = 512
     batch: int = 1
     dtype: str = "fp32"
-    precision: str = "fp32"  # OpenVINO's compute precision: fp32 (faithful), bf16 or int8 (int8 weights)
+    precision: str = "fp32"  # OpenVINO's compute precision: fp32 (faithful), bf16, int8 or int8-weights
     lora: list[str] = field(default_factory=list)
     controlnet: list[str] = field(default_factory=list)  # diffusers ControlNetModel folders
     t2i_adapter: list[str] = field(default_factory=list)  # diffusers T2IAdapter folders
@@ -87,6 +87,8 @@ class BuildRequest:
     motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder or hub id: a video build
     frames: int = 0  # frames per clip of a video build (static), 0 for stills
     exporter: str = "torchscript"  # the ONNX exporter (onnx_export.EXPORTERS): the tracer, or torch.export's
+    calibration_prompts: list[str] = field(default_factory=list)  # int8: the UNet's calibration (else built-in)
+    calibration_images: list[str] = field(default_factory=list)  # int8: image files or folders of them
 
     def check(self) -> None:
         if self.backend not in ENGINE_BACKENDS:
@@ -94,7 +96,7 @@ class BuildRequest:
         check_exporter(self.exporter)
         allowed = {"tensorrt": sorted(DTYPES), "onnxruntime": ["fp16", "fp32"], "openvino": ["fp32"]}[self.backend]
         if self.dtype not in allowed:
-            hint = " (OpenVINO engines are exported in fp32: choose --precision fp32|bf16|int8)" * (
+            hint = " (OpenVINO engines are exported in fp32: choose --precision fp32|bf16|int8|int8-weights)" * (
                 self.backend == "openvino"
             )
             raise ConfigError(
@@ -123,8 +125,29 @@ class BuildRequest:
             raise ConfigError(
                 "video engines with ControlNets or T2I-Adapters are not supported yet; use backend='torch'"
             )
+        self._check_calibration()
         if self.motion_adapter is None and self.frames:
             raise ConfigError("frames applies to video builds; pass the motion adapter too (--motion-adapter DIR)")
+
+    def _check_calibration(self) -> None:
+        calibrated = self.calibration_prompts or self.calibration_images
+        if self.precision != "int8" and calibrated:
+            raise ConfigError(
+                f"calibration prompts/images apply to precision 'int8' (calibrated int8); got precision "
+                f"{self.precision!r}"
+            )
+        if self.precision == "int8" and (self.controlnet or self.t2i_adapter or self.motion_adapter):
+            raise ConfigError(
+                "precision 'int8' calibrates a stills UNet without ControlNets or T2I-Adapters (its calibration "
+                "does not draw their residuals); use precision 'int8-weights' or 'bf16' for this build"
+            )
+        if any(not isinstance(p, str) or not p.strip() for p in self.calibration_prompts):
+            raise ConfigError("calibration_prompts holds an empty or non-text entry; expected prompt strings")
+
+    def calibration_files(self) -> list[Path]:
+        from .calibration import image_files
+
+        return [f for entry in self.calibration_images for f in image_files(entry)]
 
     def sources(self) -> list[AdapterSource]:
         n = len(self.ip_adapter)
@@ -225,6 +248,8 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
                 raise ConfigError(f"{kind} '{item}' has no config.json; expected a diffusers {cls} folder")
             for f in _files_under(folder, ["."]):
                 roles[f"{kind}_{i}/{f.relative_to(folder).as_posix()}"] = f
+    for i, image in enumerate(req.calibration_files()):  # int8: calibration images name the engines too
+        roles[f"calibration_{i}/{image.name}"] = image
     for role, path in roles.items():
         if not path.is_file():
             raise ConfigError(f"source file '{path}' ({role}) does not exist")
@@ -258,11 +283,14 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         "weight_name",
         "subfolder",
         "motion_adapter",
+        "calibration_images",
     )
     for key in paths:
         request.pop(key)  # paths do not name a build; the files' hashes do
     if not req.motion_adapter:
         request.pop("frames")  # stills builds keep the identity they had before video existed
+    if req.precision != "int8":
+        request.pop("calibration_prompts")  # likewise builds without calibration
     return {
         "format": FORMAT,
         "request": request,
@@ -355,6 +383,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         **video,
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width, req.frames)
+    calibration = _calibrate(req, pipe, contracts[0], say)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         networks: dict[str, dict[str, Any]] = {}
@@ -364,8 +393,10 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             export = lambda c=contract, t=target: export_onnx(c, t, exporter=req.exporter)  # noqa: E731
             onnx_path, kept = export_cached(contract, ident, target, export)
             stages = [f"ONNX export {'reused (kept exports)' if kept else f'{time.perf_counter() - t0:.1f} s'}"]
-            files, stage = _convert(req, device, contract, onnx_path, tmp)
+            files, stage, report = _convert(req, device, contract, onnx_path, tmp, calibration)
             networks[contract.name] = _network_record(contract, files, tmp)
+            if report is not None:
+                networks[contract.name]["quantization"] = report | calibration["record"]
             say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join([*stages, *stage])}")
         _write_model_files(pipe, tmp / "model")
         manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
@@ -419,17 +450,38 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert(req: BuildRequest, device, contract: Contract, onnx_path: Path, tmp: Path) -> tuple[list[Path], list[str]]:
-    """One network's engine files from its ONNX, and the progress note of that stage (none for ONNX Runtime)."""
+def _calibrate(req: BuildRequest, pipe, unet: Contract, say) -> dict[str, Any] | None:
+    """An int8 build's UNet calibration inputs (:mod:`.calibration`) and what the manifest says of them."""
+    if req.backend != "openvino" or req.precision != "int8":
+        return None
+    from .calibration import calibration_set, unet_feeds
+
+    start = time.perf_counter()
+    calib = calibration_set(req.calibration_prompts, [str(f) for f in req.calibration_files()])
+    feeds = unet_feeds(pipe, unet.inputs, calib)
+    record = {"calibration": {"source": calib.source, "prompts": len(calib.prompts), "images": len(calib.images),
+                              "samples": len(feeds), "sha256": calib.identity()}}  # fmt: skip
+    say(f"[calibrate] {len(feeds)} UNet input sets from {len(calib.prompts)} prompts and {len(calib.images)} images "
+        f"({calib.source}) {time.perf_counter() - start:.1f} s")  # fmt: skip
+    return {"feeds": feeds, "record": record}
+
+
+def _convert(
+    req: BuildRequest, device, contract: Contract, onnx_path: Path, tmp: Path, calibration: dict | None = None
+) -> tuple[list[Path], list[str], dict | None]:
+    """One network's engine files from its ONNX, the progress note of that stage (none for ONNX Runtime) and, for a
+    quantised network, its precision report."""
     start, name = time.perf_counter(), contract.name
     if req.backend == "tensorrt":
         timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
         plan = build_trt_engine(onnx_path, tmp / "tensorrt" / f"{name}.plan", contract.profile(), timing)
-        return [plan], [f"TensorRT build {time.perf_counter() - start:.1f} s"]
+        return [plan], [f"TensorRT build {time.perf_counter() - start:.1f} s"], None
     if req.backend == "openvino":
-        files = convert_onnx(onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision)
-        return files, [f"OpenVINO IR {time.perf_counter() - start:.1f} s"]
-    return [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")], []
+        feeds = calibration["feeds"] if calibration else None
+        files, report = convert_onnx(onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision, feeds)
+        note = "OpenVINO IR" + (" + int8 quantisation" if report else "")
+        return files, [f"{note} {time.perf_counter() - start:.1f} s"], report
+    return [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")], [], None
 
 
 def _blocks(pipe) -> dict:
@@ -489,11 +541,12 @@ def request_for_pretrained(
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
     if vae is not None and not isinstance(vae, (str, os.PathLike)):
         raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd'; got a {type(vae).__name__}")
-    unknown = set(options) - {"height", "width", "batch", "precision", "rebuild", "frames", "exporter"}
+    allowed = {"height", "width", "batch", "precision", "rebuild", "frames", "exporter"}
+    unknown = set(options) - allowed - {"calibration_prompts", "calibration_images"}
     if unknown:
         raise ConfigError(
             f"engine_options has {sorted(unknown)}; expected height, width, batch, precision, exporter, rebuild "
-            "(and frames)"
+            "(frames for video; calibration_prompts, calibration_images for int8)"
         )
     if any(isinstance(s.source, dict) for s in sources) or not sources:
         raise ConfigError(f"backend {backend!r} builds engines from IP-Adapter files; got no file paths")
@@ -525,6 +578,8 @@ def request_for_pretrained(
         motion_adapter=os.fspath(motion_adapter) if motion_adapter is not None else None,
         frames=int(options.get("frames", 16)) if motion_adapter is not None else 0,
         exporter=str(options.get("exporter", "torchscript")),
+        calibration_prompts=list(options.get("calibration_prompts", [])),
+        calibration_images=[os.fspath(f) for f in options.get("calibration_images", [])],
     )
 
 

@@ -3,8 +3,10 @@ input shape at run time, inputs and outputs shared with torch buffers.
 
 - **Precision** is chosen at build and recorded in the manifest: ``fp32`` is faithful (OpenVINO's CPU plugin
   computes in bf16 by itself on CPUs with AVX512_BF16 or AMX unless told ``INFERENCE_PRECISION_HINT=f32``), ``bf16``
-  computes in bf16, ``int8`` stores the UNet's and ControlNets' weights in int8 (NNCF weight compression) and
-  computes in bf16 where the CPU can, else f32. The VAE follows the mode too: measured on full-size SD1.5 at 256²
+  computes in bf16, ``int8`` computes the UNet's convolutions and matmuls in int8 (NNCF post-training quantisation
+  of activations and weights, calibrated at build: :mod:`.quantize`) and the rest in bf16 where the CPU can, else
+  f32; ``int8-weights`` only stores the UNet's and ControlNets' weights in int8 (NNCF weight compression: a smaller
+  engine, bf16 arithmetic). The VAE follows the mode too: measured on full-size SD1.5 at 256²
   (2-core AVX512_BF16 CPU), its decoder in bf16 took 0.33 s instead of 1.85 s at 47.5 dB PSNR against f32, and bf16
   has fp32's range, so the SDXL VAE cannot overflow in it (:func:`compute_precision`).
 - **Static shapes**: the IR keeps the contract's dynamic batch; each row count a pipeline uses is compiled once, at
@@ -27,9 +29,10 @@ from torch import Tensor
 from .. import console
 from ..cache import cache_root
 from ..errors import ConfigError, EngineError
+from .quantize import compress_weights, precision_report, quantize_unet
 
-PRECISIONS = ("fp32", "bf16", "int8")
-WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8 compresses (name prefixes)
+PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
+WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8-weights compresses (name prefixes)
 _NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32}
 
@@ -54,7 +57,7 @@ def check_precision(precision: str) -> None:
     if precision == "bf16" and not cpu_supports_bf16():
         raise ConfigError(
             "precision 'bf16' needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), which this one lacks; "
-            "use --precision fp32 (faithful) or int8 (int8 weights, f32 arithmetic here)"
+            "use --precision fp32 (faithful) or int8 (int8 matmuls and convolutions, f32 elsewhere here)"
         )
 
 
@@ -88,17 +91,22 @@ def cpu_threads() -> int:
     return physical_cores()
 
 
-def convert_onnx(onnx_path: Path, xml_path: Path, network: str, precision: str) -> list[Path]:
-    """ONNX -> OpenVINO IR (``.xml`` + ``.bin``, fp32 weights, or int8 weights for the compressed networks in
-    ``int8`` mode). Returns the files written."""
+def convert_onnx(
+    onnx_path: Path, xml_path: Path, network: str, precision: str, calibration: list[dict] | None = None
+) -> tuple[list[Path], dict | None]:
+    """ONNX -> OpenVINO IR (``.xml`` + ``.bin``): fp32 weights; int8 weights for the compressed networks in
+    ``int8-weights`` mode; the UNet quantised with ``calibration`` (its input sets) in ``int8`` mode. Returns the files
+    written and, for a quantised network, its :func:`.quantize.precision_report`."""
     import onnx
 
     ov = openvino()
-    compress = precision == "int8" and network.startswith(WEIGHT_COMPRESSED)
+    quantize = precision == "int8" and network == "unet"
+    compress = precision == "int8-weights" and network.startswith(WEIGHT_COMPRESSED)
     # NNCF finds weights as folded constants, which convert_model's offline passes make; every other network is
     # read as it is (the CPU plugin runs the same simplifications when it compiles): the example's six networks
     # convert in 1.1 s instead of 5.3 s, and a full-size SD1.5 UNet's bf16 step and compile were no slower
-    model = ov.convert_model(str(onnx_path)) if compress else ov.Core().read_model(str(onnx_path))
+    folded = compress or quantize
+    model = ov.convert_model(str(onnx_path)) if folded else ov.Core().read_model(str(onnx_path))
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     # a port can carry several tensor names (a folded Cast's output beside the graph input's): keep the ONNX's own
     # input and output names only, so the engine finds each input by its contract name
@@ -106,15 +114,17 @@ def convert_onnx(onnx_path: Path, xml_path: Path, network: str, precision: str) 
         names = {v.name for v in declared}
         for port in ports:
             port.get_tensor().set_names(set(port.get_names()) & names or set(port.get_names()))
+    report = None
     if compress:
-        try:
-            import nncf
-        except ImportError as exc:
-            raise ConfigError("precision 'int8' needs NNCF: pip install 'ipa_rt[openvino]'") from exc
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        model = compress_weights(model)
+    if quantize:
+        if not calibration:
+            raise ConfigError("precision 'int8' quantises the UNet with calibration inputs; none were given")
+        model = quantize_unet(model, calibration)
+        report = precision_report(model)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
-    return [xml_path, xml_path.with_suffix(".bin")]
+    return [xml_path, xml_path.with_suffix(".bin")], report
 
 
 class OvEngine:

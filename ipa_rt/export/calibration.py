@@ -1,0 +1,170 @@
+"""Calibration inputs for int8 post-training quantisation of the UNet (``precision="int8"``).
+
+The UNet's inputs are drawn the way diffusion training draws them, so no UNet has to run to make them: a latent
+``x0`` from the VAE encoder of a calibration image, a timestep ``t``, and the forward process
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (every diffusers scheduler feeds the UNet this variance-preserving
+``x_t``, Euler's scaled input included). The conditions are the pipeline's own: the prompts' text embeddings and the
+images' IP-Adapter tokens (plus the unconditional rows classifier-free guidance adds: the empty prompt and the
+adapter's negative image tokens). Timesteps cover the whole schedule, LCM's four steps (999/759/499/259) among them.
+
+The set is the user's prompts and reference images when given (``ipa_rt build --calibration-prompts FILE
+--calibration-images DIR``), else a built-in synthetic one: eight prompts and eight procedurally drawn images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+from ..image import load_image
+
+BUILTIN_PROMPTS = (
+    "a photo of a cat sitting on a wooden table, soft window light",
+    "portrait of a woman with red hair, studio lighting, 85mm",
+    "a mountain lake at sunrise, mist over the water",
+    "an oil painting of a harbour with fishing boats",
+    "a red sports car on a wet city street at night, neon reflections",
+    "a bowl of fruit, still life, high detail",
+    "an astronaut riding a horse, digital art",
+    "a cozy living room interior with plants and bookshelves",
+)
+TIMESTEPS = (999, 759, 499, 259, 899, 639, 379, 139, 49)  # LCM-4's first, then the rest of the schedule
+SAMPLES = 16  # UNet inputs per calibration: statistics settle by then (each costs one fp32 UNet run at build)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class CalibrationSet:
+    """Prompts and reference images a UNet is calibrated with; ``source`` says whose they are."""
+
+    prompts: list[str]
+    images: list  # PIL images
+    source: str  # "built-in" or "user"
+
+    def identity(self) -> str:
+        """sha256 of the prompts and the images' pixels: two builds calibrated alike share engines."""
+        h = hashlib.sha256()
+        for p in self.prompts:
+            h.update(p.encode() + b"\0")
+        for im in self.images:
+            h.update(np.asarray(im.convert("RGB")).tobytes())
+        return h.hexdigest()
+
+
+def builtin_images(count: int = 8, size: int = 256) -> list[Image.Image]:
+    """Seeded procedural pictures (gradients, discs, stripes, texture): varied colour and structure, no files."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(count):
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle = rng.uniform(0, np.pi)
+        ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+        img = c0 * (1 - ramp) + c1 * ramp
+        for _ in range(rng.integers(2, 6)):
+            (cx, cy), r = rng.uniform(0, 1, 2), rng.uniform(0.05, 0.3)
+            disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2)[..., None]
+            img = np.where(disc, rng.uniform(0, 255, 3), img)
+        img += 20 * np.sin(xx * rng.uniform(5, 40))[..., None] + rng.normal(0, 8, img.shape)
+        out.append(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
+    return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt a line (blank lines skipped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"calibration prompts file '{file}' does not exist; expected a text file, one prompt a line")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"calibration prompts file '{file}' has no prompt; expected one prompt a line")
+    return prompts
+
+
+def image_files(path: str | os.PathLike) -> list[Path]:
+    """A folder's images (sorted), or one image file."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
+    if not files:
+        raise ConfigError(
+            f"calibration images '{p}' holds no image; expected a folder of {'/'.join(IMAGE_SUFFIXES)} files or a file"
+        )
+    return files
+
+
+def calibration_set(prompts: list[str], images: list[str]) -> CalibrationSet:
+    """The user's prompts and image files where given, the built-in set for what is not."""
+    loaded = [load_image(str(f), "calibration_images") for f in images]
+    source = "user" if prompts or images else "built-in"
+    return CalibrationSet(list(prompts) or list(BUILTIN_PROMPTS), loaded or builtin_images(), source)
+
+
+def _alphas_cumprod(pipe) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+
+
+@torch.no_grad()
+def _latents(pipe, image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """The VAE encoder's latent of ``image`` (mean of the posterior), scaled as the UNet sees it."""
+    vae = pipe.vae
+    dtype = next(vae.parameters()).dtype
+    px = np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
+    x = torch.from_numpy(px).permute(2, 0, 1)[None].to(pipe.device, dtype)
+    if type(vae).__name__ == "AutoencoderTiny":  # TAESD: latents out, already in the UNet's scale
+        return vae.encode(x).latents.float()
+    return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def unet_feeds(pipe, example: dict[str, torch.Tensor], calib: CalibrationSet, samples: int = SAMPLES) -> list[dict]:
+    """``samples`` UNet input sets (numpy, one row each, named as the UNet contract's ``example`` inputs): every
+    fourth row is the unconditional one guidance adds. Inputs the set does not draw (SDXL's time ids, an LCM UNet's
+    guidance embedding) keep the contract's example row."""
+    from ..request import FAMILY_RUNTIME, added_conditions, guidance_embedding
+
+    encode = FAMILY_RUNTIME[pipe.family.name][0]
+    height, width = (int(d) * pipe.vae_scale_factor for d in example["sample"].shape[-2:])
+    abar = _alphas_cumprod(pipe)
+    gen = torch.Generator().manual_seed(0)
+    latents = [_latents(pipe, im, height, width) for im in calib.images]
+    tokens = []
+    for im in calib.images:  # [neg, pos] rows per adapter, as guidance batches them
+        embeds = pipe.prepare_ip_adapter_image_embeds([im] * pipe.adapters.num_adapters)
+        projected = pipe.adapters.project(embeds, [None] * len(embeds))
+        tokens.append([t.flatten(1, 2).float() for t in projected])
+    feeds = []
+    for i in range(samples):
+        uncond = i % 4 == 3
+        prompt = calib.prompts[i % len(calib.prompts)]
+        text = encode(pipe.text_encoders, pipe.tokenizers, prompt, None, 1, True, pipe.device, torch.float32,
+                      force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt)  # fmt: skip
+        row = 0 if uncond else 1
+        k = i % len(latents)
+        t = TIMESTEPS[i % len(TIMESTEPS)]
+        noise = torch.randn(latents[k].shape, generator=gen)
+        sample = abar[t].sqrt() * latents[k] + (1 - abar[t]).sqrt() * noise
+        feed = {name: x[:1].float() for name, x in example.items()}
+        feed["sample"] = sample.float()
+        feed["timestep"] = torch.tensor([float(t)])
+        feed["encoder_hidden_states"] = text.embeds[row : row + 1].float()
+        extra = added_conditions(pipe, text, height, width, 1, True)
+        if "text_embeds" in feed and extra:
+            feed["text_embeds"] = extra["text_embeds"][row : row + 1].float()
+        if "timestep_cond" in feed:
+            feed["timestep_cond"] = guidance_embedding(pipe, 1.0 + (i % 3) * 3.0, 1, torch.float32)
+        for a, tok in enumerate(tokens[k]):
+            feed[f"ip_tokens_{a}"] = tok[row : row + 1]
+        feed["ip_scale"] = torch.full_like(feed["ip_scale"], (0.5, 1.0)[i % 2])  # the usual range of the slider
+        feeds.append({name: x.cpu().numpy() for name, x in feed.items()})
+    return feeds

@@ -1,0 +1,110 @@
+"""int8 compute for OpenVINO UNets: NNCF post-training quantisation of activations and weights.
+
+``precision="int8"`` quantises the UNet's convolutions and linear layers (inputs per tensor, weights per output
+channel, symmetric int8 on the CPU's VNNI / AMX-INT8 units) with ranges measured on calibration inputs
+(:mod:`.calibration`), then corrects each layer's bias for the rounding (NNCF's fast bias correction). What stays in
+the engine's floating point (bf16 where the CPU has it) and why:
+
+- normalisations, softmax, SiLU/GELU and the residual adds: NNCF quantises only the inputs of matmuls and
+  convolutions, so these never see int8;
+- ``conv_in`` and ``conv_out`` (4 latent channels: negligible work, and the last one writes the noise estimate
+  itself), the timestep embedding and each ResNet's timestep projection (one row per call: no work to save, and
+  the timestep conditioning is what every step differs by);
+- the image branch's key/value projections (``to_k_ip``/``to_v_ip``: 4-16 tokens, so no work to save, and the
+  adapter's effect stays the bf16 one as the scale moves).
+Attention score products (activation x activation) are quantised where NNCF's transformer scheme does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from ..console import hushed, verbose
+from ..errors import ConfigError
+
+KEEP = (  # regular expressions over the exported graph's node names: the layers listed above
+    r".*/conv_in/.*",
+    r".*/conv_out/.*",
+    r".*time_embedding/.*",
+    r".*/time_emb_proj/.*",
+    r".*to_[kv]_ip.*",
+)
+COMPUTE = ("MatMul", "Convolution")
+
+
+def nncf():
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ConfigError("precision 'int8' needs NNCF: pip install 'ipa_rt[openvino]'") from exc
+    return nncf
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """NNCF logs a line per layer it leaves alone and draws progress bars and tables on stdout: the build's progress
+    line says what runs instead (-v / IPA_RT_VERBOSE=1 shows NNCF's own output)."""
+    bars = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO())
+    with hushed("nncf"), bars:
+        yield
+
+
+def compress_weights(model: Any) -> Any:
+    """``int8-weights``: the model's weights stored in int8 (asymmetric, per output channel), arithmetic unchanged."""
+    lib = nncf()
+    with _quiet():
+        return lib.compress_weights(model, mode=lib.CompressWeightsMode.INT8_ASYM)
+
+
+def quantize_unet(model: Any, feeds: list[dict]) -> Any:
+    """The UNet ``model`` (OpenVINO) with int8 activations and weights, ranges from ``feeds``."""
+    lib = nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    # SmoothQuant off: it rescales activations into the weights of transformer LLM layers; on a UNet it moved
+    # error into the convolutions (optimum-intel's diffusion recipe turns it off too)
+    advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+    with _quiet():
+        return lib.quantize(
+            model,
+            lib.Dataset(feeds),
+            model_type=lib.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+            ignored_scope=lib.IgnoredScope(patterns=list(KEEP), validate=False),
+            advanced_parameters=advanced,
+        )
+
+
+def _family(name: str) -> str:
+    """``/unet/up_blocks.1/resnets.2/conv1/Conv/WithoutBiases`` -> ``resnets.N/conv1``: layers by kind."""
+    parts = [p for p in name.split("/") if p and p != "unet"][-3:-1] or [name]
+    return re.sub(r"\d+", "N", "/".join(parts))
+
+
+def precision_report(model: Any) -> dict[str, Any]:
+    """Which matmuls and convolutions of a quantised model compute in int8 (an input through FakeQuantize) and
+    which stay in floating point, counted by layer kind: what the manifest records."""
+    int8, kept = Counter(), Counter()
+    for op in model.get_ops():
+        if op.get_type_name() not in COMPUTE:
+            continue
+        sources = {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
+        (int8 if "FakeQuantize" in sources else kept)[_family(op.get_friendly_name())] += 1
+    return {
+        "method": "nncf.quantize (post-training, int8 activations and weights, fast bias correction)",
+        "int8_layers": sum(int8.values()),
+        "float_layers": sum(kept.values()),
+        "float_layer_kinds": dict(sorted(kept.items())),
+    }
+
+
+def quantize_matmul(model: Any, data: Any) -> Any:
+    """A one-matmul model quantised as the UNet's layers are (the benchmark's int8 peak)."""
+    lib = nncf()
+    with _quiet():
+        return lib.quantize(model, lib.Dataset([data]), subset_size=1, fast_bias_correction=False)
