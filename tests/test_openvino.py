@@ -125,6 +125,8 @@ def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
     kinds = quant["float_layer_kinds"]
     assert {"conv_in/Conv", "conv_out/Conv"} <= set(kinds) and any(k.startswith("to_k_ip") for k in kinds)
     assert sum(1 for r in manifest["sources"] if r.startswith("calibration_")) == 2  # the images name the engines
+    encoder = manifest["networks"]["image_encoder"]["quantization"]  # the encoder too: each image and the zero one
+    assert encoder["int8_layers"] > 0 and encoder["calibration"]["samples"] == 3
     assert manifest["vae_class"] == "AutoencoderTiny" and any(
         r.startswith("vae_override/") for r in manifest["sources"]
     )

@@ -396,7 +396,8 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             files, stage, report = _convert(req, device, contract, onnx_path, tmp, calibration)
             networks[contract.name] = _network_record(contract, files, tmp)
             if report is not None:
-                networks[contract.name]["quantization"] = report | calibration["record"]
+                calib = calibration["record"] | {"samples": len(calibration["feeds"][contract.name])}
+                networks[contract.name]["quantization"] = report | {"calibration": calib}
             say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join([*stages, *stage])}")
         _write_model_files(pipe, tmp / "model")
         manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
@@ -454,15 +455,17 @@ def _calibrate(req: BuildRequest, pipe, unet: Contract, say) -> dict[str, Any] |
     """An int8 build's UNet calibration inputs (:mod:`.calibration`) and what the manifest says of them."""
     if req.backend != "openvino" or req.precision != "int8":
         return None
-    from .calibration import calibration_set, unet_feeds
+    from .calibration import calibration_set, encoder_feeds, unet_feeds
 
     start = time.perf_counter()
     calib = calibration_set(req.calibration_prompts, [str(f) for f in req.calibration_files()])
-    feeds = unet_feeds(pipe, unet.inputs, calib)
-    record = {"calibration": {"source": calib.source, "prompts": len(calib.prompts), "images": len(calib.images),
-                              "samples": len(feeds), "sha256": calib.identity()}}  # fmt: skip
-    say(f"[calibrate] {len(feeds)} UNet input sets from {len(calib.prompts)} prompts and {len(calib.images)} images "
-        f"({calib.source}) {time.perf_counter() - start:.1f} s")  # fmt: skip
+    feeds = {"unet": unet_feeds(pipe, unet.inputs, calib)}
+    if pipe.image_encoder is not None:
+        feeds["image_encoder"] = encoder_feeds(pipe, calib)
+    record = {"source": calib.source, "prompts": len(calib.prompts), "images": len(calib.images),
+              "sha256": calib.identity()}  # fmt: skip
+    say(f"[calibrate] {len(feeds['unet'])} UNet input sets from {len(calib.prompts)} prompts and {len(calib.images)} "
+        f"images ({calib.source}) {time.perf_counter() - start:.1f} s")  # fmt: skip
     return {"feeds": feeds, "record": record}
 
 

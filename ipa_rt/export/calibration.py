@@ -7,6 +7,9 @@ The UNet's inputs are drawn the way diffusion training draws them, so no UNet ha
 images' IP-Adapter tokens (plus the unconditional rows classifier-free guidance adds: the empty prompt and the
 adapter's negative image tokens). Timesteps cover the whole schedule, LCM's four steps (999/759/499/259) among them.
 
+The CLIP image encoder (quantised too in ``int8`` builds) is calibrated on the same images, preprocessed as
+diffusers preprocesses them, and on the zero image Plus adapters encode as their unconditional input.
+
 The set is the user's prompts and reference images when given (``ipa_rt build --calibration-prompts FILE
 --calibration-images DIR``), else a built-in synthetic one: eight prompts and eight procedurally drawn images.
 """
@@ -124,6 +127,13 @@ def _latents(pipe, image: Image.Image, height: int, width: int) -> torch.Tensor:
     if type(vae).__name__ == "AutoencoderTiny":  # TAESD: latents out, already in the UNet's scale
         return vae.encode(x).latents.float()
     return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encoder_feeds(pipe, calib: CalibrationSet) -> list[dict]:
+    """The image encoder's calibration inputs: each image's ``pixel_values`` (one row) and the all-zero one."""
+    pixels = [pipe.feature_extractor([im], return_tensors="pt").pixel_values.float() for im in calib.images]
+    return [{"pixel_values": x.numpy()} for x in (*pixels, torch.zeros_like(pixels[0]))]
 
 
 @torch.no_grad()

@@ -188,13 +188,14 @@ class EngineAdapters:
         self.prepare(None)
 
     @torch.no_grad()
-    def prepare(self, tokens, masks=None, image_scale=None, key=None) -> None:
+    def prepare(self, tokens, masks=None, image_scale=None, key=None, kv=None) -> None:
         """Copy this request's image tokens into the static buffers the UNet engine reads (text only: the buffers
-        keep what they hold and ``active`` zeroes the scale, which selects exact zeros in-graph)."""
+        keep what they hold and ``active`` zeroes the scale, which selects exact zeros in-graph). Image keys/values
+        are computed in-graph: ``kv`` is ignored and None returned (the reference cache keeps the tokens)."""
         self.prepared_key = key
         if tokens is None:
             self.active.zero_()
-            return
+            return None
         flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]
         for a, (t, entry) in enumerate(zip(flat, self.entries, strict=True)):
             if t.shape[1] != entry.tokens:
@@ -205,6 +206,7 @@ class EngineAdapters:
                 )
             self.token_buffer(a, t.shape[0]).copy_(t)
         self.active.fill_(1.0)
+        return None
 
     def feeds(self, rows: int) -> dict[str, Tensor]:
         """The UNet engine's image inputs for ``rows`` text rows: the same token buffers whatever the call, and the

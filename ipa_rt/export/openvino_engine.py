@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import console
 from ..cache import cache_root
 from ..errors import ConfigError, EngineError
-from .quantize import compress_weights, precision_report, quantize_unet
+from .quantize import QUANTIZED, compress_weights, precision_report, quantize_network
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
 WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8-weights compresses (name prefixes)
@@ -92,15 +92,15 @@ def cpu_threads() -> int:
 
 
 def convert_onnx(
-    onnx_path: Path, xml_path: Path, network: str, precision: str, calibration: list[dict] | None = None
+    onnx_path: Path, xml_path: Path, network: str, precision: str, calibration: dict[str, list] | None = None
 ) -> tuple[list[Path], dict | None]:
     """ONNX -> OpenVINO IR (``.xml`` + ``.bin``): fp32 weights; int8 weights for the compressed networks in
-    ``int8-weights`` mode; the UNet quantised with ``calibration`` (its input sets) in ``int8`` mode. Returns the files
-    written and, for a quantised network, its :func:`.quantize.precision_report`."""
+    ``int8-weights`` mode; the UNet and image encoder quantised with ``calibration`` (input sets by network) in
+    ``int8`` mode. Returns the files written and, for a quantised network, its :func:`.quantize.precision_report`."""
     import onnx
 
     ov = openvino()
-    quantize = precision == "int8" and network == "unet"
+    quantize = precision == "int8" and network in QUANTIZED
     compress = precision == "int8-weights" and network.startswith(WEIGHT_COMPRESSED)
     # NNCF finds weights as folded constants, which convert_model's offline passes make; every other network is
     # read as it is (the CPU plugin runs the same simplifications when it compiles): the example's six networks
@@ -118,9 +118,9 @@ def convert_onnx(
     if compress:
         model = compress_weights(model)
     if quantize:
-        if not calibration:
-            raise ConfigError("precision 'int8' quantises the UNet with calibration inputs; none were given")
-        model = quantize_unet(model, calibration)
+        if not (calibration or {}).get(network):
+            raise ConfigError(f"precision 'int8' quantises the {network} with calibration inputs; none were given")
+        model = quantize_network(model, network, calibration[network])
         report = precision_report(model)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)

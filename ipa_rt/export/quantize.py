@@ -1,9 +1,9 @@
-"""int8 compute for OpenVINO UNets: NNCF post-training quantisation of activations and weights.
+"""int8 compute for OpenVINO engines: NNCF post-training quantisation of activations and weights.
 
-``precision="int8"`` quantises the UNet's convolutions and linear layers (inputs per tensor, weights per output
-channel, symmetric int8 on the CPU's VNNI / AMX-INT8 units) with ranges measured on calibration inputs
-(:mod:`.calibration`), then corrects each layer's bias for the rounding (NNCF's fast bias correction). What stays in
-the engine's floating point (bf16 where the CPU has it) and why:
+``precision="int8"`` quantises the UNet's and the CLIP image encoder's convolutions and linear layers (inputs per
+tensor, weights per output channel, symmetric int8 on the CPU's VNNI / AMX-INT8 units) with ranges measured on
+calibration inputs (:mod:`.calibration`), then corrects each layer's bias for the rounding (NNCF's fast bias
+correction). What stays in the engine's floating point (bf16 where the CPU has it) and why:
 
 - normalisations, softmax, SiLU/GELU and the residual adds: NNCF quantises only the inputs of matmuls and
   convolutions, so these never see int8;
@@ -11,7 +11,10 @@ the engine's floating point (bf16 where the CPU has it) and why:
   itself), the timestep embedding and each ResNet's timestep projection (one row per call: no work to save, and
   the timestep conditioning is what every step differs by);
 - the image branch's key/value projections (``to_k_ip``/``to_v_ip``: 4-16 tokens, so no work to save, and the
-  adapter's effect stays the bf16 one as the scale moves).
+  adapter's effect stays the bf16 one as the scale moves);
+- in the image encoder, the patch embedding (its input is the image itself) and the final projection (what base
+  adapters read).
+
 Attention score products (activation x activation) are quantised where NNCF's transformer scheme does.
 """
 
@@ -27,13 +30,11 @@ from typing import Any
 from ..console import hushed, verbose
 from ..errors import ConfigError
 
-KEEP = (  # regular expressions over the exported graph's node names: the layers listed above
-    r".*/conv_in/.*",
-    r".*/conv_out/.*",
-    r".*time_embedding/.*",
-    r".*/time_emb_proj/.*",
-    r".*to_[kv]_ip.*",
-)
+KEEP = {  # per network, regular expressions over the exported graph's node names: the layers listed above
+    "unet": (r".*/conv_in/.*", r".*/conv_out/.*", r".*time_embedding/.*", r".*/time_emb_proj/.*", r".*to_[kv]_ip.*"),
+    "image_encoder": (r".*patch_embedding.*", r".*visual_projection.*"),
+}
+QUANTIZED = tuple(KEEP)  # the networks an int8 build quantises
 COMPUTE = ("MatMul", "Convolution")
 
 
@@ -61,8 +62,8 @@ def compress_weights(model: Any) -> Any:
         return lib.compress_weights(model, mode=lib.CompressWeightsMode.INT8_ASYM)
 
 
-def quantize_unet(model: Any, feeds: list[dict]) -> Any:
-    """The UNet ``model`` (OpenVINO) with int8 activations and weights, ranges from ``feeds``."""
+def quantize_network(model: Any, network: str, feeds: list[dict]) -> Any:
+    """``network``'s OpenVINO ``model`` with int8 activations and weights, ranges from ``feeds``."""
     lib = nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
@@ -75,7 +76,7 @@ def quantize_unet(model: Any, feeds: list[dict]) -> Any:
             lib.Dataset(feeds),
             model_type=lib.ModelType.TRANSFORMER,
             subset_size=len(feeds),
-            ignored_scope=lib.IgnoredScope(patterns=list(KEEP), validate=False),
+            ignored_scope=lib.IgnoredScope(patterns=list(KEEP[network]), validate=False),
             advanced_parameters=advanced,
         )
 
