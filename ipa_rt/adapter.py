@@ -289,8 +289,11 @@ class IPAdapterStack(nn.Module):
         masks: Sequence[Tensor | None] | None = None,
         image_scale: Tensor | None = None,
         key: tuple | None = None,
-    ) -> None:
-        """Compute every layer's image keys/values once for this request (they do not depend on the step).
+        kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """Compute every layer's image keys/values once for this request (they do not depend on the step), or take
+        them from ``kv`` (what an earlier ``prepare`` of the same tokens returned: the reference cache keeps it).
+        Returns the per-layer ``(K, V)`` it wrote from (None without tokens).
 
         Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
         adapter is one segment with its images' tokens concatenated (diffusers' semantics); with a regional
@@ -303,7 +306,7 @@ class IPAdapterStack(nn.Module):
         if tokens is None:
             ctx.kv = None
             ctx.segments, ctx.masks, ctx.seg_mult = [], {}, None
-            return
+            return None
         masks = list(masks) if masks is not None else [None] * len(tokens)
         flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]  # images of one adapter concatenated
         bounds, owners, images = [0], [], []
@@ -324,10 +327,8 @@ class IPAdapterStack(nn.Module):
                 "seg_adapter": torch.arange(len(segments), dtype=torch.int32, device=device),
                 "owner": torch.tensor(owners, dtype=torch.long, device=device),
             }
-        ctx.kv = [
-            (_static(store, ("k", layer), k), _static(store, ("v", layer), v))
-            for layer, (k, v) in enumerate(self.image_kv(flat))
-        ]
+        kv = list(kv) if kv is not None else self.image_kv(flat)  # masks and scales do not enter K/V
+        ctx.kv = [(_static(store, ("k", layer), k), _static(store, ("v", layer), v)) for layer, (k, v) in enumerate(kv)]
         ctx.segments = segments
         ctx.seg_offsets, ctx.seg_adapter, ctx.seg_owner = store["seg_offsets"], store["seg_adapter"], store["owner"]
         down = self._downsample_masks(masks, tokens, flat[0].shape[0], len(segments), device, flat[0].dtype)
@@ -341,6 +342,7 @@ class IPAdapterStack(nn.Module):
             ctx.seg_mult = _static(store, "seg_mult", mult)
         else:
             ctx.seg_mult = None
+        return kv
 
     def drop_buffers(self) -> None:
         """Forget every image-side static buffer (after a device move the next request allocates anew)."""

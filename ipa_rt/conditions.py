@@ -9,15 +9,15 @@ negative first when guidance is on. Additions over diffusers, each off by defaul
   behaviour, tokens side by side in one softmax), ``average``, ``norm_average`` (each feature divided by
   its norm over the images, then averaged), ``add``, ``subtract`` (first image minus the mean of the others);
   the unconditional side keeps its first entry, so its rule (zeros, zero pixels) is unchanged;
-- a reference cache: encoder outputs keyed by the images' content hash, so the same reference image on
-  the next call skips the CLIP encoder; the pipeline also skips projection and image K/V then.
+- a reference cache (:mod:`ipa_rt.lru`, bounded by ``$IPA_RT_REFERENCE_CACHE_MB``): encoder outputs keyed by
+  the images' content hash, so a reference image seen a few calls ago skips the CLIP encoder; the pipeline keeps
+  the image tokens and keys/values of the whole reference in the same cache (``request.prepare_image_side``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from torch import Tensor
 
 from .errors import CheckpointError, ConfigError, ImageInputError
 from .image import EncoderRunner, encode_images, load_image
+from .lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
 from .variants import FACE_ID, HIDDEN
 
 COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
-CACHE_SIZE = 16
 
 
 def content_hash(image: Any) -> str:
@@ -64,12 +64,14 @@ def combine(x: Tensor, mode: str) -> Tensor:
 
 
 class ImageConditioner:
-    """Turns the call's image arguments into per-adapter encoder outputs for a pipeline."""
+    """Turns the call's image arguments into per-adapter encoder outputs for a pipeline. ``cache`` is the pipeline's
+    reference cache (a new one, bounded by ``$IPA_RT_REFERENCE_CACHE_MB``, unless given)."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, cache: LRUCache | None = None) -> None:
         self.pipe = pipe
-        self.cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
-        self.hits = 0
+        if cache is None:
+            cache = LRUCache("reference", reference_cache_bytes(), REFERENCE_CACHE_ENTRIES)
+        self.cache = cache
         self.runner = EncoderRunner(pipe.image_encoder) if pipe.image_encoder is not None else None
 
     def _images(self, images: Any, count: int, name: str) -> list[list | None] | None:
@@ -94,12 +96,11 @@ class ImageConditioner:
                 "an image prompt was given but no image encoder is loaded: pass image_encoder=<CLIP vision folder> "
                 "to from_pretrained (no image_encoder/ was found beside the adapter file)"
             )
-        key = (output, tuple(map(content_hash, images)), tuple(map(content_hash, negative or [])))
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            self.hits += 1
-            cond, uncond = self.cache[key]
-            return cond, uncond, key
+        key = ("encoder", output, tuple(map(content_hash, images)), tuple(map(content_hash, negative or [])))
+        self.bind_cache()
+        cached = self.cache.get(key)
+        if cached is not None:
+            return (*cached, key)
         cond, uncond = encode_images(output, images, self.runner, pipe.feature_extractor, pipe.device)
         if negative is not None:  # a negative image prompt replaces the unconditional rule
             neg, _ = encode_images(output, negative, self.runner, pipe.feature_extractor, pipe.device)
@@ -108,10 +109,12 @@ class ImageConditioner:
                     f"negative_ip_adapter_image[{index}] has {neg.shape[1]} images; expected 1 or {cond.shape[1]}"
                 )
             uncond = neg.expand_as(cond).contiguous() if neg.shape[1] == 1 else neg
-        self.cache[key] = (cond, uncond)
-        while len(self.cache) > CACHE_SIZE:
-            self.cache.popitem(last=False)
+        self.cache.put(key, (cond, uncond))
         return cond, uncond, key
+
+    def bind_cache(self) -> None:
+        """Cached references belong to the adapters and the image encoder that made them (another set drops them)."""
+        self.cache.bind(self.pipe.adapters, self.pipe.image_encoder)
 
     def __call__(
         self, images: Any, embeds: Any, negative: Any, combine_mode: str, copies: int, cfg: bool

@@ -4,15 +4,17 @@ IP-Adapter, shaped like diffusers (:class:`PipelineCore`; :class:`ipa_rt.Pipelin
 A call follows the diffusers pipelines step for step (prompt encoding, image embeddings, latents and the
 generator's draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output.
 What differs is where work happens: text embeddings, image encoding, projection and every layer's image
-keys/values once per call (and not at all for a reference seen before); the scheduler as a tensor program
-in a static, graph-captured loop (:mod:`ipa_rt.runtime`); the adapter scale as a device tensor.
+keys/values once per call (and not at all for a reference or a prompt seen a few calls before: the reference and
+text caches of :mod:`ipa_rt.lru`); the scheduler as a tensor program in a static, graph-captured loop
+(:mod:`ipa_rt.runtime`); the adapter scale as a device tensor.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from . import modes, request
 from .adapter import IPAdapterStack
 from .batch import run_batch
-from .checkpoint import adapter_sources, read_adapter
+from .checkpoint import AdapterSource, adapter_sources, read_adapter
 from .conditions import ImageConditioner
 from .control import ControlStack, load_controlnets
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
@@ -31,6 +33,7 @@ from .graphs import Graphed, GraphPool
 from .image import default_feature_extractor
 from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
+from .lru import TEXT_CACHE_ENTRIES, LRUCache
 from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
 from .request import query_tokens
 from .runtime import DenoiseLoop, static_call
@@ -95,11 +98,10 @@ class PipelineCore:
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
         self._image_scale: Tensor | None = None
-        self.conditioner = ImageConditioner(self)
+        self.conditioner = ImageConditioner(self)  # holds the reference cache (pipe.reference_cache)
+        self.text_cache = LRUCache("text", max_entries=TEXT_CACHE_ENTRIES)
         self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
-        for g in self._graphed():
-            g.pool = self.graph_pool
-            g.enabled = False if backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
+        self._share_pool(self._graphed())
         if backend == "torch":  # engines were checked when they were built
             self._check_encoder()
             if vae_upcast(self.family, self.vae):  # diffusers' SDXL pipelines decode such a VAE in fp32
@@ -161,9 +163,7 @@ class PipelineCore:
             if not isinstance(vae, torch.nn.Module):
                 vae = load_vae(vae, model.family, dtype, **hub_kwargs)
             model.vae = _check_vae(vae, model.vae, dtype)
-        sources = adapter_sources(ip_adapter, subfolder, weight_name)
-        raws = [read_adapter(s, **hub_kwargs) for s in sources]
-        stack = IPAdapterStack.from_checkpoints(model.unet, raws, sources) if raws else None
+        stack = _read_stack(model.unet, adapter_sources(ip_adapter, subfolder, weight_name), hub_kwargs)
         if image_encoder is None and model.image_encoder is not None:
             image_encoder = model.image_encoder  # as diffusers: the pipeline's own encoder wins
         encoder = cls._resolve_encoder(image_encoder, stack, dtype, hub_kwargs)
@@ -236,21 +236,9 @@ class PipelineCore:
 
     def _check_encoder(self) -> None:
         """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
-        if self.adapters is None or self.image_encoder is None:
-            return
-        cfg = self.image_encoder.config
-        for entry in self.adapters.entries:
-            want = entry.spec.encoder_dim(entry.projection)
-            if want is None:
-                continue
-            hidden = entry.spec.encoder_output == HIDDEN or entry.spec.needs_clip_states
-            have, what = (cfg.hidden_size, "hidden_size") if hidden else (cfg.projection_dim, "projection_dim")
-            if have != want:
-                raise IncompatibleAdapterError(
-                    f"image encoder ({cfg.name_or_path or 'given module'}) has {what} {have}, but IP-Adapter "
-                    f"'{entry.origin}' ({entry.spec.description}) expects {want}; expected the encoder the adapter was "
-                    "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
-                )
+        mismatch = encoder_mismatch(self.adapters, self.image_encoder)
+        if mismatch is not None:
+            raise IncompatibleAdapterError(mismatch)
 
     @static_call
     def to(self, device: torch.device | str) -> PipelineCore:
@@ -272,12 +260,19 @@ class PipelineCore:
         if self.adapters is not None:
             self.adapters.drop_buffers()
         self.loop = self._new_loop()
+        self.clear_caches()  # cached tensors live on the old device
         return self
 
     def _new_loop(self) -> DenoiseLoop:
         context = self.adapters.context if self.adapters is not None else None
         graphs = False if self.backend == "onnxruntime" else None  # ORT runs on its own streams: no capture
         return DenoiseLoop(self.unet, context, graphs, self.control, self.t2i, self.graph_pool)
+
+    def _share_pool(self, graphed: Sequence[Graphed]) -> None:
+        """Fixed-shape calls capture into the pipeline's graph pool (ORT runs on its own streams: no capture)."""
+        for g in graphed:
+            g.pool = self.graph_pool
+            g.enabled = False if self.backend == "onnxruntime" else None
 
     def _graphed(self) -> list[Graphed]:
         """The graph-captured fixed-shape calls: VAE decoder and CLIP encoder."""
@@ -301,7 +296,28 @@ class PipelineCore:
         stats = self.loop.memory_stats()
         stats["graph_pool_reserved_bytes"] = self.graph_pool.reserved_bytes
         stats["graphed_calls"] = {g.name: len(g.graphs) for g in self._graphed()}
+        stats["reference_cache_bytes"] = self.reference_cache.bytes
+        stats["text_cache_bytes"] = self.text_cache.bytes
         return stats
+
+    @property
+    def reference_cache(self) -> LRUCache:
+        """Per reference: encoder outputs, image tokens and (torch backend) every layer's image keys/values, least
+        recently used dropped first past ``$IPA_RT_REFERENCE_CACHE_MB`` (default 512)."""
+        return self.conditioner.cache
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The reference and text caches: entries, bytes, bounds, evictions, hits and misses (in total and per
+        kind: ``encoder`` outputs, ``image_side`` tokens and keys/values, ``text`` embeddings)."""
+        return {"reference": self.reference_cache.stats(), "text": self.text_cache.stats()}
+
+    def clear_caches(self) -> None:
+        """Forget every cached reference and prompt: the next call encodes, projects and computes image keys/values
+        and text embeddings again, as diffusers does on every call."""
+        self.reference_cache.clear()
+        self.text_cache.clear()
+        if self.adapters is not None:
+            self.adapters.prepared_key = None
 
     def _fused_layers(self) -> list[bool]:
         """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call); layers whose
@@ -334,11 +350,84 @@ class PipelineCore:
         self.progress_bar_config = kwargs
 
     def unload_ip_adapter(self) -> None:
-        """Give the UNet back exactly as it was before this pipeline wrapped it."""
+        """Give the UNet back exactly as it was before this pipeline wrapped it (the caches are dropped too)."""
         if self.adapters is not None:
             self.adapters.restore(self.unet)
             self.adapters = None
             self.loop = self._new_loop()  # the old buffers belong to the adapters' signature
+        self.clear_caches()
+
+    @static_call
+    def load_ip_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        subfolder: str | Sequence[str] | None = None,
+        weight_name: str | Sequence[str] | None = None,
+        image_encoder_folder: str | None = "image_encoder",
+        **hub_kwargs: Any,
+    ) -> None:
+        """Replace the loaded IP-Adapter(s) with others, as diffusers' ``load_ip_adapter`` (same arguments; a list
+        for several adapters). The UNet is restored, the new adapters installed with scale 1 and no step ranges,
+        and the reference and text caches dropped. The image encoder is kept when it fits the new adapters;
+        otherwise (or with none loaded) the one in ``image_encoder_folder`` is loaded: inside ``subfolder`` for a
+        bare folder name, relative to the repository or folder for a path (``None``: load none). Torch backend only:
+        engines are built for their adapters."""
+        if self.backend != "torch":
+            raise ConfigError(
+                f"load_ip_adapter: this pipeline runs {self.backend} engines, which are built for their IP-Adapters; "
+                "build engines for the new adapter (ipa_rt build --ip-adapter ..., or from_pretrained(..., "
+                f"backend={self.backend!r}) with it) instead"
+            )
+        sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder, weight_name)
+        if not sources:
+            raise ConfigError(
+                "load_ip_adapter: pretrained_model_name_or_path_or_dict is None; expected an adapter file, folder, "
+                "hub id or state dict (unload_ip_adapter() removes the adapters)"
+            )
+        old = self.adapters
+        if old is not None:  # the new adapters are built against the bare UNet (FaceID LoRA wrappers off)
+            old.restore(self.unet)
+        try:
+            stack = _read_stack(self.unet, sources, hub_kwargs)
+            encoder = self._encoder_for(stack, sources[0], image_encoder_folder, hub_kwargs)
+            mismatch = encoder_mismatch(stack, encoder)
+            if mismatch is not None:
+                raise IncompatibleAdapterError(mismatch)
+        except BaseException:
+            if old is not None:  # a failed load leaves the pipeline as it was
+                old.install(self.unet)
+            raise
+        self._use_adapters(stack, encoder)
+
+    def _encoder_for(
+        self, stack: IPAdapterStack, source: AdapterSource, folder: str | None, hub_kwargs: dict
+    ) -> torch.nn.Module | None:
+        """The image encoder for new adapters: the loaded one if it fits, else the one diffusers would load."""
+        current = self.image_encoder
+        if folder is None or (current is not None and encoder_mismatch(stack, current) is None):
+            return current
+        if folder == "image_encoder":  # diffusers' default: image_encoder/ beside the adapter, as from_pretrained
+            found = self._resolve_encoder(None, stack, self.dtype, hub_kwargs)
+        else:
+            found = self._resolve_encoder(_encoder_location(source, folder), stack, self.dtype, hub_kwargs)
+        return found if found is not None else current
+
+    def _use_adapters(self, stack: IPAdapterStack, encoder: torch.nn.Module | None) -> None:
+        """Install ``stack`` (and ``encoder``) on the UNet: processors, per-layer kernel choice, a new loop for the
+        new image context; scales, step ranges and every cache start afresh."""
+        if encoder is not self.image_encoder:
+            self.image_encoder = encoder.to(self.device)
+            if self.feature_extractor is None:
+                self.feature_extractor = default_feature_extractor(encoder)
+            self.conditioner = ImageConditioner(self, cache=self.reference_cache)
+            self._share_pool(self.conditioner.runner.graphed)
+        stack.to_runtime(self.device, self.dtype)
+        stack.install(self.unet)
+        self.adapters = stack
+        stack.set_attention(self._fused_layers())
+        self._ranges, self._image_scale = [], None
+        self.loop = self._new_loop()
+        self.clear_caches()
 
     # --- live controls --------------------------------------------------------------------------------------------
     def set_ip_adapter_scale(self, scale: Any) -> None:
@@ -451,6 +540,44 @@ class PipelineCore:
             latents = latents / vae.config.scaling_factor
         image = self._decoder(latents)
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+
+
+def _read_stack(unet: torch.nn.Module, sources: Sequence[AdapterSource], hub_kwargs: dict) -> IPAdapterStack | None:
+    """The adapters of ``sources`` built against ``unet`` (None without sources); nothing is installed yet."""
+    raws = [read_adapter(s, **hub_kwargs) for s in sources]
+    return IPAdapterStack.from_checkpoints(unet, raws, sources) if raws else None
+
+
+def _encoder_location(source: AdapterSource, folder: str) -> str | os.PathLike | None:
+    """diffusers' ``image_encoder_folder``: a bare name lies inside the adapter's ``subfolder``, a path is relative
+    to the repository or folder (None for a state dict, which has no folder)."""
+    if isinstance(source.source, Mapping):
+        return None
+    sub = Path(source.subfolder or "", folder).as_posix() if "/" not in folder else folder
+    root = Path(os.fspath(source.source))
+    if root.is_file():  # a file given directly: its folder
+        return root.parent / sub
+    return root / sub if root.is_dir() else f"{source.source}/{sub}"  # a hub id: owner/repo/subfolder
+
+
+def encoder_mismatch(stack: Any, encoder: Any) -> str | None:
+    """Why ``encoder``'s output sizes do not fit an adapter of ``stack``; None when they fit or either is absent."""
+    if stack is None or encoder is None:
+        return None
+    cfg = encoder.config
+    for entry in stack.entries:
+        want = entry.spec.encoder_dim(entry.projection)
+        if want is None:
+            continue
+        hidden = entry.spec.encoder_output == HIDDEN or entry.spec.needs_clip_states
+        have, what = (cfg.hidden_size, "hidden_size") if hidden else (cfg.projection_dim, "projection_dim")
+        if have != want:
+            return (
+                f"image encoder ({cfg.name_or_path or 'given module'}) has {what} {have}, but IP-Adapter "
+                f"'{entry.origin}' ({entry.spec.description}) expects {want}; expected the encoder the adapter was "
+                "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
+            )
+    return None
 
 
 def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:

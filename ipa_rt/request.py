@@ -156,20 +156,7 @@ def request_parts(pipe, req: Request) -> Parts:
     """Everything diffusers does before its loop that draws from the request's generator or encodes its inputs:
     prompt, image conditions, structure inputs, initial latents, the scheduler's noise (same order)."""
     prepare_structure(pipe, req)
-    encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]
-    text = encode_prompt(
-        pipe.text_encoders,
-        pipe.tokenizers,
-        req.prompt,
-        req.negative_prompt,
-        req.num_images_per_prompt,
-        req.cfg,
-        pipe.device,
-        pipe.dtype,
-        prompt_2=req.prompt_2,
-        negative_prompt_2=req.negative_prompt_2,
-        force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
-    )
+    text = encode_text(pipe, req)
     conditions = pipe.conditioner(
         req.ip_adapter_image,
         req.ip_adapter_image_embeds,
@@ -252,19 +239,74 @@ def _mode_setup(pipe, req: Request, plan, dtype: torch.dtype) -> modes.ModeSetup
 
 
 def prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: int = 1) -> None:
-    """Projection and every layer's image keys/values, skipped when the same reference is already in place.
-    ``frames`` > 1 (video): every frame of a row sees that row's tokens, as AnimateDiff's UNet repeats them."""
+    """Projection and every layer's image keys/values: skipped when the same reference is already in place, copied
+    into the static buffers from the reference cache when it was prepared a few calls ago (the cache key is the
+    conditioner's: images, negative images, combine mode, copies, guidance; plus ``frames``). ``frames`` > 1
+    (video): every frame of a row sees that row's tokens, as AnimateDiff's UNet repeats them."""
     stack, vsf = pipe.adapters, pipe.vae_scale_factor
     if masks is not None:  # masks are downsampled to every layer's query count
         stack.query_tokens = query_tokens(pipe.unet, stack.layer_names, setup.height, setup.width, vsf)
     if conditions is None:
         stack.prepare(None)
-    elif masks is not None or (conditions[2], frames) != stack.prepared_key:  # same reference: skip it all
-        tokens = stack.project(conditions[0], conditions[1])
-        if frames > 1:
-            tokens = [t.repeat_interleave(frames, dim=0) for t in tokens]
-        key = (conditions[2], frames) if masks is None else None
-        stack.prepare(tokens, masks=masks, image_scale=pipe._image_scale if masks else None, key=key)
+        return
+    key = (conditions[2], frames)
+    if masks is None and key == stack.prepared_key:  # same reference: the buffers hold it already
+        return
+    cache = pipe.conditioner.cache
+    pipe.conditioner.bind_cache()
+    cached = cache.get(("image_side", *key))  # keys/values do not depend on masks or scales: masked calls share it
+    tokens, kv = cached if cached is not None else (_image_tokens(stack, conditions, frames), None)
+    image_scale = pipe._image_scale if masks else None
+    kv = stack.prepare(tokens, masks=masks, image_scale=image_scale, key=None if masks else key, kv=kv)
+    if cached is None:
+        cache.put(("image_side", *key), (tokens, kv))
+
+
+def _image_tokens(stack, conditions, frames: int) -> list[Tensor]:
+    tokens = stack.project(conditions[0], conditions[1])
+    return [t.repeat_interleave(frames, dim=0) for t in tokens] if frames > 1 else tokens
+
+
+def encode_text(pipe, req: Request) -> PromptEmbeds:
+    """The request's prompt embeddings, from the pipeline's text cache when the same prompts were encoded before
+    (the loop copies them into its static buffers and never writes into them)."""
+    encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]
+    force_zeros = pipe.base.force_zeros_for_empty_prompt
+    key = _text_key(pipe, req, force_zeros)
+    if key is not None:
+        pipe.text_cache.bind(*pipe.text_encoders, *pipe.tokenizers)
+        text = pipe.text_cache.get(key)
+        if text is not None:
+            return text
+    text = encode_prompt(
+        pipe.text_encoders,
+        pipe.tokenizers,
+        req.prompt,
+        req.negative_prompt,
+        req.num_images_per_prompt,
+        req.cfg,
+        pipe.device,
+        pipe.dtype,
+        prompt_2=req.args.get("prompt_2"),
+        negative_prompt_2=req.args.get("negative_prompt_2"),
+        force_zeros_for_empty_prompt=force_zeros,
+    )
+    if key is not None:
+        pipe.text_cache.put(key, text)
+    return text
+
+
+def _text_key(pipe, req: Request, force_zeros: bool) -> tuple | None:
+    """Everything the prompt embeddings depend on besides the text encoders (None: an argument that cannot be a
+    key, left for the encoder to refuse)."""
+    prompts = (req.prompt, req.negative_prompt, req.args.get("prompt_2"), req.args.get("negative_prompt_2"))
+    frozen = tuple(tuple(p) if isinstance(p, list) else p for p in prompts)
+    key = ("text", pipe.family.name, frozen, req.num_images_per_prompt, req.cfg, pipe.dtype, pipe.device, force_zeros)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def ip_masks(pipe, kwargs: dict[str, Any] | None, conditions) -> list[Tensor | None] | None:

@@ -284,10 +284,7 @@ def _step_inputs(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> Ste
     init = None
     if req.mode == "img2img":  # video-to-video encodes and noises the clip before the prompt
         init = _video_latents(pipe, req, plan, frames)
-    text = rq.FAMILY_RUNTIME["sd15"][0](
-        pipe.text_encoders, pipe.tokenizers, req.prompt, req.negative_prompt, req.num_images_per_prompt, req.cfg,
-        device, pipe.dtype, force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
-    )  # fmt: skip
+    text = rq.encode_text(pipe, req)  # an SD1.5-family base (checked at load), from the text cache when seen
     dtype = text.embeds.dtype
     embeds = text.embeds.repeat_interleave(frames, dim=0)  # every frame of a row reads that row's prompt
     conditions = pipe.conditioner(

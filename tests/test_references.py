@@ -69,7 +69,7 @@ def test_reference_cache_skips_encoder_projection_and_kv(models, images):
     same_pixels = images[0].copy()  # another object, same content: still a cache hit
     pipe.set_ip_adapter_scale(0.5)
     second = pipe("x", ip_adapter_image=same_pixels, latents=fixed_latents(), **CALL).images
-    assert counts == seen and pipe.conditioner.hits == 1
+    assert counts == seen and pipe.cache_stats()["reference"]["by_kind"]["encoder"]["hits"] == 1
     pipe.set_ip_adapter_scale(1.0)
     again = pipe("x", ip_adapter_image=same_pixels, latents=fixed_latents(), **CALL).images
     assert torch.equal(again, first) and not torch.equal(second, first)
