@@ -39,8 +39,37 @@ def environment(device: torch.device) -> dict:
         env |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
         env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     else:
-        env |= {"gpu": None, "cpu": platform.processor() or platform.machine()}
+        env |= {"gpu": None, **cpu_info()}
     return env
+
+
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, the flags that decide its matmul kernels, and its core counts (Linux /proc/cpuinfo)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    import psutil
+
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_flags": [f for f in FLAGS if f in flags],
+        "cores": psutil.cpu_count(logical=False),
+        "logical_cpus": psutil.cpu_count(),
+    }
+
+
+def machine_class() -> str:
+    """What the issue's targets are reported per: AMX (bf16 and int8 tiles), AVX512_BF16 (no AMX), AVX-512, AVX2."""
+    flags = set(cpu_info()["cpu_flags"])
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512_BF16"
+    return "AVX-512" if "avx512f" in flags else "AVX2"
 
 
 def device_timer(device: torch.device):

@@ -201,8 +201,7 @@ def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:
         bench.call(system, 4, 1.0)  # warm-up
         samples = []
         for _ in range(reps):
-            bench.ours.conditioner.cache.clear()  # a fresh reference every call: the full image-side cost
-            bench.ours.adapters.prepared_key = None
+            bench.ours.clear_caches()  # a fresh reference and prompt every call: the full image and text cost
             samples.append(timer(lambda s=system: bench.call(s, 4, 1.0)))
         rows.append({"system": system, "workload": "LCM 4 steps end to end", **stats(samples)})
         if profile["cfg_steps"]:
@@ -224,7 +223,7 @@ def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:
         else:
 
             def new_image():
-                bench.ours.conditioner.cache.clear()
+                bench.ours.clear_caches()
                 c = bench.ours.conditioner(bench.other, None, None, "concat", 1, True)
                 bench.ours.adapters.prepare(bench.ours.adapters.project(c[0], c[1]))
 

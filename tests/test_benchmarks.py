@@ -140,7 +140,8 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
 
     monkeypatch.delenv("IPA_RT_CACHE", raising=False)  # the bench sets both for itself; restored after the test
     monkeypatch.delenv("IPA_RT_KEEP_EXPORTS", raising=False)
-    systems = ["diffusers fp32", "diffusers bf16+taesd", "ipa_rt torch fp32", "ipa_rt openvino bf16+taesd"]
+    systems = ["diffusers fp32", "diffusers bf16+taesd", "ipa_rt torch fp32", "ipa_rt openvino bf16+taesd",
+               "ipa_rt openvino int8+taesd"]  # fmt: skip
     argv = ["bench", "--tiny", "--sizes", "32", "--reps", "1", "--cfg-steps", "2", "--cfg-sizes", "32", "--no-plus",
             "--systems", *systems, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
@@ -151,19 +152,31 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "tiny-cpu.json").read_text())["rows"] == result["rows"]  # nothing measured again
     assert {r["system"] for r in result["rows"]} == set(systems)
     workloads = {r["workload"] for r in result["rows"]}
-    assert workloads == {"LCM 4 steps end to end", "25 steps CFG end to end", "one denoising step",
-                         "change image prompt", "change scale"}  # fmt: skip
+    assert workloads == {"LCM 4 steps end to end", "LCM 4 steps, same reference", "25 steps CFG end to end",
+                         "one denoising step", "change image prompt", "change scale"}  # fmt: skip
+    assert {r["system"] for r in result["rows"] if r["workload"] == "LCM 4 steps, same reference"} == set(systems[2:])
     assert all("latent_rel_l2" in r and "psnr_db" in r for r in result["rows"])
+    int8 = result["errors"]["ipa_rt openvino int8+taesd@32"]  # quality beside the times: vs fp32 and vs bf16
+    for quality in (int8, int8["vs_bf16"]):
+        assert 0 < quality["latent_rel_l2"] < 1 and quality["psnr_db"] > 0 and 0 < quality["ssim"] <= 1
     # the faithful torch path: diffusers' arithmetic in diffusers' order (bitwise on the Intel AMX machines)
     assert result["errors"]["ipa_rt torch fp32@32"]["latent_rel_l2"] <= SAME_ARITHMETIC_RTOL
-    assert result["peaks"]["fp32"] > 0 and result["peaks"]["bf16"] > 0 and result["unet_flops_per_row"]["32"] > 0
+    peaks = result["peaks"]
+    assert min(peaks["torch"].values()) > 0 and set(peaks["openvino"]) == {"fp32", "bf16", "int8"}
+    assert result["unet_flops_per_row"]["32"] > 0
     summary = result["summary"]
-    assert set(summary["targets"]) == {
+    assert summary["machine_class"] in ("AMX", "AVX512_BF16", "AVX-512", "AVX2")
+    assert result["environment"]["cpu"] and isinstance(result["environment"]["cpu_flags"], list)
+    assert set(summary["targets"]) == {  # the optimum-intel anchor runs in full runs only
         "faithful_lcm4_speedup_vs_diffusers_fp32",
         "fast_lcm4_speedup_vs_diffusers_fp32",
         "fast_lcm4_speedup_vs_diffusers_same_recipe",
-        "unet_step_fraction_of_matmul_peak",
+        "repeated_reference_speedup_vs_first_call",
+        "unet_step_fraction_of_matmul_peak_fp32",
+        "unet_step_fraction_of_matmul_peak_bf16",
+        "unet_step_fraction_of_matmul_peak_int8",
     }
+    assert all(g["measured"] > 0 and isinstance(g["met"], bool) for g in summary["targets"].values())
     assert (tmp_path / "tiny-cpu.md").read_text().startswith("# ipa_rt bench — profile cpu")
 
 
@@ -184,3 +197,83 @@ def test_video_benchmark_tiny(tmp_path):
     assert all(r["latent_rel_l2"] <= SAME_ARITHMETIC_RTOL for r in result["rows"])
     assert set(result["speedup_vs_diffusers"]) == {"AnimateLCM 4 steps end to end", "CFG end to end"}
     assert (tmp_path / "tiny-video-cpu.md").read_text().count("| sd15 4 frames 32² |") == 4
+
+
+def _cpu_bench():
+    """benchmarks/cpu.py as a module (its siblings, optimum_anchor included, importable beside it)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_cpu", folder / "cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_optimum_anchor_without_its_venv(tmp_path, monkeypatch):
+    """A venv that already holds the pinned set is reused without pip; an anchor that cannot run costs its row,
+    recorded in the bench's errors, never the bench."""
+    import argparse
+    import subprocess
+
+    bench = _cpu_bench()
+    import optimum_anchor
+
+    venv = tmp_path / "venv"
+    optimum_anchor.venv_python(venv).parent.mkdir(parents=True)
+    optimum_anchor.venv_python(venv).touch()
+    (venv / optimum_anchor.MARKER).write_text(json.dumps({"torch": optimum_anchor.TORCH, "pins": optimum_anchor.PINS}))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    assert optimum_anchor.ensure_venv(venv) == venv
+
+    def no_venv(path):
+        raise RuntimeError("pip install failed")
+
+    monkeypatch.setattr(optimum_anchor, "ensure_venv", no_venv)
+    errors: dict = {}
+    args = argparse.Namespace(reps=1, optimum_venv=venv)
+    assert bench.optimum_rows({"base": tmp_path}, 32, args, errors) == []
+    assert "pip install failed" in errors["optimum-intel openvino@32"]["error"]
+
+
+OPTIMUM_VENV = os.environ.get("IPA_RT_OPTIMUM_VENV")
+
+
+@pytest.mark.skipif(
+    not (OPTIMUM_VENV and (Path(OPTIMUM_VENV) / "bin" / "python").exists()),
+    reason="no optimum-intel venv at $IPA_RT_OPTIMUM_VENV (creating one downloads hundreds of MB: "
+    "IPA_RT_OPTIMUM_VENV=DIR python benchmarks/optimum_anchor.py --ensure)",
+)
+def test_optimum_anchor_tiny(tmp_path):
+    """benchmarks/cpu.py's optimum-intel anchor, in its venv, on a tiny SD1.5 folder: exported, static batch 1, LCM-4
+    timed end to end; the row has the bench's labels and stats, the pinned versions and OpenVINO's precision hint."""
+    import argparse
+    import math
+
+    from ipa_rt import testing as T
+
+    bench = _cpu_bench()
+    import optimum_anchor
+
+    base = T.write_base_model(tmp_path / "model")
+    errors: dict = {}
+    args = argparse.Namespace(reps=2, optimum_venv=Path(OPTIMUM_VENV))
+    (row,) = bench.optimum_rows({"base": base}, 32, args, errors)
+    assert errors == {}
+    assert set(bench.stats([1.0])) <= set(row) and row["n"] == 2
+    assert (row["family"], row["variant"], row["system"], row["workload"]) == (
+        "sd15 base 32²", "base", "optimum-intel openvino", "LCM 4 steps end to end (no IP-Adapter)"
+    )  # fmt: skip
+    for key in ("median_ms", "p90_ms", "export_s", "compile_s"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["p90_ms"] >= row["median_ms"]
+    pins = {name.split("[")[0]: v for name, v in (p.split("==") for p in optimum_anchor.PINS)}
+    assert {name: row["versions"][name] for name in pins} == pins
+    assert row["versions"]["torch"].startswith(optimum_anchor.TORCH.split("==")[1])
+    # OpenVINO's CPU default: bf16 arithmetic where the CPU has it (ipa_rt's faithful mode sets f32 instead)
+    default = "bf16" if "BF16" in row["cpu_capabilities"] else "f32"
+    assert {c["INFERENCE_PRECISION_HINT"] for c in row["compiled"].values()} == {default}
+    assert row["decoder"] == "full VAE (AutoencoderKL)" and row["ip_adapter"] is False
+    assert row["pipeline"] == "OVStableDiffusionPipeline" and row["scheduler"] == "LCMScheduler"
+    assert bench.optimum_rows({"base": tmp_path / "missing"}, 32, args, errors) == []  # a failure costs its row only
+    assert "failed" in errors["optimum-intel openvino@32"]["error"]
