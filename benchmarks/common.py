@@ -142,3 +142,10 @@ def serve_table(result: dict) -> list[str]:
             f"| {lat['p50']} | {lat['p95']} | {lat['p99']} | {formed} |"
         )
     return lines
+
+
+def peaks_text(peaks: dict) -> str:
+    """``fp32 134, bf16 378`` (older runs: one library) or the same per library (``torch ...; openvino ...``)."""
+    if all(isinstance(v, dict) for v in peaks.values()):
+        return "; ".join(f"{lib} {peaks_text(rates)}" for lib, rates in peaks.items())
+    return ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())

@@ -121,7 +121,8 @@ def measure(venv: Path, base: Path, size: int, reps: int, out: Path, steps: int 
 
 
 def stats(samples: list[float]) -> dict:
-    """benchmarks/cpu.py's ``stats`` (the same keys and p90 rule; that module cannot be imported in this venv)."""
+    """Median and p90 (ms) of ``samples`` (s): the bench's rows, here because this module imports nothing but the
+    standard library (benchmarks/cpu.py imports it from here)."""
     s = sorted(samples)
     return {
         "median_ms": 1000 * statistics.median(s),

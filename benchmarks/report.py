@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import rows_table, serve_table
+from common import peaks_text, rows_table, serve_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 from first_light import targets_table
@@ -57,10 +57,12 @@ def table() -> str:
         if plot.is_file():
             lines += ["", f"![{path.stem}: median ms per workload and system]({LINKED}{plot.name})"]
         if "peaks" in r:  # the CPU profile: the machine's matmul peaks and how close each UNet step comes
+            utilization = r["summary"]["unet_step_utilization"]
             lines.append(
-                f"\nMatmul peaks measured in the same run: fp32 {r['peaks']['fp32']:.0f} GFLOP/s, bf16 "
-                f"{r['peaks']['bf16']:.0f} GFLOP/s. UNet step, fraction of its precision's peak: "
-                + ", ".join(f"{k} {u['fraction']:.2f}" for k, u in r["summary"]["unet_step_utilization"].items())
+                f"\nMatmul peaks measured in the same run (GFLOP/s, int8 GOP/s): {peaks_text(r['peaks'])}. "
+                + (f"Machine class {r['summary']['machine_class']}. " if "machine_class" in r["summary"] else "")
+                + "UNet step, fraction of its precision's peak: "
+                + ", ".join(f"{k} {u['fraction']:.2f}" for k, u in utilization.items() if u.get("fraction"))
                 + "."
             )
         for workload, x in r.get("speedup_vs_diffusers", {}).items():  # the video profile

@@ -319,3 +319,21 @@ def test_cli_precisions_are_the_engines():
     from ipa_rt.export.openvino_engine import PRECISIONS as ENGINE
 
     assert PRECISIONS == ENGINE
+
+
+def test_profile_unet_reads_the_per_layer_counters(ov_engines):
+    """benchmarks/profile_unet.py on a built int8 engine: the step's time, OpenVINO's counters summed by layer type
+    and kernel (int8 kernels among them), and the report's GFLOP/s against a given peak."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import profile_unet
+
+    result = profile_unet.profile(ov_engines["int8"], rows=1, reps=2)
+    assert result["precision"] == "int8" and result["step_ms"] > 0
+    layers = result["layers_ms"]
+    assert sum(layers.values()) > 0 and any(kind == "Convolution" for kind, _ in layers)
+    assert any("i8" in kernel.lower() for _, kernel in layers)  # the quantised layers run int8 kernels
+    text = profile_unet.report(result, flops=1e9, peak=100.0)
+    assert "GFLOP/s" in text and "| Convolution |" in text
