@@ -32,7 +32,7 @@ class ModeSetup:
     noise: Tensor | None = None  # 4-ch inpaint: the initial noise, re-mixed into the known region each step
 
 
-def _encode(vae, image: Tensor, generator, dtype, sdxl: bool, latents_stats: bool) -> Tensor:
+def encode_vae_image(vae, image: Tensor, generator, dtype, sdxl: bool, latents_stats: bool) -> Tensor:
     """diffusers' ``_encode_vae_image`` (SDXL: upcast VAEs encode in fp32; img2img also applies latents stats)."""
     vae_dtype = next(vae.parameters()).dtype
     image = image.to(dtype=vae_dtype if sdxl and vae.config.force_upcast else dtype)
@@ -74,7 +74,7 @@ def img2img(pipe, image, plan, batch, generator, device, dtype, latents: Tensor 
     height, width = pixels.shape[-2:]
     pixels = pixels.to(device=device, dtype=dtype)
     sdxl = pipe.family.name == "sdxl"
-    init = pixels if pixels.shape[1] == 4 else _encode(pipe.vae, pixels, generator, dtype, sdxl, latents_stats=sdxl)
+    init = pixels if pixels.shape[1] == 4 else encode_vae_image(pipe.vae, pixels, generator, dtype, sdxl, sdxl)
     init = _repeat(init, batch, "image")
     if latents is not None:
         raise ConfigError("latents= cannot be combined with image= (img2img makes its latents from the image)")
@@ -97,7 +97,7 @@ def inpaint(
     four = pipe.unet.config.in_channels == 4
     image_latents = None
     if four or (latents is None and not strength_max):
-        image_latents = _encode(pipe.vae, pixels.to(device=device, dtype=dtype), generator, dtype, sdxl, False)
+        image_latents = encode_vae_image(pipe.vae, pixels.to(device=device, dtype=dtype), generator, dtype, sdxl, False)
         image_latents = _repeat(image_latents, batch, "image")
     t0 = plan.timesteps[:1].repeat(batch)
     if latents is None:
@@ -110,7 +110,7 @@ def inpaint(
         mask, size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     )
     mask_lat = _repeat(mask_lat.to(device=device, dtype=dtype), batch, "mask_image")
-    masked_lat = _encode(pipe.vae, masked.to(device=device, dtype=dtype), generator, dtype, sdxl, False)
+    masked_lat = encode_vae_image(pipe.vae, masked.to(device=device, dtype=dtype), generator, dtype, sdxl, False)
     masked_lat = _repeat(masked_lat, batch, "image")
     if cfg:
         mask_lat, masked_lat = torch.cat([mask_lat] * 2), torch.cat([masked_lat] * 2)

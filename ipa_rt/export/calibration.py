@@ -20,6 +20,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,15 +119,12 @@ def _alphas_cumprod(pipe) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _latents(pipe, image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """The VAE encoder's latent of ``image`` (mean of the posterior), scaled as the UNet sees it."""
-    vae = pipe.vae
-    dtype = next(vae.parameters()).dtype
-    px = np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
-    x = torch.from_numpy(px).permute(2, 0, 1)[None].to(pipe.device, dtype)
-    if type(vae).__name__ == "AutoencoderTiny":  # TAESD: latents out, already in the UNet's scale
-        return vae.encode(x).latents.float()
-    return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+def _latents(pipe, image: Image.Image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """``image`` encoded as img2img encodes it (the pipeline's preprocessing and VAE), in the UNet's scale."""
+    from ..modes import encode_vae_image
+
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(pipe.device, torch.float32)
+    return encode_vae_image(pipe.vae, pixels, generator, torch.float32, pipe.family.name == "sdxl", False).cpu()
 
 
 @torch.no_grad()
@@ -147,18 +145,22 @@ def unet_feeds(pipe, example: dict[str, torch.Tensor], calib: CalibrationSet, sa
     height, width = (int(d) * pipe.vae_scale_factor for d in example["sample"].shape[-2:])
     abar = _alphas_cumprod(pipe)
     gen = torch.Generator().manual_seed(0)
-    latents = [_latents(pipe, im, height, width) for im in calib.images]
+    latents = [_latents(pipe, im, height, width, gen) for im in calib.images]
     tokens = []
     for im in calib.images:  # [neg, pos] rows per adapter, as guidance batches them
         embeds = pipe.prepare_ip_adapter_image_embeds([im] * pipe.adapters.num_adapters)
         projected = pipe.adapters.project(embeds, [None] * len(embeds))
         tokens.append([t.flatten(1, 2).float() for t in projected])
+    texts: dict[int, Any] = {}  # each prompt encoded once ([negative, positive] rows)
     feeds = []
     for i in range(samples):
         uncond = i % 4 == 3
-        prompt = calib.prompts[i % len(calib.prompts)]
-        text = encode(pipe.text_encoders, pipe.tokenizers, prompt, None, 1, True, pipe.device, torch.float32,
-                      force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt)  # fmt: skip
+        p = i % len(calib.prompts)
+        if p not in texts:
+            zeros = pipe.base.force_zeros_for_empty_prompt
+            texts[p] = encode(pipe.text_encoders, pipe.tokenizers, calib.prompts[p], None, 1, True, pipe.device,
+                              torch.float32, force_zeros_for_empty_prompt=zeros)  # fmt: skip
+        text = texts[p]
         row = 0 if uncond else 1
         k = i % len(latents)
         t = TIMESTEPS[i % len(TIMESTEPS)]
