@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .attention import DecoupledCrossAttnProcessor, ImageContext
 from .checkpoint import AdapterSource, RawAdapter
 from .errors import ConfigError, IncompatibleAdapterError, ScaleError
-from .variants import VariantSpec, build_projection, detect_variant, variant_of_projection
+from .variants import VariantSpec, adapter_family, build_projection, detect_variant, variant_of_projection
 
 
 def cross_attention_layers(unet: nn.Module) -> list[str]:
@@ -152,6 +152,13 @@ class IPAdapterStack(nn.Module):
         inner = [_module_of(unet, n).to_k.out_features for n in layers]
         entries = []
         for raw, src in zip(raws, sources, strict=True):
+            family = adapter_family(raw.ip_adapter)
+            if family.name != "unet":
+                raise IncompatibleAdapterError(
+                    f"IP-Adapter '{raw.origin}' is a {family.description} adapter; this pipeline's base model is a "
+                    f"UNet (SD1.5/SDXL); expected an h94-layout adapter for it"
+                    + (" (load Flux adapters with ipa_rt.flux)" if family.name == "flux" else "")
+                )
             spec = detect_variant(raw.image_proj, raw.origin)
             proj = build_projection(spec, raw.image_proj, raw.origin)
             if spec.needs_clip_states:

@@ -46,15 +46,20 @@ def decoupled_attention_reference(
     b, h, _, d = q.shape
     out = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
-    zero = torch.zeros((), dtype=out.dtype, device=out.device)
     for i, (k_s, v_s) in enumerate(image_kv):
-        o_s = F.scaled_dot_product_attention(q, k_s, v_s, dropout_p=0.0, is_causal=False)
-        o_s = o_s.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
-        w = _row_weight(scales, i)
-        if masks is not None and masks[i] is not None:
-            o_s = o_s * masks[i][:, :, None].to(o_s.dtype)
-        out = out + torch.where(w != 0, o_s * w, zero)
+        out = out + image_segment(q, k_s, v_s, _row_weight(scales, i), masks[i] if masks is not None else None)
     return out
+
+
+def image_segment(q: Tensor, k: Tensor, v: Tensor, w: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One image segment's term ``w · M ⊙ softmax(Q Kᵀ/√d) V`` as ``[B, N, H·d]`` in ``q``'s dtype (diffusers'
+    order: attention, cast, mask, scale); exactly zero where ``w == 0``."""
+    b, h, _, d = q.shape
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    o = o.transpose(1, 2).reshape(b, -1, h * d).to(q.dtype)
+    if mask is not None:
+        o = o * mask[:, :, None].to(o.dtype)
+    return torch.where(w != 0, o * w, torch.zeros((), dtype=o.dtype, device=o.device))
 
 
 def _row_weight(scales: Tensor, segment: int) -> Tensor:

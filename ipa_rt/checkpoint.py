@@ -1,7 +1,8 @@
 """Reading IP-Adapter checkpoints in the h94 layout, safely, with errors that name the file.
 
 Accepted sources (as diffusers' ``load_ip_adapter``): a ``.safetensors`` file with flat ``image_proj.*`` /
-``ip_adapter.*`` keys, a ``.bin`` file holding the nested ``{"image_proj": ..., "ip_adapter": ...}`` dict
+``ip_adapter.*`` keys (or XLabs-AI's Flux names ``ip_adapter_proj_model.*`` / ``double_blocks.*``), a ``.bin``
+file holding the nested ``{"image_proj": ..., "ip_adapter": ...}`` dict
 (read with ``torch.load(weights_only=True)``: arbitrary pickled objects are refused), a dict of that shape,
 or a hub id with ``subfolder`` and ``weight_name``.
 """
@@ -50,12 +51,32 @@ class RawAdapter:
     encoder_subfolder: str | None  # for a hub id: subfolder holding image_encoder/
 
 
+# Flat-key prefixes -> part: h94's (SD1.5/SDXL/Kolors/SD3.5) and XLabs-AI's Flux layout, as diffusers'
+# IPAdapterMixin / FluxIPAdapterMixin read them. XLabs' per-block names are renamed to diffusers' ones.
+FLAT_PREFIXES = {
+    "image_proj": "image_proj",
+    "ip_adapter": "ip_adapter",
+    "ip_adapter_proj_model": "image_proj",
+    "double_blocks": "ip_adapter",
+}
+_XLABS_RENAMES = (
+    ("ip_adapter_double_stream_k_proj", "to_k_ip"),
+    ("ip_adapter_double_stream_v_proj", "to_v_ip"),
+    ("processor.", ""),
+)
+
+
 def _split_flat(flat: Mapping[str, torch.Tensor]) -> dict[str, StateDict]:
     parts: dict[str, StateDict] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in flat.items():
         head, _, rest = key.partition(".")
-        if head in parts and rest:
-            parts[head][rest] = value
+        part = FLAT_PREFIXES.get(head)
+        if part is None or not rest:
+            continue
+        if head == "double_blocks":
+            for old, new in _XLABS_RENAMES:
+                rest = rest.replace(old, new)
+        parts[part][rest] = value
     return parts
 
 
@@ -94,7 +115,7 @@ def _validate(parts: Any, origin: str) -> tuple[StateDict, StateDict]:
             f"IP-Adapter '{origin}' holds a {type(parts).__name__}; expected a dict with 'image_proj' and 'ip_adapter'"
         )
     if "image_proj" not in parts or "ip_adapter" not in parts:
-        if any(isinstance(k, str) and k.startswith(("image_proj.", "ip_adapter.")) for k in parts):
+        if any(isinstance(k, str) and k.split(".", 1)[0] in FLAT_PREFIXES for k in parts):
             parts = _split_flat(parts)  # a flat dict, as in a .safetensors file
         missing = [k for k in ("image_proj", "ip_adapter") if not parts.get(k)]
         if missing:

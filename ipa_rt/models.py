@@ -184,7 +184,10 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder:
     parts = folder.split("/")
     if subfolder is None and not Path(folder).exists() and len(parts) > 2 and not folder.startswith((".", "/", "~")):
         folder, subfolder = "/".join(parts[:2]), "/".join(parts[2:])  # hub form: owner/repo/sub/folder
-    if subfolder is None and not Path(folder).is_dir():
+    hub_id = len(parts) == 2 and not folder.startswith(
+        (".", "/", "~")
+    )  # owner/repo, e.g. openai/clip-vit-large-patch14
+    if subfolder is None and not Path(folder).is_dir() and not hub_id:
         raise CheckpointError(
             f"image encoder folder '{folder}' does not exist; expected a CLIPVisionModelWithProjection folder "
             "(config.json + weights), e.g. h94/IP-Adapter models/image_encoder"

@@ -56,6 +56,15 @@ class Pipeline(PipelineCore):
         size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
+        from .flux import pipelines as flux
+
+        hub = {k: v for k, v in kwargs.items() if k in flux._HUB_KWARGS}
+        if (
+            flux.pipeline_class_of(base, **hub) is not None
+        ):  # a transformer family: diffusers' pipeline, ipa_rt's adapter
+            return flux.from_pretrained(
+                base, ip_adapter, image_encoder, backend=backend, engine_options=engine_options, **kwargs
+            )
         if backend == "torch":
             if engine_options:
                 raise ConfigError("engine_options apply to backend='onnxruntime' or 'tensorrt'; the backend is 'torch'")

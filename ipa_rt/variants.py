@@ -292,3 +292,28 @@ def variant_of_projection(module: nn.Module) -> VariantSpec:
         if type(module) is spec.projection_class:
             return spec
     raise CheckpointError(f"image projection {type(module).__name__} is not an IP-Adapter variant ipa_rt supports")
+
+
+@dataclass(frozen=True)
+class AdapterFamily:
+    """Which base-model family an IP-Adapter checkpoint was trained for, read from its ``ip_adapter`` keys."""
+
+    name: str
+    description: str
+    matches: Callable[[StateDict], bool]
+
+
+# The one table of adapter families, most specific first. Flux's per-block image K/V projections carry a bias
+# (XLabs-AI), SD3.5's carry an AdaLayerNorm (InstantX); h94's UNet adapters (SD1.5, SDXL, Kolors) have neither.
+ADAPTER_FAMILIES: tuple[AdapterFamily, ...] = (
+    AdapterFamily("sd3", "SD3.5 (InstantX, SigLIP)", lambda sd: any(".norm_ip." in k for k in sd)),
+    AdapterFamily(
+        "flux", "Flux.1 / Chroma (XLabs-AI, CLIP ViT-L/14)", lambda sd: any(k.endswith("to_k_ip.bias") for k in sd)
+    ),
+    AdapterFamily("unet", "SD1.5 / SDXL / Kolors (h94 layout)", lambda sd: True),
+)
+
+
+def adapter_family(ip_adapter: StateDict) -> AdapterFamily:
+    """The family of a checkpoint from its ``ip_adapter`` part (the table above; the UNet family is the fallback)."""
+    return next(f for f in ADAPTER_FAMILIES if f.matches(ip_adapter))

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints in the real on-disk formats, for tests, demos and offline examples.
+"""SD1.5 / SDXL (UNet) checkpoints of :mod:`ipa_rt.testing`, in the real on-disk formats.
 
 Everything here writes what users download from a hub, only smaller: diffusers model folders (with
 locally generated CLIP tokenizer files), a ``CLIPVisionModelWithProjection`` folder, and IP-Adapter files of
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .console import hushed
+from ..console import hushed
 
 VARIANT_NAMES = ("base", "plus", "full", "faceid", "faceid_plus")
 FACE_ID_DIM = 512  # InsightFace ArcFace embedding size, as the real FaceID checkpoints expect
@@ -458,7 +458,7 @@ def write_t2i_adapter(
     ``full_adapter_xl`` for SDXL's layout."""
     from diffusers import T2IAdapter
 
-    from .t2i import unet_slots
+    from ..t2i import unet_slots
 
     unet = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
     vae = json.loads((Path(base_folder) / "vae" / "config.json").read_text())

@@ -1,0 +1,34 @@
+"""IP-Adapter for Flux.1 and Chroma (XLabs-AI checkpoints): diffusers' pipelines with ipa_rt's adapter runtime.
+
+    from ipa_rt.flux import FluxPipeline          # instead of: from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+    pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter", weight_name="ip_adapter.safetensors",
+                         image_encoder_pretrained_model_name_or_path="openai/clip-vit-large-patch14")
+    pipe.set_ip_adapter_scale(0.6)                # one in-place write into a device tensor
+
+Every class in :data:`~ipa_rt.flux.pipelines.PIPELINES` is available here under diffusers' name.
+"""
+
+from __future__ import annotations
+
+from .adapter import FluxDecoupledProcessor, FluxImageSide, FluxImageTokens, expand_flux_scale
+from .pipelines import PIPELINES, FluxAdapterMixin, runtime_class
+
+__all__ = [
+    "PIPELINES",
+    "FluxAdapterMixin",
+    "FluxDecoupledProcessor",
+    "FluxImageSide",
+    "FluxImageTokens",
+    "expand_flux_scale",
+    "runtime_class",
+    *PIPELINES,
+]
+
+
+def __getattr__(name: str) -> type:
+    """The pipeline classes are made on first use (importing diffusers' Flux pipelines takes a while)."""
+    if name in PIPELINES:
+        cls = globals()[name] = runtime_class(name)
+        return cls
+    raise AttributeError(f"module 'ipa_rt.flux' has no attribute {name!r}")

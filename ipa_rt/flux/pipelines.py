@@ -1,0 +1,272 @@
+"""diffusers' Flux-family pipelines with ipa_rt's IP-Adapter runtime: switch by one import.
+
+``ipa_rt.flux.FluxPipeline`` *is* diffusers' ``FluxPipeline`` (same ``from_pretrained``, same ``__call__``, same
+loop and schedulers) with :class:`FluxAdapterMixin` in front: ``load_ip_adapter`` reads XLabs-AI checkpoints
+with ipa_rt's checks and installs :class:`~ipa_rt.flux.adapter.FluxImageSide` and
+:class:`~ipa_rt.flux.adapter.FluxDecoupledProcessor` (image keys/values once per call instead of every step, the
+scale a tensor), ``encode_image`` keeps a content-keyed cache of encoder outputs (the default black negative
+image is encoded once), and ``unload_ip_adapter`` restores the transformer exactly. The same mixin serves every
+pipeline diffusers gives ``FluxIPAdapterMixin`` (table :data:`PIPELINES`), so no class is written per variant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from ..checkpoint import adapter_sources, read_adapter
+from ..conditions import content_hash
+from ..console import hushed
+from ..errors import ConfigError, IncompatibleAdapterError
+from ..lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
+from .adapter import (
+    FluxDecoupledProcessor,
+    FluxDims,
+    FluxImageSide,
+    build_image_side,
+    double_block_processors,
+    expand_flux_scale,
+)
+
+_ABSENT = object()
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+class FluxAdapterMixin:
+    """ipa_rt's IP-Adapter runtime for a diffusers Flux-family pipeline, with ``FluxIPAdapterMixin``'s API."""
+
+    _ipa_saved: dict | None = None
+    _ipa_cache: LRUCache | None = None
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+    def load_ip_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        weight_name: str | list[str] | None = None,
+        subfolder: str | list[str] | None = "",
+        image_encoder_pretrained_model_name_or_path: str | os.PathLike | None = "image_encoder",
+        image_encoder_subfolder: str | None = "",
+        image_encoder_dtype: torch.dtype = torch.float16,
+        **kwargs: Any,
+    ) -> None:
+        """Load XLabs-AI Flux IP-Adapter(s) as diffusers does (``.safetensors`` in XLabs' or diffusers' names,
+        ``.bin``, a hub id with ``weight_name``, a state dict; a list loads several), with shape checks that name the
+        file. The image encoder is loaded from ``image_encoder_pretrained_model_name_or_path`` when the pipeline
+        has none (e.g. ``"openai/clip-vit-large-patch14"`` for XLabs' adapters), else from ``image_encoder/``
+        beside the adapter file."""
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        kwargs.pop("low_cpu_mem_usage", None)  # ipa_rt builds small modules directly: nothing to save
+        if kwargs:
+            raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+        sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder or None, weight_name)
+        raws = [read_adapter(s, **hub) for s in sources]
+        side = build_image_side(FluxDims.of(self.transformer), raws)
+        encoder = getattr(self, "image_encoder", None)
+        if encoder is None and image_encoder_pretrained_model_name_or_path is not None:
+            encoder = self._load_encoder(
+                image_encoder_pretrained_model_name_or_path, image_encoder_subfolder, image_encoder_dtype, raws, hub
+            )
+        _check_encoder(side, encoder)  # before anything is registered: a refused load leaves the pipeline as it was
+        if encoder is not None and getattr(self, "image_encoder", None) is None:
+            self.register_modules(image_encoder=encoder.to(self.transformer.device))
+        if getattr(self, "feature_extractor", None) is None and encoder is not None:
+            from ..image import default_feature_extractor
+
+            self.register_modules(feature_extractor=default_feature_extractor(encoder))
+        self._install(side)
+
+    def _load_encoder(self, location: Any, subfolder: str | None, dtype: torch.dtype, raws, hub) -> Any:
+        from ..models import load_image_encoder
+
+        folder = os.fspath(location)
+        beside = raws[0].encoder_dir
+        if not os.path.isdir(os.path.join(folder, subfolder or "")) and beside and os.path.isdir(beside):
+            folder, subfolder = beside, None  # ipa_rt's rule for a missing folder: image_encoder/ beside the adapter
+        with hushed(bars=True):
+            return load_image_encoder(folder, dtype, subfolder=subfolder or None, **hub)
+
+    def _install(self, side: FluxImageSide) -> None:
+        """Swap in ipa_rt's processors and image side; remember what was there (once, across reloads)."""
+        transformer = self.transformer
+        if self._ipa_saved is None:
+            self._ipa_saved = {
+                "processors": dict(transformer.attn_processors),
+                "encoder_hid_proj": getattr(transformer, "encoder_hid_proj", _ABSENT),
+            }
+        processors = dict(self._ipa_saved["processors"])
+        for layer, name in enumerate(double_block_processors(transformer)):
+            processors[name] = FluxDecoupledProcessor(layer)
+        param = next(transformer.parameters())
+        transformer.encoder_hid_proj = side.to(device=param.device, dtype=param.dtype)
+        transformer.set_attn_processor(processors)
+        self.reference_cache.clear()
+
+    def unload_ip_adapter(self) -> None:
+        """Restore the transformer's processors and projection exactly; drop the image encoder (diffusers' rule)."""
+        if self._ipa_saved is not None:
+            self.transformer.set_attn_processor(self._ipa_saved["processors"])
+            saved = self._ipa_saved["encoder_hid_proj"]
+            if saved is _ABSENT:  # a transformer that never had one (diffusers' own unload leaves None)
+                del self.transformer.encoder_hid_proj
+            else:
+                self.transformer.encoder_hid_proj = saved
+            self._ipa_saved = None
+        if getattr(self, "image_encoder", None) is not None:
+            self.image_encoder = None
+            self.register_to_config(image_encoder=[None, None])
+        if not hasattr(self, "safety_checker") and getattr(self, "feature_extractor", None) is not None:
+            self.feature_extractor = None
+            self.register_to_config(feature_extractor=[None, None])
+        self.reference_cache.clear()
+
+    @property
+    def image_side(self) -> FluxImageSide:
+        side = getattr(self.transformer, "encoder_hid_proj", None)
+        if not isinstance(side, FluxImageSide):
+            raise ConfigError("no ipa_rt IP-Adapter is loaded; call load_ip_adapter first")
+        return side
+
+    def set_ip_adapter_scale(self, scale: Any) -> None:
+        """diffusers' forms (a number, a list of per-block numbers for one adapter, one entry per adapter), written
+        in place into the ``[adapters, blocks]`` scale tensor."""
+        side = self.image_side
+        side.set_scale(expand_flux_scale(scale, side.num_ip_adapters, side.num_blocks))
+
+    # --- image encoder with a content-keyed cache -------------------------------------------------------------
+    @property
+    def reference_cache(self) -> LRUCache:
+        if self._ipa_cache is None:
+            self._ipa_cache = LRUCache("reference", reference_cache_bytes(), REFERENCE_CACHE_ENTRIES)
+        return self._ipa_cache
+
+    def encode_image(self, image: Any, device: Any, num_images_per_prompt: int) -> torch.Tensor:
+        """diffusers' ``encode_image``; an image already encoded by this encoder is not encoded again."""
+        cache = self.reference_cache
+        encoder = self.image_encoder
+        cache.bind(encoder, self.feature_extractor)
+        param = next(encoder.parameters())
+        items = image if isinstance(image, (list, tuple)) else [image]
+        key = ("embeds", str(param.device), param.dtype, tuple(content_hash(_pixels(im)) for im in items))
+        embeds = cache.get(key)
+        if embeds is None:
+            embeds = super().encode_image(image, device, 1)  # type: ignore[misc]
+            cache.put(key, embeds)
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return {"reference": self.reference_cache.stats()}
+
+    def clear_caches(self) -> None:
+        self.reference_cache.clear()
+
+
+def _check_encoder(side: FluxImageSide, encoder: Any) -> None:
+    if encoder is None:
+        return
+    have = encoder.config.projection_dim
+    for proj, origin in zip(side.image_projection_layers, side.origins, strict=True):
+        want = proj.image_embeds.in_features
+        if have != want:
+            raise IncompatibleAdapterError(
+                f"image encoder ({encoder.config.name_or_path or 'given module'}) has projection_dim {have}, but "
+                f"IP-Adapter '{origin}' expects {want}; expected the encoder it was trained with (XLabs-AI "
+                "flux-ip-adapter and -v2: openai/clip-vit-large-patch14, projection_dim 768)"
+            )
+
+
+def _pixels(image: Any) -> Any:
+    """What :func:`content_hash` reads: PIL images, arrays and tensors as they are, anything else refused."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        return image
+    raise ConfigError(f"ip_adapter_image: got {type(image).__name__}; expected a PIL image, array or tensor")
+
+
+# Every diffusers pipeline that has FluxIPAdapterMixin (diffusers 0.42), by name: ipa_rt's class of the same name.
+PIPELINES = (
+    "FluxPipeline",
+    "FluxImg2ImgPipeline",
+    "FluxInpaintPipeline",
+    "FluxControlNetPipeline",
+    "FluxKontextPipeline",
+    "FluxKontextInpaintPipeline",
+    "ChromaPipeline",
+    "ChromaImg2ImgPipeline",
+    "ChromaInpaintPipeline",
+)
+
+
+@functools.cache
+def runtime_class(name: str) -> type:
+    """``class <name>(FluxAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.flux.<name>`` is it)."""
+    import diffusers
+
+    with hushed():  # importing diffusers' pipelines makes transformers note a missing torchvision
+        base = getattr(diffusers, name, None)
+    if base is None:
+        raise ConfigError(f"diffusers {diffusers.__version__} has no {name}; expected one of {PIPELINES}")
+    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`FluxAdapterMixin`)."
+    cls = type(name, (FluxAdapterMixin, base), {"__module__": "ipa_rt.flux", "__doc__": doc})
+    cls.__qualname__ = name
+    return cls
+
+
+def pipeline_class_of(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:
+    """The Flux-family pipeline class a diffusers folder or hub id declares (``model_index.json``), else None."""
+    from ..models import _read_json
+
+    base = os.fspath(base)
+    if not os.path.isdir(base) and (os.path.exists(base) or base.count("/") != 1 or base.startswith((".", "/", "~"))):
+        return None  # not a folder nor a hub id: the UNet loader reports it
+    name = _read_json(base, "model_index.json", hub_kwargs).get("_class_name")
+    return name if name in PIPELINES else None
+
+
+def from_pretrained(
+    base: str | os.PathLike,
+    ip_adapter: Any = None,
+    image_encoder: Any = None,
+    *,
+    backend: str = "torch",
+    engine_options: dict[str, Any] | None = None,
+    subfolder: Any = None,
+    weight_name: Any = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **hub_kwargs: Any,
+) -> Any:
+    """``ipa_rt.Pipeline.from_pretrained`` for a Flux-family folder: the folder's own pipeline class (ipa_rt's of
+    the same name) with the adapter(s) loaded; the image encoder defaults to ``image_encoder/`` beside the first
+    adapter file (XLabs' adapters: pass ``"openai/clip-vit-large-patch14"``)."""
+    cls = runtime_class(pipeline_class_of(base, **hub_kwargs) or "FluxPipeline")
+    if backend != "torch" or engine_options:
+        raise ConfigError(
+            f"backend={backend!r}: {cls.__name__} runs on the torch backend only in this version (no Flux engines yet)"
+        )
+    for name in ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter"):
+        if hub_kwargs.get(name) is not None:
+            raise ConfigError(
+                f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load the pipeline with "
+                f"ipa_rt.flux.{cls.__name__}.from_pretrained and use diffusers' own API for it"
+            )
+        hub_kwargs.pop(name, None)
+    with hushed(bars=True):
+        pipe = cls.from_pretrained(os.fspath(base), torch_dtype=dtype, **hub_kwargs).to(device)
+    if isinstance(image_encoder, torch.nn.Module):
+        pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
+        image_encoder = None
+    if ip_adapter is not None:
+        pipe.load_ip_adapter(
+            ip_adapter,
+            weight_name=weight_name,
+            subfolder=subfolder,
+            image_encoder_pretrained_model_name_or_path=os.fspath(image_encoder or "image_encoder"),
+            image_encoder_dtype=dtype,
+            **{k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS},
+        )
+    return pipe

@@ -1,0 +1,73 @@
+"""Tiny random checkpoints in the real on-disk formats, for tests, demos and offline examples.
+
+Everything here writes what users download from a hub, only smaller, and is then loaded through the same code users
+use; nothing touches a model hub. :mod:`.unet`: SD1.5/SDXL diffusers folders, CLIP image encoders, h94 IP-Adapters of
+every variant, LoRA, ControlNet, T2I-Adapter, motion adapters; :mod:`.flux`: Flux.1 and Chroma folders (with a locally
+made T5 tokenizer) and XLabs-AI Flux IP-Adapters.
+"""
+
+from .flux import (
+    FLUX_ENCODER,
+    flux_adapter_state_dict,
+    save_flux_adapter,
+    write_flux_adapter,
+    write_flux_model,
+    write_t5_tokenizer,
+)
+from .unet import (
+    ENCODER_CONFIG,
+    EXAMPLE_UNET,
+    FACE_ID_DIM,
+    LORA_RANK,
+    SCHEDULER_CONFIG,
+    SD15_UNET,
+    SDXL_UNET,
+    TEXT_CONFIG,
+    VAE_CONFIG,
+    VARIANT_NAMES,
+    adapter_state_dict,
+    make_image,
+    save_adapter,
+    write_adapter,
+    write_base_model,
+    write_controlnet,
+    write_example,
+    write_image_encoder,
+    write_lora,
+    write_motion_adapter,
+    write_t2i_adapter,
+    write_taesd,
+    write_tokenizer,
+)
+
+__all__ = [
+    "ENCODER_CONFIG",
+    "EXAMPLE_UNET",
+    "FACE_ID_DIM",
+    "FLUX_ENCODER",
+    "LORA_RANK",
+    "SCHEDULER_CONFIG",
+    "SD15_UNET",
+    "SDXL_UNET",
+    "TEXT_CONFIG",
+    "VAE_CONFIG",
+    "VARIANT_NAMES",
+    "adapter_state_dict",
+    "flux_adapter_state_dict",
+    "make_image",
+    "save_adapter",
+    "save_flux_adapter",
+    "write_adapter",
+    "write_base_model",
+    "write_controlnet",
+    "write_example",
+    "write_flux_adapter",
+    "write_flux_model",
+    "write_image_encoder",
+    "write_lora",
+    "write_motion_adapter",
+    "write_t2i_adapter",
+    "write_t5_tokenizer",
+    "write_taesd",
+    "write_tokenizer",
+]

@@ -1,0 +1,204 @@
+"""Flux.1 / Chroma IP-Adapter: parity with diffusers' own pipelines on the same files (tiny random models written
+in the real on-disk formats), the scale as an in-place tensor write, the image side once per call, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipa_rt import testing
+from ipa_rt.errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ipa_rt.flux import FluxImageSide, expand_flux_scale
+
+ENCODER_DIM = 24
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    out = {
+        "flux": testing.write_flux_model(root / "flux", family="flux"),
+        "chroma": testing.write_flux_model(root / "chroma", family="chroma"),
+        "encoder": testing.write_image_encoder(root / "encoder", projection_dim=ENCODER_DIM),
+    }
+    out["xlabs"] = testing.write_flux_adapter(root / "a" / "ip_adapter.safetensors", out["flux"], layout="xlabs")
+    out["bin"] = testing.write_flux_adapter(root / "b" / "ip_adapter.bin", out["flux"], layout="diffusers", seed=7)
+    out["chroma_adapter"] = testing.write_flux_adapter(root / "c" / "ip_adapter.safetensors", out["chroma"], seed=9)
+    out["sd_base"] = testing.write_base_model(root / "sd15")
+    out["sd_adapter"] = testing.write_adapter(root / "sd" / "ip-adapter_sd15.bin", "base", out["sd_base"])
+    return out
+
+
+def _load(cls, folder, files, *adapters):
+    pipe = cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if adapters:
+        paths = [files[a] for a in adapters]
+        pipe.load_ip_adapter(
+            [str(p.parent) for p in paths],
+            weight_name=[p.name for p in paths],
+            image_encoder_pretrained_model_name_or_path=str(files["encoder"]),
+            image_encoder_dtype=torch.float32,
+        )
+    return pipe
+
+
+def _flux(files, *adapters):
+    import diffusers
+
+    import ipa_rt.flux
+
+    return (
+        _load(diffusers.FluxPipeline, files["flux"], files, *adapters),
+        _load(ipa_rt.flux.FluxPipeline, files["flux"], files, *adapters),
+    )
+
+
+def _latents(pipe, **kw):
+    args = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=32, output_type="latent")
+    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args, **kw).images
+    assert torch.isfinite(out).all()
+    return out
+
+
+def _same(ref, ours, **kw):
+    a, b = _latents(ref, **kw), _latents(ours, **kw)
+    assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
+    return b
+
+
+def test_flux_parity_one_adapter_scales(files):
+    ref, ours = _flux(files, "xlabs")
+    image = testing.make_image(0)
+    base = _latents(_load(__import__("ipa_rt.flux").flux.FluxPipeline, files["flux"], files))
+    with_adapter = _same(ref, ours, ip_adapter_image=image)
+    assert (with_adapter - base).abs().max() > 1e-3  # the adapter does something
+    for scale in (0.6, [0.3, 1.2]):  # global, then per double-stream block
+        ref.set_ip_adapter_scale(scale)
+        ours.set_ip_adapter_scale(scale)
+        _same(ref, ours, ip_adapter_image=image)
+    ours.set_ip_adapter_scale(0.0)
+    assert torch.equal(_latents(ours, ip_adapter_image=image), base)  # scale 0: the base model exactly
+    ours.unload_ip_adapter()
+    assert torch.equal(_latents(ours), base)
+    assert not hasattr(ours.transformer, "encoder_hid_proj")
+
+
+def test_flux_parity_true_cfg_images_and_batch(files):
+    ref, ours = _flux(files, "xlabs")
+    a, b = testing.make_image(0), testing.make_image(5)
+    cfg = dict(negative_prompt="blurry", true_cfg_scale=3.0)
+    _same(ref, ours, ip_adapter_image=a, **cfg)  # default negative image: black
+    _same(ref, ours, ip_adapter_image=a, negative_ip_adapter_image=b, **cfg)
+    _same(ref, ours, ip_adapter_image=[[a, b]])  # two images for one adapter: tokens laid end to end
+    _same(ref, ours, ip_adapter_image=a, num_images_per_prompt=2)
+
+
+def test_flux_parity_two_adapters_and_layouts(files):
+    ref, ours = _flux(files, "xlabs", "bin")
+    images = [testing.make_image(0), testing.make_image(5)]
+    _same(ref, ours, ip_adapter_image=images)
+    for scale in ([0.5, 1.0], [0.5, [0.0, 2.0]]):
+        ref.set_ip_adapter_scale(scale)
+        ours.set_ip_adapter_scale(scale)
+        _same(ref, ours, ip_adapter_image=images)
+
+
+def test_chroma_parity(files):
+    import diffusers
+
+    import ipa_rt.flux
+
+    ref = _load(diffusers.ChromaPipeline, files["chroma"], files, "chroma_adapter")
+    ours = _load(ipa_rt.flux.ChromaPipeline, files["chroma"], files, "chroma_adapter")
+    image = testing.make_image(3)
+    _same(ref, ours, ip_adapter_image=image, negative_prompt="blurry", guidance_scale=4.0)
+    ref.set_ip_adapter_scale(0.4)
+    ours.set_ip_adapter_scale(0.4)
+    _same(ref, ours, ip_adapter_image=image, negative_prompt="blurry", guidance_scale=4.0)
+
+
+def test_image_side_once_per_call_and_scale_in_place(files):
+    _, ours = _flux(files, "xlabs")
+    side = ours.transformer.encoder_hid_proj
+    assert isinstance(side, FluxImageSide)
+    projections = []
+    side.image_projection_layers[0].register_forward_hook(lambda *a: projections.append(1))
+    encodes = []
+    ours.image_encoder.register_forward_hook(lambda *a: encodes.append(1))
+    image = testing.make_image(0)
+    first = _latents(ours, ip_adapter_image=image, negative_prompt="x", true_cfg_scale=2.0)
+    # per call: one projection for the image, one for the (black) negative, not one per step and pass
+    assert len(projections) == 2
+    assert len(encodes) == 2
+    again = _latents(ours, ip_adapter_image=image, negative_prompt="x", true_cfg_scale=2.0)
+    assert torch.equal(first, again)
+    assert len(encodes) == 2  # both references came from the cache
+    scale, ptr = side.scale, side.scale.data_ptr()
+    ours.set_ip_adapter_scale([0.25, 0.75])
+    assert side.scale is scale and side.scale.data_ptr() == ptr and side.scale.dtype == torch.float32
+    assert side.scale.tolist() == [[0.25, 0.75]]
+
+
+def test_expand_flux_scale_follows_diffusers():
+    assert expand_flux_scale(0.5, 2, 3) == [[0.5] * 3, [0.5] * 3]
+    assert expand_flux_scale([0.1, 0.2, 0.3], 1, 3) == [[0.1, 0.2, 0.3]]
+    assert expand_flux_scale([0.5, [0.1, 0.2, 0.3]], 2, 3) == [[0.5] * 3, [0.1, 0.2, 0.3]]
+    with pytest.raises(ScaleError, match="one per adapter"):
+        expand_flux_scale([0.5, 0.5, 0.5], 2, 3)
+    with pytest.raises(ScaleError, match="expected 3"):
+        expand_flux_scale([0.5, [0.1, 0.2]], 2, 3)
+    with pytest.raises(ScaleError, match="expected a number"):
+        expand_flux_scale("strong", 1, 3)
+
+
+def test_errors(files):
+    import ipa_rt
+    import ipa_rt.flux
+
+    flux = _load(ipa_rt.flux.FluxPipeline, files["flux"], files)
+    sd = files["sd_adapter"]
+    with pytest.raises(IncompatibleAdapterError, match=r"SD1\.5 / SDXL"):
+        flux.load_ip_adapter(str(sd.parent), weight_name=sd.name)
+    with pytest.raises(IncompatibleAdapterError, match="Flux"):
+        ipa_rt.Pipeline.from_pretrained(str(files["sd_base"]), str(files["xlabs"]))
+    wrong = testing.write_image_encoder(files["encoder"].parent / "wrong_encoder", projection_dim=ENCODER_DIM + 8)
+    x = files["xlabs"]
+    with pytest.raises(IncompatibleAdapterError, match="projection_dim"):
+        flux.load_ip_adapter(str(x.parent), weight_name=x.name, image_encoder_pretrained_model_name_or_path=str(wrong))
+    state = testing.flux_adapter_state_dict(files["flux"], encoder_dim=ENCODER_DIM)
+    del state["ip_adapter"]["1.to_v_ip.bias"]
+    with pytest.raises(IncompatibleAdapterError, match=r"1\.to_v_ip"):
+        flux.load_ip_adapter(state, weight_name="missing.bin")
+    state = testing.flux_adapter_state_dict(files["flux"], encoder_dim=ENCODER_DIM)
+    state["image_proj"]["norm.weight"] = torch.ones(48)
+    state["image_proj"]["norm.bias"] = torch.zeros(48)
+    state["image_proj"]["proj.weight"] = torch.zeros(4 * 48, ENCODER_DIM)
+    state["image_proj"]["proj.bias"] = torch.zeros(4 * 48)
+    with pytest.raises(IncompatibleAdapterError, match="joint_attention_dim"):
+        flux.load_ip_adapter(state, weight_name="other.bin")
+    assert flux.image_encoder is None  # the refused loads registered nothing
+    flux.load_ip_adapter(
+        str(x.parent), weight_name=x.name, image_encoder_pretrained_model_name_or_path=str(files["encoder"])
+    )
+    with pytest.raises(ScaleError):
+        flux.set_ip_adapter_scale([[0.1]])
+    with pytest.raises(ConfigError, match="regional masks"):
+        _latents(flux, ip_adapter_image=testing.make_image(0), joint_attention_kwargs={"ip_adapter_masks": [1]})
+
+
+def test_ipa_rt_pipeline_entry_point(files):
+    """``ipa_rt.Pipeline.from_pretrained`` on a Flux folder gives ipa_rt.flux's pipeline of the folder's class."""
+    import ipa_rt
+    import ipa_rt.flux
+
+    ref, _ = _flux(files, "xlabs")
+    pipe = ipa_rt.Pipeline.from_pretrained(files["flux"], files["xlabs"], files["encoder"])
+    assert type(pipe) is ipa_rt.flux.FluxPipeline
+    pipe.set_progress_bar_config(disable=True)
+    _same(ref, pipe, ip_adapter_image=testing.make_image(0))
+    chroma = ipa_rt.Pipeline.from_pretrained(files["chroma"], files["chroma_adapter"], files["encoder"])
+    assert type(chroma) is ipa_rt.flux.ChromaPipeline
+    with pytest.raises(ConfigError, match="scheduler"):
+        ipa_rt.Pipeline.from_pretrained(files["flux"], files["xlabs"], files["encoder"], scheduler="lcm")
