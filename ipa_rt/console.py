@@ -30,7 +30,8 @@ def say(message: str) -> None:
 
 
 def _bars(enabled: bool) -> list:
-    """Turn transformers' and huggingface_hub's progress bars on or off; returns the undo callables."""
+    """Turn transformers', diffusers' (loading) and huggingface_hub's progress bars on or off; returns the undo
+    callables."""
     undo = []
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as tlog
@@ -38,6 +39,12 @@ def _bars(enabled: bool) -> list:
         was = tlog.is_progress_bar_enabled()
         (tlog.enable_progress_bar if enabled else tlog.disable_progress_bar)()
         undo.append(tlog.enable_progress_bar if was else tlog.disable_progress_bar)
+    with contextlib.suppress(ImportError):  # diffusers' "Loading pipeline components" (not its denoising bar)
+        from diffusers.utils import logging as dlog
+
+        was = dlog.is_progress_bar_enabled()
+        (dlog.enable_progress_bar if enabled else dlog.disable_progress_bar)()
+        undo.append(dlog.enable_progress_bar if was else dlog.disable_progress_bar)
     with contextlib.suppress(ImportError):
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 

@@ -9,6 +9,7 @@ engines into the cache or reuses them, and ``from_engine``). Imports point one w
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,16 +54,20 @@ class Pipeline(PipelineCore):
         :meth:`PipelineCore.from_pretrained`'s. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` /
         ``"openvino"`` to build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or
         reuse them; ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample
-        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``."""
+        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``. A Flux-family folder
+        (``model_index.json``'s ``FluxPipeline``, ``ChromaPipeline``, ...) gives :mod:`ipa_rt.flux`'s pipeline of that
+        class instead (:func:`ipa_rt.flux.entry.from_pretrained`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
         from .flux import pipelines as flux
 
-        hub = {k: v for k, v in kwargs.items() if k in flux._HUB_KWARGS}
+        hub = {k: v for k, v in kwargs.items() if k in flux.HUB_KWARGS}
         if (
             flux.pipeline_class_of(base, **hub) is not None
         ):  # a transformer family: diffusers' pipeline, ipa_rt's adapter
-            return flux.from_pretrained(
+            from .flux.entry import from_pretrained
+
+            return from_pretrained(
                 base, ip_adapter, image_encoder, backend=backend, engine_options=engine_options, **kwargs
             )
         if backend == "torch":
@@ -80,7 +85,12 @@ class Pipeline(PipelineCore):
         """A pipeline whose networks run from the engines ``ipa_rt build`` wrote into ``folder``: the same call
         API and live controls (``set_ip_adapter_scale`` writes an engine input: nothing is rebuilt)."""
         from .export.loader import load_engine_pipeline
+        from .export.manifest import read_manifest
 
+        if read_manifest(Path(folder)).get("kind") == "flux":  # a Flux-family transformer engine
+            from .flux.build import load_flux_engine
+
+            return load_flux_engine(folder, device)
         return load_engine_pipeline(folder, device, scheduler, cls)
 
 

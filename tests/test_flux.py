@@ -31,7 +31,7 @@ def files(tmp_path_factory):
 
 
 def _load(cls, folder, files, *adapters):
-    pipe = cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe = cls.from_pretrained(str(folder), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if adapters:
         paths = [files[a] for a in adapters]
@@ -56,8 +56,8 @@ def _flux(files, *adapters):
 
 
 def _latents(pipe, **kw):
-    args = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=32, output_type="latent")
-    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args, **kw).images
+    args = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=32, output_type="latent") | kw
+    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args).images
     assert torch.isfinite(out).all()
     return out
 
@@ -202,3 +202,91 @@ def test_ipa_rt_pipeline_entry_point(files):
     assert type(chroma) is ipa_rt.flux.ChromaPipeline
     with pytest.raises(ConfigError, match="scheduler"):
         ipa_rt.Pipeline.from_pretrained(files["flux"], files["xlabs"], files["encoder"], scheduler="lcm")
+
+
+ENGINE_SIZE = {"height": 32, "width": 32, "max_sequence_length": 32}
+
+
+def _close(ref, ours, **kw):
+    """Engine parity: ≤ 1e-3 of the latents' scale (fp32 engines; observed ~5e-7)."""
+    a, b = _latents(ref, **kw), _latents(ours, **kw)
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+    return b
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_flux_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monkeypatch, capsys):
+    import ipa_rt
+    from ipa_rt.flux.engine import EngineTransformer
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    args = (files["flux"], files["xlabs"], files["encoder"])
+    pipe = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.transformer, EngineTransformer)
+    folder = next((tmp_path / "cache").glob(f"{backend}-flux-*"))
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    ref, _ = _flux(files, "xlabs")
+    image = testing.make_image(0)
+    base = _latents(_load(__import__("ipa_rt.flux").flux.FluxPipeline, files["flux"], files))
+    engine = pipe.transformer.engine
+    for scale in (1.0, 0.4, [0.0, 1.5]):  # live: one tensor write, the same compiled engine
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        _close(ref, pipe, ip_adapter_image=image)
+    _close(ref, pipe, ip_adapter_image=image, negative_prompt="blurry", true_cfg_scale=3.0)
+    pipe.set_ip_adapter_scale(0.0)
+    zero = _latents(pipe, ip_adapter_image=image)
+    assert (zero - base).abs().max() <= 1e-3 * base.abs().max()  # scale 0: the base model
+    assert pipe.transformer.engine is engine
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps  # nothing rebuilt
+    capsys.readouterr()
+    again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
+    assert "reusing the Flux engine" in capsys.readouterr().err + capsys.readouterr().out
+    assert again.transformer.engine is not engine
+    with pytest.raises(ConfigError, match="adapters built in"):
+        again.load_ip_adapter(str(files["bin"]))
+    with pytest.raises(ConfigError, match="was built for"):
+        _latents(again, ip_adapter_image=image, height=64, width=64)
+    loaded = ipa_rt.Pipeline.from_engine(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "FluxPipeline"
+    ref.set_ip_adapter_scale(1.0)
+    _close(ref, loaded, ip_adapter_image=image)
+
+
+def test_flux_engine_errors(files, tmp_path, monkeypatch):
+    import ipa_rt
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="ChromaTransformer2DModel"):
+        ipa_rt.Pipeline.from_pretrained(
+            files["chroma"], files["chroma_adapter"], files["encoder"], backend="onnxruntime", engine_options=ENGINE_SIZE
+        )
+    with pytest.raises(ConfigError, match="engine_options"):
+        ipa_rt.Pipeline.from_pretrained(
+            files["flux"], files["xlabs"], files["encoder"], backend="onnxruntime", engine_options={"frames": 4}
+        )
+    with pytest.raises(ConfigError, match="ip_adapter"):
+        ipa_rt.Pipeline.from_pretrained(files["flux"], None, files["encoder"], backend="onnxruntime")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*-flux-*"))
+
+
+def test_flux_cli_build_and_generate(files, tmp_path):
+    from ipa_rt.cli import main
+
+    out, png = tmp_path / "engines", tmp_path / "out.png"
+    testing.make_image(0).save(tmp_path / "ref.png")
+    x, size = files["xlabs"], ["--height", "32", "--width", "32"]
+    common = ["--ip-adapter", str(x), "--image-encoder", str(files["encoder"])]
+    assert main(["build", str(files["flux"]), *common, *size, "--max-sequence-length", "32", "-o", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
+    gen = ["generate", "--engine", str(out), "--ip-image", str(tmp_path / "ref.png"), "--prompt", "a cat"]
+    assert main([*gen, "--steps", "2", "--device", "cpu", "-o", str(png)]) == 0
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (32, 32)
+    with pytest.raises(SystemExit):  # argparse refuses, or ipa_rt's ConfigError exits non-zero
+        code = main(["build", str(files["flux"]), *common, *size, "--lora", str(x), "-o", str(tmp_path / "x")])
+        raise SystemExit(code)

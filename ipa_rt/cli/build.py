@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="ONNX exporter: torchscript (the tracer, fast) or dynamo (torch.export)",
     )
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
+    build.add_argument(
+        "--max-sequence-length", type=int, default=None, help="Flux/Chroma: T5 tokens the engine takes (default 512)"
+    )
     build.add_argument("--motion-adapter", metavar="DIR", help="AnimateDiff MotionAdapter: video engines (onnxruntime)")
     build.add_argument("--frames", type=int, default=16, help="frames per clip of video engines (static)")
     build.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory")
@@ -60,7 +63,10 @@ def run(args: argparse.Namespace) -> None:
 
     from ..export.build import BuildRequest, build_engines
     from ..export.calibration import read_prompts
+    from ..flux.pipelines import pipeline_class_of
 
+    if pipeline_class_of(args.base) is not None:
+        return _build_flux(args)
     if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
         from .. import video  # noqa: F401
 
@@ -93,3 +99,31 @@ def run(args: argparse.Namespace) -> None:
             tqdm.write(message, file=sys.stdout)
 
         build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
+
+
+def _build_flux(args: argparse.Namespace) -> None:
+    """``ipa_rt build`` of a Flux-family folder: the transformer engine (the other networks stay PyTorch)."""
+    from ..errors import ConfigError
+    from ..flux.build import flux_engines
+
+    unsupported = {
+        "--lora": args.lora,
+        "--controlnet": args.controlnet,
+        "--t2i-adapter": args.t2i_adapter,
+        "--vae": args.vae,
+        "--motion-adapter": args.motion_adapter,
+        "--calibration-prompts": args.calibration_prompts,
+        "--calibration-images": args.calibration_images,
+        "--dtype": args.dtype if args.dtype != "fp32" else None,
+        "--exporter": args.exporter if args.exporter != "torchscript" else None,
+        "--precision int8": args.precision if args.precision.startswith("int8") else None,
+    }
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not supported for Flux-family engines yet (fp32/bf16 transformer only)")
+    options = {"height": args.height, "width": args.width, "batch": args.batch, "precision": args.precision}
+    options["rebuild"] = args.rebuild
+    if args.max_sequence_length is not None:
+        options["max_sequence_length"] = args.max_sequence_length
+    folder = flux_engines(args.base, args.ip_adapter, args.image_encoder, args.backend, options, out=args.output)
+    print(f"engines written to '{folder}'")

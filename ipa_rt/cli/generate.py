@@ -74,23 +74,33 @@ def run(args: argparse.Namespace) -> None:
             pipe.set_ip_adapter_scale(args.scale[0] if len(args.scale) == 1 else args.scale)
         images = None
         if args.ip_image:
-            count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
+            count = _adapter_count(pipe)
             images = args.ip_image if len(args.ip_image) == count else [args.ip_image]
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        guidance = {"guidance_scale": args.guidance} if args.guidance is not None else {}  # else the family's default
         out = pipe(
             args.prompt,
             ip_adapter_image=images,
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
             height=args.height,
             width=args.width,
             generator=generator,
+            **guidance,
         )
         buf = io.BytesIO()
         out.images[0].save(buf, format="PNG")
         atomic_write_bytes(args.output, buf.getvalue())
     print(f"wrote {args.output}")
+
+
+def _adapter_count(pipe) -> int:
+    """IP-Adapters loaded: a UNet pipeline's stack, or a Flux-family transformer's image side."""
+    adapters = getattr(pipe, "adapters", None)
+    if adapters is not None:
+        return adapters.num_adapters
+    side = getattr(getattr(pipe, "transformer", None), "encoder_hid_proj", None)
+    return getattr(side, "num_ip_adapters", 0)
 
 
 def _video_engine(folder: str) -> bool:

@@ -159,7 +159,7 @@ class BuildRequest:
 
 
 # --- source files ------------------------------------------------------------------------------------------------
-def _hub_snapshot(repo: str, patterns: list[str]) -> Path:
+def hub_snapshot(repo: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
@@ -168,7 +168,7 @@ def _hub_snapshot(repo: str, patterns: list[str]) -> Path:
         raise ConfigError(f"'{repo}' is neither a local path nor a reachable hub id ({exc})") from exc
 
 
-def _files_under(root: Path, parts: Sequence[str]) -> list[Path]:
+def files_under(root: Path, parts: Sequence[str]) -> list[Path]:
     out = []
     for part in parts:
         p = root / part
@@ -179,7 +179,7 @@ def _files_under(root: Path, parts: Sequence[str]) -> list[Path]:
     return out
 
 
-def _adapter_file(src: AdapterSource) -> Path:
+def adapter_file(src: AdapterSource) -> Path:
     path = Path(os.fspath(src.source))
     if path.is_file():
         return path
@@ -206,24 +206,24 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
     roles: dict[str, Path] = {}
     base = Path(req.base)
     if not base.is_dir():
-        base = _hub_snapshot(req.base, [f"{p}/*" if "." not in p else p for p in BASE_PARTS])
+        base = hub_snapshot(req.base, [f"{p}/*" if "." not in p else p for p in BASE_PARTS])
     if not (base / "model_index.json").is_file():
         raise ConfigError(f"base model '{req.base}' has no model_index.json; expected a diffusers-format folder")
-    for f in _files_under(base, BASE_PARTS):
+    for f in files_under(base, BASE_PARTS):
         roles[f"base/{f.relative_to(base).as_posix()}"] = f
     adapters = req.sources()
     for a, src in enumerate(adapters):
-        roles[f"ip_adapter_{a}/{_adapter_file(src).name}"] = _adapter_file(src)
+        roles[f"ip_adapter_{a}/{adapter_file(src).name}"] = adapter_file(src)
     encoder = Path(req.image_encoder) if req.image_encoder else None
     if encoder is None:  # diffusers' default: the base's own encoder, else image_encoder/ beside the adapter
-        beside = _adapter_file(adapters[0]).parent / "image_encoder"
+        beside = adapter_file(adapters[0]).parent / "image_encoder"
         encoder = beside if beside.is_dir() and not (base / "image_encoder").is_dir() else None
     elif not encoder.is_dir():
-        encoder = _hub_snapshot("/".join(encoder.parts[:2]), ["/".join(encoder.parts[2:]) + "/*"]).joinpath(
+        encoder = hub_snapshot("/".join(encoder.parts[:2]), ["/".join(encoder.parts[2:]) + "/*"]).joinpath(
             *encoder.parts[2:]
         )
     if encoder is not None:
-        for f in _files_under(encoder, ["."]):
+        for f in files_under(encoder, ["."]):
             roles[f"image_encoder/{f.relative_to(encoder).as_posix()}"] = f
     for i, lora in enumerate(req.lora):
         roles[f"lora_{i}/{Path(lora).name}"] = Path(lora)
@@ -231,11 +231,11 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
         vae = (
             Path(req.vae)
             if Path(req.vae).is_dir()
-            else _hub_snapshot(_vae_repo(req.vae, base), ["*.json", "*.safetensors"])
+            else hub_snapshot(_vae_repo(req.vae, base), ["*.json", "*.safetensors"])
         )
         if not (vae / "config.json").is_file():
             raise ConfigError(f"vae '{req.vae}' has no config.json; expected a diffusers autoencoder folder")
-        for f in _files_under(vae, ["."]):
+        for f in files_under(vae, ["."]):
             roles[f"vae_override/{f.relative_to(vae).as_posix()}"] = f
     for kind, items, cls in (
         ("controlnet", req.controlnet, "ControlNetModel"),
@@ -243,10 +243,10 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
         ("motion_adapter", [req.motion_adapter] if req.motion_adapter else [], "MotionAdapter"),
     ):
         for i, item in enumerate(items):
-            folder = Path(item) if Path(item).is_dir() else _hub_snapshot(item, ["*.json", "*.safetensors"])
+            folder = Path(item) if Path(item).is_dir() else hub_snapshot(item, ["*.json", "*.safetensors"])
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"{kind} '{item}' has no config.json; expected a diffusers {cls} folder")
-            for f in _files_under(folder, ["."]):
+            for f in files_under(folder, ["."]):
                 roles[f"{kind}_{i}/{f.relative_to(folder).as_posix()}"] = f
     for i, image in enumerate(req.calibration_files()):  # int8: calibration images name the engines too
         roles[f"calibration_{i}/{image.name}"] = image
@@ -394,7 +394,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             onnx_path, kept = export_cached(contract, ident, target, export)
             stages = [f"ONNX export {'reused (kept exports)' if kept else f'{time.perf_counter() - t0:.1f} s'}"]
             files, stage, report = _convert(req, device, contract, onnx_path, tmp, calibration)
-            networks[contract.name] = _network_record(contract, files, tmp)
+            networks[contract.name] = network_record(contract, files, tmp)
             if report is not None:
                 calib = calibration["record"] | {"samples": len(calibration["feeds"][contract.name])}
                 networks[contract.name]["quantization"] = report | {"calibration": calib}
@@ -493,7 +493,7 @@ def _blocks(pipe) -> dict:
     return {side: {str(k): v for k, v in d.items()} for side, d in attention_blocks(pipe.unet).items()}
 
 
-def _network_record(contract: Contract, files: list[Path], root: Path) -> dict[str, Any]:
+def network_record(contract: Contract, files: list[Path], root: Path) -> dict[str, Any]:
     from .manifest import sha256_file
 
     return {

@@ -30,7 +30,7 @@ import torch
 from ..console import hushed
 from ..errors import ConfigError, EngineError
 from .contracts import Contract
-from .precision import fp32_normalization
+from .precision import decomposed_rms_norm, fp32_normalization
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 2**30
@@ -103,6 +103,7 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET,
             with (
                 torch.no_grad(),
                 fp32_normalization(),
+                decomposed_rms_norm(),
                 contextlib.redirect_stdout(log),
                 warnings.catch_warnings(),
                 hushed("torch.onnx", "onnxscript", "onnx_ir"),  # notes on torchvision ops it skips, per export

@@ -43,3 +43,23 @@ def fp32_normalization() -> Iterator[None]:
         yield
     finally:
         F.group_norm, F.layer_norm = group_norm, layer_norm
+
+
+@contextlib.contextmanager
+def decomposed_rms_norm() -> Iterator[None]:
+    """While tracing: ``F.rms_norm`` (``nn.RMSNorm``: Flux's per-head query/key norms) as its arithmetic, in fp32 as
+    PyTorch computes it; the tracing exporter has no ``aten::rms_norm`` below ONNX opset 23."""
+    rms_norm = F.rms_norm
+
+    def decomposed(x, normalized_shape, weight=None, eps=None):
+        dims = tuple(range(-len(normalized_shape), 0))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
+        return y * weight if weight is not None else y
+
+    F.rms_norm = decomposed
+    try:
+        yield
+    finally:
+        F.rms_norm = rms_norm

@@ -47,12 +47,13 @@ class FluxImageTokens:
     kv: list[list[tuple[Tensor, Tensor]]]
     side: FluxImageSide
     inputs: list[Tensor]  # the embeddings they came from (held, so their identity stays theirs)
+    scale: Tensor | None = None  # an engine's ``ip_scale`` input while exporting; else the side's tensor
 
     def attend(self, layer: int, query: Tensor, like: Tensor) -> Tensor:
         """Σ_a scale[a, layer] · softmax(Q K_aᵀ/√d) V_a for ``query`` ``[B, N, H, d]`` (normalised, not rotated),
         summed into zeros like ``like`` in adapter order, as diffusers sums it."""
         q = query.transpose(1, 2)
-        scale = self.side.scale
+        scale = self.scale if self.scale is not None else self.side.scale
         out = torch.zeros_like(like)
         for a, (k, v) in enumerate(self.kv[layer]):
             out = out + image_segment(q, k, v, scale[a, layer])
@@ -113,6 +114,17 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         b = tokens.shape[0]
         return linear(tokens).view(b, -1, self.heads, linear.out_features // self.heads).transpose(1, 2)
 
+    def project(self, image_embeds: list[Tensor]) -> list[Tensor]:
+        """Image tokens ``[B, n_img, T, C]`` per adapter (diffusers' ``MultiIPAdapterImageProjection``)."""
+        return super().forward(image_embeds)
+
+    def image_kv(self, tokens: Sequence[Tensor]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per double block, each adapter's image ``(K, V)`` ``[B, H, n_img·T, d]`` (diffusers' view and layout)."""
+        return [
+            [(self._kv(k, t), self._kv(v, t)) for k, v, t in zip(ks, vs, tokens, strict=True)]
+            for ks, vs in zip(self.to_k_ip, self.to_v_ip, strict=True)
+        ]
+
     @torch.no_grad()
     def forward(self, image_embeds: list[Tensor]) -> FluxImageTokens:  # type: ignore[override]
         embeds = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
@@ -121,12 +133,8 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         if hit is not None and all(a is b for a, b in zip(hit.inputs, embeds, strict=True)):
             self._memo.move_to_end(key)
             return hit
-        tokens = super().forward(image_embeds)
-        kv = [
-            [(self._kv(k, t), self._kv(v, t)) for k, v, t in zip(ks, vs, tokens, strict=True)]
-            for ks, vs in zip(self.to_k_ip, self.to_v_ip, strict=True)
-        ]
-        prepared = FluxImageTokens(tokens, kv, self, embeds)
+        tokens = self.project(image_embeds)
+        prepared = FluxImageTokens(tokens, self.image_kv(tokens), self, embeds)
         self._memo[key] = prepared
         while len(self._memo) > _MEMO:
             self._memo.popitem(last=False)
@@ -211,7 +219,7 @@ class FluxDims:
     def of(cls, transformer: nn.Module) -> FluxDims:
         cfg = transformer.config
         inner = cfg.num_attention_heads * cfg.attention_head_dim
-        return cls(cfg.joint_attention_dim, inner, cfg.num_attention_heads, len(double_block_processors(transformer)))
+        return cls(cfg.joint_attention_dim, inner, cfg.num_attention_heads, cfg.num_layers)  # num_layers: double blocks
 
 
 def build_image_side(dims: FluxDims, raws: Sequence[RawAdapter]) -> FluxImageSide:

@@ -32,7 +32,7 @@ from .adapter import (
 )
 
 _ABSENT = object()
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 class FluxAdapterMixin:
@@ -57,7 +57,7 @@ class FluxAdapterMixin:
         file. The image encoder is loaded from ``image_encoder_pretrained_model_name_or_path`` when the pipeline
         has none (e.g. ``"openai/clip-vit-large-patch14"`` for XLabs' adapters), else from ``image_encoder/``
         beside the adapter file."""
-        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         kwargs.pop("low_cpu_mem_usage", None)  # ipa_rt builds small modules directly: nothing to save
         if kwargs:
             raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
@@ -91,6 +91,10 @@ class FluxAdapterMixin:
     def _install(self, side: FluxImageSide) -> None:
         """Swap in ipa_rt's processors and image side; remember what was there (once, across reloads)."""
         transformer = self.transformer
+        self.reference_cache.clear()
+        if hasattr(transformer, "install_image_side"):  # an engine: the branch is in the graph, the side feeds it
+            transformer.install_image_side(side)
+            return
         if self._ipa_saved is None:
             self._ipa_saved = {
                 "processors": dict(transformer.attn_processors),
@@ -106,6 +110,8 @@ class FluxAdapterMixin:
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and projection exactly; drop the image encoder (diffusers' rule)."""
+        if hasattr(self.transformer, "install_image_side"):
+            self.transformer.install_image_side(None)  # the engine then adds exactly nothing
         if self._ipa_saved is not None:
             self.transformer.set_attn_processor(self._ipa_saved["processors"])
             saved = self._ipa_saved["encoder_hid_proj"]
@@ -148,13 +154,30 @@ class FluxAdapterMixin:
         encoder = self.image_encoder
         cache.bind(encoder, self.feature_extractor)
         param = next(encoder.parameters())
-        items = image if isinstance(image, (list, tuple)) else [image]
-        key = ("embeds", str(param.device), param.dtype, tuple(content_hash(_pixels(im)) for im in items))
+        items = [_pixels(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+        key = ("embeds", str(param.device), param.dtype, tuple(content_hash(im) for im in items))
         embeds = cache.get(key)
         if embeds is None:
-            embeds = super().encode_image(image, device, 1)  # type: ignore[misc]
+            embeds = super().encode_image(items if isinstance(image, (list, tuple)) else items[0], device, 1)  # type: ignore[misc]
             cache.put(key, embeds)
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' call; on an engine, the sizes it was built for are the defaults (``height``, ``width``,
+        ``max_sequence_length``) instead of diffusers' own."""
+        for key, value in getattr(self.transformer, "call_defaults", {}).items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def runtime_summary(self) -> str:
+        """One line: what runs the transformer, and the adapters."""
+        t = self.transformer
+        engine = getattr(t, "engine", None)
+        where = f"{type(engine.engine).__name__} engine" if engine is not None else f"PyTorch ({t.dtype}, {t.device})"
+        side = getattr(t, "encoder_hid_proj", None)
+        count = side.num_ip_adapters if isinstance(side, FluxImageSide) else 0
+        return f"{type(self).__name__}: transformer on {where}, {count} IP-Adapter(s)"
 
     def cache_stats(self) -> dict[str, Any]:
         return {"reference": self.reference_cache.stats()}
@@ -178,13 +201,11 @@ def _check_encoder(side: FluxImageSide, encoder: Any) -> None:
 
 
 def _pixels(image: Any) -> Any:
-    """What :func:`content_hash` reads: PIL images, arrays and tensors as they are, anything else refused."""
-    import numpy as np
-    from PIL import Image
+    """A reference image as diffusers' preprocessing takes it: a file path opened as RGB (ipa_rt's convenience, as
+    in its UNet pipelines), PIL images, arrays and tensors as they are; anything else is an :class:`ImageInputError`."""
+    from ..image import load_image
 
-    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
-        return image
-    raise ConfigError(f"ip_adapter_image: got {type(image).__name__}; expected a PIL image, array or tensor")
+    return load_image(image, "ip_adapter_image")
 
 
 # Every diffusers pipeline that has FluxIPAdapterMixin (diffusers 0.42), by name: ipa_rt's class of the same name.
@@ -227,36 +248,29 @@ def pipeline_class_of(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:
     return name if name in PIPELINES else None
 
 
-def from_pretrained(
+def load_pretrained(
     base: str | os.PathLike,
     ip_adapter: Any = None,
     image_encoder: Any = None,
     *,
-    backend: str = "torch",
-    engine_options: dict[str, Any] | None = None,
     subfolder: Any = None,
     weight_name: Any = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     **hub_kwargs: Any,
 ) -> Any:
-    """``ipa_rt.Pipeline.from_pretrained`` for a Flux-family folder: the folder's own pipeline class (ipa_rt's of
-    the same name) with the adapter(s) loaded; the image encoder defaults to ``image_encoder/`` beside the first
-    adapter file (XLabs' adapters: pass ``"openai/clip-vit-large-patch14"``)."""
+    """The folder's own pipeline class (ipa_rt's of the same name) on PyTorch with the adapter(s) loaded; the image
+    encoder defaults to ``image_encoder/`` beside the first adapter file (XLabs' adapters: pass
+    ``"openai/clip-vit-large-patch14"``)."""
     cls = runtime_class(pipeline_class_of(base, **hub_kwargs) or "FluxPipeline")
-    if backend != "torch" or engine_options:
-        raise ConfigError(
-            f"backend={backend!r}: {cls.__name__} runs on the torch backend only in this version (no Flux engines yet)"
-        )
     for name in ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter"):
-        if hub_kwargs.get(name) is not None:
+        if hub_kwargs.pop(name, None) is not None:
             raise ConfigError(
                 f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load the pipeline with "
                 f"ipa_rt.flux.{cls.__name__}.from_pretrained and use diffusers' own API for it"
             )
-        hub_kwargs.pop(name, None)
     with hushed(bars=True):
-        pipe = cls.from_pretrained(os.fspath(base), torch_dtype=dtype, **hub_kwargs).to(device)
+        pipe = cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
     if isinstance(image_encoder, torch.nn.Module):
         pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
         image_encoder = None
@@ -267,6 +281,6 @@ def from_pretrained(
             subfolder=subfolder,
             image_encoder_pretrained_model_name_or_path=os.fspath(image_encoder or "image_encoder"),
             image_encoder_dtype=dtype,
-            **{k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS},
+            **{k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS},
         )
     return pipe

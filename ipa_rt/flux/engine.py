@@ -1,0 +1,159 @@
+"""Flux transformer engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
+
+One export contract (the TensorRT demo's pattern): the transformer with ipa_rt's processors, whose inputs are the
+pipeline's tensors (:data:`INPUTS`), then each adapter's image tokens ``ip_tokens_<a>`` ``[B, n_img, T, C]`` and the
+``ip_scale`` ``[adapters, blocks]`` tensor; the image keys/values are computed in-graph from the tokens (a few tiny
+matmuls per block), so changing the reference image or the scale changes inputs, never the engine. Shapes are static
+per build (size, batch, text length, images per adapter); the adapters' weights are baked in, so an engine pipeline
+keeps the adapters it was built with.
+
+At run time :class:`EngineTransformer` takes the transformer's place in diffusers' own pipeline (same ``forward``
+arguments, ``config``, ``dtype``, ``cache_context``), so the loop, schedulers and true CFG stay diffusers'. Without an
+image prompt it feeds zero tokens and a zero scale: the branch then adds exactly nothing (``where(scale != 0, ...)``).
+The text encoders, VAE and image encoder run in PyTorch (their engines are not built for Flux yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .adapter import FluxImageSide, FluxImageTokens
+
+# The transformer's forward arguments that become engine inputs, in order, per transformer class.
+INPUTS = {
+    "FluxTransformer2DModel": (
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "timestep",
+        "guidance",
+        "txt_ids",
+        "img_ids",
+    ),
+}
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+NETWORK = "transformer"
+
+
+def input_names(transformer: nn.Module) -> tuple[str, ...]:
+    name = type(transformer).__name__
+    if name not in INPUTS:
+        raise ConfigError(
+            f"engines for a {name} are not supported yet (Flux engines: {sorted(INPUTS)}); use backend='torch'"
+        )
+    names = INPUTS[name]
+    return tuple(n for n in names if n != "guidance" or transformer.config.guidance_embeds)
+
+
+class ExportedTransformer(nn.Module):
+    """The traceable network: the transformer with ipa_rt's processors, image tokens and scale as inputs."""
+
+    def __init__(self, transformer: nn.Module, side: FluxImageSide, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.transformer, self.side, self.names = transformer, side, names
+
+    def forward(self, *args: Tensor) -> Tensor:
+        n, adapters = len(self.names), self.side.num_ip_adapters
+        kwargs = dict(zip(self.names, args[:n], strict=True))
+        tokens, scale = list(args[n : n + adapters]), args[-1]
+        prepared = FluxImageTokens(tokens, self.side.image_kv(tokens), self.side, [], scale=scale)
+        out = self.transformer(**kwargs, joint_attention_kwargs={"ip_hidden_states": prepared}, return_dict=False)
+        return out[0]
+
+
+def example_inputs(pipe: Any, height: int, width: int, batch: int, text_tokens: int, images: int) -> dict[str, Tensor]:
+    """Example tensors at the build's static shapes (values only steer tracing, never the graph)."""
+    t, cfg = pipe.transformer, pipe.transformer.config
+    side: FluxImageSide = t.encoder_hid_proj
+    packed = 2 * pipe.vae_scale_factor  # Flux packs 2x2 latent pixels per token
+    if height % packed or width % packed:
+        raise ConfigError(f"height {height} and width {width} must be multiples of {packed} for this model")
+    n = (height // packed) * (width // packed)
+    g = torch.Generator().manual_seed(0)
+    full = {
+        "hidden_states": torch.randn(batch, n, cfg.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(batch, cfg.get("pooled_projection_dim", 1), generator=g),
+        "timestep": torch.full((batch,), 0.5),
+        "guidance": torch.full((batch,), 3.5),
+        "txt_ids": torch.zeros(text_tokens, 3),
+        "img_ids": torch.zeros(n, 3),
+    }
+    out = {name: full[name] for name in input_names(t)}
+    for a, proj in enumerate(side.image_projection_layers):
+        tokens = proj.num_image_text_embeds
+        out[f"ip_tokens_{a}"] = torch.randn(batch, images, tokens, cfg.joint_attention_dim, generator=g)
+    out["ip_scale"] = torch.ones(side.num_ip_adapters, side.num_blocks)
+    return out
+
+
+class EngineTransformer(ModelMixin):
+    """Stands in for the transformer in diffusers' pipeline and runs the engine (see the module docstring); a
+    ``ModelMixin`` because diffusers' ``from_pretrained`` accepts no other kind of component in its place."""
+
+    def __init__(
+        self, engine: Any, config: Any, names: tuple[str, ...], shapes: dict[str, list[int]], built: dict[str, int]
+    ) -> None:
+        super().__init__()
+        self.engine, self.config, self.names, self.shapes = engine, config, names, shapes
+        # the pipeline's call defaults: the size and text length the engine was built for
+        self.call_defaults = {k: built[k] for k in ("height", "width", "max_sequence_length")}
+        self.encoder_hid_proj: FluxImageSide | None = None
+        self._installed = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # engines take float32 inputs whatever they compute in
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.engine.device.type == "cpu" else self.engine.device
+
+    def cache_context(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def install_image_side(self, side: FluxImageSide | None) -> None:
+        """The loader installs the adapters the engine was built with, once; ``None`` (unload) feeds no image."""
+        if side is not None and self._installed:
+            raise ConfigError(
+                "this pipeline runs a Flux engine with its adapters built in; build engines for other adapters "
+                "(ipa_rt build ... --ip-adapter FILE, or from_pretrained(..., backend=...)) instead of load_ip_adapter"
+            )
+        self._installed = self._installed or side is not None
+        self.encoder_hid_proj = side
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **inputs: Tensor,
+    ) -> Any:
+        inputs["hidden_states"] = hidden_states
+        embeds = (joint_attention_kwargs or {}).pop("ip_adapter_image_embeds", None)
+        feeds = {name: inputs[name] for name in self.names}
+        side = self.encoder_hid_proj
+        if side is not None and embeds is not None:
+            with torch.no_grad():
+                tokens = side.project(embeds)
+            feeds |= {f"ip_tokens_{a}": t for a, t in enumerate(tokens)}
+            feeds["ip_scale"] = side.scale
+        else:  # no image prompt: zero tokens and a zero scale add exactly nothing
+            feeds |= {k: torch.zeros(v) for k, v in self.shapes.items() if k.startswith("ip_")}
+        (out,) = self.engine(feeds)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} has no Flux engines; expected one of {BACKENDS}")
