@@ -89,6 +89,15 @@ def _read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "ba
         raise CheckpointError(f"{what} file '{path}' is not valid JSON: {exc}") from exc
 
 
+def declared_pipeline(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:
+    """The pipeline class a diffusers folder or hub id declares (``model_index.json``'s ``_class_name``); None for a
+    path that is neither (the loaders report it)."""
+    base = os.fspath(base)
+    if not os.path.isdir(base) and (os.path.exists(base) or base.count("/") != 1 or base.startswith((".", "/", "~"))):
+        return None
+    return _read_json(base, "model_index.json", hub_kwargs).get("_class_name")
+
+
 def _component_class(model_index: dict[str, Any], name: str, origin: str) -> type:
     entry = model_index.get(name)
     if not entry or entry[1] is None:

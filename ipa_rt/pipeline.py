@@ -21,6 +21,7 @@ from .models import FAMILIES
 from .runtime import static_call
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
 ENGINE_ARGUMENTS = {
     "subfolder",
@@ -54,22 +55,14 @@ class Pipeline(PipelineCore):
         :meth:`PipelineCore.from_pretrained`'s. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` /
         ``"openvino"`` to build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or
         reuse them; ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample
-        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``. A Flux-family folder
-        (``model_index.json``'s ``FluxPipeline``, ``ChromaPipeline``, ...) gives :mod:`ipa_rt.flux`'s pipeline of that
-        class instead (:func:`ipa_rt.flux.entry.from_pretrained`)."""
+        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``. A Flux-family or Kolors
+        folder (``model_index.json``'s ``FluxPipeline``, ``ChromaPipeline``, ``KolorsPipeline``, ...) gives
+        :mod:`ipa_rt.flux`'s or :mod:`ipa_rt.kolors`' pipeline of that class instead."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
-        from .flux import pipelines as flux
-
-        hub = {k: v for k, v in kwargs.items() if k in flux.HUB_KWARGS}
-        if (
-            flux.pipeline_class_of(base, **hub) is not None
-        ):  # a transformer family: diffusers' pipeline, ipa_rt's adapter
-            from .flux.entry import from_pretrained
-
-            return from_pretrained(
-                base, ip_adapter, image_encoder, backend=backend, engine_options=engine_options, **kwargs
-            )
+        wrapped = _wrapped_family(base, kwargs)
+        if wrapped is not None:  # a family ipa_rt serves inside diffusers' own pipeline classes
+            return wrapped(base, ip_adapter, image_encoder, backend=backend, engine_options=engine_options, **kwargs)
         if backend == "torch":
             if engine_options:
                 raise ConfigError("engine_options apply to backend='onnxruntime' or 'tensorrt'; the backend is 'torch'")
@@ -92,6 +85,32 @@ class Pipeline(PipelineCore):
 
             return load_flux_engine(folder, device)
         return load_engine_pipeline(folder, device, scheduler, cls)
+
+
+def _wrapped_family(base: Any, kwargs: dict) -> Any:
+    """The constructor for a folder whose ``model_index.json`` names a Flux-family or Kolors pipeline (ipa_rt runs
+    those inside diffusers' own pipeline classes: :mod:`ipa_rt.flux`, :mod:`ipa_rt.kolors`), else None."""
+    from .models import declared_pipeline
+
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    name = declared_pipeline(base, **hub)
+    from .flux.pipelines import PIPELINES as FLUX
+    from .kolors.pipelines import PIPELINES as KOLORS
+
+    if name in FLUX:
+        from .flux.entry import from_pretrained
+
+        return from_pretrained
+    if name in KOLORS:
+        from .kolors.pipelines import load_pretrained
+
+        def kolors(base, ip_adapter, image_encoder, *, backend, engine_options, **kw):
+            if backend != "torch" or engine_options:
+                raise ConfigError(f"{name}: engines for Kolors are not built yet; use backend='torch'")
+            return load_pretrained(base, ip_adapter, image_encoder, class_name=name, **kw)
+
+        return kolors
+    return None
 
 
 def engines_for(

@@ -259,10 +259,6 @@ def test_flux_engine_errors(files, tmp_path, monkeypatch):
     import ipa_rt
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ConfigError, match="ChromaTransformer2DModel"):
-        ipa_rt.Pipeline.from_pretrained(
-            files["chroma"], files["chroma_adapter"], files["encoder"], backend="onnxruntime", engine_options=ENGINE_SIZE
-        )
     with pytest.raises(ConfigError, match="engine_options"):
         ipa_rt.Pipeline.from_pretrained(
             files["flux"], files["xlabs"], files["encoder"], backend="onnxruntime", engine_options={"frames": 4}
@@ -290,3 +286,21 @@ def test_flux_cli_build_and_generate(files, tmp_path):
     with pytest.raises(SystemExit):  # argparse refuses, or ipa_rt's ConfigError exits non-zero
         code = main(["build", str(files["flux"]), *common, *size, "--lora", str(x), "-o", str(tmp_path / "x")])
         raise SystemExit(code)
+
+
+def test_chroma_engine_parity(files, tmp_path, monkeypatch):
+    import diffusers
+
+    import ipa_rt
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    pipe = ipa_rt.Pipeline.from_pretrained(
+        files["chroma"], files["chroma_adapter"], files["encoder"], backend="openvino", engine_options=ENGINE_SIZE
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = _load(diffusers.ChromaPipeline, files["chroma"], files, "chroma_adapter")
+    image, cfg = testing.make_image(3), dict(negative_prompt="blurry", guidance_scale=4.0)
+    for scale in (1.0, 0.3):
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        _close(ref, pipe, ip_adapter_image=image, **cfg)

@@ -36,6 +36,16 @@ INPUTS = {
         "txt_ids",
         "img_ids",
     ),
+    # Chroma: no pooled text or guidance embedding; the text+image attention mask as diffusers' Chroma pipelines pass
+    # it: float 1/0 in the latents' dtype (which the transformer's SDPA adds to the scores)
+    "ChromaTransformer2DModel": (
+        "hidden_states",
+        "encoder_hidden_states",
+        "timestep",
+        "txt_ids",
+        "img_ids",
+        "attention_mask",
+    ),
 }
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 NETWORK = "transformer"
@@ -84,6 +94,7 @@ def example_inputs(pipe: Any, height: int, width: int, batch: int, text_tokens: 
         "guidance": torch.full((batch,), 3.5),
         "txt_ids": torch.zeros(text_tokens, 3),
         "img_ids": torch.zeros(n, 3),
+        "attention_mask": torch.ones(batch, text_tokens + n),
     }
     out = {name: full[name] for name in input_names(t)}
     for a, proj in enumerate(side.image_projection_layers):
@@ -137,6 +148,14 @@ class EngineTransformer(ModelMixin):
     ) -> Any:
         inputs["hidden_states"] = hidden_states
         embeds = (joint_attention_kwargs or {}).pop("ip_adapter_image_embeds", None)
+        if "attention_mask" in self.names:
+            mask = inputs.get("attention_mask")
+            if mask is not None and not mask.is_floating_point():
+                raise ConfigError(
+                    "attention_mask: the engine takes the float mask diffusers' Chroma pipelines build; got "
+                    f"{mask.dtype} (run the transformer on the torch backend for other masks)"
+                )
+            inputs["attention_mask"] = torch.ones(self.shapes["attention_mask"]) if mask is None else mask
         feeds = {name: inputs[name] for name in self.names}
         side = self.encoder_hid_proj
         if side is not None and embeds is not None:

@@ -239,12 +239,9 @@ def runtime_class(name: str) -> type:
 
 def pipeline_class_of(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:
     """The Flux-family pipeline class a diffusers folder or hub id declares (``model_index.json``), else None."""
-    from ..models import _read_json
+    from ..models import declared_pipeline
 
-    base = os.fspath(base)
-    if not os.path.isdir(base) and (os.path.exists(base) or base.count("/") != 1 or base.startswith((".", "/", "~"))):
-        return None  # not a folder nor a hub id: the UNet loader reports it
-    name = _read_json(base, "model_index.json", hub_kwargs).get("_class_name")
+    name = declared_pipeline(base, **hub_kwargs)
     return name if name in PIPELINES else None
 
 

@@ -1,0 +1,233 @@
+"""diffusers' Kolors pipelines with ipa_rt's IP-Adapter runtime: switch by one import.
+
+``ipa_rt.kolors.KolorsPipeline`` *is* diffusers' ``KolorsPipeline`` (ChatGLM text encoder run once per call, its
+loop and schedulers) with :class:`UNetAdapterMixin` in front. ``load_ip_adapter`` reads h94-layout checkpoints
+(Kwai-Kolors/Kolors-IP-Adapter-Plus) with ipa_rt's checks and installs ipa_rt's
+:class:`~ipa_rt.adapter.IPAdapterStack` on the UNet: decoupled cross-attention reading every layer's image keys/values
+from the shared context, computed once per call (:class:`UNetImageSide`, the UNet's image projection, runs the
+projection and every layer's K/V the first time a call's embeddings arrive) instead of at every step, and the scale a
+``[adapters, layers]`` tensor written in place (InstantStyle dicts and presets included). Kolors' text projection
+(4096 → 2048) moves to ``text_encoder_hid_proj`` as in diffusers, and everything is restored on unload.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+from ..adapter import IPAdapterStack
+from ..checkpoint import adapter_sources, read_adapter
+from ..console import hushed
+from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..scale import expand_scale, scale_tables
+from ..variants import FACE_ID
+
+_ABSENT = object()
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def _identity(t: Any) -> tuple:
+    try:
+        version = t._version
+    except (AttributeError, RuntimeError):  # inference tensors have no version counter
+        version = None
+    return (id(t), t.data_ptr() if isinstance(t, torch.Tensor) else 0, version)
+
+
+class UNetImageSide(MultiIPAdapterImageProjection):
+    """The UNet's ``encoder_hid_proj`` while ipa_rt's adapters are installed: diffusers' projection of each adapter,
+    run the first time a set of image embeddings arrives (diffusers' loop passes the very same tensors at every
+    step), which also writes every layer's image keys/values into the stack's context; later steps return the
+    same tokens. The processors read the context and ignore the tokens the UNet hands them."""
+
+    def __init__(self, stack: IPAdapterStack) -> None:
+        super().__init__(list(stack.projections))
+        self.stack = [stack]  # a list, not a submodule: the projections above are the only weights it owns
+        self._seen: tuple | None = None
+
+    def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        items = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
+        key = tuple(_identity(t) for t in items)
+        if self._seen is not None and self._seen[0] == key:
+            return self._seen[2]
+        stack = self.stack[0]
+        with torch.no_grad():
+            tokens = stack.project(items, [None] * len(items))
+            stack.prepare(tokens)
+        self._seen = (key, items, tokens)  # the embeddings are held, so their identities stay theirs
+        return tokens
+
+
+class UNetAdapterMixin:
+    """ipa_rt's IP-Adapter runtime for a diffusers UNet pipeline with ``IPAdapterMixin``'s API."""
+
+    _ipa_stack: IPAdapterStack | None = None
+    _ipa_saved: dict | None = None
+
+    def load_ip_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        subfolder: str | list[str] | None = None,
+        weight_name: str | list[str] | None = None,
+        image_encoder_folder: str | None = "image_encoder",
+        **kwargs: Any,
+    ) -> None:
+        """Load h94-layout IP-Adapter(s) as diffusers does (files, hub ids with ``weight_name``, state dicts; a list
+        loads several, replacing what was loaded), checked against the UNet with errors naming the file. The image
+        encoder is found by diffusers' rule (``image_encoder_folder`` inside the adapter's folder or repository)."""
+        from ..core import _encoder_location, encoder_mismatch
+        from ..image import default_feature_extractor
+        from ..models import load_image_encoder
+
+        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        kwargs.pop("low_cpu_mem_usage", None)
+        if kwargs:
+            raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+        sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder or None, weight_name)
+        raws = [read_adapter(s, **hub) for s in sources]
+        stack = IPAdapterStack.from_checkpoints(self.unet, raws, sources)
+        for entry in stack.entries:
+            if entry.spec.encoder_output == FACE_ID or entry.spec.needs_clip_states:
+                raise IncompatibleAdapterError(
+                    f"IP-Adapter '{entry.origin}' ({entry.spec.description}) takes face embeddings; ipa_rt's Kolors "
+                    "pipelines run image-prompt adapters (Kolors-IP-Adapter-Plus)"
+                )
+        encoder = getattr(self, "image_encoder", None)
+        if encoder is None and image_encoder_folder is not None:
+            location = _encoder_location(sources[0], image_encoder_folder)
+            if location is not None:
+                with hushed(bars=True):
+                    encoder = load_image_encoder(location, self.unet.dtype, **hub)
+        mismatch = encoder_mismatch(stack, encoder)
+        if mismatch is not None:  # checked before anything changes: a refused load leaves the pipeline as it was
+            raise IncompatibleAdapterError(mismatch)
+        self._ipa_remove()
+        if encoder is not None and getattr(self, "image_encoder", None) is None:
+            self.register_modules(image_encoder=encoder.to(self.unet.device))
+        if getattr(self, "feature_extractor", None) is None and encoder is not None:
+            self.register_modules(feature_extractor=default_feature_extractor(encoder))
+        stack.to_runtime(self.unet.device, self.unet.dtype)
+        unet = self.unet
+        saved = {
+            "encoder_hid_proj": unet.encoder_hid_proj,
+            "type": unet.config.encoder_hid_dim_type,
+            "text": getattr(unet, "text_encoder_hid_proj", _ABSENT),
+        }
+        stack.install(unet)
+        # diffusers' loaded layout, which its pipelines read: Kolors' text projection moves to text_encoder_hid_proj
+        # (the UNet applies it to the text states), encoder_hid_proj projects image embeddings (here: once per call)
+        if saved["type"] == "text_proj":
+            unet.text_encoder_hid_proj = saved["encoder_hid_proj"]
+        unet.encoder_hid_proj = UNetImageSide(stack)
+        unet.config.encoder_hid_dim_type = "ip_image_proj"
+        self._ipa_stack, self._ipa_saved = stack, saved
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' call; regional masks are refused (diffusers' processors apply them, ipa_rt's here do not yet,
+        and a mask silently ignored would be a wrong image)."""
+        if (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks") is not None:
+            raise ConfigError("ip_adapter_masks: regional masks are not supported by ipa_rt's Kolors pipelines yet")
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _ipa_remove(self) -> None:
+        if self._ipa_stack is None:
+            return
+        unet, saved = self.unet, self._ipa_saved
+        self._ipa_stack.restore(unet)
+        unet.encoder_hid_proj = saved["encoder_hid_proj"]
+        unet.config.encoder_hid_dim_type = saved["type"]
+        if saved["text"] is _ABSENT:
+            if "text_encoder_hid_proj" in unet._modules or hasattr(unet, "text_encoder_hid_proj"):
+                del unet.text_encoder_hid_proj
+        else:
+            unet.text_encoder_hid_proj = saved["text"]
+        self._ipa_stack = self._ipa_saved = None
+
+    def unload_ip_adapter(self) -> None:
+        """Restore the UNet exactly (processors, text projection) and drop the image encoder (diffusers' rule)."""
+        self._ipa_remove()
+        if getattr(self, "image_encoder", None) is not None:
+            self.image_encoder = None
+            self.register_to_config(image_encoder=[None, None])
+        if not hasattr(self, "safety_checker") and getattr(self, "feature_extractor", None) is not None:
+            self.feature_extractor = None
+            self.register_to_config(feature_extractor=[None, None])
+
+    @property
+    def adapters(self) -> IPAdapterStack | None:
+        return self._ipa_stack
+
+    def set_ip_adapter_scale(self, scale: Any) -> None:
+        """A number, one entry per adapter, InstantStyle per-block dicts or preset names (SDXL's); one in-place write
+        into the ``[adapters, layers]`` scale tensor."""
+        stack = self._ipa_stack
+        if stack is None:
+            raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded; call load_ip_adapter first")
+        table, per_image = scale_tables(expand_scale(scale, self.unet, stack.layer_names, stack.num_adapters, "sdxl"))
+        if per_image is not None:
+            raise ScaleError("per-image scales (lists inside a block) need regional masks, which this pipeline lacks")
+        stack.scale.copy_(table)
+        stack.scale_eff.copy_(table)
+
+    def runtime_summary(self) -> str:
+        count = self._ipa_stack.num_adapters if self._ipa_stack is not None else 0
+        return f"{type(self).__name__}: UNet on PyTorch ({self.unet.dtype}, {self.unet.device}), {count} IP-Adapter(s)"
+
+
+# Every diffusers pipeline of the Kolors family with IPAdapterMixin (diffusers 0.42): ipa_rt's class of the same name.
+PIPELINES = ("KolorsPipeline", "KolorsImg2ImgPipeline", "KolorsPAGPipeline")
+
+
+@functools.cache
+def runtime_class(name: str) -> type:
+    """``class <name>(UNetAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.kolors.<name>`` is it)."""
+    import diffusers
+
+    with hushed():
+        base = getattr(diffusers, name, None)
+    if base is None or name not in PIPELINES:
+        raise ConfigError(f"ipa_rt.kolors has no {name}; expected one of {PIPELINES}")
+    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`UNetAdapterMixin`)."
+    cls = type(name, (UNetAdapterMixin, base), {"__module__": "ipa_rt.kolors", "__doc__": doc})
+    cls.__qualname__ = name
+    return cls
+
+
+def load_pretrained(
+    base: str | os.PathLike,
+    ip_adapter: Any = None,
+    image_encoder: Any = None,
+    *,
+    class_name: str = "KolorsPipeline",
+    subfolder: Any = None,
+    weight_name: Any = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **hub_kwargs: Any,
+) -> Any:
+    """The Kolors pipeline of ``class_name`` on PyTorch with the adapter(s) loaded (``image_encoder``: a folder or
+    module; default: diffusers' ``image_encoder/`` in the adapter's folder or repository)."""
+    from ..models import load_image_encoder
+
+    cls = runtime_class(class_name)
+    for name in ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter"):
+        if hub_kwargs.pop(name, None) is not None:
+            raise ConfigError(
+                f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load it with "
+                f"ipa_rt.kolors.{cls.__name__}.from_pretrained and use diffusers' own API for it"
+            )
+    with hushed(bars=True):
+        pipe = cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
+    if image_encoder is not None:
+        if not isinstance(image_encoder, torch.nn.Module):
+            with hushed(bars=True):
+                image_encoder = load_image_encoder(image_encoder, dtype)
+        pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
+    if ip_adapter is not None:
+        hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
+        pipe.load_ip_adapter(ip_adapter, subfolder=subfolder, weight_name=weight_name, **hub)
+    return pipe

@@ -1,0 +1,144 @@
+"""Kolors + IP-Adapter-Plus: ipa_rt's runtime inside diffusers' ``KolorsPipeline`` against diffusers' own, on the same
+files (tiny random models written in the real on-disk formats): bitwise in fp32, the image side once per call, the
+scale written in place, exact unload, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipa_rt import testing
+from ipa_rt.errors import ConfigError, IncompatibleAdapterError, ScaleError
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kolors")
+    base = testing.write_kolors_model(root / "kolors")
+    out = {"base": base, "encoder": testing.write_image_encoder(root / "encoder", **testing.KOLORS_ENCODER)}
+    out["plus"] = testing.write_kolors_adapter(root / "a" / "ip_adapter_plus_general.safetensors", base)
+    out["plus_bin"] = testing.write_kolors_adapter(root / "b" / "ip_adapter_plus_general.bin", base, seed=5)
+    out["flux_base"] = testing.write_flux_model(root / "flux")
+    out["flux_adapter"] = testing.write_flux_adapter(root / "f" / "ip_adapter.safetensors", out["flux_base"])
+    return out
+
+
+def _load(cls, files, *adapters):
+    pipe = cls.from_pretrained(str(files["base"]))
+    pipe.set_progress_bar_config(disable=True)
+    if adapters:
+        from transformers import CLIPVisionModelWithProjection
+
+        encoder = CLIPVisionModelWithProjection.from_pretrained(str(files["encoder"])).eval()
+        pipe.register_modules(image_encoder=encoder)
+        paths = [files[a] for a in adapters]
+        pipe.load_ip_adapter(
+            [str(p.parent) for p in paths], subfolder="", weight_name=[p.name for p in paths], image_encoder_folder=None
+        )
+    return pipe
+
+
+def _pair(files, *adapters):
+    import diffusers
+
+    import ipa_rt.kolors
+
+    return _load(diffusers.KolorsPipeline, files, *adapters), _load(ipa_rt.kolors.KolorsPipeline, files, *adapters)
+
+
+def _latents(pipe, **kw):
+    args = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent") | kw
+    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args).images
+    assert torch.isfinite(out).all()
+    return out
+
+
+def _same(ref, ours, **kw):
+    a, b = _latents(ref, **kw), _latents(ours, **kw)
+    assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
+    return b
+
+
+def test_kolors_parity_scales_and_unload(files):
+    import ipa_rt.kolors
+
+    ref, ours = _pair(files, "plus")
+    base = _latents(_load(ipa_rt.kolors.KolorsPipeline, files))
+    image = testing.make_image(0)
+    assert (_same(ref, ours, ip_adapter_image=image) - base).abs().max() > 1e-3  # the adapter does something
+    for scale in (0.5, {"up": {"block_0": [0.0, 1.0, 0.0]}}, "style"):  # number, InstantStyle dict, preset
+        if scale == "style":
+            ours.set_ip_adapter_scale(scale)
+            ref.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})  # SDXL's style preset, spelled out
+        else:
+            ref.set_ip_adapter_scale(scale)
+            ours.set_ip_adapter_scale(scale)
+        _same(ref, ours, ip_adapter_image=image)
+    _same(ref, ours, ip_adapter_image=image, guidance_scale=1.0)  # CFG off
+    ours.set_ip_adapter_scale(0.0)
+    assert torch.equal(_latents(ours, ip_adapter_image=image), base)  # scale 0: the base model exactly
+    ours.unload_ip_adapter()
+    assert torch.equal(_latents(ours), base)
+    unet = ours.unet
+    assert type(unet.encoder_hid_proj) is torch.nn.Linear and unet.config.encoder_hid_dim_type == "text_proj"
+    assert not hasattr(unet, "text_encoder_hid_proj")
+
+
+def test_kolors_two_adapters_and_bin_layout(files):
+    ref, ours = _pair(files, "plus", "plus_bin")
+    images = [testing.make_image(0), testing.make_image(5)]
+    _same(ref, ours, ip_adapter_image=images)
+    ref.set_ip_adapter_scale([0.3, 1.1])
+    ours.set_ip_adapter_scale([0.3, 1.1])
+    _same(ref, ours, ip_adapter_image=images)
+
+
+def test_kolors_image_side_once_per_call_and_scale_in_place(files):
+    _, ours = _pair(files, "plus")
+    calls = []
+    ours.adapters.projections[0].register_forward_hook(lambda *a: calls.append(1))
+    _latents(ours, ip_adapter_image=testing.make_image(0))
+    assert len(calls) == 1  # once per call (the CFG batch together), not once per step
+    scale, ptr = ours.adapters.scale, ours.adapters.scale.data_ptr()
+    ours.set_ip_adapter_scale(0.25)
+    assert ours.adapters.scale is scale and scale.data_ptr() == ptr and scale.dtype == torch.float32
+    assert torch.all(scale == 0.25)
+
+
+def test_ipa_rt_pipeline_entry_point(files):
+    import ipa_rt
+    import ipa_rt.kolors
+
+    ref, _ = _pair(files, "plus")
+    pipe = ipa_rt.Pipeline.from_pretrained(files["base"], files["plus"], files["encoder"])
+    assert type(pipe) is ipa_rt.kolors.KolorsPipeline
+    pipe.set_progress_bar_config(disable=True)
+    _same(ref, pipe, ip_adapter_image=testing.make_image(0))
+    with pytest.raises(ConfigError, match="engines for Kolors"):
+        ipa_rt.Pipeline.from_pretrained(files["base"], files["plus"], files["encoder"], backend="onnxruntime")
+
+
+def test_errors(files):
+    import ipa_rt.kolors
+
+    pipe = _load(ipa_rt.kolors.KolorsPipeline, files)
+    flux = files["flux_adapter"]
+    with pytest.raises(IncompatibleAdapterError, match="Flux"):
+        pipe.load_ip_adapter(str(flux.parent), subfolder="", weight_name=flux.name, image_encoder_folder=None)
+    wrong = testing.write_image_encoder(files["encoder"].parent / "wrong", hidden_size=40, num_attention_heads=4)
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(wrong)))
+    plus = files["plus"]
+    with pytest.raises(IncompatibleAdapterError, match="hidden_size"):
+        pipe.load_ip_adapter(str(plus.parent), subfolder="", weight_name=plus.name, image_encoder_folder=None)
+    assert pipe.adapters is None and type(pipe.unet.encoder_hid_proj) is torch.nn.Linear  # nothing changed
+    with pytest.raises(ConfigError, match="no IP-Adapter"):
+        pipe.set_ip_adapter_scale(0.5)
+    ours = _pair(files, "plus")[1]
+    with pytest.raises(ScaleError):
+        ours.set_ip_adapter_scale([0.5, 0.5])
+    with pytest.raises(ConfigError, match="regional masks"):
+        _latents(ours, ip_adapter_image=testing.make_image(0), cross_attention_kwargs={"ip_adapter_masks": [1]})
