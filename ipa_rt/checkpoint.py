@@ -22,6 +22,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")  # hub download options
 
 
 @dataclass(frozen=True)

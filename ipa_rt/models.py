@@ -209,3 +209,21 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder:
             f"image encoder '{folder}' cannot be loaded as CLIPVisionModelWithProjection: {exc}"
         ) from exc
     return model.eval()
+
+
+TORCH_ONLY = ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter")  # ipa_rt.Pipeline's own options
+
+
+def load_pipeline(cls: type, base: str | os.PathLike, dtype: torch.dtype, device: Any, hub_kwargs: dict) -> Any:
+    """``cls.from_pretrained(base)`` (an ipa_rt class that is a diffusers pipeline) on ``device``, refusing the options
+    of ipa_rt's own pipeline that these take through diffusers' API instead."""
+    for name in TORCH_ONLY:
+        if hub_kwargs.pop(name, None) is not None:
+            raise ConfigError(
+                f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load it with "
+                f"{cls.__module__}.{cls.__name__}.from_pretrained and use diffusers' own API for it"
+            )
+    from .console import hushed
+
+    with hushed(bars=True):
+        return cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)

@@ -21,7 +21,6 @@ from .models import FAMILIES
 from .runtime import static_call
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
 ENGINE_ARGUMENTS = {
     "subfolder",
@@ -55,9 +54,10 @@ class Pipeline(PipelineCore):
         :meth:`PipelineCore.from_pretrained`'s. ``backend``: ``"torch"``, or ``"onnxruntime"`` / ``"tensorrt"`` /
         ``"openvino"`` to build engines into the cache (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``) or
         reuse them; ``engine_options``: ``height``, ``width``, ``batch`` of the engines (default: the UNet's sample
-        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``. A Flux-family or Kolors
-        folder (``model_index.json``'s ``FluxPipeline``, ``ChromaPipeline``, ``KolorsPipeline``, ...) gives
-        :mod:`ipa_rt.flux`'s or :mod:`ipa_rt.kolors`' pipeline of that class instead."""
+        size, 1), ``precision`` (OpenVINO: ``fp32``, ``bf16``, ``int8``) and ``rebuild``. A Flux/Chroma, Kolors or SD3.5
+        folder (``model_index.json``'s ``FluxPipeline``, ``KolorsPipeline``, ``StableDiffusion3Pipeline``, ...)
+        gives :mod:`ipa_rt.flux`'s, :mod:`ipa_rt.kolors`' or :mod:`ipa_rt.sd3`'s pipeline of that class instead
+        (:mod:`ipa_rt.families`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
         wrapped = _wrapped_family(base, kwargs)
@@ -80,7 +80,9 @@ class Pipeline(PipelineCore):
         from .export.loader import load_engine_pipeline
         from .export.manifest import read_manifest
 
-        if read_manifest(Path(folder)).get("kind") == "flux":  # a Flux-family transformer engine
+        if (
+            read_manifest(Path(folder)).get("kind") == "flux"
+        ):  # a Flux-family transformer engine (kinds: export.wrapped)
             from .flux.build import load_flux_engine
 
             return load_flux_engine(folder, device)
@@ -88,29 +90,12 @@ class Pipeline(PipelineCore):
 
 
 def _wrapped_family(base: Any, kwargs: dict) -> Any:
-    """The constructor for a folder whose ``model_index.json`` names a Flux-family or Kolors pipeline (ipa_rt runs
-    those inside diffusers' own pipeline classes: :mod:`ipa_rt.flux`, :mod:`ipa_rt.kolors`), else None."""
+    """The constructor for a folder whose ``model_index.json`` names a pipeline of a family ipa_rt runs inside
+    diffusers' own classes (:mod:`ipa_rt.families`), else None."""
+    from .families import HUB_KWARGS, constructor_for
     from .models import declared_pipeline
 
-    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
-    name = declared_pipeline(base, **hub)
-    from .flux.pipelines import PIPELINES as FLUX
-    from .kolors.pipelines import PIPELINES as KOLORS
-
-    if name in FLUX:
-        from .flux.entry import from_pretrained
-
-        return from_pretrained
-    if name in KOLORS:
-        from .kolors.pipelines import load_pretrained
-
-        def kolors(base, ip_adapter, image_encoder, *, backend, engine_options, **kw):
-            if backend != "torch" or engine_options:
-                raise ConfigError(f"{name}: engines for Kolors are not built yet; use backend='torch'")
-            return load_pretrained(base, ip_adapter, image_encoder, class_name=name, **kw)
-
-        return kolors
-    return None
+    return constructor_for(declared_pipeline(base, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS}))
 
 
 def engines_for(

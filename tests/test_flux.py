@@ -242,7 +242,7 @@ def test_flux_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monke
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps  # nothing rebuilt
     capsys.readouterr()
     again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
-    assert "reusing the Flux engine" in capsys.readouterr().err + capsys.readouterr().out
+    assert "reusing the flux engine" in capsys.readouterr().err + capsys.readouterr().out
     assert again.transformer.engine is not engine
     with pytest.raises(ConfigError, match="adapters built in"):
         again.load_ip_adapter(str(files["bin"]))

@@ -47,7 +47,6 @@ INPUTS = {
         "attention_mask",
     ),
 }
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 NETWORK = "transformer"
 
 
@@ -171,8 +170,3 @@ class EngineTransformer(ModelMixin):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
-
-
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend {backend!r} has no Flux engines; expected one of {BACKENDS}")

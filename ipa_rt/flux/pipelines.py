@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import adapter_sources, read_adapter
+from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..conditions import content_hash
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError
@@ -32,7 +32,6 @@ from .adapter import (
 )
 
 _ABSENT = object()
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 class FluxAdapterMixin:
@@ -259,15 +258,10 @@ def load_pretrained(
     """The folder's own pipeline class (ipa_rt's of the same name) on PyTorch with the adapter(s) loaded; the image
     encoder defaults to ``image_encoder/`` beside the first adapter file (XLabs' adapters: pass
     ``"openai/clip-vit-large-patch14"``)."""
+    from ..models import load_pipeline
+
     cls = runtime_class(pipeline_class_of(base, **hub_kwargs) or "FluxPipeline")
-    for name in ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter"):
-        if hub_kwargs.pop(name, None) is not None:
-            raise ConfigError(
-                f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load the pipeline with "
-                f"ipa_rt.flux.{cls.__name__}.from_pretrained and use diffusers' own API for it"
-            )
-    with hushed(bars=True):
-        pipe = cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
+    pipe = load_pipeline(cls, base, dtype, device, hub_kwargs)
     if isinstance(image_encoder, torch.nn.Module):
         pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
         image_encoder = None

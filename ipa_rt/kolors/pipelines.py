@@ -20,14 +20,13 @@ import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from ..adapter import IPAdapterStack
-from ..checkpoint import adapter_sources, read_adapter
+from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
 from ..scale import expand_scale, scale_tables
 from ..variants import FACE_ID
 
 _ABSENT = object()
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 def _identity(t: Any) -> tuple:
@@ -211,17 +210,9 @@ def load_pretrained(
 ) -> Any:
     """The Kolors pipeline of ``class_name`` on PyTorch with the adapter(s) loaded (``image_encoder``: a folder or
     module; default: diffusers' ``image_encoder/`` in the adapter's folder or repository)."""
-    from ..models import load_image_encoder
+    from ..models import load_image_encoder, load_pipeline
 
-    cls = runtime_class(class_name)
-    for name in ("scheduler", "attention", "lora", "vae", "controlnet", "t2i_adapter"):
-        if hub_kwargs.pop(name, None) is not None:
-            raise ConfigError(
-                f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load it with "
-                f"ipa_rt.kolors.{cls.__name__}.from_pretrained and use diffusers' own API for it"
-            )
-    with hushed(bars=True):
-        pipe = cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
+    pipe = load_pipeline(runtime_class(class_name), base, dtype, device, hub_kwargs)
     if image_encoder is not None:
         if not isinstance(image_encoder, torch.nn.Module):
             with hushed(bars=True):

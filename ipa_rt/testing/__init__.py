@@ -21,6 +21,14 @@ from .kolors import (
     write_kolors_adapter,
     write_kolors_model,
 )
+from .sd3 import (
+    SD3_ENCODER,
+    save_sd3_adapter,
+    sd3_adapter_state_dict,
+    write_sd3_adapter,
+    write_sd3_model,
+    write_siglip_encoder,
+)
 from .unet import (
     ENCODER_CONFIG,
     EXAMPLE_UNET,
@@ -55,6 +63,7 @@ __all__ = [
     "KOLORS_ENCODER",
     "LORA_RANK",
     "SCHEDULER_CONFIG",
+    "SD3_ENCODER",
     "SD15_UNET",
     "SDXL_UNET",
     "TEXT_CONFIG",
@@ -66,6 +75,8 @@ __all__ = [
     "make_image",
     "save_adapter",
     "save_flux_adapter",
+    "save_sd3_adapter",
+    "sd3_adapter_state_dict",
     "write_adapter",
     "write_base_model",
     "write_chatglm_tokenizer",
@@ -78,6 +89,9 @@ __all__ = [
     "write_kolors_model",
     "write_lora",
     "write_motion_adapter",
+    "write_sd3_adapter",
+    "write_sd3_model",
+    "write_siglip_encoder",
     "write_t2i_adapter",
     "write_t5_tokenizer",
     "write_taesd",

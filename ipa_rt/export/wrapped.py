@@ -1,0 +1,189 @@
+"""Engines for the one heavy network of a pipeline ipa_rt runs inside diffusers' own classes (Flux's and Chroma's
+transformer, Kolors' UNet): what the engine depends on, a cached build that appears whole or not at all, the
+manifest, and opening the engine again.
+
+The folder's name in the cache (``$IPA_RT_CACHE``) is a hash of the identity: the network's and the adapters' files
+(sha256, memoised by size and mtime), the image encoder, the static shapes, backend, precision and the versions that
+shape the export. A build happens under a lock in a private folder; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import console
+from ..cache import cache_root
+from ..checkpoint import atomic_write_bytes
+from ..errors import ConfigError, EngineError
+from .contracts import Contract
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+
+
+def check_backend(backend: str, what: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} has no {what} engines; expected one of {BACKENDS}")
+
+
+def shape_options(engine_options: dict[str, Any] | None, defaults: dict[str, int], what: str) -> dict[str, Any]:
+    """``engine_options`` → ``{"shapes", "precision", "rebuild"}``: every shape a positive whole number."""
+    options = dict(engine_options or {})
+    allowed = (*defaults, "precision", "rebuild")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"engine_options {unknown} are unknown for {what} engines; expected some of {allowed}")
+    shapes = {}
+    for key, default in defaults.items():
+        value = options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"engine_options['{key}'] is {value!r}; expected a positive whole number")
+        shapes[key] = value
+    return {"shapes": shapes, "precision": options.get("precision", "fp32"), "rebuild": bool(options.get("rebuild"))}
+
+
+def source_records(base: str, parts: tuple[str, ...], adapters: list, encoder: Any) -> dict[str, dict[str, Any]]:
+    """sha256 records of every file the engine's numbers come from: ``parts`` of the base model, the adapters and
+    the image encoder's folder."""
+    from .build import adapter_file, files_under, hub_snapshot
+    from .manifest import file_record
+
+    memo_path = cache_root() / "source-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    patterns = [p if "." in p else f"{p}/*" for p in parts]
+    root = Path(base) if Path(base).is_dir() else hub_snapshot(base, patterns)
+    files = {f"base/{p.relative_to(root).as_posix()}": p for p in files_under(root, list(parts))}
+    files |= {f"ip_adapter_{i}": adapter_file(src) for i, src in enumerate(adapters)}
+    if isinstance(encoder, (str, os.PathLike)) and Path(encoder).is_dir():
+        files |= {f"image_encoder/{p.name}": p for p in files_under(Path(encoder), ["."])}
+    records = {role: file_record(path, memo.get(str(path.resolve()))) for role, path in files.items()}
+    memo.update({r["path"]: r for r in records.values()})
+    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
+    return records
+
+
+def identity(kind: str, pipeline: str, backend: str, options: dict, sources: dict, encoder: Any) -> dict[str, Any]:
+    from .manifest import FORMAT, versions
+
+    keep = ("ipa_rt", "torch", "diffusers", "transformers", "onnx", backend)
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "pipeline": pipeline,
+        "backend": backend,
+        "precision": options["precision"],
+        "shapes": options["shapes"],
+        "sources": {role: r["sha256"] for role, r in sources.items()},
+        "image_encoder": os.fspath(encoder) if isinstance(encoder, (str, os.PathLike)) else None,
+        "versions": {k: v for k, v in versions().items() if k in keep},
+    }
+
+
+def cached_build(
+    ident: dict[str, Any], out: str | os.PathLike | None, rebuild: bool, build: Callable[[Path], None]
+) -> Path:
+    """The folder for ``ident`` (``out``, else the cache): reused when it holds these engines, else ``build`` into it
+    under a lock; a failed first build leaves no folder behind."""
+    from .build import cache_key
+    from .manifest import build_lock, check_engine_dir, differences, read_manifest
+
+    backend, kind = ident["backend"], ident["kind"]
+    folder = Path(out) if out is not None else cache_root() / f"{backend}-{kind}-{cache_key(ident)}"
+    fresh = not folder.exists()
+    with build_lock(folder):
+        if (folder / "manifest.json").exists() and not rebuild:
+            old = read_manifest(folder)
+            diff = differences(old.get("identity", {}), ident)
+            if diff:
+                raise EngineError(
+                    f"'{folder}' holds other engines; what differs (built -> requested): {'; '.join(diff[:8])}; "
+                    "rebuild with --rebuild (or engine_options={'rebuild': True})"
+                )
+            check_engine_dir(folder, old, torch.device("cuda" if backend == "tensorrt" else "cpu"))
+            console.say(f"reusing the {kind} engine built in '{folder}'")
+            return folder
+        try:
+            build(folder)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    return folder
+
+
+def write_engine(folder: Path, contract: Contract, backend: str, precision: str, manifest: dict[str, Any]) -> None:
+    """Export ``contract`` to ONNX, build the backend's engine from it, place the files and write the manifest
+    (``manifest`` plus the network's record) last."""
+    from .build import SUFFIX, network_record
+    from .manifest import FORMAT, write_manifest
+    from .onnx_export import export_onnx
+
+    name = contract.name
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
+    try:
+        console.say(f"exporting the {manifest.get('pipeline', '')} {name} to ONNX")
+        onnx_path = export_onnx(contract, work / f"{name}.onnx")
+        files = [onnx_path, *(p for p in work.iterdir() if p.name.startswith(f"{name}.onnx."))]
+        if backend == "openvino":
+            from .openvino_engine import check_precision, convert_onnx
+
+            check_precision(precision)
+            files, _ = convert_onnx(onnx_path, work / "openvino" / f"{name}.xml", name, precision)
+        elif backend == "tensorrt":
+            from .engines import build_trt_engine, tensorrt_version, timing_cache_path
+            from .manifest import gpu_info
+
+            cache = timing_cache_path(cache_root(), tensorrt_version() or "", gpu_info(torch.device("cuda")))
+            files = [build_trt_engine(onnx_path, work / f"{name}{SUFFIX['tensorrt']}", contract.profile(), cache)]
+        elif precision != "fp32":
+            raise ConfigError(f"precision {precision!r} is OpenVINO's; ONNX Runtime engines are fp32")
+        if (folder / "manifest.json").exists():  # a rebuild: the old engine's files go, nothing else of the folder's
+            old = json.loads((folder / "manifest.json").read_text())
+            for file in old.get("networks", {}).get(name, {}).get("files", {}):
+                (folder / file).unlink(missing_ok=True)
+        placed = []
+        for f in files:
+            dst = folder / f.relative_to(work)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+            placed.append(dst)
+        full = {"format": FORMAT, "backend": backend, "precision": precision, **manifest}
+        full["networks"] = {name: network_record(contract, placed, folder)}
+        write_manifest(folder, full)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    console.say(f"{name} engine written to '{folder}'")
+
+
+def open_engine(folder: str | os.PathLike, device: torch.device | str, kind: str) -> tuple[dict[str, Any], Any]:
+    """``(manifest, engine)`` of a folder ``write_engine`` wrote for ``kind`` (checked: files, sources)."""
+    from .loader import _engine
+    from .manifest import check_engine_dir, read_manifest
+
+    folder, device = Path(folder), torch.device(device)
+    manifest = read_manifest(folder)
+    if manifest.get("kind") != kind:
+        found = manifest.get("kind") or "UNet (SD1.5/SDXL)"
+        raise ConfigError(
+            f"'{folder}' holds {found} engines, not {kind} ones; load it with ipa_rt.Pipeline.from_engine"
+        )
+    check_engine_dir(folder, manifest, device)
+    name = next(iter(manifest["networks"]))
+    return manifest, _engine(folder, name, manifest["networks"][name], manifest, device)
+
+
+def built_shapes(manifest: dict[str, Any]) -> dict[str, list[int]]:
+    """Each engine input's static shape (the profile's optimum)."""
+    info = next(iter(manifest["networks"].values()))
+    return {name: spec["profile"][1] for name, spec in info["inputs"].items()}

@@ -1,0 +1,66 @@
+"""The model families ipa_rt serves inside diffusers' own pipeline classes (Flux.1/Chroma, Kolors, SD3.5): which
+ipa_rt module runs a folder's declared pipeline class, and loading one on PyTorch (``ipa_rt.Pipeline.from_pretrained``
+routes such folders here; SD1.5/SDXL folders run on ipa_rt's own pipeline)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .checkpoint import HUB_KWARGS
+from .console import hushed
+from .errors import ConfigError
+from .models import load_pipeline
+
+
+def _torch_only(load: Callable[..., Any], what: str) -> Callable[..., Any]:
+    def route(base, ip_adapter, image_encoder, *, backend: str, engine_options: Any, **kwargs: Any) -> Any:
+        if backend != "torch" or engine_options:
+            raise ConfigError(f"engines for {what} are not built yet; use backend='torch'")
+        return load(base, ip_adapter, image_encoder, **kwargs)
+
+    return route
+
+
+def constructor_for(name: str | None) -> Callable[..., Any] | None:
+    """``(base, ip_adapter, image_encoder, *, backend, engine_options, **kwargs) -> pipeline`` for a declared
+    pipeline class of these families, else None."""
+    from .flux.pipelines import PIPELINES as FLUX
+    from .kolors.pipelines import PIPELINES as KOLORS
+    from .sd3.pipelines import PIPELINES as SD3
+
+    if name in FLUX:
+        from .flux.entry import from_pretrained
+
+        return from_pretrained
+    if name in KOLORS:
+        from .kolors.pipelines import load_pretrained
+
+        return _torch_only(lambda *a, **k: load_pretrained(*a, class_name=name, **k), "Kolors")
+    if name in SD3:
+        return _torch_only(lambda *a, **k: _load_sd3(name, *a, **k), "SD3.5")
+    return None
+
+
+def _load_sd3(name: str, base, ip_adapter, image_encoder, *, subfolder=None, weight_name=None, device="cpu",
+              dtype=torch.float32, **hub_kwargs) -> Any:  # fmt: skip
+    """An ipa_rt SD3 pipeline with its adapter: the SigLIP encoder is the folder's own, or ``image_encoder``."""
+    from .sd3.pipelines import runtime_class
+
+    pipe = load_pipeline(runtime_class(name), base, dtype, device, hub_kwargs)
+    if image_encoder is not None:
+        if not isinstance(image_encoder, torch.nn.Module):
+            from transformers import SiglipVisionModel
+
+            with hushed(bars=True):
+                image_encoder = SiglipVisionModel.from_pretrained(os.fspath(image_encoder), dtype=dtype)
+        pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
+    if ip_adapter is not None:
+        hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
+        kw = {"weight_name": weight_name} if weight_name is not None else {}
+        pipe.load_ip_adapter(os.fspath(ip_adapter) if isinstance(ip_adapter, os.PathLike) else ip_adapter,
+                             subfolder=subfolder, **kw, **hub)  # fmt: skip
+    return pipe
