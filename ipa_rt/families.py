@@ -37,9 +37,7 @@ def constructor_for(name: str | None) -> Callable[..., Any] | None:
 
         return from_pretrained
     if name in KOLORS:
-        from .kolors.pipelines import load_pretrained
-
-        return _torch_only(lambda *a, **k: load_pretrained(*a, class_name=name, **k), "Kolors")
+        return lambda *a, **k: _load_kolors(name, *a, **k)
     if name in SD3:
         return _torch_only(lambda *a, **k: _load_sd3(name, *a, **k), "SD3.5")
     return None
@@ -64,3 +62,27 @@ def _load_sd3(name: str, base, ip_adapter, image_encoder, *, subfolder=None, wei
         pipe.load_ip_adapter(os.fspath(ip_adapter) if isinstance(ip_adapter, os.PathLike) else ip_adapter,
                              subfolder=subfolder, **kw, **hub)  # fmt: skip
     return pipe
+
+
+def _load_kolors(name: str, base, ip_adapter, image_encoder, *, backend: str, engine_options: Any = None,
+                 subfolder=None, weight_name=None, device="cpu", dtype=torch.float32, **kwargs) -> Any:  # fmt: skip
+    """An ipa_rt Kolors pipeline with its adapter(s): on PyTorch, or with its UNet as an engine of ``backend``."""
+    if backend == "torch":
+        if engine_options:
+            raise ConfigError("engine_options apply to backend='onnxruntime', 'openvino' or 'tensorrt'; it is 'torch'")
+        from .kolors.pipelines import load_pretrained
+
+        return load_pretrained(base, ip_adapter, image_encoder, class_name=name, subfolder=subfolder,
+                               weight_name=weight_name, device=device, dtype=dtype, **kwargs)  # fmt: skip
+    given = sorted(k for k, v in kwargs.items() if v is not None)
+    if dtype != torch.float32 or given:
+        raise ConfigError(
+            f"from_pretrained(backend={backend!r}) of a Kolors model takes ip_adapter, image_encoder, subfolder, "
+            f"weight_name, device and engine_options; got {given or 'dtype=' + str(dtype)}"
+        )
+    from .kolors.engine import kolors_engines, load_kolors_engine
+
+    folder = kolors_engines(
+        base, ip_adapter, image_encoder, backend, engine_options, None, name, subfolder, weight_name
+    )
+    return load_kolors_engine(folder, device)

@@ -80,12 +80,15 @@ class Pipeline(PipelineCore):
         from .export.loader import load_engine_pipeline
         from .export.manifest import read_manifest
 
-        if (
-            read_manifest(Path(folder)).get("kind") == "flux"
-        ):  # a Flux-family transformer engine (kinds: export.wrapped)
+        kind = read_manifest(Path(folder)).get("kind")
+        if kind == "flux":  # a Flux-family transformer engine (export.wrapped)
             from .flux.build import load_flux_engine
 
             return load_flux_engine(folder, device)
+        if kind == "kolors":  # a Kolors UNet engine (export.wrapped)
+            from .kolors.engine import load_kolors_engine
+
+            return load_kolors_engine(folder, device)
         return load_engine_pipeline(folder, device, scheduler, cls)
 
 

@@ -116,8 +116,6 @@ def test_ipa_rt_pipeline_entry_point(files):
     assert type(pipe) is ipa_rt.kolors.KolorsPipeline
     pipe.set_progress_bar_config(disable=True)
     _same(ref, pipe, ip_adapter_image=testing.make_image(0))
-    with pytest.raises(ConfigError, match="engines for Kolors"):
-        ipa_rt.Pipeline.from_pretrained(files["base"], files["plus"], files["encoder"], backend="onnxruntime")
 
 
 def test_errors(files):
@@ -142,3 +140,31 @@ def test_errors(files):
         ours.set_ip_adapter_scale([0.5, 0.5])
     with pytest.raises(ConfigError, match="regional masks"):
         _latents(ours, ip_adapter_image=testing.make_image(0), cross_attention_kwargs={"ip_adapter_masks": [1]})
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monkeypatch, capsys):
+    """The UNet as an engine inside diffusers' KolorsPipeline: <= 1e-5 of the latents' scale against diffusers
+    (fp32 engines; observed ~2e-6), the scale (InstantStyle dicts too) an engine input, reuse from the cache."""
+    import ipa_rt
+    from ipa_rt.kolors.engine import EngineUNet
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    args, size = (files["base"], files["plus"], files["encoder"]), {"height": 64, "width": 64}
+    pipe = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=size)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.unet, EngineUNet)
+    ref, _ = _pair(files, "plus")
+    image = testing.make_image(0)
+    for scale in (1.0, 0.4, {"up": {"block_0": [0.0, 1.0, 0.0]}}):
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        a, b = _latents(ref, ip_adapter_image=image), _latents(pipe, ip_adapter_image=image)
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+    capsys.readouterr()
+    again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=size)
+    assert "reusing the kolors engine" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="adapters built in"):
+        again.load_ip_adapter(str(files["plus_bin"].parent), subfolder="", weight_name=files["plus_bin"].name)
+    folder = next((tmp_path / "cache").glob(f"{backend}-kolors-*"))
+    assert type(ipa_rt.Pipeline.from_engine(folder)).__name__ == "KolorsPipeline"

@@ -88,7 +88,7 @@ class UNetAdapterMixin:
             raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
         sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder or None, weight_name)
         raws = [read_adapter(s, **hub) for s in sources]
-        stack = IPAdapterStack.from_checkpoints(self.unet, raws, sources)
+        stack = IPAdapterStack.from_checkpoints(self._unet_structure, raws, sources)
         for entry in stack.entries:
             if entry.spec.encoder_output == FACE_ID or entry.spec.needs_clip_states:
                 raise IncompatibleAdapterError(
@@ -111,6 +111,10 @@ class UNetAdapterMixin:
             self.register_modules(feature_extractor=default_feature_extractor(encoder))
         stack.to_runtime(self.unet.device, self.unet.dtype)
         unet = self.unet
+        if hasattr(unet, "install_adapters"):  # an engine: the branch is in its graph; the projections feed it
+            unet.install_adapters(stack, MultiIPAdapterImageProjection(list(stack.projections)))
+            self._ipa_stack, self._ipa_saved = stack, {"engine": True}
+            return
         saved = {
             "encoder_hid_proj": unet.encoder_hid_proj,
             "type": unet.config.encoder_hid_dim_type,
@@ -130,12 +134,26 @@ class UNetAdapterMixin:
         and a mask silently ignored would be a wrong image)."""
         if (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks") is not None:
             raise ConfigError("ip_adapter_masks: regional masks are not supported by ipa_rt's Kolors pipelines yet")
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        for key, value in getattr(self.unet, "call_defaults", {}).items():  # an engine: the size it was built for
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        with hushed("transformers"):  # diffusers' ChatGLM calls deprecated transformers APIs at every prompt
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    @property
+    def _unet_structure(self) -> Any:
+        """The UNet's module tree (an engine's stand-in keeps one on the meta device)."""
+        structure = getattr(self.unet, "structure", None)
+        return structure[0] if structure else self.unet
 
     def _ipa_remove(self) -> None:
         if self._ipa_stack is None:
             return
         unet, saved = self.unet, self._ipa_saved
+        if saved.get("engine"):
+            unet.install_adapters(None, None)  # the engine then gets zero tokens and a zero scale
+            self._ipa_stack = self._ipa_saved = None
+            return
         self._ipa_stack.restore(unet)
         unet.encoder_hid_proj = saved["encoder_hid_proj"]
         unet.config.encoder_hid_dim_type = saved["type"]
@@ -166,7 +184,8 @@ class UNetAdapterMixin:
         stack = self._ipa_stack
         if stack is None:
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded; call load_ip_adapter first")
-        table, per_image = scale_tables(expand_scale(scale, self.unet, stack.layer_names, stack.num_adapters, "sdxl"))
+        rows = expand_scale(scale, self._unet_structure, stack.layer_names, stack.num_adapters, "sdxl")
+        table, per_image = scale_tables(rows)
         if per_image is not None:
             raise ScaleError("per-image scales (lists inside a block) need regional masks, which this pipeline lacks")
         stack.scale.copy_(table)
