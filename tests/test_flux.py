@@ -304,3 +304,26 @@ def test_chroma_engine_parity(files, tmp_path, monkeypatch):
         ref.set_ip_adapter_scale(scale)
         pipe.set_ip_adapter_scale(scale)
         _close(ref, pipe, ip_adapter_image=image, **cfg)
+
+
+def test_flux_fused_kernel_branch(files, monkeypatch):
+    """The image branch through the fused Triton kernel (here: the Triton interpreter on the CPU) against diffusers:
+    within fp32 summation-order error; scale 0 still exactly the base model's path (the kernel's zero select)."""
+    from ipa_rt.kernels import decoupled_kernel, fused_available
+
+    if fused_available(torch.device("cpu"), torch.float32, 16) is not None:
+        pytest.skip(f"the Triton kernel cannot run here: {fused_available(torch.device('cpu'), torch.float32, 16)}")
+    ref, ours = _flux(files, "xlabs", "bin")
+    ours.set_ip_attention("triton")
+    launches = []
+    launch = decoupled_kernel.launch
+    monkeypatch.setattr(decoupled_kernel, "launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    images = [testing.make_image(0), testing.make_image(5)]
+    for scale in ([0.7, 1.2], [0.0, [1.0, 0.5]]):
+        ref.set_ip_adapter_scale(scale)
+        ours.set_ip_adapter_scale(scale)
+        a, b = _latents(ref, ip_adapter_image=images), _latents(ours, ip_adapter_image=images)
+        assert (a - b).abs().max() <= 2e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+    assert len(launches) == 2 * STEPS * 2  # two double blocks, every step, both scales: the kernel ran
+    with pytest.raises(ConfigError, match="unknown"):
+        ours.set_ip_attention("flash")

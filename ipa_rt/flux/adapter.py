@@ -27,6 +27,7 @@ from ..attention import image_segment
 from ..checkpoint import RawAdapter
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
 from ..variants import EMBEDS, adapter_family, build_projection, detect_variant
+from .kernel import FusedKV, fuse, fused_branch
 
 DOUBLE_BLOCKS = "transformer_blocks."  # the double-stream blocks: the only ones with an image branch
 _MEMO = 4  # image-embedding sets kept per transformer: cond and true-CFG negative of the current call, and spares
@@ -48,12 +49,18 @@ class FluxImageTokens:
     side: FluxImageSide
     inputs: list[Tensor]  # the embeddings they came from (held, so their identity stays theirs)
     scale: Tensor | None = None  # an engine's ``ip_scale`` input while exporting; else the side's tensor
+    fused: FusedKV | None = None  # the keys/values end to end, when the side runs the kernel
 
     def attend(self, layer: int, query: Tensor, like: Tensor) -> Tensor:
         """Σ_a scale[a, layer] · softmax(Q K_aᵀ/√d) V_a for ``query`` ``[B, N, H, d]`` (normalised, not rotated),
-        summed into zeros like ``like`` in adapter order, as diffusers sums it."""
+        summed into zeros like ``like`` in adapter order, as diffusers sums it (or by the fused kernel)."""
         q = query.transpose(1, 2)
         scale = self.scale if self.scale is not None else self.side.scale
+        if self.fused is not None and self.side.use_kernel:
+            out = fused_branch(q, self.fused, layer, scale)
+            if out is not None:
+                return out
+            self.side.use_kernel = False  # failed here: SDPA from now on (fused_branch warned once)
         out = torch.zeros_like(like)
         for a, (k, v) in enumerate(self.kv[layer]):
             out = out + image_segment(q, k, v, scale[a, layer])
@@ -93,6 +100,7 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         self.heads = heads
         self.origins = list(origins)
         self.scale = torch.ones(len(projections), len(to_k_ip))
+        self.use_kernel = False  # decided once by the pipeline (kernel.choose), never per call
         self._memo: OrderedDict[tuple, FluxImageTokens] = OrderedDict()
 
     @property
@@ -134,7 +142,8 @@ class FluxImageSide(MultiIPAdapterImageProjection):
             self._memo.move_to_end(key)
             return hit
         tokens = self.project(image_embeds)
-        prepared = FluxImageTokens(tokens, self.image_kv(tokens), self, embeds)
+        kv = self.image_kv(tokens)
+        prepared = FluxImageTokens(tokens, kv, self, embeds, fused=fuse(kv) if self.use_kernel else None)
         self._memo[key] = prepared
         while len(self._memo) > _MEMO:
             self._memo.popitem(last=False)

@@ -30,6 +30,7 @@ from .adapter import (
     double_block_processors,
     expand_flux_scale,
 )
+from .kernel import MODES, choose
 
 _ABSENT = object()
 
@@ -39,6 +40,20 @@ class FluxAdapterMixin:
 
     _ipa_saved: dict | None = None
     _ipa_cache: LRUCache | None = None
+    _ip_attention = "auto"  # the image branch: the fused kernel on CUDA where it can run, else SDPA
+
+    def set_ip_attention(self, mode: str) -> None:
+        """``"auto"`` (the fused Triton kernel on CUDA where it can run, SDPA elsewhere), ``"triton"`` (the kernel
+        wherever it can run: the CPU under ``TRITON_INTERPRET=1``; else a ``ConfigError`` saying why) or ``"sdpa"``;
+        decided here, once, never per call."""
+        side = getattr(self.transformer, "encoder_hid_proj", None)
+        if isinstance(side, FluxImageSide) and not hasattr(self.transformer, "install_image_side"):
+            param = next(self.transformer.parameters())
+            side.use_kernel = choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim)
+            side._memo.clear()
+        elif mode not in MODES:
+            raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
+        self._ip_attention = mode
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def load_ip_adapter(
@@ -104,6 +119,8 @@ class FluxAdapterMixin:
             processors[name] = FluxDecoupledProcessor(layer)
         param = next(transformer.parameters())
         transformer.encoder_hid_proj = side.to(device=param.device, dtype=param.dtype)
+        head_dim = transformer.config.attention_head_dim
+        side.use_kernel = choose(self._ip_attention, param.device, param.dtype, head_dim)
         transformer.set_attn_processor(processors)
         self.reference_cache.clear()
 

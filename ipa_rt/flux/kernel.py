@@ -1,0 +1,76 @@
+"""The fused Triton kernel on Flux's image branch: all adapters' segments of a double block in one pass.
+
+Flux's branch is the UNet kernel's problem without the text segment: the block's normalised, un-rotated image query
+attends to each adapter's keys/values with its own softmax, weighted by the adapter's scale. So the kernel
+(``torch.ops.ipa_rt.decoupled_attention``) runs with an empty text segment (its loop then contributes exactly zero)
+and the adapters' keys/values laid end to end per block, reading the scale column from the device tensor; the joint
+attention beside it stays diffusers' (RoPE'd queries over text + image keys: SDPA/flash). Whether it runs is decided
+once per pipeline (:func:`choose`), never per call; a kernel failure falls back to SDPA with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+MODES = ("auto", "triton", "sdpa")
+_WARNED: set[str] = set()
+
+
+@dataclass
+class FusedKV:
+    """Per double block, every adapter's ``K``/``V`` ``[B, H, T_total, d]`` end to end, and the segment table."""
+
+    kv: list[tuple[Tensor, Tensor]]
+    offsets: Tensor  # [A + 1] int32: segment boundaries
+    adapters: Tensor  # [A] int32: each segment's adapter (its scale column)
+
+
+def fuse(kv: list[list[tuple[Tensor, Tensor]]]) -> FusedKV:
+    """Lay each block's adapter keys/values end to end (once per call, with the rest of the image side)."""
+    lengths = [k.shape[2] for k, _ in kv[0]]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    device = kv[0][0][0].device
+    cat = [
+        (torch.cat([k for k, _ in row], 2).contiguous(), torch.cat([v for _, v in row], 2).contiguous()) for row in kv
+    ]
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
+    return FusedKV(cat, offsets, torch.arange(len(lengths), dtype=torch.int32, device=device))
+
+
+def choose(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the image branch runs the kernel: ``auto`` on CUDA where it can, ``triton`` wherever it can (the CPU
+    under ``TRITON_INTERPRET=1``) or a :class:`ConfigError` saying why not, ``sdpa`` never."""
+    if mode not in MODES:
+        raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
+    if mode == "sdpa":
+        return False
+    from ..kernels import fused_available
+
+    why = fused_available(device, dtype, head_dim)
+    if mode == "triton" and why is not None:
+        raise ConfigError(f"attention='triton' cannot run here: {why}")
+    return why is None and (mode == "triton" or device.type == "cuda")
+
+
+def fused_branch(q: Tensor, fused: FusedKV, layer: int, scale: Tensor) -> Tensor | None:
+    """Σ_a scale[a, layer] · softmax(q K_aᵀ/√d) V_a as ``[B, N, H·d]`` through the kernel (``q``: ``[B, H, N, d]``), or
+    None if the kernel fails here (the caller then runs SDPA)."""
+    k, v = fused.kv[layer]
+    try:
+        return torch.ops.ipa_rt.decoupled_attention(
+            q, k[:, :, :0], v[:, :, :0], k, v, fused.offsets, fused.adapters, scale[:, layer], None
+        )
+    except Exception as exc:  # a compile or launch failure on this GPU: SDPA from now on, said once
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:300]
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"fused attention kernel failed on Flux's image branch ({reason}); SDPA runs", stacklevel=2)
+        return None
