@@ -277,3 +277,18 @@ def test_optimum_anchor_tiny(tmp_path):
     assert row["pipeline"] == "OVStableDiffusionPipeline" and row["scheduler"] == "LCMScheduler"
     assert bench.optimum_rows({"base": tmp_path / "missing"}, 32, args, errors) == []  # a failure costs its row only
     assert "failed" in errors["optimum-intel openvino@32"]["error"]
+
+
+def test_families_benchmark_tiny(tmp_path):
+    """``ipa_rt bench --profile families --tiny``: every system runs the same files; ipa_rt's PyTorch row is bitwise
+    diffusers', its fp32 engine within 1e-4, and the results files are written."""
+    from ipa_rt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--profile", "families", "--tiny", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*-families-tiny.json")]
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16"}
+    assert rows["ipa_rt torch fp32"]["latent_rel_l2"] == 0.0
+    assert rows["ipa_rt openvino fp32"]["latent_rel_l2"] <= 1e-4
+    assert all(r["median_ms"] > 0 for r in rows.values())

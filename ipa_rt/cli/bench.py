@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(argv: list[str]) -> int:
     """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
     default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
-    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
+    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile families`` ``benchmarks/families.py``
+    (Flux.1 against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
     load on a local ``ipa_rt serve``), ``--profile gpu`` and ``cpu-basic``
     run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
     weights)."""
@@ -24,13 +25,15 @@ def run(argv: list[str]) -> int:
 
     folder = Path(__file__).resolve().parents[2] / "benchmarks"  # ipa_rt/cli/bench.py -> the checkout
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else "cpu"
-    script = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py"}.get(profile, "harness.py")
+    script = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py", "families": "families.py"}.get(
+        profile, "harness.py"
+    )
     if not (folder / script).is_file():
         print(
             f"ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/{script} not found)", file=sys.stderr
         )
         return 2
-    if script in ("cpu.py", "video.py", "serve.py"):
+    if script in ("cpu.py", "video.py", "serve.py", "families.py"):
         argv = [a for i, a in enumerate(argv) if a != "--profile" and (i == 0 or argv[i - 1] != "--profile")]
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"ipa_rt_bench_{script[:-3]}", folder / script)
