@@ -16,15 +16,6 @@ from .errors import ConfigError
 from .models import load_pipeline
 
 
-def _torch_only(load: Callable[..., Any], what: str) -> Callable[..., Any]:
-    def route(base, ip_adapter, image_encoder, *, backend: str, engine_options: Any, **kwargs: Any) -> Any:
-        if backend != "torch" or engine_options:
-            raise ConfigError(f"engines for {what} are not built yet; use backend='torch'")
-        return load(base, ip_adapter, image_encoder, **kwargs)
-
-    return route
-
-
 def constructor_for(name: str | None) -> Callable[..., Any] | None:
     """``(base, ip_adapter, image_encoder, *, backend, engine_options, **kwargs) -> pipeline`` for a declared
     pipeline class of these families, else None."""
@@ -39,14 +30,29 @@ def constructor_for(name: str | None) -> Callable[..., Any] | None:
     if name in KOLORS:
         return lambda *a, **k: _load_kolors(name, *a, **k)
     if name in SD3:
-        return _torch_only(lambda *a, **k: _load_sd3(name, *a, **k), "SD3.5")
+        return lambda *a, **k: _load_sd3(name, *a, **k)
     return None
 
 
-def _load_sd3(name: str, base, ip_adapter, image_encoder, *, subfolder=None, weight_name=None, device="cpu",
-              dtype=torch.float32, **hub_kwargs) -> Any:  # fmt: skip
-    """An ipa_rt SD3 pipeline with its adapter: the SigLIP encoder is the folder's own, or ``image_encoder``."""
+def _load_sd3(name: str, base, ip_adapter, image_encoder, *, backend: str, engine_options: Any = None, subfolder=None,
+              weight_name=None, device="cpu", dtype=torch.float32, **hub_kwargs) -> Any:  # fmt: skip
+    """An ipa_rt SD3 pipeline with its adapter: the SigLIP encoder is the folder's own, or ``image_encoder``; on
+    PyTorch, or with its transformer as an engine of ``backend`` (built into the cache once, then reused)."""
     from .sd3.pipelines import runtime_class
+
+    if backend != "torch":
+        extra = sorted(k for k, v in hub_kwargs.items() if v is not None)
+        if dtype != torch.float32 or extra:  # engines are built from files and take float32 inputs
+            raise ConfigError(
+                f"from_pretrained(backend={backend!r}) of an SD3.5 model takes ip_adapter, image_encoder, subfolder, "
+                f"weight_name, device and engine_options; got {extra or 'dtype=' + str(dtype)}"
+            )
+        from .sd3.engine import load_sd3_engine, sd3_engines
+
+        options = dict(class_name=name, subfolder=subfolder, weight_name=weight_name)
+        return load_sd3_engine(sd3_engines(base, ip_adapter, image_encoder, backend, engine_options, **options), device)
+    if engine_options:
+        raise ConfigError("engine_options apply to backend='onnxruntime', 'openvino' or 'tensorrt'; it is 'torch'")
 
     pipe = load_pipeline(runtime_class(name), base, dtype, device, hub_kwargs)
     if image_encoder is not None:

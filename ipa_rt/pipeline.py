@@ -89,6 +89,10 @@ class Pipeline(PipelineCore):
             from .kolors.engine import load_kolors_engine
 
             return load_kolors_engine(folder, device)
+        if kind == "sd3":  # an SD3.5 transformer engine (export.wrapped)
+            from .sd3.engine import load_sd3_engine
+
+            return load_sd3_engine(folder, device)
         return load_engine_pipeline(folder, device, scheduler, cls)
 
 

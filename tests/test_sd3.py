@@ -210,8 +210,9 @@ def test_pipeline_table_covers_diffusers():
         assert cls.__mro__[1:3] == (ipa_rt.sd3.SD3AdapterMixin, getattr(diffusers, name))
 
 
-def test_ipa_rt_pipeline_entry_point(files):
-    """``ipa_rt.Pipeline.from_pretrained`` on an SD3 folder gives ipa_rt.sd3's pipeline of the folder's class."""
+def test_ipa_rt_pipeline_entry_point(files, tmp_path, monkeypatch):
+    """``ipa_rt.Pipeline.from_pretrained`` on an SD3 folder gives ipa_rt.sd3's pipeline of the folder's class (engines:
+    :func:`test_sd3_engine_parity_live_scale_and_reuse`)."""
     import ipa_rt
     import ipa_rt.sd3
     from ipa_rt.errors import ConfigError
@@ -221,5 +222,64 @@ def test_ipa_rt_pipeline_entry_point(files):
     assert type(pipe) is ipa_rt.sd3.StableDiffusion3Pipeline
     pipe.set_progress_bar_config(disable=True)
     _same(ref, pipe, ip_adapter_image=testing.make_image(0))
-    with pytest.raises(ConfigError, match="SD3.5"):
-        ipa_rt.Pipeline.from_pretrained(files["base"], files["instantx"], backend="openvino")
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="engine_options"):  # refused before anything is built
+        ipa_rt.Pipeline.from_pretrained(files["base"], files["instantx"], engine_options={"height": 32})
+    with pytest.raises(ConfigError, match="frames"):
+        ipa_rt.Pipeline.from_pretrained(
+            files["base"], files["instantx"], backend="openvino", engine_options={"frames": 4}
+        )
+    with pytest.raises(ConfigError, match="ip_adapter"):
+        ipa_rt.Pipeline.from_pretrained(files["base"], None, backend="openvino")
+    assert not list((tmp_path / "cache").glob("*-sd3-*"))
+
+
+ENGINE_SIZE = {"height": 32, "width": 32, "max_sequence_length": 32}
+
+
+def _close(a, b):
+    """Engine parity: <= 1e-3 of the latents' scale (fp32 engines; observed <= ~1e-6)."""
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tmp_path, monkeypatch, capsys):
+    """The transformer (with the per-step resampler) as an engine inside diffusers' StableDiffusion3Pipeline, against
+    diffusers with the adapter: CFG on and off, the scale an engine input changed live, scale 0 and no image the base
+    model, reuse from the cache, the adapter built in, from_engine."""
+    import diffusers
+
+    import ipa_rt
+    from ipa_rt.errors import ConfigError
+    from ipa_rt.sd3.engine import EngineTransformer
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    args = (files["base"], files["instantx"])
+    pipe = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and isinstance(pipe.transformer, EngineTransformer)
+    folder = next((tmp_path / "cache").glob(f"{backend}-sd3-*"))
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    ref, engine, image = _load(diffusers.StableDiffusion3Pipeline, files), pipe.transformer.engine, files["image"]
+    for scale, guidance in ((0.5, 7.0), (1.3, 7.0), (1.3, 1.0)):  # 0.5: both loaders' default; then live changes
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        kw = dict(ip_adapter_image=image, guidance_scale=guidance)
+        _close(_latents(ref, **kw), _latents(pipe, **kw))
+    without = _latents(pipe)  # no image prompt: zero features and a zero scale
+    _close(base_latents["cfg"], without)
+    embeds = pipe.encode_image(image, "cpu")
+    pipe.set_ip_adapter_scale(0.0)  # given embeddings, the branch runs in the engine and adds exactly nothing
+    assert torch.equal(_latents(pipe, ip_adapter_image_embeds=torch.cat([torch.zeros_like(embeds), embeds])), without)
+    assert pipe.transformer.engine is engine
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps  # nothing rebuilt
+    capsys.readouterr()
+    again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
+    assert "reusing the sd3 engine" in "".join(capsys.readouterr())
+    with pytest.raises(ConfigError, match="adapter built in"):
+        again.load_ip_adapter(str(files["bin"].parent), weight_name=files["bin"].name)
+    loaded = ipa_rt.Pipeline.from_engine(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline" and "engine" in loaded.runtime_summary()
+    ref.set_ip_adapter_scale(0.5)
+    _close(_latents(ref, ip_adapter_image=image), _latents(loaded, ip_adapter_image=image))

@@ -99,13 +99,14 @@ class SD3StepTokens:
     tokens: Tensor
     temb: Tensor
     side: SD3ImageSide
+    scale: Tensor | None = None  # an engine's scale input (traced); None: the side's current scale
 
     def add(self, layer: int, out: Tensor, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """``out + where(scale != 0, branch · scale, 0)``: diffusers' ``out + branch * scale`` bitwise for a non-zero
         scale (the product is taken in float32, as diffusers' Python-float scale is for half types too), exactly
         ``out`` at 0 (even were the branch not finite), without reading the scale on the host."""
         ip = self.side.ip_blocks[layer].attend(self.tokens, self.temb, query, key, value)
-        scale = self.side.scale
+        scale = self.side.scale if self.scale is None else self.scale
         return out + torch.where(scale != 0, (ip.float() * scale).to(ip.dtype), 0.0)
 
 
@@ -164,31 +165,41 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
 
     def prepare(self, embeds: Tensor) -> SD3Prepared:
         """The step-independent part for ``embeds`` ``[B, T, C]`` (memoised on its identity)."""
+        if isinstance(embeds, (list, tuple)):
+            raise ConfigError("SD3 pipelines take one IP-Adapter: ip_adapter_image_embeds must be one tensor")
         key = _identity(embeds)
         hit = self._memo.get(key)
         if hit is not None and hit.inputs is embeds:
             self._memo.move_to_end(key)
             return hit
-        latents = self.latents.repeat(embeds.size(0), 1, 1)
-        prepared = SD3Prepared(self.proj_in(embeds), latents, self.layers[0].ln1(latents), embeds)
+        prepared = self.around(self.proj_in(embeds), embeds)
         self._memo[key] = prepared
         while len(self._memo) > _MEMO:
             self._memo.popitem(last=False)
         return prepared
 
-    @torch.no_grad()
-    def forward(self, x: Tensor, timestep: Tensor) -> tuple[SD3StepTokens, Tensor]:  # type: ignore[override]
-        if isinstance(x, (list, tuple)):
-            raise ConfigError("SD3 pipelines take one IP-Adapter: ip_adapter_image_embeds must be one tensor")
-        prepared = self.prepare(x)
-        # per step from here: everything below depends on the timestep
-        temb = self.time_embedding(self.time_proj(timestep).to(dtype=x.dtype))
+    def around(self, features: Tensor, inputs: Tensor) -> SD3Prepared:
+        """The step-independent part around ``features`` (``proj_in`` of ``inputs``): the learned queries repeated
+        over its batch and the first block's ``ln1`` of them (an engine computes these in its graph: they are
+        constants of the adapter's weights)."""
+        latents = self.latents.repeat(features.size(0), 1, 1)
+        return SD3Prepared(features, latents, self.layers[0].ln1(latents), inputs)
+
+    def step(
+        self, prepared: SD3Prepared, timestep: Tensor, scale: Tensor | None = None
+    ) -> tuple[SD3StepTokens, Tensor]:
+        """The per-step part: everything here depends on the timestep (``scale``: an engine's scale input)."""
+        temb = self.time_embedding(self.time_proj(timestep).to(dtype=prepared.inputs.dtype))
         features = prepared.features + temb[:, None]
         latents = prepared.latents
         for i, block in enumerate(self.layers):
             latents = _resampler_block(block, features, latents, temb, prepared.ln1_latents if i == 0 else None)
         tokens = self.norm_out(self.proj_out(latents))
-        return SD3StepTokens(tokens, temb, self), temb
+        return SD3StepTokens(tokens, temb, self, scale), temb
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, timestep: Tensor) -> tuple[SD3StepTokens, Tensor]:  # type: ignore[override]
+        return self.step(self.prepare(x), timestep)
 
 
 class SD3JointProcessor:

@@ -87,6 +87,10 @@ class SD3AdapterMixin:
     def _install(self, side: SD3ImageSide) -> None:
         """Swap in ipa_rt's processors and image side; remember what was there (once, across reloads)."""
         transformer = self.transformer
+        self.reference_cache.clear()
+        if hasattr(transformer, "install_image_side"):  # an engine: the branch is in its graph, the side feeds it
+            transformer.install_image_side(side)
+            return
         if self._ipa_saved is None:
             self._ipa_saved = {
                 "processors": dict(transformer.attn_processors),
@@ -100,11 +104,12 @@ class SD3AdapterMixin:
         transformer.set_attn_processor(processors)
         param = next(transformer.parameters())
         transformer.image_proj = side.to(device=param.device, dtype=param.dtype)
-        self.reference_cache.clear()
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and ``image_proj`` exactly; drop the image encoder and feature
         extractor (diffusers' rule)."""
+        if hasattr(self.transformer, "install_image_side"):
+            self.transformer.install_image_side(None)  # the engine then adds exactly nothing
         if self._ipa_saved is not None:
             transformer = self.transformer
             del transformer.image_proj
@@ -117,6 +122,12 @@ class SD3AdapterMixin:
                 setattr(self, name, None)
                 self.register_to_config(**{name: [None, None]})
         self.reference_cache.clear()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' call; on an engine, the size and text length it was built for are the defaults."""
+        defaults = getattr(self.transformer, "call_defaults", {})
+        kwargs |= {key: value for key, value in defaults.items() if kwargs.get(key) is None}
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     @property
     def image_side(self) -> SD3ImageSide:
@@ -159,9 +170,10 @@ class SD3AdapterMixin:
 
     def runtime_summary(self) -> str:
         """One line: what runs the transformer, and the adapter."""
-        t = self.transformer
+        t, engine = self.transformer, getattr(self.transformer, "engine", None)
+        where = f"{type(engine.engine).__name__} engine" if engine is not None else f"PyTorch ({t.dtype}, {t.device})"
         count = int(isinstance(getattr(t, "image_proj", None), SD3ImageSide))
-        return f"{type(self).__name__}: transformer on PyTorch ({t.dtype}, {t.device}), {count} IP-Adapter(s)"
+        return f"{type(self).__name__}: transformer on {where}, {count} IP-Adapter(s)"
 
     def cache_stats(self) -> dict[str, Any]:
         return {"reference": self.reference_cache.stats()}

@@ -1,0 +1,273 @@
+"""SD3.5 transformer engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
+
+InstantX's adapter tokens and every block's image keys/values depend on the timestep, so they cannot be engine inputs
+computed once per call (as Flux's image tokens are): the engine holds the transformer with ipa_rt's processors *and*
+the per-step part of the TimeResampler. Its inputs are what diffusers' SD3 pipeline passes to the transformer
+(:data:`INPUTS`), ``ip_features`` (``proj_in`` of the SigLIP features, the step-independent input
+:class:`~ipa_rt.sd3.adapter.SD3ImageSide` computes once per call) and the 0-d ``ip_scale``; the learned latent queries
+and the first resampler block's ``ln1`` of them are constants of the adapter's weights, so they are folded into the
+graph. Changing the reference image or the scale changes inputs, never the engine; the adapter's weights are baked in.
+
+:class:`EngineTransformer` takes the transformer's place in diffusers' own pipeline (loop, scheduler and CFG stay
+diffusers'); rows range over 1..2·batch (CFG doubles them). Without an image prompt it feeds zero features and a zero
+scale: the branch then adds exactly nothing (``where(scale != 0, ...)``). The text encoders, VAE, SigLIP and
+``proj_in`` run in PyTorch. The build mechanics are :mod:`ipa_rt.export.wrapped`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from .. import console
+from ..checkpoint import adapter_sources
+from ..errors import ConfigError
+from ..export import wrapped
+from ..export.contracts import Contract
+from ..models import _read_json
+from .adapter import SD3ImageSide
+from .pipelines import PIPELINES, SD3AdapterMixin
+
+NETWORK = "transformer"
+INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")  # diffusers' SD3 call, in order
+# what of the base model the engine depends on (the CLIP tokenizer's length is part of the text input's shape)
+BASE_PARTS = ("model_index.json", "transformer", "tokenizer/tokenizer_config.json")
+DEFAULT_WEIGHT = "ip-adapter.safetensors"  # diffusers' SD3 load_ip_adapter's default weight_name
+
+
+class ExportedTransformer(nn.Module):
+    """The traceable network: the per-step resampler, then the transformer with ipa_rt's processors."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, *args: Tensor) -> Tensor:
+        kwargs = dict(zip(INPUTS, args[: len(INPUTS)], strict=True))
+        features, scale = args[len(INPUTS) :]
+        side: SD3ImageSide = self.transformer.image_proj
+        tokens, temb = side.step(side.around(features, features), kwargs["timestep"], scale)
+        branch = {"ip_hidden_states": tokens, "temb": temb}  # what diffusers' transformer passes its processors
+        return self.transformer(**kwargs, joint_attention_kwargs=branch, return_dict=False)[0]
+
+
+class _AdapterOnly(SD3AdapterMixin):
+    """The pipelines' mixin around a bare transformer: the build installs the adapter exactly as ``load_ip_adapter``
+    does, without loading the text encoders or the VAE."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+
+
+def sd3_contract(transformer: nn.Module, shapes: dict[str, int], text: int, vae_scale: int, images: int) -> Contract:
+    """``noise_pred = transformer(*INPUTS, ip_features, ip_scale)`` at the build's size: ``text`` tokens (CLIP's and
+    T5's), ``images`` SigLIP tokens; rows range over 1..2·batch."""
+    cfg, side = transformer.config, transformer.image_proj
+    step = vae_scale * cfg.patch_size
+    if shapes["height"] % step or shapes["width"] % step:
+        raise ConfigError(f"height and width must be divisible by {step}; got {shapes['height']}x{shapes['width']}")
+    rows, g = 2 * shapes["batch"], torch.Generator().manual_seed(0)
+    latent = (cfg.in_channels, shapes["height"] // vae_scale, shapes["width"] // vae_scale)
+    inputs = {
+        "hidden_states": torch.randn(rows, *latent, generator=g),
+        "encoder_hidden_states": torch.randn(rows, text, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(rows, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.full((rows,), 500.0),
+        "ip_features": torch.randn(rows, images, side.proj_in.out_features, generator=g),
+        "ip_scale": torch.tensor(1.0),  # 0-d, as the side's scale
+    }
+    module = ExportedTransformer(transformer).eval()
+    return Contract(NETWORK, module, inputs, ("noise_pred",), tuple(inputs)[:-1], (1, rows, rows))
+
+
+def _encoder_location(image_encoder: Any) -> str | None:
+    """Where the loader finds the image encoder again: a path or hub id (a module: the one it was loaded from);
+    None: the base folder's own."""
+    if isinstance(image_encoder, (str, os.PathLike)):
+        return os.fspath(image_encoder)
+    return getattr(getattr(image_encoder, "config", None), "name_or_path", None) or None
+
+
+def _image_tokens(base: str, image_encoder: Any) -> int:
+    """SigLIP's token count, ``(image_size / patch_size)²``: the length of ``ip_features``."""
+    from transformers import SiglipVisionConfig
+
+    if isinstance(image_encoder, nn.Module):
+        cfg = image_encoder.config
+    else:
+        where = (os.fspath(image_encoder), "") if image_encoder is not None else (base, "image_encoder")
+        try:
+            cfg = SiglipVisionConfig.from_pretrained(where[0], subfolder=where[1])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"no SigLIP image encoder config at '{where[0]}' {where[1]}: SD3.5 engines take its token count from "
+                "it; pass image_encoder= (google/siglip-so400m-patch14-384 for InstantX's adapter)"
+            ) from exc
+    return (cfg.image_size // cfg.patch_size) ** 2
+
+
+def sd3_engines(
+    base: str | os.PathLike,
+    ip_adapter: Any,
+    image_encoder: Any,
+    backend: str,
+    engine_options: dict[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    class_name: str = "StableDiffusion3Pipeline",
+    subfolder: Any = None,
+    weight_name: Any = None,
+) -> Path:
+    """Build the transformer engine for ``base`` with ``ip_adapter`` (into ``out``, else the cache) or find it built;
+    returns the folder. ``engine_options``: ``height``, ``width`` (diffusers' default for the folder), ``batch`` (1),
+    ``max_sequence_length`` (256), ``precision`` (OpenVINO) and ``rebuild``."""
+    from diffusers import SD3Transformer2DModel
+
+    wrapped.check_backend(backend, "SD3.5")
+    if ip_adapter is None:
+        raise ConfigError("SD3.5 engines are built with their IP-Adapter: give ip_adapter")
+    if class_name not in PIPELINES or "ControlNet" in class_name:
+        runs = [n for n in PIPELINES if "ControlNet" not in n]
+        raise ConfigError(f"SD3.5 engines run in {runs}, not {class_name}; use backend='torch'")
+    base = os.fspath(base)
+    cfg = _read_json(base, "transformer/config.json", {})
+    if cfg.get("_class_name") != "SD3Transformer2DModel":
+        raise ConfigError(f"engines for a {cfg.get('_class_name')} are not supported yet; use backend='torch'")
+    vae_scale = 2 ** (len(_read_json(base, "vae/config.json", {}).get("block_out_channels", [0] * 4)) - 1)
+    size = cfg.get("sample_size", 128) * vae_scale  # diffusers' default image size for this folder
+    defaults = {"height": size, "width": size, "batch": 1, "max_sequence_length": 256}
+    options = wrapped.shape_options(engine_options, defaults, "SD3.5")
+    adapters = adapter_sources(ip_adapter, subfolder, weight_name or DEFAULT_WEIGHT)
+    if len(adapters) != 1:
+        raise ConfigError(f"SD3 pipelines take one IP-Adapter (diffusers' SD3IPAdapterMixin); got {len(adapters)}")
+    encoder = _encoder_location(image_encoder)
+    sources = wrapped.source_records(base, BASE_PARTS, adapters, encoder)
+    ident = wrapped.identity("sd3", class_name, backend, options, sources, encoder)
+
+    def build(folder: Path) -> None:
+        with console.hushed(bars=True):
+            transformer = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", dtype=torch.float32)
+        adapter = sources["ip_adapter_0"]["path"]
+        _AdapterOnly(transformer.eval()).load_ip_adapter(adapter, image_encoder_folder=None)
+        # diffusers' prompt embeddings: CLIP's padded tokens, then T5's max_sequence_length
+        clip = _read_json(base, "tokenizer/tokenizer_config.json", {}).get("model_max_length", 77)
+        text = clip + options["shapes"]["max_sequence_length"]
+        images = _image_tokens(base, image_encoder)
+        contract = sd3_contract(transformer, options["shapes"], text, vae_scale, images)
+        record = {
+            "kind": "sd3",
+            "identity": ident,
+            "sources": sources,
+            "shapes": options["shapes"],
+            "pipeline": class_name,
+            "base": os.path.abspath(base) if os.path.isdir(base) else base,
+            "adapters": [adapter],
+            "image_encoder": encoder,
+        }
+        wrapped.write_engine(folder, contract, backend, options["precision"], record)
+
+    return wrapped.cached_build(ident, out, options["rebuild"], build)
+
+
+class EngineTransformer(ModelMixin):
+    """Stands in for the transformer in diffusers' SD3 pipeline and runs the engine (see the module docstring); a
+    ``ModelMixin`` because diffusers' ``from_pretrained`` accepts no other kind of component in its place.
+    ``structure`` is the transformer's module tree on the meta device (no weights): what the adapter loader counts
+    the joint blocks' processors in."""
+
+    def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], built: dict[str, int]) -> None:
+        super().__init__()
+        from diffusers import SD3Transformer2DModel
+
+        self.engine, self.config, self.shapes = engine, config, shapes
+        with torch.device("meta"):
+            self.structure = [SD3Transformer2DModel.from_config(dict(config))]  # a list: not a submodule
+        # the pipeline's call defaults: the size and text length the engine was built for
+        self.call_defaults = {k: built[k] for k in ("height", "width", "max_sequence_length")}
+        self.image_proj: SD3ImageSide | None = None
+        self._installed = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # engines take float32 inputs whatever they compute in
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.engine.device.type == "cpu" else self.engine.device
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        return self.structure[0].attn_processors
+
+    def install_image_side(self, side: SD3ImageSide | None) -> None:
+        """The loader installs the adapter the engine was built with, once; ``None`` (unload) feeds no image."""
+        if side is not None and self._installed:
+            raise ConfigError(
+                "this pipeline runs an SD3.5 engine with its adapter built in; build engines for another adapter "
+                "(from_pretrained(..., backend=...)) instead of load_ip_adapter"
+            )
+        self._installed = self._installed or side is not None
+        self.image_proj = side.to(device=self.device, dtype=torch.float32) if side is not None else None
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        block_controlnet_hidden_states: Any = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        skip_layers: Any = None,
+    ) -> Any:
+        if block_controlnet_hidden_states is not None or skip_layers is not None:
+            raise ConfigError(
+                "ControlNet residuals and skip_guidance_layers are not part of SD3.5 engines; use backend='torch'"
+            )
+        rows = hidden_states.shape[0]
+        feeds = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "pooled_projections": pooled_projections,
+            "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(rows),
+        }
+        embeds, side = (joint_attention_kwargs or {}).get("ip_adapter_image_embeds"), self.image_proj
+        if side is not None and embeds is not None:
+            with torch.no_grad():
+                feeds["ip_features"] = side.prepare(embeds).features  # once per call: memoised on the embeddings
+            feeds["ip_scale"] = side.scale
+        else:  # no image prompt: zero features and a zero scale add exactly nothing
+            feeds["ip_features"] = torch.zeros([rows, *self.shapes["ip_features"][1:]])
+            feeds["ip_scale"] = torch.zeros(())
+        (out,) = self.engine(feeds)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+
+def load_sd3_engine(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """The folder's SD3 pipeline class (``ipa_rt.sd3``'s) whose transformer runs the engine in ``folder``."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from .pipelines import runtime_class
+
+    manifest, engine = wrapped.open_engine(folder, device, "sd3")
+    base = manifest["base"]
+    config = FrozenDict(_read_json(base, "transformer/config.json", {}))
+    components: dict[str, Any] = {
+        "transformer": EngineTransformer(engine, config, wrapped.built_shapes(manifest), manifest["shapes"])
+    }
+    with console.hushed(bars=True):
+        if manifest["image_encoder"] is not None:  # given at build time (else: the folder's own)
+            from transformers import SiglipVisionModel
+
+            components["image_encoder"] = SiglipVisionModel.from_pretrained(manifest["image_encoder"]).eval()
+        pipe = runtime_class(manifest["pipeline"]).from_pretrained(base, **components, dtype=torch.float32).to(device)
+    pipe.load_ip_adapter(manifest["adapters"][0])
+    return pipe
