@@ -4,10 +4,11 @@ against ipa_rt on PyTorch and on OpenVINO engines, same weights, one process.
 Full-size FLUX.1 (12B parameters, 48 GB in fp32) does not fit the 24 GB CPU machines this project benchmarks on, so
 the CPU row uses FLUX.1's **full width** (24 heads x 128, joint width 4096, XLabs' 4-token adapter on 4096-wide T5
 states, CLIP ViT-L/14 image encoder) with **reduced depth** (``--double`` / ``--single`` blocks instead of 19 / 38)
-and tiny text encoders (their cost is one call per request, not per step): per-block costs are FLUX.1's, the total is
-not. Random weights in the real on-disk formats. The workload is an end-to-end call (PIL reference in, latents out)
-of ``--steps`` steps at ``--size``, text length ``--text``; every ipa_rt row carries its latents' relative L2 error
-against diffusers fp32.
+and tiny text encoders and VAE (their cost is one call per request, not per step): per-block costs are FLUX.1's, the
+total is not. The tiny VAE downsamples 2x (FLUX.1's: 8x), so ``--size 256`` gives 128² latents = 4096 image tokens,
+FLUX.1's token count at 1024²; rows are labelled by token count. Random weights in the real on-disk formats. The
+workload is an end-to-end call (PIL reference in, latents out) of ``--steps`` steps, text length ``--text``; every
+ipa_rt row carries its latents' relative L2 error against diffusers fp32.
 
     ipa_rt bench --profile families [--size 256] [--steps 2] [--reps 2] [--double 2] [--single 2] [--work DIR]
     ipa_rt bench --profile families --tiny      # tiny models: checks the harness (the test suite runs it)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 from pathlib import Path
@@ -97,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     call = dict(height=args.size, width=args.size, num_inference_steps=args.steps, max_sequence_length=args.text,
                 output_type="latent", ip_adapter_image=image)  # fmt: skip
     rows, oracle = [], None
-    family = "flux tiny" if args.tiny else f"FLUX.1 width, {args.double}+{args.single} blocks, {args.size}²"
+    vae = json.loads((Path(files["base"]) / "vae" / "config.json").read_text())
+    tokens = (args.size // 2 ** len(vae["block_out_channels"])) ** 2  # VAE downsampling, then 2x2 packing
+    shape = f"{tokens} image + {args.text} text tokens"
+    family = f"flux tiny, {shape}" if args.tiny else f"FLUX.1 width, {args.double}+{args.single} blocks, {shape}"
     for system in args.systems:
         pipe = load(system, files, args.size, args.text)
         pipe.set_progress_bar_config(disable=True)

@@ -92,3 +92,25 @@ def _load_kolors(name: str, base, ip_adapter, image_encoder, *, backend: str, en
         base, ip_adapter, image_encoder, backend, engine_options, None, name, subfolder, weight_name
     )
     return load_kolors_engine(folder, device)
+
+
+def engine_builder(name: str | None) -> Callable[..., Any] | None:
+    """``(base, ip_adapter, image_encoder, backend, engine_options, out) -> folder`` for a declared pipeline class of
+    these families (``ipa_rt build``'s route for them), else None."""
+    from .flux.pipelines import PIPELINES as FLUX
+    from .kolors.pipelines import PIPELINES as KOLORS
+    from .sd3.pipelines import PIPELINES as SD3
+
+    if name in FLUX:
+        from .flux.build import flux_engines
+
+        return flux_engines
+    if name in KOLORS:
+        from .kolors.engine import kolors_engines
+
+        return lambda base, *args, out=None: kolors_engines(base, *args, out=out, class_name=name)
+    if name in SD3:
+        from .sd3.engine import sd3_engines
+
+        return lambda base, *args, out=None: sd3_engines(base, *args, out=out, class_name=name)
+    return None

@@ -227,3 +227,31 @@ def load_pipeline(cls: type, base: str | os.PathLike, dtype: torch.dtype, device
 
     with hushed(bars=True):
         return cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
+
+
+def wrapped_pipeline_class(name: str, mixin: type, names: tuple[str, ...], module: str) -> type:
+    """``class <name>(mixin, diffusers.<name>)`` for a name of ``names``: diffusers' pipeline with one of ipa_rt's
+    adapter mixins in front (:mod:`ipa_rt.flux`, :mod:`ipa_rt.kolors`, :mod:`ipa_rt.sd3`; each caches it per name)."""
+    import diffusers
+
+    from .console import hushed
+
+    with hushed():  # importing diffusers' pipelines makes transformers note a missing torchvision
+        base = getattr(diffusers, name, None) if name in names else None
+    if base is None:
+        raise ConfigError(f"{module} has no {name} (diffusers {diffusers.__version__}); expected one of {names}")
+    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`{mixin.__name__}`)."
+    cls = type(name, (mixin, base), {"__module__": module, "__doc__": doc})
+    cls.__qualname__ = name
+    return cls
+
+
+def drop_image_encoder(pipe: Any) -> None:
+    """diffusers' ``unload_ip_adapter`` rule: the image encoder goes, and the feature extractor too unless a safety
+    checker uses it."""
+    if getattr(pipe, "image_encoder", None) is not None:
+        pipe.image_encoder = None
+        pipe.register_to_config(image_encoder=[None, None])
+    if not hasattr(pipe, "safety_checker") and getattr(pipe, "feature_extractor", None) is not None:
+        pipe.feature_extractor = None
+        pipe.register_to_config(feature_extractor=[None, None])

@@ -168,3 +168,23 @@ def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, mon
         again.load_ip_adapter(str(files["plus_bin"].parent), subfolder="", weight_name=files["plus_bin"].name)
     folder = next((tmp_path / "cache").glob(f"{backend}-kolors-*"))
     assert type(ipa_rt.Pipeline.from_engine(folder)).__name__ == "KolorsPipeline"
+
+
+def test_kolors_cli_build_and_generate(files, tmp_path, monkeypatch):
+    import json
+
+    from ipa_rt.cli import main
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    out, png, ref = tmp_path / "engines", tmp_path / "out.png", tmp_path / "ref.png"
+    testing.make_image(0).save(ref)
+    common = ["--ip-adapter", str(files["plus"]), "--image-encoder", str(files["encoder"])]
+    size = ["--height", "64", "--width", "64"]
+    assert main(["build", str(files["base"]), *common, "--backend", "onnxruntime", *size, "-o", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "kolors"
+    gen = ["generate", "--engine", str(out), "--ip-image", str(ref), "--prompt", "a cat", "--steps", "2"]
+    assert main([*gen, "--device", "cpu", "-o", str(png)]) == 0
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (64, 64)

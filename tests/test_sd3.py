@@ -276,7 +276,7 @@ def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tm
     capsys.readouterr()
     again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=ENGINE_SIZE)
     assert "reusing the sd3 engine" in "".join(capsys.readouterr())
-    with pytest.raises(ConfigError, match="adapter built in"):
+    with pytest.raises(ConfigError, match="adapters built in"):
         again.load_ip_adapter(str(files["bin"].parent), weight_name=files["bin"].name)
     loaded = ipa_rt.Pipeline.from_engine(folder)
     loaded.set_progress_bar_config(disable=True)

@@ -51,7 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--rebuild", action="store_true", help="replace engines that are stale or differ")
     build.add_argument(
-        "--max-sequence-length", type=int, default=None, help="Flux/Chroma: T5 tokens the engine takes (default 512)"
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="Flux/Chroma, Kolors, SD3.5: text tokens the engine takes (default: the pipeline's)",
     )
     build.add_argument("--motion-adapter", metavar="DIR", help="AnimateDiff MotionAdapter: video engines (onnxruntime)")
     build.add_argument("--frames", type=int, default=16, help="frames per clip of video engines (static)")
@@ -63,10 +66,12 @@ def run(args: argparse.Namespace) -> None:
 
     from ..export.build import BuildRequest, build_engines
     from ..export.calibration import read_prompts
-    from ..flux.pipelines import pipeline_class_of
+    from ..families import engine_builder
+    from ..models import declared_pipeline
 
-    if pipeline_class_of(args.base) is not None:
-        return _build_flux(args)
+    builder = engine_builder(declared_pipeline(args.base))
+    if builder is not None:
+        return _build_wrapped(args, builder)
     if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
         from .. import video  # noqa: F401
 
@@ -101,10 +106,10 @@ def run(args: argparse.Namespace) -> None:
         build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
 
 
-def _build_flux(args: argparse.Namespace) -> None:
-    """``ipa_rt build`` of a Flux-family folder: the transformer engine (the other networks stay PyTorch)."""
+def _build_wrapped(args: argparse.Namespace, builder) -> None:
+    """``ipa_rt build`` of a Flux/Chroma, Kolors or SD3.5 folder: the transformer's (UNet's) engine; the other
+    networks stay PyTorch."""
     from ..errors import ConfigError
-    from ..flux.build import flux_engines
 
     unsupported = {
         "--lora": args.lora,
@@ -120,10 +125,10 @@ def _build_flux(args: argparse.Namespace) -> None:
     }
     given = [flag for flag, value in unsupported.items() if value]
     if given:
-        raise ConfigError(f"{', '.join(given)}: not supported for Flux-family engines yet (fp32/bf16 transformer only)")
+        raise ConfigError(f"{', '.join(given)}: not supported for these families' engines yet (fp32/bf16 only)")
     options = {"height": args.height, "width": args.width, "batch": args.batch, "precision": args.precision}
     options["rebuild"] = args.rebuild
     if args.max_sequence_length is not None:
         options["max_sequence_length"] = args.max_sequence_length
-    folder = flux_engines(args.base, args.ip_adapter, args.image_encoder, args.backend, options, out=args.output)
+    folder = builder(args.base, args.ip_adapter, args.image_encoder, args.backend, options, out=args.output)
     print(f"engines written to '{folder}'")

@@ -15,14 +15,13 @@ The text encoders, VAE and image encoder run in PyTorch (their engines are not b
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..export.wrapped import EngineStandIn
 from .adapter import FluxImageSide, FluxImageTokens
 
 # The transformer's forward arguments that become engine inputs, in order, per transformer class.
@@ -103,39 +102,21 @@ def example_inputs(pipe: Any, height: int, width: int, batch: int, text_tokens: 
     return out
 
 
-class EngineTransformer(ModelMixin):
-    """Stands in for the transformer in diffusers' pipeline and runs the engine (see the module docstring); a
-    ``ModelMixin`` because diffusers' ``from_pretrained`` accepts no other kind of component in its place."""
+class EngineTransformer(EngineStandIn):
+    """Stands in for the transformer in diffusers' Flux/Chroma pipeline and runs the engine (see the module
+    docstring)."""
+
+    what = "a Flux engine"
 
     def __init__(
         self, engine: Any, config: Any, names: tuple[str, ...], shapes: dict[str, list[int]], built: dict[str, int]
     ) -> None:
-        super().__init__()
-        self.engine, self.config, self.names, self.shapes = engine, config, names, shapes
-        # the pipeline's call defaults: the size and text length the engine was built for
-        self.call_defaults = {k: built[k] for k in ("height", "width", "max_sequence_length")}
+        super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width", "max_sequence_length")})
+        self.names = names
         self.encoder_hid_proj: FluxImageSide | None = None
-        self._installed = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32  # engines take float32 inputs whatever they compute in
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu") if self.engine.device.type == "cpu" else self.engine.device
-
-    def cache_context(self, name: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def install_image_side(self, side: FluxImageSide | None) -> None:
-        """The loader installs the adapters the engine was built with, once; ``None`` (unload) feeds no image."""
-        if side is not None and self._installed:
-            raise ConfigError(
-                "this pipeline runs a Flux engine with its adapters built in; build engines for other adapters "
-                "(ipa_rt build ... --ip-adapter FILE, or from_pretrained(..., backend=...)) instead of load_ip_adapter"
-            )
-        self._installed = self._installed or side is not None
+        self.claim(side is not None)
         self.encoder_hid_proj = side
 
     def forward(
@@ -165,8 +146,6 @@ class EngineTransformer(ModelMixin):
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing
             feeds |= {k: torch.zeros(v) for k, v in self.shapes.items() if k.startswith("ip_")}
         (out,) = self.engine(feeds)
-        if not return_dict:
-            return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        return Transformer2DModelOutput(sample=out)
+        return self.output(out, return_dict, Transformer2DModelOutput)

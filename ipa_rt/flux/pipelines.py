@@ -22,6 +22,7 @@ from ..conditions import content_hash
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError
 from ..lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
+from ..models import drop_image_encoder
 from .adapter import (
     FluxDecoupledProcessor,
     FluxDims,
@@ -136,12 +137,7 @@ class FluxAdapterMixin:
             else:
                 self.transformer.encoder_hid_proj = saved
             self._ipa_saved = None
-        if getattr(self, "image_encoder", None) is not None:
-            self.image_encoder = None
-            self.register_to_config(image_encoder=[None, None])
-        if not hasattr(self, "safety_checker") and getattr(self, "feature_extractor", None) is not None:
-            self.feature_extractor = None
-            self.register_to_config(feature_extractor=[None, None])
+        drop_image_encoder(self)
         self.reference_cache.clear()
 
     @property
@@ -241,16 +237,9 @@ PIPELINES = (
 @functools.cache
 def runtime_class(name: str) -> type:
     """``class <name>(FluxAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.flux.<name>`` is it)."""
-    import diffusers
+    from ..models import wrapped_pipeline_class
 
-    with hushed():  # importing diffusers' pipelines makes transformers note a missing torchvision
-        base = getattr(diffusers, name, None)
-    if base is None:
-        raise ConfigError(f"diffusers {diffusers.__version__} has no {name}; expected one of {PIPELINES}")
-    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`FluxAdapterMixin`)."
-    cls = type(name, (FluxAdapterMixin, base), {"__module__": "ipa_rt.flux", "__doc__": doc})
-    cls.__qualname__ = name
-    return cls
+    return wrapped_pipeline_class(name, FluxAdapterMixin, PIPELINES, "ipa_rt.flux")
 
 
 def pipeline_class_of(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from .. import console
@@ -24,6 +23,7 @@ from ..checkpoint import adapter_sources
 from ..errors import ConfigError
 from ..export import wrapped
 from ..export.contracts import Contract, _UNetIP
+from ..export.wrapped import EngineStandIn
 from ..models import _read_json
 
 NETWORK = "unet"
@@ -116,41 +116,26 @@ def kolors_engines(
     return wrapped.cached_build(ident, out, options["rebuild"], build)
 
 
-class EngineUNet(ModelMixin):
+class EngineUNet(EngineStandIn):
     """Stands in for the UNet in diffusers' Kolors pipeline and runs the engine. ``structure`` is the UNet's module
     tree on the meta device (no weights): what the adapter loader checks shapes against and InstantStyle scale dicts
     are expanded over."""
 
+    what = "a Kolors engine"
+
     def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], built: dict[str, int]) -> None:
-        super().__init__()
+        super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width")})
         from diffusers import UNet2DConditionModel
 
-        self.engine, self.config, self.shapes = engine, config, shapes
         with torch.device("meta"):
             self.structure = [UNet2DConditionModel.from_config(dict(config))]  # a list: not a submodule
         width = self.structure[0].add_embedding.linear_1.in_features  # diffusers' pipeline reads it
         self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
         self.encoder_hid_proj: nn.Module | None = None
         self.stack: Any = None
-        self._installed = False
-        self.call_defaults = {k: built[k] for k in ("height", "width")}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def install_adapters(self, stack: Any, side: nn.Module | None) -> None:
-        """The loader installs the adapters the engine was built with, once; ``None`` (unload) feeds no image."""
-        if stack is not None and self._installed:
-            raise ConfigError(
-                "this pipeline runs a Kolors engine with its adapters built in; build engines for other adapters "
-                "(from_pretrained(..., backend=...)) instead of load_ip_adapter"
-            )
-        self._installed = self._installed or stack is not None
+        self.claim(stack is not None)
         self.stack, self.encoder_hid_proj = stack, side
 
     def forward(
@@ -181,11 +166,9 @@ class EngineUNet(ModelMixin):
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing
             feeds |= {k: torch.zeros([rows, *v[1:]]) for k, v in self.shapes.items() if k.startswith("ip_")}
         (out,) = self.engine(feeds)
-        if not return_dict:
-            return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        return UNet2DConditionOutput(sample=out)
+        return self.output(out, return_dict, UNet2DConditionOutput)
 
 
 def load_kolors_engine(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Any:

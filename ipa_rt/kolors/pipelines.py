@@ -23,6 +23,7 @@ from ..adapter import IPAdapterStack
 from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..models import drop_image_encoder
 from ..scale import expand_scale, scale_tables
 from ..variants import FACE_ID
 
@@ -167,12 +168,7 @@ class UNetAdapterMixin:
     def unload_ip_adapter(self) -> None:
         """Restore the UNet exactly (processors, text projection) and drop the image encoder (diffusers' rule)."""
         self._ipa_remove()
-        if getattr(self, "image_encoder", None) is not None:
-            self.image_encoder = None
-            self.register_to_config(image_encoder=[None, None])
-        if not hasattr(self, "safety_checker") and getattr(self, "feature_extractor", None) is not None:
-            self.feature_extractor = None
-            self.register_to_config(feature_extractor=[None, None])
+        drop_image_encoder(self)
 
     @property
     def adapters(self) -> IPAdapterStack | None:
@@ -203,16 +199,9 @@ PIPELINES = ("KolorsPipeline", "KolorsImg2ImgPipeline", "KolorsPAGPipeline")
 @functools.cache
 def runtime_class(name: str) -> type:
     """``class <name>(UNetAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.kolors.<name>`` is it)."""
-    import diffusers
+    from ..models import wrapped_pipeline_class
 
-    with hushed():
-        base = getattr(diffusers, name, None)
-    if base is None or name not in PIPELINES:
-        raise ConfigError(f"ipa_rt.kolors has no {name}; expected one of {PIPELINES}")
-    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`UNetAdapterMixin`)."
-    cls = type(name, (UNetAdapterMixin, base), {"__module__": "ipa_rt.kolors", "__doc__": doc})
-    cls.__qualname__ = name
-    return cls
+    return wrapped_pipeline_class(name, UNetAdapterMixin, PIPELINES, "ipa_rt.kolors")
 
 
 def load_pretrained(

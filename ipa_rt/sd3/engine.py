@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from .. import console
@@ -173,44 +172,27 @@ def sd3_engines(
     return wrapped.cached_build(ident, out, options["rebuild"], build)
 
 
-class EngineTransformer(ModelMixin):
-    """Stands in for the transformer in diffusers' SD3 pipeline and runs the engine (see the module docstring); a
-    ``ModelMixin`` because diffusers' ``from_pretrained`` accepts no other kind of component in its place.
+class EngineTransformer(wrapped.EngineStandIn):
+    """Stands in for the transformer in diffusers' SD3 pipeline and runs the engine (see the module docstring).
     ``structure`` is the transformer's module tree on the meta device (no weights): what the adapter loader counts
     the joint blocks' processors in."""
 
+    what = "an SD3.5 engine"
+
     def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], built: dict[str, int]) -> None:
-        super().__init__()
+        super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width", "max_sequence_length")})
         from diffusers import SD3Transformer2DModel
 
-        self.engine, self.config, self.shapes = engine, config, shapes
         with torch.device("meta"):
             self.structure = [SD3Transformer2DModel.from_config(dict(config))]  # a list: not a submodule
-        # the pipeline's call defaults: the size and text length the engine was built for
-        self.call_defaults = {k: built[k] for k in ("height", "width", "max_sequence_length")}
         self.image_proj: SD3ImageSide | None = None
-        self._installed = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32  # engines take float32 inputs whatever they compute in
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu") if self.engine.device.type == "cpu" else self.engine.device
 
     @property
     def attn_processors(self) -> dict[str, Any]:
         return self.structure[0].attn_processors
 
     def install_image_side(self, side: SD3ImageSide | None) -> None:
-        """The loader installs the adapter the engine was built with, once; ``None`` (unload) feeds no image."""
-        if side is not None and self._installed:
-            raise ConfigError(
-                "this pipeline runs an SD3.5 engine with its adapter built in; build engines for another adapter "
-                "(from_pretrained(..., backend=...)) instead of load_ip_adapter"
-            )
-        self._installed = self._installed or side is not None
+        self.claim(side is not None)
         self.image_proj = side.to(device=self.device, dtype=torch.float32) if side is not None else None
 
     def forward(
@@ -244,11 +226,9 @@ class EngineTransformer(ModelMixin):
             feeds["ip_features"] = torch.zeros([rows, *self.shapes["ip_features"][1:]])
             feeds["ip_scale"] = torch.zeros(())
         (out,) = self.engine(feeds)
-        if not return_dict:
-            return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        return Transformer2DModelOutput(sample=out)
+        return self.output(out, return_dict, Transformer2DModelOutput)
 
 
 def load_sd3_engine(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Any:

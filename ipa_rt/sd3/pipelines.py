@@ -23,6 +23,7 @@ from ..conditions import content_hash
 from ..console import hushed
 from ..errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
 from ..lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
+from ..models import drop_image_encoder
 from ..variants import adapter_family
 from .adapter import (
     SD3BlockAdapter,
@@ -117,10 +118,7 @@ class SD3AdapterMixin:
                 transformer.image_proj = self._ipa_saved["image_proj"]
             transformer.set_attn_processor(self._ipa_saved["processors"])
             self._ipa_saved = None
-        for name in ("image_encoder", "feature_extractor"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, None)
-                self.register_to_config(**{name: [None, None]})
+        drop_image_encoder(self)
         self.reference_cache.clear()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -316,13 +314,6 @@ PIPELINES = (
 @functools.cache
 def runtime_class(name: str) -> type:
     """``class <name>(SD3AdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.sd3.<name>`` is it)."""
-    import diffusers
+    from ..models import wrapped_pipeline_class
 
-    with hushed():  # importing diffusers' pipelines makes transformers note a missing torchvision
-        base = getattr(diffusers, name, None) if name in PIPELINES else None
-    if base is None:
-        raise ConfigError(f"ipa_rt.sd3 has no {name}; expected one of {PIPELINES}")
-    doc = f"diffusers' ``{name}`` with ipa_rt's IP-Adapter runtime (:class:`SD3AdapterMixin`)."
-    cls = type(name, (SD3AdapterMixin, base), {"__module__": "ipa_rt.sd3", "__doc__": doc})
-    cls.__qualname__ = name
-    return cls
+    return wrapped_pipeline_class(name, SD3AdapterMixin, PIPELINES, "ipa_rt.sd3")
