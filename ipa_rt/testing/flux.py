@@ -128,6 +128,20 @@ def write_t5_tokenizer(folder: str | os.PathLike) -> int:
     return len(tok)
 
 
+def save_with_hub_tokenizers(pipe: Any, folder: Path, tokenizers: dict[str, Path], t5_name: str) -> None:
+    """``pipe.save_pretrained(folder)`` with the tokenizer folders as the hub has them: transformers 5 re-saves
+    tokenizers as ``tokenizer.json`` only, so the locally written files (vocab.json + merges.txt for CLIP, T5 v1.1's
+    configs beside tokenizer.json) replace them; the T5 entry of model_index.json names ``T5TokenizerFast`` as
+    FLUX.1-dev's and SD3.5's do ("T5Tokenizer" needs spiece.model under transformers 4)."""
+    pipe.save_pretrained(folder)
+    for name, source in tokenizers.items():
+        shutil.rmtree(folder / name)
+        shutil.copytree(source, folder / name)
+    index = json.loads((folder / "model_index.json").read_text())
+    index[t5_name] = ["transformers", "T5TokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def _t5_config(vocab_size: int, d_model: int, **overrides: Any):
     from transformers import T5Config
 
@@ -203,15 +217,7 @@ def write_flux_model(
                 tokenizer_2=t5_tokenizer,
                 transformer=transformer,
             )
-        pipe.save_pretrained(folder)
-        # transformers 5 re-saves tokenizers as tokenizer.json only; the folder keeps the hub's files instead
-        # (vocab.json + merges.txt for CLIP, T5 v1.1's configs beside tokenizer.json)
-        for name, source in tokenizers.items():
-            shutil.rmtree(folder / name)
-            shutil.copytree(source, folder / name)
-    index = json.loads((folder / "model_index.json").read_text())
-    index[t5_name] = ["transformers", "T5TokenizerFast"]  # FLUX.1-dev's entry; "T5Tokenizer" needs spiece.model in 4.x
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        save_with_hub_tokenizers(pipe, folder, tokenizers, t5_name)
     return folder
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .flux import _clean, _t5_config, write_t5_tokenizer
+from .flux import _clean, _t5_config, save_with_hub_tokenizers, write_t5_tokenizer
 from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, write_tokenizer
 
 SD3_LAYOUTS = ("instantx", "diffusers")
@@ -99,20 +98,15 @@ def write_sd3_model(
             image_encoder=encoder,
             feature_extractor=processor,
         )
-        pipe.save_pretrained(folder)
-        # transformers 5 re-saves tokenizers as tokenizer.json only; the folder keeps the hub's files instead
-        for name, source in tokenizers.items():
-            shutil.rmtree(folder / name)
-            shutil.copytree(source, folder / name)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]  # SD3.5-Large's entry
+        save_with_hub_tokenizers(pipe, folder, tokenizers, "tokenizer_3")
     if image_encoder:  # the names users' folders carry (transformers 5 without torchvision saves its Pil fallback's)
+        index = json.loads((folder / "model_index.json").read_text())
         index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
         config = folder / "feature_extractor" / "preprocessor_config.json"
         config.write_text(
             json.dumps({**json.loads(config.read_text()), "image_processor_type": "SiglipImageProcessor"})
         )
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
 
 
