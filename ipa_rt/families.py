@@ -64,9 +64,11 @@ def _load_sd3(name: str, base, ip_adapter, image_encoder, *, backend: str, engin
         pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
     if ip_adapter is not None:
         hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
-        kw = {"weight_name": weight_name} if weight_name is not None else {}
-        pipe.load_ip_adapter(os.fspath(ip_adapter) if isinstance(ip_adapter, os.PathLike) else ip_adapter,
-                             subfolder=subfolder, **kw, **hub)  # fmt: skip
+        if isinstance(ip_adapter, (list, tuple)) and len(ip_adapter) == 1:  # SD3 takes one adapter (the CLI's list)
+            ip_adapter = ip_adapter[0]
+        source = os.fspath(ip_adapter) if isinstance(ip_adapter, os.PathLike) else ip_adapter
+        kw = {"weight_name": weight_name} if weight_name is not None else {}  # else diffusers' default file name
+        pipe.load_ip_adapter(source, subfolder=subfolder, **kw, **hub)
     return pipe
 
 

@@ -283,3 +283,26 @@ def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tm
     assert type(loaded).__name__ == "StableDiffusion3Pipeline" and "engine" in loaded.runtime_summary()
     ref.set_ip_adapter_scale(0.5)
     _close(_latents(ref, ip_adapter_image=image), _latents(loaded, ip_adapter_image=image))
+
+
+def test_sd3_cli_generate_and_build(files, tmp_path, monkeypatch):
+    """``ipa_rt generate`` on an SD3 folder (PyTorch), ``ipa_rt build`` of its transformer engine and ``generate
+    --engine`` on it, through the command line."""
+    import json
+
+    from PIL import Image
+
+    from ipa_rt.cli import main
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    ref, png, out = tmp_path / "ref.png", tmp_path / "out.png", tmp_path / "engines"
+    testing.make_image(0).save(ref)
+    common = ["--ip-adapter", str(files["instantx"]), "--height", "32", "--width", "32"]
+    gen = ["generate", str(files["base"]), *common, "--ip-image", str(ref), "--steps", "2", "--device", "cpu"]
+    assert main([*gen, "--backend", "torch", "-o", str(png)]) == 0
+    assert main(["build", str(files["base"]), *common, "--max-sequence-length", "16", "-o", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "sd3"
+    engine_gen = ["generate", "--engine", str(out), "--ip-image", str(ref), "--steps", "2", "--device", "cpu"]
+    assert main([*engine_gen, "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (32, 32)

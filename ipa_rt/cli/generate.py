@@ -95,12 +95,16 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _adapter_count(pipe) -> int:
-    """IP-Adapters loaded: a UNet pipeline's stack, or a Flux-family transformer's image side."""
+    """IP-Adapters loaded: a UNet pipeline's stack (ipa_rt's, Kolors'), a Flux-family transformer's image side, or
+    SD3.5's (one adapter)."""
     adapters = getattr(pipe, "adapters", None)
     if adapters is not None:
         return adapters.num_adapters
-    side = getattr(getattr(pipe, "transformer", None), "encoder_hid_proj", None)
-    return getattr(side, "num_ip_adapters", 0)
+    transformer = getattr(pipe, "transformer", None)
+    side = getattr(transformer, "encoder_hid_proj", None)
+    if side is not None:
+        return getattr(side, "num_ip_adapters", 0)
+    return 1 if getattr(transformer, "image_proj", None) is not None else 0
 
 
 def _video_engine(folder: str) -> bool:
