@@ -188,3 +188,21 @@ def test_kolors_cli_build_and_generate(files, tmp_path, monkeypatch):
 
     with Image.open(png) as im:
         assert im.size == (64, 64)
+
+
+def test_kolors_fused_kernel(files):
+    """Kolors' cross-attention through the fused Triton kernel (the interpreter on the CPU) against diffusers: within
+    fp32 summation-order error."""
+    from ipa_rt.kernels import fused_available
+
+    why = fused_available(torch.device("cpu"), torch.float32, 8)
+    if why is not None:
+        pytest.skip(f"the Triton kernel cannot run here: {why}")
+    ref, ours = _pair(files, "plus")
+    ours.set_ip_attention("triton")
+    assert all(p.fused for p in ours.adapters._processors)
+    kw = dict(ip_adapter_image=testing.make_image(0), num_inference_steps=1, guidance_scale=1.0)  # the interpreter
+    a, b = _latents(ref, **kw), _latents(ours, **kw)
+    assert (a - b).abs().max() <= 2e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+    with pytest.raises(ConfigError, match="unknown"):
+        ours.set_ip_attention("flash")

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..kernels.ops import MODES, choose  # noqa: F401  (re-exported: the Flux mixin decides with them)
 
-MODES = ("auto", "triton", "sdpa")
 _WARNED: set[str] = set()
 
 
@@ -43,21 +42,6 @@ def fuse(kv: list[list[tuple[Tensor, Tensor]]]) -> FusedKV:
     ]
     offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
     return FusedKV(cat, offsets, torch.arange(len(lengths), dtype=torch.int32, device=device))
-
-
-def choose(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the image branch runs the kernel: ``auto`` on CUDA where it can, ``triton`` wherever it can (the CPU
-    under ``TRITON_INTERPRET=1``) or a :class:`ConfigError` saying why not, ``sdpa`` never."""
-    if mode not in MODES:
-        raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
-    if mode == "sdpa":
-        return False
-    from ..kernels import fused_available
-
-    why = fused_available(device, dtype, head_dim)
-    if mode == "triton" and why is not None:
-        raise ConfigError(f"attention='triton' cannot run here: {why}")
-    return why is None and (mode == "triton" or device.type == "cuda")
 
 
 def fused_branch(q: Tensor, fused: FusedKV, layer: int, scale: Tensor) -> Tensor | None:

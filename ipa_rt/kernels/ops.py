@@ -10,12 +10,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from . import decoupled_kernel as _k
 
 
 def fused_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """``None`` when the fused kernel can serve a layer with these properties, else why not."""
     return _k.kernel_supports(device, dtype, head_dim)
+
+
+MODES = ("auto", "triton", "sdpa")  # a pipeline's attention choice for the image branch
+
+
+def choose(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the image branch runs the kernel: ``auto`` on CUDA where it can, ``triton`` wherever it can (the CPU
+    under ``TRITON_INTERPRET=1``) or a :class:`ConfigError` saying why not, ``sdpa`` never."""
+    if mode not in MODES:
+        raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
+    if mode == "sdpa":
+        return False
+    why = fused_available(device, dtype, head_dim)
+    if mode == "triton" and why is not None:
+        raise ConfigError(f"attention='triton' cannot run here: {why}")
+    return why is None and (mode == "triton" or device.type == "cuda")
 
 
 @torch.library.custom_op("ipa_rt::decoupled_attention", mutates_args=())

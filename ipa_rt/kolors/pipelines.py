@@ -23,6 +23,7 @@ from ..adapter import IPAdapterStack
 from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..kernels.ops import MODES, choose
 from ..models import drop_image_encoder
 from ..scale import expand_scale, scale_tables
 from ..variants import FACE_ID
@@ -67,6 +68,20 @@ class UNetAdapterMixin:
 
     _ipa_stack: IPAdapterStack | None = None
     _ipa_saved: dict | None = None
+    _ip_attention = "auto"  # cross-attention with the image branch: the fused kernel on CUDA where it can run
+
+    def set_ip_attention(self, mode: str) -> None:
+        """``"auto"`` (the fused Triton kernel on CUDA where it can run, SDPA elsewhere), ``"triton"`` (the kernel
+        wherever it can run: the CPU under ``TRITON_INTERPRET=1``) or ``"sdpa"``; decided here, once per layer."""
+        if self._ipa_stack is not None and not self._ipa_saved.get("engine"):
+            self._choose_attention(self._ipa_stack, mode)
+        elif mode not in MODES:
+            raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
+        self._ip_attention = mode
+
+    def _choose_attention(self, stack: IPAdapterStack, mode: str) -> None:
+        device, dtype = self.unet.device, self.unet.dtype
+        stack.set_attention([choose(mode, device, dtype, d) for d in stack.head_dims])
 
     def load_ip_adapter(
         self,
@@ -122,6 +137,7 @@ class UNetAdapterMixin:
             "text": getattr(unet, "text_encoder_hid_proj", _ABSENT),
         }
         stack.install(unet)
+        self._choose_attention(stack, self._ip_attention)
         # diffusers' loaded layout, which its pipelines read: Kolors' text projection moves to text_encoder_hid_proj
         # (the UNet applies it to the text states), encoder_hid_proj projects image embeddings (here: once per call)
         if saved["type"] == "text_proj":
