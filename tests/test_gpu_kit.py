@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "benchmarks" / "gpu"
-STAGES = ["environment", "models", "doctor", "attention", "sd15", "sdxl", "video"]
+STAGES = ["environment", "models", "doctor", "attention", "sd15", "sdxl", "video", "flux"]
 
 
 def _kit_env(tmp_path: Path) -> dict[str, str]:
@@ -65,11 +65,19 @@ def test_first_light_rehearsal(tmp_path):
     video = stages["video"]
     assert {r["system"] for r in video["rows"]} == {"diffusers float32", "ipa_rt torch float32"}
     assert all(e <= 1e-4 for e in video["errors"].values())
+    flux = stages["flux"]  # the families bench's tiny Flux: ipa_rt on PyTorch is diffusers' arithmetic
+    assert {r["system"]: r["latent_rel_l2"] for r in flux["rows"]} == {"diffusers fp32": 0.0, "ipa_rt torch fp32": 0.0}
     targets = {t["target"]: t for t in report["targets"]}
     assert len(targets) == 7 and all(t["measured"] is not None for t in targets.values()), targets
     assert targets["doctor_failed_rows"]["met"] and targets["recaptures_on_live_controls"]["met"]
     md = (out / "first-light.md").read_text()
-    assert md.startswith("# GPU first light") and "## Targets" in md and "## sdxl" in md and "## AnimateDiff" in md
+    assert (
+        md.startswith("# GPU first light")
+        and "## Targets" in md
+        and "## sdxl" in md
+        and "## AnimateDiff" in md
+        and "## Flux.1" in md
+    )
 
 
 def test_first_light_time_boxes_and_failures(tmp_path, monkeypatch):

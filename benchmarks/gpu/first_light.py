@@ -52,6 +52,7 @@ STAGES = (
     Stage("sd15", 210),
     Stage("sdxl", 180, min_left_s=120),
     Stage("video", 150, min_left_s=60),
+    Stage("flux", 240, min_left_s=180),  # FLUX.1 width, 19 + 4 blocks, bf16 (issue #26)
 )
 REHEARSAL_BOX_S = 150  # per stage with the tiny models: a safety net (they take 5-25 s each on 2 idle cores)
 
@@ -257,6 +258,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## AnimateDiff {video.get('frames')} frames", "", "| workload | system | median ms | err |"]
         lines += ["|---|---|---|---|"]
         for r in video["rows"]:
+            lines.append(f"| {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {_fmt(r.get('latent_rel_l2'))} |")
+    flux = report["stages"].get("flux", {}).get("result", {})
+    if flux.get("rows"):
+        lines += ["", f"## Flux.1 ({flux['rows'][0]['family']})", "", "| workload | system | median ms | err |"]
+        lines += ["|---|---|---|---|"]
+        for r in flux["rows"]:
             lines.append(f"| {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {_fmt(r.get('latent_rel_l2'))} |")
     return "\n".join(lines) + "\n"
 

@@ -316,6 +316,28 @@ def stage_video(args: argparse.Namespace, rec: Record) -> None:
     rec.update(**result)
 
 
+# --- g. Flux.1 + XLabs IP-Adapter (the families served inside diffusers' pipelines) ----------------------------------
+FLUX_GPU = ["--double", "19", "--single", "4", "--size", "256", "--text", "512", "--steps", "4", "--reps", "2"]
+
+
+def stage_flux(args: argparse.Namespace, rec: Record) -> None:
+    """FLUX.1's width with its 19 double-stream blocks (where the adapter acts) and 4 of its 38 single ones, a
+    4096-token image (FLUX.1's count at 1024²), bf16: diffusers against ipa_rt (the fused kernel on the image
+    branch); rehearsing, the tiny models on PyTorch."""
+    import families
+
+    out, work = args.work / "families", args.work / "families-work"
+    if args.rehearse:
+        argv = ["--tiny", "--systems", "diffusers fp32", "ipa_rt torch fp32"]
+    else:
+        argv = ["--device", "cuda", *FLUX_GPU]
+        with torch.device("cuda"):  # initialise the random modules on the GPU: seconds instead of minutes
+            families.write_flux(work, 19, 4, tiny=False)
+    families.main([*argv, "--work", str(work), "--out", str(out)])
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*-families-*.json")]
+    rec.update(**result)
+
+
 STAGES: dict[str, Callable[[argparse.Namespace, Record], None]] = {
     "environment": stage_environment,
     "models": stage_models,
@@ -324,6 +346,7 @@ STAGES: dict[str, Callable[[argparse.Namespace, Record], None]] = {
     "sd15": lambda a, r: stage_pipelines(a, r, "sd15"),
     "sdxl": lambda a, r: stage_pipelines(a, r, "sdxl"),
     "video": stage_video,
+    "flux": stage_flux,
 }
 
 
