@@ -160,3 +160,42 @@ class LRUCache:
             "evictions": self.evictions,
             "by_kind": {k: {"hits": self.hits[k], "misses": self.misses[k]} for k in kinds},
         }
+
+
+def tensor_identity(t: Any) -> tuple:
+    """What makes a tensor "the same" between denoising steps: the object, its storage and its version counter."""
+    if not isinstance(t, Tensor):
+        return (id(t),)
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    return (id(t), t.data_ptr(), version)
+
+
+class IdentityMemo:
+    """Values computed from tensors diffusers' loops pass unchanged at every step (a call's image embeddings),
+    recognised by identity: the step-independent image side is computed once per call, not per step. The inputs are
+    held with the value, so no other object can take their identity while it is remembered; ``size`` entries are
+    kept (a call's conditional and negative embeddings, and a spare)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()
+
+    def get(self, inputs: list) -> Any | None:
+        key = tuple(tensor_identity(t) for t in inputs)
+        hit = self._entries.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], inputs, strict=True)):
+            return None
+        self._entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, inputs: list, value: Any) -> Any:
+        self._entries[tuple(tensor_identity(t) for t in inputs)] = (list(inputs), value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -161,6 +161,10 @@ def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, mon
         pipe.set_ip_adapter_scale(scale)
         a, b = _latents(ref, ip_adapter_image=image), _latents(pipe, ip_adapter_image=image)
         assert (a - b).abs().max() <= 1e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
+    calls = []
+    pipe.adapters.projections[0].register_forward_hook(lambda *a: calls.append(1))
+    _latents(pipe, ip_adapter_image=image)
+    assert len(calls) == 1  # the Resampler feeds the engine once per call, not once per step
     capsys.readouterr()
     again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=size)
     assert "reusing the kolors engine" in capsys.readouterr().err

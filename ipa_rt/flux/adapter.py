@@ -11,7 +11,6 @@ tensors) return the same object. :class:`FluxDecoupledProcessor` reads the keys/
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from ..attention import image_segment
 from ..checkpoint import RawAdapter
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..lru import IdentityMemo
 from ..variants import EMBEDS, adapter_family, build_projection, detect_variant
 from .kernel import FusedKV, fuse, fused_branch
 
@@ -47,7 +47,6 @@ class FluxImageTokens:
     tokens: list[Tensor]
     kv: list[list[tuple[Tensor, Tensor]]]
     side: FluxImageSide
-    inputs: list[Tensor]  # the embeddings they came from (held, so their identity stays theirs)
     scale: Tensor | None = None  # an engine's ``ip_scale`` input while exporting; else the side's tensor
     fused: FusedKV | None = None  # the keys/values end to end, when the side runs the kernel
 
@@ -65,17 +64,6 @@ class FluxImageTokens:
         for a, (k, v) in enumerate(self.kv[layer]):
             out = out + image_segment(q, k, v, scale[a, layer])
         return out
-
-
-def _identity(t: Any) -> tuple:
-    """What makes a set of embeddings "the same" between steps: the object, its storage and its version."""
-    if not isinstance(t, Tensor):
-        return (id(t),)
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        version = None
-    return (id(t), t.data_ptr(), version)
 
 
 class FluxImageSide(MultiIPAdapterImageProjection):
@@ -101,7 +89,7 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         self.origins = list(origins)
         self.scale = torch.ones(len(projections), len(to_k_ip))
         self.use_kernel = False  # decided once by the pipeline (kernel.choose), never per call
-        self._memo: OrderedDict[tuple, FluxImageTokens] = OrderedDict()
+        self._memo = IdentityMemo(_MEMO)
 
     @property
     def num_blocks(self) -> int:
@@ -136,17 +124,12 @@ class FluxImageSide(MultiIPAdapterImageProjection):
     @torch.no_grad()
     def forward(self, image_embeds: list[Tensor]) -> FluxImageTokens:  # type: ignore[override]
         embeds = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
-        key = tuple(_identity(t) for t in embeds)
-        hit = self._memo.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit.inputs, embeds, strict=True)):
-            self._memo.move_to_end(key)
-            return hit
-        tokens = self.project(image_embeds)
-        kv = self.image_kv(tokens)
-        prepared = FluxImageTokens(tokens, kv, self, embeds, fused=fuse(kv) if self.use_kernel else None)
-        self._memo[key] = prepared
-        while len(self._memo) > _MEMO:
-            self._memo.popitem(last=False)
+        prepared = self._memo.get(embeds)
+        if prepared is None:
+            tokens = self.project(image_embeds)
+            kv = self.image_kv(tokens)
+            prepared = FluxImageTokens(tokens, kv, self, fused=fuse(kv) if self.use_kernel else None)
+            self._memo.put(embeds, prepared)
         return prepared
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..export.wrapped import EngineStandIn
+from ..lru import IdentityMemo
 from .adapter import FluxImageSide, FluxImageTokens
 
 # The transformer's forward arguments that become engine inputs, in order, per transformer class.
@@ -70,7 +71,7 @@ class ExportedTransformer(nn.Module):
         n, adapters = len(self.names), self.side.num_ip_adapters
         kwargs = dict(zip(self.names, args[:n], strict=True))
         tokens, scale = list(args[n : n + adapters]), args[-1]
-        prepared = FluxImageTokens(tokens, self.side.image_kv(tokens), self.side, [], scale=scale)
+        prepared = FluxImageTokens(tokens, self.side.image_kv(tokens), self.side, scale=scale)
         out = self.transformer(**kwargs, joint_attention_kwargs={"ip_hidden_states": prepared}, return_dict=False)
         return out[0]
 
@@ -114,10 +115,12 @@ class EngineTransformer(EngineStandIn):
         super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width", "max_sequence_length")})
         self.names = names
         self.encoder_hid_proj: FluxImageSide | None = None
+        self._tokens = IdentityMemo()
 
     def install_image_side(self, side: FluxImageSide | None) -> None:
         self.claim(side is not None)
         self.encoder_hid_proj = side
+        self._tokens.clear()
 
     def forward(
         self,
@@ -140,7 +143,8 @@ class EngineTransformer(EngineStandIn):
         side = self.encoder_hid_proj
         if side is not None and embeds is not None:
             with torch.no_grad():
-                tokens = side.project(embeds)
+                items = list(embeds)
+                tokens = self._tokens.get(items) or self._tokens.put(items, side.project(items))  # once per call
             feeds |= {f"ip_tokens_{a}": t for a, t in enumerate(tokens)}
             feeds["ip_scale"] = side.scale
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..export import wrapped
 from ..export.contracts import Contract, _UNetIP
 from ..export.wrapped import EngineStandIn
+from ..lru import IdentityMemo
 from ..models import _read_json
 
 NETWORK = "unet"
@@ -133,10 +134,12 @@ class EngineUNet(EngineStandIn):
         self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
         self.encoder_hid_proj: nn.Module | None = None
         self.stack: Any = None
+        self._tokens = IdentityMemo()
 
     def install_adapters(self, stack: Any, side: nn.Module | None) -> None:
         self.claim(stack is not None)
         self.stack, self.encoder_hid_proj = stack, side
+        self._tokens.clear()
 
     def forward(
         self,
@@ -160,7 +163,8 @@ class EngineUNet(EngineStandIn):
         embeds, stack = added.get("image_embeds"), self.stack
         if stack is not None and embeds is not None:
             with torch.no_grad():
-                tokens = stack.project(list(embeds), [None] * len(embeds))
+                items = list(embeds)  # the Resampler once per call, not per step
+                tokens = self._tokens.get(items) or self._tokens.put(items, stack.project(items, [None] * len(items)))
             feeds |= {f"ip_tokens_{a}": t.reshape(rows, -1, t.shape[-1]) for a, t in enumerate(tokens)}
             feeds["ip_scale"] = stack.scale.expand(rows, -1, -1)
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing

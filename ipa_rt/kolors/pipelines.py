@@ -24,19 +24,12 @@ from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
 from ..kernels.ops import MODES, choose
+from ..lru import IdentityMemo
 from ..models import drop_image_encoder
 from ..scale import expand_scale, scale_tables
 from ..variants import FACE_ID
 
 _ABSENT = object()
-
-
-def _identity(t: Any) -> tuple:
-    try:
-        version = t._version
-    except (AttributeError, RuntimeError):  # inference tensors have no version counter
-        version = None
-    return (id(t), t.data_ptr() if isinstance(t, torch.Tensor) else 0, version)
 
 
 class UNetImageSide(MultiIPAdapterImageProjection):
@@ -48,18 +41,17 @@ class UNetImageSide(MultiIPAdapterImageProjection):
     def __init__(self, stack: IPAdapterStack) -> None:
         super().__init__(list(stack.projections))
         self.stack = [stack]  # a list, not a submodule: the projections above are the only weights it owns
-        self._seen: tuple | None = None
+        self._seen = IdentityMemo(1)  # one: the stack's context holds the keys/values of the latest embeddings only
 
     def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
         items = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
-        key = tuple(_identity(t) for t in items)
-        if self._seen is not None and self._seen[0] == key:
-            return self._seen[2]
-        stack = self.stack[0]
-        with torch.no_grad():
-            tokens = stack.project(items, [None] * len(items))
-            stack.prepare(tokens)
-        self._seen = (key, items, tokens)  # the embeddings are held, so their identities stay theirs
+        tokens = self._seen.get(items)
+        if tokens is None:
+            stack = self.stack[0]
+            with torch.no_grad():
+                tokens = stack.project(items, [None] * len(items))
+                stack.prepare(tokens)
+            self._seen.put(items, tokens)
         return tokens
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -31,6 +30,7 @@ from diffusers.models.normalization import AdaLayerNorm, RMSNorm
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ScaleError
+from ..lru import IdentityMemo
 
 BLOCKS = "transformer_blocks."  # the joint blocks' processors: diffusers gives each (attn and attn2) an image branch
 DEFAULT_SCALE = 0.5  # diffusers' SD3IPAdapterJointAttnProcessor2_0 default: what a freshly loaded adapter runs at
@@ -40,17 +40,6 @@ _MEMO = 2  # embeddings tensors kept: the current call's (CFG's negative and pos
 def block_processors(transformer: nn.Module) -> list[str]:
     """The joint blocks' processor names in diffusers' ``attn_processors`` order (the adapter's block indices)."""
     return [n for n in transformer.attn_processors if n.startswith(BLOCKS)]
-
-
-def _identity(t: Any) -> tuple:
-    """What makes an embeddings tensor "the same" between steps: the object, its storage and its version."""
-    if not isinstance(t, Tensor):
-        return (id(t),)
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        version = None
-    return (id(t), t.data_ptr(), version)
 
 
 class SD3BlockAdapter(nn.Module):
@@ -149,7 +138,7 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
         self.origin = origin
         self.scale = torch.tensor(DEFAULT_SCALE, dtype=torch.float32, device="cpu")  # not meta when built there
         self.host_scale = DEFAULT_SCALE  # the last value written: per-call decisions (is_ip_adapter_active) read it
-        self._memo: OrderedDict[tuple, SD3Prepared] = OrderedDict()
+        self._memo = IdentityMemo(_MEMO)
 
     def _apply(self, fn, recurse: bool = True):
         # the scale follows the module's device but stays float32 (diffusers' scale is a Python float)
@@ -167,15 +156,9 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
         """The step-independent part for ``embeds`` ``[B, T, C]`` (memoised on its identity)."""
         if isinstance(embeds, (list, tuple)):
             raise ConfigError("SD3 pipelines take one IP-Adapter: ip_adapter_image_embeds must be one tensor")
-        key = _identity(embeds)
-        hit = self._memo.get(key)
-        if hit is not None and hit.inputs is embeds:
-            self._memo.move_to_end(key)
-            return hit
-        prepared = self.around(self.proj_in(embeds), embeds)
-        self._memo[key] = prepared
-        while len(self._memo) > _MEMO:
-            self._memo.popitem(last=False)
+        prepared = self._memo.get([embeds])
+        if prepared is None:
+            prepared = self._memo.put([embeds], self.around(self.proj_in(embeds), embeds))
         return prepared
 
     def around(self, features: Tensor, inputs: Tensor) -> SD3Prepared:
