@@ -221,3 +221,37 @@ def load_ip_adapter_embeds(path: str | os.PathLike, device: str | torch.device =
     if not names or not all(k.startswith("adapter_") for k in names):
         raise CheckpointError(f"embeddings file '{path}' has keys {names[:4]}; expected adapter_0, adapter_1, ...")
     return [tensors[k] for k in names]
+
+
+class ReferenceCacheMixin:
+    """For ipa_rt's mixins on diffusers' pipelines (Flux/Chroma, SD3.5): a content-keyed cache of image-encoder
+    outputs in front of diffusers' ``encode_image``, so a reference image this encoder already encoded is not encoded
+    again; bound to the encoder and feature extractor, bounded by ``IPA_RT_REFERENCE_CACHE_MB``."""
+
+    _ipa_cache: LRUCache | None = None
+
+    @property
+    def reference_cache(self) -> LRUCache:
+        if self._ipa_cache is None:
+            self._ipa_cache = LRUCache("reference", reference_cache_bytes(), REFERENCE_CACHE_ENTRIES)
+        return self._ipa_cache
+
+    def cached_encode(self, image: Any, where: tuple, encode: Any) -> Tensor:
+        """``encode(images)`` for ``image`` (one, or a list: paths are opened), or what it gave before for the same
+        pixels; ``where`` (device, dtype) is part of the key."""
+        cache = self.reference_cache
+        cache.bind(self.image_encoder, self.feature_extractor)
+        many = isinstance(image, (list, tuple))
+        items = [load_image(im, "ip_adapter_image") for im in (image if many else [image])]
+        key = ("embeds", *where, tuple(content_hash(im) for im in items))
+        embeds = cache.get(key)
+        if embeds is None:
+            embeds = encode(items if many else items[0])
+            cache.put(key, embeds)
+        return embeds
+
+    def cache_stats(self) -> dict[str, Any]:
+        return {"reference": self.reference_cache.stats()}
+
+    def clear_caches(self) -> None:
+        self.reference_cache.clear()

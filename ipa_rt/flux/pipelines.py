@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
-from ..conditions import content_hash
+from ..conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError
-from ..lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
 from ..models import drop_image_encoder
 from .adapter import (
     FluxDecoupledProcessor,
@@ -36,11 +35,10 @@ from .kernel import MODES, choose
 _ABSENT = object()
 
 
-class FluxAdapterMixin:
+class FluxAdapterMixin(ReferenceCacheMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers Flux-family pipeline, with ``FluxIPAdapterMixin``'s API."""
 
     _ipa_saved: dict | None = None
-    _ipa_cache: LRUCache | None = None
     _ip_attention = "auto"  # the image branch: the fused kernel on CUDA where it can run, else SDPA
 
     def set_ip_attention(self, mode: str) -> None:
@@ -153,25 +151,11 @@ class FluxAdapterMixin:
         side = self.image_side
         side.set_scale(expand_flux_scale(scale, side.num_ip_adapters, side.num_blocks))
 
-    # --- image encoder with a content-keyed cache -------------------------------------------------------------
-    @property
-    def reference_cache(self) -> LRUCache:
-        if self._ipa_cache is None:
-            self._ipa_cache = LRUCache("reference", reference_cache_bytes(), REFERENCE_CACHE_ENTRIES)
-        return self._ipa_cache
-
     def encode_image(self, image: Any, device: Any, num_images_per_prompt: int) -> torch.Tensor:
         """diffusers' ``encode_image``; an image already encoded by this encoder is not encoded again."""
-        cache = self.reference_cache
-        encoder = self.image_encoder
-        cache.bind(encoder, self.feature_extractor)
-        param = next(encoder.parameters())
-        items = [_pixels(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
-        key = ("embeds", str(param.device), param.dtype, tuple(content_hash(im) for im in items))
-        embeds = cache.get(key)
-        if embeds is None:
-            embeds = super().encode_image(items if isinstance(image, (list, tuple)) else items[0], device, 1)  # type: ignore[misc]
-            cache.put(key, embeds)
+        param = next(self.image_encoder.parameters())
+        encode = lambda images: super(FluxAdapterMixin, self).encode_image(images, device, 1)  # noqa: E731
+        embeds = self.cached_encode(image, (str(param.device), param.dtype), encode)
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -191,12 +175,6 @@ class FluxAdapterMixin:
         count = side.num_ip_adapters if isinstance(side, FluxImageSide) else 0
         return f"{type(self).__name__}: transformer on {where}, {count} IP-Adapter(s)"
 
-    def cache_stats(self) -> dict[str, Any]:
-        return {"reference": self.reference_cache.stats()}
-
-    def clear_caches(self) -> None:
-        self.reference_cache.clear()
-
 
 def _check_encoder(side: FluxImageSide, encoder: Any) -> None:
     if encoder is None:
@@ -210,14 +188,6 @@ def _check_encoder(side: FluxImageSide, encoder: Any) -> None:
                 f"IP-Adapter '{origin}' expects {want}; expected the encoder it was trained with (XLabs-AI "
                 "flux-ip-adapter and -v2: openai/clip-vit-large-patch14, projection_dim 768)"
             )
-
-
-def _pixels(image: Any) -> Any:
-    """A reference image as diffusers' preprocessing takes it: a file path opened as RGB (ipa_rt's convenience, as
-    in its UNet pipelines), PIL images, arrays and tensors as they are; anything else is an :class:`ImageInputError`."""
-    from ..image import load_image
-
-    return load_image(image, "ip_adapter_image")
 
 
 # Every diffusers pipeline that has FluxIPAdapterMixin (diffusers 0.42), by name: ipa_rt's class of the same name.

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
-from ..conditions import content_hash
+from ..conditions import ReferenceCacheMixin
 from ..console import hushed
-from ..errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
-from ..lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
+from ..errors import CheckpointError, ConfigError, IncompatibleAdapterError
 from ..models import drop_image_encoder
 from ..variants import adapter_family
 from .adapter import (
@@ -38,11 +37,10 @@ _ABSENT = object()
 REAL_ENCODER = "google/siglip-so400m-patch14-384"  # what InstantX/SD3.5-Large-IP-Adapter was trained with
 
 
-class SD3AdapterMixin:
+class SD3AdapterMixin(ReferenceCacheMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers SD3 pipeline, with ``SD3IPAdapterMixin``'s API."""
 
     _ipa_saved: dict | None = None
-    _ipa_cache: LRUCache | None = None
 
     def load_ip_adapter(
         self,
@@ -145,26 +143,11 @@ class SD3AdapterMixin:
         """diffusers' form (one number for every block), written in place into the 0-d float32 scale tensor."""
         self.image_side.set_scale(sd3_scale(scale))
 
-    # --- image encoder with a content-keyed cache -------------------------------------------------------------
-    @property
-    def reference_cache(self) -> LRUCache:
-        if self._ipa_cache is None:
-            self._ipa_cache = LRUCache("reference", reference_cache_bytes(), REFERENCE_CACHE_ENTRIES)
-        return self._ipa_cache
-
     def encode_image(self, image: Any, device: Any) -> torch.Tensor:
         """diffusers' ``encode_image`` (SigLIP's penultimate hidden states); an image already encoded by this encoder
         on this device and dtype is not encoded again."""
-        cache = self.reference_cache
-        cache.bind(self.image_encoder, self.feature_extractor)
-        many = isinstance(image, (list, tuple))
-        items = [_pixels(im) for im in (image if many else [image])]
-        key = ("embeds", str(device), self.dtype, tuple(content_hash(im) for im in items))
-        embeds = cache.get(key)
-        if embeds is None:
-            embeds = super().encode_image(items if many else items[0], device)  # type: ignore[misc]
-            cache.put(key, embeds)
-        return embeds
+        encode = lambda images: super(SD3AdapterMixin, self).encode_image(images, device)  # noqa: E731
+        return self.cached_encode(image, (str(device), self.dtype), encode)
 
     def runtime_summary(self) -> str:
         """One line: what runs the transformer, and the adapter."""
@@ -172,12 +155,6 @@ class SD3AdapterMixin:
         where = f"{type(engine.engine).__name__} engine" if engine is not None else f"PyTorch ({t.dtype}, {t.device})"
         count = int(isinstance(getattr(t, "image_proj", None), SD3ImageSide))
         return f"{type(self).__name__}: transformer on {where}, {count} IP-Adapter(s)"
-
-    def cache_stats(self) -> dict[str, Any]:
-        return {"reference": self.reference_cache.stats()}
-
-    def clear_caches(self) -> None:
-        self.reference_cache.clear()
 
 
 def build_image_side(transformer: nn.Module, raw: RawAdapter) -> SD3ImageSide:
@@ -281,23 +258,6 @@ def _check_encoder(side: SD3ImageSide, encoder: Any) -> None:
             f"image encoder ({encoder.config.name_or_path or type(encoder).__name__}) has hidden_size {have}, but "
             f"IP-Adapter '{side.origin}' expects {want}; expected the encoder it was trained with ({REAL_ENCODER})"
         )
-
-
-def _pixels(image: Any) -> Any:
-    """A reference image as diffusers' preprocessing takes it (PIL, arrays, tensors); a path is opened as RGB."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            return Image.open(image).convert("RGB")
-        except OSError as exc:
-            raise ImageInputError(f"ip_adapter_image '{image}' cannot be read as an image: {exc}") from exc
-    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
-        raise ImageInputError(
-            f"ip_adapter_image is a {type(image).__name__}; expected a PIL image, array, tensor or file path"
-        )
-    return image
 
 
 # Every diffusers pipeline that has SD3IPAdapterMixin (diffusers 0.42), by name: ipa_rt's class of the same name.
