@@ -326,3 +326,20 @@ def test_flux_fused_kernel_branch(files, monkeypatch):
     assert len(launches) == 2 * STEPS * 2  # two double blocks, every step, both scales: the kernel ran
     with pytest.raises(ConfigError, match="unknown"):
         ours.set_ip_attention("flash")
+
+
+@pytest.mark.parametrize("family", ["flux", "kolors", "sd3"])
+def test_family_package_exports_diffusers_names(family):
+    """``ipa_rt.<family>.<name>`` is diffusers' class with the family's mixin, made once (the CLI's and the engines'
+    ``runtime_class`` give the same object), listed in ``__all__``; another name is an AttributeError."""
+    import importlib
+
+    import diffusers
+
+    package = importlib.import_module(f"ipa_rt.{family}")
+    name = package.PIPELINES[0]
+    cls = getattr(package, name)
+    assert cls is package.runtime_class(name) and name in package.__all__
+    assert issubclass(cls, getattr(diffusers, name)) and cls.__module__ == f"ipa_rt.{family}"
+    with pytest.raises(AttributeError, match="NoSuchPipeline"):
+        _ = package.NoSuchPipeline

@@ -11,6 +11,7 @@ Every class in :data:`~ipa_rt.flux.pipelines.PIPELINES` is available here under 
 
 from __future__ import annotations
 
+from ..models import lazy_pipeline_classes
 from .adapter import FluxDecoupledProcessor, FluxImageSide, FluxImageTokens, expand_flux_scale
 from .pipelines import PIPELINES, FluxAdapterMixin, runtime_class
 
@@ -22,13 +23,6 @@ __all__ = [
     "FluxImageTokens",
     "expand_flux_scale",
     "runtime_class",
-    *PIPELINES,
 ]
-
-
-def __getattr__(name: str) -> type:
-    """The pipeline classes are made on first use (importing diffusers' Flux pipelines takes a while)."""
-    if name in PIPELINES:
-        cls = globals()[name] = runtime_class(name)
-        return cls
-    raise AttributeError(f"module 'ipa_rt.flux' has no attribute {name!r}")
+__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
+__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)

@@ -12,14 +12,9 @@ Every class in :data:`~ipa_rt.kolors.pipelines.PIPELINES` is available here unde
 
 from __future__ import annotations
 
+from ..models import lazy_pipeline_classes
 from .pipelines import PIPELINES, UNetAdapterMixin, load_pretrained, runtime_class
 
-__all__ = ["PIPELINES", "UNetAdapterMixin", "load_pretrained", "runtime_class", *PIPELINES]
-
-
-def __getattr__(name: str) -> type:
-    """The pipeline classes are made on first use (importing diffusers' Kolors pipelines takes a while)."""
-    if name in PIPELINES:
-        cls = globals()[name] = runtime_class(name)
-        return cls
-    raise AttributeError(f"module 'ipa_rt.kolors' has no attribute {name!r}")
+__all__ = ["PIPELINES", "UNetAdapterMixin", "load_pretrained", "runtime_class"]
+__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
+__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)

@@ -14,6 +14,7 @@ Every class in :data:`~ipa_rt.sd3.pipelines.PIPELINES` is available here under d
 
 from __future__ import annotations
 
+from ..models import lazy_pipeline_classes
 from .adapter import SD3BlockAdapter, SD3ImageSide, SD3JointProcessor, SD3StepTokens, sd3_scale
 from .pipelines import PIPELINES, SD3AdapterMixin, build_image_side, runtime_class
 
@@ -27,13 +28,6 @@ __all__ = [
     "build_image_side",
     "runtime_class",
     "sd3_scale",
-    *PIPELINES,
 ]
-
-
-def __getattr__(name: str) -> type:
-    """The pipeline classes are made on first use (importing diffusers' SD3 pipelines takes a while)."""
-    if name in PIPELINES:
-        cls = globals()[name] = runtime_class(name)
-        return cls
-    raise AttributeError(f"module 'ipa_rt.sd3' has no attribute {name!r}")
+__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
+__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)
