@@ -343,3 +343,31 @@ def test_family_package_exports_diffusers_names(family):
     assert issubclass(cls, getattr(diffusers, name)) and cls.__module__ == f"ipa_rt.{family}"
     with pytest.raises(AttributeError, match="NoSuchPipeline"):
         _ = package.NoSuchPipeline
+
+
+def test_flux_graphed_transformer_with_a_replay_double(files, monkeypatch):
+    """The CUDA-graph path, checked on the CPU: the transformer captured per signature and replayed by a stand-in
+    that re-runs the captured body on its static inputs. Bitwise diffusers with a new image, a scale change and true
+    CFG (two replays per step, the negative's keys/values staged in between) on one graph; the image side is computed
+    eagerly once per embeddings set, never inside the body; the transformer's forward is restored after each call."""
+    from test_runtime import replay_capture
+
+    from ipa_rt import graphs
+
+    monkeypatch.setattr(graphs, "capture_graph", replay_capture)
+    ref, ours = _flux(files, "xlabs")
+    ours.set_cuda_graphs(True)
+    side = ours.image_side
+    projected = []
+    monkeypatch.setattr(side, "project", lambda embeds: projected.append(1) or FluxImageSide.project(side, embeds))
+    _same(ref, ours, ip_adapter_image=testing.make_image(0))
+    assert ours.graph_stats()["graphs"] == 1 and len(projected) == 1
+    assert "forward" not in ours.transformer.__dict__
+    static = {t.data_ptr() for t in graphs.tensors_of(side.static.current)}
+    for scale in (0.4, [0.3, 1.2]):
+        ref.set_ip_adapter_scale(scale)
+        ours.set_ip_adapter_scale(scale)
+        _same(ref, ours, ip_adapter_image=testing.make_image(1))
+    _same(ref, ours, ip_adapter_image=testing.make_image(2), true_cfg_scale=2.0, negative_prompt="blurry")
+    assert ours.graph_stats() == {"graphs": 1, "eager": 0, "pool_bytes": 0} and len(projected) == 5
+    assert {t.data_ptr() for t in graphs.tensors_of(side.static.current)} == static  # the same buffers, refilled

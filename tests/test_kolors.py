@@ -210,3 +210,25 @@ def test_kolors_fused_kernel(files):
     assert (a - b).abs().max() <= 2e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
     with pytest.raises(ConfigError, match="unknown"):
         ours.set_ip_attention("flash")
+
+
+def test_kolors_graphed_unet_with_a_replay_double(files, monkeypatch):
+    """The CUDA-graph path on the CPU (a stand-in replays the captured body on its static inputs): the UNet captured
+    once for the CFG batch and replayed at every step, bitwise diffusers across a new image and scale changes
+    (InstantStyle dict included) with no recapture; the Resampler runs eagerly once per call, never in the body."""
+    from test_runtime import replay_capture
+
+    from ipa_rt import graphs
+
+    monkeypatch.setattr(graphs, "capture_graph", replay_capture)
+    ref, ours = _pair(files, "plus")
+    ours.set_cuda_graphs(True)
+    calls = []
+    ours.adapters.projections[0].register_forward_hook(lambda *a: calls.append(1))
+    for i, scale in enumerate((None, 0.4, {"up": {"block_0": [0.0, 1.0, 0.0]}})):
+        if scale is not None:
+            ref.set_ip_adapter_scale(scale)
+            ours.set_ip_adapter_scale(scale)
+        _same(ref, ours, ip_adapter_image=testing.make_image(i))
+    assert ours.graph_stats()["graphs"] == 1 and len(calls) == 3
+    assert "forward" not in ours.unet.__dict__

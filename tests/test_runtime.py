@@ -29,8 +29,9 @@ class ReplayGraph:
 
     def replay(self) -> None:
         result = self.body()
-        if isinstance(self.out, torch.Tensor):
-            self.out.copy_(result)
+        for dst, src in zip(tree_leaves(self.out), tree_leaves(result), strict=True):  # a tensor or a structure
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
 
 
 def replay_capture(body, device, reset=None, pool=None, warmup=2):
@@ -193,6 +194,63 @@ def test_graphed_call_is_keyed_on_the_weights(models, fake_graphs):
     assert torch.allclose(again.float(), first, atol=1e-4)
     pipe.vae.to(torch.float32)
     assert torch.equal(decoder(z), first)
+
+
+def _graphed_linear():
+    net = torch.nn.Linear(4, 3)
+    calls = []
+
+    def forward(x, *, shift=0.0, extra=None):
+        calls.append(shift)
+        return (net(x) + shift, {"twice": 2 * x})
+
+    forward.__self__ = net  # a bound method's handle on its module (GraphedNetworkMixin reads it)
+    return net, forward, calls
+
+
+def test_graphed_forward_signatures_outputs_and_weights(fake_graphs):
+    """GraphedForward (diffusers' loops): one graph per signature (tensor shapes and non-tensor values), replays
+    write static inputs and hand out clones (a second replay must not overwrite the first's output), a weight
+    change drops every graph, the least recently used graph goes beyond MAX_GRAPHS, and arguments that cannot key
+    a graph (unhashable values) run eagerly."""
+    net, forward, calls = _graphed_linear()
+    g = graphs.GraphedForward(forward, lambda: [net], "linear")
+    g.enabled = True
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        out_x, out_y = g(x, shift=1.0), g(y, shift=1.0)
+        assert len(g.graphs) == 1
+        assert torch.equal(out_x[0], net(x) + 1.0) and torch.equal(out_y[1]["twice"], 2 * y)  # x's not overwritten
+        g(x, shift=2.0)
+        g(torch.randn(5, 4), shift=1.0)
+        assert len(g.graphs) == 3
+        with torch.no_grad():
+            net.weight.add_(1.0)  # in place: same storage, the graph still reads it
+        assert torch.equal(g(x, shift=1.0)[0], net(x) + 1.0) and len(g.graphs) == 3
+        net.weight = torch.nn.Parameter(net.weight.detach().clone())  # a replaced weight: every graph dropped
+        assert torch.equal(g(x, shift=1.0)[0], net(x) + 1.0) and len(g.graphs) == 1
+        for n in range(graphs.MAX_GRAPHS + 2):
+            g(torch.randn(n + 1, 4), shift=3.0)
+        assert len(g.graphs) == graphs.MAX_GRAPHS
+        before = len(calls)
+        g(x, shift=1.0, extra=[{"unhashable": set()}])  # runs eagerly: exactly one call, nothing captured
+        assert len(calls) == before + 1 and len(g.graphs) == graphs.MAX_GRAPHS
+
+
+def test_graphed_forward_falls_back_when_capture_fails():
+    """Without CUDA the real capture fails: that signature runs eagerly from then on, with one warning, and the
+    results are the plain forward's."""
+    net, forward, _ = _graphed_linear()
+    g = graphs.GraphedForward(forward, lambda: [net], "linear")
+    g.enabled = True
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="linear at .*CUDA graph capture failed"), torch.no_grad():
+        first = g(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(g(x)[0], first[0]) and torch.equal(first[0], net(x))
+    assert len(g.eager) == 1 and not g.graphs
 
 
 class StorageReads(TorchDispatchMode):

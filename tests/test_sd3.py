@@ -306,3 +306,24 @@ def test_sd3_cli_generate_and_build(files, tmp_path, monkeypatch):
     assert main([*engine_gen, "-o", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size == (32, 32)
+
+
+def test_sd3_graphed_transformer_with_a_replay_double(files, monkeypatch):
+    """The CUDA-graph path on the CPU (a stand-in replays the captured body on its static inputs): bitwise diffusers
+    across a new image and a scale change on one graph; the step-independent part (proj_in) runs eagerly once per
+    call and the per-step resampler inside the body, reading the staged static copy."""
+    from test_runtime import replay_capture
+
+    from ipa_rt import graphs
+
+    monkeypatch.setattr(graphs, "capture_graph", replay_capture)
+    ref, ours = _pair(files)
+    ours.set_cuda_graphs(True)
+    calls = []
+    ours.image_side.proj_in.register_forward_hook(lambda *a: calls.append(1))
+    _same(ref, ours, ip_adapter_image=files["image"])
+    ref.set_ip_adapter_scale(0.8)
+    ours.set_ip_adapter_scale(0.8)
+    _same(ref, ours, ip_adapter_image=testing.make_image(3))
+    assert ours.graph_stats()["graphs"] == 1 and len(calls) == 2
+    assert "forward" not in ours.transformer.__dict__

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..attention import image_segment
 from ..checkpoint import RawAdapter
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..graphs import StaticImage
 from ..lru import IdentityMemo
 from ..variants import EMBEDS, adapter_family, build_projection, detect_variant
 from .kernel import FusedKV, fuse, fused_branch
@@ -90,6 +91,7 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         self.scale = torch.ones(len(projections), len(to_k_ip))
         self.use_kernel = False  # decided once by the pipeline (kernel.choose), never per call
         self._memo = IdentityMemo(_MEMO)
+        self.static = StaticImage()  # what a captured transformer reads (GraphedForward stages into it)
 
     @property
     def num_blocks(self) -> int:
@@ -100,6 +102,7 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         super()._apply(fn, recurse)
         self.scale = self.scale.to(fn(self.scale).device)  # values untouched by a dtype cast
         self._memo.clear()  # cached keys/values were on the old device or dtype
+        self.static.clear()
         return self
 
     def set_scale(self, table: Sequence[Sequence[float]]) -> None:
@@ -123,6 +126,8 @@ class FluxImageSide(MultiIPAdapterImageProjection):
 
     @torch.no_grad()
     def forward(self, image_embeds: list[Tensor]) -> FluxImageTokens:  # type: ignore[override]
+        if self.static.is_frozen:  # inside a captured transformer: the staged static copy, never computed here
+            return self.static.current
         embeds = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
         prepared = self._memo.get(embeds)
         if prepared is None:

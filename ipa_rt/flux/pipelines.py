@@ -21,6 +21,7 @@ from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..graphs import GraphedNetworkMixin, StaticImage
 from ..models import drop_image_encoder
 from .adapter import (
     FluxDecoupledProcessor,
@@ -35,7 +36,7 @@ from .kernel import MODES, choose
 _ABSENT = object()
 
 
-class FluxAdapterMixin(ReferenceCacheMixin):
+class FluxAdapterMixin(GraphedNetworkMixin, ReferenceCacheMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers Flux-family pipeline, with ``FluxIPAdapterMixin``'s API."""
 
     _ipa_saved: dict | None = None
@@ -164,7 +165,13 @@ class FluxAdapterMixin(ReferenceCacheMixin):
         for key, value in getattr(self.transformer, "call_defaults", {}).items():
             if kwargs.get(key) is None:
                 kwargs[key] = value
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        with self.network_graphs():  # CUDA graphs of the transformer on CUDA (set_cuda_graphs)
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _image_to_stage(self, kwargs: dict) -> tuple[StaticImage, Any] | None:
+        side = getattr(self.transformer, "encoder_hid_proj", None)
+        embeds = (kwargs.get("joint_attention_kwargs") or {}).get("ip_adapter_image_embeds")
+        return (side.static, side(embeds)) if isinstance(side, FluxImageSide) and embeds is not None else None
 
     def runtime_summary(self) -> str:
         """One line: what runs the transformer, and the adapters."""

@@ -23,6 +23,7 @@ from ..adapter import IPAdapterStack
 from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..graphs import GraphedNetworkMixin, StaticImage
 from ..kernels.ops import MODES, choose
 from ..lru import IdentityMemo
 from ..models import drop_image_encoder
@@ -42,8 +43,13 @@ class UNetImageSide(MultiIPAdapterImageProjection):
         super().__init__(list(stack.projections))
         self.stack = [stack]  # a list, not a submodule: the projections above are the only weights it owns
         self._seen = IdentityMemo(1)  # one: the stack's context holds the keys/values of the latest embeddings only
+        # a captured UNet reads the keys/values from the stack's static buffers (one set per shape: staging the
+        # tokens keys the graph on that shape); the tokens themselves are not read by the processors
+        self.static = StaticImage()
 
     def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        if self.static.is_frozen:
+            return self.static.current
         items = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
         tokens = self._seen.get(items)
         if tokens is None:
@@ -55,12 +61,13 @@ class UNetImageSide(MultiIPAdapterImageProjection):
         return tokens
 
 
-class UNetAdapterMixin:
+class UNetAdapterMixin(GraphedNetworkMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers UNet pipeline with ``IPAdapterMixin``'s API."""
 
     _ipa_stack: IPAdapterStack | None = None
     _ipa_saved: dict | None = None
     _ip_attention = "auto"  # cross-attention with the image branch: the fused kernel on CUDA where it can run
+    _graph_network = "unet"
 
     def set_ip_attention(self, mode: str) -> None:
         """``"auto"`` (the fused Triton kernel on CUDA where it can run, SDPA elsewhere), ``"triton"`` (the kernel
@@ -146,8 +153,12 @@ class UNetAdapterMixin:
         for key, value in getattr(self.unet, "call_defaults", {}).items():  # an engine: the size it was built for
             if kwargs.get(key) is None:
                 kwargs[key] = value
-        with hushed("transformers"):  # diffusers' ChatGLM calls deprecated transformers APIs at every prompt
+        with hushed("transformers"), self.network_graphs():  # hushed: ChatGLM calls deprecated transformers APIs
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _image_to_stage(self, kwargs: dict) -> tuple[StaticImage, Any] | None:
+        side, embeds = self.unet.encoder_hid_proj, (kwargs.get("added_cond_kwargs") or {}).get("image_embeds")
+        return (side.static, side(embeds)) if isinstance(side, UNetImageSide) and embeds is not None else None
 
     @property
     def _unet_structure(self) -> Any:

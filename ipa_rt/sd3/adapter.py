@@ -30,6 +30,7 @@ from diffusers.models.normalization import AdaLayerNorm, RMSNorm
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ScaleError
+from ..graphs import StaticImage
 from ..lru import IdentityMemo
 
 BLOCKS = "transformer_blocks."  # the joint blocks' processors: diffusers gives each (attn and attn2) an image branch
@@ -139,12 +140,14 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
         self.scale = torch.tensor(DEFAULT_SCALE, dtype=torch.float32, device="cpu")  # not meta when built there
         self.host_scale = DEFAULT_SCALE  # the last value written: per-call decisions (is_ip_adapter_active) read it
         self._memo = IdentityMemo(_MEMO)
+        self.static = StaticImage()  # the step-independent part as a captured transformer reads it
 
     def _apply(self, fn, recurse: bool = True):
         # the scale follows the module's device but stays float32 (diffusers' scale is a Python float)
         super()._apply(fn, recurse)
         self.scale = self.scale.to(fn(self.scale).device)
         self._memo.clear()  # prepared features were on the old device or dtype
+        self.static.clear()
         return self
 
     def set_scale(self, value: float) -> None:
@@ -182,7 +185,8 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
 
     @torch.no_grad()
     def forward(self, x: Tensor, timestep: Tensor) -> tuple[SD3StepTokens, Tensor]:  # type: ignore[override]
-        return self.step(self.prepare(x), timestep)
+        # inside a captured transformer the staged static copy feeds the per-step part (which is in the graph)
+        return self.step(self.static.current if self.static.is_frozen else self.prepare(x), timestep)
 
 
 class SD3JointProcessor:

@@ -22,6 +22,7 @@ from ..checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
 from ..conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import CheckpointError, ConfigError, IncompatibleAdapterError
+from ..graphs import GraphedNetworkMixin, StaticImage
 from ..models import drop_image_encoder
 from ..variants import adapter_family
 from .adapter import (
@@ -37,7 +38,7 @@ _ABSENT = object()
 REAL_ENCODER = "google/siglip-so400m-patch14-384"  # what InstantX/SD3.5-Large-IP-Adapter was trained with
 
 
-class SD3AdapterMixin(ReferenceCacheMixin):
+class SD3AdapterMixin(GraphedNetworkMixin, ReferenceCacheMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers SD3 pipeline, with ``SD3IPAdapterMixin``'s API."""
 
     _ipa_saved: dict | None = None
@@ -123,7 +124,13 @@ class SD3AdapterMixin(ReferenceCacheMixin):
         """diffusers' call; on an engine, the size and text length it was built for are the defaults."""
         defaults = getattr(self.transformer, "call_defaults", {})
         kwargs |= {key: value for key, value in defaults.items() if kwargs.get(key) is None}
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        with self.network_graphs():  # CUDA graphs of the transformer on CUDA (set_cuda_graphs)
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _image_to_stage(self, kwargs: dict) -> tuple[StaticImage, Any] | None:
+        side = getattr(self.transformer, "image_proj", None)
+        embeds = (kwargs.get("joint_attention_kwargs") or {}).get("ip_adapter_image_embeds")
+        return (side.static, side.prepare(embeds)) if isinstance(side, SD3ImageSide) and embeds is not None else None
 
     @property
     def image_side(self) -> SD3ImageSide:
