@@ -98,7 +98,7 @@ def test_parity_bin_diffusers_layout_and_images_per_prompt(files):
 
 
 def test_img2img_parity(files):
-    """The mixin serves every pipeline of the table (Inpaint needs 16 latent channels in diffusers, not tiny's 4)."""
+    """The mixin serves every pipeline of the table (Inpaint: test_inpaint_parity, 16 latent channels)."""
     import diffusers
 
     import ipa_rt.sd3
@@ -106,6 +106,24 @@ def test_img2img_parity(files):
     name = "StableDiffusion3Img2ImgPipeline"
     ref, ours = _load(getattr(diffusers, name), files), _load(getattr(ipa_rt.sd3, name), files)
     _same(ref, ours, image=testing.make_image(3, (32, 32)), strength=0.7, ip_adapter_image=files["image"])
+
+
+def test_inpaint_parity(tmp_path):
+    """StableDiffusion3InpaintPipeline (diffusers requires 16 or 33 transformer input channels: a tiny model with
+    16 latent channels, as SD3's VAE has): bitwise diffusers with an image, a mask and the adapter."""
+    import diffusers
+
+    import ipa_rt.sd3
+
+    base = testing.write_sd3_model(tmp_path / "sd35_16", configs={"vae": {"latent_channels": 16}})
+    adapter = testing.write_sd3_adapter(tmp_path / "a" / "ip-adapter.safetensors", base)
+    files = {"base": base, "instantx": adapter}
+    name = "StableDiffusion3InpaintPipeline"
+    ref, ours = _load(getattr(diffusers, name), files), _load(getattr(ipa_rt.sd3, name), files)
+    mask = testing.make_image(5, (32, 32)).convert("L").point(lambda v: 255 if v > 127 else 0)
+    call = dict(image=testing.make_image(3, (32, 32)), mask_image=mask, strength=0.8)
+    out = _same(ref, ours, ip_adapter_image=testing.make_image(0), **call)
+    assert not torch.equal(out, _latents(ours, ip_adapter_image=testing.make_image(1), **call))  # the image counts
 
 
 def test_step_independent_part_once_per_call_and_scale_in_place(files):
