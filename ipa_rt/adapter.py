@@ -139,6 +139,7 @@ class IPAdapterStack(nn.Module):
         self._stores: dict[tuple, dict] = {}  # image-side static buffers, one set per shape key (see prepare)
         self.row_tables: dict[int, tuple[Tensor, Tensor]] = {}  # batched calls' per-row scales (scale.per_row_scales)
         self.prepared_key: tuple | None = None
+        self.store_key: tuple | None = None  # the image-side buffer set the context reads now
         self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
         self._processors: list[DecoupledCrossAttnProcessor] = []
 
@@ -311,6 +312,7 @@ class IPAdapterStack(nn.Module):
         ctx = self.context
         self.prepared_key = key  # what the buffers now hold (None: unknown), for the reference cache
         if tokens is None:
+            self.store_key = None
             ctx.kv = None
             ctx.segments, ctx.masks, ctx.seg_mult = [], {}, None
             return None
@@ -327,6 +329,7 @@ class IPAdapterStack(nn.Module):
         device = flat[0].device
         masked = any(m is not None for m in masks)
         key = (tuple(bounds), flat[0].shape[0], device, flat[0].dtype, tuple(self.query_tokens) if masked else ())
+        self.store_key = key  # which buffer set the context reads (a captured graph is keyed on it)
         store = self._stores.get(key)
         if store is None:
             store = self._stores[key] = {

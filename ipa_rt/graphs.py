@@ -174,6 +174,20 @@ def tensors_of(obj: Any) -> list[Tensor]:
     return []
 
 
+def _signature(obj: Any) -> Any:
+    """What the static twin of ``obj`` depends on: the structure, every tensor's shape, dtype and device, and the
+    other values (hashable ones as they are: a module by identity, a key tuple by value)."""
+    if isinstance(obj, Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, *(_signature(x) for x in obj))
+    if isinstance(obj, dict):
+        return ("dict", *((k, _signature(v)) for k, v in obj.items()))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return (type(obj).__name__, *(_signature(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
+    return obj if _hashable((obj,)) else type(obj).__name__
+
+
 class StaticImage:
     """An image side as a captured network reads it. Each call's prepared image state (the family's memoised,
     once-per-call object) is copied by :meth:`stage`, before a replay, into one set of static buffers per shape
@@ -187,7 +201,7 @@ class StaticImage:
         self.is_frozen = False
 
     def stage(self, prepared: Any) -> tuple:
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors_of(prepared))
+        key = _signature(prepared)
         static = self.buffers.get(key)
         if static is None:
             static = self.buffers[key] = twin(prepared)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_masks import masks
 
 from ipa_rt import testing
-from ipa_rt.errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ipa_rt.errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 
 STEPS = 3
 
@@ -138,8 +139,28 @@ def test_errors(files):
     ours = _pair(files, "plus")[1]
     with pytest.raises(ScaleError):
         ours.set_ip_adapter_scale([0.5, 0.5])
-    with pytest.raises(ConfigError, match="regional masks"):
+    with pytest.raises(ImageInputError, match=r"ip_adapter_masks\[0\] is int"):
         _latents(ours, ip_adapter_image=testing.make_image(0), cross_attention_kwargs={"ip_adapter_masks": [1]})
+    with pytest.raises(ImageInputError, match="without ip_adapter_image"):
+        _latents(ours, cross_attention_kwargs={"ip_adapter_masks": [masks(64)]})
+    ours.set_ip_adapter_scale([[0.7, 0.4]])  # per image: only with masks
+    with pytest.raises(ScaleError, match="need regional masks"):
+        _latents(ours, ip_adapter_image=[[testing.make_image(0), testing.make_image(1)]])
+
+
+def test_kolors_regional_masks_and_per_image_scales(files):
+    """diffusers' regional masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``) and per-image scales: two
+    masked images with their own scales on one adapter beside an unmasked adapter, bitwise diffusers' KolorsPipeline;
+    the masks change the image (they are applied, not ignored)."""
+    ref, ours = _pair(files, "plus", "plus_bin")
+    scale = [[0.7, 0.4], 0.5]
+    ref.set_ip_adapter_scale(scale)
+    ours.set_ip_adapter_scale(scale)
+    images = [[testing.make_image(0), testing.make_image(1)], testing.make_image(2)]
+    masked = _same(ref, ours, ip_adapter_image=images, cross_attention_kwargs={"ip_adapter_masks": [masks(64), None]})
+    ours.set_ip_adapter_scale([0.5, 0.5])
+    ref.set_ip_adapter_scale([0.5, 0.5])
+    assert not torch.equal(masked, _same(ref, ours, ip_adapter_image=images))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -168,6 +189,8 @@ def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, mon
     capsys.readouterr()
     again = ipa_rt.Pipeline.from_pretrained(*args, backend=backend, engine_options=size)
     assert "reusing the kolors engine" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="engines do not take them"):  # regional masks: PyTorch pipelines only
+        _latents(again, ip_adapter_image=image, cross_attention_kwargs={"ip_adapter_masks": [masks(64)]})
     with pytest.raises(ConfigError, match="adapters built in"):
         again.load_ip_adapter(str(files["plus_bin"].parent), subfolder="", weight_name=files["plus_bin"].name)
     folder = next((tmp_path / "cache").glob(f"{backend}-kolors-*"))
@@ -232,3 +255,8 @@ def test_kolors_graphed_unet_with_a_replay_double(files, monkeypatch):
         _same(ref, ours, ip_adapter_image=testing.make_image(i))
     assert ours.graph_stats()["graphs"] == 1 and len(calls) == 3
     assert "forward" not in ours.unet.__dict__
+    scale, pair = [[0.7, 0.4]], [[testing.make_image(0), testing.make_image(1)]]
+    ref.set_ip_adapter_scale(scale)
+    ours.set_ip_adapter_scale(scale)  # masked: another buffer set (the downsampled masks), so another graph
+    _same(ref, ours, ip_adapter_image=pair, cross_attention_kwargs={"ip_adapter_masks": [masks(64)]})
+    assert ours.graph_stats()["graphs"] == 2

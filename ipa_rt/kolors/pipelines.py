@@ -43,21 +43,25 @@ class UNetImageSide(MultiIPAdapterImageProjection):
         super().__init__(list(stack.projections))
         self.stack = [stack]  # a list, not a submodule: the projections above are the only weights it owns
         self._seen = IdentityMemo(1)  # one: the stack's context holds the keys/values of the latest embeddings only
+        self.masks: list[torch.Tensor | None] | None = None  # this call's regional masks (set by the pipeline)
+        self.image_scale: torch.Tensor | None = None  # per masked image factors [A, I, L] (set_ip_adapter_scale)
         # a captured UNet reads the keys/values from the stack's static buffers (one set per shape: staging the
         # tokens keys the graph on that shape); the tokens themselves are not read by the processors
         self.static = StaticImage()
 
     def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
         if self.static.is_frozen:
-            return self.static.current
+            return self.static.current[0]
         items = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
-        tokens = self._seen.get(items)
+        masks = self.masks
+        identity = items + [m for m in masks or () if m is not None]  # masks change the prepared state too
+        tokens = self._seen.get(identity)
         if tokens is None:
             stack = self.stack[0]
             with torch.no_grad():
                 tokens = stack.project(items, [None] * len(items))
-                stack.prepare(tokens)
-            self._seen.put(items, tokens)
+                stack.prepare(tokens, masks=masks, image_scale=self.image_scale if masks else None)
+            self._seen.put(identity, tokens)
         return tokens
 
 
@@ -68,6 +72,8 @@ class UNetAdapterMixin(GraphedNetworkMixin):
     _ipa_saved: dict | None = None
     _ip_attention = "auto"  # cross-attention with the image branch: the fused kernel on CUDA where it can run
     _graph_network = "unet"
+    _call_masks: Any = None  # the running call's ip_adapter_masks
+    _image_scale: torch.Tensor | None = None  # per masked image factors from set_ip_adapter_scale (diffusers' lists)
 
     def set_ip_attention(self, mode: str) -> None:
         """``"auto"`` (the fused Triton kernel on CUDA where it can run, SDPA elsewhere), ``"triton"`` (the kernel
@@ -146,19 +152,62 @@ class UNetAdapterMixin(GraphedNetworkMixin):
         self._ipa_stack, self._ipa_saved = stack, saved
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """diffusers' call; regional masks are refused (diffusers' processors apply them, ipa_rt's here do not yet,
-        and a mask silently ignored would be a wrong image)."""
-        if (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks") is not None:
-            raise ConfigError("ip_adapter_masks: regional masks are not supported by ipa_rt's Kolors pipelines yet")
+        """diffusers' call. Regional masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``, diffusers' form)
+        are taken out of the processors' arguments and applied by ipa_rt's image side; engines refuse them."""
         for key, value in getattr(self.unet, "call_defaults", {}).items():  # an engine: the size it was built for
             if kwargs.get(key) is None:
                 kwargs[key] = value
-        with hushed("transformers"), self.network_graphs():  # hushed: ChatGLM calls deprecated transformers APIs
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        self._call_masks = self._take_masks(kwargs)
+        try:
+            with hushed("transformers"), self.network_graphs():  # hushed: ChatGLM calls deprecated transformers APIs
+                return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._call_masks = None
+            if isinstance(getattr(self.unet, "encoder_hid_proj", None), UNetImageSide):
+                self.unet.encoder_hid_proj.masks = None
+
+    def _take_masks(self, kwargs: dict) -> Any:
+        """``ip_adapter_masks`` out of ``cross_attention_kwargs`` (the rest stays), with the checks that need no
+        embeddings; every layer's query count for the call's size (the masks' downsampling targets)."""
+        from ..errors import ImageInputError
+        from ..request import query_tokens
+
+        extra = dict(kwargs.get("cross_attention_kwargs") or {})
+        masks = extra.pop("ip_adapter_masks", None)
+        stack = self._ipa_stack
+        if masks is None:
+            if stack is not None and self._image_scale is not None:
+                raise ScaleError("per-image scales (lists per adapter) need regional masks: pass ip_adapter_masks")
+            return None
+        if stack is None or self._ipa_saved.get("engine"):
+            why = "no IP-Adapter is loaded" if stack is None else "engines do not take them (use the PyTorch pipeline)"
+            raise ConfigError(f"cross_attention_kwargs['ip_adapter_masks']: {why}")
+        if kwargs.get("ip_adapter_image") is None and kwargs.get("ip_adapter_image_embeds") is None:
+            raise ImageInputError("ip_adapter_masks were given without ip_adapter_image / ip_adapter_image_embeds")
+        kwargs["cross_attention_kwargs"] = extra or None
+        size = self.default_sample_size * self.vae_scale_factor
+        height, width = kwargs.get("height") or size, kwargs.get("width") or size
+        stack.query_tokens = query_tokens(self._unet_structure, stack.layer_names, height, width, self.vae_scale_factor)
+        return masks
+
+    def prepare_ip_adapter_image_embeds(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """diffusers' embeddings; this call's masks are checked against them (one per image of each adapter) and
+        handed to the image side."""
+        from ..request import ip_masks
+
+        embeds = super().prepare_ip_adapter_image_embeds(*args, **kwargs)  # type: ignore[misc]
+        side = getattr(self.unet, "encoder_hid_proj", None)
+        if self._call_masks is not None and isinstance(side, UNetImageSide):
+            side.masks = ip_masks(self, {"ip_adapter_masks": self._call_masks}, (embeds,))
+            side.image_scale = self._image_scale
+        return embeds
 
     def _image_to_stage(self, kwargs: dict) -> tuple[StaticImage, Any] | None:
         side, embeds = self.unet.encoder_hid_proj, (kwargs.get("added_cond_kwargs") or {}).get("image_embeds")
-        return (side.static, side(embeds)) if isinstance(side, UNetImageSide) and embeds is not None else None
+        if not isinstance(side, UNetImageSide) or embeds is None:
+            return None
+        tokens = side(embeds)  # eager: the stack's static buffers for this shape now hold the call's keys/values
+        return side.static, (tokens, side.stack[0].store_key)  # the buffer set (masked or not) keys the graph
 
     @property
     def _unet_structure(self) -> Any:
@@ -170,6 +219,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
         if self._ipa_stack is None:
             return
         unet, saved = self.unet, self._ipa_saved
+        self._image_scale = None
         if saved.get("engine"):
             unet.install_adapters(None, None)  # the engine then gets zero tokens and a zero scale
             self._ipa_stack = self._ipa_saved = None
@@ -201,8 +251,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded; call load_ip_adapter first")
         rows = expand_scale(scale, self._unet_structure, stack.layer_names, stack.num_adapters, "sdxl")
         table, per_image = scale_tables(rows)
-        if per_image is not None:
-            raise ScaleError("per-image scales (lists inside a block) need regional masks, which this pipeline lacks")
+        self._image_scale = per_image  # per masked image: applied with the call's masks (checked there)
         stack.scale.copy_(table)
         stack.scale_eff.copy_(table)
 
