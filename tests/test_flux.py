@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ipa_rt import testing
-from ipa_rt.errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ipa_rt.errors import CheckpointError, ConfigError, IncompatibleAdapterError, ScaleError
 from ipa_rt.flux import FluxImageSide, expand_flux_scale
 
 ENCODER_DIM = 24
@@ -371,3 +371,26 @@ def test_flux_graphed_transformer_with_a_replay_double(files, monkeypatch):
     _same(ref, ours, ip_adapter_image=testing.make_image(2), true_cfg_scale=2.0, negative_prompt="blurry")
     assert ours.graph_stats() == {"graphs": 1, "eager": 0, "pool_bytes": 0} and len(projected) == 5
     assert {t.data_ptr() for t in graphs.tensors_of(side.static.current)} == static  # the same buffers, refilled
+
+
+def test_flux_hub_ids_through_the_hub_cache(files, tmp_path):
+    """Hub ids as users pass them (FLUX.1's, XLabs' repository with its file name, the CLIP encoder's id), resolved by
+    huggingface_hub from a cache written from local files (``local_files_only``: no network): the same latents as
+    loading the files by path, through ``ipa_rt.Pipeline.from_pretrained`` and ``load_ip_adapter``."""
+    import ipa_rt
+
+    cache = tmp_path / "hub"
+    testing.write_hub_cache(cache, "black-forest-labs/FLUX.1-dev", {".": files["flux"]})
+    testing.write_hub_cache(cache, "XLabs-AI/flux-ip-adapter", {"ip_adapter.safetensors": files["xlabs"]})
+    testing.write_hub_cache(cache, "openai/clip-vit-large-patch14", {".": files["encoder"]})
+    hub = dict(cache_dir=str(cache), local_files_only=True)
+    pipe = ipa_rt.Pipeline.from_pretrained(
+        "black-forest-labs/FLUX.1-dev", "XLabs-AI/flux-ip-adapter", "openai/clip-vit-large-patch14",
+        weight_name="ip_adapter.safetensors", **hub,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    by_path = _load(__import__("ipa_rt.flux").flux.FluxPipeline, files["flux"], files, "xlabs")
+    image = testing.make_image(0)
+    assert torch.equal(_latents(pipe, ip_adapter_image=image), _latents(by_path, ip_adapter_image=image))
+    with pytest.raises(CheckpointError, match="flux-ip-adapter-v2' is neither a local path"):  # not in the cache
+        pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter-v2", weight_name="ip_adapter.safetensors", **hub)

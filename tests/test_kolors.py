@@ -119,6 +119,26 @@ def test_ipa_rt_pipeline_entry_point(files):
     _same(ref, pipe, ip_adapter_image=testing.make_image(0))
 
 
+def test_kolors_hub_ids_through_the_hub_cache(files, tmp_path):
+    """Hub ids as users pass them (Kolors' diffusers repository, Kolors-IP-Adapter-Plus with its file name and its
+    image_encoder/ subfolder found by diffusers' rule), resolved by huggingface_hub from a cache written from local
+    files (``local_files_only``: no network): the same latents as loading the files by path."""
+    import ipa_rt
+
+    cache = tmp_path / "hub"
+    testing.write_hub_cache(cache, "Kwai-Kolors/Kolors-diffusers", {".": files["base"]})
+    adapter = {"ip_adapter_plus_general.safetensors": files["plus"], "image_encoder": files["encoder"]}
+    testing.write_hub_cache(cache, "Kwai-Kolors/Kolors-IP-Adapter-Plus", adapter)
+    pipe = ipa_rt.Pipeline.from_pretrained(
+        "Kwai-Kolors/Kolors-diffusers", "Kwai-Kolors/Kolors-IP-Adapter-Plus", subfolder="",
+        weight_name="ip_adapter_plus_general.safetensors", cache_dir=str(cache), local_files_only=True,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    _, by_path = _pair(files, "plus")
+    image = testing.make_image(0)
+    assert torch.equal(_latents(pipe, ip_adapter_image=image), _latents(by_path, ip_adapter_image=image))
+
+
 def test_errors(files):
     import ipa_rt.kolors
 

@@ -175,6 +175,28 @@ def test_image_encoder_beside_the_adapter(files):
     assert bare.image_encoder is None and not hasattr(bare.transformer, "image_proj")  # refused: nothing changed
 
 
+def test_hub_ids_through_the_hub_cache(files, tmp_path):
+    """Hub ids as users pass them (InstantX's repository and file name, SigLIP's id as image_encoder_folder), resolved
+    by huggingface_hub from a cache written from local files (``local_files_only``: no network): the same latents as
+    loading the files by path."""
+    import ipa_rt.sd3
+
+    cache = tmp_path / "hub"
+    testing.write_hub_cache(cache, "InstantX/SD3.5-Large-IP-Adapter", {"ip-adapter.bin": files["bin"]})
+    encoder = files["instantx"].parent / "image_encoder"
+    testing.write_hub_cache(cache, "google/siglip-so400m-patch14-384", {".": encoder})
+    cls = ipa_rt.sd3.StableDiffusion3Pipeline
+    pipe = _load(cls, files, None, image_encoder=None, feature_extractor=None)
+    pipe.load_ip_adapter(
+        "InstantX/SD3.5-Large-IP-Adapter", weight_name="ip-adapter.bin",
+        image_encoder_folder="google/siglip-so400m-patch14-384", cache_dir=str(cache), local_files_only=True,
+    )  # fmt: skip
+    by_path = _load(cls, files, None, image_encoder=None, feature_extractor=None)
+    by_path.load_ip_adapter(str(files["bin"].parent), weight_name=files["bin"].name, image_encoder_folder=str(encoder))
+    image = files["image"]
+    assert torch.equal(_latents(pipe, ip_adapter_image=image), _latents(by_path, ip_adapter_image=image))
+
+
 def test_errors(files, tmp_path):
     import ipa_rt.sd3
 

@@ -3,7 +3,8 @@
 Everything here writes what users download from a hub, only smaller, and is then loaded through the same code users
 use; nothing touches a model hub. :mod:`.unet`: SD1.5/SDXL diffusers folders, CLIP image encoders, h94 IP-Adapters of
 every variant, LoRA, ControlNet, T2I-Adapter, motion adapters; :mod:`.flux`: Flux.1 and Chroma folders (with a locally
-made T5 tokenizer) and XLabs-AI Flux IP-Adapters.
+made T5 tokenizer) and XLabs-AI Flux IP-Adapters; :mod:`.kolors`, :mod:`.sd3`: Kolors and SD3.5 with their adapters;
+:mod:`.hub`: a hub cache written from local files, so hub ids resolve offline.
 """
 
 from .flux import (
@@ -14,6 +15,7 @@ from .flux import (
     write_flux_model,
     write_t5_tokenizer,
 )
+from .hub import write_hub_cache
 from .kolors import (
     KOLORS_ENCODER,
     kolors_adapter_state_dict,
@@ -84,6 +86,7 @@ __all__ = [
     "write_example",
     "write_flux_adapter",
     "write_flux_model",
+    "write_hub_cache",
     "write_image_encoder",
     "write_kolors_adapter",
     "write_kolors_model",
