@@ -192,3 +192,44 @@ def test_fixture_formats_are_the_real_ones(models):
     assert prefixes == {"image_proj", "ip_adapter"}
     assert (models.base("sd15") / "tokenizer" / "vocab.json").exists()
     assert (models.base("sd15") / "tokenizer" / "merges.txt").exists()
+
+
+class _Table(torch.nn.Module):
+    """Small weights, a large buffer (as SD3's position table) and a constant made in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("table", torch.randn(1024, 4))  # onnx keeps < 1 KB inline
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.sum()  # both large tensors meet the input, so the exporter cannot fold them away
+        return self.lin(x) + (self.table * s).sum(0) + (torch.arange(8192, dtype=x.dtype) * s).sum()
+
+
+@pytest.mark.parametrize("limit", ["buffers", "graph"])
+def test_onnx_export_takes_external_data_past_the_limit(tmp_path, monkeypatch, limit):
+    """Weights go to ``<name>.data`` when the module's parameters *and buffers* pass the threshold, or when the graph
+    as exported does (constants the exporter makes): an SD3.5-width transformer whose parameters alone were under
+    2 GB failed to serialise before."""
+    pytest.importorskip("onnx")
+    from ipa_rt.export import onnx_export
+    from ipa_rt.export.contracts import Contract
+
+    module = _Table().eval()
+    weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    threshold = weights - 1 if limit == "buffers" else weights + 1  # "graph": only the written file passes it
+    monkeypatch.setattr(onnx_export, "LARGE_BYTES", threshold)
+    contract = Contract("table", module, {"x": torch.randn(2, 4)}, ("y",))
+    path = onnx_export.export_onnx(contract, tmp_path / "table.onnx")
+    import onnx
+    import onnxruntime
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert (tmp_path / "table.onnx.data").is_file() and "table" in external
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 4)
+    (y,) = session.run(None, {"x": x.numpy()})
+    assert torch.allclose(torch.from_numpy(y), module(x), atol=1e-6)

@@ -34,6 +34,9 @@ from .precision import decomposed_rms_norm, fp32_normalization
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 2**30
+# past this, weights go to external data: a graph holds more than the module's weights (constants the exporter
+# makes, folded ones), and an SD3.5-width transformer of 1.9 GB of weights failed to serialise at 2 GB
+LARGE_BYTES = int(0.75 * PROTOBUF_LIMIT)
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -93,8 +96,8 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET,
         _needs("onnxscript")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(p.numel() * p.element_size() for p in contract.module.parameters())
-    large = size > PROTOBUF_LIMIT
+    weights = [*contract.module.parameters(), *contract.module.buffers()]  # buffers too: SD3's position table
+    large = sum(t.numel() * t.element_size() for t in weights) > LARGE_BYTES
     log = io.StringIO()  # the exporters narrate their stages on stdout: keep it for the error message only
     work = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
     try:
@@ -115,7 +118,8 @@ def export_onnx(contract: Contract, path: str | os.PathLike, opset: int = OPSET,
                 f"exporting {contract.name} to ONNX ({exporter} exporter) failed ({type(exc).__name__}: "
                 f"{str(exc)[-600:]}); exporter log:\n{log.getvalue()[-2000:]}"
             ) from exc
-        cleanup_onnx(raw, large, path)
+        exported = sum(f.stat().st_size for f in work.iterdir() if f.is_file())
+        cleanup_onnx(raw, large or exported > LARGE_BYTES, path)  # the graph as written decides too
     finally:
         shutil.rmtree(work, ignore_errors=True)
     onnx.checker.check_model(str(path))
