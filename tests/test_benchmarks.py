@@ -279,16 +279,27 @@ def test_optimum_anchor_tiny(tmp_path):
     assert "failed" in errors["optimum-intel openvino@32"]["error"]
 
 
-def test_families_benchmark_tiny(tmp_path):
-    """``ipa_rt bench --profile families --tiny``: every system runs the same files; ipa_rt's PyTorch row is bitwise
-    diffusers', its fp32 engine within 1e-4, and the results files are written."""
+@pytest.mark.parametrize(("family", "engines", "drop"), [("flux", 2, False), ("kolors", 1, True), ("sd3", 2, True)])
+def test_families_benchmark_tiny(tmp_path, monkeypatch, family, engines, drop):
+    """``ipa_rt bench --profile families --family F --tiny``: every system runs the same files; ipa_rt's PyTorch row
+    is bitwise diffusers', its fp32 engine within 1e-4, and the results files are written (Flux's under the name
+    it always had, the others' with the family in it); ``--drop-engines`` (Kolors, SD3.5 here) leaves no engine.
+    Kolors' bf16 engine is left out: its tiny UNet's ONNX export takes 15 s per engine on 2 cores."""
     from ipa_rt.cli import main
 
-    out = tmp_path / "out"
-    assert main(["bench", "--profile", "families", "--tiny", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
-    (result,) = [json.loads(p.read_text()) for p in out.glob("*-families-tiny.json")]
+    out, work = tmp_path / "out", tmp_path / "w"
+    monkeypatch.setenv("IPA_RT_CACHE", str(work / "cache"))  # the bench would set it for the whole process
+    argv = ["bench", "--profile", "families", "--family", family, "--tiny", "--work", str(work), "--out", str(out)]
+    systems = ["diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16"][: 2 + engines]
+    assert main([*argv, "--systems", *systems, *["--drop-engines"] * drop]) == 0
+    left = [p for p in (work / "cache").rglob("*") if p.is_file()]
+    assert (left == []) if drop else any(p.name == "manifest.json" for p in left)
+    name = "families" if family == "flux" else f"families-{family}"
+    (result,) = [json.loads(p.read_text()) for p in out.glob(f"*-{name}-tiny.json")]
+    assert result["family"] == family and result["rows"][0]["family"].startswith(f"{family} tiny")
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16"}
+    assert list(rows) == systems
     assert rows["ipa_rt torch fp32"]["latent_rel_l2"] == 0.0
     assert rows["ipa_rt openvino fp32"]["latent_rel_l2"] <= 1e-4
+    assert rows.get("ipa_rt openvino bf16", {"latent_rel_l2": 0})["latent_rel_l2"] <= 1e-1
     assert all(r["median_ms"] > 0 for r in rows.values())
