@@ -64,7 +64,7 @@ from families_models import FAMILIES, write_flux
 import ipa_rt
 from ipa_rt import testing as T
 
-__all__ = ["FAMILIES", "main", "write_flux"]  # write_flux: the GPU kit writes FLUX.1's folder on the GPU
+__all__ = ["FAMILIES", "main", "parse", "write_flux"]  # the GPU kit writes the models on the GPU first
 
 SYSTEMS = ("diffusers fp32", "ipa_rt torch fp32", "ipa_rt openvino fp32", "ipa_rt openvino bf16")
 GPU_SYSTEMS = ("diffusers bf16", "ipa_rt torch bf16")  # on CUDA: the same pipelines in bf16 (the fused kernel: auto)
@@ -94,7 +94,8 @@ def drop_added(root: Path, before: set[Path]) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the family's defaults filled in (the GPU kit reads it to write the models first)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=list(FAMILIES), default="flux")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the family's, see above)")
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.text, args.steps, args.reps = 32, 32, 2, 1
     args.text = fam.text if fam.fixed_text else args.text
     args.systems = args.systems or list(GPU_SYSTEMS if args.device == "cuda" else SYSTEMS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    fam = FAMILIES[args.family]
     os.environ.setdefault("IPA_RT_CACHE", str(args.work / "cache"))
     cache = Path(os.environ["IPA_RT_CACHE"])
     files = fam.write(args.work, args)

@@ -89,7 +89,7 @@ def _plus_resampler(hidden: int, cross: int, width: int = 1280, heads: int = 20)
     from ipa_rt.testing.unet import _Rand, _resampler
 
     r = _Rand(3)
-    sd = {"latents": torch.randn(1, 16, width, generator=r.g) / width**0.5}
+    sd = {"latents": torch.randn(1, 16, width, generator=r.g, device="cpu") / width**0.5}
     sd |= {"proj_in.weight": r.linear(width, hidden), "proj_in.bias": r.bias(width)}
     sd |= {"proj_out.weight": r.linear(cross, width), "proj_out.bias": r.bias(cross)}
     return sd | r.norm("norm_out", cross) | _resampler(r, width, heads)

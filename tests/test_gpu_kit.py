@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "benchmarks" / "gpu"
-STAGES = ["environment", "models", "doctor", "attention", "sd15", "sdxl", "video", "flux"]
+STAGES = ["environment", "models", "doctor", "attention", "sd15", "sdxl", "video", "flux", "kolors", "sd3"]
 
 
 def _kit_env(tmp_path: Path) -> dict[str, str]:
@@ -65,8 +65,9 @@ def test_first_light_rehearsal(tmp_path):
     video = stages["video"]
     assert {r["system"] for r in video["rows"]} == {"diffusers float32", "ipa_rt torch float32"}
     assert all(e <= 1e-4 for e in video["errors"].values())
-    flux = stages["flux"]  # the families bench's tiny Flux: ipa_rt on PyTorch is diffusers' arithmetic
-    assert {r["system"]: r["latent_rel_l2"] for r in flux["rows"]} == {"diffusers fp32": 0.0, "ipa_rt torch fp32": 0.0}
+    for family in ("flux", "kolors", "sd3"):  # the families bench's tiny models: ipa_rt on PyTorch is diffusers'
+        rows = {r["system"]: r["latent_rel_l2"] for r in stages[family]["rows"]}
+        assert rows == {"diffusers fp32": 0.0, "ipa_rt torch fp32": 0.0}, family
     targets = {t["target"]: t for t in report["targets"]}
     assert len(targets) == 7 and all(t["measured"] is not None for t in targets.values()), targets
     assert targets["doctor_failed_rows"]["met"] and targets["recaptures_on_live_controls"]["met"]
@@ -77,6 +78,8 @@ def test_first_light_rehearsal(tmp_path):
         and "## sdxl" in md
         and "## AnimateDiff" in md
         and "## Flux.1" in md
+        and "## Kolors" in md
+        and "## SD3.5" in md
     )
 
 

@@ -53,6 +53,8 @@ STAGES = (
     Stage("sdxl", 180, min_left_s=120),
     Stage("video", 150, min_left_s=60),
     Stage("flux", 240, min_left_s=180),  # FLUX.1 width, 19 + 4 blocks, bf16 (issue #26)
+    Stage("kolors", 240, min_left_s=180),  # the full SDXL-width UNet at 1024², bf16
+    Stage("sd3", 240, min_left_s=180),  # SD3.5-Large width, 12 of 38 blocks, bf16
 )
 REHEARSAL_BOX_S = 150  # per stage with the tiny models: a safety net (they take 5-25 s each on 2 idle cores)
 
@@ -259,12 +261,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["|---|---|---|---|"]
         for r in video["rows"]:
             lines.append(f"| {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {_fmt(r.get('latent_rel_l2'))} |")
-    flux = report["stages"].get("flux", {}).get("result", {})
-    if flux.get("rows"):
-        lines += ["", f"## Flux.1 ({flux['rows'][0]['family']})", "", "| workload | system | median ms | err |"]
-        lines += ["|---|---|---|---|"]
-        for r in flux["rows"]:
-            lines.append(f"| {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {_fmt(r.get('latent_rel_l2'))} |")
+    for stage, title in (("flux", "Flux.1"), ("kolors", "Kolors"), ("sd3", "SD3.5")):
+        res = report["stages"].get(stage, {}).get("result", {})
+        if res.get("rows"):
+            lines += ["", f"## {title} ({res['rows'][0]['family']})", "", "| workload | system | median ms | err |"]
+            lines += ["|---|---|---|---|"]
+            for r in res["rows"]:
+                err = _fmt(r.get("latent_rel_l2"))
+                lines.append(f"| {r['workload']} | {r['system']} | {r['median_ms']:.1f} | {err} |")
     return "\n".join(lines) + "\n"
 
 

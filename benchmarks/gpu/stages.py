@@ -316,25 +316,32 @@ def stage_video(args: argparse.Namespace, rec: Record) -> None:
     rec.update(**result)
 
 
-# --- g. Flux.1 + XLabs IP-Adapter (the families served inside diffusers' pipelines) ----------------------------------
-FLUX_GPU = ["--double", "19", "--single", "4", "--size", "256", "--text", "512", "--steps", "4", "--reps", "2"]
+# --- g. the families served inside diffusers' pipelines: Flux.1, Kolors, SD3.5 (issue #26) ---------------------------
+# Full width; depth sized to the kit's boxes (writing and loading random weights is most of a stage): FLUX.1's 19
+# double-stream blocks (where the adapter acts) and 4 of its 38 single ones at 4096 image tokens; Kolors' full SDXL
+# UNet (depths 1/2/10) at 1024² with ChatGLM3 at 2 of 28 layers (one call per request); SD3.5-Large at 12 of its 38
+# blocks at 4096 image tokens. bf16, diffusers against ipa_rt (CUDA graphs, the fused kernel where it applies).
+FAMILY_GPU = {
+    "flux": ["--double", "19", "--single", "4", "--size", "256", "--text", "512", "--steps", "4", "--reps", "2"],
+    "kolors": ["--layers", "1", "2", "10", "--glm-layers", "2", "--size", "1024", "--steps", "4", "--reps", "2"],
+    "sd3": ["--blocks", "12", "--size", "256", "--steps", "4", "--reps", "2"],
+}
 
 
-def stage_flux(args: argparse.Namespace, rec: Record) -> None:
-    """FLUX.1's width with its 19 double-stream blocks (where the adapter acts) and 4 of its 38 single ones, a
-    4096-token image (FLUX.1's count at 1024²), bf16: diffusers against ipa_rt (the fused kernel on the image
-    branch); rehearsing, the tiny models on PyTorch."""
+def stage_family(args: argparse.Namespace, rec: Record, family: str) -> None:
+    """One family of ``benchmarks/families.py`` on the GPU (:data:`FAMILY_GPU`); rehearsing, its tiny models on
+    PyTorch."""
     import families
 
-    out, work = args.work / "families", args.work / "families-work"
+    out, work = args.work / f"families-{family}", args.work / "families-work"
     if args.rehearse:
-        argv = ["--tiny", "--systems", "diffusers fp32", "ipa_rt torch fp32"]
+        argv = ["--family", family, "--tiny", "--systems", "diffusers fp32", "ipa_rt torch fp32"]
     else:
-        argv = ["--device", "cuda", *FLUX_GPU]
+        argv = ["--family", family, "--device", "cuda", *FAMILY_GPU[family]]
         with torch.device("cuda"):  # initialise the random modules on the GPU: seconds instead of minutes
-            families.write_flux(work, 19, 4, tiny=False)
+            families.FAMILIES[family].write(work, families.parse([*argv, "--work", str(work)]))
     families.main([*argv, "--work", str(work), "--out", str(out)])
-    (result,) = [json.loads(p.read_text()) for p in out.glob("*-families-*.json")]
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*-families*.json")]
     rec.update(**result)
 
 
@@ -346,7 +353,7 @@ STAGES: dict[str, Callable[[argparse.Namespace, Record], None]] = {
     "sd15": lambda a, r: stage_pipelines(a, r, "sd15"),
     "sdxl": lambda a, r: stage_pipelines(a, r, "sdxl"),
     "video": stage_video,
-    "flux": stage_flux,
+    **{f: lambda a, r, f=f: stage_family(a, r, f) for f in FAMILY_GPU},
 }
 
 

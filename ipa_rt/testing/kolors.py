@@ -146,13 +146,13 @@ def _init_chatglm(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device="cpu"))
             elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, device="cpu"))
             elif "word_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu"))
             else:  # linear layers
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * p.shape[-1] ** -0.5)
 
 
 @_quiet
