@@ -161,31 +161,32 @@ def twin(obj: Any) -> Any:
     return obj
 
 
+def _leaves(obj: Any) -> Iterator[Any]:
+    """The walk :func:`twin` makes, flattened: tensors and other values in a fixed order, each container announced
+    by its type (so two structures with the same leaves in other shapes differ)."""
+    if isinstance(obj, (list, tuple, dict)) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        yield type(obj)
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else None
+        if items is None:
+            items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+        for item in items:
+            yield from _leaves(item)
+    else:
+        yield obj
+
+
 def tensors_of(obj: Any) -> list[Tensor]:
     """Every tensor of a structure :func:`twin` copies, in a fixed order."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in tensors_of(x)]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in tensors_of(v)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in tensors_of(getattr(obj, f.name))]
-    return []
+    return [x for x in _leaves(obj) if isinstance(x, Tensor)]
 
 
-def _signature(obj: Any) -> Any:
+def _signature(obj: Any) -> tuple:
     """What the static twin of ``obj`` depends on: the structure, every tensor's shape, dtype and device, and the
     other values (hashable ones as they are: a module by identity, a key tuple by value)."""
-    if isinstance(obj, Tensor):
-        return (tuple(obj.shape), obj.dtype, obj.device)
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, *(_signature(x) for x in obj))
-    if isinstance(obj, dict):
-        return ("dict", *((k, _signature(v)) for k, v in obj.items()))
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return (type(obj).__name__, *(_signature(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
-    return obj if _hashable((obj,)) else type(obj).__name__
+    return tuple(
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x if _hashable((x,)) else type(x).__name__
+        for x in _leaves(obj)
+    )
 
 
 class StaticImage:

@@ -22,7 +22,7 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from ..adapter import IPAdapterStack
 from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ..console import hushed
-from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ..errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from ..graphs import GraphedNetworkMixin, StaticImage
 from ..kernels.ops import MODES, choose
 from ..lru import IdentityMemo
@@ -169,7 +169,6 @@ class UNetAdapterMixin(GraphedNetworkMixin):
     def _take_masks(self, kwargs: dict) -> Any:
         """``ip_adapter_masks`` out of ``cross_attention_kwargs`` (the rest stays), with the checks that need no
         embeddings; every layer's query count for the call's size (the masks' downsampling targets)."""
-        from ..errors import ImageInputError
         from ..request import query_tokens
 
         extra = dict(kwargs.get("cross_attention_kwargs") or {})
