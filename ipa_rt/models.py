@@ -249,6 +249,11 @@ def wrapped_pipeline_class(name: str, mixin: type, names: tuple[str, ...], modul
     return cls
 
 
+def pipeline_class_maker(mixin: type, names: tuple[str, ...], module: str) -> Callable[[str], type]:
+    """A family package's ``runtime_class``: ``name -> class <name>(mixin, diffusers.<name>)``, one class per name."""
+    return functools.partial(wrapped_pipeline_class, mixin=mixin, names=names, module=module)
+
+
 def lazy_pipeline_classes(module: str, names: tuple[str, ...], make: Callable[[str], type]) -> Callable[[str], type]:
     """A family package's module ``__getattr__``: its pipeline classes are made on first use (importing diffusers'
     pipelines takes seconds, and ``import ipa_rt.flux`` should not pay it)."""

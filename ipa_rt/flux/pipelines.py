@@ -11,7 +11,6 @@ pipeline diffusers gives ``FluxIPAdapterMixin`` (table :data:`PIPELINES`), so no
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import ConfigError, IncompatibleAdapterError
 from ..graphs import GraphedNetworkMixin, StaticImage
-from ..models import drop_image_encoder
+from ..models import drop_image_encoder, pipeline_class_maker
 from .adapter import (
     FluxDecoupledProcessor,
     FluxDims,
@@ -211,12 +210,8 @@ PIPELINES = (
 )
 
 
-@functools.cache
-def runtime_class(name: str) -> type:
-    """``class <name>(FluxAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.flux.<name>`` is it)."""
-    from ..models import wrapped_pipeline_class
-
-    return wrapped_pipeline_class(name, FluxAdapterMixin, PIPELINES, "ipa_rt.flux")
+# runtime_class(name): class <name>(FluxAdapterMixin, diffusers.<name>), made once (ipa_rt.flux.<name> is it)
+runtime_class = pipeline_class_maker(FluxAdapterMixin, PIPELINES, "ipa_rt.flux")
 
 
 def pipeline_class_of(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:

@@ -12,7 +12,6 @@ projection and every layer's K/V the first time a call's embeddings arrive) inst
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..errors import ConfigError, ImageInputError, IncompatibleAdapterError, Sca
 from ..graphs import GraphedNetworkMixin, StaticImage
 from ..kernels.ops import MODES, choose
 from ..lru import IdentityMemo
-from ..models import drop_image_encoder
+from ..models import drop_image_encoder, pipeline_class_maker
 from ..scale import expand_scale, scale_tables
 from ..variants import FACE_ID
 
@@ -263,12 +262,8 @@ class UNetAdapterMixin(GraphedNetworkMixin):
 PIPELINES = ("KolorsPipeline", "KolorsImg2ImgPipeline", "KolorsPAGPipeline")
 
 
-@functools.cache
-def runtime_class(name: str) -> type:
-    """``class <name>(UNetAdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.kolors.<name>`` is it)."""
-    from ..models import wrapped_pipeline_class
-
-    return wrapped_pipeline_class(name, UNetAdapterMixin, PIPELINES, "ipa_rt.kolors")
+# runtime_class(name): class <name>(UNetAdapterMixin, diffusers.<name>), made once (ipa_rt.kolors.<name> is it)
+runtime_class = pipeline_class_maker(UNetAdapterMixin, PIPELINES, "ipa_rt.kolors")
 
 
 def load_pretrained(

@@ -11,7 +11,6 @@ resampler once per call, the scale a tensor), ``encode_image`` keeps a content-k
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -23,7 +22,7 @@ from ..conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import CheckpointError, ConfigError, IncompatibleAdapterError
 from ..graphs import GraphedNetworkMixin, StaticImage
-from ..models import drop_image_encoder
+from ..models import drop_image_encoder, pipeline_class_maker
 from ..variants import adapter_family
 from .adapter import (
     SD3BlockAdapter,
@@ -278,9 +277,5 @@ PIPELINES = (
 )
 
 
-@functools.cache
-def runtime_class(name: str) -> type:
-    """``class <name>(SD3AdapterMixin, diffusers.<name>)``, made once per name (``ipa_rt.sd3.<name>`` is it)."""
-    from ..models import wrapped_pipeline_class
-
-    return wrapped_pipeline_class(name, SD3AdapterMixin, PIPELINES, "ipa_rt.sd3")
+# runtime_class(name): class <name>(SD3AdapterMixin, diffusers.<name>), made once (ipa_rt.sd3.<name> is it)
+runtime_class = pipeline_class_maker(SD3AdapterMixin, PIPELINES, "ipa_rt.sd3")
