@@ -587,4 +587,5 @@ def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:
     have, want = vae.config.latent_channels, base_vae.config.latent_channels
     if have != want:
         raise ConfigError(f"vae has {have} latent channels; the base model's latents have {want}")
-    return vae.to(dtype=dtype).eval()
+    # cast only when needed: diffusers warns on every dtype .to() of a model declaring fp32 modules (even none)
+    return (vae if next(vae.parameters()).dtype == dtype else vae.to(dtype=dtype)).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
@@ -41,13 +43,26 @@ def test_missing_or_broken_lora_file(models, tmp_path):
 
 
 def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
-    """``vae=`` a TAESD folder loads it (the same result as the module); anything but an autoencoder is refused."""
+    """``vae=`` a TAESD folder loads it (the same result as the module), without diffusers' notes the user cannot
+    act on (config keys its own save_pretrained writes; a cast to the dtype it already has); anything but an
+    autoencoder is refused."""
     from diffusers import AutoencoderTiny
 
     folder = T.write_taesd(tmp_path / "taesd")
     module = AutoencoderTiny.from_pretrained(folder)
     call = {**CALL, "output_type": "pt"}
-    by_path = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=str(folder))
+    records: list[logging.LogRecord] = []
+    listener, library = logging.Handler(), logging.getLogger("diffusers")
+    listener.emit = records.append
+    level = library.level
+    library.addHandler(listener)
+    library.setLevel(logging.WARNING)  # the suite runs diffusers at errors only (conftest); a user does not
+    try:
+        by_path = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=str(folder))
+    finally:
+        library.removeHandler(listener)
+        library.setLevel(level)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     by_module = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=module)
     assert type(by_path.vae).__name__ == "AutoencoderTiny" and "decoder AutoencoderTiny" in by_path.runtime_summary()
     a = by_path("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
