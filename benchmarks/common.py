@@ -92,6 +92,14 @@ def device_timer(device: torch.device):
     return run
 
 
+def pipeline_dtype(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument for a diffusers pipeline, spelled as the installed diffusers wants it:
+    ``dtype`` where pipelines take it (diffusers 0.42 warns on every ``torch_dtype``), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def write_results(out: Path, prefix: str, result: dict, markdown: str, hardware: str | None = None) -> None:
     """``<out>/<prefix>-<hardware>.json`` and ``.md`` (hardware: the GPU's name, else ``cpu-smoke``)."""
     import json

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_timer, environment, rows_table, write_results
+from common import device_timer, environment, pipeline_dtype, rows_table, write_results
 from models import write_models
 
 import ipa_rt
@@ -86,7 +86,7 @@ class Bench:
 
         cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
         t0 = time.perf_counter()
-        self.diffusers = cls.from_pretrained(files["base"], torch_dtype=dtype).to(device)
+        self.diffusers = cls.from_pretrained(files["base"], **pipeline_dtype(dtype)).to(device)
         adapter = Path(files["adapter"])
         self.diffusers.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
         self.diffusers.set_progress_bar_config(disable=True)
@@ -263,7 +263,7 @@ def run_controlnet(files: dict, device, dtype, size: int, profile: dict, timer, 
     ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
         files["base"],
         controlnet=diffusers.ControlNetModel.from_pretrained(net_dir, torch_dtype=dtype),
-        torch_dtype=dtype,
+        **pipeline_dtype(dtype),
     ).to(device)
     adapter = Path(files["adapter"])
     ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import device_timer, environment, rows_table, write_results
+from common import device_timer, environment, pipeline_dtype, rows_table, write_results
 from cpu import rel_l2, stats
 from models import write_models
 
@@ -40,7 +40,8 @@ def load(system: str, files: dict, dtype: torch.dtype, device: str):
         import diffusers
 
         motion = diffusers.MotionAdapter.from_pretrained(files["motion"], torch_dtype=dtype)
-        pipe = diffusers.AnimateDiffPipeline.from_pretrained(files["base"], motion_adapter=motion, torch_dtype=dtype)
+        kw = pipeline_dtype(dtype)
+        pipe = diffusers.AnimateDiffPipeline.from_pretrained(files["base"], motion_adapter=motion, **kw)
         pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
         pipe.to(device)
     else:

@@ -177,7 +177,41 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
         "unet_step_fraction_of_matmul_peak_int8",
     }
     assert all(g["measured"] > 0 and isinstance(g["met"], bool) for g in summary["targets"].values())
-    assert (tmp_path / "tiny-cpu.md").read_text().startswith("# ipa_rt bench — profile cpu")
+    # the oracle's call counted (4 UNet steps at least), and the two ceilings the run can bound
+    assert result["errors"]["diffusers fp32@32"]["call_flops"] > 4 * result["unet_flops_per_row"]["32"]
+    assert set(summary["ceilings"]) == {"faithful_lcm4_speedup_vs_diffusers_fp32",
+                                        "repeated_reference_speedup_vs_first_call"}  # fmt: skip
+    assert all(summary["targets"][k]["ceiling"] == v > 1 for k, v in summary["ceilings"].items())
+    text = (tmp_path / "tiny-cpu.md").read_text()
+    assert text.startswith("# ipa_rt bench — profile cpu") and "ceiling on this machine" in text
+
+
+def test_cpu_benchmark_ceilings():
+    """The ceilings' arithmetic: faithful, diffusers fp32's time over its counted FLOPs at the best fp32 rate the
+    run measured; repeated reference, first / (first - encode). And which rates count as measured fp32 ones."""
+    bench = _cpu_bench()
+    # 40 s of diffusers fp32 for 5 TFLOP: 25 s at 200 GFLOP/s -> 1.6x
+    got = bench._ceilings(40_000.0, 5e12, 200.0, 8_000.0, 2_000.0)
+    assert got["faithful_lcm4_speedup_vs_diffusers_fp32"] == pytest.approx(1.6)
+    assert got["repeated_reference_speedup_vs_first_call"] == pytest.approx(8 / 6)
+    assert bench._ceilings(None, None, 150.0, 8_000.0, None) == {}  # rows missing: no bound claimed
+
+    def row(system: str, workload: str, ms: float) -> dict:
+        return {"system": system, "workload": workload, "size": 512, "variant": "base", "median_ms": ms}
+
+    rows = [row("diffusers fp32", bench.LCM, 40_000.0), row("ipa_rt openvino fp32", bench.LCM, 30_000.0),
+            row("ipa_rt openvino fp32", "one denoising step", 4_200.0)]  # fmt: skip
+    errors = {"diffusers fp32@512": {"latent_rel_l2": 0.0, "call_flops": 5e12},
+              "ipa_rt openvino fp32@512": {"latent_rel_l2": 1e-6}}  # fmt: skip
+    peaks = {"openvino": {"fp32": 100.0}}
+    # the faithful call ran the oracle's 5 TFLOP at 166.7 GFLOP/s: faster than its step (161.2) and the matmul (100),
+    # so the best rate measured is the call's own and the ceiling is what it reached
+    summary = bench.summary(rows, errors, peaks, {512: 677e9})
+    target = summary["targets"]["faithful_lcm4_speedup_vs_diffusers_fp32"]
+    assert target["measured"] == pytest.approx(4 / 3) and target["ceiling"] == pytest.approx(4 / 3)
+    rows[2]["median_ms"] = 3_000.0  # a step at 225.7 GFLOP/s: the ceiling moves up with it
+    target = bench.summary(rows, errors, peaks, {512: 677e9})["targets"]["faithful_lcm4_speedup_vs_diffusers_fp32"]
+    assert target["ceiling"] == pytest.approx(40 / (5e12 / (677e9 / 3)))
 
 
 def test_video_benchmark_tiny(tmp_path):
