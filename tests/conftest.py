@@ -162,6 +162,21 @@ def ipa_pipe(models: Models, family: str, adapters=None, **kw):
 CALL = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent")
 
 
+def family_latents(pipe, defaults: dict, **kw) -> torch.Tensor:
+    """A family pipeline's (Flux, Kolors, SD3) final latents for one prompt and seed: ``defaults`` (the test
+    module's call) overridden by ``kw``; NaN never passes."""
+    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **(defaults | kw)).images
+    assert torch.isfinite(out).all()
+    return out
+
+
+def assert_same_family_latents(ref, ours, defaults: dict, **kw) -> torch.Tensor:
+    """diffusers' ``ref`` and ipa_rt's ``ours`` give bitwise the same latents for one call; returns ours."""
+    a, b = family_latents(ref, defaults, **kw), family_latents(ours, defaults, **kw)
+    assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
+    return b
+
+
 def count_forwards(**modules) -> dict[str, int]:
     """Forward-call counters for the given modules (name=module); the dict updates as they run."""
     counts = dict.fromkeys(modules, 0)

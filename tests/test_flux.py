@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_family_latents, family_latents
 
 from ipa_rt import testing
 from ipa_rt.errors import CheckpointError, ConfigError, IncompatibleAdapterError, ScaleError
@@ -12,6 +13,8 @@ from ipa_rt.flux import FluxImageSide, expand_flux_scale
 
 ENCODER_DIM = 24
 STEPS = 3
+# every parity call of this module (conftest.family_latents: one prompt, one seed)
+CALL = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=32, output_type="latent")
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +59,11 @@ def _flux(files, *adapters):
 
 
 def _latents(pipe, **kw):
-    args = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=32, output_type="latent") | kw
-    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args).images
-    assert torch.isfinite(out).all()
-    return out
+    return family_latents(pipe, CALL, **kw)
 
 
 def _same(ref, ours, **kw):
-    a, b = _latents(ref, **kw), _latents(ours, **kw)
-    assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
-    return b
+    return assert_same_family_latents(ref, ours, CALL, **kw)
 
 
 def test_flux_parity_one_adapter_scales(files):

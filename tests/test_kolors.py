@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_family_latents, family_latents
 from test_masks import masks
 
 from ipa_rt import testing
 from ipa_rt.errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 
 STEPS = 3
+# every parity call of this module (conftest.family_latents: one prompt, one seed)
+CALL = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent")
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +53,11 @@ def _pair(files, *adapters):
 
 
 def _latents(pipe, **kw):
-    args = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent") | kw
-    out = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **args).images
-    assert torch.isfinite(out).all()
-    return out
+    return family_latents(pipe, CALL, **kw)
 
 
 def _same(ref, ours, **kw):
-    a, b = _latents(ref, **kw), _latents(ours, **kw)
-    assert torch.equal(a, b), f"max |diff| {(a - b).abs().max().item():.3g}"
-    return b
+    return assert_same_family_latents(ref, ours, CALL, **kw)
 
 
 def test_kolors_parity_scales_and_unload(files):
