@@ -69,6 +69,8 @@ def table() -> str:
             lines.append(f"\n{workload}: ipa_rt {x:.2f}x diffusers.")
         for key, g in r.get("summary", {}).get("targets", {}).items():
             verdict = "met" if g["met"] else f"not met, short by {g['short_by']:.2f}x"
+            if g.get("ceiling"):  # what the run's own measurements allow (benchmarks/cpu.py: _ceilings)
+                verdict += f"; ceiling on this machine {g['ceiling']:.2f}"
             lines.append(f"\nTarget `{key}` ≥/≤ {g['target']}: measured {g['measured']:.2f} ({verdict}).")
         lines.append("")
     return "\n".join(lines)
