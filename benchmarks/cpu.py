@@ -15,7 +15,8 @@ classifier-free guidance end to end (DPM++ 2M), one denoising step, changing the
 Warm-up excluded, medians and p90 over repeats, every timed region in inference mode. Every system's LCM-4 latents
 and decoded image are compared with diffusers fp32's (relative L2, PSNR, SSIM), int8 ones with the bf16 path's too.
 The machine's matmul peaks (torch fp32/bf16, OpenVINO f32/bf16/int8) are measured in the same run, and each
-system's UNet step is reported as a fraction of its precision's best peak; the targets are judged per machine class.
+system's UNet step is reported as a fraction of its precision's best peak; the targets are judged per machine class,
+and where the run's own measurements bound one (faithful, repeated reference) its ceiling is reported beside it.
 
     ipa_rt bench --profile cpu                  # ~1.5-2 h on 2 cores (engine builds included the first time)
     ipa_rt bench --profile cpu --tiny --sizes 32   # tiny models: checks the harness (the test suite runs it)
