@@ -12,11 +12,17 @@ from typing import Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from .console import hushed
 from .errors import ConfigError, ImageInputError
+
+# diffusers' pipeline modules import transformers' CLIP image processors, which note that torchvision is missing and
+# fall back to PIL, the path ipa_rt uses: a note for no one (here when a submodule such as ipa_rt.export is imported
+# before the package's own hushed imports)
+with hushed("transformers"):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
 # family -> default strength (img2img, inpaint), as the diffusers pipelines default them
 DEFAULT_STRENGTH = {"sd15": (0.8, 1.0), "sdxl": (0.3, 0.9999)}

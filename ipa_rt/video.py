@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from torch import Tensor
@@ -28,6 +27,7 @@ from .core import PipelineCore
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
 from .export.build import register_video_pipeline
 from .models import BaseModel
+from .modes import retrieve_latents  # imported there under hushed (transformers' torchvision notes)
 from .runtime import StepInputs, static_call
 
 VIDEO_OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -130,3 +130,18 @@ def test_find_cycle():
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_submodule_imports_are_quiet():
+    """A user importing a submodule first (``ipa_rt.export``, ``ipa_rt.video``, ...) sees nothing from third-party
+    libraries: diffusers' pipeline modules pull in transformers' image processors, which note on stderr that
+    torchvision is missing (PIL is the path ipa_rt uses); ipa_rt imports them under ``hushed``. Fresh processes:
+    in this one they are imported already."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "IPA_RT_VERBOSE"}
+    for module in ("ipa_rt.export.openvino_engine", "ipa_rt.video", "ipa_rt.core", "ipa_rt.flux"):
+        out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (module, out.stderr)
