@@ -85,6 +85,22 @@ def hushed(*loggers: str, bars: bool = False) -> Iterator[None]:
             fn()
 
 
+@contextlib.contextmanager
+def dropping(logger: str, text: str) -> Iterator[None]:
+    """Within the block, the records logged on ``logger`` whose message contains ``text`` are dropped; everything
+    else it logs still shows (a narrower :func:`hushed`, for one known note)."""
+    target = logging.getLogger(logger)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
 def quiet_process(verbose_flag: bool) -> None:
     """The command line's default: third-party loggers at errors only, their progress bars off (ipa_rt's own
     denoising and build progress stays), torchvision-fallback warnings dropped. ``-v`` keeps all of it."""

@@ -172,10 +172,10 @@ def load_vae(vae: str | os.PathLike, family: Family, dtype: torch.dtype, **hub_k
     cls = config.get("_class_name")
     if cls not in VAE_CLASSES:
         raise ConfigError(f"vae '{name}' is a {cls!r}; expected one of {VAE_CLASSES} (or vae='taesd')")
-    from .console import hushed
+    from .console import dropping
 
-    try:  # hushed: diffusers notes config keys its own AutoencoderTiny.save_pretrained writes (block_out_channels)
-        with hushed("diffusers"):
+    try:  # diffusers notes config keys its own AutoencoderTiny.save_pretrained writes (block_out_channels): not ours
+        with dropping("diffusers.configuration_utils", "but are not expected and will be ignored"):
             return getattr(diffusers, cls).from_pretrained(name, torch_dtype=dtype, **hub_kwargs).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"vae '{name}' cannot be loaded as {cls}: {exc}") from exc

@@ -42,6 +42,26 @@ def test_missing_or_broken_lora_file(models, tmp_path):
         ipa_pipe(models, "sd15", lora=broken)
 
 
+def test_dropping_drops_that_note_only():
+    """``console.dropping`` (what load_vae uses for diffusers' config note) drops the records with its text, on its
+    logger, inside the block; other records pass, and after the block that note shows again."""
+    from ipa_rt.console import dropping
+
+    records: list[logging.LogRecord] = []
+    listener, logger = logging.Handler(), logging.getLogger("ipa_rt.tests.dropping")
+    listener.emit = records.append
+    logger.addHandler(listener)
+    logger.propagate = False
+    try:
+        with dropping(logger.name, "known note"):
+            logger.warning("a known note")
+            logger.warning("something else")
+        logger.warning("a known note")
+    finally:
+        logger.removeHandler(listener)
+    assert [r.getMessage() for r in records] == ["something else", "a known note"]
+
+
 def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
     """``vae=`` a TAESD folder loads it (the same result as the module), without diffusers' notes the user cannot
     act on (config keys its own save_pretrained writes; a cast to the dtype it already has); anything but an
