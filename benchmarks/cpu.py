@@ -434,7 +434,9 @@ def summary(rows: list[dict], errors: dict, peaks: dict, flops: dict) -> dict:
             "targets": targets, "ceilings": ceilings, "unet_step_utilization": utilization}  # fmt: skip
 
 
-def _ceilings(d32_ms, call_flops, fp32_gflops: float, first_ms, encode_ms) -> dict[str, float]:
+def _ceilings(
+    d32_ms: float | None, call_flops: float | None, fp32_gflops: float, first_ms: float | None, encode_ms: float | None
+) -> dict[str, float]:
     """What this run's own measurements allow two targets to reach (absent when it lacks the rows):
 
     - faithful: diffusers fp32's call time over the time its counted arithmetic (every matmul and convolution of the

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,24 +44,35 @@ def test_missing_or_broken_lora_file(models, tmp_path):
         ipa_pipe(models, "sd15", lora=broken)
 
 
+@contextlib.contextmanager
+def recorded(name: str) -> Iterator[list[str]]:
+    """The messages logged at warning level or above on logger ``name`` (and its children) within the block, whatever
+    level the suite set it to (conftest runs diffusers at errors only; a user's console does not)."""
+    messages: list[str] = []
+    listener, logger = logging.Handler(logging.WARNING), logging.getLogger(name)
+    listener.emit = lambda record: messages.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(listener)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(listener)
+        logger.setLevel(level)
+
+
 def test_dropping_drops_that_note_only():
     """``console.dropping`` (what load_vae uses for diffusers' config note) drops the records with its text, on its
     logger, inside the block; other records pass, and after the block that note shows again."""
     from ipa_rt.console import dropping
 
-    records: list[logging.LogRecord] = []
-    listener, logger = logging.Handler(), logging.getLogger("ipa_rt.tests.dropping")
-    listener.emit = records.append
-    logger.addHandler(listener)
-    logger.propagate = False
-    try:
+    logger = logging.getLogger("ipa_rt.tests.dropping")
+    with recorded(logger.name) as messages:
         with dropping(logger.name, "known note"):
             logger.warning("a known note")
             logger.warning("something else")
         logger.warning("a known note")
-    finally:
-        logger.removeHandler(listener)
-    assert [r.getMessage() for r in records] == ["something else", "a known note"]
+    assert messages == ["something else", "a known note"]
 
 
 def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
@@ -71,18 +84,9 @@ def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
     folder = T.write_taesd(tmp_path / "taesd")
     module = AutoencoderTiny.from_pretrained(folder)
     call = {**CALL, "output_type": "pt"}
-    records: list[logging.LogRecord] = []
-    listener, library = logging.Handler(), logging.getLogger("diffusers")
-    listener.emit = records.append
-    level = library.level
-    library.addHandler(listener)
-    library.setLevel(logging.WARNING)  # the suite runs diffusers at errors only (conftest); a user does not
-    try:
+    with recorded("diffusers") as messages:
         by_path = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=str(folder))
-    finally:
-        library.removeHandler(listener)
-        library.setLevel(level)
-    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not messages, messages
     by_module = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), vae=module)
     assert type(by_path.vae).__name__ == "AutoencoderTiny" and "decoder AutoencoderTiny" in by_path.runtime_summary()
     a = by_path("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **call).images
