@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import platform
 import subprocess
 import sys
@@ -43,33 +45,69 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
-
-
 def cpu_info() -> dict:
-    """The CPU's model name, the flags that decide its matmul kernels, and its core counts (Linux /proc/cpuinfo)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    """The CPU's model name, the flags that decide its matmul kernels (:data:`ipa_rt.cpu.FLAGS`), its machine class
+    and its core counts."""
     import psutil
 
+    from ipa_rt.cpu import FLAGS, cpu_features
+
+    cpu = cpu_features()
     return {
-        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
-        "cpu_flags": [f for f in FLAGS if f in flags],
+        "cpu": cpu.model,
+        "cpu_flags": [f for f in FLAGS if f in cpu.flags],
+        "machine_class": cpu.machine_class,
         "cores": psutil.cpu_count(logical=False),
         "logical_cpus": psutil.cpu_count(),
     }
 
 
 def machine_class() -> str:
-    """What the issue's targets are reported per: AMX (bf16 and int8 tiles), AVX512_BF16 (no AMX), AVX-512, AVX2."""
-    flags = set(cpu_info()["cpu_flags"])
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512_BF16"
-    return "AVX-512" if "avx512f" in flags else "AVX2"
+    """What the targets are reported per (:attr:`ipa_rt.cpu.CpuFeatures.machine_class`)."""
+    from ipa_rt.cpu import cpu_features
+
+    return cpu_features().machine_class
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-resident-memory window for this process: the heap that earlier systems freed handed back to
+    the system (glibc's ``malloc_trim``), then Linux's high-water mark reset to what is resident now (``clear_refs``
+    5). Elsewhere nothing happens and :func:`peak_rss_mb` gives None."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(libc).malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB) since the last :func:`reset_peak_rss` (Linux ``VmHWM``)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM:")), None)
+    return kib / 1024 if kib is not None else None
+
+
+def not_available(backend: str, precision: str) -> str | None:
+    """Why this CPU cannot run a system on ``backend`` at ``precision`` (OpenVINO refuses bf16 without bf16
+    arithmetic), or None. A bench records the reason instead of the system's rows."""
+    if backend != "openvino":
+        return None
+    from ipa_rt.errors import ConfigError
+    from ipa_rt.export.openvino_engine import check_precision
+
+    try:
+        check_precision(precision)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def device_timer(device: torch.device):

@@ -57,7 +57,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import device_timer, environment, rows_table, write_results
+from common import device_timer, environment, not_available, rows_table, write_results
 from cpu import rel_l2, stats
 from families_models import FAMILIES, write_flux
 
@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     vae = json.loads((Path(files["base"]) / "vae" / "config.json").read_text())
     latent = args.size // 2 ** (len(vae["block_out_channels"]) - 1)
     label = fam.label(args, latent, (latent // 2) ** 2)  # Flux and SD3.5: 2x2 latent patches per token
-    for system in args.systems:
+    left_out = {s: why for s in args.systems if "openvino" in s and (why := not_available("openvino", s.split()[-1]))}
+    for system, why in left_out.items():
+        print(f"{system}: not available on this CPU ({why})", flush=True)
+    for system in [s for s in args.systems if s not in left_out]:
         before = _entries(cache)
         pipe = load(system, files, args.size, args.text, args.device, args.family)
         pipe.set_progress_bar_config(disable=True)
@@ -167,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
               "profile": "families", "family": args.family, "threads": torch.get_num_threads(),
               "dtype": "bf16" if args.device == "cuda" else "fp32 (OpenVINO: fp32, bf16)",
               "command": "ipa_rt bench --profile families " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "config": config, "peak_rss_gib": round(peak, 2), "rows": rows}  # fmt: skip
+              "config": config, "peak_rss_gib": round(peak, 2), "rows": rows,
+              "not_available": left_out}  # fmt: skip
     title = f"# ipa_rt bench — families on CPU ({result['environment'].get('cpu', 'CPU')})"
     paragraphs = __doc__.split("\n\n")
     about = [paragraphs[1], *(p for p in paragraphs if p.startswith(fam.doc))]
     lines = [title, "", "\n\n".join(about), "", *rows_table(rows)]
+    lines += [f"- {name}: not available on this CPU ({why})" for name, why in left_out.items()]
     hardware = "tiny" if args.tiny else None if args.device == "cuda" else "cpu"  # None: the GPU's name
     write_results(args.out, f"{result['date']}-{fam.results}", result, "\n".join(lines) + "\n", hardware)
     return 0

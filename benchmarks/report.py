@@ -67,7 +67,13 @@ def table() -> str:
             )
         for workload, x in r.get("speedup_vs_diffusers", {}).items():  # the video profile
             lines.append(f"\n{workload}: ipa_rt {x:.2f}x diffusers.")
-        for key, g in r.get("summary", {}).get("targets", {}).items():
+        for name, why in r.get("not_available", {}).items():  # systems this CPU cannot run, and why
+            lines.append(f"\n{name}: not available on this CPU ({why}).")
+        targets = r.get("summary", {}).get("targets", {})
+        ceilings = r.get("summary", {}).get("ceilings", {})
+        if ceilings and not any("ceiling" in g for g in targets.values()):  # runs that report them apart
+            lines.append("\nCeilings on this machine: " + ", ".join(f"{k} {v:.2f}x" for k, v in ceilings.items()) + ".")
+        for key, g in targets.items():
             verdict = "met" if g["met"] else f"not met, short by {g['short_by']:.2f}x"
             if g.get("ceiling"):  # what the run's own measurements allow (benchmarks/cpu.py: _ceilings)
                 verdict += f"; ceiling on this machine {g['ceiling']:.2f}"

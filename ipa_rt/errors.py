@@ -43,3 +43,13 @@ class RequestError(IpaRtError):
     def __init__(self, field: str, message: str, status: int = 422) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message, self.status = field, message, status
+
+
+def require_extra(what: str, extra: str, modules: tuple[str, ...]) -> None:
+    """A :class:`ConfigError` naming the extra to install when a module ``what`` needs is missing: checked before any
+    work, so a user without the extra never meets an ImportError half way through."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(missing)}, which this Python lacks: pip install 'ipa_rt[{extra}]'")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ipa_rt.cpu import cpu_features
+from ipa_rt.export.openvino_engine import cpu_supports_bf16
 from ipa_rt.kernels import fused_available
 
 # The same fp32 operations as diffusers, in the same order, yet not bitwise on every CPU. Cause, found on a 2-core
@@ -150,40 +152,71 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     assert "IPA_RT_CACHE" not in os.environ and "IPA_RT_KEEP_EXPORTS" not in os.environ  # restored by the bench
     assert main([*argv, "--resume"]) == 0
     assert json.loads((tmp_path / "tiny-cpu.json").read_text())["rows"] == result["rows"]  # nothing measured again
-    assert {r["system"] for r in result["rows"]} == set(systems)
+    bf16 = cpu_supports_bf16()  # this CPU's class decides: without bf16 arithmetic the bf16 system is left out
+    ran = [s for s in systems if bf16 or "openvino bf16" not in s]
+    assert {r["system"] for r in result["rows"]} == set(ran)
+    assert set(result["not_available"]) == set(systems) - set(ran)
     workloads = {r["workload"] for r in result["rows"]}
     assert workloads == {"LCM 4 steps end to end", "LCM 4 steps, same reference", "25 steps CFG end to end",
                          "one denoising step", "change image prompt", "change scale"}  # fmt: skip
-    assert {r["system"] for r in result["rows"] if r["workload"] == "LCM 4 steps, same reference"} == set(systems[2:])
+    assert {r["system"] for r in result["rows"] if r["workload"] == "LCM 4 steps, same reference"} == set(ran[2:])
     assert all("latent_rel_l2" in r and "psnr_db" in r for r in result["rows"])
     int8 = result["errors"]["ipa_rt openvino int8+taesd@32"]  # quality beside the times: vs fp32 and vs bf16
-    for quality in (int8, int8["vs_bf16"]):
+    for quality in (int8, int8["vs_bf16"]) if bf16 else (int8,):
         assert 0 < quality["latent_rel_l2"] < 1 and quality["psnr_db"] > 0 and 0 < quality["ssim"] <= 1
+    assert all(result["errors"][f"{s}@32"]["peak_rss_mb"] > 0 for s in ran)  # each system's own window
     # the faithful torch path: diffusers' arithmetic in diffusers' order (bitwise on the Intel AMX machines)
     assert result["errors"]["ipa_rt torch fp32@32"]["latent_rel_l2"] <= SAME_ARITHMETIC_RTOL
     peaks = result["peaks"]
-    assert min(peaks["torch"].values()) > 0 and set(peaks["openvino"]) == {"fp32", "bf16", "int8"}
+    assert min(peaks["torch"].values()) > 0 and set(peaks["openvino"]) == {"fp32", "int8"} | (
+        {"bf16"} if bf16 else set()
+    )
     assert result["unet_flops_per_row"]["32"] > 0
     summary = result["summary"]
-    assert summary["machine_class"] in ("AMX", "AVX512_BF16", "AVX-512", "AVX2")
+    assert summary["machine_class"] == cpu_features().machine_class == result["environment"]["machine_class"]
     assert result["environment"]["cpu"] and isinstance(result["environment"]["cpu_flags"], list)
-    assert set(summary["targets"]) == {  # the optimum-intel anchor runs in full runs only
-        "faithful_lcm4_speedup_vs_diffusers_fp32",
-        "fast_lcm4_speedup_vs_diffusers_fp32",
-        "fast_lcm4_speedup_vs_diffusers_same_recipe",
-        "repeated_reference_speedup_vs_first_call",
-        "unet_step_fraction_of_matmul_peak_fp32",
-        "unet_step_fraction_of_matmul_peak_bf16",
-        "unet_step_fraction_of_matmul_peak_int8",
-    }
+    # the targets of this machine's class that the run has rows for (sd.cpp and optimum-intel run in full runs only)
+    want = {"faithful_fraction_of_fp32_ceiling", "fast_lcm4_speedup_vs_diffusers_fp32",
+            "fast_lcm4_speedup_vs_diffusers_same_recipe", "repeated_reference_fraction_of_ceiling",
+            "unet_step_fraction_of_matmul_peak_fp32", "unet_step_fraction_of_matmul_peak_int8"}  # fmt: skip
+    assert set(summary["targets"]) == want | ({"unet_step_fraction_of_matmul_peak_bf16"} if bf16 else set())
     assert all(g["measured"] > 0 and isinstance(g["met"], bool) for g in summary["targets"].values())
     # the oracle's call counted (4 UNet steps at least), and the two ceilings the run can bound
     assert result["errors"]["diffusers fp32@32"]["call_flops"] > 4 * result["unet_flops_per_row"]["32"]
-    assert set(summary["ceilings"]) == {"faithful_lcm4_speedup_vs_diffusers_fp32",
-                                        "repeated_reference_speedup_vs_first_call"}  # fmt: skip
-    assert all(summary["targets"][k]["ceiling"] == v > 1 for k, v in summary["ceilings"].items())
+    assert set(summary["ceilings"]) == {"faithful", "repeated_reference"} and min(summary["ceilings"].values()) > 1
+    fraction = summary["targets"]["faithful_fraction_of_fp32_ceiling"]["measured"]
+    measured = summary["measured"]
+    assert fraction == pytest.approx(
+        measured["faithful_lcm4_speedup_vs_diffusers_fp32"] / summary["ceilings"]["faithful"]
+    )
     text = (tmp_path / "tiny-cpu.md").read_text()
-    assert text.startswith("# ipa_rt bench — profile cpu") and "ceiling on this machine" in text
+    assert text.startswith("# ipa_rt bench — profile cpu") and "Ceilings on this machine" in text
+    assert f"| target ({summary['machine_class']}) |" in text
+
+
+def test_cpu_benchmark_leaves_out_what_the_cpu_cannot_run(tmp_path, monkeypatch):
+    """On a CPU without bf16 arithmetic (an AVX2 machine, simulated here whatever this one is: OpenVINO's answer is
+    replaced), the bench records the bf16 systems as not available, with the reason, and runs the rest."""
+    from ipa_rt.export import openvino_engine
+
+    monkeypatch.setattr(openvino_engine, "cpu_supports_bf16", lambda: False)
+    monkeypatch.delenv("IPA_RT_CACHE", raising=False)
+    monkeypatch.delenv("IPA_RT_KEEP_EXPORTS", raising=False)
+    bench = _cpu_bench()
+    assert "bf16 arithmetic" in bench.unavailable(
+        next(s for s in bench.systems(True) if s.name == "ipa_rt openvino bf16")
+    )
+    assert bench.unavailable(next(s for s in bench.systems(True) if s.name == "ipa_rt torch bf16")) is None
+    systems = ["diffusers fp32", "ipa_rt openvino bf16+taesd"]
+    argv = ["--tiny", "--sizes", "32", "--reps", "1", "--cfg-sizes", "--no-plus", "--systems", *systems,
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "tiny-cpu.json").read_text())
+    assert result["complete"] and {r["system"] for r in result["rows"]} == {"diffusers fp32"}
+    assert list(result["not_available"]) == ["ipa_rt openvino bf16+taesd"]
+    assert "needs a CPU with bf16 arithmetic" in result["not_available"]["ipa_rt openvino bf16+taesd"]
+    assert "bf16" not in result["peaks"]["openvino"]  # no bf16 rate claimed either
+    assert "ipa_rt openvino bf16+taesd: not available on this CPU" in (tmp_path / "tiny-cpu.md").read_text()
 
 
 def test_cpu_benchmark_ceilings():
@@ -192,8 +225,8 @@ def test_cpu_benchmark_ceilings():
     bench = _cpu_bench()
     # 40 s of diffusers fp32 for 5 TFLOP: 25 s at 200 GFLOP/s -> 1.6x
     got = bench._ceilings(40_000.0, 5e12, 200.0, 8_000.0, 2_000.0)
-    assert got["faithful_lcm4_speedup_vs_diffusers_fp32"] == pytest.approx(1.6)
-    assert got["repeated_reference_speedup_vs_first_call"] == pytest.approx(8 / 6)
+    assert got["faithful"] == pytest.approx(1.6)
+    assert got["repeated_reference"] == pytest.approx(8 / 6)
     assert bench._ceilings(None, None, 150.0, 8_000.0, None) == {}  # rows missing: no bound claimed
 
     def row(system: str, workload: str, ms: float) -> dict:
@@ -205,13 +238,47 @@ def test_cpu_benchmark_ceilings():
               "ipa_rt openvino fp32@512": {"latent_rel_l2": 1e-6}}  # fmt: skip
     peaks = {"openvino": {"fp32": 100.0}}
     # the faithful call ran the oracle's 5 TFLOP at 166.7 GFLOP/s: faster than its step (161.2) and the matmul (100),
-    # so the best rate measured is the call's own and the ceiling is what it reached
+    # so the best rate measured is the call's own and the faithful path is at its ceiling
     summary = bench.summary(rows, errors, peaks, {512: 677e9})
-    target = summary["targets"]["faithful_lcm4_speedup_vs_diffusers_fp32"]
-    assert target["measured"] == pytest.approx(4 / 3) and target["ceiling"] == pytest.approx(4 / 3)
-    rows[2]["median_ms"] = 3_000.0  # a step at 225.7 GFLOP/s: the ceiling moves up with it
-    target = bench.summary(rows, errors, peaks, {512: 677e9})["targets"]["faithful_lcm4_speedup_vs_diffusers_fp32"]
-    assert target["ceiling"] == pytest.approx(40 / (5e12 / (677e9 / 3)))
+    assert summary["measured"]["faithful_lcm4_speedup_vs_diffusers_fp32"] == pytest.approx(4 / 3)
+    assert summary["ceilings"]["faithful"] == pytest.approx(4 / 3)
+    assert summary["targets"]["faithful_fraction_of_fp32_ceiling"]["measured"] == pytest.approx(1.0)
+    rows[2]["median_ms"] = 3_000.0  # a step at 225.7 GFLOP/s: the ceiling moves up with it, the fraction down
+    summary = bench.summary(rows, errors, peaks, {512: 677e9})
+    assert summary["ceilings"]["faithful"] == pytest.approx(40 / (5e12 / (677e9 / 3)))
+    fraction = summary["targets"]["faithful_fraction_of_fp32_ceiling"]
+    assert fraction["measured"] == pytest.approx((4 / 3) / summary["ceilings"]["faithful"]) and not fraction["met"]
+
+
+@pytest.mark.parametrize("cls", ["AVX2", "AVX512_BF16", "AMX"])
+def test_cpu_benchmark_targets_per_class(cls, monkeypatch):
+    """The targets are the machine class's: fast >= 3x diffusers fp32 on AVX2, 6x where bf16 or AMX exist; no bf16
+    step target without bf16; stable-diffusion.cpp's rows give the anchor targets (its fastest configuration, f32
+    against the faithful path, its q8_0 peak memory against the fast mode's)."""
+    bench = _cpu_bench()
+    monkeypatch.setattr(bench, "machine_class", lambda: cls)
+
+    def row(system: str, ms: float, **extra) -> dict:
+        return {"system": system, "workload": bench.LCM, "size": 512, "variant": "base", "median_ms": ms, **extra}
+
+    rows = [row("diffusers fp32", 40_000.0), row("ipa_rt openvino fp32", 30_000.0),
+            row("ipa_rt openvino int8+taesd", 10_000.0), row("stable-diffusion.cpp f32", 120_000.0),
+            row("stable-diffusion.cpp q8_0+taesd", 60_000.0, peak_rss_mb=3000.0),
+            row("stable-diffusion.cpp q8_0", 90_000.0, peak_rss_mb=3100.0)]  # fmt: skip
+    errors = {"diffusers fp32@512": {"latent_rel_l2": 0.0},
+              "ipa_rt openvino fp32@512": {"latent_rel_l2": 1e-6},
+              "ipa_rt openvino int8+taesd@512": {"latent_rel_l2": 0.05, "peak_rss_mb": 2000.0}}  # fmt: skip
+    summary = bench.summary(rows, errors, {}, {512: 677e9})
+    targets = summary["targets"]
+    assert summary["machine_class"] == cls and summary["fast_system"] == "ipa_rt openvino int8+taesd"
+    fast = targets["fast_lcm4_speedup_vs_diffusers_fp32"]
+    assert fast["measured"] == pytest.approx(4.0) and fast["target"] == (3.0 if cls == "AVX2" else 6.0)
+    assert fast["met"] == (cls == "AVX2")
+    assert targets["fast_lcm4_speedup_vs_sdcpp_fastest"]["measured"] == pytest.approx(6.0)  # 60 s / 10 s
+    assert targets["faithful_lcm4_speedup_vs_sdcpp_f32"]["measured"] == pytest.approx(4.0)  # 120 s / 30 s
+    assert targets["sdcpp_q8_0_peak_rss_over_fast"]["measured"] == pytest.approx(1.55)  # q8_0 without TAESD
+    assert summary["peak_rss_mb"] == {"fast": 2000.0, "sdcpp q8_0": 3100.0}
+    assert all(set(t) == {"target", "measured", "met", "short_by"} for t in targets.values())
 
 
 def test_video_benchmark_tiny(tmp_path):
@@ -332,7 +399,8 @@ def test_families_benchmark_tiny(tmp_path, monkeypatch, family, engines, drop):
     (result,) = [json.loads(p.read_text()) for p in out.glob(f"*-{name}-tiny.json")]
     assert result["family"] == family and result["rows"][0]["family"].startswith(f"{family} tiny")
     rows = {r["system"]: r for r in result["rows"]}
-    assert list(rows) == systems
+    ran = [s for s in systems if cpu_supports_bf16() or not s.endswith("openvino bf16")]  # this CPU's class decides
+    assert list(rows) == ran and set(result["not_available"]) == set(systems) - set(ran)
     assert rows["ipa_rt torch fp32"]["latent_rel_l2"] == 0.0
     assert rows["ipa_rt openvino fp32"]["latent_rel_l2"] <= 1e-4
     assert rows.get("ipa_rt openvino bf16", {"latent_rel_l2": 0})["latent_rel_l2"] <= 1e-1

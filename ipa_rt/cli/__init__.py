@@ -39,13 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The complete ``ipa_rt`` parser, every subcommand included except ``serve`` (its own parser,
     :func:`ipa_rt.serving.cli.parser`, so that Ray is imported only when serving)."""
     parser = argparse.ArgumentParser(
-        prog="ipa_rt", description="IP-Adapter inference runtime for SD1.5/SDXL that matches diffusers."
+        prog="ipa_rt",
+        description="IP-Adapter inference runtime that gives diffusers' output (SD1.5, SDXL, Flux/Chroma, Kolors, "
+        "SD3.5), on PyTorch or ONNX Runtime, OpenVINO and TensorRT engines.",
     )
     parser.add_argument("--version", action="version", version=f"ipa_rt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.add_parser(sub)
+    # listed only: main hands serve's arguments to its own parser (Ray is imported only when serving)
+    serve = sub.add_parser(
+        "serve", help="HTTP server on Ray Serve: batched generation (ipa_rt serve --help)", add_help=False
+    )
+    serve.add_argument("args", nargs=argparse.REMAINDER)
     for command in sub.choices.values():  # -v after the command too; SUPPRESS keeps a top-level -v intact
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``build``: the engine directory's request, one flag per field of ``BuildRequest``."""
     build = sub.add_parser(
         "build",
-        help="export to ONNX and build ONNX Runtime / TensorRT engines",
+        help="export to ONNX and build ONNX Runtime, OpenVINO or TensorRT engines (cached, with a manifest)",
         description="Export every network and build engines into DIR (with manifest.json).",
     )
     build.add_argument("base", help="diffusers base model folder or hub id")
@@ -25,9 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="export dtype (TensorRT, ORT)")
     build.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=(*PRECISIONS, "auto"),
         default="fp32",
-        help="OpenVINO: fp32 (faithful), bf16, int8 (calibrated int8 UNet), int8-weights (int8 UNet weights only)",
+        help="OpenVINO: fp32 (faithful), bf16, int8 (calibrated int8 UNet), int8-weights (int8 UNet weights only), "
+        "auto (the fastest measured for this CPU's class: ipa_rt.cpu.RECIPES)",
     )
     build.add_argument(
         "--calibration-prompts", metavar="FILE", help="int8: the UNet's calibration prompts, one a line (else built-in)"

@@ -42,7 +42,10 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         help="default: openvino on a CPU when installed (engines built once into the cache), else torch",
     )
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default=None, help="OpenVINO compute precision (default fp32)"
+        "--precision",
+        choices=(*PRECISIONS, "auto"),
+        default=None,
+        help="OpenVINO compute precision (default fp32; auto: the fastest measured for this CPU's class)",
     )
     parser.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
 
@@ -65,7 +68,8 @@ def load_pipeline(
         if precision not in (None, "fp32") and backend != "openvino":
             raise ConfigError(f"--precision {precision} applies to --backend openvino; got --backend {backend}")
         if backend != "torch":
-            options = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+            # generate takes --height/--width; the demo renders at the pipeline's default size (no such flags)
+            options = {k: v for k in ("height", "width") if (v := getattr(args, k, None))}
             if backend == "openvino":
                 if dtype != torch.float32:
                     raise ConfigError("--backend openvino takes --precision fp32|bf16|int8|int8-weights, not --dtype")

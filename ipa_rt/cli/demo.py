@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_extra
 from .common import DTYPES, add_backend_options, dtype_of, load_pipeline
 
 
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.sweep and not args.output:
         raise SystemExit("ipa_rt demo: error: --sweep needs -o OUT.gif")
+    if not args.sweep:  # the page's server: before the model loads
+        require_extra("the live demo", "demo", ("fastapi", "uvicorn", "websockets"))
     dtype = dtype_of(args)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-demo-") as tmp:
         if args.example:

@@ -30,7 +30,7 @@ from ..core import PipelineCore
 from ..errors import ConfigError, EngineError
 from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
-from .engines import build_trt_engine, check_tensorrt, tensorrt_version, timing_cache_path
+from .engines import build_trt_engine, check_tensorrt, require_backend, tensorrt_version, timing_cache_path
 from .export_cache import export_cached
 from .manifest import (
     FORMAT,
@@ -89,6 +89,21 @@ class BuildRequest:
     exporter: str = "torchscript"  # the ONNX exporter (onnx_export.EXPORTERS): the tracer, or torch.export's
     calibration_prompts: list[str] = field(default_factory=list)  # int8: the UNet's calibration (else built-in)
     calibration_images: list[str] = field(default_factory=list)  # int8: image files or folders of them
+    # int8: weights kept to half the int8 range for CPUs without VNNI/AMX (NNCF's overflow fix; ipa_rt.cpu); None:
+    # as the building CPU needs
+    int8_overflow_fix: bool | None = None
+
+    def overflow_fix(self) -> bool:
+        """Whether this int8 build keeps its weights to half the range (see ``int8_overflow_fix``)."""
+        from ..cpu import int8_saturates
+
+        return int8_saturates() if self.int8_overflow_fix is None else bool(self.int8_overflow_fix)
+
+    def __post_init__(self) -> None:
+        if self.backend == "openvino":  # "auto": the fastest precision measured for this CPU's class, named as such
+            from .openvino_engine import resolve_precision
+
+            self.precision = resolve_precision(self.precision)
 
     def check(self) -> None:
         if self.backend not in ENGINE_BACKENDS:
@@ -102,11 +117,7 @@ class BuildRequest:
             raise ConfigError(
                 f"dtype {self.dtype!r} is not supported by {self.backend}; expected one of {allowed}{hint}"
             )
-        if self.backend == "openvino":
-            from .openvino_engine import check_precision
-
-            check_precision(self.precision)
-        elif self.precision != "fp32":
+        if self.backend != "openvino" and self.precision != "fp32":
             raise ConfigError(
                 f"precision {self.precision!r} applies to backend 'openvino'; {self.backend} engines take their "
                 "precision from dtype (--dtype)"
@@ -128,6 +139,10 @@ class BuildRequest:
         self._check_calibration()
         if self.motion_adapter is None and self.frames:
             raise ConfigError("frames applies to video builds; pass the motion adapter too (--motion-adapter DIR)")
+        if self.backend == "openvino":  # what this CPU can run: after the request's own consistency
+            from .openvino_engine import check_precision
+
+            check_precision(self.precision)
 
     def _check_calibration(self) -> None:
         calibrated = self.calibration_prompts or self.calibration_images
@@ -291,6 +306,9 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         request.pop("frames")  # stills builds keep the identity they had before video existed
     if req.precision != "int8":
         request.pop("calibration_prompts")  # likewise builds without calibration
+        request.pop("int8_overflow_fix")
+    else:
+        request["int8_overflow_fix"] = req.overflow_fix()  # as decided, whoever decided it
     return {
         "format": FORMAT,
         "request": request,
@@ -314,6 +332,7 @@ def build_engines(
 ) -> Path:
     """Build (or find already built) the engines of ``req`` in ``out``; returns ``out``."""
     req.check()
+    require_backend(req.backend)  # the packages, named by their extra, before any work
     say = progress or console.say  # one line per stage: a build takes minutes, a reuse should say it is one
     out = Path(out)
     device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
@@ -481,7 +500,9 @@ def _convert(
         return [plan], [f"TensorRT build {time.perf_counter() - start:.1f} s"], None
     if req.backend == "openvino":
         feeds = calibration["feeds"] if calibration else None
-        files, report = convert_onnx(onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision, feeds)
+        files, report = convert_onnx(
+            onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision, feeds, req.overflow_fix()
+        )
         note = "OpenVINO IR" + (" + int8 quantisation" if report else "")
         return files, [f"{note} {time.perf_counter() - start:.1f} s"], report
     return [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")], [], None

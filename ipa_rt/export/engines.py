@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError, EngineError, require_extra
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _ORT_TO_TORCH = {
@@ -115,6 +115,21 @@ def tensorrt_version() -> str | None:
     except ImportError:
         return None
     return trt.__version__
+
+
+# per engine backend: its extra, and the modules the build needs from it (the runtime, then the ONNX export and
+# clean-up, whose constant folding runs in ONNX Runtime); pyproject.toml's extras install each set
+BACKEND_NEEDS = {
+    "onnxruntime": ("onnx", ("onnxruntime", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy")),
+    "openvino": ("openvino", ("openvino", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy", "onnxruntime")),
+    "tensorrt": ("tensorrt", ("tensorrt", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy", "onnxruntime")),
+}
+
+
+def require_backend(backend: str) -> None:
+    """The extra named (:func:`ipa_rt.errors.require_extra`) when a module ``backend``'s engines need is missing."""
+    extra, modules = BACKEND_NEEDS[backend]
+    require_extra(f"backend {backend!r}", extra, modules)
 
 
 def check_tensorrt(version: str | None) -> str:

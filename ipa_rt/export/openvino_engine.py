@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import console
 from ..cache import cache_root
+from ..cpu import cpu_features, fast_recipe
 from ..errors import ConfigError, EngineError
 from .quantize import QUANTIZED, compress_weights, precision_report, quantize_network
 
@@ -53,12 +54,25 @@ def cpu_supports_bf16() -> bool:
 def check_precision(precision: str) -> None:
     """A precision this CPU can run, or a :class:`ConfigError` saying which to use instead."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown for OpenVINO; expected one of {PRECISIONS}")
+        raise ConfigError(f"precision {precision!r} is unknown for OpenVINO; expected one of {PRECISIONS} or 'auto'")
     if precision == "bf16" and not cpu_supports_bf16():
         raise ConfigError(
-            "precision 'bf16' needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), which this one lacks; "
-            "use --precision fp32 (faithful) or int8 (int8 matmuls and convolutions, f32 elsewhere here)"
+            f"precision 'bf16' needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), which this one "
+            f"({cpu_features().machine_class}) lacks; use --precision fp32 (faithful), int8 (int8 matmuls and "
+            "convolutions, f32 elsewhere here) or auto (the fastest measured for this CPU)"
         )
+
+
+def resolve_precision(precision: str, int8: bool = True) -> str:
+    """``"auto"`` as the fastest precision measured for this machine class (:func:`ipa_rt.cpu.fast_recipe`), any
+    other value unchanged. ``int8=False``: for engines without an int8 calibration (Flux, Kolors, SD3.5), where
+    the choice is bf16 if the CPU has it, else fp32."""
+    if precision != "auto":
+        return precision
+    recipe = fast_recipe().precision
+    if recipe == "int8" and not int8:
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return recipe
 
 
 def compute_precision(network: str, precision: str) -> str:
@@ -92,7 +106,12 @@ def cpu_threads() -> int:
 
 
 def convert_onnx(
-    onnx_path: Path, xml_path: Path, network: str, precision: str, calibration: dict[str, list] | None = None
+    onnx_path: Path,
+    xml_path: Path,
+    network: str,
+    precision: str,
+    calibration: dict[str, list] | None = None,
+    overflow_fix: bool = False,
 ) -> tuple[list[Path], dict | None]:
     """ONNX -> OpenVINO IR (``.xml`` + ``.bin``): fp32 weights; int8 weights for the compressed networks in
     ``int8-weights`` mode; the UNet and image encoder quantised with ``calibration`` (input sets by network) in
@@ -120,8 +139,8 @@ def convert_onnx(
     if quantize:
         if not (calibration or {}).get(network):
             raise ConfigError(f"precision 'int8' quantises the {network} with calibration inputs; none were given")
-        model = quantize_network(model, network, calibration[network])
-        report = precision_report(model)
+        model = quantize_network(model, network, calibration[network], overflow_fix)
+        report = precision_report(model) | {"overflow_fix": overflow_fix}
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return [xml_path, xml_path.with_suffix(".bin")], report

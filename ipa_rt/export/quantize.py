@@ -62,14 +62,23 @@ def compress_weights(model: Any) -> Any:
         return lib.compress_weights(model, mode=lib.CompressWeightsMode.INT8_ASYM)
 
 
-def quantize_network(model: Any, network: str, feeds: list[dict]) -> Any:
-    """``network``'s OpenVINO ``model`` with int8 activations and weights, ranges from ``feeds``."""
+def quantize_network(model: Any, network: str, feeds: list[dict], overflow_fix: bool = False) -> Any:
+    """``network``'s OpenVINO ``model`` with int8 activations and weights, ranges from ``feeds``. ``overflow_fix``:
+    every weight to half the int8 range, for CPUs without VNNI/AMX, whose int8 kernels sum u8 x s8 pairs in
+    saturating 16-bit lanes (:func:`ipa_rt.cpu.int8_saturates`); else NNCF's default (the first layer only)."""
     lib = nncf()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     # SmoothQuant off: it rescales activations into the weights of transformer LLM layers; on a UNet it moved
     # error into the convolutions (optimum-intel's diffusion recipe turns it off too)
-    advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+    advanced = AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
+        overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.FIRST_LAYER,
+    )
     with _quiet():
         return lib.quantize(
             model,

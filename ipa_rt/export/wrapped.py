@@ -34,6 +34,9 @@ BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 def check_backend(backend: str, what: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} has no {what} engines; expected one of {BACKENDS}")
+    from .engines import require_backend
+
+    require_backend(backend)  # the extra named before any work
 
 
 def shape_options(engine_options: dict[str, Any] | None, defaults: dict[str, int], what: str) -> dict[str, Any]:
@@ -49,7 +52,12 @@ def shape_options(engine_options: dict[str, Any] | None, defaults: dict[str, int
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"engine_options['{key}'] is {value!r}; expected a positive whole number")
         shapes[key] = value
-    return {"shapes": shapes, "precision": options.get("precision", "fp32"), "rebuild": bool(options.get("rebuild"))}
+    precision = options.get("precision", "fp32")
+    if precision == "auto":  # no int8 calibration for these networks: bf16 where the CPU has it, else fp32
+        from .openvino_engine import resolve_precision
+
+        precision = resolve_precision(precision, int8=False)
+    return {"shapes": shapes, "precision": precision, "rebuild": bool(options.get("rebuild"))}
 
 
 def source_records(base: str, parts: tuple[str, ...], adapters: list, encoder: Any) -> dict[str, dict[str, Any]]:

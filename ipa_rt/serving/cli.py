@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError, IpaRtError
+from ..errors import ConfigError, IpaRtError, require_extra
 from .config import ServeConfig, example_config
 
 OPTIONS = ("num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_queued_requests", "max_ongoing_requests",
@@ -68,6 +68,11 @@ def start(config: ServeConfig, address: str | None = None, **ray_init: Any):
 
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
+    try:
+        require_extra("ipa_rt serve", "serve", ("ray", "fastapi"))
+    except ConfigError as exc:
+        print(f"ipa_rt serve: error: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

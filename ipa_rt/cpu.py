@@ -1,0 +1,88 @@
+"""The CPU ipa_rt runs on: the instruction-set features that decide which engine precisions it can run and which is
+fastest, its machine class, and the fast recipe measured for that class.
+
+Three classes of x86 machines users have, each measured with the CPU bench (LCM 4 steps, 512², full-size SD1.5):
+
+- **AMX** (Intel Xeon 4th gen and later): bf16 and int8 tiles; bf16 + TAESD was the fastest (3.71 s; int8 + TAESD
+  3.82 s, less exact) — ``benchmarks/results/2026-11-24-cpu.md``;
+- **AVX512_BF16** (AMD Zen 4 and later, Intel Cooper Lake): bf16 dot products and VNNI int8; int8 + TAESD was the
+  fastest (7.50 s; bf16 + TAESD 11.1 s) — ``benchmarks/results/2026-12-03-cpu.md``;
+- **AVX2** (AMD Zen 2/3, Intel's consumer cores; also AVX-512 without bf16): no bf16 arithmetic, so OpenVINO
+  refuses bf16; int8 + TAESD was the fastest (25.2 s; fp32 42.3 s; issue #34's table). Without VNNI, int8 products
+  are summed in pairs into saturating 16-bit lanes (``vpmaddubsw``): an int8 engine built for such a CPU keeps its
+  weights to half the int8 range (NNCF's overflow fix), so no pair can saturate (:func:`int8_saturates`).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# the flags that decide the matmul kernels; /proc/cpuinfo's spelling
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
+CLASSES = ("AMX", "AVX512_BF16", "AVX-512", "AVX2")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """A CPU's model name and the :data:`FLAGS` it has."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def machine_class(self) -> str:
+        """One of :data:`CLASSES`: what the benchmark's targets and the fast recipe are chosen per."""
+        if "amx_bf16" in self.flags:
+            return "AMX"
+        if "avx512_bf16" in self.flags:
+            return "AVX512_BF16"
+        return "AVX-512" if "avx512f" in self.flags else "AVX2"
+
+    @property
+    def int8_dot(self) -> bool:
+        """int8 dot products accumulated in 32 bits (VNNI or AMX): no intermediate saturation."""
+        return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU, from ``/proc/cpuinfo`` (Linux); elsewhere the model name only and no flags, which makes
+    every choice below the conservative one (the overflow fix on, no bf16 recipe)."""
+    path = Path("/proc/cpuinfo")
+    text = path.read_text() if path.exists() else ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+    flags = frozenset(f for f in FLAGS if f in fields.get("flags", "").split())
+    return CpuFeatures(fields.get("model name") or platform.processor() or platform.machine(), flags)
+
+
+def int8_saturates() -> bool:
+    """Whether int8 engines built here must keep weights to half the int8 range (no VNNI/AMX: see the module)."""
+    return not cpu_features().int8_dot
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The fastest OpenVINO precision measured for a machine class, and where it was measured."""
+
+    precision: str
+    measured: str
+
+
+RECIPES = {
+    "AMX": Recipe("bf16", "bf16 + TAESD 3.71 s, int8 + TAESD 3.82 s (2026-11-24-cpu)"),
+    "AVX512_BF16": Recipe("int8", "int8 + TAESD 7.50 s, bf16 + TAESD 11.1 s (2026-12-03-cpu)"),
+    "AVX-512": Recipe("int8", "no bf16 arithmetic: as AVX2"),
+    "AVX2": Recipe("int8", "int8 + TAESD 25.2 s, fp32 42.3 s (issue #34, AMD Zen 3)"),
+}
+
+
+def fast_recipe() -> Recipe:
+    """The recipe ``precision="auto"`` resolves to on this machine."""
+    return RECIPES[cpu_features().machine_class]
