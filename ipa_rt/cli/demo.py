@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
         from ..demo.server import serve
 
         renderer = LiveRenderer(pipe, steps=args.steps, guidance=guidance)
-        print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.runtime_summary()})")
+        print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.runtime_summary()})", flush=True)
         try:
             serve(renderer, args.host, args.port)
         finally:
