@@ -160,15 +160,9 @@ class OvEngine:
         # another precision hint of the same model (wrong values, NaN) when they share a cache directory
         cache = cache_root() / "openvino-cache" / f"{ov.__version__.split('-')[0]}-{precision}"
         self.core.set_property({"CACHE_DIR": str(cache)})
-        try:
-            self.model = self.core.read_model(str(self.path))
-        except Exception as exc:
-            raise EngineError(
-                f"engine file '{self.path}' cannot be read by OpenVINO ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300]}); rebuild it with `ipa_rt build ... --rebuild`"
-            ) from exc
-        self.inputs = [(p.get_any_name(), _TORCH[p.get_element_type().get_type_name()]) for p in self.model.inputs]
-        self.outputs = [o.get_any_name() for o in self.model.outputs]
+        model = self._read()
+        self.inputs = [(p.get_any_name(), _TORCH[p.get_element_type().get_type_name()]) for p in model.inputs]
+        self.outputs = [o.get_any_name() for o in model.outputs]
         self.config = {
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
@@ -176,9 +170,21 @@ class OvEngine:
         }
         self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers)
 
+    def _read(self):
+        """The engine's IR, read anew for each compile and dropped after it: a compiled model holds its own copy of
+        the weights, so keeping the IR resident would hold them twice (measured on the full-size int8 + TAESD set:
+        see docs/performance.md)."""
+        try:
+            return self.core.read_model(str(self.path))
+        except Exception as exc:
+            raise EngineError(
+                f"engine file '{self.path}' cannot be read by OpenVINO ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300]}); rebuild it with `ipa_rt build ... --rebuild`"
+            ) from exc
+
     def _compile(self, shapes: tuple) -> tuple:
         start = time.perf_counter()
-        model = self.model.clone()
+        model = self._read()
         model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
         compiled = self.core.compile_model(model, "CPU", self.config)
         rows = f", {shapes[0][0]} rows" if shapes and shapes[0] else ""
