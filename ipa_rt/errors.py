@@ -53,3 +53,9 @@ def require_extra(what: str, extra: str, modules: tuple[str, ...]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"{what} needs {', '.join(missing)}, which this Python lacks: pip install 'ipa_rt[{extra}]'")
+
+
+def reject_engine_options(engine_options: object) -> None:
+    """``engine_options`` given with ``backend='torch'``: the one message every constructor gives."""
+    if engine_options:
+        raise ConfigError("engine_options apply to backend='onnxruntime', 'openvino' or 'tensorrt'; it is 'torch'")

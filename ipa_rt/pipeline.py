@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import adapter_sources
+from .checkpoint import HUB_KWARGS, adapter_sources
 from .core import PipelineCore, PipelineOutput
-from .errors import ConfigError
-from .models import FAMILIES
+from .errors import ConfigError, reject_engine_options
+from .families import family_of, family_of_engine
+from .models import FAMILIES, declared_pipeline
 from .runtime import static_call
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
@@ -60,12 +61,13 @@ class Pipeline(PipelineCore):
         (:mod:`ipa_rt.families`)."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
-        wrapped = _wrapped_family(base, kwargs)
-        if wrapped is not None:  # a family ipa_rt serves inside diffusers' own pipeline classes
-            return wrapped(base, ip_adapter, image_encoder, backend=backend, engine_options=engine_options, **kwargs)
+        name = declared_pipeline(base, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS})
+        family = family_of(name)
+        if family is not None:  # a family ipa_rt serves inside diffusers' own pipeline classes
+            return family.from_pretrained(name, base, ip_adapter, image_encoder, backend=backend,
+                                          engine_options=engine_options, **kwargs)  # fmt: skip
         if backend == "torch":
-            if engine_options:
-                raise ConfigError("engine_options apply to backend='onnxruntime' or 'tensorrt'; the backend is 'torch'")
+            reject_engine_options(engine_options)
             return super().from_pretrained(base, ip_adapter, image_encoder, **kwargs)
         folder = engines_for(base, ip_adapter, image_encoder, backend, engine_options, kwargs)
         return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
@@ -80,29 +82,10 @@ class Pipeline(PipelineCore):
         from .export.loader import load_engine_pipeline
         from .export.manifest import read_manifest
 
-        kind = read_manifest(Path(folder)).get("kind")
-        if kind == "flux":  # a Flux-family transformer engine (export.wrapped)
-            from .flux.build import load_flux_engine
-
-            return load_flux_engine(folder, device)
-        if kind == "kolors":  # a Kolors UNet engine (export.wrapped)
-            from .kolors.engine import load_kolors_engine
-
-            return load_kolors_engine(folder, device)
-        if kind == "sd3":  # an SD3.5 transformer engine (export.wrapped)
-            from .sd3.engine import load_sd3_engine
-
-            return load_sd3_engine(folder, device)
+        family = family_of_engine(read_manifest(Path(folder)).get("kind"))
+        if family is not None:  # a Flux-family, Kolors or SD3.5 engine
+            return family.open_engine(folder, device)
         return load_engine_pipeline(folder, device, scheduler, cls)
-
-
-def _wrapped_family(base: Any, kwargs: dict) -> Any:
-    """The constructor for a folder whose ``model_index.json`` names a pipeline of a family ipa_rt runs inside
-    diffusers' own classes (:mod:`ipa_rt.families`), else None."""
-    from .families import HUB_KWARGS, constructor_for
-    from .models import declared_pipeline
-
-    return constructor_for(declared_pipeline(base, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS}))
 
 
 def engines_for(

@@ -215,7 +215,7 @@ def _close(ref, ours, **kw):
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_flux_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monkeypatch, capsys):
     import ipa_rt
-    from ipa_rt.flux.engine import EngineTransformer
+    from ipa_rt.families.flux.engine import EngineTransformer
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
     args = (files["flux"], files["xlabs"], files["encoder"])

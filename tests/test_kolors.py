@@ -186,7 +186,7 @@ def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, mon
     """The UNet as an engine inside diffusers' KolorsPipeline: <= 1e-5 of the latents' scale against diffusers
     (fp32 engines; observed ~2e-6), the scale (InstantStyle dicts too) an engine input, reuse from the cache."""
     import ipa_rt
-    from ipa_rt.kolors.engine import EngineUNet
+    from ipa_rt.families.kolors.engine import EngineUNet
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
     args, size = (files["base"], files["plus"], files["encoder"]), {"height": 64, "width": 64}

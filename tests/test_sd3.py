@@ -289,7 +289,7 @@ def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tm
 
     import ipa_rt
     from ipa_rt.errors import ConfigError
-    from ipa_rt.sd3.engine import EngineTransformer
+    from ipa_rt.families.sd3.engine import EngineTransformer
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
     args = (files["base"], files["instantx"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .common import PRECISIONS
 
@@ -67,12 +68,13 @@ def run(args: argparse.Namespace) -> None:
 
     from ..export.build import BuildRequest, build_engines
     from ..export.calibration import read_prompts
-    from ..families import engine_builder
+    from ..families import family_of
     from ..models import declared_pipeline
 
-    builder = engine_builder(declared_pipeline(args.base))
-    if builder is not None:
-        return _build_wrapped(args, builder)
+    name = declared_pipeline(args.base)
+    family = family_of(name)
+    if family is not None:
+        return _build_wrapped(args, family, name)
     if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
         from .. import video  # noqa: F401
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
         build_engines(req, args.output, rebuild=args.rebuild, progress=progress)
 
 
-def _build_wrapped(args: argparse.Namespace, builder) -> None:
+def _build_wrapped(args: argparse.Namespace, family: Any, class_name: str) -> None:
     """``ipa_rt build`` of a Flux/Chroma, Kolors or SD3.5 folder: the transformer's (UNet's) engine; the other
     networks stay PyTorch."""
     from ..errors import ConfigError
@@ -131,5 +133,7 @@ def _build_wrapped(args: argparse.Namespace, builder) -> None:
     options["rebuild"] = args.rebuild
     if args.max_sequence_length is not None:
         options["max_sequence_length"] = args.max_sequence_length
-    folder = builder(args.base, args.ip_adapter, args.image_encoder, args.backend, options, out=args.output)
+    folder = family.build_engines(
+        args.base, args.ip_adapter, args.image_encoder, args.backend, options, out=args.output, class_name=class_name
+    )
     print(f"engines written to '{folder}'")

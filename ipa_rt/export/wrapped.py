@@ -9,7 +9,6 @@ shape the export. A build happens under a lock in a private folder; the manifest
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
-from torch import Tensor
 
 from .. import console
 from ..cache import cache_root
@@ -198,42 +195,3 @@ def built_shapes(manifest: dict[str, Any]) -> dict[str, list[int]]:
     """Each engine input's static shape (the profile's optimum)."""
     info = next(iter(manifest["networks"].values()))
     return {name: spec["profile"][1] for name, spec in info["inputs"].items()}
-
-
-class EngineStandIn(ModelMixin):
-    """What the engine stand-ins (Flux's and SD3's transformer, Kolors' UNet) share: a ``ModelMixin`` because
-    diffusers' ``from_pretrained`` accepts no other kind of component in a network's place; float32 inputs whatever
-    the engine computes in; the size it was built for as the pipeline's call defaults (``call_defaults``); and the
-    adapters built in, installed once by the loader (:meth:`claim`)."""
-
-    what = "engine"  # for messages: "a Flux engine", ...
-
-    def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], defaults: dict[str, int]) -> None:
-        super().__init__()
-        self.engine, self.config, self.shapes, self.call_defaults = engine, config, shapes, defaults
-        self._installed = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu") if self.engine.device.type == "cpu" else self.engine.device
-
-    def cache_context(self, name: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def claim(self, installing: bool) -> None:
-        """The loader installs the adapters the engine was built with, once; any later install is refused (``None``,
-        an unload, is always allowed: the engine then gets no image)."""
-        if installing and self._installed:
-            raise ConfigError(
-                f"this pipeline runs {self.what} with its adapters built in; build engines for other adapters "
-                "(from_pretrained(..., backend=...), or ipa_rt build) instead of load_ip_adapter"
-            )
-        self._installed = self._installed or installing
-
-    @staticmethod
-    def output(out: Tensor, return_dict: bool, kind: Callable[..., Any]) -> Any:
-        return kind(sample=out) if return_dict else (out,)

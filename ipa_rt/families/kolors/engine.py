@@ -10,29 +10,22 @@ PyTorch once per call and feed the engine. The build mechanics are :mod:`ipa_rt.
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import console
-from ..checkpoint import adapter_sources
-from ..errors import ConfigError
-from ..export import wrapped
-from ..export.contracts import Contract, _UNetIP
-from ..export.wrapped import EngineStandIn
-from ..lru import IdentityMemo
-from ..models import _read_json
+from ...errors import ConfigError
+from ...export.contracts import Contract, _UNetIP
+from ...lru import IdentityMemo
+from ..base import EngineStandIn
 
 NETWORK = "unet"
-BASE_PARTS = ("model_index.json", "unet")
 
 
 @contextlib.contextmanager
-def _text_projection_in_graph(unet: nn.Module):
+def text_projection_in_graph(unet: nn.Module):
     """While exporting: the UNet as without an adapter (``encoder_hid_proj`` = Kolors' text projection), its
     processors still ipa_rt's, which read the image side from the context the contract fills."""
     saved = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
@@ -67,54 +60,6 @@ def unet_contract(pipe: Any, shapes: dict[str, int]) -> Contract:
     module = _UNetIP(SimpleNamespace(unet=unet, adapters=stack), ("text_embeds", "time_ids"), len(stack.entries), 0, 0)
     batch = (1, 2 * shapes["batch"], 2 * shapes["batch"])
     return Contract(NETWORK, module.eval(), inputs, ("noise_pred",), tuple(inputs), batch)
-
-
-def kolors_engines(
-    base: str | os.PathLike,
-    ip_adapter: Any,
-    image_encoder: Any,
-    backend: str,
-    engine_options: dict[str, Any] | None = None,
-    out: str | os.PathLike | None = None,
-    class_name: str = "KolorsPipeline",
-    subfolder: Any = None,
-    weight_name: Any = None,
-) -> Path:
-    """Build the UNet engine for ``base`` with ``ip_adapter`` (into ``out``, else the cache) or find it built;
-    ``engine_options``: ``height``, ``width`` (1024), ``batch`` (1), ``max_sequence_length`` (256), ``images`` per
-    adapter (1), ``precision`` (OpenVINO) and ``rebuild``."""
-    from .pipelines import load_pretrained
-
-    wrapped.check_backend(backend, "Kolors")
-    if ip_adapter is None:
-        raise ConfigError("Kolors engines are built with their IP-Adapter(s): give ip_adapter")
-    base = os.fspath(base)
-    unet_cfg = _read_json(base, "unet/config.json", {})
-    vae = _read_json(base, "vae/config.json", {})
-    size = unet_cfg.get("sample_size", 128) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    defaults = {"height": size, "width": size, "batch": 1, "max_sequence_length": 256, "images": 1}
-    options = wrapped.shape_options(engine_options, defaults, "Kolors")
-    adapters = adapter_sources(ip_adapter, subfolder, weight_name)
-    sources = wrapped.source_records(base, BASE_PARTS, adapters, image_encoder)
-    ident = wrapped.identity("kolors", class_name, backend, options, sources, image_encoder)
-
-    def build(folder: Path) -> None:
-        pipe = load_pretrained(base, adapters, image_encoder, class_name=class_name)
-        contract = unet_contract(pipe, options["shapes"])
-        record = {
-            "kind": "kolors",
-            "identity": ident,
-            "sources": sources,
-            "shapes": options["shapes"],
-            "pipeline": class_name,
-            "base": os.path.abspath(base) if os.path.isdir(base) else base,
-            "adapters": [sources[f"ip_adapter_{i}"]["path"] for i in range(len(adapters))],
-            "image_encoder": pipe.image_encoder.config.name_or_path if pipe.image_encoder is not None else None,
-        }
-        with _text_projection_in_graph(pipe.unet):
-            wrapped.write_engine(folder, contract, backend, options["precision"], record)
-
-    return wrapped.cached_build(ident, out, options["rebuild"], build)
 
 
 class EngineUNet(EngineStandIn):
@@ -173,24 +118,3 @@ class EngineUNet(EngineStandIn):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return self.output(out, return_dict, UNet2DConditionOutput)
-
-
-def load_kolors_engine(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
-    """The folder's Kolors pipeline class (``ipa_rt.kolors``'s) whose UNet runs the engine in ``folder``."""
-    from diffusers.configuration_utils import FrozenDict
-    from transformers import CLIPVisionModelWithProjection
-
-    from .pipelines import runtime_class
-
-    manifest, engine = wrapped.open_engine(folder, device, "kolors")
-    base = manifest["base"]
-    unet = EngineUNet(
-        engine, FrozenDict(_read_json(base, "unet/config.json", {})), wrapped.built_shapes(manifest), manifest["shapes"]
-    )
-    with console.hushed(bars=True):
-        pipe = runtime_class(manifest["pipeline"]).from_pretrained(base, unet=unet, dtype=torch.float32).to(device)
-        if manifest["image_encoder"] is not None and getattr(pipe, "image_encoder", None) is None:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(manifest["image_encoder"]).eval()
-            pipe.register_modules(image_encoder=encoder)
-    pipe.load_ip_adapter(manifest["adapters"], image_encoder_folder=None)
-    return pipe

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..export.wrapped import EngineStandIn
-from ..lru import IdentityMemo
+from ...errors import ConfigError
+from ...lru import IdentityMemo
+from ..base import EngineStandIn
 from .adapter import FluxImageSide, FluxImageTokens
 
 # The transformer's forward arguments that become engine inputs, in order, per transformer class.

@@ -7,14 +7,15 @@
     )
     pipe.set_ip_adapter_scale(0.5)                # one in-place write into a device tensor
 
-Every class in :data:`~ipa_rt.kolors.pipelines.PIPELINES` is available here under diffusers' name.
+Every class in :data:`PIPELINES` is available here under diffusers' name.
 """
 
 from __future__ import annotations
 
-from ..models import lazy_pipeline_classes
-from .pipelines import PIPELINES, UNetAdapterMixin, load_pretrained, runtime_class
+from .pipelines import UNetAdapterMixin
+from .spec import FAMILY
 
-__all__ = ["PIPELINES", "UNetAdapterMixin", "load_pretrained", "runtime_class"]
-__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
-__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)
+PIPELINES, runtime_class = FAMILY.pipelines, FAMILY.runtime_class
+__all__ = ["FAMILY", "PIPELINES", "UNetAdapterMixin", "runtime_class"]
+__all__ += list(PIPELINES)  # diffusers' names, made on first use
+__getattr__ = FAMILY.module_getattr

@@ -9,16 +9,18 @@
     pipe.load_ip_adapter("InstantX/SD3.5-Large-IP-Adapter", weight_name="ip-adapter.bin")
     pipe.set_ip_adapter_scale(0.6)                    # one in-place write into a device tensor
 
-Every class in :data:`~ipa_rt.sd3.pipelines.PIPELINES` is available here under diffusers' name.
+Every class in :data:`PIPELINES` is available here under diffusers' name.
 """
 
 from __future__ import annotations
 
-from ..models import lazy_pipeline_classes
 from .adapter import SD3BlockAdapter, SD3ImageSide, SD3JointProcessor, SD3StepTokens, sd3_scale
-from .pipelines import PIPELINES, SD3AdapterMixin, build_image_side, runtime_class
+from .pipelines import SD3AdapterMixin, build_image_side
+from .spec import FAMILY
 
+PIPELINES, runtime_class = FAMILY.pipelines, FAMILY.runtime_class
 __all__ = [
+    "FAMILY",
     "PIPELINES",
     "SD3AdapterMixin",
     "SD3BlockAdapter",
@@ -29,5 +31,5 @@ __all__ = [
     "runtime_class",
     "sd3_scale",
 ]
-__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
-__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)
+__all__ += list(PIPELINES)  # diffusers' names, made on first use
+__getattr__ = FAMILY.module_getattr

@@ -17,26 +17,19 @@ scale: the branch then adds exactly nothing (``where(scale != 0, ...)``). The te
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import console
-from ..checkpoint import adapter_sources
-from ..errors import ConfigError
-from ..export import wrapped
-from ..export.contracts import Contract
-from ..models import _read_json
+from ...errors import ConfigError
+from ...export.contracts import Contract
+from ..base import EngineStandIn
 from .adapter import SD3ImageSide
-from .pipelines import PIPELINES, SD3AdapterMixin
+from .pipelines import SD3AdapterMixin
 
 NETWORK = "transformer"
 INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")  # diffusers' SD3 call, in order
-# what of the base model the engine depends on (the CLIP tokenizer's length is part of the text input's shape)
-BASE_PARTS = ("model_index.json", "transformer", "tokenizer/tokenizer_config.json")
-DEFAULT_WEIGHT = "ip-adapter.safetensors"  # diffusers' SD3 load_ip_adapter's default weight_name
 
 
 class ExportedTransformer(nn.Module):
@@ -55,7 +48,7 @@ class ExportedTransformer(nn.Module):
         return self.transformer(**kwargs, joint_attention_kwargs=branch, return_dict=False)[0]
 
 
-class _AdapterOnly(SD3AdapterMixin):
+class AdapterOnly(SD3AdapterMixin):
     """The pipelines' mixin around a bare transformer: the build installs the adapter exactly as ``load_ip_adapter``
     does, without loading the text encoders or the VAE."""
 
@@ -84,15 +77,7 @@ def sd3_contract(transformer: nn.Module, shapes: dict[str, int], text: int, vae_
     return Contract(NETWORK, module, inputs, ("noise_pred",), tuple(inputs)[:-1], (1, rows, rows))
 
 
-def _encoder_location(image_encoder: Any) -> str | None:
-    """Where the loader finds the image encoder again: a path or hub id (a module: the one it was loaded from);
-    None: the base folder's own."""
-    if isinstance(image_encoder, (str, os.PathLike)):
-        return os.fspath(image_encoder)
-    return getattr(getattr(image_encoder, "config", None), "name_or_path", None) or None
-
-
-def _image_tokens(base: str, image_encoder: Any) -> int:
+def image_tokens(base: str, image_encoder: Any) -> int:
     """SigLIP's token count, ``(image_size / patch_size)²``: the length of ``ip_features``."""
     from transformers import SiglipVisionConfig
 
@@ -110,69 +95,7 @@ def _image_tokens(base: str, image_encoder: Any) -> int:
     return (cfg.image_size // cfg.patch_size) ** 2
 
 
-def sd3_engines(
-    base: str | os.PathLike,
-    ip_adapter: Any,
-    image_encoder: Any,
-    backend: str,
-    engine_options: dict[str, Any] | None = None,
-    out: str | os.PathLike | None = None,
-    class_name: str = "StableDiffusion3Pipeline",
-    subfolder: Any = None,
-    weight_name: Any = None,
-) -> Path:
-    """Build the transformer engine for ``base`` with ``ip_adapter`` (into ``out``, else the cache) or find it built;
-    returns the folder. ``engine_options``: ``height``, ``width`` (diffusers' default for the folder), ``batch`` (1),
-    ``max_sequence_length`` (256), ``precision`` (OpenVINO) and ``rebuild``."""
-    from diffusers import SD3Transformer2DModel
-
-    wrapped.check_backend(backend, "SD3.5")
-    if ip_adapter is None:
-        raise ConfigError("SD3.5 engines are built with their IP-Adapter: give ip_adapter")
-    if class_name not in PIPELINES or "ControlNet" in class_name:
-        runs = [n for n in PIPELINES if "ControlNet" not in n]
-        raise ConfigError(f"SD3.5 engines run in {runs}, not {class_name}; use backend='torch'")
-    base = os.fspath(base)
-    cfg = _read_json(base, "transformer/config.json", {})
-    if cfg.get("_class_name") != "SD3Transformer2DModel":
-        raise ConfigError(f"engines for a {cfg.get('_class_name')} are not supported yet; use backend='torch'")
-    vae_scale = 2 ** (len(_read_json(base, "vae/config.json", {}).get("block_out_channels", [0] * 4)) - 1)
-    size = cfg.get("sample_size", 128) * vae_scale  # diffusers' default image size for this folder
-    defaults = {"height": size, "width": size, "batch": 1, "max_sequence_length": 256}
-    options = wrapped.shape_options(engine_options, defaults, "SD3.5")
-    adapters = adapter_sources(ip_adapter, subfolder, weight_name or DEFAULT_WEIGHT)
-    if len(adapters) != 1:
-        raise ConfigError(f"SD3 pipelines take one IP-Adapter (diffusers' SD3IPAdapterMixin); got {len(adapters)}")
-    encoder = _encoder_location(image_encoder)
-    sources = wrapped.source_records(base, BASE_PARTS, adapters, encoder)
-    ident = wrapped.identity("sd3", class_name, backend, options, sources, encoder)
-
-    def build(folder: Path) -> None:
-        with console.hushed(bars=True):
-            transformer = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", dtype=torch.float32)
-        adapter = sources["ip_adapter_0"]["path"]
-        _AdapterOnly(transformer.eval()).load_ip_adapter(adapter, image_encoder_folder=None)
-        # diffusers' prompt embeddings: CLIP's padded tokens, then T5's max_sequence_length
-        clip = _read_json(base, "tokenizer/tokenizer_config.json", {}).get("model_max_length", 77)
-        text = clip + options["shapes"]["max_sequence_length"]
-        images = _image_tokens(base, image_encoder)
-        contract = sd3_contract(transformer, options["shapes"], text, vae_scale, images)
-        record = {
-            "kind": "sd3",
-            "identity": ident,
-            "sources": sources,
-            "shapes": options["shapes"],
-            "pipeline": class_name,
-            "base": os.path.abspath(base) if os.path.isdir(base) else base,
-            "adapters": [adapter],
-            "image_encoder": encoder,
-        }
-        wrapped.write_engine(folder, contract, backend, options["precision"], record)
-
-    return wrapped.cached_build(ident, out, options["rebuild"], build)
-
-
-class EngineTransformer(wrapped.EngineStandIn):
+class EngineTransformer(EngineStandIn):
     """Stands in for the transformer in diffusers' SD3 pipeline and runs the engine (see the module docstring).
     ``structure`` is the transformer's module tree on the meta device (no weights): what the adapter loader counts
     the joint blocks' processors in."""
@@ -229,25 +152,3 @@ class EngineTransformer(wrapped.EngineStandIn):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return self.output(out, return_dict, Transformer2DModelOutput)
-
-
-def load_sd3_engine(folder: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
-    """The folder's SD3 pipeline class (``ipa_rt.sd3``'s) whose transformer runs the engine in ``folder``."""
-    from diffusers.configuration_utils import FrozenDict
-
-    from .pipelines import runtime_class
-
-    manifest, engine = wrapped.open_engine(folder, device, "sd3")
-    base = manifest["base"]
-    config = FrozenDict(_read_json(base, "transformer/config.json", {}))
-    components: dict[str, Any] = {
-        "transformer": EngineTransformer(engine, config, wrapped.built_shapes(manifest), manifest["shapes"])
-    }
-    with console.hushed(bars=True):
-        if manifest["image_encoder"] is not None:  # given at build time (else: the folder's own)
-            from transformers import SiglipVisionModel
-
-            components["image_encoder"] = SiglipVisionModel.from_pretrained(manifest["image_encoder"]).eval()
-        pipe = runtime_class(manifest["pipeline"]).from_pretrained(base, **components, dtype=torch.float32).to(device)
-    pipe.load_ip_adapter(manifest["adapters"][0])
-    return pipe

@@ -6,16 +6,18 @@
                          image_encoder_pretrained_model_name_or_path="openai/clip-vit-large-patch14")
     pipe.set_ip_adapter_scale(0.6)                # one in-place write into a device tensor
 
-Every class in :data:`~ipa_rt.flux.pipelines.PIPELINES` is available here under diffusers' name.
+Every class in :data:`PIPELINES` is available here under diffusers' name.
 """
 
 from __future__ import annotations
 
-from ..models import lazy_pipeline_classes
 from .adapter import FluxDecoupledProcessor, FluxImageSide, FluxImageTokens, expand_flux_scale
-from .pipelines import PIPELINES, FluxAdapterMixin, runtime_class
+from .pipelines import FluxAdapterMixin
+from .spec import FAMILY
 
+PIPELINES, runtime_class = FAMILY.pipelines, FAMILY.runtime_class
 __all__ = [
+    "FAMILY",
     "PIPELINES",
     "FluxAdapterMixin",
     "FluxDecoupledProcessor",
@@ -24,5 +26,5 @@ __all__ = [
     "expand_flux_scale",
     "runtime_class",
 ]
-__all__ += list(PIPELINES)  # diffusers' names (strings only in the literal: the docs' static reader)
-__getattr__ = lazy_pipeline_classes(__name__, PIPELINES, runtime_class)
+__all__ += list(PIPELINES)  # diffusers' names, made on first use
+__getattr__ = FAMILY.module_getattr

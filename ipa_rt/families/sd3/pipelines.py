@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
-from ..conditions import ReferenceCacheMixin
-from ..console import hushed
-from ..errors import CheckpointError, ConfigError, IncompatibleAdapterError
-from ..graphs import GraphedNetworkMixin, StaticImage
-from ..models import drop_image_encoder, pipeline_class_maker
-from ..variants import adapter_family
+from ...checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
+from ...console import hushed
+from ...errors import CheckpointError, ConfigError, IncompatibleAdapterError
+from ...models import drop_image_encoder
+from ...variants import adapter_family
+from ..base import SideMixin
 from .adapter import (
     SD3BlockAdapter,
     SD3ImageSide,
@@ -33,14 +32,13 @@ from .adapter import (
     sd3_scale,
 )
 
-_ABSENT = object()
 REAL_ENCODER = "google/siglip-so400m-patch14-384"  # what InstantX/SD3.5-Large-IP-Adapter was trained with
 
 
-class SD3AdapterMixin(GraphedNetworkMixin, ReferenceCacheMixin):
+class SD3AdapterMixin(SideMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers SD3 pipeline, with ``SD3IPAdapterMixin``'s API."""
 
-    _ipa_saved: dict | None = None
+    _side_attr, _side_type = "image_proj", SD3ImageSide
 
     def load_ip_adapter(
         self,
@@ -81,69 +79,27 @@ class SD3AdapterMixin(GraphedNetworkMixin, ReferenceCacheMixin):
             size = encoder.config.image_size  # SigLIP's processor: resize to the encoder's size, mean/std 0.5
             with hushed():
                 self.register_modules(feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))
-        self._install(side)
+        self._install_side(side)
 
-    def _install(self, side: SD3ImageSide) -> None:
-        """Swap in ipa_rt's processors and image side; remember what was there (once, across reloads)."""
-        transformer = self.transformer
-        self.reference_cache.clear()
-        if hasattr(transformer, "install_image_side"):  # an engine: the branch is in its graph, the side feeds it
-            transformer.install_image_side(side)
-            return
-        if self._ipa_saved is None:
-            self._ipa_saved = {
-                "processors": dict(transformer.attn_processors),
-                "image_proj": getattr(transformer, "image_proj", _ABSENT),
-            }
-        elif isinstance(getattr(transformer, "image_proj", None), SD3ImageSide):
-            del transformer.image_proj  # its resampler's attention would count as processors of the transformer
-        processors = dict(self._ipa_saved["processors"])
-        for layer, name in enumerate(block_processors(transformer)):
-            processors[name] = SD3JointProcessor(layer)
-        transformer.set_attn_processor(processors)
-        param = next(transformer.parameters())
-        transformer.image_proj = side.to(device=param.device, dtype=param.dtype)
+    def _processors(self) -> dict[str, Any]:
+        return {name: SD3JointProcessor(i) for i, name in enumerate(block_processors(self.transformer))}
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and ``image_proj`` exactly; drop the image encoder and feature
         extractor (diffusers' rule)."""
-        if hasattr(self.transformer, "install_image_side"):
-            self.transformer.install_image_side(None)  # the engine then adds exactly nothing
-        if self._ipa_saved is not None:
-            transformer = self.transformer
-            del transformer.image_proj
-            if self._ipa_saved["image_proj"] is not _ABSENT:  # back first: its processors are among the saved ones
-                transformer.image_proj = self._ipa_saved["image_proj"]
-            transformer.set_attn_processor(self._ipa_saved["processors"])
-            self._ipa_saved = None
+        self._restore_side()
         drop_image_encoder(self)
-        self.reference_cache.clear()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """diffusers' call; on an engine, the size and text length it was built for are the defaults."""
-        defaults = getattr(self.transformer, "call_defaults", {})
-        kwargs |= {key: value for key, value in defaults.items() if kwargs.get(key) is None}
-        with self.network_graphs():  # CUDA graphs of the transformer on CUDA (set_cuda_graphs)
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
-
-    def _image_to_stage(self, kwargs: dict) -> tuple[StaticImage, Any] | None:
-        side = getattr(self.transformer, "image_proj", None)
-        embeds = (kwargs.get("joint_attention_kwargs") or {}).get("ip_adapter_image_embeds")
-        return (side.static, side.prepare(embeds)) if isinstance(side, SD3ImageSide) and embeds is not None else None
-
-    @property
-    def image_side(self) -> SD3ImageSide:
-        side = getattr(self.transformer, "image_proj", None)
-        if not isinstance(side, SD3ImageSide):
-            raise ConfigError("no ipa_rt IP-Adapter is loaded; call load_ip_adapter first")
-        return side
+    @staticmethod
+    def _prepare_side(side: SD3ImageSide, embeds: Any) -> Any:
+        return side.prepare(embeds)
 
     @property
     def is_ip_adapter_active(self) -> bool:
         """diffusers' rule (an adapter is loaded and its scale is > 0), read from the host copy of the last scale
         written: once per call, no device read."""
-        side = getattr(self.transformer, "image_proj", None)
-        return isinstance(side, SD3ImageSide) and side.host_scale > 0
+        side = self._installed_side()
+        return side is not None and side.host_scale > 0
 
     def set_ip_adapter_scale(self, scale: float) -> None:
         """diffusers' form (one number for every block), written in place into the 0-d float32 scale tensor."""
@@ -154,13 +110,6 @@ class SD3AdapterMixin(GraphedNetworkMixin, ReferenceCacheMixin):
         on this device and dtype is not encoded again."""
         encode = lambda images: super(SD3AdapterMixin, self).encode_image(images, device)  # noqa: E731
         return self.cached_encode(image, (str(device), self.dtype), encode)
-
-    def runtime_summary(self) -> str:
-        """One line: what runs the transformer, and the adapter."""
-        t, engine = self.transformer, getattr(self.transformer, "engine", None)
-        where = f"{type(engine.engine).__name__} engine" if engine is not None else f"PyTorch ({t.dtype}, {t.device})"
-        count = int(isinstance(getattr(t, "image_proj", None), SD3ImageSide))
-        return f"{type(self).__name__}: transformer on {where}, {count} IP-Adapter(s)"
 
 
 def build_image_side(transformer: nn.Module, raw: RawAdapter) -> SD3ImageSide:
@@ -264,18 +213,3 @@ def _check_encoder(side: SD3ImageSide, encoder: Any) -> None:
             f"image encoder ({encoder.config.name_or_path or type(encoder).__name__}) has hidden_size {have}, but "
             f"IP-Adapter '{side.origin}' expects {want}; expected the encoder it was trained with ({REAL_ENCODER})"
         )
-
-
-# Every diffusers pipeline that has SD3IPAdapterMixin (diffusers 0.42), by name: ipa_rt's class of the same name.
-# (StableDiffusion3ModularPipeline has it too, but runs its own blocks, not the pipeline methods this mixin replaces.)
-PIPELINES = (
-    "StableDiffusion3Pipeline",
-    "StableDiffusion3Img2ImgPipeline",
-    "StableDiffusion3InpaintPipeline",
-    "StableDiffusion3ControlNetPipeline",
-    "StableDiffusion3ControlNetInpaintingPipeline",
-)
-
-
-# runtime_class(name): class <name>(SD3AdapterMixin, diffusers.<name>), made once (ipa_rt.sd3.<name> is it)
-runtime_class = pipeline_class_maker(SD3AdapterMixin, PIPELINES, "ipa_rt.sd3")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.ops import MODES, choose  # noqa: F401  (re-exported: the Flux mixin decides with them)
+from ...kernels.ops import MODES, choose  # noqa: F401  (re-exported: the Flux mixin decides with them)
 
 _WARNED: set[str] = set()
 

@@ -12,22 +12,24 @@ projection and every layer's K/V the first time a call's embeddings arrive) inst
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from ..adapter import IPAdapterStack
-from ..checkpoint import HUB_KWARGS, adapter_sources, read_adapter
-from ..console import hushed
-from ..errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
-from ..graphs import GraphedNetworkMixin, StaticImage
-from ..kernels.ops import MODES, choose
-from ..lru import IdentityMemo
-from ..models import drop_image_encoder, pipeline_class_maker
-from ..scale import expand_scale, scale_tables
-from ..variants import FACE_ID
+from ...adapter import IPAdapterStack
+from ...checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...console import hushed
+from ...errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
+from ...graphs import StaticImage
+from ...kernels.ops import MODES, choose
+from ...lru import IdentityMemo
+from ...models import drop_image_encoder
+from ...scale import expand_scale, scale_tables
+from ...variants import FACE_ID
+from ..base import FamilyMixin
 
 _ABSENT = object()
 
@@ -64,11 +66,10 @@ class UNetImageSide(MultiIPAdapterImageProjection):
         return tokens
 
 
-class UNetAdapterMixin(GraphedNetworkMixin):
+class UNetAdapterMixin(FamilyMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers UNet pipeline with ``IPAdapterMixin``'s API."""
 
     _ipa_stack: IPAdapterStack | None = None
-    _ipa_saved: dict | None = None
     _ip_attention = "auto"  # cross-attention with the image branch: the fused kernel on CUDA where it can run
     _graph_network = "unet"
     _call_masks: Any = None  # the running call's ip_adapter_masks
@@ -77,7 +78,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
     def set_ip_attention(self, mode: str) -> None:
         """``"auto"`` (the fused Triton kernel on CUDA where it can run, SDPA elsewhere), ``"triton"`` (the kernel
         wherever it can run: the CPU under ``TRITON_INTERPRET=1``) or ``"sdpa"``; decided here, once per layer."""
-        if self._ipa_stack is not None and not self._ipa_saved.get("engine"):
+        if self._ipa_stack is not None and not self.on_engine:
             self._choose_attention(self._ipa_stack, mode)
         elif mode not in MODES:
             raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
@@ -98,9 +99,9 @@ class UNetAdapterMixin(GraphedNetworkMixin):
         """Load h94-layout IP-Adapter(s) as diffusers does (files, hub ids with ``weight_name``, state dicts; a list
         loads several, replacing what was loaded), checked against the UNet with errors naming the file. The image
         encoder is found by diffusers' rule (``image_encoder_folder`` inside the adapter's folder or repository)."""
-        from ..core import _encoder_location, encoder_mismatch
-        from ..image import default_feature_extractor
-        from ..models import load_image_encoder
+        from ...core import _encoder_location, encoder_mismatch
+        from ...image import default_feature_extractor
+        from ...models import load_image_encoder
 
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         kwargs.pop("low_cpu_mem_usage", None)
@@ -131,9 +132,9 @@ class UNetAdapterMixin(GraphedNetworkMixin):
             self.register_modules(feature_extractor=default_feature_extractor(encoder))
         stack.to_runtime(self.unet.device, self.unet.dtype)
         unet = self.unet
-        if hasattr(unet, "install_adapters"):  # an engine: the branch is in its graph; the projections feed it
+        if self.on_engine:  # an engine: the branch is in its graph; the projections feed it
             unet.install_adapters(stack, MultiIPAdapterImageProjection(list(stack.projections)))
-            self._ipa_stack, self._ipa_saved = stack, {"engine": True}
+            self._ipa_stack = stack
             return
         saved = {
             "encoder_hid_proj": unet.encoder_hid_proj,
@@ -150,16 +151,15 @@ class UNetAdapterMixin(GraphedNetworkMixin):
         unet.config.encoder_hid_dim_type = "ip_image_proj"
         self._ipa_stack, self._ipa_saved = stack, saved
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """diffusers' call. Regional masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``, diffusers' form)
-        are taken out of the processors' arguments and applied by ipa_rt's image side; engines refuse them."""
-        for key, value in getattr(self.unet, "call_defaults", {}).items():  # an engine: the size it was built for
-            if kwargs.get(key) is None:
-                kwargs[key] = value
+    @contextlib.contextmanager
+    def _call_scope(self, kwargs: dict) -> Iterator[None]:
+        """Regional masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``, diffusers' form) are taken out of the
+        processors' arguments and applied by ipa_rt's image side; engines refuse them. ChatGLM calls deprecated
+        transformers APIs: hushed."""
         self._call_masks = self._take_masks(kwargs)
         try:
-            with hushed("transformers"), self.network_graphs():  # hushed: ChatGLM calls deprecated transformers APIs
-                return super().__call__(*args, **kwargs)  # type: ignore[misc]
+            with hushed("transformers"):
+                yield
         finally:
             self._call_masks = None
             if isinstance(getattr(self.unet, "encoder_hid_proj", None), UNetImageSide):
@@ -168,7 +168,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
     def _take_masks(self, kwargs: dict) -> Any:
         """``ip_adapter_masks`` out of ``cross_attention_kwargs`` (the rest stays), with the checks that need no
         embeddings; every layer's query count for the call's size (the masks' downsampling targets)."""
-        from ..request import query_tokens
+        from ...request import query_tokens
 
         extra = dict(kwargs.get("cross_attention_kwargs") or {})
         masks = extra.pop("ip_adapter_masks", None)
@@ -177,7 +177,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
             if stack is not None and self._image_scale is not None:
                 raise ScaleError("per-image scales (lists per adapter) need regional masks: pass ip_adapter_masks")
             return None
-        if stack is None or self._ipa_saved.get("engine"):
+        if stack is None or self.on_engine:
             why = "no IP-Adapter is loaded" if stack is None else "engines do not take them (use the PyTorch pipeline)"
             raise ConfigError(f"cross_attention_kwargs['ip_adapter_masks']: {why}")
         if kwargs.get("ip_adapter_image") is None and kwargs.get("ip_adapter_image_embeds") is None:
@@ -191,7 +191,7 @@ class UNetAdapterMixin(GraphedNetworkMixin):
     def prepare_ip_adapter_image_embeds(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """diffusers' embeddings; this call's masks are checked against them (one per image of each adapter) and
         handed to the image side."""
-        from ..request import ip_masks
+        from ...request import ip_masks
 
         embeds = super().prepare_ip_adapter_image_embeds(*args, **kwargs)  # type: ignore[misc]
         side = getattr(self.unet, "encoder_hid_proj", None)
@@ -218,9 +218,9 @@ class UNetAdapterMixin(GraphedNetworkMixin):
             return
         unet, saved = self.unet, self._ipa_saved
         self._image_scale = None
-        if saved.get("engine"):
+        if self.on_engine:
             unet.install_adapters(None, None)  # the engine then gets zero tokens and a zero scale
-            self._ipa_stack = self._ipa_saved = None
+            self._ipa_stack = None
             return
         self._ipa_stack.restore(unet)
         unet.encoder_hid_proj = saved["encoder_hid_proj"]
@@ -253,42 +253,6 @@ class UNetAdapterMixin(GraphedNetworkMixin):
         stack.scale.copy_(table)
         stack.scale_eff.copy_(table)
 
-    def runtime_summary(self) -> str:
-        count = self._ipa_stack.num_adapters if self._ipa_stack is not None else 0
-        return f"{type(self).__name__}: UNet on PyTorch ({self.unet.dtype}, {self.unet.device}), {count} IP-Adapter(s)"
-
-
-# Every diffusers pipeline of the Kolors family with IPAdapterMixin (diffusers 0.42): ipa_rt's class of the same name.
-PIPELINES = ("KolorsPipeline", "KolorsImg2ImgPipeline", "KolorsPAGPipeline")
-
-
-# runtime_class(name): class <name>(UNetAdapterMixin, diffusers.<name>), made once (ipa_rt.kolors.<name> is it)
-runtime_class = pipeline_class_maker(UNetAdapterMixin, PIPELINES, "ipa_rt.kolors")
-
-
-def load_pretrained(
-    base: str | os.PathLike,
-    ip_adapter: Any = None,
-    image_encoder: Any = None,
-    *,
-    class_name: str = "KolorsPipeline",
-    subfolder: Any = None,
-    weight_name: Any = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    **hub_kwargs: Any,
-) -> Any:
-    """The Kolors pipeline of ``class_name`` on PyTorch with the adapter(s) loaded (``image_encoder``: a folder or
-    module; default: diffusers' ``image_encoder/`` in the adapter's folder or repository)."""
-    from ..models import load_image_encoder, load_pipeline
-
-    pipe = load_pipeline(runtime_class(class_name), base, dtype, device, hub_kwargs)
-    if image_encoder is not None:
-        if not isinstance(image_encoder, torch.nn.Module):
-            with hushed(bars=True):
-                image_encoder = load_image_encoder(image_encoder, dtype)
-        pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
-    if ip_adapter is not None:
-        hub = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
-        pipe.load_ip_adapter(ip_adapter, subfolder=subfolder, weight_name=weight_name, **hub)
-    return pipe
+    @property
+    def adapter_count(self) -> int:
+        return self._ipa_stack.num_adapters if self._ipa_stack is not None else 0
