@@ -115,7 +115,7 @@ class Bench:
             graphs = system == "ipa_rt+graphs"
             self.ours.loop.use_graphs = graphs
             self.ours.loop.states.clear()
-            for g in self.ours._graphed():  # the eager systems run the VAE and the encoder eagerly too
+            for g in self.ours.graphed_calls():  # the eager systems run the VAE and the encoder eagerly too
                 g.clear()
                 g.enabled = None if graphs else False
 

@@ -30,7 +30,7 @@ from ipa_rt import testing as T
 def measure(pipe, image, steps: int, guidance: float, graphs: bool, size: int, reps: int, timer) -> dict:
     pipe.loop.use_graphs = graphs
     pipe.loop.states.clear()
-    for g in pipe._graphed():  # the eager rows run the VAE and the encoder eagerly too
+    for g in pipe.graphed_calls():  # the eager rows run the VAE and the encoder eagerly too
         g.clear()
         g.enabled = None if graphs else False
     pipe.clear_caches()

@@ -2,13 +2,15 @@
 
 The UNet is wrapped, never edited for good (refiners' inject/eject): :meth:`IPAdapterStack.install` swaps
 diffusers' ``attn2`` processors for :class:`~ipa_rt.attention.DecoupledCrossAttnProcessor` and wraps the
-FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was there.
+FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was there. The per-request image state
+the processors read (keys/values, masks, scales, static buffers) is the stack's
+:class:`~ipa_rt.attention.ImageContext`, written through its methods (:meth:`IPAdapterStack.prepare` computes
+what goes in).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,18 +132,13 @@ class IPAdapterStack(nn.Module):
         self.to_v_ip = nn.ModuleList(nn.ModuleList(e.to_v_ip[i] for e in entries) for i in range(len(self.heads)))
         self.register_buffer("scale", torch.ones(len(entries), len(self.layer_names)), persistent=False)
         self.register_buffer("scale_eff", torch.ones(len(entries), len(self.layer_names)), persistent=False)
-        self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff, heads=self.heads)
+        self.context = ImageContext(scale=self.scale, scale_eff=self.scale_eff)  # the per-request image state
         self.head_dims = [
             _module_of(unet, n).to_k.out_features // h for n, h in zip(self.layer_names, self.heads, strict=False)
         ]
         self._saved: dict | None = None
         self._fused = [False] * len(self.layer_names)
-        self._stores: dict[tuple, dict] = {}  # image-side static buffers, one set per shape key (see prepare)
-        self.row_tables: dict[int, tuple[Tensor, Tensor]] = {}  # batched calls' per-row scales (scale.per_row_scales)
-        self.prepared_key: tuple | None = None
-        self.store_key: tuple | None = None  # the image-side buffer set the context reads now
-        self.query_tokens: list[int] = []  # per layer, filled by the pipeline for mask downsampling
-        self._processors: list[DecoupledCrossAttnProcessor] = []
+        self.processors: list[DecoupledCrossAttnProcessor] = []  # the installed ones, by layer
 
     @classmethod
     def from_checkpoints(
@@ -222,7 +219,7 @@ class IPAdapterStack(nn.Module):
     # --- scale ---------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):  # keep the shared context on the moved buffer
         result = super()._apply(fn, *args, **kwargs)
-        self.context.scale, self.context.scale_eff = self.scale, self.scale_eff
+        self.context.bind(self.scale, self.scale_eff)
         return result
 
     @property
@@ -244,11 +241,11 @@ class IPAdapterStack(nn.Module):
         processors = dict(unet.attn_processors)
         saved = {"processors": processors, "encoder_hid_proj": unet.encoder_hid_proj, "wrapped": []}
         new = dict(processors)
-        self._processors = []
+        self.processors = []
         for layer, name in enumerate(self.layer_names):
             proc = DecoupledCrossAttnProcessor(layer, self.context, fused=self._fused[layer])
             new[name] = proc
-            self._processors.append(proc)
+            self.processors.append(proc)
         unet.set_attn_processor(new)
         # A diffusers UNet that had load_ip_adapter called projects embeds itself; ipa_rt does it once per call.
         unet.encoder_hid_proj = None
@@ -298,24 +295,22 @@ class IPAdapterStack(nn.Module):
         image_scale: Tensor | None = None,
         key: tuple | None = None,
         kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        queries: Sequence[int] | None = None,
     ) -> list[tuple[Tensor, Tensor]] | None:
         """Compute every layer's image keys/values once for this request (they do not depend on the step), or take
-        them from ``kv`` (what an earlier ``prepare`` of the same tokens returned: the reference cache keeps it).
-        Returns the per-layer ``(K, V)`` it wrote from (None without tokens).
+        them from ``kv`` (what an earlier ``prepare`` of the same tokens returned: the reference cache keeps it),
+        and hold them in the context (:meth:`~ipa_rt.attention.ImageContext.hold`). Returns the per-layer
+        ``(K, V)`` it wrote from (None without tokens); ``key``: the reference, for the reference cache.
 
         Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
         adapter is one segment with its images' tokens concatenated (diffusers' semantics); with a regional
-        mask ``[1, n_img, H, W]`` each of its images is its own segment (own softmax, own mask, own scale).
-        Every tensor the step reads lives in a buffer set kept per shape key and written in place, so a CUDA
-        graph captured for one shape still reads valid, current memory when that shape comes back.
+        mask ``[1, n_img, H, W]`` each of its images is its own segment (own softmax, own mask, own scale),
+        downsampled to every layer's query count (``queries``, at the call's size).
         """
-        ctx = self.context
-        self.prepared_key = key  # what the buffers now hold (None: unknown), for the reference cache
         if tokens is None:
-            self.store_key = None
-            ctx.kv = None
-            ctx.segments, ctx.masks, ctx.seg_mult = [], {}, None
+            self.context.clear(key)
             return None
+        queries = list(queries or ())
         masks = list(masks) if masks is not None else [None] * len(tokens)
         flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in tokens]  # images of one adapter concatenated
         bounds, owners, images = [0], [], []
@@ -325,40 +320,24 @@ class IPAdapterStack(nn.Module):
                 bounds.append(bounds[-1] + (per_image if m is not None else t.shape[1] * per_image))
                 owners.append(a)
                 images.append(i if m is not None else -1)
-        segments = list(itertools.pairwise(bounds))
-        device = flat[0].device
+        device, batch, dtype = flat[0].device, flat[0].shape[0], flat[0].dtype
         masked = any(m is not None for m in masks)
-        key = (tuple(bounds), flat[0].shape[0], device, flat[0].dtype, tuple(self.query_tokens) if masked else ())
-        self.store_key = key  # which buffer set the context reads (a captured graph is keyed on it)
-        store = self._stores.get(key)
-        if store is None:
-            store = self._stores[key] = {
-                "seg_offsets": torch.tensor(bounds, dtype=torch.int32, device=device),
-                "seg_adapter": torch.arange(len(segments), dtype=torch.int32, device=device),
-                "owner": torch.tensor(owners, dtype=torch.long, device=device),
-            }
         kv = list(kv) if kv is not None else self.image_kv(flat)  # masks and scales do not enter K/V
-        ctx.kv = [(_static(store, ("k", layer), k), _static(store, ("v", layer), v)) for layer, (k, v) in enumerate(kv)]
-        ctx.segments = segments
-        ctx.seg_offsets, ctx.seg_adapter, ctx.seg_owner = store["seg_offsets"], store["seg_adapter"], store["owner"]
-        down = self._downsample_masks(masks, tokens, flat[0].shape[0], len(segments), device, flat[0].dtype)
-        ctx.masks = {n: _static(store, ("mask", n), m) for n, m in down.items()}
+        down = self._downsample_masks(masks, tokens, queries, batch, device, dtype)
+        mult = None
         if masked or image_scale is not None:  # per-image scale factors per layer: [S, L]
-            mult = torch.ones(len(segments), len(self.heads), device=device)
+            mult = torch.ones(len(bounds) - 1, len(self.heads), device=device)
             if image_scale is not None:
                 for s, (a, i) in enumerate(zip(owners, images, strict=True)):
                     if i >= 0:
                         mult[s] = image_scale[a, i].to(device)
-            ctx.seg_mult = _static(store, "seg_mult", mult)
-        else:
-            ctx.seg_mult = None
+        store = (tuple(bounds), batch, device, dtype, tuple(queries) if masked else ())
+        self.context.hold(store, key, kv, bounds, owners, down, mult)
         return kv
 
     def drop_buffers(self) -> None:
         """Forget every image-side static buffer (after a device move the next request allocates anew)."""
-        self._stores.clear()
-        self.row_tables.clear()
-        self.prepare(None)
+        self.context.drop_buffers()
 
     def image_kv(self, tokens: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(K, V)`` ``[B, H, T, d]`` of all adapters' tokens ``[B, T_a, C]`` laid end to end: a pure
@@ -376,7 +355,7 @@ class IPAdapterStack(nn.Module):
             )
         return out
 
-    def _downsample_masks(self, masks, tokens, batch: int, count: int, device, dtype) -> dict[int, Tensor]:
+    def _downsample_masks(self, masks, tokens, queries: list[int], batch: int, device, dtype) -> dict[int, Tensor]:
         """``{query tokens: [S, B, N]}`` for every layer resolution: diffusers' bicubic mask downsampling, ones
         for segments without a mask (multiplying by one is exact)."""
         if all(m is None for m in masks):
@@ -384,7 +363,7 @@ class IPAdapterStack(nn.Module):
         from diffusers.image_processor import IPAdapterMaskProcessor
 
         out: dict[int, Tensor] = {}
-        for n in sorted(set(self.query_tokens)):
+        for n in sorted(set(queries)):
             rows = []
             for t, m in zip(tokens, masks, strict=True):
                 if m is None:
@@ -401,14 +380,5 @@ class IPAdapterStack(nn.Module):
         if any(fused):
             from . import kernels  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
         self._fused = list(fused)
-        for proc in self._processors:
+        for proc in self.processors:
             proc.fused = self._fused[proc.layer]
-
-
-def _static(store: dict, name: Hashable, value: Tensor) -> Tensor:
-    """``value`` written into ``store[name]`` (allocated, contiguous, on first use or a shape change)."""
-    buf = store.get(name)
-    if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
-        buf = store[name] = torch.empty_like(value, memory_format=torch.contiguous_format)
-    buf.copy_(value)
-    return buf

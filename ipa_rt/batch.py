@@ -14,6 +14,7 @@ rows equal a text-only call.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 
 from . import request as rq
 from .errors import ConfigError, ScaleError
-from .runtime import StepInputs, static_call
-from .scale import expand_scale, per_row_scales, scale_tables
+from .runtime import static_call
+from .scale import expand_scale, scale_tables
 from .text import PromptEmbeds
 
 # what every request of one batch must share: they shape the loop (the rest is per request)
@@ -114,7 +115,7 @@ def _scale_rows(pipe, args: dict[str, Any], has_image: bool, index: int) -> Tens
     if not has_image:
         return torch.zeros_like(stack.scale)
     if "ip_adapter_scale" not in args:
-        if pipe._image_scale is not None:
+        if pipe.image_scale is not None:
             raise ScaleError("per-image scales need regional masks, which batch() does not take; set a plain scale")
         return stack.scale
     value = args["ip_adapter_scale"]
@@ -132,7 +133,7 @@ def _scale_rows(pipe, args: dict[str, Any], has_image: bool, index: int) -> Tens
 def run_batch(pipe, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
     """``pipe.batch(requests)``'s work: each request's images (or latents), in order."""
     arguments = _check(pipe, requests)
-    reqs = [rq.resolve(pipe, {k: v for k, v in a.items() if k != "ip_adapter_scale"}) for a in arguments]
+    reqs = [rq.resolve(pipe, rq.Request(**{k: v for k, v in a.items() if k != "ip_adapter_scale"})) for a in arguments]
     for i, r in enumerate(reqs):
         if (r.mode, r.cfg) != (reqs[0].mode, reqs[0].cfg):
             raise ConfigError(
@@ -140,42 +141,13 @@ def run_batch(pipe, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
                 f"guidance {'on' if reqs[0].cfg else 'off'}; a batch shares both (guidance on: guidance_scale > 1)"
             )
     parts = [rq.request_parts(pipe, r) for r in reqs]
-    for i, p in enumerate(parts):
-        if (p.setup.height, p.setup.width) != (parts[0].setup.height, parts[0].setup.width):
-            raise ConfigError(
-                f"request [{i}] makes {p.setup.width}x{p.setup.height} images, request [0] "
-                f"{parts[0].setup.width}x{parts[0].setup.height}; pass height= and width= (img2img: images of one size)"
-            )
-    cfg, copies = reqs[0].cfg, [r.copies for r in reqs]
-    if pipe.engine_manifest is not None:
-        rq.check_engine_shapes(pipe.engine_manifest, reqs[0].height, reqs[0].width, sum(copies))
-    plan, setup = parts[0].plan, parts[0].setup
-    text = PromptEmbeds(
-        _halves([p.text.embeds for p in parts], cfg),
-        _halves([p.text.pooled for p in parts], cfg) if parts[0].text.pooled is not None else None,
-    )
-    latents = torch.cat([p.setup.latents for p in parts])
-    dtype = text.embeds.dtype
-    conditions = _merge_conditions([p.conditions for p in parts], reqs, cfg) if pipe.adapters else None
-    setup = type(setup)(latents, setup.height, setup.width)
-    if pipe.adapters is not None:
-        rq.prepare_image_side(pipe, conditions, None, setup)
-    conds = [rq.guidance_embedding(pipe, r.guidance, r.copies, dtype) for r in reqs]
-    guidance = torch.tensor([r.guidance for r, n in zip(reqs, copies, strict=True) for _ in range(n)])
-    inputs = StepInputs(
-        plan=plan,
-        latents=latents,
-        text=text.embeds,
-        added=rq.added_conditions(pipe, text, setup.height, setup.width, sum(copies), cfg),
-        timestep_cond=torch.cat(conds) if conds[0] is not None else None,
-        guidance=guidance,
-        cfg=cfg,
-        noise=torch.cat([p.noise for p in parts], dim=1) if parts[0].noise is not None else None,
-        gate=rq.step_gate(pipe, plan.steps),
-    )
+    merged = _merge(pipe, parts)
+    inputs = rq.step_inputs(pipe, merged)
+    copies = [r.copies for r in reqs]
     generators = [r.generator for r, n in zip(reqs, copies, strict=True) for _ in range(n)]
     eager_generator = generators if all(g is not None for g in generators) else None  # eager schedulers' draws
-    with tqdm(total=plan.steps, **{"desc": f"denoising {len(reqs)} requests", **pipe.progress_bar_config}) as bar:
+    steps = merged.plan.steps
+    with tqdm(total=steps, **{"desc": f"denoising {len(reqs)} requests", **pipe.progress_bar_config}) as bar:
         if pipe.adapters is None:
             out = pipe.loop.run(inputs, progress=bar, generator=eager_generator)
         else:
@@ -184,10 +156,41 @@ def run_batch(pipe, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
                 _scale_rows(pipe, a, h, i).expand(n, -1, -1)
                 for i, (a, h, n) in enumerate(zip(arguments, has_image, copies, strict=True))
             ]
-            table = torch.cat(tables * 2 if cfg else tables)  # the CFG halves read the same rows
-            with per_row_scales(pipe.adapters, table):
+            table = torch.cat(tables * 2 if merged.req.cfg else tables)  # the CFG halves read the same rows
+            with pipe.adapters.context.per_row(table):
                 out = pipe.loop.run(inputs, progress=bar, generator=eager_generator)
     output_type = reqs[0].output_type
-    images = out if output_type == "latent" else pipe._decode(out, output_type)
+    images = out if output_type == "latent" else pipe.decode(out, output_type)
     starts = [sum(copies[:i]) for i in range(len(copies))]
     return [images[s : s + n] for s, n in zip(starts, copies, strict=True)]
+
+
+def _merge(pipe, parts: list[rq.Parts]) -> rq.Parts:
+    """The requests' parts as one: rows in the CFG order diffusers uses for one call, guidance one value per row."""
+    for i, p in enumerate(parts):
+        if (p.setup.height, p.setup.width) != (parts[0].setup.height, parts[0].setup.width):
+            raise ConfigError(
+                f"request [{i}] makes {p.setup.width}x{p.setup.height} images, request [0] "
+                f"{parts[0].setup.width}x{parts[0].setup.height}; pass height= and width= (img2img: images of one size)"
+            )
+    reqs = [p.req for p in parts]
+    cfg, copies = reqs[0].cfg, [r.copies for r in reqs]
+    if pipe.engine_manifest is not None:
+        rq.check_engine_shapes(pipe.engine_manifest, reqs[0].height, reqs[0].width, sum(copies))
+    first = parts[0]
+    text = PromptEmbeds(
+        _halves([p.text.embeds for p in parts], cfg),
+        _halves([p.text.pooled for p in parts], cfg) if first.text.pooled is not None else None,
+    )
+    latents = torch.cat([p.setup.latents for p in parts])
+    guidance = torch.tensor([r.guidance for r, n in zip(reqs, copies, strict=True) for _ in range(n)])
+    return rq.Parts(
+        req=dataclasses.replace(reqs[0], copies=sum(copies), guidance=guidance),
+        text=text,
+        conditions=_merge_conditions([p.conditions for p in parts], reqs, cfg) if pipe.adapters else None,
+        masks=None,
+        plan=first.plan,
+        setup=type(first.setup)(latents, first.setup.height, first.setup.width),
+        noise=torch.cat([p.noise for p in parts], dim=1) if first.noise is not None else None,
+        timestep_cond=torch.cat([p.timestep_cond for p in parts]) if first.timestep_cond is not None else None,
+    )

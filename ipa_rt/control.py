@@ -20,7 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
-from .runtime import static_set
+from .graphs import StaticBuffers
 
 
 def load_folders(sources: Any, cls: type, arg: str, dtype: torch.dtype, **hub_kwargs: Any) -> list:
@@ -80,7 +80,7 @@ class ControlStack:
         self.nets = list(nets)
         self.scale = torch.ones(len(self.nets))  # live conditioning scales (device tensor once moved)
         self.images: list[Tensor] = []  # this request's static buffers, one per ControlNet
-        self._buffers: dict[tuple, list[Tensor]] = {}  # control image shapes -> static buffers
+        self._buffers = StaticBuffers(contiguous=True)  # per control image shapes
         self.guess_mode = False
         self.processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False)
 
@@ -88,7 +88,8 @@ class ControlStack:
         for net in self.nets:
             net.to(device)
         self.scale = self.scale.to(device)
-        self.images, self._buffers = [], {}  # the next request fills buffers on the new device
+        self.images = []  # the next request fills buffers on the new device
+        self._buffers.clear()
         return self
 
     def set_scale(self, value: Any) -> None:
@@ -125,7 +126,7 @@ class ControlStack:
             prepared.append(x)
         if any(p.shape[-2:] != prepared[0].shape[-2:] for p in prepared):
             raise ImageInputError("control images must share one size")
-        self.images = static_set(self._buffers, prepared)
+        self.images = self._buffers.write(prepared)
         return int(prepared[0].shape[-2]), int(prepared[0].shape[-1])
 
     def keep_gate(self, start: Any, end: Any, steps: int, device) -> Tensor:

@@ -37,6 +37,7 @@ from .lru import TEXT_CACHE_ENTRIES, LRUCache
 from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
 from .request import query_tokens
 from .runtime import DenoiseLoop, static_call
+from .sampling import EagerPlan, Plan, make_plan
 from .scale import expand_scale, expand_step_ranges, scale_tables
 from .schedulers import make_scheduler
 from .t2i import T2IStack, load_t2i_adapters
@@ -97,11 +98,11 @@ class PipelineCore:
         self.loop = self._new_loop()
         self._plans: dict = {}
         self._ranges: list[tuple[float, float]] = []
-        self._image_scale: Tensor | None = None
+        self.image_scale: Tensor | None = None  # [A, I, L] per masked image factors (set_ip_adapter_scale's lists)
         self.conditioner = ImageConditioner(self)  # holds the reference cache (pipe.reference_cache)
         self.text_cache = LRUCache("text", max_entries=TEXT_CACHE_ENTRIES)
-        self._decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
-        self._share_pool(self._graphed())
+        self.decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
+        self._share_pool(self.graphed_calls())
         if backend == "torch":  # engines were checked when they were built
             self._check_encoder()
             if vae_upcast(self.family, self.vae):  # diffusers' SDXL pipelines decode such a VAE in fp32
@@ -254,9 +255,9 @@ class PipelineCore:
                 extra.to(self.device)
         # every captured graph and static buffer belongs to the old weights and device: drop them all
         self.graph_pool = GraphPool()
-        for g in self._graphed():
+        for g in self.graphed_calls():
             g.clear()
-            g.pool = self.graph_pool
+            g.graphs.pool = self.graph_pool
         if self.adapters is not None:
             self.adapters.drop_buffers()
         self.loop = self._new_loop()
@@ -271,13 +272,13 @@ class PipelineCore:
     def _share_pool(self, graphed: Sequence[Graphed]) -> None:
         """Fixed-shape calls capture into the pipeline's graph pool (ORT runs on its own streams: no capture)."""
         for g in graphed:
-            g.pool = self.graph_pool
+            g.graphs.pool = self.graph_pool
             g.enabled = False if self.backend == "onnxruntime" else None
 
-    def _graphed(self) -> list[Graphed]:
+    def graphed_calls(self) -> list[Graphed]:
         """The graph-captured fixed-shape calls: VAE decoder and CLIP encoder."""
         runner = self.conditioner.runner
-        return [self._decoder, *(runner.graphed if runner is not None else [])]
+        return [self.decoder, *(runner.graphed if runner is not None else [])]
 
     def runtime_summary(self) -> str:
         """What runs: backend, precision, decoder and device (printed by the CLI and the demo)."""
@@ -295,7 +296,7 @@ class PipelineCore:
         the graph pool's growth (loop, VAE decoder and encoder share it) and the graphs per fixed-shape call."""
         stats = self.loop.memory_stats()
         stats["graph_pool_reserved_bytes"] = self.graph_pool.reserved_bytes
-        stats["graphed_calls"] = {g.name: len(g.graphs) for g in self._graphed()}
+        stats["graphed_calls"] = {g.name: g.graphs.stats()[0] for g in self.graphed_calls()}
         stats["reference_cache_bytes"] = self.reference_cache.bytes
         stats["text_cache_bytes"] = self.text_cache.bytes
         return stats
@@ -317,7 +318,7 @@ class PipelineCore:
         self.reference_cache.clear()
         self.text_cache.clear()
         if self.adapters is not None:
-            self.adapters.prepared_key = None
+            self.adapters.context.forget()
 
     def _fused_layers(self) -> list[bool]:
         """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call); layers whose
@@ -425,7 +426,7 @@ class PipelineCore:
         stack.install(self.unet)
         self.adapters = stack
         stack.set_attention(self._fused_layers())
-        self._ranges, self._image_scale = [], None
+        self._ranges, self.image_scale = [], None
         self.loop = self._new_loop()
         self.clear_caches()
 
@@ -437,9 +438,8 @@ class PipelineCore:
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
         rows = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
         table, per_image = scale_tables(rows)
-        self.adapters.scale.copy_(table, non_blocking=True)
-        self.adapters.scale_eff.copy_(table, non_blocking=True)
-        self._image_scale = per_image  # per masked image factors (None: per-adapter scales only)
+        self.adapters.context.set_scale(table)
+        self.image_scale = per_image  # per masked image factors (None: per-adapter scales only)
 
     def set_ip_adapter_step_range(self, ranges: Any) -> None:
         """Active steps per adapter as ``(start, end)`` fractions of the schedule (one pair, or one per adapter):
@@ -448,6 +448,21 @@ class PipelineCore:
         if self.adapters is None:
             raise ConfigError("set_ip_adapter_step_range: no IP-Adapter is loaded in this pipeline")
         self._ranges = expand_step_ranges(ranges, self.adapters.num_adapters)
+
+    def step_gate(self, steps: int) -> Tensor:
+        """``[adapters, steps]``: 1 where an adapter's step range covers the step, else 0."""
+        count = self.adapters.num_adapters if self.adapters is not None else 0
+        pos = torch.arange(steps, dtype=torch.float64) / steps
+        rows = [((pos >= lo) & ((pos < hi) | (hi >= 1.0))).float() for lo, hi in self._ranges[:count]]
+        rows += [torch.ones(steps)] * (count - len(rows))
+        return (torch.stack(rows) if rows else torch.zeros(0, steps)).to(self.device)
+
+    def plan(self, steps: int, strength: float, eta: float) -> Plan | EagerPlan:
+        """The scheduler's tensor program for (steps, strength, eta), cached: the loop reads only tensors."""
+        key = (id(self.scheduler), steps, strength, eta)
+        if key not in self._plans:  # keep the latest only: a request signature rarely alternates
+            self._plans = {key: make_plan(self.scheduler, steps, strength, eta).to(self.device)}
+        return self._plans[key]
 
     # --- per-call conditions --------------------------------------------------------------------------------------
     @static_call
@@ -514,11 +529,22 @@ class PipelineCore:
         condition image(s) (diffusers' adapter pipelines), or ``adapter_image`` (always, when ControlNets are
         loaded too; ``image`` is then free for img2img), with ``adapter_conditioning_scale`` and
         ``adapter_conditioning_factor``."""
-        req = request.resolve(self, {k: v for k, v in locals().items() if k != "self"})
-        inputs = request.step_inputs(self, req)
+        req = request.resolve(self, request.Request(
+            prompt=prompt, ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            height=height, width=width, latents=latents, generator=generator, output_type=output_type, eta=eta,
+            num_images_per_prompt=num_images_per_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            image=image, strength=strength, mask_image=mask_image, cross_attention_kwargs=cross_attention_kwargs,
+            negative_ip_adapter_image=negative_ip_adapter_image, ip_adapter_combine=ip_adapter_combine,
+            control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode, adapter_image=adapter_image, adapter_conditioning_scale=adapter_conditioning_scale,
+            adapter_conditioning_factor=adapter_conditioning_factor,
+        ))  # fmt: skip
+        inputs = request.step_inputs(self, request.request_parts(self, req))
         with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             latents = self.loop.run(inputs, progress=bar, generator=req.generator)
-        return PipelineOutput(latents if req.output_type == "latent" else self._decode(latents, req.output_type))
+        return PipelineOutput(latents if req.output_type == "latent" else self.decode(latents, req.output_type))
 
     def batch(self, requests: Sequence[dict[str, Any]]) -> list[PipelineOutput]:
         """Several requests in one UNet batch, one :class:`PipelineOutput` per request. Each request is a dict of
@@ -528,7 +554,8 @@ class PipelineCore:
         :mod:`ipa_rt.batch`)."""
         return [PipelineOutput(images) for images in run_batch(self, requests)]
 
-    def _decode(self, latents: Tensor, output_type: str) -> Any:
+    def decode(self, latents: Tensor, output_type: str) -> Any:
+        """Latents (scaled by the VAE factor, as the loop leaves them) to images of ``output_type``."""
         vae = self.vae
         latents = latents.to(next(vae.parameters()).dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -538,7 +565,7 @@ class PipelineCore:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = self._decoder(latents)
+        image = self.decoder(latents)
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 
 

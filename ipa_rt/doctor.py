@@ -120,14 +120,12 @@ def attention_vs_diffusers(pipe) -> list[Check]:
         ref, t_ref = _timed(lambda: ref_proc(attn, x, encoder_hidden_states=(text, [t[:, 0] for t in tokens])), dev)
         saved = stack.scale.clone()
         try:
-            stack.scale.copy_(torch.tensor(scales).view(-1, 1).expand_as(stack.scale))
-            stack.scale_eff.copy_(stack.scale)
+            stack.context.set_scale(torch.tensor(scales).view(-1, 1).expand_as(stack.scale))
             stack.prepare(tokens)
-            proc = stack._processors[layer]
+            proc = stack.processors[layer]
             out, t_ours = _timed(lambda: proc(attn, x, encoder_hidden_states=text), dev)
         finally:
-            stack.scale.copy_(saved)
-            stack.scale_eff.copy_(saved)
+            stack.context.set_scale(saved)
             stack.prepare(None)
     kind = "fused kernel" if proc.fused else "SDPA"
     tol = FP32_RTOL if dt == torch.float32 else LOW_RTOL
@@ -221,8 +219,8 @@ def graph_checks(pipe) -> list[Check]:
         pipe.scheduler = saved_scheduler
     z = torch.randn(1, pipe.vae.config.latent_channels, *(s // pipe.vae_scale_factor for s in pipe.default_size))
     z = z.to(pipe.device, next(pipe.vae.parameters()).dtype)
-    pipe._decoder(z)
-    out, seconds = _timed(lambda: pipe._decoder(z), pipe.device)
+    pipe.decoder(z)
+    out, seconds = _timed(lambda: pipe.decoder(z), pipe.device)
     rows.append(_compare("graphed_vae_decoder", out, pipe.vae.decode(z, return_dict=False)[0], tol, seconds))
     runner = pipe.conditioner.runner
     if runner is None:

@@ -1,10 +1,13 @@
-"""CUDA graph capture, in one place: warm-up and capture (:func:`capture_graph`), one memory pool per pipeline
-(:class:`GraphPool`), :class:`Graphed` for fixed-shape calls (the VAE decoder, the CLIP encoder), and
-:class:`GraphedForward` for a network inside a loop ipa_rt does not own (diffusers' Flux, Kolors and SD3.5 pipelines).
+"""CUDA graphs, in one place: capture (:func:`capture_graph`: warm-up on a side stream, then capture into the
+pipeline's :class:`GraphPool`), the least-recently-used set of captured graphs by signature (:class:`GraphCache`),
+static buffers (:func:`static_copy` / :func:`copy_into`, and :class:`StaticBuffers`: one set per signature) and
+the one :func:`signature` of a call's tensors. Used by the SD denoising loop (:mod:`ipa_rt.runtime`), by
+:class:`Graphed` calls (the VAE decoder, the CLIP encoder) and by the families' network inside diffusers' loops
+(:class:`GraphedNetworkMixin`, :class:`StaticImage`).
 
 A capture can fail on a user's machine for reasons no CPU test can rule out (an op that syncs, a driver or
-allocator limit, a kernel that does not compile). Callers catch :class:`CaptureFailed`, warn once and run that
-signature eagerly: an optimisation never fails a user's call.
+allocator limit, a kernel that does not compile). :meth:`GraphCache.capture` then warns once and marks that
+signature eager: an optimisation never fails a user's call.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import contextlib
 import dataclasses
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+MAX_GRAPHS = 8  # signatures a GraphCache keeps before dropping the least recently used
 
 
 class CaptureFailed(RuntimeError):
@@ -78,97 +83,21 @@ def capture_graph(
     return graph, out
 
 
-def warn_eager(what: str, exc: Exception) -> None:
-    warnings.warn(f"{what}: CUDA graph capture failed ({exc}); it runs eagerly from now on", stacklevel=3)
+def graphs_on(enabled: bool | None, cuda: bool) -> bool:
+    """``enabled``: ``None`` = on CUDA only, ``False`` = never (engines on their own streams), ``True`` = always."""
+    return enabled if enabled is not None else cuda
 
 
-def weights_key(modules: Iterable[torch.nn.Module]) -> tuple:
-    """Storage address and dtype of every parameter and buffer: a captured graph reads exactly these, so any
-    ``.to()`` (device or dtype) or replaced weight changes the key."""
-    out = []
-    for m in modules:
-        out += [(t.data_ptr(), t.dtype) for t in m.parameters()]
-        out += [(t.data_ptr(), t.dtype) for t in m.buffers()]
-    return tuple(out)
-
-
-class Graphed:
-    """``fn(x)`` from a static input buffer: on CUDA captured as a CUDA graph per input shape and dtype and
-    replayed, elsewhere a plain call. Returns a fresh tensor each call.
-
-    Graphs are keyed on the storage of the weights ``fn`` runs (``modules()``): when a module is moved or cast
-    (``Pipeline.to``, diffusers' SDXL pipeline upcasting a shared VAE) every graph and static buffer is dropped and
-    recaptured, so a replay never reads freed memory. ``enabled``: ``None`` = on CUDA only, ``False`` = never
-    (engines that run on their own streams), ``True`` = always (tests)."""
-
-    def __init__(
-        self, fn: Callable[[Tensor], Tensor], modules: Callable[[], Iterable[torch.nn.Module]], name: str
-    ) -> None:
-        self.fn, self.modules, self.name = fn, modules, name
-        self.graphs: dict[tuple, tuple[Any, Tensor, Tensor]] = {}
-        self.eager: set[tuple] = set()  # shapes whose capture failed
-        self.enabled: bool | None = None
-        self.pool: GraphPool | None = None
-        self._weights: tuple | None = None
-
-    def clear(self) -> None:
-        """Drop every captured graph and its static buffers (their memory goes back to the pool)."""
-        self.graphs.clear()
-        self.eager.clear()
-        self._weights = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        on = self.enabled if self.enabled is not None else x.device.type == "cuda"
-        if not on:
-            return self.fn(x)
-        weights = weights_key(self.modules())
-        if weights != self._weights:
-            self.clear()
-            self._weights = weights
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key in self.eager:
-            return self.fn(x)
-        if key not in self.graphs:
-            static_in = x.clone()
-            try:
-                graph, static_out = capture_graph(lambda: self.fn(static_in), x.device, pool=self.pool)
-            except CaptureFailed as exc:
-                warn_eager(f"{self.name} at {list(x.shape)}", exc)
-                self.eager.add(key)
-                return self.fn(x)
-            self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
-
-
-# --- a network inside someone else's loop (diffusers' pipelines for Flux, Kolors, SD3.5) -------------------------
-MAX_GRAPHS = 8  # signatures a GraphedForward keeps before dropping the least recently used
-
-
-def twin(obj: Any) -> Any:
-    """``obj`` with every tensor cloned (lists, tuples, dicts and dataclass instances rebuilt around them; modules
-    and anything else shared): static buffers of the same structure."""
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(twin(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: twin(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: twin(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    return obj
-
-
+# --- signatures and static buffers --------------------------------------------------------------------------------
 def _leaves(obj: Any) -> Iterator[Any]:
-    """The walk :func:`twin` makes, flattened: tensors and other values in a fixed order, each container announced
-    by its type (so two structures with the same leaves in other shapes differ)."""
+    """Tensors and other values of a structure (lists, tuples, dicts, dataclass instances) in a fixed order, each
+    container announced by its type (so two structures with the same leaves in other shapes differ)."""
     if isinstance(obj, (list, tuple, dict)) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
         yield type(obj)
-        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else None
-        if items is None:
-            items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+        if isinstance(obj, dict):
+            items = obj.values()
+        else:
+            items = obj if isinstance(obj, (list, tuple)) else (getattr(obj, f.name) for f in dataclasses.fields(obj))
         for item in items:
             yield from _leaves(item)
     else:
@@ -176,41 +105,207 @@ def _leaves(obj: Any) -> Iterator[Any]:
 
 
 def tensors_of(obj: Any) -> list[Tensor]:
-    """Every tensor of a structure :func:`twin` copies, in a fixed order."""
+    """Every tensor of a structure, in a fixed order."""
     return [x for x in _leaves(obj) if isinstance(x, Tensor)]
 
 
-def _signature(obj: Any) -> tuple:
-    """What the static twin of ``obj`` depends on: the structure, every tensor's shape, dtype and device, and the
-    other values (hashable ones as they are: a module by identity, a key tuple by value)."""
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def signature(obj: Any) -> tuple:
+    """What a graph or a static copy of ``obj`` depends on: the structure, every tensor's shape, dtype and device,
+    and the other values (hashable ones as they are: a module by identity, a key tuple by value)."""
     return tuple(
-        (tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x if _hashable((x,)) else type(x).__name__
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x if _hashable(x) else type(x).__name__
         for x in _leaves(obj)
     )
 
 
+def static_copy(obj: Any, contiguous: bool = False) -> Any:
+    """``obj`` with every tensor copied into new memory (``contiguous``, or in the same layout) and its containers
+    rebuilt around them (modules and other values shared): static buffers of the same structure."""
+    if isinstance(obj, Tensor):
+        return obj.clone(memory_format=torch.contiguous_format if contiguous else torch.preserve_format)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(static_copy(x, contiguous) for x in obj)
+    if isinstance(obj, dict):
+        return {k: static_copy(v, contiguous) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: static_copy(getattr(obj, f.name), contiguous) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **fields)
+    return obj
+
+
+def copy_into(static: Any, value: Any) -> None:
+    """``value``'s tensors written in place into ``static``'s (the same structure), so a graph that reads ``static``
+    reads them. A static tensor larger than its value (a step table sized to a capacity) takes it in its leading
+    rows."""
+    for dst, src in zip(tensors_of(static), tensors_of(value), strict=True):
+        (dst if dst.shape == src.shape else dst[tuple(slice(0, n) for n in src.shape)]).copy_(src)
+
+
+class StaticBuffers:
+    """Static copies of values, one set per signature (or per the caller's ``key``): :meth:`write` copies a value in
+    place into the set kept for it, allocated on first use, so a graph captured with that set still reads valid,
+    current memory whenever the signature comes back."""
+
+    def __init__(self, contiguous: bool = False) -> None:
+        self.sets: dict[Hashable, Any] = {}
+        self.contiguous = contiguous
+
+    def write(self, value: Any, key: Hashable | None = None) -> Any:
+        key = signature(value) if key is None else key
+        static = self.sets.get(key)
+        if static is None:
+            static = self.sets[key] = static_copy(value, self.contiguous)
+        else:
+            copy_into(static, value)
+        return static
+
+    def clear(self) -> None:
+        self.sets.clear()
+
+
+# --- captured graphs by signature ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Captured:
+    """One signature of a :class:`Graphed` call (any :class:`GraphCache` entry has ``graph`` and ``eager``)."""
+
+    inputs: list[Tensor]
+    graph: Any = None
+    output: Any = None
+    eager: bool = False
+
+
+class GraphCache(OrderedDict):
+    """Entries by signature, each with its CUDA graph once captured (``graph``) or ``eager`` after a failed capture,
+    least recently used first: past ``max_entries`` the oldest is dropped with its graph and static buffers. Every
+    capture goes into ``pool``; ``captures`` and ``evictions`` count for tests, stats and the benchmark."""
+
+    def __init__(self, max_entries: int = MAX_GRAPHS, pool: GraphPool | None = None) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.pool = pool if pool is not None else GraphPool()
+        self.captures = self.evictions = 0
+        self.weights: tuple | None = None
+
+    def lookup(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The entry for ``key`` (``make()`` on first use), now the most recently used."""
+        entry = self.get(key)
+        if entry is None:
+            entry = self[key] = make()
+            while len(self) > self.max_entries:
+                self.popitem(last=False)
+                self.evictions += 1
+        self.move_to_end(key)
+        return entry
+
+    def capture(self, entry: Any, body: Callable[[], Any], device: torch.device, what: str, reset=None) -> Any:
+        """``body`` captured into ``entry.graph`` (returns its output); if the capture fails, ``entry`` runs eagerly
+        from now on, with one warning naming ``what``."""
+        try:
+            entry.graph, out = capture_graph(body, device, reset=reset, pool=self.pool)
+        except CaptureFailed as exc:
+            entry.eager = True
+            warnings.warn(f"{what}: CUDA graph capture failed ({exc}); it runs eagerly from now on", stacklevel=3)
+            return None
+        self.captures += 1
+        return out
+
+    def follow(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Drop every entry when the weights the graphs read were moved, cast or replaced: the storage address and
+        dtype of every parameter and buffer (what a captured graph reads) change with any ``.to()`` or new weight."""
+        weights = tuple((t.data_ptr(), t.dtype) for m in modules for t in (*m.parameters(), *m.buffers()))
+        if weights != self.weights:
+            self.clear()
+            self.weights = weights
+
+    def stats(self) -> tuple[int, int]:
+        """``(graphs captured, signatures running eagerly)``."""
+        return sum(e.graph is not None for e in self.values()), sum(e.eager for e in self.values())
+
+
+class Graphed:
+    """``fn(*args, **kwargs)`` captured as a CUDA graph per call signature and replayed; elsewhere (and when
+    ``enabled`` is False: see :func:`graphs_on`) the plain call. For fixed-shape calls (the VAE decoder, the CLIP
+    encoder) and for a network inside a loop ipa_rt does not own (diffusers' pipelines: :class:`GraphedNetworkMixin`).
+
+    The signature is the structure of the arguments, their non-tensor values, every tensor's shape, dtype and device,
+    and what ``stage`` returns: ``stage(args, kwargs)`` runs eagerly before each replay and puts the call's image side
+    into the static buffers the graph reads (:class:`StaticImage`), and the captured body runs inside ``freeze()``, so
+    the image side is never computed inside a graph. Tensor arguments are copied into static inputs, outputs cloned
+    out (a second replay in the same step, as classifier-free or true CFG makes, would overwrite them). Graphs are
+    dropped when a weight of ``modules()`` is moved, cast or replaced; unhashable arguments run eagerly."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        modules: Callable[[], Iterable[torch.nn.Module]],
+        name: str,
+        stage: Callable[[tuple, dict], Any] | None = None,
+        freeze: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        self.fn, self.modules, self.name = fn, modules, name
+        self.stage, self.freeze = stage, freeze or contextlib.nullcontext
+        self.graphs = GraphCache()
+        self.enabled: bool | None = None
+
+    def clear(self) -> None:
+        """Drop every captured graph and its static buffers (their memory goes back to the pool)."""
+        self.graphs.clear()
+        self.graphs.weights = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        consts = tuple(None if isinstance(x, Tensor) else x for x in leaves)
+        if not graphs_on(self.enabled, any(t.is_cuda for t in tensors)) or not tensors or not _hashable(consts):
+            return self.fn(*args, **kwargs)
+        staged = self.stage(args, kwargs) if self.stage is not None else None
+        self.graphs.follow(self.modules())
+        entry = self.graphs.lookup((spec, consts, signature(tensors), staged), lambda: Captured(static_copy(tensors)))
+        if entry.graph is None and not entry.eager:
+
+            def body() -> Any:
+                feed = iter(entry.inputs)
+                a, kw = tree_unflatten([next(feed) if isinstance(x, Tensor) else x for x in leaves], spec)
+                with self.freeze():
+                    return self.fn(*a, **kw)
+
+            what = f"{self.name} at {[list(t.shape) for t in tensors][:3]}"
+            entry.output = self.graphs.capture(entry, body, tensors[0].device, what)
+        if entry.eager:
+            entry.inputs = []  # never replayed: no static inputs kept
+            return self.fn(*args, **kwargs)
+        copy_into(entry.inputs, tensors)
+        entry.graph.replay()
+        return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, entry.output)
+
+
+# --- a family's network inside diffusers' loop (Flux, Kolors, SD3.5) ----------------------------------------------
 class StaticImage:
     """An image side as a captured network reads it. Each call's prepared image state (the family's memoised,
-    once-per-call object) is copied by :meth:`stage`, before a replay, into one set of static buffers per shape
-    signature; while :meth:`frozen`, the side hands the network :attr:`current` instead of computing, so the graph
-    reads the static buffers. Copies are skipped when the same prepared object is staged again (the steps of a call)."""
+    once-per-call object) is copied by :meth:`stage`, before a replay, into one set of static buffers per signature;
+    while :meth:`frozen`, the side hands the network :attr:`current` instead of computing, so the graph reads the
+    static buffers. Copies are skipped when the same prepared object is staged again (the steps of a call)."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple, Any] = {}
+        self.buffers = StaticBuffers()
         self.sources: dict[tuple, Any] = {}  # what each buffer set holds now (kept alive: identity stays valid)
         self.current: Any = None
         self.is_frozen = False
 
     def stage(self, prepared: Any) -> tuple:
-        key = _signature(prepared)
-        static = self.buffers.get(key)
-        if static is None:
-            static = self.buffers[key] = twin(prepared)
-        elif self.sources.get(key) is not prepared:
-            for dst, src in zip(tensors_of(static), tensors_of(prepared), strict=True):
-                dst.copy_(src)
-        self.sources[key] = prepared
-        self.current = static
+        """Copy ``prepared`` into its buffer set (unless that set holds it already); returns the set's signature."""
+        key = signature(prepared)
+        if self.sources.get(key) is not prepared:
+            self.buffers.write(prepared, key)
+        self.sources[key], self.current = prepared, self.buffers.sets[key]
         return key
 
     def clear(self) -> None:
@@ -227,108 +322,14 @@ class StaticImage:
             self.is_frozen = False
 
 
-class GraphedForward:
-    """A module's ``forward`` called by a loop ipa_rt does not own (diffusers' pipelines), captured as a CUDA graph
-    per call signature and replayed; everywhere else (and when ``enabled`` is False) the plain forward.
-
-    The signature is the structure of the arguments, their non-tensor values, every tensor's shape, dtype and device,
-    and what ``stage`` returns: ``stage(args, kwargs)`` runs eagerly before each replay and puts the call's image side
-    into the static buffers the graph reads (:class:`StaticImage`), and the captured body runs inside ``freeze()``, so
-    the image side is never computed inside a graph. Tensor arguments are copied into static inputs, outputs cloned
-    out (a second replay in the same step, as classifier-free or true CFG makes, would overwrite them). Graphs are
-    dropped when a weight is moved, cast or replaced; a failed capture runs that signature eagerly (one warning)."""
-
-    def __init__(
-        self,
-        forward: Callable[..., Any],
-        modules: Callable[[], Iterable[torch.nn.Module]],
-        name: str,
-        stage: Callable[[tuple, dict], Any] | None = None,
-        freeze: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ) -> None:
-        self.forward, self.modules, self.name = forward, modules, name
-        self.stage, self.freeze = stage, freeze or contextlib.nullcontext
-        self.graphs: OrderedDict[tuple, tuple[Any, list[Tensor], Any]] = OrderedDict()
-        self.eager: set[tuple] = set()
-        self.enabled: bool | None = None
-        self.pool = GraphPool()
-        self._weights: tuple | None = None
-
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.eager.clear()
-        self._weights = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = tree_flatten((args, kwargs))
-        tensors = [x for x in leaves if isinstance(x, Tensor)]
-        on = self.enabled if self.enabled is not None else any(t.is_cuda for t in tensors)
-        consts = tuple(None if isinstance(x, Tensor) else x for x in leaves)
-        if not on or not tensors or not _hashable(consts):
-            return self.forward(*args, **kwargs)
-        staged = self.stage(args, kwargs) if self.stage is not None else None
-        weights = weights_key(self.modules())
-        if weights != self._weights:
-            self.clear()
-            self._weights = weights
-        key = (spec, consts, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors), staged)
-        if key in self.eager:
-            return self.forward(*args, **kwargs)
-        if key not in self.graphs:
-            static_in = [t.clone() for t in tensors]
-
-            def body(static_in: list[Tensor] = static_in) -> Any:
-                feed = iter(static_in)
-                a, kw = tree_unflatten([next(feed) if isinstance(x, Tensor) else x for x in leaves], spec)
-                with self.freeze():
-                    return self.forward(*a, **kw)
-
-            try:
-                graph, static_out = capture_graph(body, tensors[0].device, pool=self.pool)
-            except CaptureFailed as exc:
-                warn_eager(f"{self.name} at {[list(t.shape) for t in tensors][:3]}", exc)
-                self.eager.add(key)
-                return self.forward(*args, **kwargs)
-            self.graphs[key] = (graph, static_in, static_out)
-            while len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        graph, static_in, static_out = self.graphs[key]
-        for dst, src in zip(static_in, tensors, strict=True):
-            dst.copy_(src)
-        graph.replay()
-        return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, static_out)
-
-
-def _hashable(values: tuple) -> bool:
-    try:
-        hash(values)
-    except TypeError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def forward_replaced(module: torch.nn.Module, graphed: GraphedForward | None) -> Iterator[None]:
-    """``module.forward`` is ``graphed`` for the duration (wrap and restore: outside a call the module is untouched)."""
-    if graphed is None or "forward" in module.__dict__:  # none, or already inside (a nested call)
-        yield
-        return
-    module.forward = graphed
-    try:
-        yield
-    finally:
-        del module.forward
-
-
 class GraphedNetworkMixin:
     """For ipa_rt's mixins on diffusers' pipelines: during ``__call__`` (:meth:`network_graphs`), the heavy network
-    (``_graph_network``: the transformer or UNet) runs through a :class:`GraphedForward`; CUDA graphs on CUDA,
+    (``_graph_network``: the transformer or UNet) runs through a :class:`Graphed` forward; CUDA graphs on CUDA,
     nothing changes elsewhere. Engines (stand-ins with an ``engine``) are left alone: they run their own streams.
     A family names where its image side is (:meth:`_image_to_stage`)."""
 
     _graph_network = "transformer"
-    _graphed: GraphedForward | None = None
+    _graphed: Graphed | None = None
     _staged_image: StaticImage | None = None
     cuda_graphs: bool | None = None  # None: on CUDA; False: never; True: always (tests, with a capture stand-in)
 
@@ -350,19 +351,30 @@ class GraphedNetworkMixin:
     def _freeze(self) -> contextlib.AbstractContextManager:
         return self._staged_image.frozen() if self._staged_image is not None else contextlib.nullcontext()
 
-    def network_graphs(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def network_graphs(self) -> Iterator[None]:
+        """The network's ``forward`` is the graphed one for the duration (wrap and restore: outside a call the
+        module is untouched; a nested call, an engine or no network: nothing changes)."""
         net = getattr(self, self._graph_network, None)
         if net is None or getattr(net, "engine", None) is not None or "forward" in net.__dict__:
-            return contextlib.nullcontext()
+            yield
+            return
         graphed = self._graphed
-        if graphed is None or graphed.forward.__self__ is not net:  # first call, or the network was replaced
+        if graphed is None or graphed.fn.__self__ is not net:  # first call, or the network was replaced
             forward = net.forward
-            graphed = self._graphed = GraphedForward(forward, lambda: [forward.__self__], type(net).__name__,
-                                                     self._stage, self._freeze)  # fmt: skip
+            graphed = self._graphed = Graphed(forward, lambda: [forward.__self__], type(net).__name__,
+                                              self._stage, self._freeze)  # fmt: skip
         graphed.enabled = self.cuda_graphs
-        return forward_replaced(net, graphed)
+        net.forward = graphed
+        try:
+            yield
+        finally:
+            del net.forward
 
     def graph_stats(self) -> dict[str, Any]:
         """Graphs captured for the network, signatures running eagerly (failed captures) and the pool's growth."""
         g = self._graphed
-        return {"graphs": len(g.graphs), "eager": len(g.eager), "pool_bytes": g.pool.reserved_bytes} if g else {}
+        if g is None:
+            return {}
+        graphs, eager = g.graphs.stats()
+        return {"graphs": graphs, "eager": eager, "pool_bytes": g.graphs.pool.reserved_bytes}

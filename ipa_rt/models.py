@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +236,7 @@ def load_pipeline(cls: type, base: str | os.PathLike, dtype: torch.dtype, device
 @functools.cache  # one class per name: ``runtime_class(name) is ipa_rt.<family>.<name>``
 def wrapped_pipeline_class(name: str, mixin: type, names: tuple[str, ...], module: str) -> type:
     """``class <name>(mixin, diffusers.<name>)`` for a name of ``names``: diffusers' pipeline with one of ipa_rt's
-    adapter mixins in front (:mod:`ipa_rt.flux`, :mod:`ipa_rt.kolors`, :mod:`ipa_rt.sd3`)."""
+    adapter mixins in front (:mod:`ipa_rt.families`)."""
     import diffusers
 
     from .console import hushed
@@ -250,23 +249,6 @@ def wrapped_pipeline_class(name: str, mixin: type, names: tuple[str, ...], modul
     cls = type(name, (mixin, base), {"__module__": module, "__doc__": doc})
     cls.__qualname__ = name
     return cls
-
-
-def pipeline_class_maker(mixin: type, names: tuple[str, ...], module: str) -> Callable[[str], type]:
-    """A family package's ``runtime_class``: ``name -> class <name>(mixin, diffusers.<name>)``, one class per name."""
-    return functools.partial(wrapped_pipeline_class, mixin=mixin, names=names, module=module)
-
-
-def lazy_pipeline_classes(module: str, names: tuple[str, ...], make: Callable[[str], type]) -> Callable[[str], type]:
-    """A family package's module ``__getattr__``: its pipeline classes are made on first use (importing diffusers'
-    pipelines takes seconds, and ``import ipa_rt.flux`` should not pay it)."""
-
-    def __getattr__(name: str) -> type:
-        if name in names:
-            return make(name)
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-
-    return __getattr__
 
 
 def drop_image_encoder(pipe: Any) -> None:

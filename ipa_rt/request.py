@@ -1,10 +1,12 @@
 """One call of a pipeline, from its arguments to the denoising loop's inputs, following diffusers step for step.
 
-:func:`resolve` settles what the call means (which image argument is the init, control or condition image, the
-mode, diffusers' defaults for guidance and strength, the CFG batch); :func:`step_inputs` then does what diffusers
-does before its loop (prompt encoding, image conditions, structure inputs, initial latents, the generator's
-draws) and hands the loop one :class:`~ipa_rt.runtime.StepInputs`. Works on any pipeline object with the
-attributes of :class:`~ipa_rt.core.PipelineCore` (torch modules or engine stand-ins alike).
+A call's arguments become one :class:`Request`; :func:`resolve` settles what they mean (which image argument is
+the init, control or condition image, the mode, diffusers' defaults for guidance and strength, the CFG batch);
+:func:`request_parts` then does what diffusers does before its loop (structure inputs, prompt encoding, image
+conditions, initial latents, the generator's draws) and :func:`step_inputs`, the one builder of the loop's inputs
+for stills, clips (:mod:`ipa_rt.video`) and batches (:mod:`ipa_rt.batch`), hands the loop one
+:class:`~ipa_rt.runtime.StepInputs`. Works on any pipeline object with the attributes of
+:class:`~ipa_rt.core.PipelineCore` (torch modules or engine stand-ins alike).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import modes
 from .errors import ConfigError, ImageInputError, ScaleError
 from .modes import DEFAULT_STRENGTH
 from .runtime import StepInputs
-from .sampling import EagerPlan, Plan, make_plan
+from .sampling import EagerPlan, Plan
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -34,75 +36,105 @@ FAMILY_RUNTIME: dict[str, tuple[Callable[..., PromptEmbeds], dict[str, float]]] 
 
 @dataclass
 class Request:
-    """A call's arguments (``Pipeline.__call__``'s, by name) and what :func:`resolve` settled from them."""
+    """One call: ``Pipeline.__call__``'s arguments by name, then what :func:`resolve` and :func:`prepare_structure`
+    settle from them (``height`` / ``width`` become the size the call runs at, ``strength`` a number)."""
 
-    args: dict[str, Any]
+    prompt: str | list[str] = ""
+    ip_adapter_image: Any = None
+    ip_adapter_image_embeds: list[Tensor] | None = None
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    latents: Tensor | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
+    output_type: str = "pil"
+    num_images_per_prompt: int = 1
+    eta: float = 0.0
+    prompt_2: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    image: Any = None
+    strength: float | None = None
+    mask_image: Any = None
+    cross_attention_kwargs: dict[str, Any] | None = None
+    negative_ip_adapter_image: Any = None
+    ip_adapter_combine: str = "concat"
+    control_image: Any = None
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
+    guess_mode: bool = False
+    adapter_image: Any = None
+    adapter_conditioning_scale: float | list[float] = 1.0
+    adapter_conditioning_factor: float = 1.0
+    # settled by resolve
     mode: str = "txt2img"  # txt2img, img2img or inpaint
-    guidance: float = 7.5
-    strength: float = 1.0
+    guidance: float | Tensor = 7.5  # a batch of requests: one per latent row
     copies: int = 1  # prompts x images per prompt
     cfg: bool = True
-    height: int = 0
-    width: int = 0
-
-    def __getattr__(self, name: str) -> Any:  # the call's own arguments, read as attributes
-        try:
-            return self.__dict__["args"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    frames: int = 1  # video: frames per clip (every frame of a row reads that row's prompt and image tokens)
 
 
-def resolve(pipe, args: dict[str, Any]) -> Request:
+def resolve(pipe, req: Request) -> Request:
     """Route the image arguments by what is loaded (diffusers' ControlNet and adapter pipelines each read
-    ``image=`` their own way), validate, and apply diffusers' defaults."""
-    a = dict(args)
-    if pipe.t2i is not None and a["adapter_image"] is None:
+    ``image=`` their own way), validate, and apply diffusers' defaults (in place; returns ``req``)."""
+    if pipe.t2i is not None and req.adapter_image is None:
         if pipe.control is not None:
             raise ImageInputError(
                 "T2I-Adapters and ControlNets are loaded: pass the T2I-Adapter image(s) as adapter_image="
             )
-        a["adapter_image"], a["image"] = a["image"], None  # diffusers' adapter pipelines: image= is the condition
-    elif pipe.t2i is None and a["adapter_image"] is not None:
+        req.adapter_image, req.image = req.image, None  # diffusers' adapter pipelines: image= is the condition
+    elif pipe.t2i is None and req.adapter_image is not None:
         raise ConfigError("adapter_image was given but no T2I-Adapter is loaded (from_pretrained(t2i_adapter=...))")
     if pipe.control is not None:
-        if a["mask_image"] is not None and a["control_image"] is None:
+        if req.mask_image is not None and req.control_image is None:
             raise ImageInputError(
                 "ControlNet inpainting takes the init image as image=, the mask as mask_image= and the control "
                 "image(s) as control_image="
             )
-        if a["control_image"] is None:  # diffusers' ControlNet txt2img: image= is the control image
-            a["control_image"], a["image"] = a["image"], None
-        elif a["strength"] is None and a["mask_image"] is None:
-            a["strength"] = 0.8  # diffusers' ControlNet img2img default (both families)
-    elif a["control_image"] is not None:
+        if req.control_image is None:  # diffusers' ControlNet txt2img: image= is the control image
+            req.control_image, req.image = req.image, None
+        elif req.strength is None and req.mask_image is None:
+            req.strength = 0.8  # diffusers' ControlNet img2img default (both families)
+    elif req.control_image is not None:
         raise ConfigError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
-    if a["output_type"] not in OUTPUT_TYPES:
-        raise ConfigError(f"output_type {a['output_type']!r} is unknown; expected one of {OUTPUT_TYPES}")
-    steps = a["num_inference_steps"]
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"num_inference_steps is {steps!r}; expected a positive integer")
-    if a["mask_image"] is not None and a["image"] is None:
+    check_call(req.output_type, OUTPUT_TYPES, req.num_inference_steps)
+    if req.mask_image is not None and req.image is None:
         raise ImageInputError("mask_image was given without image; inpainting needs both")
-    mode = "inpaint" if a["mask_image"] is not None else ("img2img" if a["image"] is not None else "txt2img")
+    mode = "inpaint" if req.mask_image is not None else ("img2img" if req.image is not None else "txt2img")
     default_guidance = FAMILY_RUNTIME[pipe.family.name][1]
     task = f"controlnet_{mode}" if pipe.control is not None and mode == "inpaint" else mode
-    guidance = default_guidance[task] if a["guidance_scale"] is None else float(a["guidance_scale"])
-    strength = a["strength"]
+    guidance = default_guidance[task] if req.guidance_scale is None else float(req.guidance_scale)
+    strength = req.strength
     if mode == "txt2img":
         strength = 1.0
     elif strength is None:
         strength = DEFAULT_STRENGTH[pipe.family.name][mode == "inpaint"]
+    return settle(pipe, req, mode, guidance, strength)
+
+
+def check_call(output_type: str, output_types: tuple[str, ...], steps: Any) -> None:
+    """What every call checks first: a known output type, a positive step count."""
+    if output_type not in output_types:
+        raise ConfigError(f"output_type {output_type!r} is unknown; expected one of {output_types}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"num_inference_steps is {steps!r}; expected a positive integer")
+
+
+def settle(pipe, req: Request, mode: str, guidance: float, strength: Any) -> Request:
+    """``req`` with its mode, guidance and strength (checked), its copies and whether it runs the CFG batch."""
     if not 0.0 < float(strength) <= 1.0:
         raise ConfigError(f"strength is {strength}; expected a number in (0, 1]")
-    prompts = len(a["prompt"]) if isinstance(a["prompt"], list) else 1
-    copies = prompts * a["num_images_per_prompt"]
-    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-    return Request(a, mode, guidance, float(strength), copies, cfg)
+    req.mode, req.guidance, req.strength = mode, guidance, float(strength)
+    req.copies = (len(req.prompt) if isinstance(req.prompt, list) else 1) * req.num_images_per_prompt
+    req.cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    return req
 
 
 def prepare_structure(pipe, req: Request) -> None:
     """ControlNet images and T2I-Adapter features for this request; they settle the size, as in diffusers."""
-    height, width = req.args["height"], req.args["width"]
+    height, width = req.height, req.width
     if pipe.control is not None:
         pipe.control.guess_mode = bool(req.guess_mode) or pipe.control.global_pool
         pipe.control.set_scale(req.controlnet_conditioning_scale)
@@ -112,15 +144,20 @@ def prepare_structure(pipe, req: Request) -> None:
     if pipe.t2i is not None:  # the condition image settles the size when none is given
         pipe.t2i.set_scale(req.adapter_conditioning_scale)
         height, width = pipe.t2i.default_size(req.adapter_image, height, width)
+    settle_size(pipe, req, height, width)
+    if pipe.t2i is not None:
+        pipe.t2i.prepare(
+            req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
+        )
+
+
+def settle_size(pipe, req: Request, height: int | None, width: int | None) -> None:
+    """The size the call runs at (the pipeline's default where none is given), checked against the engines."""
     req.height, req.width = height or pipe.default_size[0], width or pipe.default_size[1]
     if req.height % 8 or req.width % 8:
         raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
     if pipe.engine_manifest is not None:
         check_engine_shapes(pipe.engine_manifest, req.height, req.width, req.copies)
-    if pipe.t2i is not None:
-        pipe.t2i.prepare(
-            req.adapter_image, req.height, req.width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
-        )
 
 
 def check_engine_shapes(manifest: dict, height: int, width: int, copies: int) -> None:
@@ -144,69 +181,71 @@ def check_engine_shapes(manifest: dict, height: int, width: int, copies: int) ->
 class Parts:
     """One request's own tensors before the loop (what a batched call concatenates row-wise)."""
 
+    req: Request
     text: PromptEmbeds
     conditions: Any  # the conditioner's (embeds, CLIP states, key), None without an image prompt
     masks: list[Tensor | None] | None
     plan: Plan | EagerPlan
     setup: modes.ModeSetup
     noise: Tensor | None  # [S, *latents] what the scheduler's steps draw
+    timestep_cond: Tensor | None  # LCM-distilled UNets' guidance embedding
 
 
-def request_parts(pipe, req: Request) -> Parts:
+MakeSetup = Callable[[Any, Request, Any, torch.dtype], modes.ModeSetup]
+
+
+def request_parts(
+    pipe, req: Request, structure: Callable[[Any, Request], None] | None = None, setup: MakeSetup | None = None
+) -> Parts:
     """Everything diffusers does before its loop that draws from the request's generator or encodes its inputs:
-    prompt, image conditions, structure inputs, initial latents, the scheduler's noise (same order)."""
-    prepare_structure(pipe, req)
+    structure inputs, prompt, image conditions, initial latents, the scheduler's noise (same order). ``structure``
+    and ``setup``: a pipeline's own structure inputs and initial latents (video passes its clip's)."""
+    (structure or prepare_structure)(pipe, req)
     text = encode_text(pipe, req)
     conditions = pipe.conditioner(
-        req.ip_adapter_image,
-        req.ip_adapter_image_embeds,
-        req.negative_ip_adapter_image,
-        req.ip_adapter_combine,
-        req.copies,
-        req.cfg,
-    )
-    masks = ip_masks(pipe, req.cross_attention_kwargs, conditions) if pipe.adapters is not None else None
-    plan = cached_plan(pipe, req.num_inference_steps, req.strength, req.eta)
+        req.ip_adapter_image, req.ip_adapter_image_embeds, req.negative_ip_adapter_image, req.ip_adapter_combine,
+        req.copies, req.cfg,
+    )  # fmt: skip
+    masks = None
+    if pipe.adapters is not None:
+        masks = ip_masks(pipe, req.cross_attention_kwargs, conditions, pipe.image_scale)
+    plan = pipe.plan(req.num_inference_steps, req.strength, req.eta)
     dtype = text.embeds.dtype
-    setup = _mode_setup(pipe, req, plan, dtype)
+    mode = (setup or _mode_setup)(pipe, req, plan, dtype)
     noise = None
     if plan.needs_noise:  # what the scheduler's steps would draw, drawn now in the same order
-        noise = torch.zeros((plan.steps, *setup.latents.shape), device=pipe.device, dtype=dtype)
+        shape = mode.latents.shape
+        noise = torch.zeros((plan.steps, *shape), device=pipe.device, dtype=dtype)
         for j in plan.noise_steps:
-            noise[j] = randn_tensor(setup.latents.shape, generator=req.generator, device=pipe.device, dtype=dtype)
-    return Parts(text, conditions, masks, plan, setup, noise)
+            noise[j] = randn_tensor(shape, generator=req.generator, device=pipe.device, dtype=dtype)
+    cond = guidance_embedding(pipe, req.guidance, req.copies, dtype)
+    return Parts(req, text, conditions, masks, plan, mode, noise, cond)
 
 
-def step_inputs(pipe, req: Request) -> StepInputs:
-    """Everything before diffusers' denoising loop, in its order, as the static loop's inputs."""
-    parts = request_parts(pipe, req)
-    plan, setup, text = parts.plan, parts.setup, parts.text
-    if pipe.adapters is not None:  # image side once per request, at the resolution the mode settled on
-        prepare_image_side(pipe, parts.conditions, parts.masks, setup)
+def step_inputs(pipe, parts: Parts) -> StepInputs:
+    """The static loop's inputs from one request's parts (or a batch's, merged row-wise): the image side once, at
+    the resolution the mode settled on, then the text conditions, gates and tables the loop reads."""
+    req, plan, setup, text = parts.req, parts.plan, parts.setup, parts.text
+    if pipe.adapters is not None:
+        prepare_image_side(pipe, parts.conditions, parts.masks, setup, req.frames)
+    control, t2i, steps = pipe.control, pipe.t2i, plan.steps
+    keep = (req.control_guidance_start, req.control_guidance_end, steps, pipe.device)
     return StepInputs(
         plan=plan,
         latents=setup.latents,
-        text=text.embeds,
+        text=text.embeds.repeat_interleave(req.frames, dim=0) if req.frames > 1 else text.embeds,
         added=added_conditions(pipe, text, setup.height, setup.width, req.copies, req.cfg),
-        timestep_cond=guidance_embedding(pipe, req.guidance, req.copies, text.embeds.dtype),
+        timestep_cond=parts.timestep_cond,
         guidance=req.guidance,
         cfg=req.cfg,
         noise=parts.noise,
-        gate=step_gate(pipe, plan.steps),
+        gate=pipe.step_gate(plan.steps),
         inpaint_mask=setup.mask,
         inpaint_latents=setup.inpaint_latents,
         blend=_blend(pipe, plan) if setup.noise is not None and plan.kind != "eager" else None,
         blend_noise=setup.noise,
-        control_keep=(
-            pipe.control.keep_gate(req.control_guidance_start, req.control_guidance_end, plan.steps, pipe.device)
-            if pipe.control is not None
-            else None
-        ),
-        t2i_keep=(
-            pipe.t2i.keep_gate(req.adapter_conditioning_factor, plan.steps, pipe.device)
-            if pipe.t2i is not None
-            else None
-        ),
+        control_keep=control.keep_gate(*keep) if control is not None else None,
+        t2i_keep=t2i.keep_gate(req.adapter_conditioning_factor, steps, pipe.device) if t2i is not None else None,
     )
 
 
@@ -222,20 +261,9 @@ def _mode_setup(pipe, req: Request, plan, dtype: torch.dtype) -> modes.ModeSetup
         size = (req.height, req.width) if structure else None  # structure inputs fix the size: the init follows
         return modes.img2img(pipe, req.image, plan, req.copies, generator, device, dtype, latents, size)
     return modes.inpaint(
-        pipe,
-        req.image,
-        req.mask_image,
-        plan,
-        req.copies,
-        generator,
-        device,
-        dtype,
-        latents,
-        req.height,
-        req.width,
-        req.strength,
-        req.cfg,
-    )
+        pipe, req.image, req.mask_image, plan, req.copies, generator, device, dtype, latents, req.height, req.width,
+        req.strength, req.cfg,
+    )  # fmt: skip
 
 
 def prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: int = 1) -> None:
@@ -243,21 +271,22 @@ def prepare_image_side(pipe, conditions, masks, setup: modes.ModeSetup, frames: 
     into the static buffers from the reference cache when it was prepared a few calls ago (the cache key is the
     conditioner's: images, negative images, combine mode, copies, guidance; plus ``frames``). ``frames`` > 1
     (video): every frame of a row sees that row's tokens, as AnimateDiff's UNet repeats them."""
-    stack, vsf = pipe.adapters, pipe.vae_scale_factor
-    if masks is not None:  # masks are downsampled to every layer's query count
-        stack.query_tokens = query_tokens(pipe.unet, stack.layer_names, setup.height, setup.width, vsf)
+    stack = pipe.adapters
     if conditions is None:
         stack.prepare(None)
         return
     key = (conditions[2], frames)
-    if masks is None and key == stack.prepared_key:  # same reference: the buffers hold it already
+    if masks is None and key == stack.context.prepared_key:  # same reference: the buffers hold it already
         return
     cache = pipe.conditioner.cache
     pipe.conditioner.bind_cache()
     cached = cache.get(("image_side", *key))  # keys/values do not depend on masks or scales: masked calls share it
     tokens, kv = cached if cached is not None else (_image_tokens(stack, conditions, frames), None)
-    image_scale = pipe._image_scale if masks else None
-    kv = stack.prepare(tokens, masks=masks, image_scale=image_scale, key=None if masks else key, kv=kv)
+    image_scale, queries = None, None
+    if masks:  # masks are downsampled to every layer's query count
+        image_scale = pipe.image_scale
+        queries = query_tokens(pipe.unet, stack.layer_names, setup.height, setup.width, pipe.vae_scale_factor)
+    kv = stack.prepare(tokens, masks, image_scale, None if masks else key, kv, queries)
     if cached is None:
         cache.put(("image_side", *key), (tokens, kv))
 
@@ -287,8 +316,8 @@ def encode_text(pipe, req: Request) -> PromptEmbeds:
         req.cfg,
         pipe.device,
         pipe.dtype,
-        prompt_2=req.args.get("prompt_2"),
-        negative_prompt_2=req.args.get("negative_prompt_2"),
+        prompt_2=req.prompt_2,
+        negative_prompt_2=req.negative_prompt_2,
         force_zeros_for_empty_prompt=force_zeros,
     )
     if key is not None:
@@ -299,7 +328,7 @@ def encode_text(pipe, req: Request) -> PromptEmbeds:
 def _text_key(pipe, req: Request, force_zeros: bool) -> tuple | None:
     """Everything the prompt embeddings depend on besides the text encoders (None: an argument that cannot be a
     key, left for the encoder to refuse)."""
-    prompts = (req.prompt, req.negative_prompt, req.args.get("prompt_2"), req.args.get("negative_prompt_2"))
+    prompts = (req.prompt, req.negative_prompt, req.prompt_2, req.negative_prompt_2)
     frozen = tuple(tuple(p) if isinstance(p, list) else p for p in prompts)
     key = ("text", pipe.family.name, frozen, req.num_images_per_prompt, req.cfg, pipe.dtype, pipe.device, force_zeros)
     try:
@@ -309,11 +338,13 @@ def _text_key(pipe, req: Request, force_zeros: bool) -> tuple | None:
     return key
 
 
-def ip_masks(pipe, kwargs: dict[str, Any] | None, conditions) -> list[Tensor | None] | None:
-    """``cross_attention_kwargs={"ip_adapter_masks": ...}`` validated as diffusers' processor does."""
+def ip_masks(
+    pipe, kwargs: dict[str, Any] | None, conditions, image_scale: Tensor | None = None
+) -> list[Tensor | None] | None:
+    """``cross_attention_kwargs={"ip_adapter_masks": ...}`` validated as diffusers' processor does (``image_scale``:
+    the per masked image factors ``set_ip_adapter_scale`` left, ``[adapters, images, layers]``)."""
     kwargs = dict(kwargs or {})
     masks = kwargs.pop("ip_adapter_masks", None)
-    image_scale = pipe._image_scale
     if kwargs:
         raise ConfigError(f"cross_attention_kwargs has {sorted(kwargs)}; only 'ip_adapter_masks' is supported")
     if masks is None:
@@ -349,30 +380,11 @@ def ip_masks(pipe, kwargs: dict[str, Any] | None, conditions) -> list[Tensor | N
     return list(masks)
 
 
-def cached_plan(pipe, steps: int, strength: float, eta: float) -> Plan | EagerPlan:
-    """The scheduler's tensor program for (steps, strength, eta), cached: the loop reads only tensors."""
-    key = (id(pipe.scheduler), steps, strength, eta)
-    plan = pipe._plans.get(key)
-    if plan is None:
-        plan = make_plan(pipe.scheduler, steps, strength, eta).to(pipe.device)
-        pipe._plans = {key: plan}  # keep the latest: a request signature rarely alternates
-    return plan
-
-
 def _blend(pipe, plan: Plan) -> Tensor:
     """4-channel inpainting blend coefficients, once per (cached) plan rather than once per call."""
     if plan.blend is None:
         plan.blend = modes.blend_coefficients(plan).to(pipe.device)
     return plan.blend
-
-
-def step_gate(pipe, steps: int) -> Tensor:
-    """``[adapters, steps]``: 1 where an adapter's step range covers the step, else 0."""
-    count = pipe.adapters.num_adapters if pipe.adapters is not None else 0
-    pos = torch.arange(steps, dtype=torch.float64) / steps
-    rows = [((pos >= lo) & ((pos < hi) | (hi >= 1.0))).float() for lo, hi in pipe._ranges[:count]]
-    rows += [torch.ones(steps)] * (count - len(rows))
-    return (torch.stack(rows) if rows else torch.zeros(0, steps)).to(pipe.device)
 
 
 def added_conditions(pipe, text: PromptEmbeds, height: int, width: int, copies: int, cfg: bool) -> dict:

@@ -9,8 +9,9 @@ step runs eagerly. Live controls (scale, step range, guidance, a new reference i
 count) are in-place writes into those buffers, so they never recapture.
 
 Per-step tables are sized to a step *capacity* (a power of two, at least :data:`MIN_CAPACITY`), not to the
-step count, so a new step count or img2img strength reuses the captured graph. All graphs of a loop share one
-memory pool, and past :attr:`DenoiseLoop.max_states` signatures the least recently used one is dropped.
+step count, so a new step count or img2img strength reuses the captured graph. The states live in a
+:class:`~ipa_rt.graphs.GraphCache` (capture, pool, eager fallback and the bound on signatures: ipa_rt's one graph
+mechanism), past :data:`MAX_STATES` signatures the least recently used one is dropped.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .attention import ImageContext
-from .graphs import CaptureFailed, GraphPool, capture_graph, warn_eager
+from .graphs import GraphCache, GraphPool, copy_into, graphs_on, static_copy
 from .sampling import EagerPlan, Plan
 
 MIN_CAPACITY = 64  # step tables hold at least this many steps: every usual step count shares one graph
@@ -71,6 +71,28 @@ class Signature:
     control: tuple = ()  # ControlNet count, guess mode and control image shapes (empty: none)
     t2i: tuple = ()  # T2I-Adapter feature shapes (empty: none)
 
+    @classmethod
+    def of(cls, inp: StepInputs, ctx: ImageContext | None, unet_in: int, control, t2i) -> Signature:
+        """The signature of a request's inputs as the loop runs them (image segments from the context)."""
+        tokens = tuple(e - s for s, e in ctx.segments) if ctx is not None and ctx.kv is not None else ()
+        keep_control = control is not None and inp.control_keep is not None
+        return cls(
+            latents=tuple(inp.latents.shape),
+            text=tuple(inp.text.shape),
+            capacity=step_capacity(inp.plan.steps),
+            kind=f"{inp.plan.kind}:{getattr(inp.plan, 'prediction', '')}:{getattr(inp.plan, 'clip', None)}",
+            cfg=inp.cfg,
+            tokens=tokens,
+            masked=ctx is not None and bool(ctx.masks),
+            inpaint=0 if inp.inpaint_mask is None else (9 if unet_in == 9 else 4),
+            noise=inp.noise is not None,
+            added=tuple(sorted((k, tuple(v.shape)) for k, v in inp.added.items())),
+            timestep_cond=inp.timestep_cond is not None,
+            per_row=isinstance(inp.guidance, Tensor) or (ctx is not None and ctx.scale.ndim == 3),
+            control=(control.guess_mode, *(tuple(x.shape) for x in control.images)) if keep_control else (),
+            t2i=tuple(tuple(f.shape) for fs in t2i.features for f in fs) if inp.t2i_keep is not None else (),
+        )
+
 
 @dataclass
 class StepInputs:
@@ -106,12 +128,14 @@ _STEP_AXIS = {
 }
 
 
-def _request_tensors(inp: StepInputs) -> dict[str, Tensor | None]:
+def _request_tensors(inp: StepInputs) -> dict[str, Any]:
     """Every per-request tensor by its :class:`StaticState` field (None: this signature has no such buffer)."""
     plan = inp.plan
     return {
         "latents": inp.latents,
         "text": inp.text,
+        "added": inp.added,
+        "guidance": guidance_tensor(inp.guidance, inp.latents),
         "timestep_cond": inp.timestep_cond,
         "noise": inp.noise,
         "gate": inp.gate,
@@ -153,8 +177,7 @@ class StaticState:
     graph: Any = None
     eager: bool = False  # the capture failed: this signature runs eagerly
     steps: int = 0  # steps of the request the buffers hold now (<= sig.capacity)
-    captures: int = 0
-    extra: dict = field(default_factory=dict)
+    plan: Plan | None = None  # the request's plan (its update rule shapes the step)
 
     def tensors(self) -> list[Tensor]:
         """Every static buffer of this state (what a captured step may read or write)."""
@@ -163,31 +186,6 @@ class StaticState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-def _signature(inp: StepInputs, ctx: ImageContext, unet_in: int, control, t2i) -> Signature:
-    tokens = tuple(e - s for s, e in ctx.segments) if ctx.kv is not None else ()
-    inpaint = 0 if inp.inpaint_mask is None else (9 if unet_in == 9 else 4)
-    return Signature(
-        latents=tuple(inp.latents.shape),
-        text=tuple(inp.text.shape),
-        capacity=step_capacity(inp.plan.steps),
-        kind=f"{inp.plan.kind}:{getattr(inp.plan, 'prediction', '')}:{getattr(inp.plan, 'clip', None)}",
-        cfg=inp.cfg,
-        tokens=tokens,
-        masked=bool(ctx.masks),
-        inpaint=inpaint,
-        noise=inp.noise is not None,
-        added=tuple(sorted((k, tuple(v.shape)) for k, v in inp.added.items())),
-        timestep_cond=inp.timestep_cond is not None,
-        per_row=isinstance(inp.guidance, Tensor) or ctx.scale.ndim == 3,
-        control=(
-            (control.guess_mode, *(tuple(x.shape) for x in control.images))
-            if control is not None and inp.control_keep is not None
-            else ()
-        ),
-        t2i=tuple(tuple(f.shape) for fs in t2i.features for f in fs) if inp.t2i_keep is not None else (),
-    )
 
 
 def guidance_tensor(guidance: float | Tensor, latents: Tensor) -> Tensor:
@@ -199,10 +197,10 @@ def guidance_tensor(guidance: float | Tensor, latents: Tensor) -> Tensor:
     return g.reshape(-1, *[1] * (latents.ndim - 1)).expand(latents.shape[0], *[1] * (latents.ndim - 1))
 
 
-def _buffer_for(name: str, value: Tensor, capacity: int) -> Tensor:
-    """The static buffer of one request tensor: its shape, with ``capacity`` rows on a step table's step axis."""
-    if name not in _STEP_AXIS:
-        return torch.empty_like(value)
+def _buffer_for(name: str, value: Any, capacity: int) -> Any:
+    """The static buffer of one request value: its copy, a step table with ``capacity`` rows on its step axis."""
+    if name not in _STEP_AXIS or value is None:
+        return static_copy(value)
     shape = list(value.shape)
     shape[_STEP_AXIS[name]] = capacity
     return torch.zeros(shape, dtype=value.dtype, device=value.device)
@@ -225,51 +223,31 @@ class DenoiseLoop:
         self.control = control  # a ControlStack (ControlNets run inside the step), or None
         self.t2i = t2i  # a T2IStack (weighted features summed inside the step), or None
         self.use_graphs = use_graphs
-        self.pool = pool if pool is not None else GraphPool()
-        self.states: OrderedDict[Signature, StaticState] = OrderedDict()  # least recently used first
-        self.max_states = MAX_STATES
-        self.captures = 0  # total graph captures, for tests and the benchmark's "no recapture" check
-        self.evictions = 0
+        self.states = GraphCache(MAX_STATES, pool)  # per Signature, least recently used first; its graph pool
+
+    @property
+    def captures(self) -> int:
+        """Graph captures so far, for tests and the benchmark's "no recapture" check."""
+        return self.states.captures
 
     # --- buffers ------------------------------------------------------------------------------------------------
     def _state(self, inp: StepInputs) -> StaticState:
-        ctx = self.context
-        sig = _signature(
-            inp,
-            ctx if ctx is not None else ImageContext(scale=torch.zeros(0, 0)),
-            self.unet.config.in_channels,
-            self.control,
-            self.t2i,
-        )
+        sig = Signature.of(inp, self.context, self.unet.config.in_channels, self.control, self.t2i)
         values = _request_tensors(inp)
-        st = self.states.get(sig)
-        if st is None:
-            device = inp.latents.device
-            st = StaticState(
-                sig=sig,
-                idx=torch.zeros(1, dtype=torch.long, device=device),
-                prev_x0=torch.zeros_like(inp.latents),
-                added={k: torch.empty_like(v) for k, v in inp.added.items()},
-                guidance=torch.zeros(guidance_tensor(inp.guidance, inp.latents).shape, device=device),
-                **{k: None if v is None else _buffer_for(k, v, sig.capacity) for k, v in values.items()},
-            )
-            self.states[sig] = st
-            while len(self.states) > self.max_states:  # drop the least recently used signature and its graph
-                self.states.popitem(last=False)
-                self.evictions += 1
-        self.states.move_to_end(sig)
+
+        def make() -> StaticState:
+            idx = torch.zeros(1, dtype=torch.long, device=inp.latents.device)
+            buffers = {k: _buffer_for(k, v, sig.capacity) for k, v in values.items()}
+            return StaticState(sig=sig, idx=idx, prev_x0=torch.zeros_like(inp.latents), **buffers)
+
+        st = self.states.lookup(sig, make)
         # one request's values into the static storage (in place: the graph keeps reading the same memory)
         st.idx.zero_()
         st.prev_x0.zero_()
-        st.guidance.copy_(guidance_tensor(inp.guidance, inp.latents))
-        for k, v in inp.added.items():
-            st.added[k].copy_(v)
         for k, v in values.items():
             if v is not None:
-                buf = getattr(st, k)
-                (buf.narrow(_STEP_AXIS[k], 0, v.shape[_STEP_AXIS[k]]) if k in _STEP_AXIS else buf).copy_(v)
-        st.steps = inp.plan.steps
-        st.extra["plan"] = inp.plan
+                copy_into(getattr(st, k), v)
+        st.steps, st.plan = inp.plan.steps, inp.plan
         return st
 
     # --- one step -------------------------------------------------------------------------------------------------
@@ -302,11 +280,10 @@ class DenoiseLoop:
     def _step(self, st: StaticState) -> None:
         """One denoising step from ``st``'s buffers, written back into them. Under ``no_grad`` whoever calls it: the
         UNet's parameters require grad, and a recorded graph would keep every step's activations alive."""
-        plan: Plan = st.extra["plan"]
+        plan: Plan = st.plan
         i1 = st.idx
-        ctx = self.context
-        if ctx is not None and ctx.scale_eff is not None:  # per-step adapter gate (step ranges)
-            torch.mul(ctx.scale, st.gate.index_select(1, i1), out=ctx.scale_eff)
+        if self.context is not None:  # per-step adapter gate (step ranges)
+            self.context.gate(st.gate.index_select(1, i1))
         x = st.latents
         model_in = torch.cat([x, x]) if st.sig.cfg else x
         if st.in_scale is not None:
@@ -328,7 +305,7 @@ class DenoiseLoop:
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def graphs_on(self, device: torch.device) -> bool:
-        return self.use_graphs if self.use_graphs is not None else device.type == "cuda"
+        return graphs_on(self.use_graphs, device.type == "cuda")
 
     @torch.no_grad()
     def run(self, inp: StepInputs, progress=None, generator=None) -> Tensor:
@@ -357,8 +334,8 @@ class DenoiseLoop:
         x = inp.latents
         guidance = guidance_tensor(inp.guidance, x)
         for i, t in enumerate(plan.timesteps):
-            if ctx is not None and ctx.scale_eff is not None:
-                torch.mul(ctx.scale, inp.gate[:, i : i + 1], out=ctx.scale_eff)
+            if ctx is not None:
+                ctx.gate(inp.gate[:, i : i + 1])
             model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
             nine = inp.inpaint_mask is not None and self.unet.config.in_channels == 9
             channels = (inp.inpaint_mask, inp.inpaint_latents) if nine else ()
@@ -385,37 +362,22 @@ class DenoiseLoop:
             st.latents.copy_(saved[0])
             st.prev_x0.copy_(saved[1])
 
+        what = f"the denoising step for latents {list(st.sig.latents)}"
         try:
-            st.graph, _ = capture_graph(lambda: self._step(st), st.latents.device, reset=restore, pool=self.pool)
-        except CaptureFailed as exc:
-            st.eager = True
-            warn_eager(f"the denoising step for latents {list(st.sig.latents)}", exc)
+            self.states.capture(st, lambda: self._step(st), st.latents.device, what, reset=restore)
         finally:
             restore()
-        if st.graph is not None:
-            st.captures += 1
-            self.captures += 1
 
     def memory_stats(self) -> dict[str, Any]:
         """What the loop holds: signatures, graphs, static buffer bytes, graph pool growth, evictions."""
+        graphs, eager = self.states.stats()
         return {
             "signatures": len(self.states),
-            "graphs": sum(st.graph is not None for st in self.states.values()),
-            "eager_signatures": sum(st.eager for st in self.states.values()),
+            "graphs": graphs,
+            "eager_signatures": eager,
             "static_buffer_bytes": sum(st.nbytes() for st in self.states.values()),
-            "graph_pool_reserved_bytes": self.pool.reserved_bytes,
-            "captures": self.captures,
-            "evictions": self.evictions,
-            "max_signatures": self.max_states,
+            "graph_pool_reserved_bytes": self.states.pool.reserved_bytes,
+            "captures": self.states.captures,
+            "evictions": self.states.evictions,
+            "max_signatures": self.states.max_entries,
         }
-
-
-def static_set(buffers: dict, values: list[Tensor]) -> list[Tensor]:
-    """``values`` copied in place into the buffer set kept for their shapes (allocated on first use). One set
-    per shape: a CUDA graph captured for a shape keeps reading the set it saw when that shape comes back."""
-    key = tuple((tuple(v.shape), v.dtype, v.device) for v in values)
-    if key not in buffers:
-        buffers[key] = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in values]
-    for buf, v in zip(buffers[key], values, strict=True):
-        buf.copy_(v)
-    return buffers[key]

@@ -10,9 +10,8 @@ block are an error rather than silently ignored. A single config with several ad
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -206,22 +205,3 @@ def expand_step_ranges(ranges: Any, num_adapters: int) -> list[tuple[float, floa
             raise ScaleError(f"step range [{a}] is ({lo}, {hi}); expected 0 <= start < end <= 1")
         out.append((lo, hi))
     return out
-
-
-@contextlib.contextmanager
-def per_row_scales(stack: Any, table: torch.Tensor) -> Iterator[None]:
-    """Every UNet row its own scales for one batched call: ``table`` ``[rows, A, L]`` goes into the pair of
-    buffers ``stack`` keeps for that row count (a CUDA graph captured with them keeps reading that memory); the
-    processors read it instead of the pipeline's ``[A, L]`` scale until the block ends."""
-    rows = table.shape[0]
-    pair = stack.row_tables.get(rows)
-    if pair is None:
-        pair = stack.row_tables[rows] = tuple(torch.empty_like(table, device=stack.scale.device) for _ in range(2))
-    for buf in pair:
-        buf.copy_(table)
-    ctx = stack.context
-    ctx.scale, ctx.scale_eff = pair
-    try:
-        yield
-    finally:
-        ctx.scale, ctx.scale_eff = stack.scale, stack.scale_eff

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .control import load_folders
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
-from .runtime import static_set
+from .graphs import StaticBuffers
 
 # adapter_type -> its features as (channels, pixel stride), from config channels and downscale_factor: the one
 # table of T2I-Adapter variants (diffusers' FullAdapter, FullAdapterXL and LightAdapter)
@@ -116,13 +116,14 @@ class T2IStack:
         self.adapters = list(adapters)
         self.scale = torch.ones(len(self.adapters))  # live adapter_conditioning_scale (device tensor once moved)
         self.features: list[list[Tensor]] = []  # [adapter][slot]: [rows, C, h, w], this request's
-        self._buffers: dict[tuple, list[Tensor]] = {}  # feature shapes -> static buffers (flat)
+        self._buffers = StaticBuffers(contiguous=True)  # per feature shapes (flat)
 
     def to(self, device: torch.device) -> T2IStack:
         for adapter in self.adapters:
             adapter.to(device)
         self.scale = self.scale.to(device)
-        self.features, self._buffers = [], {}  # the next request fills buffers on the new device
+        self.features = []  # the next request fills buffers on the new device
+        self._buffers.clear()
         return self
 
     def set_scale(self, value: Any) -> None:
@@ -175,7 +176,7 @@ class T2IStack:
                     )
                 rows.append(torch.cat([f, f]) if cfg else f)
             features.append(rows)
-        flat, n = static_set(self._buffers, [f for fs in features for f in fs]), len(features[0])
+        flat, n = self._buffers.write([f for fs in features for f in fs]), len(features[0])
         self.features = [flat[a * n : (a + 1) * n] for a in range(count)]  # every adapter has the UNet's slots
 
     def keep_gate(self, factor: Any, steps: int, device) -> Tensor:

@@ -24,13 +24,24 @@ from tqdm.auto import tqdm
 from . import request as rq
 from .control import load_folders
 from .core import PipelineCore
-from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError, reject_engine_options
 from .export.build import register_video_pipeline
 from .models import BaseModel
 from .modes import retrieve_latents  # imported there under hushed (transformers' torchvision notes)
-from .runtime import StepInputs, static_call
+from .runtime import static_call
 
 VIDEO_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ClipRequest(rq.Request):
+    """``AnimateDiffPipeline.__call__``'s own arguments besides a still call's (``num_videos_per_prompt`` is
+    ``num_images_per_prompt``); ``frames`` is settled from ``num_frames``, ``video`` or ``latents``."""
+
+    num_frames: int | None = 16
+    decode_chunk_size: int = 16
+    video: Any = None
+    conditioning_frames: Any = None
 
 
 @dataclass
@@ -117,8 +128,7 @@ class AnimateDiffPipeline(PipelineCore):
             raise ConfigError("AnimateDiffPipeline does not take t2i_adapter= (diffusers has no such pipeline)")
         if backend != "torch":
             return cls._from_engines(base, ip_adapter, image_encoder, motion_adapter, backend, engine_options, kwargs)
-        if engine_options:
-            raise ConfigError("engine_options apply to engine backends; the backend is 'torch'")
+        reject_engine_options(engine_options)
         dtype = kwargs.get("dtype", torch.float32)
         from .pipeline import ENGINE_ARGUMENTS
 
@@ -187,9 +197,17 @@ class AnimateDiffPipeline(PipelineCore):
         ``conditioning_frames=`` (a list of frames, or one list per ControlNet) with ControlNets loaded. The
         other arguments are diffusers' AnimateDiff pipelines' (``num_videos_per_prompt`` plays
         ``num_images_per_prompt``)."""
-        args = {k: v for k, v in locals().items() if k != "self"}
-        req, frames = _resolve(self, args)
-        inputs = _step_inputs(self, req, frames)
+        req = _resolve(self, ClipRequest(
+            prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, num_images_per_prompt=num_videos_per_prompt,
+            eta=eta, generator=generator, latents=latents, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds, negative_ip_adapter_image=negative_ip_adapter_image,
+            ip_adapter_combine=ip_adapter_combine, output_type=output_type, decode_chunk_size=decode_chunk_size,
+            cross_attention_kwargs=cross_attention_kwargs, video=video, strength=strength, guess_mode=guess_mode,
+            conditioning_frames=conditioning_frames, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+        ))  # fmt: skip
+        inputs = rq.step_inputs(self, rq.request_parts(self, req, _prepare_control, _clip_setup))
         with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             out = self.loop.run(inputs, progress=bar, generator=req.generator)
         if output_type == "latent":
@@ -202,7 +220,7 @@ class AnimateDiffPipeline(PipelineCore):
         latents = 1 / vae.config.scaling_factor * latents.to(next(vae.parameters()).dtype)
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        pixels = torch.cat([self._decoder(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
+        pixels = torch.cat([self.decoder(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
         video = pixels[None, :].reshape((b, f, -1, *pixels.shape[2:])).permute(0, 2, 1, 3, 4).float()
         return VideoProcessor(vae_scale_factor=self.vae_scale_factor).postprocess_video(video, output_type)
 
@@ -216,57 +234,44 @@ def _frame_list(value: Any, what: str) -> list:
     return list(value)
 
 
-def _resolve(pipe: AnimateDiffPipeline, a: dict[str, Any]) -> tuple[rq.Request, int]:
+def _resolve(pipe: AnimateDiffPipeline, req: ClipRequest) -> ClipRequest:
     """The call's mode, frame count and diffusers' defaults, validated before any work."""
-    if a["output_type"] not in VIDEO_OUTPUT_TYPES:
-        raise ConfigError(f"output_type {a['output_type']!r} is unknown; expected one of {VIDEO_OUTPUT_TYPES}")
-    steps = a["num_inference_steps"]
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"num_inference_steps is {steps!r}; expected a positive integer")
-    chunk = a["decode_chunk_size"]
+    rq.check_call(req.output_type, VIDEO_OUTPUT_TYPES, req.num_inference_steps)
+    chunk = req.decode_chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"decode_chunk_size is {chunk!r}; expected a positive integer")
     mode = "txt2img"
-    frames = a["num_frames"]
-    if a["video"] is not None:
-        a["video"] = _frame_list(a["video"], "video")
-        frames, mode = len(a["video"]), "img2img"
-    elif a["latents"] is not None and a["latents"].ndim == 5:
-        frames = a["latents"].shape[2]
+    frames = req.num_frames
+    if req.video is not None:
+        req.video = _frame_list(req.video, "video")
+        frames, mode = len(req.video), "img2img"
+    elif req.latents is not None and req.latents.ndim == 5:
+        frames = req.latents.shape[2]
     if not isinstance(frames, int) or not 1 <= frames <= pipe.max_frames:
         raise ConfigError(
             f"num_frames is {frames!r}; the motion modules take 1 to {pipe.max_frames} frames "
             "(motion_max_seq_length of the motion adapter)"
         )
-    strength = 1.0 if mode == "txt2img" else float(a["strength"])
-    if not 0.0 < strength <= 1.0:
-        raise ConfigError(f"strength is {a['strength']}; expected a number in (0, 1]")
-    prompts = len(a["prompt"]) if isinstance(a["prompt"], list) else 1
-    copies = prompts * a["num_videos_per_prompt"]
-    guidance = float(a["guidance_scale"])
-    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    req.frames = frames
+    rq.settle(pipe, req, mode, float(req.guidance_scale), 1.0 if mode == "txt2img" else req.strength)
     if pipe.control is not None:
-        if a["conditioning_frames"] is None:
+        if req.conditioning_frames is None:
             raise ImageInputError("ControlNets are loaded: pass one control frame per frame as conditioning_frames=")
-        if copies != 1:
-            raise ConfigError(f"a ControlNet video call makes one clip; this call makes {copies} (prompts x videos)")
-        if a["guess_mode"] and cfg:
+        if req.copies != 1:
+            raise ConfigError(
+                f"a ControlNet video call makes one clip; this call makes {req.copies} (prompts x videos)"
+            )
+        if req.guess_mode and req.cfg:
             raise ConfigError(
                 "guess_mode with classifier-free guidance is not supported for video (diffusers' "
                 "AnimateDiffControlNetPipeline cannot run it either); use guidance_scale <= 1"
             )
-    elif a["conditioning_frames"] is not None:
+    elif req.conditioning_frames is not None:
         raise ConfigError("conditioning_frames was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
-    if mode == "img2img" and a["latents"] is not None:
+    if mode == "img2img" and req.latents is not None:
         raise ConfigError("latents= cannot be combined with video= (video-to-video makes its latents from the video)")
-    a.update(num_images_per_prompt=a["num_videos_per_prompt"], prompt_2=None, negative_prompt_2=None)
-    req = rq.Request(a, mode, guidance, strength, copies, cfg)
-    req.height = a["height"] or pipe.default_size[0]
-    req.width = a["width"] or pipe.default_size[1]
-    if req.height % 8 or req.width % 8:
-        raise ConfigError(f"height and width must be divisible by 8; got {req.height}x{req.width}")
+    rq.settle_size(pipe, req, req.height, req.width)
     if pipe.engine_manifest is not None:
-        rq.check_engine_shapes(pipe.engine_manifest, req.height, req.width, req.copies)
         built = pipe.engine_manifest["shapes"]["frames"]
         if frames != built:
             raise ConfigError(
@@ -274,59 +279,23 @@ def _resolve(pipe: AnimateDiffPipeline, a: dict[str, Any]) -> tuple[rq.Request, 
                 f"num_frames={built}, or build engines for it (ipa_rt build ... --motion-adapter DIR --frames "
                 f"{frames}, or engine_options={{'frames': {frames}}})"
             )
-    return req, frames
+    return req
 
 
-def _step_inputs(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> StepInputs:
-    """What diffusers' AnimateDiff pipelines do before their loop, in their order, as the static loop's inputs."""
-    device = pipe.device
-    plan = rq.cached_plan(pipe, req.num_inference_steps, req.strength, req.eta)
-    init = None
-    if req.mode == "img2img":  # video-to-video encodes and noises the clip before the prompt
-        init = _video_latents(pipe, req, plan, frames)
-    text = rq.encode_text(pipe, req)  # an SD1.5-family base (checked at load), from the text cache when seen
-    dtype = text.embeds.dtype
-    embeds = text.embeds.repeat_interleave(frames, dim=0)  # every frame of a row reads that row's prompt
-    conditions = pipe.conditioner(
-        req.ip_adapter_image, req.ip_adapter_image_embeds, req.negative_ip_adapter_image, req.ip_adapter_combine,
-        req.copies, req.cfg,
-    )  # fmt: skip
-    masks = rq.ip_masks(pipe, req.cross_attention_kwargs, conditions) if pipe.adapters is not None else None
-    if pipe.control is not None:
-        _prepare_control(pipe, req, frames)
-    shape = (req.copies, pipe.unet.config.in_channels, frames, req.height // pipe.vae_scale_factor,
-             req.width // pipe.vae_scale_factor)  # fmt: skip
-    if init is None:
-        if req.latents is not None and tuple(req.latents.shape) != shape:
-            raise ConfigError(f"latents have shape {list(req.latents.shape)}; expected {list(shape)} for this call")
-        init = rq.modes.txt2img(shape, plan, req.generator, device, dtype, req.latents)
-    setup = rq.modes.ModeSetup(init, req.height, req.width)
-    if pipe.adapters is not None:
-        rq.prepare_image_side(pipe, conditions, masks, setup, frames)
-    noise = None
-    if plan.needs_noise:  # the scheduler's draws, taken now in the order its steps would take them
-        noise = torch.zeros((plan.steps, *init.shape), device=device, dtype=dtype)
-        for j in plan.noise_steps:
-            noise[j] = randn_tensor(init.shape, generator=req.generator, device=device, dtype=dtype)
-    return StepInputs(
-        plan=plan,
-        latents=init,
-        text=embeds,
-        added={},
-        timestep_cond=rq.guidance_embedding(pipe, req.guidance, req.copies, dtype),
-        guidance=req.guidance,
-        cfg=req.cfg,
-        noise=noise,
-        gate=rq.step_gate(pipe, plan.steps),
-        control_keep=(
-            pipe.control.keep_gate(req.control_guidance_start, req.control_guidance_end, plan.steps, device)
-            if pipe.control is not None
-            else None
-        ),
-    )
+def _clip_setup(pipe: AnimateDiffPipeline, req: ClipRequest, plan, dtype: torch.dtype) -> rq.modes.ModeSetup:
+    """The clip's initial latents ``[copies, C, frames, h, w]``: video-to-video encodes and noises the clip,
+    txt2video draws them (or takes ``latents``), as diffusers' AnimateDiff pipelines do."""
+    if req.mode == "img2img":
+        return rq.modes.ModeSetup(_video_latents(pipe, req, plan, req.frames), req.height, req.width)
+    vsf = pipe.vae_scale_factor
+    shape = (req.copies, pipe.unet.config.in_channels, req.frames, req.height // vsf, req.width // vsf)
+    if req.latents is not None and tuple(req.latents.shape) != shape:
+        raise ConfigError(f"latents have shape {list(req.latents.shape)}; expected {list(shape)} for this call")
+    init = rq.modes.txt2img(shape, plan, req.generator, pipe.device, dtype, req.latents)
+    return rq.modes.ModeSetup(init, req.height, req.width)
 
 
-def _video_latents(pipe: AnimateDiffPipeline, req: rq.Request, plan, frames: int) -> Tensor:
+def _video_latents(pipe: AnimateDiffPipeline, req: ClipRequest, plan, frames: int) -> Tensor:
     """``AnimateDiffVideoToVideoPipeline.prepare_latents``: encode the clip in chunks (posterior samples from the
     generator), scale, then noise to the first timestep."""
     device, dtype, vae = pipe.device, pipe.dtype, pipe.vae
@@ -357,9 +326,11 @@ def _video_latents(pipe: AnimateDiffPipeline, req: rq.Request, plan, frames: int
     return plan.scheduler.add_noise(init, noise, t0).permute(0, 2, 1, 3, 4)
 
 
-def _prepare_control(pipe: AnimateDiffPipeline, req: rq.Request, frames: int) -> None:
+def _prepare_control(pipe: AnimateDiffPipeline, req: ClipRequest) -> None:
     """``AnimateDiffControlNetPipeline.prepare_video`` for each ControlNet: one control frame per frame."""
-    control = pipe.control
+    control, frames = pipe.control, req.frames
+    if control is None:
+        return
     count = len(control.nets)
     clips = req.conditioning_frames if count > 1 else [req.conditioning_frames]
     if count > 1 and (not isinstance(req.conditioning_frames, list) or len(clips) != count):

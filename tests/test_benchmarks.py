@@ -48,6 +48,7 @@ def test_attention_benchmark_smoke(tmp_path):
     assert (tmp_path / next(tmp_path.glob("*.md")).name).read_text().startswith("# Decoupled attention")
 
 
+@pytest.mark.slow
 def test_runtime_benchmark_smoke(tmp_path):
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(folder))
@@ -62,6 +63,7 @@ def test_runtime_benchmark_smoke(tmp_path):
     assert result["controls"]["recaptures"] == 0
 
 
+@pytest.mark.slow
 def test_bench_harness_tiny(tmp_path):
     """The harness end to end on tiny models (the real CPU profile uses the full-size architecture)."""
     from ipa_rt.cli import main
@@ -104,14 +106,14 @@ def test_bench_harness_on_a_given_model_folder(models, tmp_path):
     assert {r["family"] for r in result["rows"]} == {"sdxl"} and result["model"] == str(models.base("sdxl"))
 
 
+@pytest.mark.slow
 def test_harness_times_what_each_system_runs(models, monkeypatch):
     """The graphed system's "unet step" is a replay of the captured step (not an eager UNet call), and the eager
     systems decode and encode without graphs; checked on the CPU with a replay double standing in for CUDA graphs."""
     from test_runtime import ReplayGraph, replay_capture
 
-    from ipa_rt import graphs, runtime
+    from ipa_rt import graphs
 
-    monkeypatch.setattr(runtime, "capture_graph", replay_capture)
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(folder))
@@ -121,7 +123,7 @@ def test_harness_times_what_each_system_runs(models, monkeypatch):
     files = {"base": models.base("sd15"), "adapter": models.adapter("sd15", "base")}
     bench = harness.Bench("sd15", files, torch.device("cpu"), torch.float32, 32)
     bench.use("ipa_rt")
-    assert all(g.enabled is False for g in bench.ours._graphed()) and bench.ours.loop.use_graphs is False
+    assert all(g.enabled is False for g in bench.ours.graphed_calls()) and bench.ours.loop.use_graphs is False
     bench.use("ipa_rt+graphs")
     for batch in (1, 2):
         step = bench.unet_step("ipa_rt+graphs", batch)
@@ -134,6 +136,7 @@ def test_harness_times_what_each_system_runs(models, monkeypatch):
         assert replays == [0, 0, 0]  # the step counter is rewound: every timed replay is step 0
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     """benchmarks/cpu.py end to end on tiny models (the committed results use the full-size architecture): every
     row carries its error against diffusers fp32, targets and the UNet-step utilisation land in the JSON; engines
@@ -196,6 +199,7 @@ def test_cpu_benchmark_tiny(tmp_path, monkeypatch):
     assert f"| target ({summary['machine_class']}) |" in text
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_leaves_out_what_the_cpu_cannot_run(tmp_path, monkeypatch):
     """On a CPU without bf16 arithmetic (an AVX2 machine, simulated here whatever this one is: OpenVINO's answer is
     replaced), the bench records the bf16 systems as not available, with the reason, and runs the rest."""
@@ -289,6 +293,7 @@ def test_cpu_benchmark_targets_per_class(cls, monkeypatch):
     assert all(set(t) == {"target", "measured", "met", "short_by"} for t in targets.values())
 
 
+@pytest.mark.slow
 def test_video_benchmark_tiny(tmp_path):
     """benchmarks/video.py end to end on tiny models: both systems, both workloads, ipa_rt's latents equal to
     diffusers' (fp32: bitwise), speedups in the JSON."""
@@ -388,6 +393,7 @@ def test_optimum_anchor_tiny(tmp_path):
     assert "failed" in errors["optimum-intel openvino@32"]["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "engines", "drop"), [("flux", 2, False), ("kolors", 1, True), ("sd3", 2, True)])
 def test_families_benchmark_tiny(tmp_path, monkeypatch, family, engines, drop):
     """``ipa_rt bench --profile families --family F --tiny``: every system runs the same files; ipa_rt's PyTorch row

@@ -109,6 +109,7 @@ def assert_networks_match_torch(pipe, folder: Path) -> None:
                 assert rel_l2(got0, want0) <= NETWORK_RTOL and rel_l2(got0, got[0]) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
     pipe = ipa_pipe(models, family, [models.adapter(family, v) for v in ADAPTERS[family]])
@@ -117,6 +118,7 @@ def test_every_network_matches_pytorch_in_onnxruntime(models, engines, family):
     assert_networks_match_torch(pipe, engines[family])
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_builds_networks_that_match_pytorch(models, tmp_path):
     """The other exporter (torch.export + onnxscript), on the example's smaller UNet: the same contracts, the same
     parity, and the manifest says which exporter made the engines."""
@@ -133,6 +135,7 @@ def test_dynamo_exporter_builds_networks_that_match_pytorch(models, tmp_path):
     assert_networks_match_torch(pipe, tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_engine_pipeline_matches_diffusers_and_scale_changes_rebuild_nothing(models, images, engines, family):
     variants = ADAPTERS[family]
@@ -159,6 +162,7 @@ def test_engine_pipeline_matches_diffusers_and_scale_changes_rebuild_nothing(mod
     assert images_np.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images_np)).all()
 
 
+@pytest.mark.slow
 def test_engine_img2img_and_text_only_match_torch_backend(models, images, engines):
     """The VAE encoder engine (posterior moments, sampled with the user's generator) and calls without images."""
     pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
@@ -174,12 +178,14 @@ def test_engine_img2img_and_text_only_match_torch_backend(models, images, engine
     assert_parity(got, want, ENGINE_RTOL)
 
 
+@pytest.mark.slow
 def test_text_only_then_image_call_feed_the_same_token_buffers(models, images, engines):
     """A graph captured during a text-only call must see the next image call's tokens: the UNet engine is fed the
     very same token buffers in both calls (zeros, then the image tokens), and the image call equals diffusers."""
     pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
     pipe.set_progress_bar_config(disable=True)
-    assert not pipe.loop.graphs_on(torch.device("cuda")) and not any(g.enabled is not False for g in pipe._graphed())
+    assert not pipe.loop.graphs_on(torch.device("cuda"))
+    assert not any(g.enabled is not False for g in pipe.graphed_calls())
     fed: list[dict[str, int]] = []
     run = pipe.unet.engine.__call__
 
@@ -198,6 +204,7 @@ def test_text_only_then_image_call_feed_the_same_token_buffers(models, images, e
     assert_parity(got, want, ENGINE_RTOL)
 
 
+@pytest.mark.slow
 def test_doctor_checks_an_engine_against_the_torch_backend(engines, tmp_path):
     """``ipa_rt doctor --engine DIR`` rebuilds the torch backend from the manifest's source files and compares."""
     out = tmp_path / "doctor.json"
@@ -206,6 +213,7 @@ def test_doctor_checks_an_engine_against_the_torch_backend(engines, tmp_path):
     assert row["status"] == "ok" and row["max_error"] <= row["tolerance"] == 1e-3
 
 
+@pytest.mark.slow
 def test_second_identical_build_rewrites_nothing(models, engines, capsys):
     before = snapshot(engines["sd15"])
     start = time.perf_counter()
@@ -215,6 +223,7 @@ def test_second_identical_build_rewrites_nothing(models, engines, capsys):
     assert snapshot(engines["sd15"]) == before
 
 
+@pytest.mark.slow
 def test_from_pretrained_reuses_cached_engines(models, engines, monkeypatch):
     import ipa_rt.export.build as build
 
@@ -241,6 +250,7 @@ def copy_engines(engines, tmp_path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_truncated_engine_file(engines, tmp_path, capsys):
     folder = copy_engines(engines, tmp_path)
     unet = folder / "onnx" / "unet.onnx"
@@ -255,6 +265,7 @@ def test_truncated_engine_file(engines, tmp_path, capsys):
         ipa_rt.Pipeline.from_engine(folder)
 
 
+@pytest.mark.slow
 def test_edited_source_weights(models, engines, tmp_path):
     folder = copy_engines(engines, tmp_path)
     weights = tmp_path / "adapter.safetensors"
@@ -273,6 +284,7 @@ def test_edited_source_weights(models, engines, tmp_path):
         ipa_rt.Pipeline.from_engine(folder)
 
 
+@pytest.mark.slow
 def test_tensorrt_engine_for_other_gpu_or_version(engines, tmp_path):
     folder = copy_engines(engines, tmp_path)
     manifest = read_manifest(folder)
@@ -282,6 +294,7 @@ def test_tensorrt_engine_for_other_gpu_or_version(engines, tmp_path):
         check_engine_dir(folder, manifest, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_build_refuses_other_engines_without_rebuild(models, engines):
     before = snapshot(engines["sd15"])
     req = BuildRequest(
@@ -337,6 +350,7 @@ def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".ipa_rt.lock"]
 
 
+@pytest.mark.slow
 def test_concurrent_builds_wait_for_the_lock(models, engines):
     """A second build waits while the first holds the lock, then finds the engines up to date."""
     from ipa_rt.export.manifest import build_lock
@@ -353,6 +367,7 @@ def test_concurrent_builds_wait_for_the_lock(models, engines):
     assert events == [engines["sd15"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["manifest_missing", "manifest_corrupt", "manifest_format"])
 def test_not_an_engine_dir(engines, tmp_path, what):
     folder = copy_engines(engines, tmp_path)
@@ -366,6 +381,7 @@ def test_not_an_engine_dir(engines, tmp_path, what):
         ipa_rt.Pipeline.from_engine(folder)
 
 
+@pytest.mark.slow
 def test_engine_call_errors(engines, images):
     pipe = ipa_rt.Pipeline.from_engine(engines["sd15"])
     pipe.set_progress_bar_config(disable=True)
@@ -392,6 +408,7 @@ def test_engine_call_errors(engines, images):
         pipe.to("meta")
 
 
+@pytest.mark.slow
 def test_cli_inspect_and_generate_from_engine(engines, images, tmp_path, capsys):
     assert cli.main(["inspect", str(engines["sd15"])]) == 0
     text = capsys.readouterr().out
@@ -410,6 +427,7 @@ def test_cli_inspect_and_generate_from_engine(engines, images, tmp_path, capsys)
         assert im.size == (32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_engine_batched_rows_equal_requests_alone(engines, images, family):
     """Different references and scales in one engine call: ip_scale is a [rows, adapters, layers] engine input."""
@@ -460,6 +478,7 @@ def test_tensorrt_engine_pipeline_matches_diffusers(models, images, tmp_path, dt
     assert pipe.loop.captures == 1  # the UNet engine runs inside the captured step
 
 
+@pytest.mark.slow
 def test_fp16_engines_are_strongly_typed_and_match_torch(models, images, tmp_path):
     """What a strongly typed TensorRT build (the only kind in TensorRT 11) needs from the ONNX, checked on the CPU:
     an fp16 SDXL export whose every graph passes ONNX Runtime's full type check (no mixed-type node), whose float
@@ -540,6 +559,7 @@ def test_tensorrt_build_is_strongly_typed_without_precision_flags(tmp_path, monk
     assert path == tmp_path / "tensorrt-10.8.0-NVIDIA-H100-80GB-HBM3-sm9.0.timing-cache"
 
 
+@pytest.mark.slow
 def test_engine_without_guidance_and_the_demo_sweep(models, images, engines, tmp_path):
     """LCM without CFG feeds the UNet engine one row (the dynamic batch's minimum); the demo runs on engines."""
     pipe = ipa_rt.Pipeline.from_engine(engines["sd15"], scheduler="lcm")

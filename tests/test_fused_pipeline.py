@@ -17,6 +17,7 @@ needs_kernel = pytest.mark.skipif(
 FAST = {**CALL, "num_inference_steps": 2}
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize(
     ("family", "variants", "scale"),
@@ -29,7 +30,7 @@ def test_triton_pipeline_matches_diffusers(models, images, family, variants, sca
     ref = ref_pipe("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images
     adapters = [models.adapter(family, v) for v in variants]
     ours = ipa_pipe(models, family, adapters, attention="triton", device=KERNEL_DEVICE)
-    assert all(p.fused for p in ours.adapters._processors)
+    assert all(p.fused for p in ours.adapters.processors)
     ours.set_ip_adapter_scale(scale)
     out = ours("a cat", ip_adapter_image=imgs, latents=fixed_latents(), **FAST).images.cpu()
     assert_parity(out, ref)
@@ -41,14 +42,14 @@ def test_triton_pipeline_matches_diffusers(models, images, family, variants, sca
 
 def test_auto_is_sdpa_on_cpu(models):
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
-    assert pipe.device.type == "cpu" and not any(p.fused for p in pipe.adapters._processors)
+    assert pipe.device.type == "cpu" and not any(p.fused for p in pipe.adapters.processors)
 
 
 def test_kill_switch_forces_sdpa(models, monkeypatch):
     monkeypatch.setenv("IPA_RT_DISABLE_TRITON", "1")
     with pytest.warns(UserWarning, match="falls back to SDPA.*IPA_RT_DISABLE_TRITON"):
         pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"), attention="triton")
-    assert not any(p.fused for p in pipe.adapters._processors)
+    assert not any(p.fused for p in pipe.adapters.processors)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal without the interpreter")
@@ -128,7 +129,7 @@ def test_kernel_failing_its_build_self_test_falls_back_to_sdpa(models, images, m
     monkeypatch.setattr(kmod, "launch", broken)
     with pytest.warns(UserWarning, match=message):
         ours = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")], attention="triton", device=KERNEL_DEVICE)
-    assert not any(p.fused for p in ours.adapters._processors) and ours.kernel_fallbacks
+    assert not any(p.fused for p in ours.adapters.processors) and ours.kernel_fallbacks
     ref = diffusers_pipe(models, "sd15", ["base.safetensors"])
     out = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images.cpu()
     assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images)
@@ -141,12 +142,12 @@ def test_kernel_failing_during_a_call_falls_back_to_sdpa(models, images, monkeyp
     from ipa_rt.kernels import decoupled_kernel as kmod
 
     ours = ipa_pipe(models, "sd15", [models.adapter("sd15", "base")], attention="triton", device=KERNEL_DEVICE)
-    assert all(p.fused for p in ours.adapters._processors)
+    assert all(p.fused for p in ours.adapters.processors)
     monkeypatch.setattr(kmod, "launch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("launch failed: 719")))
     with pytest.warns(UserWarning, match="fused attention kernel failed .*launch failed: 719") as caught:
         out = ours("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images.cpu()
     assert len([w for w in caught if "kernel failed" in str(w.message)]) == 1
-    assert not any(p.fused for p in ours.adapters._processors)
+    assert not any(p.fused for p in ours.adapters.processors)
     ref = diffusers_pipe(models, "sd15", ["base.safetensors"])
     assert_parity(out, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **FAST).images)
 

@@ -79,8 +79,8 @@ def test_no_recapture_across_controls_and_step_counts(models, images):
 def test_graphed_encoder_and_decoder_equal_eager_and_follow_the_weights(models, images):
     pipe = cuda_pipe(models)
     z = fixed_latents().cuda().half()
-    graphed = pipe._decoder(z)
-    assert len(pipe._decoder.graphs) == 1
+    graphed = pipe.decoder(z)
+    assert len(pipe.decoder.graphs) == 1
     eager = pipe.vae.decode(z, return_dict=False)[0]
     assert rel_l2(graphed.float(), eager.float()) <= FP16_RTOL
     px = torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.float16)
@@ -88,17 +88,17 @@ def test_graphed_encoder_and_decoder_equal_eager_and_follow_the_weights(models, 
     want = runner.encoder(px, output_hidden_states=True).hidden_states[-2]
     assert rel_l2(runner("hidden_states", px).float(), want.float()) <= FP16_RTOL
     pipe.vae.to(torch.float32)  # what diffusers' SDXL pipeline does to a shared VAE: new storage, old graph dropped
-    again = pipe._decoder(z.float())
-    assert len(pipe._decoder.graphs) == 1 and rel_l2(again, pipe.vae.decode(z.float()).sample) <= 1e-5
+    again = pipe.decoder(z.float())
+    assert len(pipe.decoder.graphs) == 1 and rel_l2(again, pipe.vae.decode(z.float()).sample) <= 1e-5
     pipe.to("cuda")
-    assert not pipe._decoder.graphs and not runner.hidden.graphs and not pipe.loop.states
+    assert not pipe.decoder.graphs and not runner.hidden.graphs and not pipe.loop.states
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_kernel_pipeline_matches_sdpa(models, images, dtype):
     """The compiled kernel (tuned at build) in a whole graphed pipeline against the SDPA reference path."""
     fused = cuda_pipe(models, dtype=dtype, attention="auto", scheduler="ddim")
-    assert all(p.fused for p in fused.adapters._processors) and not fused.kernel_fallbacks
+    assert all(p.fused for p in fused.adapters.processors) and not fused.kernel_fallbacks
     sdpa = cuda_pipe(models, dtype=dtype, attention="sdpa", scheduler="ddim")
     call = {**CALL, "num_inference_steps": 3}
     a = fused("a cat", ip_adapter_image=images[0], latents=fixed_latents().cuda().to(dtype), **call).images

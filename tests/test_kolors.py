@@ -60,6 +60,7 @@ def _same(ref, ours, **kw):
     return assert_same_family_latents(ref, ours, CALL, **kw)
 
 
+@pytest.mark.slow
 def test_kolors_parity_scales_and_unload(files):
     import ipa_rt.kolors
 
@@ -117,6 +118,7 @@ def test_ipa_rt_pipeline_entry_point(files):
     _same(ref, pipe, ip_adapter_image=testing.make_image(0))
 
 
+@pytest.mark.slow
 def test_kolors_hub_ids_through_the_hub_cache(files, tmp_path):
     """Hub ids as users pass them (Kolors' diffusers repository, Kolors-IP-Adapter-Plus with its file name and its
     image_encoder/ subfolder found by diffusers' rule), resolved by huggingface_hub from a cache written from local
@@ -166,6 +168,7 @@ def test_errors(files):
         _latents(ours, ip_adapter_image=[[testing.make_image(0), testing.make_image(1)]])
 
 
+@pytest.mark.slow
 def test_kolors_regional_masks_and_per_image_scales(files):
     """diffusers' regional masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``) and per-image scales: two
     masked images with their own scales on one adapter beside an unmasked adapter, bitwise diffusers' KolorsPipeline;
@@ -181,6 +184,7 @@ def test_kolors_regional_masks_and_per_image_scales(files):
     assert not torch.equal(masked, _same(ref, ours, ip_adapter_image=images))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monkeypatch, capsys):
     """The UNet as an engine inside diffusers' KolorsPipeline: <= 1e-5 of the latents' scale against diffusers
@@ -215,6 +219,7 @@ def test_kolors_engine_parity_live_scale_and_reuse(files, backend, tmp_path, mon
     assert type(ipa_rt.Pipeline.from_engine(folder)).__name__ == "KolorsPipeline"
 
 
+@pytest.mark.slow
 def test_kolors_cli_build_and_generate(files, tmp_path, monkeypatch):
     import json
 
@@ -235,6 +240,7 @@ def test_kolors_cli_build_and_generate(files, tmp_path, monkeypatch):
         assert im.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_kolors_fused_kernel(files):
     """Kolors' cross-attention through the fused Triton kernel (the interpreter on the CPU) against diffusers: within
     fp32 summation-order error."""
@@ -245,7 +251,7 @@ def test_kolors_fused_kernel(files):
         pytest.skip(f"the Triton kernel cannot run here: {why}")
     ref, ours = _pair(files, "plus")
     ours.set_ip_attention("triton")
-    assert all(p.fused for p in ours.adapters._processors)
+    assert all(p.fused for p in ours.adapters.processors)
     kw = dict(ip_adapter_image=testing.make_image(0), num_inference_steps=1, guidance_scale=1.0)  # the interpreter
     a, b = _latents(ref, **kw), _latents(ours, **kw)
     assert (a - b).abs().max() <= 2e-5 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
@@ -253,6 +259,7 @@ def test_kolors_fused_kernel(files):
         ours.set_ip_attention("flash")
 
 
+@pytest.mark.slow
 def test_kolors_graphed_unet_with_a_replay_double(files, monkeypatch):
     """The CUDA-graph path on the CPU (a stand-in replays the captured body on its static inputs): the UNet captured
     once for the CFG batch and replayed at every step, bitwise diffusers across a new image and scale changes

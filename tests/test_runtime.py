@@ -45,8 +45,7 @@ def replay_capture(body, device, reset=None, pool=None, warmup=2):
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    """Every capture goes through :func:`replay_capture` (both users of ``capture_graph``)."""
-    monkeypatch.setattr(runtime, "capture_graph", replay_capture)
+    """Every capture goes through :func:`replay_capture` (``graphs.GraphCache.capture``: the loop and graphed calls)."""
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
 
 
@@ -70,6 +69,7 @@ def test_loop_keeps_no_autograd_history(models, images):
     assert not any(t.requires_grad for kv in ctx.kv for t in kv) and not ctx.scale_eff.requires_grad
 
 
+@pytest.mark.slow
 def test_calls_inside_and_outside_inference_mode_share_the_static_buffers(models, images):
     """A first call under ``torch.inference_mode()`` (as benchmarks and ComfyUI run) must not leave inference tensors
     that a later call outside it writes in place (PyTorch refuses that): same outputs in, out, and in again, and for
@@ -90,6 +90,7 @@ def test_calls_inside_and_outside_inference_mode_share_the_static_buffers(models
     assert [torch.equal(out, first) for out in again] == [True] * 4, [(out - first).abs().max().item() for out in again]
 
 
+@pytest.mark.slow
 def test_step_count_and_strength_share_one_signature(models, images, monkeypatch):
     """Tables are sized to a capacity: 3 and 5 steps reuse one state (parity still holds); past the capacity, a
     bigger table."""
@@ -110,13 +111,14 @@ def test_step_count_and_strength_share_one_signature(models, images, monkeypatch
     assert runtime.step_capacity(30) == 8 * 4 and runtime.step_capacity(1) == 8
 
 
+@pytest.mark.slow
 def test_least_recently_used_signature_is_evicted(models, images):
     pipe = sd15(models, scheduler="ddim")
-    pipe.loop.max_states = 2
+    pipe.loop.states.max_entries = 2
     sizes = (32, 40, 48)
     for size in sizes:
         pipe("a cat", ip_adapter_image=images[0], **{**CALL, "height": size, "width": size})
-    assert pipe.loop.evictions == 1 and len(pipe.loop.states) == 2
+    assert pipe.loop.states.evictions == 1 and len(pipe.loop.states) == 2
     kept = [s.sig.latents[-1] for s in pipe.loop.states.values()]
     assert kept == [20, 24]  # 40 and 48 px remain (VAE factor 2), 32 px (least recently used) was dropped
     stats = pipe.memory_stats()
@@ -145,7 +147,7 @@ def test_failed_capture_runs_eagerly_with_one_warning(models, images):
     the eager step, warns once, and the result is still diffusers'."""
     pipe = sd15(models, scheduler="ddim")
     pipe.loop.use_graphs = True
-    for g in pipe._graphed():
+    for g in pipe.graphed_calls():
         g.enabled = True
     ref = diffusers_pipe(models, "sd15", ["plus.safetensors"])
     ref.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -166,23 +168,24 @@ def test_failed_capture_runs_eagerly_with_one_warning(models, images):
 def test_to_drops_every_graph_and_buffer(models, images, fake_graphs):
     pipe = sd15(models, scheduler="ddim")
     pipe.loop.use_graphs = True
-    for g in pipe._graphed():
+    for g in pipe.graphed_calls():
         g.enabled = True
     pipe("a cat", ip_adapter_image=images[0], **{**CALL, "output_type": "pt"})
-    assert pipe.loop.captures == 1 and all(len(g.graphs) for g in pipe._graphed()[:2])
-    assert pipe.adapters._stores and pipe.adapters.context.kv is not None
+    assert pipe.loop.captures == 1 and all(len(g.graphs) for g in pipe.graphed_calls()[:2])
+    ctx = pipe.adapters.context
+    assert ctx.buffers.sets and ctx.kv is not None
     old_pool = pipe.graph_pool
     pipe.to("cpu")
     assert not pipe.loop.states and pipe.loop.captures == 0
-    assert not any(g.graphs for g in pipe._graphed()) and pipe.graph_pool is not old_pool
-    assert not pipe.adapters._stores and pipe.adapters.context.kv is None and pipe.adapters.prepared_key is None
+    assert not any(g.graphs for g in pipe.graphed_calls()) and pipe.graph_pool is not old_pool
+    assert not ctx.buffers.sets and ctx.kv is None and ctx.prepared_key is None
 
 
 def test_graphed_call_is_keyed_on_the_weights(models, fake_graphs):
     """A dtype change of the module (diffusers' SDXL pipeline upcasting a shared VAE does this) drops the graphs
     captured on the old weights instead of replaying freed memory."""
     pipe = sd15(models)
-    decoder = pipe._decoder
+    decoder = pipe.decoder
     decoder.enabled = True
     z = fixed_latents()
     first = decoder(z)
@@ -209,12 +212,12 @@ def _graphed_linear():
 
 
 def test_graphed_forward_signatures_outputs_and_weights(fake_graphs):
-    """GraphedForward (diffusers' loops): one graph per signature (tensor shapes and non-tensor values), replays
+    """Graphed (diffusers' loops): one graph per signature (tensor shapes and non-tensor values), replays
     write static inputs and hand out clones (a second replay must not overwrite the first's output), a weight
     change drops every graph, the least recently used graph goes beyond MAX_GRAPHS, and arguments that cannot key
     a graph (unhashable values) run eagerly."""
     net, forward, calls = _graphed_linear()
-    g = graphs.GraphedForward(forward, lambda: [net], "linear")
+    g = graphs.Graphed(forward, lambda: [net], "linear")
     g.enabled = True
     x, y = torch.randn(2, 4), torch.randn(2, 4)
     with torch.no_grad():
@@ -241,7 +244,7 @@ def test_graphed_forward_falls_back_when_capture_fails():
     """Without CUDA the real capture fails: that signature runs eagerly from then on, with one warning, and the
     results are the plain forward's."""
     net, forward, _ = _graphed_linear()
-    g = graphs.GraphedForward(forward, lambda: [net], "linear")
+    g = graphs.Graphed(forward, lambda: [net], "linear")
     g.enabled = True
     x = torch.randn(2, 4)
     with pytest.warns(UserWarning, match="linear at .*CUDA graph capture failed"), torch.no_grad():
@@ -250,7 +253,7 @@ def test_graphed_forward_falls_back_when_capture_fails():
         warnings.simplefilter("error")
         with torch.no_grad():
             assert torch.equal(g(x)[0], first[0]) and torch.equal(first[0], net(x))
-    assert len(g.eager) == 1 and not g.graphs
+    assert g.graphs.stats() == (0, 1)  # one signature, eager; no graph
 
 
 class StorageReads(TorchDispatchMode):
@@ -286,6 +289,7 @@ def step_reads(pipe) -> frozenset[int]:
     return reads.foreign
 
 
+@pytest.mark.slow
 def test_a_step_reads_the_same_storage_for_every_request(models, images, tmp_path):
     """What a captured graph needs: two requests of one signature (other reference, scale, prompt, guidance, step
     count, ControlNet and T2I images) make the step read exactly the same storages. The check itself is shown to

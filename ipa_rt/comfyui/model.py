@@ -90,7 +90,7 @@ def prepare_image_side(pipe: Any, ip: dict | None, options: dict, rows: int) -> 
     order = list(options.get("cond_or_uncond") or [0])
     chunk = rows // len(order)
     key = (ip["key"], tuple(order), chunk)
-    if key != stack.prepared_key:
+    if key != stack.context.prepared_key:
         embeds = [
             torch.cat([(e["neg"] if c == 1 else e["pos"]).expand(chunk, *e["pos"].shape[1:]) for c in order])
             for e in ip["adapters"]
@@ -99,7 +99,7 @@ def prepare_image_side(pipe: Any, ip: dict | None, options: dict, rows: int) -> 
         stack.prepare(tokens, key=key)
     sigma = options["sigmas"].reshape(-1)[:1].to(ip["start"].device, ip["start"].dtype)
     gate = (sigma <= ip["start"]) & (sigma >= ip["end"])  # [A]: ComfyUI_IPAdapter_plus' sigma window
-    stack.scale_eff.copy_(ip["weights"] * gate.to(ip["weights"].dtype)[:, None])
+    stack.context.set_scale(ip["weights"] * gate.to(ip["weights"].dtype)[:, None], gated_only=True)
 
 
 class IpaRtModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -241,7 +241,7 @@ class IpaRtVae:
     def decode(self, samples: Tensor, **_: Any) -> Tensor:
         pipe = self.pipe
         latents = samples.to(pipe.device) * pipe.vae.config.scaling_factor
-        return pipe._decode(latents, "pt").permute(0, 2, 3, 1).float().cpu()
+        return pipe.decode(latents, "pt").permute(0, 2, 3, 1).float().cpu()
 
     def encode(self, pixels: Tensor, **_: Any) -> Tensor:
         pipe = self.pipe

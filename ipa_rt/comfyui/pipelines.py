@@ -260,7 +260,7 @@ def sample(
         **kwargs,
     )
     latents = out.images
-    image = pipe._decode(latents, "pt").permute(0, 2, 3, 1).float().cpu()
+    image = pipe.decode(latents, "pt").permute(0, 2, 3, 1).float().cpu()
     return image, latents_to_comfy(pipe, latents)
 
 

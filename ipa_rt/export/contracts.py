@@ -80,12 +80,10 @@ class _UNetIP(nn.Module):
             extra_res["mid_block_additional_residual"] = control[-1]
         if intrablock:
             extra_res["down_intrablock_additional_residuals"] = list(intrablock)  # the UNet pops from this list
-        ctx = self.stack.context
-        ctx.kv, bounds = self.stack.image_kv(tokens), [0]
+        bounds = [0]
         for t in tokens:
             bounds.append(bounds[-1] + t.shape[1])
-        ctx.segments = list(itertools.pairwise(bounds))
-        ctx.scale_eff, ctx.seg_mult, ctx.masks = scale, None, {}
+        self.stack.context.trace(self.stack.image_kv(tokens), list(itertools.pairwise(bounds)), scale)
         return self.unet(
             sample,
             timestep,

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,9 +174,3 @@ def build_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def remove_partial(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)

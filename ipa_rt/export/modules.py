@@ -142,9 +142,6 @@ class EngineAdapters:
         # (adapter, rows) -> the one token buffer the UNet engine reads for that row count, image call or not, so a
         # graph captured during a text-only call reads the tokens of a later image call (zeros until then)
         self._tokens: dict[tuple[int, int], Tensor] = {}
-        self.row_tables: dict[int, tuple[Tensor, Tensor]] = {}  # batched calls' per-row scales
-        self.prepared_key: tuple | None = None
-        self.query_tokens: list[int] = []
         self.head_dims: list[int] = []  # no per-layer kernel choice: attention runs inside the engine
 
     @property
@@ -184,15 +181,16 @@ class EngineAdapters:
 
     def drop_buffers(self) -> None:
         self._tokens.clear()
-        self.row_tables.clear()
+        self.context.drop_buffers()
         self.prepare(None)
 
     @torch.no_grad()
-    def prepare(self, tokens, masks=None, image_scale=None, key=None, kv=None) -> None:
+    def prepare(self, tokens, masks=None, image_scale=None, key=None, kv=None, queries=None) -> None:
         """Copy this request's image tokens into the static buffers the UNet engine reads (text only: the buffers
         keep what they hold and ``active`` zeroes the scale, which selects exact zeros in-graph). Image keys/values
-        are computed in-graph: ``kv`` is ignored and None returned (the reference cache keeps the tokens)."""
-        self.prepared_key = key
+        are computed in-graph: ``kv`` is ignored and None returned (the reference cache keeps the tokens); regional
+        masks are not an engine input (``masks``, ``image_scale``, ``queries`` unused)."""
+        self.context.clear(key)  # the context holds no keys/values: only which reference the buffers hold
         if tokens is None:
             self.active.zero_()
             return None

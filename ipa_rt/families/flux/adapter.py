@@ -91,7 +91,7 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         self.scale = torch.ones(len(projections), len(to_k_ip))
         self.use_kernel = False  # decided once by the pipeline (kernel.choose), never per call
         self._memo = IdentityMemo(_MEMO)
-        self.static = StaticImage()  # what a captured transformer reads (GraphedForward stages into it)
+        self.static = StaticImage()  # what a captured transformer reads (Graphed stages into it)
 
     @property
     def num_blocks(self) -> int:

@@ -46,6 +46,7 @@ class UNetImageSide(MultiIPAdapterImageProjection):
         self._seen = IdentityMemo(1)  # one: the stack's context holds the keys/values of the latest embeddings only
         self.masks: list[torch.Tensor | None] | None = None  # this call's regional masks (set by the pipeline)
         self.image_scale: torch.Tensor | None = None  # per masked image factors [A, I, L] (set_ip_adapter_scale)
+        self.queries: list[int] | None = None  # per layer: the call's query counts (the masks' downsampling targets)
         # a captured UNet reads the keys/values from the stack's static buffers (one set per shape: staging the
         # tokens keys the graph on that shape); the tokens themselves are not read by the processors
         self.static = StaticImage()
@@ -61,7 +62,8 @@ class UNetImageSide(MultiIPAdapterImageProjection):
             stack = self.stack[0]
             with torch.no_grad():
                 tokens = stack.project(items, [None] * len(items))
-                stack.prepare(tokens, masks=masks, image_scale=self.image_scale if masks else None)
+                scale = self.image_scale if masks else None
+                stack.prepare(tokens, masks=masks, image_scale=scale, queries=self.queries if masks else None)
             self._seen.put(identity, tokens)
         return tokens
 
@@ -163,7 +165,7 @@ class UNetAdapterMixin(FamilyMixin):
         finally:
             self._call_masks = None
             if isinstance(getattr(self.unet, "encoder_hid_proj", None), UNetImageSide):
-                self.unet.encoder_hid_proj.masks = None
+                self.unet.encoder_hid_proj.masks = self.unet.encoder_hid_proj.queries = None
 
     def _take_masks(self, kwargs: dict) -> Any:
         """``ip_adapter_masks`` out of ``cross_attention_kwargs`` (the rest stays), with the checks that need no
@@ -185,7 +187,8 @@ class UNetAdapterMixin(FamilyMixin):
         kwargs["cross_attention_kwargs"] = extra or None
         size = self.default_sample_size * self.vae_scale_factor
         height, width = kwargs.get("height") or size, kwargs.get("width") or size
-        stack.query_tokens = query_tokens(self._unet_structure, stack.layer_names, height, width, self.vae_scale_factor)
+        side = self.unet.encoder_hid_proj
+        side.queries = query_tokens(self._unet_structure, stack.layer_names, height, width, self.vae_scale_factor)
         return masks
 
     def prepare_ip_adapter_image_embeds(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
@@ -196,7 +199,7 @@ class UNetAdapterMixin(FamilyMixin):
         embeds = super().prepare_ip_adapter_image_embeds(*args, **kwargs)  # type: ignore[misc]
         side = getattr(self.unet, "encoder_hid_proj", None)
         if self._call_masks is not None and isinstance(side, UNetImageSide):
-            side.masks = ip_masks(self, {"ip_adapter_masks": self._call_masks}, (embeds,))
+            side.masks = ip_masks(self, {"ip_adapter_masks": self._call_masks}, (embeds,), self._image_scale)
             side.image_scale = self._image_scale
         return embeds
 
@@ -205,7 +208,7 @@ class UNetAdapterMixin(FamilyMixin):
         if not isinstance(side, UNetImageSide) or embeds is None:
             return None
         tokens = side(embeds)  # eager: the stack's static buffers for this shape now hold the call's keys/values
-        return side.static, (tokens, side.stack[0].store_key)  # the buffer set (masked or not) keys the graph
+        return side.static, (tokens, side.stack[0].context.store_key)  # the buffer set (masked or not) keys the graph
 
     @property
     def _unet_structure(self) -> Any:
@@ -250,8 +253,7 @@ class UNetAdapterMixin(FamilyMixin):
         rows = expand_scale(scale, self._unet_structure, stack.layer_names, stack.num_adapters, "sdxl")
         table, per_image = scale_tables(rows)
         self._image_scale = per_image  # per masked image: applied with the call's masks (checked there)
-        stack.scale.copy_(table)
-        stack.scale_eff.copy_(table)
+        stack.context.set_scale(table)
 
     @property
     def adapter_count(self) -> int:
