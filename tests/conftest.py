@@ -43,6 +43,9 @@ except ImportError:  # pragma: no cover
     pass
 
 FAMILIES = ("sd15", "sdxl")
+# parametrised per family: SD1.5's case in every run, SDXL's in the whole suite only (the fast tier, -m "not slow",
+# runs each path once; tests/test_parity.py's two-adapter test keeps an SDXL case there)
+FAMILY_CASES = ("sd15", pytest.param("sdxl", marks=pytest.mark.slow))
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused kernel runs (CPU: interpreter)
 SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
 PARITY_RTOL = 1e-4  # issue requirement: relative L2 error of final latents, fp32 on CPU

@@ -21,7 +21,7 @@ import ipa_rt
 from ipa_rt.kernels import fused_available
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("triton", marks=pytest.mark.slow)])
 def test_sd15_batched_rows_equal_requests_alone(models, images, attention):
     if attention == "triton" and fused_available(torch.device(KERNEL_DEVICE), torch.float32, 8) is not None:
         pytest.skip("the Triton kernel cannot run here (no CUDA and TRITON_INTERPRET is not 1)")
@@ -33,6 +33,7 @@ def test_sd15_batched_rows_equal_requests_alone(models, images, attention):
     assert_rows_equal_alone(pipe, requests, **call)
 
 
+@pytest.mark.slow
 def test_sdxl_batched_rows_equal_requests_alone(models, images):
     pipe = ipa_pipe(models, "sdxl", [models.adapter("sdxl", "plus")], scheduler="euler_a")  # draws noise per step
     assert_rows_equal_alone(pipe, mixed_requests(images, two_adapters=False)[:3], **CALL)

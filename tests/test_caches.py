@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, SIZE, assert_parity, count_forwards, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import (
+    CALL,
+    FAMILY_CASES,
+    SIZE,
+    assert_parity,
+    count_forwards,
+    diffusers_pipe,
+    fixed_latents,
+    ipa_pipe,
+)
 
 import ipa_rt
 from ipa_rt.lru import REFERENCE_CACHE_ENV, LRUCache, reference_cache_bytes
@@ -46,6 +55,7 @@ def test_a_b_a_copies_the_cached_reference_and_equals_fresh_calls(models, images
     assert torch.equal(out, fresh(pipe, images[0], **masked))
 
 
+@pytest.mark.slow
 def test_scale_change_keeps_the_cache_and_matches_diffusers(models, images):
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "plus"))
     call(pipe, images[0])
@@ -59,6 +69,7 @@ def test_scale_change_keeps_the_cache_and_matches_diffusers(models, images):
     assert_parity(ours, ref("a cat", ip_adapter_image=images[0], latents=fixed_latents(), **CALL).images)
 
 
+@pytest.mark.slow
 def test_load_ip_adapter_drops_the_cache_and_equals_a_fresh_pipeline(models, images):
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))
     before = call(pipe, images[0])
@@ -80,7 +91,7 @@ def test_load_ip_adapter_drops_the_cache_and_equals_a_fresh_pipeline(models, ima
         pipe.load_ip_adapter(models.adapter_dir("sd15"), subfolder="", weight_name="base.safetensors")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_text_cache_skips_the_text_encoders(models, images, family):
     pipe = ipa_pipe(models, family, models.adapter(family, "base"))
     counts = count_forwards(**{f"text_{i}": e for i, e in enumerate(pipe.text_encoders)})
@@ -99,6 +110,7 @@ def test_text_cache_skips_the_text_encoders(models, images, family):
     assert len(pipe.text_cache) == 0 and len(pipe.reference_cache) == 0
 
 
+@pytest.mark.slow
 def test_the_byte_bound_evicts_least_recently_used(models, images, monkeypatch):
     monkeypatch.setenv(REFERENCE_CACHE_ENV, "0.25")
     pipe = ipa_pipe(models, "sd15", models.adapter("sd15", "base"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ipa_rt.cli import main
@@ -33,6 +34,7 @@ def test_generate_example_offline(tmp_path, capsys):
     assert "backend openvino, precision fp32, decoder AutoencoderTiny" in out and "wrote" in out
 
 
+@pytest.mark.slow
 def test_example_console_is_quiet(tmp_path):
     """What a newcomer sees, line by line: ipa_rt's own lines and the denoising bar, no third-party chatter
     (torchvision fallbacks, transformers' bars for the files the example writes); -v brings it back."""

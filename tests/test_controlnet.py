@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, fixed_latents, ipa_pipe, scoped_env
+from conftest import CALL, FAMILIES, FAMILY_CASES, assert_parity, fixed_latents, ipa_pipe, scoped_env
 from test_modes import make_mask
 
 import ipa_rt
@@ -40,7 +40,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_controlnet_with_ip_adapter_matches_diffusers(models, images, controlnets, family, case):
     c = CASES[case]
     nets = [controlnets[(family, s)] for s in c["nets"]]
@@ -121,6 +121,7 @@ def control_engines(models, controlnets, tmp_path_factory):
     return pipe, next(p for p in cache.iterdir() if (p / "manifest.json").is_file())  # not the kept exports
 
 
+@pytest.mark.slow
 def test_controlnet_engine_matches_diffusers_and_scales_are_inputs(models, images, controlnets, control_engines):
     from test_engines import snapshot
 
@@ -144,6 +145,7 @@ def test_controlnet_engine_matches_diffusers_and_scales_are_inputs(models, image
     assert snapshot(folder) == before and sessions == [id(n.engine) for n in pipe.control.nets]
 
 
+@pytest.mark.slow
 def test_build_cli_with_controlnets_is_up_to_date(models, controlnets, control_engines, capsys):
     from ipa_rt import cli
 
@@ -156,7 +158,7 @@ def test_build_cli_with_controlnets_is_up_to_date(models, controlnets, control_e
     assert "ControlNet [1] from" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_controlnet_img2img_matches_diffusers(models, images, controlnets, family):
     """``image`` = init image, ``control_image`` = structure: diffusers' ControlNet img2img pipelines, seeded."""
     import diffusers
@@ -182,6 +184,7 @@ def test_controlnet_img2img_matches_diffusers(models, images, controlnets, famil
         assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_controlnet_img2img_through_engines(models, images, controlnets, control_engines):
     import diffusers
     from diffusers import ControlNetModel
@@ -231,7 +234,7 @@ def _inpaint_reference(models, family, base, nets):
 
 
 @pytest.mark.parametrize("channels", [4, 9])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_controlnet_inpaint_matches_diffusers(models, images, controlnets, family, channels):
     """``image`` = init, ``mask_image``, ``control_image``: diffusers' ControlNet inpaint pipelines (their default
     strength and guidance), on a 4-channel UNet (blend after each step) and a 9-channel inpainting UNet (the
@@ -252,6 +255,7 @@ def test_controlnet_inpaint_matches_diffusers(models, images, controlnets, famil
         assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_controlnet_inpaint_through_engines(models, images, controlnets, control_engines):
     nets = [controlnets[("sd15", 5)], controlnets[("sd15", 6)]]
     ref = _inpaint_reference(models, "sd15", models.base("sd15"), nets)

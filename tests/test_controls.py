@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILY_CASES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
 from ipa_rt.scale import PRESETS
 
 
-@pytest.mark.parametrize("preset", ["style", "composition", "style_and_composition"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "style",
+        pytest.param("composition", marks=pytest.mark.slow),
+        pytest.param("style_and_composition", marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_presets_match_the_equivalent_dict(models, images, family, preset):
     ref = diffusers_pipe(models, family, ["base.safetensors"])
     ref.set_ip_adapter_scale(PRESETS[family][preset])
@@ -24,7 +31,7 @@ def test_presets_match_the_equivalent_dict(models, images, family, preset):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", None])  # tensor program and eager loop
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_step_range_matches_diffusers_with_a_scale_callback(models, images, family, scheduler):
     """Adapter 0 acts on steps [0.25, 0.75) of 4, adapter 1 on all: diffusers reproduces it by switching
     scales in callback_on_step_end; ipa_rt does it with its per-step gate tensor."""
@@ -88,6 +95,7 @@ def test_bad_step_ranges(models):
         pipe.set_ip_adapter_scale("sketch")
 
 
+@pytest.mark.slow
 def test_static_buffers_survive_shape_changes(models, images, tmp_path):
     """What a captured CUDA graph relies on: when a request shape comes back after another one, every tensor the
     step reads (image keys/values, masks, per-image scales, control images, T2I features) is the very buffer the

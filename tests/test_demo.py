@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import count_forwards, ipa_pipe
 from PIL import Image
+from user_commands import free_port
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -220,12 +220,7 @@ def test_headless_sweep_writes_gif_and_contact_sheet(tmp_path, capsys):
     assert "expected comma-separated numbers" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (shutil.which("chromium") and shutil.which("chromedriver")),
     reason="headless Chromium test needs Debian's chromium and chromium-driver (.ci/run installs them)",
@@ -240,7 +235,7 @@ def test_browser_moves_the_slider_and_sees_new_frames(live_pipe, images, tmp_pat
     from selenium.webdriver.support.ui import WebDriverWait
 
     renderer = LiveRenderer(live_pipe)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(renderer), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

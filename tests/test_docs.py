@@ -69,6 +69,7 @@ def test_the_link_check_sees_links():
     assert not resolves(DOCS / "index.md", "guides/missing.md")
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     missing = [m for m in ("mkdocs", "material", "mkdocstrings_handlers.python") if not _importable(m)]
     if missing:

@@ -175,7 +175,9 @@ def test_missing_base_and_bad_options(models, tmp_path):
         ipa_rt.Pipeline.from_pretrained(
             models.base("sd15"), models.adapter("sd15", "base"), backend="onnxruntime", vae=object()
         )
-    with pytest.raises(ipa_rt.ConfigError, match=r"engine_options apply to backend='onnxruntime', 'openvino' or 'tensorrt'"):
+    with pytest.raises(
+        ipa_rt.ConfigError, match=r"engine_options apply to backend='onnxruntime', 'openvino' or 'tensorrt'"
+    ):
         ipa_rt.Pipeline.from_pretrained(models.base("sd15"), engine_options={"height": 64})
     pipe = ipa_pipe(models, "sd15")
     with pytest.raises(ipa_rt.ConfigError, match=r"latents have shape \[1, 4, 16, 16\]; expected \[1, 4, 8, 8\]"):

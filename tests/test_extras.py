@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import user_commands
+from user_commands import DEMO_CLIENT, SERVE_CLIENT, ask, free_port, running, user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # first, as README says: the CPU wheel, which the range in pyproject.toml then keeps
@@ -83,87 +83,34 @@ def venv_for(extra: str) -> Path:
     return venv
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run(venv: Path, argv: tuple[str, ...], cwd: Path, timeout: float = 600, extra_env: tuple = ()):
+    """``ipa_rt ARGS`` from the venv, as its user types it: none of the suite's settings, a cache of its own."""
+    env = user_env(cwd / "cache", bin_dir=venv / "bin", clean=True, **dict(extra_env))
+    return user_commands.run([str(venv / "bin" / "ipa_rt")], argv, cwd, env, timeout)
 
 
-def run(
-    venv: Path, argv: tuple[str, ...], cwd: Path, timeout: float = 600, extra_env: tuple = ()
-) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IPA_RT_", "PYTHON", "VIRTUAL_ENV", "TRITON"))}
-    env |= {"IPA_RT_CACHE": str(cwd / "cache"), "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}", **dict(extra_env)}
-    return subprocess.run(
-        [str(venv / "bin" / "ipa_rt"), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-# the clients run with the venv's own Python: the demo over its socket (websockets comes with the extra), the server
-# over HTTP (standard library)
-DEMO_CLIENT = """
-import asyncio, json, sys, urllib.request
-import websockets
-port = int(sys.argv[1])
-page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
-assert "<html" in page.lower() and "scale" in page.lower(), page[:200]
-async def main():
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as ws:
-        while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 120))
-            if msg["type"] == "frame":
-                print(json.dumps({"frame": msg["id"], "latency_ms": msg["latency_ms"]}))
-                return
-asyncio.run(main())
-"""
-SERVE_CLIENT = """
-import json, sys, urllib.request
-port = int(sys.argv[1])
-body = json.dumps({"prompt": "a cat", "steps": 2, "seed": 1}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", body, {"content-type": "application/json"})
-png = urllib.request.urlopen(req, timeout=120).read()
-assert png[:4] == b"\\x89PNG", png[:100]
-print(json.dumps({"bytes": len(png)}))
-"""
-
-
-def serve_and_ask(venv: Path, extra: Extra, cwd: Path) -> str:
+def serve_and_ask(venv: Path, extra: Extra, cwd: Path) -> dict:
     """Start the extra's server as a user does, wait for it, ask it once with the venv's Python; stop it."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IPA_RT_", "PYTHON", "VIRTUAL_ENV"))}
-    env["IPA_RT_CACHE"] = str(cwd / "cache")
-    log = cwd / "server.log"
     argv = [str(venv / "bin" / "ipa_rt"), *extra.example, "--port", str(port)]
     ready = "Ctrl-C stops" if extra.server == "serve" else f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while ready not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{argv} did not start:\n{log.read_text()}"
-            time.sleep(1)
-        if extra.server == "demo":  # the page's server starts after the line: wait for the port
-            while subprocess.run(["bash", "-c", f"</dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.5)
-        client = DEMO_CLIENT if extra.server == "demo" else SERVE_CLIENT
-        done = subprocess.run([str(venv / "bin" / "python"), "-c", client, str(port)], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        assert done.returncode == 0, f"{done.stdout}{done.stderr}\nserver log:\n{log.read_text()[-3000:]}"
-        return done.stdout
-    finally:
-        os.killpg(proc.pid, 2)  # SIGINT: a clean shutdown, as Ctrl-C
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+    env = user_env(cwd / "cache", clean=True)
+    with running(argv, cwd, env, ready, port) as server:
+        if extra.server == "demo":
+            return ask(venv / "bin" / "python", DEMO_CLIENT, server)
+        body = json.dumps({"prompt": "a cat", "steps": 2, "seed": 1})
+        return ask(venv / "bin" / "python", SERVE_CLIENT, server, body)
 
 
 @pytest.mark.parametrize("extra", EXTRAS, ids=[e.name or "bare" for e in EXTRAS])
 def test_extra_alone_runs_its_example_and_names_what_is_missing(extra: Extra, tmp_path):
     venv = venv_for(extra.name)
     if extra.server:
-        assert serve_and_ask(venv, extra, tmp_path)
+        said = serve_and_ask(venv, extra, tmp_path)
+        if extra.server == "demo":  # the page with its slider, and a frame for the moved slider
+            assert said["page_has_scale_slider"] and said["frames"][-1]["params"]["scales"] == said["moved"], said
+        else:
+            assert said["format"] == "PNG" and said["bytes"] > 0, said
     else:
         done = run(venv, extra.example, tmp_path, extra_env=extra.env)
         assert done.returncode == 0, f"ipa_rt {' '.join(extra.example)}:\n{done.stdout}\n{done.stderr}"

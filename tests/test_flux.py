@@ -212,6 +212,7 @@ def _close(ref, ours, **kw):
     return b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_flux_engine_parity_live_scale_and_reuse(files, backend, tmp_path, monkeypatch, capsys):
     import ipa_rt
@@ -266,6 +267,7 @@ def test_flux_engine_errors(files, tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*-flux-*"))
 
 
+@pytest.mark.slow
 def test_flux_cli_build_and_generate(files, tmp_path):
     from ipa_rt.cli import main
 
@@ -285,6 +287,7 @@ def test_flux_cli_build_and_generate(files, tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_chroma_engine_parity(files, tmp_path, monkeypatch):
     import diffusers
 
@@ -303,6 +306,7 @@ def test_chroma_engine_parity(files, tmp_path, monkeypatch):
         _close(ref, pipe, ip_adapter_image=image, **cfg)
 
 
+@pytest.mark.slow
 def test_flux_fused_kernel_branch(files, monkeypatch):
     """The image branch through the fused Triton kernel (here: the Triton interpreter on the CPU) against diffusers:
     within fp32 summation-order error; scale 0 still exactly the base model's path (the kernel's zero select)."""

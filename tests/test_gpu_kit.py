@@ -83,6 +83,7 @@ def test_first_light_rehearsal(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_first_light_time_boxes_and_failures(tmp_path, monkeypatch):
     """A stage over its box is killed and recorded, a failing stage is recorded, and the next stage still runs."""
     out, work = tmp_path / "out", tmp_path / "work"

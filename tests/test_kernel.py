@@ -79,7 +79,7 @@ SHAPES = [  # (head dim, query tokens, text tokens, image segments)
     (64, 200, 154, [4, 16]),
     (40, 96, 231, [4, 16, 257, 4]),
     (80, 33, 77, [8]),  # one adapter, two images of 4 tokens each: one segment
-    (64, 4096, 77, [16, 4]),
+    pytest.param(64, 4096, 77, [16, 4], marks=pytest.mark.slow),  # 4096 queries: seconds in the interpreter
     (120, 50, 77, [4, 4]),  # a tail tile with padding (64 + 56 -> 64 + 64)
 ]
 # narrow set for local debugging: SHAPES = [(40, 64, 77, [4])]

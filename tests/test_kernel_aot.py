@@ -19,6 +19,8 @@ pytest.importorskip("triton")
 
 from ipa_rt.kernels.tuning import candidates
 
+pytestmark = pytest.mark.slow  # every test compiles kernels for each GPU architecture
+
 SPILL_BUDGET = 0  # bytes per thread
 MASKED_SPILL_BUDGET = 64  # bytes per thread, for masked calls with several segments (regional IP-Adapter)
 ARCHS = (80, 90)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILY_CASES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
 from ipa_rt import testing as T
@@ -16,6 +16,7 @@ from ipa_rt import testing as T
 pytest.importorskip("peft")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "fmt"), [("sd15", "diffusers"), ("sd15", "kohya"), ("sdxl", "diffusers")])
 def test_fused_lora_matches_diffusers(models, images, tmp_path, family, fmt):
     lora = T.write_lora(tmp_path / f"style-{fmt}.safetensors", models.base(family), fmt=fmt)
@@ -98,7 +99,7 @@ def test_vae_given_as_a_folder_or_by_name(models, images, tmp_path):
         ipa_pipe(models, "sd15", vae=str(tmp_path))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_tiny_autoencoder(models, images, family):
     from diffusers import AutoencoderTiny
 
@@ -131,6 +132,7 @@ def test_tiny_autoencoder(models, images, family):
         )
 
 
+@pytest.mark.slow
 def test_sdxl_force_upcast_vae_decodes_in_fp32_as_diffusers(models, images):
     """diffusers' SDXL pipelines decode an fp16 VAE whose config has ``force_upcast`` in fp32 (real SDXL VAE
     weights overflow fp16: NaN, black images). The fixture VAE is made to overflow in fp16; through

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, FAMILIES, KERNEL_DEVICE, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILY_CASES, KERNEL_DEVICE, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 from PIL import Image
 
 import ipa_rt
@@ -38,12 +38,13 @@ def run(models, images, family, attention="sdpa", device="cpu"):
     return ours("two cats", **kw).images.cpu(), ref("two cats", **kw).images
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_masks_and_per_image_scales_match_diffusers(models, images, family):
     out, ref = run(models, images, family)
     assert_parity(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64) is not None,
     reason="the Triton kernel cannot run here",
@@ -64,7 +65,7 @@ def test_mask_errors(models, images):
         pipe("x", cross_attention_kwargs={"scale": 0.5}, **CALL)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_two_adapters_each_with_a_region(models, images, family):
     """diffusers' documented two-adapter regional setup: one mask per adapter, one image each."""
     both = masks()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, ipa_pipe
+from conftest import CALL, FAMILY_CASES, assert_parity, ipa_pipe
 from PIL import Image
 
 from ipa_rt import testing as T
@@ -50,15 +50,15 @@ def run_mode(models, family, mode, images, base=None, scheduler=None, seed=5, **
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_img2img(models, images, family, scheduler):
     out, ref = run_mode(models, family, "img2img", images, scheduler=scheduler, strength=0.6, num_inference_steps=4)
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.75])
+@pytest.mark.parametrize("strength", [1.0, pytest.param(0.75, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("channels", [4, 9])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_inpaint(models, images, family, channels, strength):
     base = models.base(family) if channels == 4 else models.root / f"{family}-inpaint"
     out, ref = run_mode(
@@ -67,7 +67,7 @@ def test_inpaint(models, images, family, channels, strength):
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_inpaint_eager_scheduler_and_euler(models, images, family):
     for scheduler in (None, "euler"):
         out, ref = run_mode(models, family, "inpaint", images, scheduler=scheduler, strength=0.8, num_inference_steps=3)

@@ -72,6 +72,7 @@ def controlnet_reference(models, net):
     return pipe
 
 
+@pytest.mark.slow
 def test_fp32_controlnet_engines_match_diffusers_and_scales_are_inputs(models, images, ov_engines):
     from test_engines import snapshot
 
@@ -94,6 +95,7 @@ def test_fp32_controlnet_engines_match_diffusers_and_scales_are_inputs(models, i
     assert snapshot(ov_engines["sd15"]) == before and engines == [id(pipe.unet.engine), id(pipe.control.nets[0].engine)]
 
 
+@pytest.mark.slow
 def test_sdxl_engines_built_transparently_match_diffusers(models, images, ov_engines):
     pipe = ov_engines["sdxl_pipe"]
     pipe.set_progress_bar_config(disable=True)
@@ -106,6 +108,7 @@ def test_sdxl_engines_built_transparently_match_diffusers(models, images, ov_eng
         assert_parity(got, want, FAITHFUL_RTOL)
 
 
+@pytest.mark.slow
 def test_openvino_engines_read_a_batched_call_per_row_scales(images, ov_engines):
     """``ip_scale`` with its row axis through OpenVINO (engines built for one image per call: one request, each
     of its CFG rows reading its own row): the same as the ordinary call with that scale set."""
@@ -117,6 +120,7 @@ def test_openvino_engines_read_a_batched_call_per_row_scales(images, ov_engines)
     assert_parity(got.images, pipe(**request).images, BATCH_RTOL)
 
 
+@pytest.mark.slow
 def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
     """A calibrated int8 UNet (NNCF post-training quantisation), low-precision arithmetic elsewhere and the TAESD
     decoder and encoder as OpenVINO engines: close to the torch pipeline with the same TAESD, not faithful; the
@@ -150,6 +154,7 @@ def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
     assert (ov_engines["int8"] / "openvino" / "unet.bin").stat().st_size < fp32_unet / 2  # int8 weights stored
 
 
+@pytest.mark.slow
 def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monkeypatch):
     """OpenVINO 2026.4 imports a wrong blob when two precision hints of one model share a cache directory in one
     process (wrong values, NaN): each precision gets its own cache, so f32, bf16, f32, bf16 stay right."""
@@ -165,6 +170,7 @@ def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monke
     assert rel_l2(outs[1], outs[0]) <= LOW_RTOL
 
 
+@pytest.mark.slow
 def test_openvino_errors(models, ov_engines, images, monkeypatch):
     pipe = ipa_rt.Pipeline.from_engine(ov_engines["int8"])
     with pytest.raises(ConfigError, match=r"built for 32x32 images; this call asks for 48x48"):
@@ -199,6 +205,7 @@ def test_openvino_errors(models, ov_engines, images, monkeypatch):
         openvino_engine.openvino()
 
 
+@pytest.mark.slow
 def test_inspect_names_the_precision(ov_engines, capsys):
     assert cli.main(["inspect", str(ov_engines["int8"])]) == 0
     assert "openvino engines for a SD15 model, fp32, int8 compute" in capsys.readouterr().out
@@ -206,6 +213,7 @@ def test_inspect_names_the_precision(ov_engines, capsys):
     assert manifest["identity"]["request"]["precision"] == "int8"
 
 
+@pytest.mark.slow
 def test_kept_exports_are_reused_per_network(tmp_path, monkeypatch):
     """IPA_RT_KEEP_EXPORTS=1: a second build that differs in backend and precision exports nothing again, one that
     changes the decoder re-exports the VAE networks only, and other ipa_rt code never reuses an export."""
@@ -325,6 +333,7 @@ def test_cli_precisions_are_the_engines():
     assert PRECISIONS == ENGINE
 
 
+@pytest.mark.slow
 def test_profile_unet_reads_the_per_layer_counters(ov_engines):
     """benchmarks/profile_unet.py on a built int8 engine: the step's time, OpenVINO's counters summed by layer type
     and kernel (int8 kernels among them), and the report's GFLOP/s against a given peak."""
@@ -379,6 +388,7 @@ def test_auto_precision_and_the_int8_overflow_fix_follow_the_cpu(models, monkeyp
     assert BuildRequest(**{**base, "backend": "onnxruntime"}, precision="fp32").precision == "fp32"
 
 
+@pytest.mark.slow
 def test_int8_overflow_fix_as_built_for_a_cpu_without_vnni(models, images, ov_engines, tmp_path):
     """What an int8 build on an AVX2 CPU makes (the overflow fix its CPU chooses, forced here whatever this CPU is):
     every int8 weight within half the range (|w| <= 64, so no pair of u8 x s8 products can saturate the 16-bit sums

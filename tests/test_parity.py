@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CALL, FAMILIES, assert_parity, diffusers_pipe, face_embeds, fixed_latents, ipa_pipe
+from conftest import CALL, FAMILIES, FAMILY_CASES, assert_parity, diffusers_pipe, face_embeds, fixed_latents, ipa_pipe
 
 import ipa_rt
 
@@ -32,16 +32,16 @@ def run_both(models, family, variants, images, scale=0.7, fmt="safetensors", cal
     return out, ref
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("bin", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("variant", IMAGE_VARIANTS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_image_variants(models, images, family, variant, fmt):
     out, ref = run_both(models, family, [variant], images[0], fmt=fmt)
     assert_parity(out, ref)
 
 
 @pytest.mark.parametrize(("variant", "shortcut"), [("faceid", False), ("faceid_plus", False), ("faceid_plus", True)])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_faceid_variants(models, images, family, variant, shortcut):
     """FaceID (LoRA + id embeds), FaceID-Plus (also CLIP states) and PlusV2 (shortcut flag)."""
     plus = variant == "faceid_plus"
@@ -63,14 +63,16 @@ def test_faceid_variants(models, images, family, variant, shortcut):
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_cfg_off(models, images, family):
     out, ref = run_both(models, family, ["plus"], images[0], call={"guidance_scale": 1.0})
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm", "dpm++2m", "euler_a"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "scheduler", ["ddim", "lcm", "euler_a", *(pytest.param(s, marks=pytest.mark.slow) for s in ("euler", "dpm++2m"))]
+)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_schedulers(models, images, family, scheduler):
     call = {"seed": 11}  # ancestral / LCM steps draw noise
     if scheduler == "lcm":
@@ -108,7 +110,7 @@ PER_BLOCK = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_per_block_dict(models, images, family):
     style, layout = PER_BLOCK[family]
     out, ref = run_both(models, family, ["base"], images[0], scale=style)
@@ -117,7 +119,7 @@ def test_per_block_dict(models, images, family):
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_scale_zero_is_exactly_no_adapter(models, images, family):
     ref = diffusers_pipe(models, family)("a cat", latents=fixed_latents(), **CALL).images
     ours = ipa_pipe(models, family, [models.adapter(family, "base"), models.adapter(family, "plus")])
@@ -127,7 +129,7 @@ def test_scale_zero_is_exactly_no_adapter(models, images, family):
     assert torch.equal(out, ref), f"max abs diff {(out - ref).abs().max():.3e}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_large_scale(models, images, family):
     out, ref = run_both(models, family, ["plus"], images[0], scale=42.0)
     assert_parity(out, ref)
@@ -135,7 +137,7 @@ def test_large_scale(models, images, family):
     assert (out - no_adapter).abs().max() > 1e-2  # the adapter really acts
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_precomputed_embeds(models, images, family):
     ref_pipe = diffusers_pipe(models, family, ["base.safetensors", "full.safetensors"])
     embeds = ref_pipe.prepare_ip_adapter_image_embeds([images[0], images[1]], None, "cpu", 1, True)
@@ -145,7 +147,7 @@ def test_precomputed_embeds(models, images, family):
     assert_parity(out, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_batch_and_images_per_prompt(models, images, family):
     call = {"num_images_per_prompt": 2, "negative_prompt": "blurry", "latents": fixed_latents(2)}
     out, ref = run_both(models, family, ["base"], images[0], call=call)
@@ -159,7 +161,7 @@ def test_batch_and_images_per_prompt(models, images, family):
     assert_parity(o.images, r.images)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_decoded_images_match(models, images, family):
     out, ref = run_both(models, family, ["base"], images[0], call={"output_type": "np"})
     assert out.shape == (1, 32, 32, 3)
@@ -178,7 +180,7 @@ def test_hub_style_folder_subfolder_weight_name(models, images):
     assert_parity(a, b)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_from_diffusers_and_restore(models, images, family):
     ref_pipe = diffusers_pipe(models, family, ["base.safetensors", "plus.safetensors"])
     ref_pipe.set_ip_adapter_scale([0.6, 0.9])
@@ -193,7 +195,7 @@ def test_from_diffusers_and_restore(models, images, family):
     assert torch.equal(again, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_seeded_generator_without_latents(models, images, family):
     """No latents given: the same generator draws the same initial noise as diffusers."""
     call = {k: v for k, v in CALL.items()}

@@ -27,7 +27,9 @@ def test_negative_image_prompt_equals_embeds_with_that_negative(models, images, 
     assert_parity(b.images, a)
 
 
-@pytest.mark.parametrize("mode", ["average", "norm_average", "add", "subtract"])
+@pytest.mark.parametrize(
+    "mode", ["average", *(pytest.param(mode, marks=pytest.mark.slow) for mode in ("norm_average", "add", "subtract"))]
+)
 def test_combine_modes_equal_precombined_embeds(models, images, mode):
     ref = diffusers_pipe(models, "sd15", ["base.safetensors"])
     per_image = torch.cat([diffusers_embeds(ref, im, False) for im in images], dim=1)  # [1, 3, D]

@@ -280,6 +280,7 @@ def _close(a, b):
     assert (a - b).abs().max() <= 1e-3 * a.abs().max(), f"max |diff| {(a - b).abs().max().item():.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tmp_path, monkeypatch, capsys):
     """The transformer (with the per-step resampler) as an engine inside diffusers' StableDiffusion3Pipeline, against
@@ -323,6 +324,7 @@ def test_sd3_engine_parity_live_scale_and_reuse(files, base_latents, backend, tm
     _close(_latents(ref, ip_adapter_image=image), _latents(loaded, ip_adapter_image=image))
 
 
+@pytest.mark.slow
 def test_sd3_cli_generate_and_build(files, tmp_path, monkeypatch):
     """``ipa_rt generate`` on an SD3 folder (PyTorch), ``ipa_rt build`` of its transformer engine and ``generate
     --engine`` on it, through the command line."""

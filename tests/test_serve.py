@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from user_commands import free_port
 
 import ipa_rt
 from ipa_rt.serving.config import ServeConfig
@@ -28,12 +28,6 @@ QUEUE = 4  # --max-queued-requests of the server under test
 # serve.batch's wait for a batch to fill: with the default 0.05 s a loaded 2-core machine (the other test worker
 # busy) dispatched a burst's requests further apart than that, and every batch held one request
 BATCH_WAIT = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +56,7 @@ def post(server, timeout: float = 120, **kw) -> httpx.Response:
     return httpx.post(server["url"] + "/v1/generate", timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 def test_curl_gets_images_from_the_example_server(server, images, tmp_path):
     from PIL import Image
 
@@ -81,6 +76,7 @@ def test_curl_gets_images_from_the_example_server(server, images, tmp_path):
     assert httpx.get(server["url"] + "/v1/models").json()["example"]["adapters"] == ["ip-adapter-base_sd15"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fields", "files", "status", "field"),
     [
@@ -106,6 +102,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_replica_keeps_serving(ser
     assert post(server, json={"prompt": "fine", "steps": 1}).status_code == 200
 
 
+@pytest.mark.slow
 def test_bad_json_bodies(server):
     r = post(server, content=b'{"prompt": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["field"] == "body"
@@ -113,6 +110,7 @@ def test_bad_json_bodies(server):
     assert r.status_code == 422 and r.json()["field"] == "image[0]"
 
 
+@pytest.mark.slow
 def test_a_full_queue_gets_503_with_retry_after(server):
     """2 replicas x 4 ongoing + 4 queued: a burst of 32 overflows, the excess is refused at once, the rest served
     (20 steps: the first batches are still running when the burst has arrived, however fast the machine)."""
@@ -132,6 +130,7 @@ def bench_module():
     return module
 
 
+@pytest.mark.slow
 def test_killing_a_replica_mid_run_loses_no_request(server):
     """The load test's small version: 40 requests from 8 clients, one replica killed after 10 answers. Ray replaces
     it, the gateway retries what it held: every request gets an image or a clear JSON error."""
@@ -150,6 +149,7 @@ def test_killing_a_replica_mid_run_loses_no_request(server):
     assert summary["lost"] == 0 and summary["ok"] >= 30
 
 
+@pytest.mark.slow
 def test_sigint_shuts_the_server_down_gracefully(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)

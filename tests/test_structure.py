@@ -16,6 +16,8 @@ import ast
 import functools
 from pathlib import Path
 
+import pytest
+
 PACKAGE = "ipa_rt"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
@@ -132,6 +134,7 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+@pytest.mark.slow
 def test_submodule_imports_are_quiet():
     """A user importing a submodule first (``ipa_rt.export``, ``ipa_rt.video``, ...) sees nothing from third-party
     libraries: diffusers' pipeline modules pull in transformers' image processors, which note on stderr that

@@ -104,6 +104,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sdxl_t2i_with_ip_adapter_matches_diffusers(models, images, t2i, case):
     c = CASES[case]
@@ -133,6 +134,7 @@ def test_sd15_t2i_with_ip_adapter_matches_diffusers(models, images, t2i, adapter
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_t2i_scale_and_factor_are_live(models, images, t2i):
     """Scale and factor are tensor writes: one adapter run per request, the same buffers for every value."""
     from conftest import count_forwards
@@ -155,6 +157,7 @@ def test_t2i_scale_and_factor_are_live(models, images, t2i):
     assert ours.loop.captures == 0
 
 
+@pytest.mark.slow
 def test_t2i_with_controlnet(models, images, t2i, tmp_path):
     """Both structure inputs at once (``adapter_image=`` then), against diffusers' ControlNet pipeline with
     diffusers' adapter features in the UNet call."""
@@ -180,6 +183,7 @@ def test_t2i_with_controlnet(models, images, t2i, tmp_path):
         ours("a car", **kw)
 
 
+@pytest.mark.slow
 def test_t2i_img2img(models, images, t2i):
     """``image`` = init image, ``adapter_image`` = structure, against diffusers' img2img pipeline with its
     adapter's features in the UNet call."""
@@ -287,6 +291,7 @@ def sdxl_structure_engines(models, t2i, tmp_path_factory):
     return pipe, engines, net
 
 
+@pytest.mark.slow
 def test_sdxl_engine_with_t2i_and_controlnet_matches_diffusers(models, images, t2i, sdxl_structure_engines):
     """One engine set, two oracles: with the ControlNet at scale 0 it is diffusers' SDXL adapter pipeline; with it on,
     diffusers' SDXL ControlNet pipeline with diffusers' adapter features in the UNet call. Scales and the factor
@@ -331,6 +336,7 @@ def test_sdxl_engine_with_t2i_and_controlnet_matches_diffusers(models, images, t
     assert snapshot(folder) == before and sessions == [id(pipe.t2i.adapters[0].engine), id(pipe.unet.engine)]
 
 
+@pytest.mark.slow
 def test_build_cli_with_t2i_adapter_is_up_to_date(models, t2i, sdxl_structure_engines, capsys):
     from ipa_rt import cli
 

@@ -60,7 +60,14 @@ TXT2VIDEO = {  # adapters, their scale(s), scheduler (ours, diffusers), steps, g
 }
 
 
-@pytest.mark.parametrize("case", sorted(TXT2VIDEO))
+# two cases in the fast tier (CFG with DDIM, LCM without), every case in the whole suite
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=() if c in ("base_ddim_cfg", "plus_lcm_4step") else pytest.mark.slow)
+        for c in sorted(TXT2VIDEO)
+    ],
+)
 def test_txt2video_matches_diffusers(models, motion, images, case):
     adapters, scale, (ours_sched, ref_sched), steps, guidance = TXT2VIDEO[case]
     ref = reference(models, motion, adapters, ref_sched)
@@ -75,6 +82,7 @@ def test_txt2video_matches_diffusers(models, motion, images, case):
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_scale_zero_equals_diffusers_without_adapter_and_scale_changes_live(models, motion, images):
     ref = reference(models, motion)
     pipe = ours(models, motion, ("base",))
@@ -90,6 +98,7 @@ def test_scale_zero_equals_diffusers_without_adapter_and_scale_changes_live(mode
     assert pipe.loop.captures == captures
 
 
+@pytest.mark.slow
 def test_unseeded_lcm_draws_from_the_global_rng_like_diffusers(models, motion, images):
     ref = reference(models, motion, ("base",), "LCMScheduler")
     pipe = ours(models, motion, ("base",), "lcm")
@@ -101,6 +110,7 @@ def test_unseeded_lcm_draws_from_the_global_rng_like_diffusers(models, motion, i
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_frame_count_changes_between_calls(models, motion, images):
     """The image keys/values are repeated per frame: a new frame count must not reuse the old buffers."""
     ref = reference(models, motion, ("base",))
@@ -112,6 +122,7 @@ def test_frame_count_changes_between_calls(models, motion, images):
         assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_video2video_matches_diffusers(models, motion, images):
     clip = [T.make_image(seed=20 + i, size=(SIZE, SIZE)) for i in range(FRAMES)]
     ref = reference(models, motion, ("plus",), kind="AnimateDiffVideoToVideoPipeline")
@@ -122,6 +133,7 @@ def test_video2video_matches_diffusers(models, motion, images):
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_controlnet_video_matches_diffusers(models, motion, images, guidance):
     from diffusers import ControlNetModel
@@ -137,6 +149,7 @@ def test_controlnet_video_matches_diffusers(models, motion, images, guidance):
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_decoded_frames_match_diffusers_with_chunked_decode(models, motion, images):
     ref = reference(models, motion, ("base",))
     pipe = ours(models, motion, ("base",))
@@ -230,6 +243,7 @@ def test_video_writer_round_trip_and_atomicity(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4", "clip.webm"]
 
 
+@pytest.mark.slow
 def test_regional_masks_and_per_image_scales_in_a_clip(models, motion, images):
     from test_masks import masks
 
@@ -249,6 +263,7 @@ def test_regional_masks_and_per_image_scales_in_a_clip(models, motion, images):
     assert_parity(got, want)
 
 
+@pytest.mark.slow
 def test_animatelcm_recipe_lora_fused_into_the_motion_unet(models, motion, images, tmp_path):
     """AnimateLCM's recipe: LCM scheduler, 4 steps, guidance 1, a LoRA fused at load (diffusers: load + fuse)."""
     lora = T.write_lora(tmp_path / "lcm_lora.safetensors", models.base("sd15"))
@@ -277,6 +292,7 @@ def video_engines(models, motion, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_onnxruntime_video_engines_match_diffusers_with_live_scale(models, motion, images, video_engines):
     ref = reference(models, motion, ("plus",))
     pipe = ipa_rt.AnimateDiffPipeline.from_engine(video_engines, scheduler="ddim")
@@ -295,6 +311,7 @@ def test_onnxruntime_video_engines_match_diffusers_with_live_scale(models, motio
         ipa_rt.Pipeline.from_engine(video_engines)
 
 
+@pytest.mark.slow
 def test_video_unet_profile_has_a_row_per_frame_for_text_and_image_tokens(video_engines):
     """What TensorRT's optimisation profile is built from (TensorRT cannot run here): the motion UNet's text and
     image-token inputs range over ``frames`` rows per sample row, the sample over sample rows."""
@@ -321,6 +338,7 @@ def openvino_video_engines(models, motion, video_engines, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_openvino_video_engines_match_diffusers_with_live_scale(models, motion, images, openvino_video_engines):
     ref = reference(models, motion, ("plus",), scheduler="LCMScheduler")
     pipe = ipa_rt.AnimateDiffPipeline.from_engine(openvino_video_engines, scheduler="lcm")
@@ -335,6 +353,7 @@ def test_openvino_video_engines_match_diffusers_with_live_scale(models, motion, 
         assert_parity(got, want, tol=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_generates_a_clip_from_video_engines(video_engines, images, tmp_path):
     from PIL import Image
 
@@ -366,6 +385,7 @@ def test_video_build_request_errors(models, motion):
         BuildRequest(base, adapter, backend=backend, motion_adapter=str(motion["sd15"]), frames=8).check()
 
 
+@pytest.mark.slow
 def test_cli_video_build_in_a_fresh_process_loads_through_the_video_pipeline(models, motion, tmp_path):
     """`ipa_rt build --motion-adapter` in a process that never imported ipa_rt.video (the package's names are lazy):
     the CLI registers the video pipeline, so the build loads the motion UNet (build_engines stubbed: the models'

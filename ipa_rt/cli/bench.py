@@ -9,7 +9,12 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``bench``: every argument belongs to the benchmark script, so none are parsed here."""
-    bench = sub.add_parser("bench", help="benchmark against diffusers (runs benchmarks/harness.py)", add_help=False)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark against diffusers from a source checkout (benchmarks/: --profile cpu, video, families, "
+        "serve, gpu)",
+        add_help=False,
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
 

@@ -13,8 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``build``: the engine directory's request, one flag per field of ``BuildRequest``."""
     build = sub.add_parser(
         "build",
-        help="export to ONNX and build ONNX Runtime, OpenVINO or TensorRT engines (cached, with a manifest)",
-        description="Export every network and build engines into DIR (with manifest.json).",
+        help="export to ONNX and build ONNX Runtime, OpenVINO or TensorRT engines with a manifest: every network of "
+        "SD1.5/SDXL, the transformer (UNet) of Flux/Chroma, Kolors and SD3.5",
+        description="Export to ONNX and build engines into DIR (with manifest.json; what is already built there is "
+        "reused): every network of an SD1.5/SDXL model (with its ControlNets, T2I-Adapters or motion adapter), the "
+        "transformer (Kolors: the UNet) of a Flux/Chroma, Kolors or SD3.5 model, whose other networks stay PyTorch.",
     )
     build.add_argument("base", help="diffusers base model folder or hub id")
     build.add_argument("--ip-adapter", action="append", required=True, metavar="FILE", help="adapter; repeatable")

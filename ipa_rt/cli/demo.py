@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``demo``: the live page's model and server, and the headless sweep."""
     demo = sub.add_parser(
         "demo",
-        help="LCM 4-step realtime web demo (or --sweep to a GIF)",
+        help="LCM realtime web page: image prompt, text and scale sliders live (or --sweep of scales to a GIF)",
         description="Serve a live page where image prompt, text and scale sliders drive LCM frames.",
     )
     demo.add_argument("base", nargs="?", help="diffusers base model folder or hub id (not with --engine)")

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``doctor``: the model to check on, or an engine directory."""
     doctor = sub.add_parser(
         "doctor",
-        help="check this machine: fused kernel, CUDA graphs and engines against their references",
+        help="check this machine: attention, fused kernel, CUDA graphs and engines against what they replace",
         description="Run each optimisation next to the computation it replaces, on this device and model; print a "
         "table, write it as JSON; exit 1 if any check fails.",
     )

@@ -15,8 +15,14 @@ from .common import DTYPES, add_backend_options, dtype_of, load_pipeline
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``generate``: text and image prompts to an image or a clip."""
-    gen = sub.add_parser("generate", help="text + image prompt -> image", description="Generate one image.")
-    gen.add_argument("base", nargs="?", help="diffusers base model folder or hub id (SD1.5 or SDXL family)")
+    gen = sub.add_parser(
+        "generate",
+        help="text + image prompt -> an image (or an AnimateDiff clip), from weights or built engines",
+        description="Generate one image, or a clip with --motion-adapter / --video.",
+    )
+    gen.add_argument(
+        "base", nargs="?", help="diffusers base model folder or hub id: SD1.5, SDXL, Flux/Chroma, Kolors or SD3.5"
+    )
     gen.add_argument(
         "--example",
         action="store_true",

@@ -10,7 +10,11 @@ import torch
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``inspect``: one engine directory."""
-    inspect = sub.add_parser("inspect", help="describe an engine directory", description="Say what a manifest says.")
+    inspect = sub.add_parser(
+        "inspect",
+        help="describe an engine directory and check its files are intact",
+        description="Say what an engine directory's manifest says, and check its files against it.",
+    )
     inspect.add_argument("engine", metavar="DIR")
 
 
