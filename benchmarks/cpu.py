@@ -268,7 +268,7 @@ class Runner:
             cls = diffusers.LCMScheduler if name == "lcm" else diffusers.DPMSolverMultistepScheduler
             self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
         else:
-            self.pipe.scheduler = ipa_rt.schedulers.make_scheduler(name, self.pipe.base.scheduler)
+            self.pipe.scheduler = ipa_rt.runtime.schedulers.make_scheduler(name, self.pipe.base.scheduler)
 
     def forget_reference(self) -> None:
         if self.system.kind == "ipa_rt":  # every timed first call pays the whole image and text side, as diffusers does

@@ -166,7 +166,7 @@ class Bench:
     def graphed_step(self, batch: int):
         """One replay of the captured step (UNet on ``batch`` rows, guidance, scheduler update): what the graphed
         system runs per step. The step counter is rewound before each replay so the timed replays repeat step 0."""
-        lcm = ipa_rt.schedulers.make_scheduler("lcm", self.diffusers.scheduler)
+        lcm = ipa_rt.runtime.schedulers.make_scheduler("lcm", self.diffusers.scheduler)
         self.ours.scheduler = copy.deepcopy(lcm)
         self.call("ipa_rt+graphs", 4, 7.5 if batch == 2 else 1.0, output_type="latent")  # captures
         state = next(reversed(self.ours.loop.states.values()))
@@ -181,7 +181,7 @@ class Bench:
 
 def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:
     rows = []
-    lcm = ipa_rt.schedulers.make_scheduler("lcm", bench.diffusers.scheduler)
+    lcm = ipa_rt.runtime.schedulers.make_scheduler("lcm", bench.diffusers.scheduler)
     for system in bench.systems():
         bench.use(system)
         if system == "diffusers+compile":
@@ -205,7 +205,7 @@ def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:
             samples.append(timer(lambda s=system: bench.call(s, 4, 1.0)))
         rows.append({"system": system, "workload": "LCM 4 steps end to end", **stats(samples)})
         if profile["cfg_steps"]:
-            dpm = ipa_rt.schedulers.make_scheduler("dpm++2m", bench.diffusers.scheduler)
+            dpm = ipa_rt.runtime.schedulers.make_scheduler("dpm++2m", bench.diffusers.scheduler)
             bench.diffusers.scheduler, bench.ours.scheduler = copy.deepcopy(dpm), copy.deepcopy(dpm)
             bench.call(system, profile["cfg_steps"], 7.5)
             samples = [
@@ -242,7 +242,7 @@ def run_family(bench: Bench, profile: dict, timer, reps: int) -> list[dict]:
 
 def errors_vs_diffusers(bench: Bench) -> dict[str, float]:
     """Each system's LCM-4 output latents against diffusers' (same seed, same weights)."""
-    lcm = ipa_rt.schedulers.make_scheduler("lcm", bench.diffusers.scheduler)
+    lcm = ipa_rt.runtime.schedulers.make_scheduler("lcm", bench.diffusers.scheduler)
     outs = {}
     for system in bench.systems():
         if system == "diffusers+compile":
@@ -284,7 +284,7 @@ def run_controlnet(files: dict, device, dtype, size: int, profile: dict, timer, 
     rows, outs = [], {}
     for workload, scheduler, steps, guidance in workloads:
         for system, pipe in systems.items():
-            pipe.scheduler = ipa_rt.schedulers.make_scheduler(scheduler, ref.scheduler)
+            pipe.scheduler = ipa_rt.runtime.schedulers.make_scheduler(scheduler, ref.scheduler)
             call(pipe, steps, guidance)  # warm-up (and graph capture)
             samples = [timer(lambda p=pipe, n=steps, g=guidance: call(p, n, g)) for _ in range(reps)]
             rows.append({"system": system, "workload": workload, "family": "sd15+controlnet", **stats(samples)})

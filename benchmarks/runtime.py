@@ -131,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             ("LCM 4 steps", "lcm", 4, 1.0),
             ("DPM++ 2M 30 steps CFG", "dpm++2m", 30, 7.5),
         ):
-            pipe.scheduler = ipa_rt.schedulers.make_scheduler(scheduler, pipe.base.scheduler)
+            pipe.scheduler = ipa_rt.runtime.schedulers.make_scheduler(scheduler, pipe.base.scheduler)
             for graphs in (False, True) if cuda else (False,):
                 r = measure(pipe, image, steps, guidance, graphs, size, args.reps, timer)
                 rows.append({"workload": workload, "loop": "graph" if graphs else "eager", **r})
                 print(rows[-1], flush=True)
-        pipe.scheduler = ipa_rt.schedulers.make_scheduler("lcm", pipe.base.scheduler)
+        pipe.scheduler = ipa_rt.runtime.schedulers.make_scheduler("lcm", pipe.base.scheduler)
         pipe.loop.use_graphs = None
         controls = control_costs(pipe, image, images, size, timer)
     result = {

@@ -59,7 +59,7 @@ def run(pipe, system: str, workload: str, args, latents: torch.Tensor | None = N
     if system == "diffusers":
         pipe.scheduler = getattr(diffusers, ref_sched).from_config(pipe.scheduler.config)
     else:
-        pipe.scheduler = ipa_rt.schedulers.make_scheduler(ours_sched, pipe.base.scheduler)
+        pipe.scheduler = ipa_rt.runtime.schedulers.make_scheduler(ours_sched, pipe.base.scheduler)
     image = T.make_image(0, (384, 384))
     with torch.inference_mode():
         return pipe(

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:  # the same names, for type checkers and the API reference (mkdocstrings reads statically)
-    from .checkpoint import AdapterSource
-    from .conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
+    from .adapters.checkpoint import AdapterSource
+    from .adapters.conditions import load_ip_adapter_embeds, save_ip_adapter_embeds
+    from .adapters.scale import PRESETS, scale_preset
     from .errors import (
         CheckpointError,
         ConfigError,
@@ -23,16 +24,15 @@ if TYPE_CHECKING:  # the same names, for type checkers and the API reference (mk
         ScaleError,
     )
     from .pipeline import Pipeline, PipelineOutput, from_diffusers
-    from .scale import PRESETS, scale_preset
-    from .video import AnimateDiffPipeline, VideoPipelineOutput
+    from .video.pipeline import AnimateDiffPipeline, VideoPipelineOutput
 
 # public name -> module that defines it
 _EXPORTS = {
-    "PRESETS": "scale",
-    "scale_preset": "scale",
-    "AdapterSource": "checkpoint",
-    "load_ip_adapter_embeds": "conditions",
-    "save_ip_adapter_embeds": "conditions",
+    "PRESETS": "adapters.scale",
+    "scale_preset": "adapters.scale",
+    "AdapterSource": "adapters.checkpoint",
+    "load_ip_adapter_embeds": "adapters.conditions",
+    "save_ip_adapter_embeds": "adapters.conditions",
     "CheckpointError": "errors",
     "ConfigError": "errors",
     "EngineError": "errors",
@@ -43,8 +43,8 @@ _EXPORTS = {
     "Pipeline": "pipeline",
     "PipelineOutput": "pipeline",
     "from_diffusers": "pipeline",
-    "AnimateDiffPipeline": "video",
-    "VideoPipelineOutput": "video",
+    "AnimateDiffPipeline": "video.pipeline",
+    "VideoPipelineOutput": "video.pipeline",
 }
 
 __all__ = [

@@ -5,8 +5,8 @@ A call follows the diffusers pipelines step for step (prompt encoding, image emb
 generator's draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output.
 What differs is where work happens: text embeddings, image encoding, projection and every layer's image
 keys/values once per call (and not at all for a reference or a prompt seen a few calls before: the reference and
-text caches of :mod:`ipa_rt.lru`); the scheduler as a tensor program in a static, graph-captured loop
-(:mod:`ipa_rt.runtime`); the adapter scale as a device tensor.
+text caches of :mod:`ipa_rt.runtime.lru`); the scheduler as a tensor program in a static, graph-captured loop
+(:mod:`ipa_rt.runtime.loop`); the adapter scale as a device tensor.
 """
 
 from __future__ import annotations
@@ -22,26 +22,26 @@ from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import modes, request
-from .adapter import IPAdapterStack
-from .batch import run_batch
-from .checkpoint import AdapterSource, adapter_sources, read_adapter
-from .conditions import ImageConditioner
-from .control import ControlStack, load_controlnets
+from .adapters.checkpoint import AdapterSource, adapter_sources, read_adapter
+from .adapters.conditions import ImageConditioner
+from .adapters.image import default_feature_extractor
+from .adapters.scale import expand_scale, expand_step_ranges, scale_tables
+from .adapters.stack import IPAdapterStack
+from .adapters.variants import FACE_ID, HIDDEN
+from .controls.controlnet import ControlStack, load_controlnets
+from .controls.t2i import T2IStack, load_t2i_adapters
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
-from .graphs import Graphed, GraphPool
-from .image import default_feature_extractor
 from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
-from .lru import TEXT_CACHE_ENTRIES, LRUCache
 from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
-from .request import query_tokens
-from .runtime import DenoiseLoop, static_call
-from .sampling import EagerPlan, Plan, make_plan
-from .scale import expand_scale, expand_step_ranges, scale_tables
-from .schedulers import make_scheduler
-from .t2i import T2IStack, load_t2i_adapters
-from .variants import FACE_ID, HIDDEN
+from .runtime import modes, request
+from .runtime.batch import run_batch
+from .runtime.graphs import Graphed, GraphPool
+from .runtime.loop import DenoiseLoop, static_call
+from .runtime.lru import TEXT_CACHE_ENTRIES, LRUCache
+from .runtime.request import query_tokens
+from .runtime.sampling import EagerPlan, Plan, make_plan
+from .runtime.schedulers import make_scheduler
 
 ATTENTION = ("auto", "triton", "sdpa")
 
@@ -138,7 +138,7 @@ class PipelineCore:
         ``ip_adapter``: a file path, a folder or hub id with ``weight_name`` (and ``subfolder``), a state dict,
         an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
         ``CLIPVisionModelWithProjection`` folder; by default ``image_encoder/`` beside the first adapter file,
-        as diffusers does. ``scheduler``: a name from ``ipa_rt.schedulers.SCHEDULERS``, a diffusers class name
+        as diffusers does. ``scheduler``: a name from ``ipa_rt.runtime.schedulers.SCHEDULERS``, a diffusers class name
         or instance; by default the base model's own. ``lora``: LoRA file(s) (diffusers or kohya format, or
         ``(path, weight)`` pairs) fused into the weights at load. ``vae``: another autoencoder with the same
         latent space (a module, a folder or hub id), or ``"taesd"``: the family's tiny autoencoder (TAESD/TAESDXL),
@@ -551,7 +551,7 @@ class PipelineCore:
         this call's arguments (``prompt``, ``ip_adapter_image``, ``generator``, ``guidance_scale``, ...) plus
         ``ip_adapter_scale`` (anything :meth:`set_ip_adapter_scale` takes, for that request alone); requests share
         size, steps, strength and mode. Request ``i`` gives what ``pipe(**requests[i])`` gives (see
-        :mod:`ipa_rt.batch`)."""
+        :mod:`ipa_rt.runtime.batch`)."""
         return [PipelineOutput(images) for images in run_batch(self, requests)]
 
     def decode(self, latents: Tensor, output_type: str) -> Any:

@@ -193,8 +193,8 @@ def graph_checks(pipe) -> list[Check]:
         return [Check(n, "skipped", reason) for n in names]
     if pipe.backend == "onnxruntime":
         return [Check("graph_vs_eager", "skipped", "ONNX Runtime engines run on their own streams: never captured")]
-    from .sampling import KINDS
-    from .schedulers import make_scheduler
+    from .runtime.sampling import KINDS
+    from .runtime.schedulers import make_scheduler
 
     rows = []
     saved_scheduler = pipe.scheduler
@@ -307,7 +307,7 @@ def table(rows: list[Check]) -> str:
 
 
 def write_report(rows: list[Check], path: Path) -> None:
-    from .checkpoint import atomic_write_bytes
+    from .adapters.checkpoint import atomic_write_bytes
 
     failed = [r.name for r in rows if r.status == "fail"]
     report = {"ok": not failed, "failed": failed, "checks": [asdict(r) for r in rows]}

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import HUB_KWARGS, adapter_sources
+from .adapters.checkpoint import HUB_KWARGS, adapter_sources
 from .core import PipelineCore, PipelineOutput
 from .errors import ConfigError, reject_engine_options
 from .families import family_of, family_of_engine
 from .models import FAMILIES, declared_pipeline
-from .runtime import static_call
+from .runtime.loop import static_call
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
@@ -92,7 +92,7 @@ def engines_for(
     base, ip_adapter, image_encoder, backend: str, engine_options: dict | None, kwargs: dict, motion_adapter=None
 ) -> os.PathLike:
     """The cached engine directory for ``from_pretrained(..., backend=...)``'s arguments: built once, then reused
-    (``motion_adapter``: video engines, for :class:`ipa_rt.video.AnimateDiffPipeline`)."""
+    (``motion_adapter``: video engines, for :class:`ipa_rt.video.pipeline.AnimateDiffPipeline`)."""
     unknown = sorted(set(kwargs) - ENGINE_ARGUMENTS)
     if unknown:
         raise ConfigError(

@@ -112,7 +112,7 @@ def test_harness_times_what_each_system_runs(models, monkeypatch):
     systems decode and encode without graphs; checked on the CPU with a replay double standing in for CUDA graphs."""
     from test_runtime import ReplayGraph, replay_capture
 
-    from ipa_rt import graphs
+    from ipa_rt.runtime import graphs
 
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
     folder = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -17,7 +17,7 @@ from conftest import (
 )
 
 import ipa_rt
-from ipa_rt.lru import REFERENCE_CACHE_ENV, LRUCache, reference_cache_bytes
+from ipa_rt.runtime.lru import REFERENCE_CACHE_ENV, LRUCache, reference_cache_bytes
 
 
 def call(pipe, image, prompt: str = "a cat", **kw) -> torch.Tensor:

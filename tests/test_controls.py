@@ -7,7 +7,7 @@ import torch
 from conftest import CALL, FAMILY_CASES, assert_parity, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
-from ipa_rt.scale import PRESETS
+from ipa_rt.adapters.scale import PRESETS
 
 
 @pytest.mark.parametrize(

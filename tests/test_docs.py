@@ -91,3 +91,35 @@ def _importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def code_map() -> list[tuple[list[str], str]]:
+    """The rows of docs/design.md's code map: ``(paths named in the first column, the concern)``, with each bare file
+    name of a package's row (``stack.py``) read as that package's file."""
+    text = (DOCS / "design.md").read_text()
+    table = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        named = re.findall(r"`([^`]+)`", cells[0])
+        package = next((n for n in named if n.endswith("/")), None)
+        files = [n for n in re.findall(r"`([\w/]+\.py|[\w/]+/)`", cells[1]) if package]
+        rows.append(([*named, *(package + f for f in files)], cells[1]))
+    return rows
+
+
+def test_the_code_map_matches_the_tree():
+    """Every path docs/design.md's code map names exists, and every module and package of ipa_rt/ is in it: a reader's
+    map of the code is the code's."""
+    rows = code_map()
+    named = {p for paths, _ in rows for p in paths}
+    assert len(rows) > 10 and "ipa_rt/runtime/" in named
+    missing = sorted(p for p in named if p.startswith(("ipa_rt", "benchmarks")) and not (ROOT / p).exists())
+    assert not missing, f"the code map names paths that do not exist: {missing}"
+    top = ROOT / "ipa_rt"
+    entries = {f"ipa_rt/{p.name}/" for p in top.iterdir() if (p / "__init__.py").exists()}
+    entries |= {f"ipa_rt/{p.name}" for p in top.glob("*.py") if p.name not in {"__main__.py", "_version.py"}}
+    unmapped = sorted(entries - named)
+    assert not unmapped, f"modules or packages of ipa_rt/ the code map leaves out: {unmapped}"

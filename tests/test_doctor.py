@@ -50,7 +50,7 @@ def test_doctor_example_names_every_check(tmp_path, capsys):
 
 def test_doctor_fails_when_a_result_is_wrong(tmp_path, monkeypatch):
     """A wrong attention result (forced: the SDPA path made to drift) is a failed check and exit status 1."""
-    import ipa_rt.attention as attention
+    import ipa_rt.adapters.attention as attention
 
     real = attention.decoupled_attention_reference
     monkeypatch.setattr(attention, "decoupled_attention_reference", lambda *a, **k: real(*a, **k) * 1.01)

@@ -354,7 +354,7 @@ def test_flux_graphed_transformer_with_a_replay_double(files, monkeypatch):
     eagerly once per embeddings set, never inside the body; the transformer's forward is restored after each call."""
     from test_runtime import replay_capture
 
-    from ipa_rt import graphs
+    from ipa_rt.runtime import graphs
 
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
     ref, ours = _flux(files, "xlabs")

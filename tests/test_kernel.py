@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from ipa_rt.attention import decoupled_attention_reference
+from ipa_rt.adapters.attention import decoupled_attention_reference
 from ipa_rt.kernels import decoupled_attention, fused_available
 from ipa_rt.kernels import decoupled_kernel as kmod
 from ipa_rt.kernels.tuning import candidates

@@ -266,7 +266,7 @@ def test_kolors_graphed_unet_with_a_replay_double(files, monkeypatch):
     (InstantStyle dict included) with no recapture; the Resampler runs eagerly once per call, never in the body."""
     from test_runtime import replay_capture
 
-    from ipa_rt import graphs
+    from ipa_rt.runtime import graphs
 
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
     ref, ours = _pair(files, "plus")

@@ -7,7 +7,7 @@ import torch
 from conftest import CALL, assert_parity, count_forwards, diffusers_pipe, fixed_latents, ipa_pipe
 
 import ipa_rt
-from ipa_rt.conditions import combine, load_ip_adapter_embeds, save_ip_adapter_embeds
+from ipa_rt.adapters.conditions import combine, load_ip_adapter_embeds, save_ip_adapter_embeds
 
 
 def diffusers_embeds(ref, image, hidden: bool):

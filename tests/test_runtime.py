@@ -17,7 +17,8 @@ from conftest import CALL, assert_parity, diffusers_pipe, fixed_latents, ipa_pip
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ipa_rt import graphs, runtime
+from ipa_rt.runtime import graphs
+from ipa_rt.runtime import loop as runtime
 
 
 class ReplayGraph:

@@ -10,7 +10,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 import ipa_rt
-from ipa_rt.sampling import compile_plan
+from ipa_rt.runtime.sampling import compile_plan
 from ipa_rt.testing import SCHEDULER_CONFIG
 
 STEP_RTOL = 1e-5  # issue requirement: relative error per step

@@ -354,7 +354,7 @@ def test_sd3_graphed_transformer_with_a_replay_double(files, monkeypatch):
     call and the per-step resampler inside the body, reading the staged static copy."""
     from test_runtime import replay_capture
 
-    from ipa_rt import graphs
+    from ipa_rt.runtime import graphs
 
     monkeypatch.setattr(graphs, "capture_graph", replay_capture)
     ref, ours = _pair(files)

@@ -108,7 +108,9 @@ def test_the_graph_sees_every_kind_of_import():
     assert "ipa_rt.export.build" in graph["ipa_rt.pipeline"]  # a lazy, function-level import
     assert "ipa_rt.cli.generate" in graph["ipa_rt.cli"]  # `from . import generate`: the submodule
     assert "ipa_rt.pipeline" in graph["ipa_rt"]  # a package's __init__ importing a module
-    assert "ipa_rt.export" in graph["ipa_rt.video"]  # `from .export.build import ...` runs export/__init__ first
+    assert (
+        "ipa_rt.export" in graph["ipa_rt.video.pipeline"]
+    )  # `from .export.build import ...` runs export/__init__ first
     assert "ipa_rt.export" not in graph["ipa_rt.export.loader"]  # ... but not for a module inside that package
     assert sum(len(edges) for edges in graph.values()) > 100
 
@@ -120,7 +122,7 @@ def test_relative_imports_resolve_against_the_package():
     assert _resolve("ipa_rt.export.build", module, 1, None) == "ipa_rt.export"
     assert _resolve("ipa_rt.export", init, 1, "build") == "ipa_rt.export.build"
     assert _resolve("ipa_rt.export", init, 2, "errors") == "ipa_rt.errors"
-    assert _resolve("ipa_rt.export", init, 0, "ipa_rt.video") == "ipa_rt.video"
+    assert _resolve("ipa_rt.export", init, 0, "ipa_rt.video.pipeline") == "ipa_rt.video.pipeline"
 
 
 def test_find_cycle():
@@ -136,8 +138,8 @@ def test_no_import_cycles():
 
 @pytest.mark.slow
 def test_submodule_imports_are_quiet():
-    """A user importing a submodule first (``ipa_rt.export``, ``ipa_rt.video``, ...) sees nothing from third-party
-    libraries: diffusers' pipeline modules pull in transformers' image processors, which note on stderr that
+    """A user importing a submodule first (``ipa_rt.export``, ``ipa_rt.video.pipeline``, ...) sees nothing from
+    third-party libraries: diffusers' pipeline modules pull in transformers' image processors, which note on stderr that
     torchvision is missing (PIL is the path ipa_rt uses); ipa_rt imports them under ``hushed``. Fresh processes:
     in this one they are imported already."""
     import os
@@ -145,6 +147,6 @@ def test_submodule_imports_are_quiet():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "IPA_RT_VERBOSE"}
-    for module in ("ipa_rt.export.openvino_engine", "ipa_rt.video", "ipa_rt.core", "ipa_rt.flux"):
+    for module in ("ipa_rt.export.openvino_engine", "ipa_rt.video.pipeline", "ipa_rt.core", "ipa_rt.flux"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env)
         assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (module, out.stderr)

@@ -252,7 +252,7 @@ def test_t2i_layout_table():
     """The variant table against diffusers' own modules: feature channels and strides of each adapter type."""
     from diffusers import T2IAdapter
 
-    from ipa_rt.t2i import feature_layout
+    from ipa_rt.controls.t2i import feature_layout
 
     for kind, chans in (
         ("full_adapter", [8, 16, 16]),

@@ -231,7 +231,7 @@ def test_cli_video_errors(tmp_path, capsys):
 
 def test_video_writer_round_trip_and_atomicity(tmp_path):
     pytest.importorskip("av", reason="PyAV (ipa_rt[video]) writes MP4/WebM")
-    from ipa_rt.video_io import read_video, write_video
+    from ipa_rt.video.io import read_video, write_video
 
     frames = [T.make_image(seed=i, size=(34, 30)) for i in range(5)]
     for name in ("clip.mp4", "clip.webm", "clip.gif"):
@@ -387,9 +387,9 @@ def test_video_build_request_errors(models, motion):
 
 @pytest.mark.slow
 def test_cli_video_build_in_a_fresh_process_loads_through_the_video_pipeline(models, motion, tmp_path):
-    """`ipa_rt build --motion-adapter` in a process that never imported ipa_rt.video (the package's names are lazy):
-    the CLI registers the video pipeline, so the build loads the motion UNet (build_engines stubbed: the models'
-    class is what is checked)."""
+    """`ipa_rt build --motion-adapter` in a process that never imported ipa_rt.video.pipeline (the package's names
+    are lazy): the CLI registers the video pipeline, so the build loads the motion UNet (build_engines stubbed: the
+    models' class is what is checked)."""
     import subprocess
     import sys
 
@@ -409,7 +409,7 @@ def test_cli_video_build_in_a_fresh_process_loads_through_the_video_pipeline(mod
 
 def test_from_pretrained_engine_route_asks_for_video_engines(models, motion):
     """``AnimateDiffPipeline.from_pretrained(backend=...)`` builds the same request the CLI build makes."""
-    from ipa_rt.checkpoint import adapter_sources
+    from ipa_rt.adapters.checkpoint import adapter_sources
     from ipa_rt.export.build import request_for_pretrained
 
     sources = adapter_sources(models.adapter("sd15", "base"), None, None)

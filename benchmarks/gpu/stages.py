@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))  # the benchmark modules (harness, attentio
 import torch  # noqa: E402
 from common import _run  # noqa: E402
 
-from ipa_rt.checkpoint import atomic_write_bytes  # noqa: E402
+from ipa_rt.adapters.checkpoint import atomic_write_bytes  # noqa: E402
 from ipa_rt.doctor import rel_l2  # noqa: E402  (NaN or inf is an infinite error: never passes)
 
 SIZES = {"sd15": 512, "sdxl": 1024}  # the families' native sizes, fp16 on the GPU
@@ -159,7 +159,7 @@ def stage_attention(args: argparse.Namespace, rec: Record) -> None:
 def _lcm(pipe) -> Any:
     import ipa_rt
 
-    return ipa_rt.schedulers.make_scheduler("lcm", pipe.scheduler)
+    return ipa_rt.runtime.schedulers.make_scheduler("lcm", pipe.scheduler)
 
 
 def pipeline_errors(bench, cfg_steps: int) -> dict[str, float]:
@@ -169,7 +169,7 @@ def pipeline_errors(bench, cfg_steps: int) -> dict[str, float]:
 
     import ipa_rt
 
-    dpm = ipa_rt.schedulers.make_scheduler("dpm++2m", bench.diffusers.scheduler)
+    dpm = ipa_rt.runtime.schedulers.make_scheduler("dpm++2m", bench.diffusers.scheduler)
     lcm = _lcm(bench.diffusers)
     cases: list[tuple[str, Any, int, float, float, Any]] = [
         ("LCM 4 steps", lcm, 4, 1.0, 1.0, None),

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     if family is not None:
         return _build_wrapped(args, family, name)
     if args.motion_adapter:  # the video pipeline registers itself with the export layer, which never imports it
-        from .. import video  # noqa: F401
+        from ..video import pipeline  # noqa: F401
 
     req = BuildRequest(
         base=args.base,

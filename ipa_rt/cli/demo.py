@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..adapters.image import load_image
     from ..demo import LiveRenderer, sweep
-    from ..image import load_image
 
     if args.sweep and not args.output:
         raise SystemExit("ipa_rt demo: error: --sweep needs -o OUT.gif")

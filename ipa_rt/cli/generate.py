@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..checkpoint import atomic_write_bytes
+    from ..adapters.checkpoint import atomic_write_bytes
 
     dtype = dtype_of(args)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-example-") as tmp:
@@ -122,8 +122,8 @@ def _video_engine(folder: str) -> bool:
 
 def _generate_video(args: argparse.Namespace, dtype: torch.dtype) -> None:
     """``generate --motion-adapter``: an AnimateDiff clip (txt2video, or video-to-video with ``--video``)."""
-    from ..video import AnimateDiffPipeline
-    from ..video_io import FORMATS, read_video, write_video
+    from ..video.io import FORMATS, read_video, write_video
+    from ..video.pipeline import AnimateDiffPipeline
 
     if not args.motion_adapter and not args.engine:
         raise ConfigError("--video needs --motion-adapter DIR (video-to-video runs AnimateDiff)")

@@ -50,7 +50,7 @@ class IpaRtDiffusionModel(torch.nn.Module):
         refuse_unhonoured(options, control, y, kwargs)
         pipe = self.pipe
         # ComfyUI samples under inference mode; the image-side buffers prepared here are rewritten in place by
-        # later calls, the ipa_rt Sampler's included, which run outside it (ipa_rt.runtime.static_call)
+        # later calls, the ipa_rt Sampler's included, which run outside it (ipa_rt.runtime.loop.static_call)
         with torch.inference_mode(False), torch.no_grad():
             prepare_image_side(pipe, options.get(KEY), options, x.shape[0])
             sample = x.to(pipe.dtype)
@@ -163,7 +163,7 @@ def ip_options(model: Any, settings: list, pipe: Any) -> dict:
             "attention_mask: regional masks are applied by the ipa_rt Sampler node; the ipa_rt MODEL path does not "
             "take them yet"
         )
-    from ..scale import expand_scale, scale_tables
+    from ..adapters.scale import expand_scale, scale_tables
 
     rows = expand_scale(
         scale_configs(pipe, settings),
@@ -196,7 +196,7 @@ class IpaRtClip:
         return {"ipa_rt": text}
 
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False) -> Any:
-        from ..request import FAMILY_RUNTIME
+        from ..runtime.request import FAMILY_RUNTIME
 
         pipe = self.pipe
         encode_prompt = FAMILY_RUNTIME[pipe.family.name][0]

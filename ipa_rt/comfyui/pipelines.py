@@ -55,7 +55,7 @@ def _existing(value: str, name: str) -> str:
 def _adapter_source(line: str, name: str) -> Any:
     """``path`` or ``repo_id:subfolder/weight_name`` (hub), as from_pretrained takes them."""
     if ":" in line and not os.path.exists(os.path.expanduser(line)):
-        from ..checkpoint import AdapterSource
+        from ..adapters.checkpoint import AdapterSource
 
         repo, _, file = line.partition(":")
         sub, _, weight = file.rpartition("/")
@@ -143,9 +143,9 @@ class AdapterSettings:
 def encode(pipe: Any, index: int, images: list, negative: list | None, combine: str) -> Embeds:
     """``images`` (PIL) for adapter ``index`` through the pipeline's CLIP encoder (its reference cache),
     combined as diffusers' ``ip_adapter_combine``; ``negative`` replaces the zero-image unconditional rows."""
-    from ..conditions import COMBINE_MODES
-    from ..conditions import combine as combine_images
-    from ..variants import FACE_ID
+    from ..adapters.conditions import COMBINE_MODES
+    from ..adapters.conditions import combine as combine_images
+    from ..adapters.variants import FACE_ID
 
     stack = pipe.adapters
     if stack is None:
@@ -198,7 +198,7 @@ def ordered(pipe: Any, settings: list[AdapterSettings] | None) -> list[AdapterSe
 
 
 def scale_configs(pipe: Any, settings: list[AdapterSettings]) -> list:
-    from ..scale import attention_blocks
+    from ..adapters.scale import attention_blocks
     from .weights import scale_config
 
     blocks = attention_blocks(pipe.unet)
@@ -210,7 +210,7 @@ _SCHEDULERS: dict[tuple[int, str], Any] = {}
 
 def scheduler_for(pipe: Any, name: str) -> Any:
     """One scheduler object per (pipeline, name): the loop caches its tensor program by scheduler identity."""
-    from ..schedulers import make_scheduler
+    from ..runtime.schedulers import make_scheduler
 
     key = (id(pipe), name)
     if key not in _SCHEDULERS:

@@ -55,7 +55,7 @@ def _factor(weight_type: str, t: int, layers: int, kind: str) -> float:
 def scale_config(weight_type: str, weight: float, attention_blocks: dict[str, dict[int, int]], family: str) -> Any:
     """What ``set_ip_adapter_scale`` takes for one adapter: a number (``linear``), a preset's per-block dict, or a
     per-block dict of the ramp's values."""
-    from ..scale import scale_preset
+    from ..adapters.scale import scale_preset
 
     if weight_type in LEFT_OUT:
         raise ScaleError(

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from .. import console
+from ..adapters.checkpoint import AdapterSource, atomic_write_bytes
 from ..cache import cache_root
-from ..checkpoint import AdapterSource, atomic_write_bytes
+from ..controls.t2i import feature_layout
 from ..core import PipelineCore
 from ..errors import ConfigError, EngineError
-from ..t2i import feature_layout
 from .contracts import Contract, all_contracts, residual_names
 from .engines import build_trt_engine, check_tensorrt, require_backend, tensorrt_version, timing_cache_path
 from .export_cache import export_cached
@@ -363,9 +363,9 @@ def build_engines(
     return out
 
 
-# The classes that load a build's models, by kind. ipa_rt.video registers the video one when it is imported (the
-# video pipeline, `ipa_rt build --motion-adapter` and `ipa_rt.AnimateDiffPipeline` import it): the export layer
-# serves the pipelines and never imports them.
+# The classes that load a build's models, by kind. ipa_rt.video.pipeline registers the video one when it is
+# imported (`ipa_rt build --motion-adapter` and `ipa_rt.AnimateDiffPipeline` import it): the export layer serves the
+# pipelines and never imports them.
 _PIPELINES: dict[str, type[PipelineCore]] = {"stills": PipelineCore}
 
 
@@ -377,10 +377,11 @@ def register_video_pipeline(cls: type[PipelineCore]) -> type[PipelineCore]:
 
 def _pipeline_class(req: BuildRequest) -> type[PipelineCore]:
     kind = "video" if req.motion_adapter else "stills"
-    if kind not in _PIPELINES:  # a direct build_engines(...) call in a process that never imported ipa_rt.video
+    if kind not in _PIPELINES:  # build_engines(...) in a process without ipa_rt.video.pipeline
         raise ConfigError(
-            "a video build (motion_adapter) loads its models through ipa_rt.AnimateDiffPipeline: import ipa_rt.video "
-            "before build_engines(...), or use ipa_rt.AnimateDiffPipeline.from_pretrained(..., backend=...)"
+            "a video build (motion_adapter) loads its models through ipa_rt.AnimateDiffPipeline: import "
+            "ipa_rt.video.pipeline before build_engines(...), or use "
+            "ipa_rt.AnimateDiffPipeline.from_pretrained(..., backend=...)"
         )
     return _PIPELINES[kind]
 
@@ -509,7 +510,7 @@ def _convert(
 
 
 def _blocks(pipe) -> dict:
-    from ..scale import attention_blocks
+    from ..adapters.scale import attention_blocks
 
     return {side: {str(k): v for k, v in d.items()} for side, d in attention_blocks(pipe.unet).items()}
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..adapters.image import load_image
 from ..errors import ConfigError
-from ..image import load_image
 
 BUILTIN_PROMPTS = (
     "a photo of a cat sitting on a wooden table, soft window light",
@@ -121,7 +121,7 @@ def _alphas_cumprod(pipe) -> torch.Tensor:
 @torch.no_grad()
 def _latents(pipe, image: Image.Image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """``image`` encoded as img2img encodes it (the pipeline's preprocessing and VAE), in the UNet's scale."""
-    from ..modes import encode_vae_image
+    from ..runtime.modes import encode_vae_image
 
     pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(pipe.device, torch.float32)
     return encode_vae_image(pipe.vae, pixels, generator, torch.float32, pipe.family.name == "sdxl", False).cpu()
@@ -139,7 +139,7 @@ def unet_feeds(pipe, example: dict[str, torch.Tensor], calib: CalibrationSet, sa
     """``samples`` UNet input sets (numpy, one row each, named as the UNet contract's ``example`` inputs): every
     fourth row is the unconditional one guidance adds. Inputs the set does not draw (SDXL's time ids, an LCM UNet's
     guidance embedding) keep the contract's example row."""
-    from ..request import FAMILY_RUNTIME, added_conditions, guidance_embedding
+    from ..runtime.request import FAMILY_RUNTIME, added_conditions, guidance_embedding
 
     encode = FAMILY_RUNTIME[pipe.family.name][0]
     height, width = (int(d) * pipe.vae_scale_factor for d in example["sample"].shape[-2:])

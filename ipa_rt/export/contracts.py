@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..controls.t2i import feature_layout
 from ..errors import ConfigError
-from ..t2i import feature_layout
 
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: trace with 2 so the batch axis stays symbolic
 MAX_IMAGES = 4  # reference images per adapter and call an engine accepts (the CLIP encoder's batch)

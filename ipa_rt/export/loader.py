@@ -24,10 +24,10 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     from diffusers.configuration_utils import FrozenDict
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
-    from ..image import default_feature_extractor
+    from ..adapters.image import default_feature_extractor
+    from ..adapters.variants import VARIANTS
     from ..models import FAMILIES, BaseModel
-    from ..schedulers import make_scheduler
-    from ..variants import VARIANTS
+    from ..runtime.schedulers import make_scheduler
     from .modules import (
         EngineAdapters,
         EngineControlNet,

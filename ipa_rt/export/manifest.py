@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..checkpoint import atomic_write_bytes
+from ..adapters.checkpoint import atomic_write_bytes
 from ..errors import EngineError
 
 MANIFEST = "manifest.json"

@@ -19,9 +19,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import Tensor, nn
 
-from ..attention import ImageContext
+from ..adapters.attention import ImageContext
+from ..adapters.variants import VariantSpec
 from ..errors import ConfigError
-from ..variants import VariantSpec
 
 
 class EngineModule(nn.Module):
@@ -120,7 +120,7 @@ class EngineEntry:
 class EngineAdapters:
     """The adapter side of an engine pipeline: projection engines, the ``[adapters, layers]`` scale tensor
     (an engine input), and static image-token buffers the UNet engine reads (the pipeline's
-    :class:`~ipa_rt.adapter.IPAdapterStack` interface, minus what an engine does in-graph)."""
+    :class:`~ipa_rt.adapters.stack.IPAdapterStack` interface, minus what an engine does in-graph)."""
 
     supports_masks = False  # regional masks are not an engine input yet
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .. import console
+from ..adapters.checkpoint import atomic_write_bytes
 from ..cache import cache_root
-from ..checkpoint import atomic_write_bytes
 from ..errors import ConfigError, EngineError
 from .contracts import Contract
 

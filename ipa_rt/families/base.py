@@ -21,12 +21,12 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from ..checkpoint import HUB_KWARGS, adapter_sources
-from ..conditions import ReferenceCacheMixin
+from ..adapters.checkpoint import HUB_KWARGS, adapter_sources
+from ..adapters.conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import ConfigError, reject_engine_options
-from ..graphs import GraphedNetworkMixin
 from ..models import _read_json, declared_pipeline, load_pipeline, wrapped_pipeline_class
+from ..runtime.graphs import GraphedNetworkMixin
 
 if TYPE_CHECKING:
     from ..export.contracts import Contract

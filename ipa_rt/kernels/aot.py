@@ -70,7 +70,7 @@ def representative_args(
     return k.kernel_args(q, k_text, k_text, k_img, k_img, offsets, adapters, scales, masks, out)
 
 
-def _signature(args: tuple, meta: dict) -> tuple[dict, dict, dict]:
+def _triton_signature(args: tuple, meta: dict) -> tuple[dict, dict, dict]:
     """Signature, constants and divisibility attributes, as the JIT derives them from real arguments."""
     fn = k._decoupled_fwd
     signature, constants, attrs = {}, dict(meta), {}
@@ -99,7 +99,7 @@ def compile_config(arch: int, dtype: torch.dtype, head_dim: int, config: k.Kerne
 
     args, meta = representative_args(dtype, head_dim, **shape)
     meta.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=dtype == torch.float32)
-    signature, constants, attrs = _signature(args, meta)
+    signature, constants, attrs = _triton_signature(args, meta)
     src = ASTSource(k._decoupled_fwd, signature, constexprs=constants, attrs=attrs)
     start = time.perf_counter()
     options = {"num_warps": config.warps, "num_stages": config.stages}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.checkpoint import atomic_write_bytes
 from ..cache import cache_root
-from ..checkpoint import atomic_write_bytes
 from . import configs
 from .configs import KernelConfig, candidates, config_for, default_config
 from .decoupled_kernel import launch

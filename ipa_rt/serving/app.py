@@ -43,7 +43,7 @@ def error(status: int, field: str, message: str, headers: dict | None = None) ->
 
 def load_pipeline(spec: ModelSpec):
     """The replica's pipeline: ``Pipeline.from_pretrained`` with the spec's files and options."""
-    from ..checkpoint import AdapterSource
+    from ..adapters.checkpoint import AdapterSource
     from ..export.build import DTYPES
     from ..pipeline import Pipeline
 

@@ -458,7 +458,7 @@ def write_t2i_adapter(
     ``full_adapter_xl`` for SDXL's layout."""
     from diffusers import T2IAdapter
 
-    from ..t2i import unet_slots
+    from ..controls.t2i import unet_slots
 
     unet = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
     vae = json.loads((Path(base_folder) / "vae" / "config.json").read_text())

@@ -22,12 +22,12 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection, apply_rot
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from torch import Tensor, nn
 
-from ...attention import image_segment
-from ...checkpoint import RawAdapter
+from ...adapters.attention import image_segment
+from ...adapters.checkpoint import RawAdapter
+from ...adapters.variants import EMBEDS, adapter_family, build_projection, detect_variant
 from ...errors import ConfigError, IncompatibleAdapterError, ScaleError
-from ...graphs import StaticImage
-from ...lru import IdentityMemo
-from ...variants import EMBEDS, adapter_family, build_projection, detect_variant
+from ...runtime.graphs import StaticImage
+from ...runtime.lru import IdentityMemo
 from .kernel import FusedKV, fuse, fused_branch
 
 DOUBLE_BLOCKS = "transformer_blocks."  # the double-stream blocks: the only ones with an image branch

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from ...lru import IdentityMemo
+from ...runtime.lru import IdentityMemo
 from ..base import EngineStandIn
 from .adapter import FluxImageSide, FluxImageTokens
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...adapters.checkpoint import HUB_KWARGS, adapter_sources, read_adapter
 from ...console import hushed
 from ...errors import ConfigError, IncompatibleAdapterError
 from ...models import drop_image_encoder
@@ -83,7 +83,7 @@ class FluxAdapterMixin(SideMixin):
         if encoder is not None and getattr(self, "image_encoder", None) is None:
             self.register_modules(image_encoder=encoder.to(self.transformer.device))
         if getattr(self, "feature_extractor", None) is None and encoder is not None:
-            from ...image import default_feature_extractor
+            from ...adapters.image import default_feature_extractor
 
             self.register_modules(feature_extractor=default_feature_extractor(encoder))
         self._install(side)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...export.contracts import Contract, _UNetIP
-from ...lru import IdentityMemo
+from ...runtime.lru import IdentityMemo
 from ..base import EngineStandIn
 
 NETWORK = "unet"

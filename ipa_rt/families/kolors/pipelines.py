@@ -3,11 +3,11 @@
 ``ipa_rt.kolors.KolorsPipeline`` *is* diffusers' ``KolorsPipeline`` (ChatGLM text encoder run once per call, its
 loop and schedulers) with :class:`UNetAdapterMixin` in front. ``load_ip_adapter`` reads h94-layout checkpoints
 (Kwai-Kolors/Kolors-IP-Adapter-Plus) with ipa_rt's checks and installs ipa_rt's
-:class:`~ipa_rt.adapter.IPAdapterStack` on the UNet: decoupled cross-attention reading every layer's image keys/values
-from the shared context, computed once per call (:class:`UNetImageSide`, the UNet's image projection, runs the
-projection and every layer's K/V the first time a call's embeddings arrive) instead of at every step, and the scale a
-``[adapters, layers]`` tensor written in place (InstantStyle dicts and presets included). Kolors' text projection
-(4096 → 2048) moves to ``text_encoder_hid_proj`` as in diffusers, and everything is restored on unload.
+:class:`~ipa_rt.adapters.stack.IPAdapterStack` on the UNet: decoupled cross-attention reading every layer's image
+keys/values from the shared context, computed once per call (:class:`UNetImageSide`, the UNet's image projection,
+runs the projection and every layer's K/V the first time a call's embeddings arrive) instead of at every step, and
+the scale a ``[adapters, layers]`` tensor written in place (InstantStyle dicts and presets included). Kolors' text
+projection (4096 → 2048) moves to ``text_encoder_hid_proj`` as in diffusers, and everything is restored on unload.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from ...adapter import IPAdapterStack
-from ...checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...adapters.checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...adapters.scale import expand_scale, scale_tables
+from ...adapters.stack import IPAdapterStack
+from ...adapters.variants import FACE_ID
 from ...console import hushed
 from ...errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
-from ...graphs import StaticImage
 from ...kernels.ops import MODES, choose
-from ...lru import IdentityMemo
 from ...models import drop_image_encoder
-from ...scale import expand_scale, scale_tables
-from ...variants import FACE_ID
+from ...runtime.graphs import StaticImage
+from ...runtime.lru import IdentityMemo
 from ..base import FamilyMixin
 
 _ABSENT = object()
@@ -101,8 +101,8 @@ class UNetAdapterMixin(FamilyMixin):
         """Load h94-layout IP-Adapter(s) as diffusers does (files, hub ids with ``weight_name``, state dicts; a list
         loads several, replacing what was loaded), checked against the UNet with errors naming the file. The image
         encoder is found by diffusers' rule (``image_encoder_folder`` inside the adapter's folder or repository)."""
+        from ...adapters.image import default_feature_extractor
         from ...core import _encoder_location, encoder_mismatch
-        from ...image import default_feature_extractor
         from ...models import load_image_encoder
 
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
@@ -170,7 +170,7 @@ class UNetAdapterMixin(FamilyMixin):
     def _take_masks(self, kwargs: dict) -> Any:
         """``ip_adapter_masks`` out of ``cross_attention_kwargs`` (the rest stays), with the checks that need no
         embeddings; every layer's query count for the call's size (the masks' downsampling targets)."""
-        from ...request import query_tokens
+        from ...runtime.request import query_tokens
 
         extra = dict(kwargs.get("cross_attention_kwargs") or {})
         masks = extra.pop("ip_adapter_masks", None)
@@ -194,7 +194,7 @@ class UNetAdapterMixin(FamilyMixin):
     def prepare_ip_adapter_image_embeds(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """diffusers' embeddings; this call's masks are checked against them (one per image of each adapter) and
         handed to the image side."""
-        from ...request import ip_masks
+        from ...runtime.request import ip_masks
 
         embeds = super().prepare_ip_adapter_image_embeds(*args, **kwargs)  # type: ignore[misc]
         side = getattr(self.unet, "encoder_hid_proj", None)

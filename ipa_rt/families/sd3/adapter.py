@@ -30,8 +30,8 @@ from diffusers.models.normalization import AdaLayerNorm, RMSNorm
 from torch import Tensor, nn
 
 from ...errors import ConfigError, ScaleError
-from ...graphs import StaticImage
-from ...lru import IdentityMemo
+from ...runtime.graphs import StaticImage
+from ...runtime.lru import IdentityMemo
 
 BLOCKS = "transformer_blocks."  # the joint blocks' processors: diffusers gives each (attn and attn2) an image branch
 DEFAULT_SCALE = 0.5  # diffusers' SD3IPAdapterJointAttnProcessor2_0 default: what a freshly loaded adapter runs at

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
+from ...adapters.checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
+from ...adapters.variants import adapter_family
 from ...console import hushed
 from ...errors import CheckpointError, ConfigError, IncompatibleAdapterError
 from ...models import drop_image_encoder
-from ...variants import adapter_family
 from ..base import SideMixin
 from .adapter import (
     SD3BlockAdapter,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageSequence
 
-from .checkpoint import atomic_write_bytes
-from .errors import ConfigError, ImageInputError
+from ..adapters.checkpoint import atomic_write_bytes
+from ..errors import ConfigError, ImageInputError
 
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".mov": ("mov", "libx264")}
 FORMATS = (".gif", *CONTAINERS)

@@ -15,8 +15,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .console import hushed
-from .errors import ConfigError, ImageInputError
+from ..console import hushed
+from ..errors import ConfigError, ImageInputError
 
 # diffusers' pipeline modules import transformers' CLIP image processors, which note that torchvision is missing and
 # fall back to PIL, the path ipa_rt uses: a note for no one (here when a submodule such as ipa_rt.export is imported

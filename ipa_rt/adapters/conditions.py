@@ -9,7 +9,7 @@ negative first when guidance is on. Additions over diffusers, each off by defaul
   behaviour, tokens side by side in one softmax), ``average``, ``norm_average`` (each feature divided by
   its norm over the images, then averaged), ``add``, ``subtract`` (first image minus the mean of the others);
   the unconditional side keeps its first entry, so its rule (zeros, zero pixels) is unchanged;
-- a reference cache (:mod:`ipa_rt.lru`, bounded by ``$IPA_RT_REFERENCE_CACHE_MB``): encoder outputs keyed by
+- a reference cache (:mod:`ipa_rt.runtime.lru`, bounded by ``$IPA_RT_REFERENCE_CACHE_MB``): encoder outputs keyed by
   the images' content hash, so a reference image seen a few calls ago skips the CLIP encoder; the pipeline keeps
   the image tokens and keys/values of the whole reference in the same cache (``request.prepare_image_side``).
 """
@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError, ImageInputError
+from ..errors import CheckpointError, ConfigError, ImageInputError
+from ..runtime.lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
 from .image import EncoderRunner, encode_images, load_image
-from .lru import REFERENCE_CACHE_ENTRIES, LRUCache, reference_cache_bytes
 from .variants import FACE_ID, HIDDEN
 
 COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")

@@ -6,8 +6,8 @@ from typing import Any
 
 import diffusers
 
-from .console import hushed
-from .errors import ConfigError
+from ..console import hushed
+from ..errors import ConfigError
 
 # name (case-insensitive) -> (diffusers class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -35,7 +35,7 @@ from diffusers.models.embeddings import (
 )
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 

@@ -21,14 +21,14 @@ from diffusers.video_processor import VideoProcessor
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import request as rq
-from .control import load_folders
-from .core import PipelineCore
-from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError, reject_engine_options
-from .export.build import register_video_pipeline
-from .models import BaseModel
-from .modes import retrieve_latents  # imported there under hushed (transformers' torchvision notes)
-from .runtime import static_call
+from ..controls.controlnet import load_folders
+from ..core import PipelineCore
+from ..errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError, reject_engine_options
+from ..export.build import register_video_pipeline
+from ..models import BaseModel
+from ..runtime import request as rq
+from ..runtime.loop import static_call
+from ..runtime.modes import retrieve_latents  # imported there under hushed (transformers' torchvision notes)
 
 VIDEO_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -130,7 +130,7 @@ class AnimateDiffPipeline(PipelineCore):
             return cls._from_engines(base, ip_adapter, image_encoder, motion_adapter, backend, engine_options, kwargs)
         reject_engine_options(engine_options)
         dtype = kwargs.get("dtype", torch.float32)
-        from .pipeline import ENGINE_ARGUMENTS
+        from ..pipeline import ENGINE_ARGUMENTS
 
         hub = {k: v for k, v in kwargs.items() if k not in ENGINE_ARGUMENTS | {"attention"}}  # the rest: hub kwargs
         adapter = load_motion_adapter(motion_adapter, dtype, **hub)
@@ -142,7 +142,7 @@ class AnimateDiffPipeline(PipelineCore):
 
     @classmethod
     def _from_engines(cls, base, ip_adapter, image_encoder, motion_adapter, backend, options, kwargs):
-        from .pipeline import BACKENDS, engines_for
+        from ..pipeline import BACKENDS, engines_for
 
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKENDS}")
@@ -155,7 +155,7 @@ class AnimateDiffPipeline(PipelineCore):
     @static_call
     def from_engine(cls, folder: str | os.PathLike, device: torch.device | str = "cpu", scheduler: Any = None):
         """Clips from the video engines ``ipa_rt build --motion-adapter DIR --frames N`` wrote into ``folder``."""
-        from .export.loader import load_engine_pipeline
+        from ..export.loader import load_engine_pipeline
 
         return load_engine_pipeline(folder, device, scheduler, cls)
 

@@ -10,8 +10,8 @@ count) are in-place writes into those buffers, so they never recapture.
 
 Per-step tables are sized to a step *capacity* (a power of two, at least :data:`MIN_CAPACITY`), not to the
 step count, so a new step count or img2img strength reuses the captured graph. The states live in a
-:class:`~ipa_rt.graphs.GraphCache` (capture, pool, eager fallback and the bound on signatures: ipa_rt's one graph
-mechanism), past :data:`MAX_STATES` signatures the least recently used one is dropped.
+:class:`~ipa_rt.runtime.graphs.GraphCache` (capture, pool, eager fallback and the bound on signatures: ipa_rt's one
+graph mechanism), past :data:`MAX_STATES` signatures the least recently used one is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import ImageContext
+from ..adapters.attention import ImageContext
 from .graphs import GraphCache, GraphPool, copy_into, graphs_on, static_copy
 from .sampling import EagerPlan, Plan
 

@@ -1,10 +1,10 @@
 """Loaded IP-Adapters: projections, per-layer image K/V weights, the scale tensor, and the UNet wrap.
 
 The UNet is wrapped, never edited for good (refiners' inject/eject): :meth:`IPAdapterStack.install` swaps
-diffusers' ``attn2`` processors for :class:`~ipa_rt.attention.DecoupledCrossAttnProcessor` and wraps the
+diffusers' ``attn2`` processors for :class:`~ipa_rt.adapters.attention.DecoupledCrossAttnProcessor` and wraps the
 FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was there. The per-request image state
 the processors read (keys/values, masks, scales, static buffers) is the stack's
-:class:`~ipa_rt.attention.ImageContext`, written through its methods (:meth:`IPAdapterStack.prepare` computes
+:class:`~ipa_rt.adapters.attention.ImageContext`, written through its methods (:meth:`IPAdapterStack.prepare` computes
 what goes in).
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
 from .attention import DecoupledCrossAttnProcessor, ImageContext
 from .checkpoint import AdapterSource, RawAdapter
-from .errors import ConfigError, IncompatibleAdapterError, ScaleError
 from .variants import VariantSpec, adapter_family, build_projection, detect_variant, variant_of_projection
 
 
@@ -299,7 +299,7 @@ class IPAdapterStack(nn.Module):
     ) -> list[tuple[Tensor, Tensor]] | None:
         """Compute every layer's image keys/values once for this request (they do not depend on the step), or take
         them from ``kv`` (what an earlier ``prepare`` of the same tokens returned: the reference cache keeps it),
-        and hold them in the context (:meth:`~ipa_rt.attention.ImageContext.hold`). Returns the per-layer
+        and hold them in the context (:meth:`~ipa_rt.adapters.attention.ImageContext.hold`). Returns the per-layer
         ``(K, V)`` it wrote from (None without tokens); ``key``: the reference, for the reference cache.
 
         Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
@@ -378,7 +378,7 @@ class IPAdapterStack(nn.Module):
     def set_attention(self, fused: Sequence[bool]) -> None:
         """Choose per layer between the fused kernel and the SDPA reference (host decision, once)."""
         if any(fused):
-            from . import kernels  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
+            from .. import kernels  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
         self._fused = list(fused)
         for proc in self.processors:
             proc.fused = self._fused[proc.layer]

@@ -4,8 +4,8 @@ A call's arguments become one :class:`Request`; :func:`resolve` settles what the
 the init, control or condition image, the mode, diffusers' defaults for guidance and strength, the CFG batch);
 :func:`request_parts` then does what diffusers does before its loop (structure inputs, prompt encoding, image
 conditions, initial latents, the generator's draws) and :func:`step_inputs`, the one builder of the loop's inputs
-for stills, clips (:mod:`ipa_rt.video`) and batches (:mod:`ipa_rt.batch`), hands the loop one
-:class:`~ipa_rt.runtime.StepInputs`. Works on any pipeline object with the attributes of
+for stills, clips (:mod:`ipa_rt.video.pipeline`) and batches (:mod:`ipa_rt.runtime.batch`), hands the loop one
+:class:`~ipa_rt.runtime.loop.StepInputs`. Works on any pipeline object with the attributes of
 :class:`~ipa_rt.core.PipelineCore` (torch modules or engine stand-ins alike).
 """
 
@@ -19,10 +19,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from ..errors import ConfigError, ImageInputError, ScaleError
 from . import modes
-from .errors import ConfigError, ImageInputError, ScaleError
+from .loop import StepInputs
 from .modes import DEFAULT_STRENGTH
-from .runtime import StepInputs
 from .sampling import EagerPlan, Plan
 from .text import PromptEmbeds, encode_prompt_sd15, encode_prompt_sdxl
 

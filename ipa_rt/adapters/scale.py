@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ScaleError
+from ..errors import ScaleError
 
 DEFAULT_BLOCK_SCALE = 0.0  # diffusers' default for IP-Adapter per-block dicts
 

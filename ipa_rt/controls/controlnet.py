@@ -19,8 +19,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
-from .graphs import StaticBuffers
+from ..errors import CheckpointError, ConfigError, ImageInputError, IncompatibleAdapterError
+from ..runtime.graphs import StaticBuffers
 
 
 def load_folders(sources: Any, cls: type, arg: str, dtype: torch.dtype, **hub_kwargs: Any) -> list:

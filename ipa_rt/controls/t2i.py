@@ -20,9 +20,9 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from .control import load_folders
-from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
-from .graphs import StaticBuffers
+from ..errors import ConfigError, ImageInputError, IncompatibleAdapterError
+from ..runtime.graphs import StaticBuffers
+from .controlnet import load_folders
 
 # adapter_type -> its features as (channels, pixel stride), from config channels and downscale_factor: the one
 # table of T2I-Adapter variants (diffusers' FullAdapter, FullAdapterXL and LightAdapter)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 REFERENCE_CACHE_ENV = "IPA_RT_REFERENCE_CACHE_MB"
 DEFAULT_REFERENCE_CACHE_MB = 512.0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .graphs import StaticBuffers
+from ..runtime.graphs import StaticBuffers
 
 
 def decoupled_attention_reference(
@@ -100,7 +100,7 @@ def decoupled_attention_decomposed(
 class ImageContext:
     """Per-request image state every cross-attention processor reads (refiners' "context" idea), changed only
     through the methods below (by the runtime, ComfyUI, ``doctor``, the export contracts); the adapter weights that
-    compute it live in :class:`~ipa_rt.adapter.IPAdapterStack`. ``scale``: ``[adapters, layers]``, or
+    compute it live in :class:`~ipa_rt.adapters.stack.IPAdapterStack`. ``scale``: ``[adapters, layers]``, or
     ``[rows, adapters, layers]`` in a batched call (:meth:`per_row`; always inside an engine's UNet). ``kv[layer]``:
     all image keys and values laid end to end (``[B, H, T, d]``), ``None`` without an image prompt; ``segments``:
     each segment's ``(start, end)`` token range, ``seg_offsets`` / ``seg_adapter`` the same on the device for the

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import ImageInputError
+from ..errors import ImageInputError
 from .variants import EMBEDS, HIDDEN
 
 
@@ -61,7 +61,7 @@ class EncoderRunner:
     count). On the CPU it simply calls the encoder."""
 
     def __init__(self, image_encoder) -> None:
-        from .graphs import Graphed
+        from ..runtime.graphs import Graphed
 
         self.encoder = image_encoder
         weights = lambda: [image_encoder]  # noqa: E731

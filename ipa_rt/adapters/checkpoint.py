@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")  # hub download options

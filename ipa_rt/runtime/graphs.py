@@ -1,7 +1,7 @@
 """CUDA graphs, in one place: capture (:func:`capture_graph`: warm-up on a side stream, then capture into the
 pipeline's :class:`GraphPool`), the least-recently-used set of captured graphs by signature (:class:`GraphCache`),
 static buffers (:func:`static_copy` / :func:`copy_into`, and :class:`StaticBuffers`: one set per signature) and
-the one :func:`signature` of a call's tensors. Used by the SD denoising loop (:mod:`ipa_rt.runtime`), by
+the one :func:`signature` of a call's tensors. Used by the SD denoising loop (:mod:`ipa_rt.runtime.loop`), by
 :class:`Graphed` calls (the VAE decoder, the CLIP encoder) and by the families' network inside diffusers' loops
 (:class:`GraphedNetworkMixin`, :class:`StaticImage`).
 

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..adapters.scale import expand_scale, scale_tables
+from ..errors import ConfigError, ScaleError
 from . import request as rq
-from .errors import ConfigError, ScaleError
-from .runtime import static_call
-from .scale import expand_scale, scale_tables
+from .loop import static_call
 from .text import PromptEmbeds
 
 # what every request of one batch must share: they shape the loop (the rest is per request)
