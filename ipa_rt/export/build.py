@@ -24,26 +24,15 @@ from typing import Any
 import torch
 
 from .. import console
-from ..adapters.checkpoint import AdapterSource, atomic_write_bytes
+from ..adapters.checkpoint import AdapterSource
 from ..cache import cache_root
 from ..controls.t2i import feature_layout
 from ..core import PipelineCore
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError
 from .contracts import Contract, all_contracts, residual_names
 from .engines import build_trt_engine, check_tensorrt, require_backend, tensorrt_version, timing_cache_path
 from .export_cache import export_cached
-from .manifest import (
-    FORMAT,
-    REBUILD,
-    build_lock,
-    check_engine_dir,
-    differences,
-    file_record,
-    gpu_info,
-    read_manifest,
-    versions,
-    write_manifest,
-)
+from .manifest import FORMAT, gpu_info, hashed_sources, reuse_or_build, versions, write_manifest
 from .onnx_export import check_exporter, export_onnx
 from .openvino_engine import convert_onnx
 
@@ -215,16 +204,17 @@ def adapter_file(src: AdapterSource) -> Path:
     )
 
 
-def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{role: {path, size, mtime_ns, sha256}}`` of every file the engines are made from; ``known`` (records by
-    path) spares re-hashing files whose size and mtime did not change."""
+def source_records(req: BuildRequest) -> dict[str, dict[str, Any]]:
+    """``{role: {path, size, mtime_ns, sha256}}`` of every file the engines are made from (hashes memoised)."""
     roles: dict[str, Path] = {}
     base = Path(req.base)
-    if not base.is_dir():
+    if base.is_file():  # a single-file checkpoint: the file is the base model's only source
+        roles[f"base/{base.name}"] = base
+    elif not base.is_dir():
         base = hub_snapshot(req.base, [f"{p}/*" if "." not in p else p for p in BASE_PARTS])
-    if not (base / "model_index.json").is_file():
+    if not base.is_file() and not (base / "model_index.json").is_file():
         raise ConfigError(f"base model '{req.base}' has no model_index.json; expected a diffusers-format folder")
-    for f in files_under(base, BASE_PARTS):
+    for f in files_under(base, BASE_PARTS) if base.is_dir() else []:
         roles[f"base/{f.relative_to(base).as_posix()}"] = f
     adapters = req.sources()
     for a, src in enumerate(adapters):
@@ -233,6 +223,8 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
     if encoder is None:  # diffusers' default: the base's own encoder, else image_encoder/ beside the adapter
         beside = adapter_file(adapters[0]).parent / "image_encoder"
         encoder = beside if beside.is_dir() and not (base / "image_encoder").is_dir() else None
+    elif encoder.is_file():  # a single-file encoder (ComfyUI's models/clip_vision)
+        roles[f"image_encoder/{encoder.name}"], encoder = encoder, None
     elif not encoder.is_dir():
         encoder = hub_snapshot("/".join(encoder.parts[:2]), ["/".join(encoder.parts[2:]) + "/*"]).joinpath(
             *encoder.parts[2:]
@@ -268,15 +260,19 @@ def source_records(req: BuildRequest, known: dict[str, Any]) -> dict[str, dict[s
     for role, path in roles.items():
         if not path.is_file():
             raise ConfigError(f"source file '{path}' ({role}) does not exist")
-    return {role: file_record(path, known.get(str(path.resolve()))) for role, path in roles.items()}
+    return hashed_sources(roles)
 
 
 def _vae_repo(vae: str, base: Path) -> str:
     """``"taesd"`` as the base family's tiny-autoencoder hub id; anything else as given."""
     if vae != "taesd":
         return vae
-    from ..models import detect_family
+    from ..models import FAMILIES, detect_family
 
+    if base.is_file():
+        from ..single_file import checkpoint_family, read_checkpoint
+
+        return FAMILIES[checkpoint_family(read_checkpoint(base), str(base))].taesd
     index = json.loads((base / "model_index.json").read_text())
     return detect_family(index, json.loads((base / "unet" / "config.json").read_text()), str(base)).taesd
 
@@ -328,7 +324,6 @@ def build_engines(
     out: str | os.PathLike,
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
-    known: dict[str, Any] | None = None,
 ) -> Path:
     """Build (or find already built) the engines of ``req`` in ``out``; returns ``out``."""
     req.check()
@@ -338,29 +333,10 @@ def build_engines(
     device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
     if req.backend == "tensorrt":
         check_tensorrt(tensorrt_version())
-    with build_lock(out):
-        old = None
-        if (out / "manifest.json").exists():
-            try:
-                old = read_manifest(out)
-            except EngineError:
-                if not rebuild:
-                    raise
-        known = dict(known or {}) | ({r["path"]: r for r in old["sources"].values()} if old else {})
-        sources = source_records(req, known)
-        ident = build_identity(req, sources, device)
-        if old is not None and not rebuild:
-            diff = differences(old.get("identity", {}), ident)
-            if diff:
-                raise EngineError(
-                    f"'{out}' holds other engines; what differs (built -> requested): {'; '.join(diff[:8])}"
-                    f"{' ...' if len(diff) > 8 else ''}. {REBUILD}"
-                )
-            check_engine_dir(out, old, device)
-            say(f"reusing the engines built in '{out}' ({len(old.get('networks', {}))} networks up to date)")
-            return out
-        _build(req, out, sources, ident, device, say)
-    return out
+    sources = source_records(req)
+    ident = build_identity(req, sources, device)
+    build = lambda folder: _build(req, folder, sources, ident, device, say)  # noqa: E731
+    return reuse_or_build(out, ident, rebuild, device, build, say, "engines")
 
 
 # The classes that load a build's models, by kind. ipa_rt.video.pipeline registers the video one when it is
@@ -611,6 +587,10 @@ def request_for_pretrained(
 def _sample_pixels(base: str | os.PathLike) -> int:
     """The base model's native resolution (UNet sample size x VAE scale factor), from its configs."""
     folder = Path(base)
+    if folder.is_file():  # a single-file checkpoint: its family's native size
+        from ..single_file import sample_pixels
+
+        return sample_pixels(folder)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
@@ -624,15 +604,6 @@ def _sample_pixels(base: str | os.PathLike) -> int:
 def cached_engines(req: BuildRequest, rebuild: bool = False, progress=None) -> Path:
     """Build ``req`` into the cache (a directory named by what the engines depend on), or reuse it."""
     req.check()
-    device = torch.device("cuda" if req.backend == "tensorrt" else "cpu")
-    memo_path = cache_root() / "source-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        memo = {}
-    sources = source_records(req, memo)
-    memo.update({r["path"]: r for r in sources.values()})
-    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
-    ident = build_identity(req, sources, device)
+    ident = build_identity(req, source_records(req), torch.device("cuda" if req.backend == "tensorrt" else "cpu"))
     folder = cache_root() / f"{req.backend}-{cache_key(ident)}"
-    return build_engines(req, folder, rebuild, progress, known=memo)  # the hashes just taken are reused
+    return build_engines(req, folder, rebuild, progress)  # the hashes just taken are memoised: not taken again

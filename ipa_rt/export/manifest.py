@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ import torch
 
 from .._version import __version__
 from ..adapters.checkpoint import atomic_write_bytes
+from ..cache import cache_root
 from ..errors import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: the UNet's ip_scale has a row axis ([rows, adapters, layers]: a scale per batch row)
-REBUILD = "`ipa_rt build ... --rebuild` (or from_pretrained(..., rebuild=True)) rebuilds it"
+REBUILD = "`ipa_rt build ... --rebuild` (or engine_options={'rebuild': True}) rebuilds it"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -174,3 +176,52 @@ def build_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def hashed_sources(roles: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """``{role: file_record}`` of every file an engine is made from; the hashes are memoised across builds in the
+    cache (``source-hashes.json``, by path, size and mtime), so a reuse check of multi-GB weights costs a stat each."""
+    memo_path = cache_root() / "source-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    records = {role: file_record(path, memo.get(str(path.resolve()))) for role, path in roles.items()}
+    memo.update({r["path"]: r for r in records.values()})
+    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
+    return records
+
+
+def reuse_or_build(
+    folder: Path, ident: dict[str, Any], rebuild: bool, device: torch.device, build: Callable[[Path], None],
+    say: Callable[[str], None], what: str,
+) -> Path:  # fmt: skip
+    """The one way every engine folder is made: reused when its manifest names ``ident`` (and its files check out),
+    an :class:`EngineError` saying what differs when it holds other engines, else ``build(folder)`` under the folder's
+    lock (a second builder waits, then reuses); a failed first build leaves no folder behind."""
+    fresh = not folder.exists()
+    with build_lock(folder):
+        old = None
+        if (folder / MANIFEST).exists():
+            try:
+                old = read_manifest(folder)
+            except EngineError:
+                if not rebuild:
+                    raise
+        if old is not None and not rebuild:
+            diff = differences(old.get("identity", {}), ident)
+            if diff:
+                raise EngineError(
+                    f"'{folder}' holds other engines; what differs (built -> requested): {'; '.join(diff[:8])}"
+                    f"{' ...' if len(diff) > 8 else ''}. {REBUILD}"
+                )
+            check_engine_dir(folder, old, device)
+            say(f"reusing the {what} built in '{folder}' (up to date: {', '.join(old.get('networks', {}))})")
+            return folder
+        try:
+            build(folder)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    return folder

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from .. import console
-from ..adapters.checkpoint import atomic_write_bytes
 from ..cache import cache_root
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError
 from .contracts import Contract
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
@@ -61,23 +60,15 @@ def source_records(base: str, parts: tuple[str, ...], adapters: list, encoder: A
     """sha256 records of every file the engine's numbers come from: ``parts`` of the base model, the adapters and
     the image encoder's folder."""
     from .build import adapter_file, files_under, hub_snapshot
-    from .manifest import file_record
+    from .manifest import hashed_sources
 
-    memo_path = cache_root() / "source-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        memo = {}
     patterns = [p if "." in p else f"{p}/*" for p in parts]
     root = Path(base) if Path(base).is_dir() else hub_snapshot(base, patterns)
     files = {f"base/{p.relative_to(root).as_posix()}": p for p in files_under(root, list(parts))}
     files |= {f"ip_adapter_{i}": adapter_file(src) for i, src in enumerate(adapters)}
     if isinstance(encoder, (str, os.PathLike)) and Path(encoder).is_dir():
         files |= {f"image_encoder/{p.name}": p for p in files_under(Path(encoder), ["."])}
-    records = {role: file_record(path, memo.get(str(path.resolve()))) for role, path in files.items()}
-    memo.update({r["path"]: r for r in records.values()})
-    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
-    return records
+    return hashed_sources(files)
 
 
 def identity(kind: str, pipeline: str, backend: str, options: dict, sources: dict, encoder: Any) -> dict[str, Any]:
@@ -101,32 +92,14 @@ def cached_build(
     ident: dict[str, Any], out: str | os.PathLike | None, rebuild: bool, build: Callable[[Path], None]
 ) -> Path:
     """The folder for ``ident`` (``out``, else the cache): reused when it holds these engines, else ``build`` into it
-    under a lock; a failed first build leaves no folder behind."""
+    (:func:`~ipa_rt.export.manifest.reuse_or_build`)."""
     from .build import cache_key
-    from .manifest import build_lock, check_engine_dir, differences, read_manifest
+    from .manifest import reuse_or_build
 
     backend, kind = ident["backend"], ident["kind"]
     folder = Path(out) if out is not None else cache_root() / f"{backend}-{kind}-{cache_key(ident)}"
-    fresh = not folder.exists()
-    with build_lock(folder):
-        if (folder / "manifest.json").exists() and not rebuild:
-            old = read_manifest(folder)
-            diff = differences(old.get("identity", {}), ident)
-            if diff:
-                raise EngineError(
-                    f"'{folder}' holds other engines; what differs (built -> requested): {'; '.join(diff[:8])}; "
-                    "rebuild with --rebuild (or engine_options={'rebuild': True})"
-                )
-            check_engine_dir(folder, old, torch.device("cuda" if backend == "tensorrt" else "cpu"))
-            console.say(f"reusing the {kind} engine built in '{folder}'")
-            return folder
-        try:
-            build(folder)
-        except BaseException:
-            if fresh:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
-    return folder
+    device = torch.device("cuda" if backend == "tensorrt" else "cpu")
+    return reuse_or_build(folder, ident, rebuild, device, build, console.say, f"{kind} engine")
 
 
 def write_engine(folder: Path, contract: Contract, backend: str, precision: str, manifest: dict[str, Any]) -> None:
