@@ -101,10 +101,13 @@ class ControlStack:
         return bool(self.nets[0].config.global_pool_conditions)
 
     def prepare_images(
-        self, image: Any, height: int | None, width: int | None, copies: int, per_prompt: int, cfg: bool, device
-    ) -> tuple[int, int]:
-        """diffusers' ``prepare_image`` for each ControlNet (into reused buffers); returns the height and width
-        the control images settle on (what the latents follow)."""
+        self, image: Any, height: int | None, width: int | None, copies: int, per_prompt: int, cfg: bool, device,
+        guess_mode: bool = False,
+    ) -> tuple[int, int]:  # fmt: skip
+        """diffusers' ``prepare_image`` for each ControlNet (into reused buffers), and this request's guess mode
+        (global-pool ControlNets always guess); returns the height and width the control images settle on (what the
+        latents follow)."""
+        self.guess_mode = bool(guess_mode) or self.global_pool
         count = len(self.nets)
         if image is None:
             raise ImageInputError(f"{count} ControlNet(s) are loaded: pass their control image(s) as image=")

@@ -136,10 +136,16 @@ def prepare_structure(pipe, req: Request) -> None:
     """ControlNet images and T2I-Adapter features for this request; they settle the size, as in diffusers."""
     height, width = req.height, req.width
     if pipe.control is not None:
-        pipe.control.guess_mode = bool(req.guess_mode) or pipe.control.global_pool
         pipe.control.set_scale(req.controlnet_conditioning_scale)
         height, width = pipe.control.prepare_images(
-            req.control_image, height, width, req.copies, req.num_images_per_prompt, req.cfg, pipe.device
+            req.control_image,
+            height,
+            width,
+            req.copies,
+            req.num_images_per_prompt,
+            req.cfg,
+            pipe.device,
+            req.guess_mode,
         )
     if pipe.t2i is not None:  # the condition image settles the size when none is given
         pipe.t2i.set_scale(req.adapter_conditioning_scale)

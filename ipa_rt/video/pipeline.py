@@ -335,7 +335,6 @@ def _prepare_control(pipe: AnimateDiffPipeline, req: ClipRequest) -> None:
     clips = req.conditioning_frames if count > 1 else [req.conditioning_frames]
     if count > 1 and (not isinstance(req.conditioning_frames, list) or len(clips) != count):
         raise ImageInputError(f"conditioning_frames must be a list of {count} clips (one per ControlNet)")
-    control.guess_mode = bool(req.guess_mode) or control.global_pool
     control.set_scale(req.controlnet_conditioning_scale)
     images = []
     for i, clip in enumerate(clips):
@@ -346,4 +345,5 @@ def _prepare_control(pipe: AnimateDiffPipeline, req: ClipRequest) -> None:
                 "(one control frame per generated frame)"
             )
         images.append(clip)
-    control.prepare_images(images if count > 1 else images[0], req.height, req.width, frames, 1, req.cfg, pipe.device)
+    clips = images if count > 1 else images[0]
+    control.prepare_images(clips, req.height, req.width, frames, 1, req.cfg, pipe.device, req.guess_mode)
