@@ -72,7 +72,7 @@ def representative_args(
 
 def _triton_signature(args: tuple, meta: dict) -> tuple[dict, dict, dict]:
     """Signature, constants and divisibility attributes, as the JIT derives them from real arguments."""
-    fn = k._decoupled_fwd
+    fn = k.decoupled_fwd
     signature, constants, attrs = {}, dict(meta), {}
     for i, (name, value) in enumerate(zip(fn.arg_names, args, strict=False)):
         if isinstance(value, torch.Tensor):
@@ -100,7 +100,7 @@ def compile_config(arch: int, dtype: torch.dtype, head_dim: int, config: k.Kerne
     args, meta = representative_args(dtype, head_dim, **shape)
     meta.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=dtype == torch.float32)
     signature, constants, attrs = _triton_signature(args, meta)
-    src = ASTSource(k._decoupled_fwd, signature, constexprs=constants, attrs=attrs)
+    src = ASTSource(k.decoupled_fwd, signature, constexprs=constants, attrs=attrs)
     start = time.perf_counter()
     options = {"num_warps": config.warps, "num_stages": config.stages}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -138,7 +138,7 @@ if HAVE_TRITON:
         return acc0, acc1, l_i
 
     @triton.jit
-    def _decoupled_fwd(
+    def decoupled_fwd(
         Q, KT, VT, KI, VI, OUT, SEG_OFF, SEG_ADAPTER, SCALE, MASK,
         stride_qb, stride_qh, stride_qn, stride_tb, stride_th, stride_tn, stride_ib, stride_ih, stride_in,
         stride_ob, stride_on, stride_sb, stride_scale, stride_ms, stride_mb,
@@ -269,12 +269,12 @@ def launch(
         # the interpreter's cost is per program and per op, not per element: few, large blocks
         block_m = config.block_m if config is not None else min(128, _next_pow2(n))
         block_n = config.block_n if config is not None else 64
-        _decoupled_fwd[(triton.cdiv(n, block_m), b * h)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        decoupled_fwd[(triton.cdiv(n, block_m), b * h)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
         return out
     if config is None:
         config = config_for(shape_key(q, k_text, k_img, mask))
     grid = (triton.cdiv(n, config.block_m), b * h)
-    _decoupled_fwd[grid](
+    decoupled_fwd[grid](
         *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.warps,
         num_stages=config.stages,
     )  # fmt: skip

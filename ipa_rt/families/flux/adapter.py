@@ -93,6 +93,12 @@ class FluxImageSide(MultiIPAdapterImageProjection):
         self._memo = IdentityMemo(_MEMO)
         self.static = StaticImage()  # what a captured transformer reads (Graphed stages into it)
 
+    def use_attention(self, use_kernel: bool) -> None:
+        """The image branch's attention from now on: the fused kernel or SDPA (prepared tokens hold the kernel's
+        fused keys/values or not, so they are prepared again)."""
+        self.use_kernel = use_kernel
+        self._memo.clear()
+
     @property
     def num_blocks(self) -> int:
         return len(self.to_k_ip)

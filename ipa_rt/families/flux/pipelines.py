@@ -45,8 +45,7 @@ class FluxAdapterMixin(SideMixin):
         side = self._installed_side()
         if side is not None and not self.on_engine:
             param = next(self.transformer.parameters())
-            side.use_kernel = choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim)
-            side._memo.clear()
+            side.use_attention(choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim))
         elif mode not in MODES:
             raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
         self._ip_attention = mode
@@ -106,7 +105,7 @@ class FluxAdapterMixin(SideMixin):
         if not self.on_engine:
             param = next(self.transformer.parameters())
             head_dim = self.transformer.config.attention_head_dim
-            side.use_kernel = choose(self._ip_attention, param.device, param.dtype, head_dim)
+            side.use_attention(choose(self._ip_attention, param.device, param.dtype, head_dim))
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and projection exactly; drop the image encoder (diffusers' rule)."""
