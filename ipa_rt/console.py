@@ -9,6 +9,7 @@ Library code hushes only around its own operations (:func:`hushed`); the command
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -22,6 +23,17 @@ THIRD_PARTY = ("transformers", "diffusers", "torch.onnx", "onnxscript", "onnx_ir
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def reachable_from_others(host: str) -> bool:
+    """Whether a server bound to ``host`` can be reached from other machines: any address but loopback (a host name
+    may resolve to anything, so it counts as reachable)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return True
 
 
 def say(message: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import PARITY_RTOL
 from PIL import Image
-from user_commands import DEMO_CLIENT, SERVE_CLIENT, ask, free_port, run, running, user_env
+from user_commands import DEMO_CLIENT, SERVE_CLIENT, ask, free_port, listening_on, run, running, user_env
 
 from ipa_rt.cli import build_parser
 
@@ -210,6 +210,9 @@ def test_demo_serves_its_page_and_a_frame_over_its_socket(tmp_path):
     argv = [*IPA_RT, "demo", "--example", "--port", str(port)]
     with running(argv, tmp_path, user_env(tmp_path / "cache"), f"http://127.0.0.1:{port}", port) as server:
         got = ask(sys.executable, DEMO_CLIENT, server)
+        bound = listening_on(port)
+    assert bound == {"127.0.0.1"}, bound  # no --host: this machine only (the page has no login)
+    assert "reachable from other machines" not in server.said()
     assert got["page_has_scale_slider"], got
     hello, (first, moved) = got["hello"], got["frames"]
     assert hello["scales"] and hello["runtime"] in server.said()  # the adapter's slider, and the backend it names

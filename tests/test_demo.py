@@ -220,6 +220,19 @@ def test_headless_sweep_writes_gif_and_contact_sheet(tmp_path, capsys):
     assert "expected comma-separated numbers" in capsys.readouterr().err
 
 
+def test_the_page_binds_to_loopback_unless_told_and_says_so_when_told():
+    """The page has no login: ``ipa_rt demo`` binds 127.0.0.1 by default and prints a line when bound elsewhere
+    (the process itself is checked in test_commands: it listens on 127.0.0.1 only)."""
+    from ipa_rt.cli.demo import bind_notice
+
+    assert cli.build_parser().parse_args(["demo", "--example"]).host == "127.0.0.1"
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert bind_notice(host, 7860) is None, host
+    for host in ("0.0.0.0", "::", "192.168.1.20", "demo.example.org"):
+        notice = bind_notice(host, 7860)
+        assert "reachable from other machines" in notice and "no login" in notice and "--host 127.0.0.1" in notice
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (shutil.which("chromium") and shutil.which("chromedriver")),

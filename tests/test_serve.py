@@ -4,6 +4,7 @@ request, and SIGINT shuts the server down gracefully. Also the config errors, wi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -103,6 +104,18 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_replica_keeps_serving(ser
 
 
 @pytest.mark.slow
+def test_without_a_key_nothing_asks_for_one(server):
+    """No --api-key, no IPA_RT_API_KEY, no api_key in the config: every endpoint answers as before, whatever
+    Authorization header comes (the key checks: test_serve_auth)."""
+    for headers in ({}, {"Authorization": "Bearer anything"}, {"Authorization": "Basic eDp5"}):
+        for path in ("/v1/models", "/docs", "/openapi.json", "/healthz"):
+            r = httpx.get(server["url"] + path, headers=headers, timeout=60)
+            assert r.status_code == 200 and "www-authenticate" not in r.headers, (path, headers, r.text[:200])
+        assert post(server, json={"prompt": "x", "steps": 1}, headers=headers).status_code == 200
+    assert "API key" not in server["log"].read_text()
+
+
+@pytest.mark.slow
 def test_bad_json_bodies(server):
     r = post(server, content=b'{"prompt": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["field"] == "body"
@@ -173,11 +186,42 @@ def test_serve_config_errors(tmp_path, capsys):
         ServeConfig.from_dict({"models": {"m": {"base": "b"}}})
 
 
+def test_a_multipart_body_over_the_part_limits_gets_400_naming_the_body():
+    """More than 16 files or 32 fields: starlette's form parser refuses them; the gateway answers 400 naming the body
+    (not a 500). The gateway's method without Ray, on the request FastAPI would hand it."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from ipa_rt.serving.app import FORM_FIELDS, FORM_FILES, Gateway
+
+    config = ServeConfig.from_dict({"models": {"m": {"base": "b", "ip_adapter": "a.safetensors"}}})
+    gateway = Gateway(dataclasses.asdict(config), {})
+
+    async def answer(**parts) -> tuple[int, dict]:
+        built = httpx.Request("POST", "http://x/v1/generate", **parts)
+        body = built.read()
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        headers = [(k.lower().encode(), v.encode()) for k, v in built.headers.items()]
+        scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": headers, "app": object()}
+        response = await gateway.generate(Request(scope, receive))
+        return response.status_code, json.loads(response.body)
+
+    files = [("image", (f"{i}.png", b"x", "image/png")) for i in range(FORM_FILES + 1)]
+    status, error = asyncio.run(answer(files=files, data={"prompt": "x"}))
+    assert status == 400 and error["field"] == "body" and "Too many files" in error["error"], error
+    fields = {f"f{i}": "x" for i in range(FORM_FIELDS + 1)}
+    status, error = asyncio.run(answer(files=[("image", ("a.png", b"x", "image/png"))], data=fields))
+    assert status == 400 and error["field"] == "body" and "Too many fields" in error["error"], error
+
+
 def test_replica_groups_by_signature_and_answers_a_refused_request_alone(tmp_path, images):
     """The replica's work without Ray: requests with other steps form their own UNet batch, and a request the
     pipeline refuses (here a per-block scale naming no block) gets its 422 while its batch mates get images."""
-    import dataclasses
-
     from ipa_rt.serving import protocol
     from ipa_rt.serving.app import ModelServer
     from ipa_rt.serving.config import example_config

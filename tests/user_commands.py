@@ -28,6 +28,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_on(port: int) -> set[str]:
+    """The addresses this machine listens on at TCP ``port`` (Linux: read from /proc/net/tcp and tcp6), so a test
+    can tell a server bound to loopback from one bound to every interface."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path("/proc/net") / table
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host order (little-endian here)
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
 def user_env(cache: Path, bin_dir: Path | None = None, clean: bool = False, **extra: str) -> dict[str, str]:
     """A user's environment with its own engine cache; ``clean`` drops the suite's settings as well (a fresh venv's
     user: no Triton interpreter, no kept exports); ``bin_dir`` goes first on ``PATH``."""

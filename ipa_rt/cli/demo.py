@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 
 import torch
 
+from ..console import reachable_from_others
 from ..errors import ConfigError, require_extra
 from .common import DTYPES, add_backend_options, dtype_of, load_pipeline
 
@@ -25,7 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_backend_options(demo)
     demo.add_argument("--lora", action="append", default=[], metavar="FILE", help="e.g. an LCM-LoRA; repeatable")
     demo.add_argument("--example", action="store_true", help="a tiny random model written on the fly (offline)")
-    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; the page has no login)",
+    )
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -36,6 +42,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--prompt", default="a photo", help="prompt for --sweep")
     demo.add_argument("--seed", type=int, default=0, help="seed for --sweep")
     demo.add_argument("-o", "--output", help="GIF path for --sweep (the sheet is written beside it)")
+
+
+def bind_notice(host: str, port: int) -> str | None:
+    """A line for a page bound beyond loopback: it has no login, so anyone who reaches the port can drive it."""
+    if not reachable_from_others(host):
+        return None
+    return (
+        f"ipa_rt demo: listening on {host}, reachable from other machines; the page has no login, so anyone who "
+        f"reaches port {port} can use it (--host 127.0.0.1, the default, keeps it to this machine)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -77,6 +93,9 @@ def run(args: argparse.Namespace) -> None:
 
         renderer = LiveRenderer(pipe, steps=args.steps, guidance=guidance)
         print(f"ipa_rt demo on http://{args.host}:{args.port} ({pipe.runtime_summary()})", flush=True)
+        notice = bind_notice(args.host, args.port)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         try:
             serve(renderer, args.host, args.port)
         finally:

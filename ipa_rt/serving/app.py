@@ -7,7 +7,9 @@
   refuses is answered alone, so one bad request never fails its batch mates. The work runs in a thread, so the
   replica keeps accepting requests (the next batch forms) and answering health checks meanwhile.
 - :class:`Gateway` (FastAPI ingress): ``POST /v1/generate`` (JSON or multipart) → PNG/JPEG, ``GET /v1/models``,
-  ``GET /healthz``. Bad fields get 4xx with a JSON error naming the field before any model work; a full queue
+  ``GET /healthz``. With an API key, :class:`~.auth.RequireKey` (middleware of the ingress app: every HTTP request
+  the proxy routes here passes it) answers 401 to any request but ``/healthz`` without ``Authorization: Bearer
+  KEY``. Bad fields get 4xx with a JSON error naming the field before any model work; a full queue
   (``max_queued_requests``) gets 503 with ``Retry-After``; a request whose replica dies is retried once on
   another replica (Ray replaces the dead one), then answered 503 — never left hanging (``request_timeout_s``:
   504).
@@ -27,12 +29,16 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from ..errors import IpaRtError, RequestError
 from . import protocol
+from .auth import ApiKey, RequireKey
 from .config import ModelSpec, ServeConfig
 
 GATEWAY_ONGOING = 1024  # requests a gateway replica holds (each an await on a model deployment)
+FORM_FILES, FORM_FIELDS = 16, 32  # parts of a multipart body (starlette's parser refuses more)
 DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ReplicaUnavailableError)
 api = FastAPI(title="ipa_rt", description="IP-Adapter image generation (ipa_rt on Ray Serve)")
 
@@ -146,7 +152,12 @@ class Gateway:
         if length > limit:
             raise RequestError("body", f"is {length} bytes; expected at most {limit}", status=413)
         if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form")):
-            form = await request.form(max_files=16, max_fields=32)
+            try:
+                form = await request.form(max_files=FORM_FILES, max_fields=FORM_FIELDS)
+            except (HTTPException, MultiPartException) as exc:  # too many parts, a part too large, a broken body
+                detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+                limits = f"at most {FORM_FILES} files and {FORM_FIELDS} fields"
+                raise RequestError("body", f"{detail} ({limits})", status=400) from None
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
             images = [await f.read() for k, f in form.multi_items() if not isinstance(f, str) and k == "image"]
             others = [k for k, f in form.multi_items() if not isinstance(f, str) and k != "image"]
@@ -180,10 +191,17 @@ class Gateway:
         return {"status": "ok"}
 
 
-# FastAPI routes on the ingress class (serve.ingress wires the app's routes to the replica's methods)
+def gateway_key() -> ApiKey | None:
+    """The key of the gateway replica serving this request (the replica object Serve also hands the routes)."""
+    return serve.get_replica_context().servable_object.config.api_key
+
+
+# FastAPI routes on the ingress class (serve.ingress wires the app's routes to the replica's methods); the key check
+# is middleware, added before serve.ingress copies the app, so it wraps every route, FastAPI's /docs and the 404s
 api.post("/v1/generate")(Gateway.generate)
 api.get("/v1/models")(Gateway.models_info)
 api.get("/healthz")(Gateway.healthz)
+api.add_middleware(RequireKey, key=gateway_key)
 GatewayDeployment = serve.ingress(api)(Gateway)
 
 

@@ -3,12 +3,14 @@
 ipa_rt serve --example                              # tiny offline model, this machine, port 8000
 ipa_rt serve --config serve.json [--num-replicas 2] # your models
 ipa_rt serve --config serve.json --address auto     # on an existing Ray cluster (ray start --head / --address)
+IPA_RT_API_KEY=... ipa_rt serve --config serve.json # every endpoint but /healthz requires Authorization: Bearer KEY
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import tempfile
@@ -16,7 +18,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from ..console import reachable_from_others
 from ..errors import ConfigError, IpaRtError, require_extra
+from .auth import ENV, ApiKey
 from .config import ServeConfig, example_config
 
 OPTIONS = ("num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_queued_requests", "max_ongoing_requests",
@@ -39,17 +43,51 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per replica")
     p.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /healthz (default: ${ENV}, else the config's "
+        f"api_key; ${ENV} keeps the key out of the process list)",
+    )
     return p
+
+
+def api_key_from(args: argparse.Namespace) -> ApiKey | None:
+    """``--api-key``, else ``$IPA_RT_API_KEY``; None leaves the config file's ``api_key`` (or none) in force. A set
+    but empty variable is an error, not "no key": it is more likely an unset shell variable than a wish."""
+    if args.api_key is not None:
+        return ApiKey(args.api_key, where="--api-key")
+    if ENV in os.environ:
+        return ApiKey(os.environ[ENV], where=f"the environment variable {ENV}")
+    return None
 
 
 def config_from(args: argparse.Namespace, work: str) -> ServeConfig:
     overrides = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    key = api_key_from(args)
+    if key is not None:
+        overrides["api_key"] = key
     if args.example:
         return example_config(work, **overrides)
     config = ServeConfig.from_file(args.config)
     config = dataclasses.replace(config, **overrides)
     config.check()
     return config
+
+
+def banner(config: ServeConfig) -> tuple[str, str | None]:
+    """The line that says the server is up (whether it requires a key, never the key), and a caution when anyone
+    who reaches the port could use it: bound beyond loopback without a key."""
+    models = ", ".join(config.models)
+    guard = "; every endpoint but /healthz requires an API key" if config.api_key is not None else ""
+    ready = f"ipa_rt serve: {models} on http://{config.host}:{config.port}/v1/generate{guard} (Ctrl-C stops)"
+    caution = None
+    if config.api_key is None and reachable_from_others(config.host):
+        caution = (
+            f"ipa_rt serve: listening on {config.host}, reachable from other machines, without an API key: anyone "
+            f"who reaches port {config.port} can generate; set {ENV} (or --api-key), or bind 127.0.0.1"
+        )
+    return ready, caution
 
 
 def start(config: ServeConfig, address: str | None = None, **ray_init: Any):
@@ -79,12 +117,15 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="ipa_rt-serve-") as work:
         try:
             config = config_from(args, work)
+            os.environ.pop(ENV, None)  # Ray's workers inherit this environment; the gateway needs only the digest
             start(config, args.address)
         except (IpaRtError, ConfigError) as exc:
             print(f"ipa_rt serve: error: {exc}", file=sys.stderr)
             return 2
-        models = ", ".join(config.models)
-        print(f"ipa_rt serve: {models} on http://{config.host}:{config.port}/v1/generate (Ctrl-C stops)", flush=True)
+        ready, caution = banner(config)
+        print(ready, flush=True)
+        if caution:
+            print(caution, file=sys.stderr, flush=True)
         stop.wait()
         from ray import serve
 

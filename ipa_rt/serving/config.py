@@ -6,6 +6,9 @@ A JSON config names the models and, optionally, the serving options::
                          "ip_adapter": ["h94/IP-Adapter::models/ip-adapter_sd15.safetensors"],
                          "dtype": "fp16", "device": "cuda", "scheduler": "lcm", "default_steps": 4}},
      "num_replicas": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_gpus": 1}
+
+``"api_key": "..."`` makes every endpoint but ``/healthz`` require ``Authorization: Bearer KEY`` (``--api-key`` and
+``IPA_RT_API_KEY`` override it: :mod:`.auth`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .auth import ApiKey
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -60,7 +64,8 @@ class ServeConfig:
     ``autoscaling_config``), ``num_gpus`` / ``num_cpus`` per replica (``ray_actor_options``: one pipeline per
     replica, each on its own accelerator when ``num_gpus=1``), ``max_batch_size`` / ``batch_wait_timeout_s``
     (``serve.batch``), ``max_queued_requests`` (excess gets 503 with ``Retry-After``), ``max_ongoing_requests``.
-    Limits on requests: upload bytes, image pixels, steps, size, scale."""
+    Limits on requests: upload bytes, image pixels, steps, size, scale. ``api_key``: the key every request but
+    ``/healthz`` must bring (a string is turned into an :class:`~.auth.ApiKey`, which holds only a digest of it)."""
 
     models: dict[str, ModelSpec]
     num_replicas: int = 1
@@ -83,6 +88,11 @@ class ServeConfig:
     max_scale: float = 2.0
     host: str = "127.0.0.1"
     port: int = 8000
+    api_key: ApiKey | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not isinstance(self.api_key, ApiKey):
+            self.api_key = ApiKey(self.api_key)  # from here on only a digest: reprs and pickles carry no key
 
     def check(self) -> None:
         if not self.models:
@@ -123,6 +133,8 @@ class ServeConfig:
             if isinstance(spec.get("ip_adapter"), str):
                 spec["ip_adapter"] = [spec["ip_adapter"]]
             models[name] = ModelSpec(**spec)
+        if data.get("api_key") is not None and not isinstance(data["api_key"], ApiKey):
+            data = {**data, "api_key": ApiKey(data["api_key"], where=f"{where}: api_key")}
         config = cls(**{**data, "models": models})
         config.check()
         return config
