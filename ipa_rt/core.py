@@ -33,7 +33,7 @@ from .controls.t2i import T2IStack, load_t2i_adapters
 from .errors import ConfigError, ImageInputError, IncompatibleAdapterError
 from .kernels.select import LayerShape, choose_layers
 from .lora import fuse_loras
-from .models import BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
+from .models import FAMILIES, BaseModel, detect_family, load_base_model, load_image_encoder, load_vae, vae_upcast
 from .runtime import modes, request
 from .runtime.batch import run_batch
 from .runtime.graphs import Graphed, GraphPool
@@ -42,6 +42,7 @@ from .runtime.lru import TEXT_CACHE_ENTRIES, LRUCache
 from .runtime.request import query_tokens
 from .runtime.sampling import EagerPlan, Plan, make_plan
 from .runtime.schedulers import make_scheduler
+from .single_file import is_single_file, load_single_file
 
 ATTENTION = ("auto", "triton", "sdpa")
 
@@ -131,9 +132,11 @@ class PipelineCore:
         controlnet: Any = None,
         t2i_adapter: Any = None,
         model_hook: Callable[[BaseModel], None] | None = None,
+        config: str | os.PathLike | None = None,
+        tokenizer: Any = None,
         **hub_kwargs: Any,
     ) -> PipelineCore:
-        """Load a diffusers base model and IP-Adapter checkpoint(s).
+        """Load a diffusers base model (or a single-file SD1.5/SDXL checkpoint) and IP-Adapter checkpoint(s).
 
         ``ip_adapter``: a file path, a folder or hub id with ``weight_name`` (and ``subfolder``), a state dict,
         an :class:`AdapterSource`, or a list of these for several adapters. ``image_encoder``: a
@@ -148,12 +151,21 @@ class PipelineCore:
         the call then takes the control image(s) as ``image=`` like diffusers' ControlNet pipelines.
         ``t2i_adapter``: diffusers ``T2IAdapter`` folder(s) or hub id(s); the call takes their condition image(s) as
         ``image=`` like diffusers' adapter pipelines (``adapter_image=`` when ControlNets are loaded too).
+        ``base`` may be one ``.safetensors``/``.ckpt`` file in the original LDM layout (:mod:`ipa_rt.single_file`);
+        ``config`` (a diffusers folder with that model's configs) and ``tokenizer`` (a CLIP tokenizer folder) apply
+        to such a file only.
         """
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(
                 f"dtype {dtype} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
             )
-        model = load_base_model(base, dtype, **hub_kwargs)
+        if is_single_file(base):
+            parts = load_single_file(base, dtype, config=config, tokenizer=tokenizer, vae=vae, **hub_kwargs)
+            model = BaseModel(**(parts | {"family": FAMILIES[parts["family"]]}))
+        elif config is not None or tokenizer is not None:
+            raise ConfigError(f"config= and tokenizer= apply to a single-file checkpoint; base '{base}' is not a file")
+        else:
+            model = load_base_model(base, dtype, **hub_kwargs)
         if model_hook is not None:  # before LoRAs fuse and adapters wrap the UNet (AnimateDiff's motion UNet)
             model_hook(model)
         if scheduler is not None:
@@ -163,7 +175,7 @@ class PipelineCore:
         if vae is not None:
             if not isinstance(vae, torch.nn.Module):
                 vae = load_vae(vae, model.family, dtype, **hub_kwargs)
-            model.vae = _check_vae(vae, model.vae, dtype)
+            model.vae = _check_vae(vae, model.vae, dtype, model.unet)
         stack = _read_stack(model.unet, adapter_sources(ip_adapter, subfolder, weight_name), hub_kwargs)
         if image_encoder is None and model.image_encoder is not None:
             image_encoder = model.image_encoder  # as diffusers: the pipeline's own encoder wins
@@ -607,11 +619,13 @@ def encoder_mismatch(stack: Any, encoder: Any) -> str | None:
     return None
 
 
-def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype) -> Any:
+def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype, base_unet: Any = None) -> Any:
     """A replacement autoencoder must speak the base model's latent space (channels; TAESD included)."""
     if not hasattr(vae, "decode") or not hasattr(vae, "config"):
         raise ConfigError(f"vae is a {type(vae).__name__}; expected a diffusers autoencoder (AutoencoderKL/Tiny)")
-    have, want = vae.config.latent_channels, base_vae.config.latent_channels
+    have = vae.config.latent_channels
+    # a single file without a baked-in VAE: the UNet's output is the latent space
+    want = base_vae.config.latent_channels if base_vae is not None else base_unet.config.out_channels
     if have != want:
         raise ConfigError(f"vae has {have} latent channels; the base model's latents have {want}")
     # cast only when needed: diffusers warns on every dtype .to() of a model declaring fp32 modules (even none)

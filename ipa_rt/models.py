@@ -194,6 +194,10 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder:
     from transformers import CLIPVisionModelWithProjection
 
     folder = os.fspath(folder)
+    if Path(folder).is_file():  # one file, as ComfyUI's models/clip_vision holds them
+        from .single_file import load_encoder_file
+
+        return load_encoder_file(folder, dtype)
     parts = folder.split("/")
     if subfolder is None and not Path(folder).exists() and len(parts) > 2 and not folder.startswith((".", "/", "~")):
         folder, subfolder = "/".join(parts[:2]), "/".join(parts[2:])  # hub form: owner/repo/sub/folder

@@ -16,10 +16,11 @@ import torch
 
 from .adapters.checkpoint import HUB_KWARGS, adapter_sources
 from .core import PipelineCore, PipelineOutput
-from .errors import ConfigError, reject_engine_options
+from .errors import CheckpointError, ConfigError, reject_engine_options
 from .families import family_of, family_of_engine
 from .models import FAMILIES, declared_pipeline
 from .runtime.loop import static_call
+from .single_file import is_single_file
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 # what from_pretrained passes on to an engine build (the rest of its arguments are torch-backend only)
@@ -71,6 +72,31 @@ class Pipeline(PipelineCore):
             return super().from_pretrained(base, ip_adapter, image_encoder, **kwargs)
         folder = engines_for(base, ip_adapter, image_encoder, backend, engine_options, kwargs)
         return cls.from_engine(folder, device=kwargs.get("device", "cpu"), scheduler=kwargs.get("scheduler"))
+
+    @classmethod
+    @static_call
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        ip_adapter: Any = None,
+        image_encoder: str | os.PathLike | torch.nn.Module | None = None,
+        *,
+        backend: str = "torch",
+        engine_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Pipeline:
+        """Load an SD1.5 or SDXL checkpoint file in the original layout (``.safetensors``, or ``.ckpt`` read with
+        ``weights_only``; fp16 or fp32; with or without a baked-in VAE, then ``vae=`` names one), offline: diffusers'
+        own conversion with configs shipped with ipa_rt and completed from the weights' shapes (``config=``: a
+        diffusers folder with the model's configs instead) and CLIP's tokenizer from ``tokenizer=`` or the hub cache
+        (:mod:`ipa_rt.single_file`). The other arguments are :meth:`from_pretrained`'s, which takes such a file too."""
+        if not is_single_file(path):
+            raise CheckpointError(
+                f"single-file checkpoint '{path}' is not a file; expected a .safetensors or .ckpt checkpoint (a "
+                "diffusers folder or hub id goes to Pipeline.from_pretrained)"
+            )
+        return cls.from_pretrained(path, ip_adapter, image_encoder, backend=backend, engine_options=engine_options,
+                                   **kwargs)  # fmt: skip
 
     @classmethod
     @static_call

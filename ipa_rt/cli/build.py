@@ -19,9 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "reused): every network of an SD1.5/SDXL model (with its ControlNets, T2I-Adapters or motion adapter), the "
         "transformer (Kolors: the UNet) of a Flux/Chroma, Kolors or SD3.5 model, whose other networks stay PyTorch.",
     )
-    build.add_argument("base", help="diffusers base model folder or hub id")
+    build.add_argument("base", help="diffusers base model folder or hub id, or an SD1.5/SDXL single-file checkpoint")
     build.add_argument("--ip-adapter", action="append", required=True, metavar="FILE", help="adapter; repeatable")
-    build.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
+    build.add_argument(
+        "--image-encoder", metavar="DIR", help="CLIP vision folder or file (default: image_encoder/ beside)"
+    )
     build.add_argument("--backend", choices=("onnxruntime", "tensorrt", "openvino"), default="onnxruntime")
     build.add_argument("--height", type=int, default=512)
     build.add_argument("--width", type=int, default=512)

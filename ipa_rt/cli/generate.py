@@ -21,7 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate one image, or a clip with --motion-adapter / --video.",
     )
     gen.add_argument(
-        "base", nargs="?", help="diffusers base model folder or hub id: SD1.5, SDXL, Flux/Chroma, Kolors or SD3.5"
+        "base",
+        nargs="?",
+        help="diffusers base model folder or hub id (SD1.5, SDXL, Flux/Chroma, Kolors, SD3.5), or an SD1.5/SDXL "
+        "single-file checkpoint (.safetensors/.ckpt)",
     )
     gen.add_argument(
         "--example",
@@ -29,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write a tiny random model and run it (offline; on PyTorch unless --backend is given)",
     )
     gen.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="adapter file; repeatable")
-    gen.add_argument("--image-encoder", metavar="DIR", help="CLIP vision folder (default: image_encoder/ beside)")
+    gen.add_argument(
+        "--image-encoder", metavar="DIR", help="CLIP vision folder or file (default: image_encoder/ beside)"
+    )
     gen.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="reference image per adapter")
     gen.add_argument("--prompt", default="", help="text prompt")
     gen.add_argument("--negative-prompt", default=None)

@@ -1,0 +1,214 @@
+"""Single-file checkpoints (original LDM layout) and single-file image encoders, written from the tiny models with
+the inverse of diffusers' conversion, loaded offline: the same latents as the diffusers folder (bitwise, torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CALL, fixed_latents
+
+import ipa_rt
+from ipa_rt import testing as T
+from ipa_rt.errors import CheckpointError, IncompatibleAdapterError
+from ipa_rt.testing.ldm import write_single_file
+
+# tiny models whose head counts follow the real families' rules (SD1.5's UNet: 8 heads; SDXL's UNet and the CLIP
+# text encoders: 64-wide heads), so that configs built from the shapes alone are theirs
+RULED = {
+    "sd15": dict(
+        unet=dict(
+            block_out_channels=(64, 64, 128, 128), attention_head_dim=8, norm_num_groups=32, cross_attention_dim=64
+        ),
+        vae=dict(block_out_channels=[32, 64], norm_num_groups=32),
+        text=dict(hidden_size=64, num_attention_heads=1, projection_dim=64),
+    ),
+    "sdxl": dict(
+        unet=dict(
+            block_out_channels=(64, 128, 128),
+            attention_head_dim=(1, 2, 2),
+            norm_num_groups=32,
+            cross_attention_dim=192,
+            projection_class_embeddings_input_dim=6 * 8 + 64,
+        ),
+        vae=dict(block_out_channels=[32, 64], norm_num_groups=32),
+        text=dict(hidden_size=64, num_attention_heads=1, projection_dim=64),
+        text_2=dict(hidden_size=128, num_attention_heads=2, projection_dim=64, hidden_act="gelu"),
+    ),
+}
+
+
+def latents(pipe, image) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a cat", ip_adapter_image=image, latents=fixed_latents(), **CALL).images
+
+
+def both(base, file, adapter, image, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = latents(ipa_rt.Pipeline.from_pretrained(base, ip_adapter=adapter), image)
+    ours = latents(ipa_rt.Pipeline.from_single_file(file, ip_adapter=adapter, **kw), image)
+    return ours, ref
+
+
+def test_sd15_file_with_ema_gives_the_folders_latents(models, images, tmp_path):
+    """The EMA copy is ignored (non-EMA weights, as diffusers, A1111 and ComfyUI); from_pretrained routes a file."""
+    base = models.base("sd15")
+    file = write_single_file(base, tmp_path / "sd15.safetensors", ema=True)
+    ours, ref = both(base, file, models.adapter("sd15", "base"), images[0], config=base)
+    assert torch.equal(ours, ref)
+    routed = ipa_rt.Pipeline.from_pretrained(file, ip_adapter=models.adapter("sd15", "base"), config=base)
+    assert torch.equal(latents(routed, images[0]), ref)
+
+
+def test_diffusers_from_single_file_agrees(models, tmp_path):
+    """diffusers' own StableDiffusionPipeline.from_single_file on the same file loads the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    base = models.base("sd15")
+    file = write_single_file(base, tmp_path / "sd15.safetensors")
+    theirs = StableDiffusionPipeline.from_single_file(str(file), config=str(base), local_files_only=True)
+    ours = ipa_rt.Pipeline.from_single_file(file, config=base)
+    for name in ("unet", "vae"):
+        a, b = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fp16_ckpt_without_vae(models, images, tmp_path):
+    """An fp16 .ckpt (weights_only) with no VAE: vae= is required, and the weights are the fp16 rounding."""
+    base = models.base("sd15")
+    file = write_single_file(base, tmp_path / "sd15.ckpt", dtype=torch.float16, vae=False)
+    with pytest.raises(CheckpointError, match="has no VAE") as err:
+        ipa_rt.Pipeline.from_single_file(file, config=base)
+    assert str(file) in str(err.value)
+    pipe = ipa_rt.Pipeline.from_single_file(
+        file, ip_adapter=models.adapter("sd15", "base"), config=base, vae=base / "vae"
+    )
+    folder = ipa_rt.Pipeline.from_pretrained(base)
+    for k, v in folder.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[k], v.half().float()), k
+    assert torch.isfinite(latents(pipe, images[0])).all()
+
+
+def test_configs_from_the_shapes_alone(images, tmp_path):
+    """No config=: the shipped SD1.5 configs completed from the file's shapes; the tokenizer from tokenizer=."""
+    base = T.write_base_model(tmp_path / "ruled", family="sd15", configs=RULED["sd15"])
+    adapter = T.write_adapter(tmp_path / "a" / "base.safetensors", "base", base)
+    T.write_image_encoder(tmp_path / "a" / "image_encoder")
+    file = write_single_file(base, tmp_path / "ruled.ckpt")
+    ours, ref = both(base, file, adapter, images[0], tokenizer=base)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("derived", [False, True])
+def test_sdxl_file_gives_the_folders_latents(models, images, tmp_path, derived):
+    if derived:
+        base = T.write_base_model(tmp_path / "ruled", family="sdxl", configs=RULED["sdxl"])
+        # the tiny folder's Euler spaces its timesteps as diffusers' default ("linspace"); SDXL's config: "leading"
+        shipped = json.loads((Path(ipa_rt.__file__).parent / "configs" / "sdxl.json").read_text())["scheduler"]
+        (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(shipped))
+        for name in ("text_encoder", "text_encoder_2"):  # the real configs' token ids (eos 2: pooled at the argmax)
+            config = json.loads((base / name / "config.json").read_text())
+            (base / name / "config.json").write_text(json.dumps(config | {"bos_token_id": 0, "eos_token_id": 2}))
+        adapter = T.write_adapter(tmp_path / "a" / "base.safetensors", "base", base)
+        T.write_image_encoder(tmp_path / "a" / "image_encoder")
+        kw = {"tokenizer": base}
+    else:
+        base, adapter, kw = models.base("sdxl"), models.adapter("sdxl", "base"), {"config": models.base("sdxl")}
+    file = write_single_file(base, tmp_path / "sdxl.safetensors")
+    ours, ref = both(base, file, adapter, images[0], **kw)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert torch.equal(ours, ref) or err < 1e-6, err
+
+
+def test_bad_files_name_the_file(models, tmp_path):
+    good = write_single_file(models.base("sd15"), tmp_path / "sd15.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    unknown = models.adapter("sd15", "base")  # an IP-Adapter file: no Stable Diffusion UNet
+    for file, expected in ((truncated, "cannot be read"), (unknown, "no Stable Diffusion UNet")):
+        with pytest.raises(CheckpointError, match=expected) as err:
+            ipa_rt.Pipeline.from_single_file(file)
+        assert str(file) in str(err.value)
+    with pytest.raises(CheckpointError, match="is not a file"):
+        ipa_rt.Pipeline.from_single_file(tmp_path / "missing.safetensors")
+
+
+def test_sd15_adapter_on_sdxl_checkpoint(models, tmp_path):
+    file = write_single_file(models.base("sdxl"), tmp_path / "sdxl.safetensors")
+    with pytest.raises(IncompatibleAdapterError):
+        ipa_rt.Pipeline.from_single_file(file, ip_adapter=models.adapter("sd15", "base"), config=models.base("sdxl"))
+
+
+def test_engine_sources_hash_the_single_file(models, tmp_path):
+    from ipa_rt.export.build import BuildRequest, source_records
+
+    file = write_single_file(models.base("sd15"), tmp_path / "sd15.safetensors")
+    req = BuildRequest(base=str(file), ip_adapter=[str(models.adapter("sd15", "base"))])
+    records = source_records(req)
+    assert records["base/sd15.safetensors"]["sha256"]
+    assert not [r for r in records if r.startswith("base/") and r != "base/sd15.safetensors"]
+
+
+# --- image encoders ----------------------------------------------------------------------------------------------
+def open_clip_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIPVisionModelWithProjection keys as OpenCLIP's visual tower (what open_clip saves)."""
+    out = {}
+    names = {v: k for k, v in __import__("ipa_rt.single_file", fromlist=["x"]).OPEN_CLIP_VISION.items()}
+    block = {v: k for k, v in __import__("ipa_rt.single_file", fromlist=["x"]).OPEN_CLIP_BLOCK.items()}
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers.")}
+    for key, value in state.items():
+        if key in names:
+            out[f"visual.{names[key]}"] = value
+    out["visual.proj"] = state["visual_projection.weight"].T.contiguous()
+    for i in layers:
+        src = f"vision_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state[f"{src}self_attn.{q}_proj.{kind}"] for q in "qkv"]
+            out[f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
+            for theirs, ours in block.items():
+                out[f"visual.transformer.resblocks.{i}.{ours}.{kind}"] = state[f"{src}{theirs}.{kind}"]
+    out["text_projection"] = torch.zeros(2, 2)  # a full OpenCLIP file carries the text tower too: ignored
+    return out
+
+
+def test_encoder_files_in_both_layouts(tmp_path, images):
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionModelWithProjection
+
+    from ipa_rt.models import load_image_encoder
+
+    folder = T.write_image_encoder(tmp_path / "enc", num_attention_heads=16, hidden_act="gelu")  # ViT-H/bigG
+    ref = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
+    state = load_file(str(folder / "model.safetensors"))
+    save_file(state, str(tmp_path / "clip_vision_h.safetensors"))
+    save_file(open_clip_layout(state), str(tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = ref(pixels, output_hidden_states=True)
+    for name in ("clip_vision_h.safetensors", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"):
+        enc = load_image_encoder(tmp_path / name, torch.float32)
+        mine = enc.state_dict()
+        assert mine.keys() == state.keys() and all(torch.equal(mine[k], v) for k, v in state.items()), name
+        got = enc(pixels, output_hidden_states=True)
+        # the same weights in other storage (split/transposed tensors) may take another BLAS path: last-bit noise
+        for a, b in ((got.image_embeds, want.image_embeds), (got.hidden_states[-2], want.hidden_states[-2])):
+            assert ((a - b).norm() / b.norm()).item() < 1e-6, name
+
+
+def test_encoder_file_errors(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ipa_rt.models import load_image_encoder
+
+    with pytest.raises(CheckpointError, match="not a CLIP vision model") as err:
+        load_image_encoder(models.adapter("sd15", "base"), torch.float32)
+    assert str(models.adapter("sd15", "base")) in str(err.value)
+    # an encoder whose projection does not fit the adapter: the error names the file
+    folder = T.write_image_encoder(tmp_path / "enc", num_attention_heads=16, hidden_act="gelu", projection_dim=40)
+    file = tmp_path / "clip_vision_g.safetensors"
+    save_file(load_file(str(folder / "model.safetensors")), str(file))
+    base = models.base("sd15")
+    with pytest.raises(IncompatibleAdapterError, match="clip_vision_g") as err:
+        ipa_rt.Pipeline.from_pretrained(base, ip_adapter=models.adapter("sd15", "base"), image_encoder=file)
+    assert json.dumps(str(file))[1:-1] in str(err.value)
