@@ -180,7 +180,7 @@ def diffusers_sd3(files: dict, dtype: torch.dtype, device: str) -> Any:
 
 
 @dataclass(frozen=True)
-class Family:
+class FamilyBench:
     """What differs between the families: the writer, diffusers' loader (files, dtype, device), the row label
     (``args``, latent side, image tokens), the defaults (size, text tokens), the docstring paragraph that describes
     it (by its first words), the results files' name, the arguments that set its reductions (recorded in the
@@ -216,12 +216,12 @@ def _sd3_label(a: argparse.Namespace, latent: int, tokens: int) -> str:
     return f"sd3 tiny, {shape}" if a.tiny else f"SD3.5-Large width, {a.blocks} of 38 blocks, {shape}"
 
 
-FAMILIES: dict[str, Family] = {
-    "flux": Family(lambda root, a: write_flux(root, a.double, a.single, a.tiny), diffusers_flux, _flux_label,
+FAMILIES: dict[str, FamilyBench] = {
+    "flux": FamilyBench(lambda root, a: write_flux(root, a.double, a.single, a.tiny), diffusers_flux, _flux_label,
                    size=256, text=128, doc="**Flux.1**", results="families", knobs=("double", "single")),
-    "kolors": Family(write_kolors, diffusers_kolors, _kolors_label, size=512, text=256, doc="**Kolors**",
+    "kolors": FamilyBench(write_kolors, diffusers_kolors, _kolors_label, size=512, text=256, doc="**Kolors**",
                      results="families-kolors", knobs=("layers", "glm_layers"), call={"guidance_scale": 5.0},
                      fixed_text=True),  # diffusers' KolorsPipeline pads to 256 (its max_sequence_length is unused)
-    "sd3": Family(write_sd3, diffusers_sd3, _sd3_label, size=224, text=128, doc="**Stable Diffusion 3.5**",
+    "sd3": FamilyBench(write_sd3, diffusers_sd3, _sd3_label, size=224, text=128, doc="**Stable Diffusion 3.5**",
                   results="families-sd3", knobs=("blocks",), call={"guidance_scale": 7.0}),
 }  # fmt: skip

@@ -61,6 +61,20 @@ def test_sd15_file_with_ema_gives_the_folders_latents(models, images, tmp_path):
     assert torch.equal(latents(routed, images[0]), ref)
 
 
+def test_generate_from_a_single_file_offline(models, images, tmp_path):
+    """``ipa_rt generate FILE --tokenizer DIR`` as a user types it, no hub: the PNG is the folder's, byte for byte."""
+    from ipa_rt.cli import main
+
+    base = models.base("sd15")
+    file = write_single_file(base, tmp_path / "sd15.safetensors")
+    images[0].save(tmp_path / "ref.png")
+    argv = ["--ip-adapter", str(models.adapter("sd15", "base")), "--ip-image", str(tmp_path / "ref.png"), "--seed", "3"]
+    argv += ["--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32", "--backend", "torch"]
+    assert main(["generate", str(base), *argv, "-o", str(tmp_path / "folder.png")]) == 0
+    assert main(["generate", str(file), *argv, "--config", str(base), "-o", str(tmp_path / "file.png")]) == 0
+    assert (tmp_path / "file.png").read_bytes() == (tmp_path / "folder.png").read_bytes()
+
+
 def test_diffusers_from_single_file_agrees(models, tmp_path):
     """diffusers' own StableDiffusionPipeline.from_single_file on the same file loads the same weights."""
     from diffusers import StableDiffusionPipeline

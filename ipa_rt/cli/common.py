@@ -48,6 +48,11 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         help="OpenVINO compute precision (default fp32; auto: the fastest measured for this CPU's class)",
     )
     parser.add_argument("--vae", default=None, metavar="DIR|taesd", help="another decoder, e.g. taesd (fast mode)")
+    single = "a single-file BASE (torch backend): "
+    parser.add_argument("--config", metavar="DIR", help=single + "a diffusers folder whose configs to use")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help=single + "CLIP's tokenizer (else --config's, else the hub cache)"
+    )
 
 
 def load_pipeline(
@@ -75,6 +80,7 @@ def load_pipeline(
                     raise ConfigError("--backend openvino takes --precision fp32|bf16|int8|int8-weights, not --dtype")
                 options["precision"] = precision or "fp32"
             kwargs |= {"backend": backend, "engine_options": options}
+        single = {k: v for k in ("config", "tokenizer") if (v := getattr(args, k, None))}  # a single-file BASE's
         pipe = Pipeline.from_pretrained(
             args.base,
             ip_adapter=args.ip_adapter or None,
@@ -83,6 +89,7 @@ def load_pipeline(
             dtype=dtype,
             scheduler=scheduler,
             vae=vae,
+            **single,
             **kwargs,
         )
     print(f"ipa_rt {command}: {pipe.runtime_summary()}", flush=True)
