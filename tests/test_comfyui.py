@@ -13,6 +13,7 @@ ComfyUI needs a torchvision matching its torch, which the CPU wheel of torch thi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +134,15 @@ def comfy(tmp_path_factory) -> Comfy:
         [PYTHON, "-m", "ipa_rt.comfyui", "example", str(root), str(work / "example")], capture_output=True, text=True
     )  # the documented step: tiny models + filled workflows
     assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 3, example.stderr
-    (work / "frontend").mkdir()
+    with _serve(root, work) as server:
+        server.work = work
+        yield server
+
+
+@contextlib.contextmanager
+def _serve(root: Path, work: Path) -> Iterator[Comfy]:
+    """``main.py --cpu`` of the ComfyUI at ``root`` on a loopback port, once it answers for ipa_rt's sampler node."""
+    (work / "frontend").mkdir(exist_ok=True)
     port = _free_port()
     env = {
         **os.environ,
@@ -175,7 +185,6 @@ def comfy(tmp_path_factory) -> Comfy:
                 time.sleep(0.5)
         info = json.loads(server.get("/object_info/IpaRtSampler"))
         assert "IpaRtSampler" in info, log.read_text()[-3000:]
-        server.work = work
         yield server
     finally:
         proc.terminate()
@@ -338,3 +347,87 @@ def test_ui_workflows_match_the_live_node_schemas(comfy):
         graph = json.loads(api.read_text())
         assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in graph.values()}
         assert len(ui["links"]) == sum(isinstance(v, list) for n in graph.values() for v in n["inputs"].values())
+
+
+# Loads a custom node's __init__.py as ComfyUI 0.3.64's nodes.load_custom_node does (module named by its path), with
+# no ipa_rt installed (the editable finder and path hooks of an `pip install -e` dropped), and prints where ipa_rt
+# came from and the node ids its comfy_entrypoint gives.
+_LOAD_WITHOUT_INSTALL = """
+import asyncio, importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+assert importlib.util.find_spec("ipa_rt") is None, "ipa_rt still importable"
+node = sys.argv[1]
+spec = importlib.util.spec_from_file_location(node.replace(".", "_x_"), node + "/__init__.py")
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+nodes = asyncio.run(asyncio.run(module.comfy_entrypoint()).get_node_list())
+print(json.dumps({"ipa_rt": sys.modules["ipa_rt"].__file__, "nodes": [n.GET_SCHEMA().node_id for n in nodes]}))
+"""
+
+
+def _git_clone_of_this_checkout(work: Path, dest: Path) -> None:
+    """``git clone`` of this checkout's working tree (tracked files and new, not ignored ones, uncommitted edits
+    included): copied into a scratch repository, committed there, and cloned from it. The checkout's own git state
+    is only read."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    src = work / "src"
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is not part of the clone
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    who = ["-c", "user.name=ipa_rt-tests", "-c", "user.email=tests@ipa-rt.invalid", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "working tree"]):
+        subprocess.run(["git", *who, *args], cwd=src, check=True, capture_output=True)
+    subprocess.run(["git", "clone", "-q", str(src), str(dest)], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_git_clone_into_custom_nodes(tmp_path):
+    """The route ComfyUI users take: ``git clone`` of the repository into a fresh ``custom_nodes/`` (no installer),
+    then ComfyUI lists ipa_rt's nodes from that folder. The clone's root ``__init__.py`` uses the installed ipa_rt
+    (here the test Python's) and, with none installed, the clone's own ``ipa_rt/``; the registry metadata parses
+    with ComfyUI's own ``comfy_config`` and ``requirements.txt`` installs the clone with the comfyui extra."""
+    root = tmp_path / "ComfyUI"
+    shutil.copytree(SNAPSHOT, root, ignore=shutil.ignore_patterns("tests", "tests-unit", "__pycache__"))
+    node = root / "custom_nodes" / "ipa_rt"
+    _git_clone_of_this_checkout(tmp_path, node)
+    assert not (node / "build").exists() and (node / "__init__.py").is_file()
+    lines = [line for line in (node / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
+    assert lines == [".[comfyui]"]  # ComfyUI-Manager runs pip per line, in the node folder
+
+    alone = subprocess.run([PYTHON, "-c", _LOAD_WITHOUT_INSTALL, str(node)], cwd=root, capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    loaded = json.loads(alone.stdout.strip().splitlines()[-1])
+    assert Path(loaded["ipa_rt"]).resolve() == (node / "ipa_rt" / "__init__.py").resolve()
+    assert "IpaRtSampler" in loaded["nodes"]
+
+    parsed = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import sys, json; from comfy_config.config_parser import extract_node_configuration as read;"
+            " c = read(sys.argv[1]); t = c.tool_comfy;"
+            " print(json.dumps([c.project.name, c.project.version, t.publisher_id, t.display_name]))",
+            str(node),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert parsed.returncode == 0, parsed.stderr[-3000:]
+    name, version, publisher, display = json.loads(parsed.stdout)
+    assert name == "ipa_rt" and version.count(".") == 2 and publisher and display
+
+    with _serve(root, tmp_path) as server:
+        info = json.loads(server.get("/object_info"))
+        ours = {k: v for k, v in info.items() if v.get("python_module") == "custom_nodes.ipa_rt"}
+        assert set(loaded["nodes"]) <= set(ours), sorted(set(loaded["nodes"]) - set(ours))
+        assert "ipa_rt_nodes" not in {p.name for p in (root / "custom_nodes").iterdir()}  # no dev installer here
+        assert "ComfyUI nodes from" in server.log.read_text()
