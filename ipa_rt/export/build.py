@@ -336,7 +336,9 @@ def build_engines(
     sources = source_records(req)
     ident = build_identity(req, sources, device)
     build = lambda folder: _build(req, folder, sources, ident, device, say)  # noqa: E731
-    return reuse_or_build(out, ident, rebuild, device, build, say, "engines")
+    # the engine files are about the size of the weights they are made from; a build holds its temporary copy too
+    needed = 2 * sum(record["size"] for record in sources.values())
+    return reuse_or_build(out, ident, rebuild, device, build, say, "engines", needed)
 
 
 # The classes that load a build's models, by kind. ipa_rt.video.pipeline registers the video one when it is
@@ -492,10 +494,9 @@ def _blocks(pipe) -> dict:
 
 
 def network_record(contract: Contract, files: list[Path], root: Path) -> dict[str, Any]:
-    from .manifest import sha256_file
-
     return {
-        "files": {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+        # mtime: moving a file into place keeps it, so a load hashes only a file that is not the one the build wrote
+        "files": {f.relative_to(root).as_posix(): _file_record(f) for f in files},
         "inputs": {
             name: {"dtype": str(x.dtype).removeprefix("torch."), "profile": [list(s) for s in prof]}
             for (name, x), prof in zip(contract.inputs.items(), contract.profile().values(), strict=True)
@@ -503,6 +504,13 @@ def network_record(contract: Contract, files: list[Path], root: Path) -> dict[st
         "outputs": list(contract.outputs),
         "batch": list(contract.batch),
     }
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    from .manifest import sha256_file
+
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
 def _write_model_files(pipe, folder: Path) -> None:

@@ -9,6 +9,7 @@ can be stale or broken into an :class:`~ipa_rt.errors.EngineError` that names wh
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -22,7 +23,7 @@ import torch
 from .._version import __version__
 from ..adapters.checkpoint import atomic_write_bytes
 from ..cache import cache_root
-from ..errors import EngineError
+from ..errors import CheckpointError, EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: the UNet's ip_scale has a row axis ([rows, adapters, layers]: a scale per batch row)
@@ -97,11 +98,70 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise EngineError(f"'{path}' has format {found!r}; expected {FORMAT} (this ipa_rt's layout); {REBUILD}")
+    _check_shape(path, data)
     return data
 
 
+def _check_shape(path: Path, data: dict[str, Any]) -> None:
+    """The parts every reader of a manifest relies on, as written by a build (a hand edit that broke them is named)."""
+
+    def bad(where: str, expected: str) -> EngineError:
+        return EngineError(f"'{path}' is not as a build writes it: {where} {expected} (edited by hand?); {REBUILD}")
+
+    for key, kind, expected in (("networks", dict, "a table of networks"), ("sources", dict, "a table of files"),
+                                ("backend", str, "a backend name"), ("shapes", dict, "a table of shapes")):  # fmt: skip
+        if not isinstance(data.get(key), kind):
+            raise bad(f"'{key}' is {_short(data.get(key, '<absent>'))}; expected", expected)
+    if not data["networks"]:
+        raise bad("'networks' is empty; expected", "at least one network")
+    for network, info in data["networks"].items():
+        files = info.get("files") if isinstance(info, dict) else None
+        if not isinstance(files, dict) or not files:
+            raise bad(f"'networks.{network}.files' is {_short(files)}; expected", "a table of engine files")
+        for name, record in files.items():
+            size = record.get("size") if isinstance(record, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or not isinstance(record.get("sha256"), str):
+                raise bad(f"'networks.{network}.files.{name}' is {_short(record)}; expected", "{size, sha256}")
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        atomic_write_bytes(folder / MANIFEST, data)
+    except OSError as exc:
+        raise write_error(folder, exc, f"writing {folder / MANIFEST}", len(data)) from exc
+
+
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, a file past the size limit, a quota
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def write_error(folder: Path, exc: OSError, what: str, needed: int | None = None) -> Exception:
+    """A build's ``OSError`` as the error to raise: a full disk (or file size limit) and a folder that cannot be written
+    become an :class:`EngineError` naming the folder, what was being written and what to do; any other is kept."""
+    if exc.errno in FULL:
+        try:
+            free = f"{_megabytes(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        size = f"needs about {_megabytes(needed)}" if needed else "needs about the size of the source weights"
+        limit = " (a file size limit: ulimit -f)" * (exc.errno == errno.EFBIG)
+        return EngineError(
+            f"no space left for the engines in '{folder}' while {what} ({exc.strerror}{limit}); a build {size} "
+            f"(its engine files and their temporary copies; {free}); nothing partial was kept. Free some space, or "
+            "build into another folder (-o DIR, or IPA_RT_CACHE for the cache), then build again"
+        )
+    if exc.errno in DENIED:
+        return EngineError(
+            f"cannot write the engines in '{folder}' ({what}: {exc.strerror}); a build writes its engine files and a "
+            "lock file there. Give this user write permission to it, or build into another folder (-o DIR, or "
+            "IPA_RT_CACHE for the cache)"
+        )
+    return exc
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -129,12 +189,21 @@ def check_engine_dir(folder: Path, manifest: dict[str, Any], device: torch.devic
             path = folder / name
             if not path.is_file():
                 raise EngineError(f"engine file '{path}' ({network}) is missing; {REBUILD}")
-            size = path.stat().st_size
-            if size != record["size"]:
+            st = path.stat()
+            if st.st_size != record["size"]:
                 raise EngineError(
-                    f"engine file '{path}' ({network}) has {size} bytes; the manifest recorded {record['size']} "
+                    f"engine file '{path}' ({network}) has {st.st_size} bytes; the manifest recorded {record['size']} "
                     f"(truncated or overwritten); {REBUILD}"
                 )
+            # the file the build placed (same mtime) is trusted as make does; any other is hashed once per load
+            if record.get("mtime_ns") is not None and st.st_mtime_ns != record["mtime_ns"]:
+                digest = sha256_file(path)
+                if digest != record["sha256"]:
+                    raise EngineError(
+                        f"engine file '{path}' ({network}) is not the one this folder's engines were built with "
+                        f"(sha256 {digest[:12]}..., the manifest recorded {record['sha256'][:12]}...: replaced by "
+                        f"another engine's file or edited); copy the whole engine folder, never single files; {REBUILD}"
+                    )
     if manifest["backend"] == "tensorrt":
         have = {"tensorrt": versions()["tensorrt"], "gpu": gpu_info(device)}
         want = {"tensorrt": manifest["versions"]["tensorrt"], "gpu": manifest["gpu"]}
@@ -155,11 +224,20 @@ def check_engine_dir(folder: Path, manifest: dict[str, Any], device: torch.devic
                 )
 
 
+LOCK = ".ipa_rt.lock"
+
+
 @contextlib.contextmanager
 def build_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder`` for the whole build: a second build waits, then finds the work done."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".ipa_rt.lock", "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK, "a+")  # closed by the with below
+    except OSError as exc:
+        if exc.errno not in DENIED or not (folder / LOCK).is_file():
+            raise write_error(folder, exc, f"creating its lock file {folder / LOCK}") from exc
+        handle = open(folder / LOCK)  # a read-only folder: flock needs no write access to reuse
+    with handle:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: msvcrt locks a byte range instead
@@ -188,19 +266,25 @@ def hashed_sources(roles: dict[str, Path]) -> dict[str, dict[str, Any]]:
         memo = {}
     records = {role: file_record(path, memo.get(str(path.resolve()))) for role, path in roles.items()}
     memo.update({r["path"]: r for r in records.values()})
-    atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
+    try:
+        atomic_write_bytes(memo_path, json.dumps(memo, sort_keys=True).encode())
+    except (OSError, CheckpointError):  # a read-only or full cache: the memo saves time only, the hashes are taken
+        pass
     return records
 
 
 def reuse_or_build(
     folder: Path, ident: dict[str, Any], rebuild: bool, device: torch.device, build: Callable[[Path], None],
-    say: Callable[[str], None], what: str,
+    say: Callable[[str], None], what: str, needed: int | None = None,
 ) -> Path:  # fmt: skip
     """The one way every engine folder is made: reused when its manifest names ``ident`` (and its files check out),
     an :class:`EngineError` saying what differs when it holds other engines, else ``build(folder)`` under the folder's
-    lock (a second builder waits, then reuses); a failed first build leaves no folder behind."""
+    lock (a second builder waits, then reuses); a failed first build leaves no folder behind. What a killed build left
+    (its private folder, a temporary manifest) is removed under the lock; a full disk or a folder that cannot be written
+    is an :class:`EngineError` naming the folder (``needed``: the bytes a build takes, for that message)."""
     fresh = not folder.exists()
     with build_lock(folder):
+        _remove_leftovers(folder)
         old = None
         if (folder / MANIFEST).exists():
             try:
@@ -220,8 +304,33 @@ def reuse_or_build(
             return folder
         try:
             build(folder)
-        except BaseException:
+        except BaseException as exc:
             if fresh:
                 shutil.rmtree(folder, ignore_errors=True)
+            cause = _os_error(exc)
+            named = str(exc).startswith(("no space left for the engines", "cannot write the engines"))
+            if cause is not None and not named and write_error(folder, cause, "", needed) is not cause:
+                what = f"writing {cause.filename}" if cause.filename else "writing the engine files"
+                raise write_error(folder, cause, what, needed) from exc
             raise
     return folder
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``exc``: itself, or the cause of an error a stage wrapped it in (an export's)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """A killed build's private folder (``.build-*``) and temporary files (``.*.tmp``): nobody else writes them while
+    the lock is held, so they are a dead process's. Best effort: a read-only folder keeps them (and is still read)."""
+    for path in folder.glob(".build-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            path.unlink()
