@@ -34,6 +34,8 @@ ENGINE_ARGUMENTS = {
     "controlnet",
     "t2i_adapter",
     "vae",
+    "config",  # a single-file base's configs and tokenizer
+    "tokenizer",
 }
 
 
@@ -133,8 +135,9 @@ def engines_for(
     structure = {"controlnet": get("controlnet"), "t2i_adapter": get("t2i_adapter")}
     dtype = get("dtype", torch.float32)
     req = request_for_pretrained(
-        base, sources, image_encoder, backend, dtype, get("lora"), structure, options, get("vae"), motion_adapter
-    )
+        base, sources, image_encoder, backend, dtype, get("lora"), structure, options, get("vae"), motion_adapter,
+        get("config"), get("tokenizer"),
+    )  # fmt: skip
     return cached_engines(req, rebuild=bool(options.get("rebuild", False)))
 
 

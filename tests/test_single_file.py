@@ -75,6 +75,33 @@ def test_generate_from_a_single_file_offline(models, images, tmp_path):
     assert (tmp_path / "file.png").read_bytes() == (tmp_path / "folder.png").read_bytes()
 
 
+@pytest.mark.slow
+def test_engines_from_a_single_file(models, images, tmp_path, monkeypatch):
+    """ONNX Runtime engines built from a single file (its configs from ``config=``, named by the file's and the
+    configs' content) give the folder's torch latents within 1e-3 (the engines' tolerance elsewhere), and the CLI
+    build of the same file reuses them."""
+    from ipa_rt.cli import main
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    base, adapter = models.base("sd15"), models.adapter("sd15", "base")
+    file = write_single_file(base, tmp_path / "sd15.safetensors")
+    ref = latents(ipa_rt.Pipeline.from_pretrained(base, ip_adapter=adapter), images[0])
+    options = {"height": 32, "width": 32}
+    pipe = ipa_rt.Pipeline.from_pretrained(file, adapter, backend="onnxruntime", engine_options=options, config=base)
+    ours = latents(pipe, images[0])
+    assert torch.isfinite(ours).all()
+    error = ((ours - ref).norm() / ref.norm()).item()
+    assert error <= 1e-3, error
+    print(f"engine from a single file vs the folder on torch: {error:.1e}")
+    out = tmp_path / "engines"
+    argv = ["build", str(file), "--ip-adapter", str(adapter), "--config", str(base), "--height", "32", "--width", "32"]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert main([*argv, "-o", str(out)]) == 0  # the second build reuses: same file, same configs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any(role.startswith("base/") and role.endswith("sd15.safetensors") for role in manifest["sources"])
+    assert any(role.startswith("config/") for role in manifest["sources"])
+
+
 def test_diffusers_from_single_file_agrees(models, tmp_path):
     """diffusers' own StableDiffusionPipeline.from_single_file on the same file loads the same weights."""
     from diffusers import StableDiffusionPipeline

@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR|FILE",
         help="int8: calibration reference images (a folder or a file; repeatable; else built-in)",
     )
+    single = "a single-file BASE: "
+    build.add_argument("--config", metavar="DIR", help=single + "a diffusers folder whose configs to use")
+    build.add_argument("--tokenizer", metavar="DIR", help=single + "CLIP's tokenizer (else --config's, else hub cache)")
     build.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA fused before export")
     build.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet; repeatable")
     build.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR", help="T2I-Adapter; repeatable")
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> None:
         exporter=args.exporter,
         calibration_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else [],
         calibration_images=args.calibration_images,
+        config=args.config,
+        tokenizer=args.tokenizer,
     )
     req.check()
     with tqdm(desc="ipa_rt build", unit="stage", file=sys.stderr) as bar:

@@ -81,6 +81,9 @@ class BuildRequest:
     # int8: weights kept to half the int8 range for CPUs without VNNI/AMX (NNCF's overflow fix; ipa_rt.cpu); None:
     # as the building CPU needs
     int8_overflow_fix: bool | None = None
+    # a single-file base: a diffusers folder whose configs (and tokenizer) to use, and CLIP's tokenizer folder
+    config: str | None = None
+    tokenizer: str | None = None
 
     def overflow_fix(self) -> bool:
         """Whether this int8 build keeps its weights to half the range (see ``int8_overflow_fix``)."""
@@ -255,6 +258,11 @@ def source_records(req: BuildRequest) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"{kind} '{item}' has no config.json; expected a diffusers {cls} folder")
             for f in files_under(folder, ["."]):
                 roles[f"{kind}_{i}/{f.relative_to(folder).as_posix()}"] = f
+    for key in ("config", "tokenizer"):  # a single file's configs and tokenizer name the engines too (not weights)
+        folder = getattr(req, key)
+        for f in sorted(Path(folder).rglob("*")) if folder else ():
+            if f.suffix in {".json", ".txt"} and f.is_file():
+                roles[f"{key}/{f.relative_to(folder).as_posix()}"] = f
     for i, image in enumerate(req.calibration_files()):  # int8: calibration images name the engines too
         roles[f"calibration_{i}/{image.name}"] = image
     for role, path in roles.items():
@@ -295,6 +303,8 @@ def build_identity(req: BuildRequest, sources: dict[str, dict[str, Any]], device
         "subfolder",
         "motion_adapter",
         "calibration_images",
+        "config",
+        "tokenizer",
     )
     for key in paths:
         request.pop(key)  # paths do not name a build; the files' hashes do
@@ -379,6 +389,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         t2i_adapter=req.t2i_adapter or None,
         vae=req.vae,
         **video,
+        **{k: v for k in ("config", "tokenizer") if (v := getattr(req, k))},  # a single-file base's
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width, req.frames)
     calibration = _calibrate(req, pipe, contracts[0], say)
@@ -545,8 +556,9 @@ def _jsonable(value: Any) -> Any:
 
 # --- the cache behind from_pretrained(..., backend=...) ----------------------------------------------------------
 def request_for_pretrained(
-    base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None, motion_adapter=None
-) -> BuildRequest:
+    base, sources, image_encoder, backend, dtype, lora, structure, options, vae=None, motion_adapter=None,
+    config=None, tokenizer=None,
+) -> BuildRequest:  # fmt: skip
     """The :class:`BuildRequest` behind ``Pipeline.from_pretrained(..., backend=...)``."""
     if vae is not None and not isinstance(vae, (str, os.PathLike)):
         raise ConfigError(f"backend {backend!r} needs vae as a folder, hub id or 'taesd'; got a {type(vae).__name__}")
@@ -589,6 +601,8 @@ def request_for_pretrained(
         exporter=str(options.get("exporter", "torchscript")),
         calibration_prompts=list(options.get("calibration_prompts", [])),
         calibration_images=[os.fspath(f) for f in options.get("calibration_images", [])],
+        config=os.fspath(config) if config is not None else None,
+        tokenizer=os.fspath(tokenizer) if tokenizer is not None else None,
     )
 
 
