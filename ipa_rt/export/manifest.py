@@ -140,6 +140,10 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
 
 
+class WriteError(EngineError):
+    """A full disk or a folder that cannot be written, named (so it is not wrapped again)."""
+
+
 def write_error(folder: Path, exc: OSError, what: str, needed: int | None = None) -> Exception:
     """A build's ``OSError`` as the error to raise: a full disk (or file size limit) and a folder that cannot be written
     become an :class:`EngineError` naming the folder, what was being written and what to do; any other is kept."""
@@ -150,13 +154,13 @@ def write_error(folder: Path, exc: OSError, what: str, needed: int | None = None
             free = "free space unknown"
         size = f"needs about {_megabytes(needed)}" if needed else "needs about the size of the source weights"
         limit = " (a file size limit: ulimit -f)" * (exc.errno == errno.EFBIG)
-        return EngineError(
+        return WriteError(
             f"no space left for the engines in '{folder}' while {what} ({exc.strerror}{limit}); a build {size} "
             f"(its engine files and their temporary copies; {free}); nothing partial was kept. Free some space, or "
             "build into another folder (-o DIR, or IPA_RT_CACHE for the cache), then build again"
         )
     if exc.errno in DENIED:
-        return EngineError(
+        return WriteError(
             f"cannot write the engines in '{folder}' ({what}: {exc.strerror}); a build writes its engine files and a "
             "lock file there. Give this user write permission to it, or build into another folder (-o DIR, or "
             "IPA_RT_CACHE for the cache)"
@@ -307,11 +311,12 @@ def reuse_or_build(
         except BaseException as exc:
             if fresh:
                 shutil.rmtree(folder, ignore_errors=True)
-            cause = _os_error(exc)
-            named = str(exc).startswith(("no space left for the engines", "cannot write the engines"))
-            if cause is not None and not named and write_error(folder, cause, "", needed) is not cause:
+            cause = None if isinstance(exc, WriteError) else _os_error(exc)  # a WriteError names the folder already
+            if cause is not None:
                 what = f"writing {cause.filename}" if cause.filename else "writing the engine files"
-                raise write_error(folder, cause, what, needed) from exc
+                error = write_error(folder, cause, what, needed)
+                if error is not cause:
+                    raise error from exc
             raise
     return folder
 
