@@ -199,9 +199,10 @@ def check_engine_dir(folder: Path, manifest: dict[str, Any], device: torch.devic
                     f"engine file '{path}' ({network}) has {st.st_size} bytes; the manifest recorded {record['size']} "
                     f"(truncated or overwritten); {REBUILD}"
                 )
-            # the file the build placed (same mtime) is trusted as make does; any other is hashed once per load
+            # the file the build placed (same mtime) is trusted as make does; any other is hashed, once per size and
+            # mtime (the cache's hash memo: a copied folder is not hashed again at every load)
             if record.get("mtime_ns") is not None and st.st_mtime_ns != record["mtime_ns"]:
-                digest = sha256_file(path)
+                digest = hashed_sources({name: path})[name]["sha256"]
                 if digest != record["sha256"]:
                     raise EngineError(
                         f"engine file '{path}' ({network}) is not the one this folder's engines were built with "
