@@ -17,7 +17,7 @@ from .errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class BaseKind:
     """An SD base model's kind (SD1.5 or SDXL): how many text encoders, and how the prompt is encoded."""
 
     name: str
@@ -28,15 +28,15 @@ class BaseModel:
     taesd: str  # the hub id of the family's tiny autoencoder (vae="taesd": the fast decoder)
 
 
-FAMILIES: dict[str, BaseModel] = {
-    "sd15": BaseModel("sd15", ("text_encoder",), ("tokenizer",), False, False, "madebyollin/taesd"),
-    "sdxl": BaseModel(
+FAMILIES: dict[str, BaseKind] = {
+    "sd15": BaseKind("sd15", ("text_encoder",), ("tokenizer",), False, False, "madebyollin/taesd"),
+    "sdxl": BaseKind(
         "sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), True, True, "madebyollin/taesdxl"
     ),
 }
 
 
-def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any], origin: str) -> BaseModel:
+def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any], origin: str) -> BaseKind:
     """SDXL if the UNet takes text-time added conditions (two text encoders), else SD1.5-style."""
     if unet_config.get("addition_embed_type") == "text_time":
         if not model_index.get("text_encoder_2") or model_index.get("text_encoder_2") == [None, None]:
@@ -57,7 +57,7 @@ def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any], orig
 class BaseModel:
     """The loaded components of a diffusers base model."""
 
-    family: BaseModel
+    family: BaseKind
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoders: list[torch.nn.Module]
@@ -161,7 +161,7 @@ def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: A
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
-def load_vae(vae: str | os.PathLike, family: BaseModel, dtype: torch.dtype, **hub_kwargs: Any) -> torch.nn.Module:
+def load_vae(vae: str | os.PathLike, family: BaseKind, dtype: torch.dtype, **hub_kwargs: Any) -> torch.nn.Module:
     """``vae=`` given as a folder or hub id of a diffusers autoencoder, or ``"taesd"`` for the family's tiny
     autoencoder (TAESD / TAESDXL: the fast decoder)."""
     import diffusers
@@ -180,7 +180,7 @@ def load_vae(vae: str | os.PathLike, family: BaseModel, dtype: torch.dtype, **hu
         raise CheckpointError(f"vae '{name}' cannot be loaded as {cls}: {exc}") from exc
 
 
-def vae_upcast(family: BaseModel, vae: Any) -> bool:
+def vae_upcast(family: BaseKind, vae: Any) -> bool:
     """Whether diffusers decodes (and encodes) with this VAE in fp32: its SDXL pipelines do so for an fp16 VAE whose
     config has ``force_upcast`` (diffusers' default: True; the fp16-fixed SDXL VAE sets False), since real SDXL VAE
     weights overflow fp16 (NaN, black images). Its SD1.5 pipelines never upcast."""
