@@ -190,6 +190,51 @@ def serve_table(result: dict) -> list[str]:
     return lines
 
 
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def _growth(g: float | None) -> str:
+    return "-" if g is None else f"{g:+.2%}"
+
+
+def soak_lines(result: dict) -> list[str]:
+    """Markdown lines of a soak (benchmarks/soak.py): the setting, the verdict and its checks, the totals, then
+    latency per window, resident memory per process and the answers per request kind."""
+    c, s, env = result["config"], result["summary"], result["environment"]
+    return [
+        f"{env.get('cpu')} ({env.get('machine_class')}), {env.get('logical_cpus')} logical CPUs; {result['what']}; "
+        f"{c['clients']} client(s), {c['warmup_s']:g} s warm-up then {c['duration_s']:g} s measured; shares: "
+        f"{c['repeat_share']:.0%} repeated references, {c['text_share']:.0%} text only, {c['bad_share']:.0%} bad.",
+        "",
+        f"**{'PASS' if s['passed'] else 'FAIL'}** — " + "; ".join(f"{k}: {_yes(v)}" for k, v in s["checks"].items()),
+        "",
+        f"{s['requests']} requests ({s['measured_requests']} after warm-up, {s['requests_per_s']} /s), "
+        f"{s['images']} images, {s['lost']} lost, {s['wrong']} wrong; max memory growth "
+        f"{s['max_memory_growth']:.2%}; p99 last/first window {s['p99_ratio']}"
+        + ("" if result["exit_code"] is None else f"; server exit code after SIGINT {result['exit_code']}"),
+        "",
+        "| window start s | requests | images | p50 s | p99 s |",
+        "|---|---|---|---|---|",
+        *[f"| {w['start_s']} | {w['requests']} | {w['images']} | {w['p50_s']} | {w['p99_s']} |" for w in s["windows"]],
+        "",
+        "| process | samples | warm-up MB | first window MB | last window MB | growth | peak MB |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {m['samples']} | {m['warmup_mb']} | {m['first_mb']} | {m['last_mb']} | "
+            f"{_growth(m['growth'])} | {m['peak_mb']} |"
+            for name, m in s["memory"].items()
+        ],
+        "",
+        "| request kind | count | answers (status: count) |",
+        "|---|---|---|",
+        *[
+            f"| {k} | {n} | {', '.join(f'{st}: {m}' for st, m in sorted(s['answers_by_kind'][k].items()))} |"
+            for k, n in s["requests_by_kind"].items()
+        ],
+    ]
+
+
 def peaks_text(peaks: dict) -> str:
     """``fp32 134, bf16 378`` (older runs: one library) or the same per library (``torch ...; openvino ...``)."""
     if all(isinstance(v, dict) for v in peaks.values()):

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import peaks_text, rows_table, serve_table
+from common import peaks_text, rows_table, serve_table, soak_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 from first_light import targets_table
@@ -41,6 +41,10 @@ def table() -> str:
             env = r["stages"]["environment"]["result"].get("environment", {})
             title = f"### {env.get('gpu')}, GPU first light, {r['date']}"
             lines += [title, "", source, "", *targets_table(r["targets"]), ""]
+            continue
+        if r.get("profile") == "soak":  # load held for minutes: losses, memory and latency per window
+            title = f"### CPU ({env.get('cpu')}), profile `soak`, target `{r['config']['target']}`, {r['date']}"
+            lines += [title, "", source, "", *soak_lines(r), ""]
             continue
         if r.get("profile") == "serve":  # HTTP load test: throughput and latency per max batch size
             title = f"### CPU ({env.get('cpu')}), profile `serve`, {r['model']}, {r['date']}"

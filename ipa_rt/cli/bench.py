@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
         help="benchmark against diffusers from a source checkout (benchmarks/: --profile cpu, video, families, "
-        "serve, gpu)",
+        "serve, soak, gpu)",
         add_help=False,
     )
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -23,22 +23,22 @@ def run(argv: list[str]) -> int:
     default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
     ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile families`` ``benchmarks/families.py``
     (Flux.1 against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
-    load on a local ``ipa_rt serve``), ``--profile gpu`` and ``cpu-basic``
+    load on a local ``ipa_rt serve``), ``--profile soak`` ``benchmarks/soak.py`` (minutes of load: losses, memory,
+    latency), ``--profile gpu`` and ``cpu-basic``
     run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
     weights)."""
     import importlib.util
 
     folder = Path(__file__).resolve().parents[2] / "benchmarks"  # ipa_rt/cli/bench.py -> the checkout
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else "cpu"
-    script = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py", "families": "families.py"}.get(
-        profile, "harness.py"
-    )
+    scripts = {"cpu": "cpu.py", "video": "video.py", "serve": "serve.py", "soak": "soak.py", "families": "families.py"}
+    script = scripts.get(profile, "harness.py")
     if not (folder / script).is_file():
         print(
             f"ipa_rt: error: ipa_rt bench runs from a source checkout (benchmarks/{script} not found)", file=sys.stderr
         )
         return 2
-    if script in ("cpu.py", "video.py", "serve.py", "families.py"):
+    if script in scripts.values():
         argv = [a for i, a in enumerate(argv) if a != "--profile" and (i == 0 or argv[i - 1] != "--profile")]
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"ipa_rt_bench_{script[:-3]}", folder / script)
