@@ -231,6 +231,7 @@ class ServeTarget:
         self.port = config.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/generate"
         self.labels: dict[int, str] = {}  # replica pid -> "replica-1", ...
+        self.exit_code: int | None = None  # after SIGINT; None: it did not stop by itself
         self.local = threading.local()
 
     @contextmanager
@@ -252,7 +253,10 @@ class ServeTarget:
                 time.sleep(1)
             yield self
             self.proc.send_signal(signal.SIGINT)
-            self.exit_code = self.proc.wait(timeout=120)
+            try:
+                self.exit_code = self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # not stopped by SIGINT: the check fails, the group is killed below
+                self.exit_code = None
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -359,7 +363,8 @@ class ApiTarget:
         return 200, None
 
     def samples(self, t: float) -> list[Sample]:
-        stats = self.pipe.cache_stats()
+        with self.lock:  # between calls: the caches are not read while a call changes them
+            stats = self.pipe.cache_stats()
         extra = {name: {"entries": s["entries"], "bytes": s["bytes"]} for name, s in stats.items()}
         return [Sample(t, "api", os.getpid(), psutil.Process().memory_info().rss, extra)]
 
