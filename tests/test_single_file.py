@@ -75,6 +75,23 @@ def test_generate_from_a_single_file_offline(models, images, tmp_path):
     assert (tmp_path / "file.png").read_bytes() == (tmp_path / "folder.png").read_bytes()
 
 
+def test_a_serve_config_names_a_single_file(models, images, tmp_path):
+    """A served model's ``base`` may be a single file, loaded offline with the config's ``config`` / ``tokenizer``:
+    the replica's pipeline (loaded as a replica loads it, without Ray's HTTP side) gives the folder's latents."""
+    pytest.importorskip("ray.serve", reason="ipa_rt serve needs Ray Serve (pip install 'ipa_rt[serve]')")
+    from ipa_rt.serving.app import load_pipeline
+    from ipa_rt.serving.config import ServeConfig
+
+    base = models.base("sd15")
+    file = write_single_file(base, tmp_path / "sd15.safetensors")
+    adapter = str(models.adapter("sd15", "base"))
+    spec = {"base": str(file), "ip_adapter": [adapter], "config": str(base), "tokenizer": str(base / "tokenizer")}
+    config = ServeConfig.from_dict({"models": {"file": spec}})
+    served = load_pipeline(config.models["file"])
+    ref = latents(ipa_rt.Pipeline.from_pretrained(base, ip_adapter=adapter), images[0])
+    assert torch.equal(latents(served, images[0]), ref)
+
+
 @pytest.mark.slow
 def test_engines_from_a_single_file(models, images, tmp_path, monkeypatch):
     """ONNX Runtime engines built from a single file (its configs from ``config=``, named by the file's and the

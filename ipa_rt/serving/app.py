@@ -59,6 +59,7 @@ def load_pipeline(spec: ModelSpec):
         sub, _, name = path.rpartition("/")
         sources.append(AdapterSource(repo, weight_name=name, subfolder=sub or None) if hub else ref)
     kwargs: dict[str, Any] = dict(dtype=DTYPES[spec.dtype], device=spec.device, scheduler=spec.scheduler)
+    kwargs |= {k: v for k, v in (("config", spec.config), ("tokenizer", spec.tokenizer), ("vae", spec.vae)) if v}
     if spec.backend != "torch":
         kwargs.update(backend=spec.backend, engine_options=spec.engine_options)
     pipe = Pipeline.from_pretrained(spec.base, sources, spec.image_encoder, **kwargs)

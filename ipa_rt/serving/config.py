@@ -30,7 +30,9 @@ class ModelSpec:
     """One served model: what ``Pipeline.from_pretrained`` loads on every replica of its deployment.
 
     ``ip_adapter``: files, or ``repo::subfolder/weight_name`` hub references; each adapter is named by its file
-    stem in requests (``scale: {"ip-adapter_sd15": 0.6}``)."""
+    stem in requests (``scale: {"ip-adapter_sd15": 0.6}``). ``base`` may be a single-file checkpoint; ``config`` (a
+    diffusers folder with its configs) and ``tokenizer`` (a CLIP tokenizer folder) then load it offline, as
+    ``from_pretrained``'s arguments of those names do; ``vae``: another autoencoder (folder, hub id or ``"taesd"``)."""
 
     base: str
     ip_adapter: list[str] = field(default_factory=list)
@@ -42,6 +44,9 @@ class ModelSpec:
     engine_options: dict[str, Any] = field(default_factory=dict)
     default_steps: int = 30
     default_guidance: float | None = None  # None: the family's diffusers default
+    config: str | None = None
+    tokenizer: str | None = None
+    vae: str | None = None
 
     def adapter_names(self) -> list[str]:
         return [Path(a.split("::")[-1]).stem for a in self.ip_adapter]
