@@ -133,7 +133,7 @@ def comfy(tmp_path_factory) -> Comfy:
     example = subprocess.run(
         [PYTHON, "-m", "ipa_rt.comfyui", "example", str(root), str(work / "example")], capture_output=True, text=True
     )  # the documented step: tiny models + filled workflows
-    assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 3, example.stderr
+    assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 4, example.stderr
     with _serve(root, work) as server:
         server.work = work
         yield server
@@ -197,12 +197,16 @@ def _workflow(name: str, models: dict, **loader) -> dict:
     )
 
 
-def _reference(comfy: Comfy, models: dict, graph: dict, adapters: list[dict]) -> np.ndarray:
-    """What the Python API gives for the workflow's loader and sampler inputs."""
+def _reference(
+    comfy: Comfy, models: dict, graph: dict, adapters: list[dict], load_spec: dict | None = None
+) -> np.ndarray:
+    """What the Python API gives for the workflow's loader (or ``load_spec``: LoadSpec's fields) and sampler
+    inputs."""
     nodes = {n["class_type"]: n["inputs"] for n in graph.values()}
-    load, s = nodes["IpaRtLoadPipeline"], nodes["IpaRtSampler"]
-    spec = {
-        "load": {
+    s = nodes["IpaRtSampler"]
+    if load_spec is None:
+        load = nodes["IpaRtLoadPipeline"]
+        load_spec = {
             "base": load["base"],
             "ip_adapters": load["ip_adapter"].splitlines(),
             "image_encoder": load["image_encoder"],
@@ -210,7 +214,9 @@ def _reference(comfy: Comfy, models: dict, graph: dict, adapters: list[dict]) ->
             "precision": load["precision"],
             "height": load["engine_height"],
             "width": load["engine_width"],
-        },
+        }
+    spec = {
+        "load": load_spec,
         "adapters": adapters,
         "sample": {k: s[k] for k in ("positive", "negative", "seed", "steps", "cfg", "scheduler", "width", "height")},
     }
@@ -296,6 +302,175 @@ def test_engine_model_with_ksampler(comfy, models):
 
     torch_graph = _workflow("ipa_rt_engine_model", models, backend="torch")
     on_torch = comfy.image(comfy.run(torch_graph), "12")
+    assert np.abs(on_torch.astype(int) - img).max() <= ENGINE_VS_TORCH_LEVELS
+
+
+def _options(info: dict, node: str, name: str) -> list:
+    """A combo input's options in ``/object_info`` (V3 combos: ``["COMBO", {"options": [...]}]``)."""
+    spec = info[node]["input"]["required"][name]
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def test_model_folders_loader_equals_python_api(comfy, models):
+    """The loader's dropdowns list ComfyUI's model folders (the ``ipadapter`` folder registered when the pack
+    loaded); a single-file checkpoint (configs and tokenizer from the diffusers folder), the adapter, a one-file
+    image encoder and a LoRA picked there give the Python API's image for the same files, bit for bit."""
+    from ipa_rt.comfyui.examples import IN_FOLDERS
+
+    info = json.loads(comfy.get("/object_info/IpaRtLoadFromFolders"))
+    for key, (_, name) in IN_FOLDERS.items():
+        assert name in _options(info, "IpaRtLoadFromFolders", key), key
+    graph = _workflow("ipa_rt_model_folders", models)
+    got = comfy.image(comfy.run(graph), "6")
+    folder = comfy.root / "models"
+    load = {
+        "base": str(folder / "checkpoints" / IN_FOLDERS["checkpoint"][1]),
+        "config": str(folder / "diffusers" / IN_FOLDERS["diffusers"][1]),
+        "ip_adapters": [str(folder / "ipadapter" / IN_FOLDERS["ip_adapter"][1])],
+        "image_encoder": str(folder / "clip_vision" / IN_FOLDERS["clip_vision"][1]),
+        "lora": str(folder / "loras" / IN_FOLDERS["lora"][1]),
+        "lora_strength": 1.0,
+        "height": SIZE,
+        "width": SIZE,
+    }
+    want = _reference(comfy, models, graph, [_adapter(models, 0)], load)
+    np.testing.assert_array_equal(got, want)
+    without_lora = copy.deepcopy(graph)
+    without_lora["1"]["inputs"]["lora"] = "None"
+    assert np.abs(comfy.image(comfy.run(without_lora), "6").astype(int) - got).max() > 0  # the LoRA was fused
+
+
+def test_model_folders_loader_errors(comfy, models):
+    neither = _workflow("ipa_rt_model_folders", models)
+    neither["1"]["inputs"].update(checkpoint="None", diffusers="None")
+    err = _error(comfy.run(neither))
+    assert err["node_type"] == "IpaRtLoadFromFolders" and "checkpoint / diffusers" in err["exception_message"]
+    for key in ("ip_adapter", "checkpoint", "lora"):  # checked at queue time (ComfyUI checks no V3 combo value)
+        status, answer = comfy.post(_workflow("ipa_rt_model_folders", models, **{key: "not-there.safetensors"}))
+        assert status == 400 and f"{key}: 'not-there.safetensors' is not in" in json.dumps(answer), answer
+    assert comfy.run(_workflow("ipa_rt_model_folders", models))["status"]["status_str"] == "success"
+
+
+def test_ipadapter_folder_is_registered_as_ipadapter_plus_does(comfy):
+    """``models/ipadapter`` with ComfyUI's weight extensions; a folder registered before (extra_model_paths.yaml,
+    ComfyUI_IPAdapter_plus) keeps its paths and gets the extensions."""
+    code = (
+        "import json, sys, folder_paths as f; from ipa_rt.comfyui.folders import register_ipadapter_folder as r; "
+        "sys.argv[1] == 'yaml' and f.add_model_folder_path('ipadapter', '/elsewhere/ipadapter'); r(); r(); "
+        "p, e = f.folder_names_and_paths['ipadapter']; print(json.dumps([p, sorted(e), f.models_dir]))"
+    )
+    missing = (
+        "from ipa_rt.comfyui.folders import full_path; from ipa_rt import ConfigError\n"
+        "try:\n    full_path('ipadapter', 'gone.safetensors', 'ip_adapter')\n"
+        "except ConfigError as e:\n    print(e)"
+    )
+    done = subprocess.run([PYTHON, "-c", missing], cwd=comfy.root, capture_output=True, text=True)
+    assert done.returncode == 0 and "ip_adapter: 'gone.safetensors' is not a file" in done.stdout, done.stderr
+    for case in ("fresh", "yaml"):
+        done = subprocess.run([PYTHON, "-c", code, case], cwd=comfy.root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        paths, extensions, models_dir = json.loads(done.stdout.strip().splitlines()[-1])
+        assert paths == (["/elsewhere/ipadapter"] if case == "yaml" else [os.path.join(models_dir, "ipadapter")])
+        assert {".safetensors", ".bin", ".ckpt", ".pth"} <= set(extensions)
+
+
+def _with_mask(graph: dict, mask: dict) -> dict:
+    out = copy.deepcopy(graph)
+    out["20"] = mask
+    out["5"]["inputs"]["attention_mask"] = ["20", 0]
+    return out
+
+
+def test_masks_on_the_model_path(comfy, models):
+    """Regional masks on the ipa_rt MODEL (torch backend) through KSampler: an all-zero mask gives the image
+    without IP-Adapter and the half mask a third image, bit for bit as the masks' arithmetic says; one UNet call
+    with the mask equals the call on the image side the ipa_rt Sampler prepared (tests/comfyui_model_check.py).
+    An engine MODEL refuses masks, naming the input."""
+    graph = _workflow("ipa_rt_engine_model", models, backend="torch")
+    plain = comfy.image(comfy.run(graph), "12")
+    text_only = copy.deepcopy(graph)
+    text_only["10"]["inputs"]["model"] = ["2", 0]
+    without = comfy.image(comfy.run(text_only), "12")
+    zero = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
+    np.testing.assert_array_equal(comfy.image(comfy.run(_with_mask(graph, zero)), "12"), without)
+    half_mask = {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}}
+    half = comfy.image(comfy.run(_with_mask(graph, half_mask)), "12")
+    assert np.abs(half.astype(int) - plain).max() > 0 and np.abs(half.astype(int) - without).max() > 0
+
+    spec = {
+        "size": SIZE,
+        "masked": {
+            "base": str(models["base"]),
+            "adapter": str(models["plain"]),
+            "encoder": str(models["encoder"]),
+            "image": str(models["input"] / "reference.png"),
+            "mask": str(models["input"] / "mask.png"),
+        },
+    }
+    checked = _model_check(comfy, spec)
+    assert checked["masked_equal"] and checked["mask_changes"] > 0
+
+    engine = _with_mask(_workflow("ipa_rt_engine_model", models), half_mask)
+    err = _error(comfy.run(engine))
+    assert err["node_type"] == "IpaRtApplyModel" and "attention_mask" in err["exception_message"]
+
+
+def _model_check(comfy: Comfy, spec: dict) -> dict:
+    path = comfy.work / f"check-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IPA_RT_CACHE": str(comfy.work / "engines"), "IPA_RT_CPU_THREADS": "1"}
+    done = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "comfyui_model_check.py"), str(path)],
+        cwd=comfy.root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(comfy) -> dict:
+    from ipa_rt import testing
+
+    files = testing.write_example(comfy.work / "sdxl", family="sdxl")
+    return {"base": files["base"], "adapter": files["adapter"], "encoder": files["image_encoder"]}
+
+
+def test_sdxl_model_with_ksampler(comfy, models, sdxl_models):
+    """SDXL on the ipa_rt MODEL: ComfyUI's SDXL model class makes ``y`` from the pooled text and the sizes; the
+    MODEL reads ``text_embeds`` and ``time_ids`` back (one UNet call equals the Python API's, bit for bit, and the
+    sizes round-trip in fp32/fp16/bf16); through KSampler the engine MODEL equals the torch MODEL to fp32
+    rounding, weight 0 equals the image without IP-Adapter, and the weight is a tensor write (nothing rebuilt)."""
+    spec = {
+        "size": SIZE,
+        "sdxl": {**{k: str(v) for k, v in sdxl_models.items()}, "image": str(models["input"] / "reference.png")},
+    }
+    checked = _model_check(comfy, spec)
+    assert checked["sdxl_equal"] and checked["sizes_round_trip"] > 10 and checked["bad_y_refused"] == 2
+
+    def workflow(**loader: str) -> dict:
+        return fill(
+            "ipa_rt_engine_model",
+            str(sdxl_models["base"]),
+            [str(sdxl_models["adapter"])],
+            str(sdxl_models["encoder"]),
+            **loader,
+        )
+
+    graph = workflow()
+    img = comfy.image(comfy.run(graph), "12")
+    loads = comfy.log.read_text().count("ipa_rt: loaded")
+    zero = copy.deepcopy(graph)
+    zero["5"]["inputs"]["weight"] = 0.0
+    at_zero = comfy.image(comfy.run(zero), "12")
+    assert comfy.log.read_text().count("ipa_rt: loaded") == loads
+    text_only = copy.deepcopy(graph)
+    text_only["10"]["inputs"]["model"] = ["2", 0]
+    np.testing.assert_array_equal(comfy.image(comfy.run(text_only), "12"), at_zero)
+    assert np.abs(at_zero.astype(int) - img).max() > 0
+    on_torch = comfy.image(comfy.run(workflow(backend="torch")), "12")
     assert np.abs(on_torch.astype(int) - img).max() <= ENGINE_VS_TORCH_LEVELS
 
 

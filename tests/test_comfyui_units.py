@@ -93,6 +93,25 @@ def test_loader_errors_name_the_input(tmp_path):
         load_pipeline(LoadSpec(engine_folder=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"ip_adapter\[0\]: '/nope/a\.safetensors' does not exist"):
         load_pipeline(LoadSpec(base=str(tmp_path), ip_adapters=("/nope/a.safetensors",)))
+    with pytest.raises(ConfigError, match=r"config: '/nope/sd15' does not exist"):  # the model-folders loader's
+        load_pipeline(LoadSpec(base=str(tmp_path), config="/nope/sd15"))
+
+
+def test_masks_follow_diffusers_mask_processor():
+    """The Sampler's and the MODEL's masks: diffusers' IPAdapterMaskProcessor at the output size, one per image."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from PIL import Image
+
+    from ipa_rt.comfyui.pipelines import mask_tensors
+
+    assert mask_tensors([None, None], [1, 2], 64, 64) is None
+    mask = torch.zeros(1, 16, 24)
+    mask[:, :, :12] = 1.0
+    out = mask_tensors([mask, None], [3, 1], 32, 48)
+    assert out[1] is None and out[0].shape == (1, 3, 32, 48)
+    want = IPAdapterMaskProcessor().preprocess([Image.fromarray((mask[0].numpy() * 255).astype(np.uint8))], 32, 48)
+    assert all(torch.equal(out[0][0, i], want[0, 0]) for i in range(3))
+    assert out[0][0, 0, :, :23].min() == 1 and out[0][0, 0, :, 25:].max() == 0  # left half kept, right half not
 
 
 def test_adapter_lines_are_files_or_hub_specs(tmp_path):

@@ -7,6 +7,14 @@ import json
 from pathlib import Path
 
 WORKFLOWS = Path(__file__).parent / "workflows"
+# the tiny models' names in ComfyUI's model folders (models/<folder>/<name>), as the model-folders loader lists them
+IN_FOLDERS = {
+    "checkpoint": ("checkpoints", "ipa_rt-tiny-sd15.safetensors"),  # one file, the original (LDM) layout
+    "diffusers": ("diffusers", "ipa_rt-tiny-sd15"),  # the same model as a folder: the file's configs and tokenizer
+    "ip_adapter": ("ipadapter", "ipa_rt-tiny-ip-adapter_sd15.safetensors"),
+    "clip_vision": ("clip_vision", "ipa_rt-tiny-clip-vision-h.safetensors"),  # one file, transformers' key names
+    "lora": ("loras", "ipa_rt-tiny-lora_sd15.safetensors"),
+}
 SIZE = 64  # tiny models: engines are built for 64 x 64 pixels
 LATENT = SIZE // 2  # the tiny VAE's scale factor is 2 (ComfyUI's EmptyLatentImage assumes 8)
 
@@ -26,6 +34,9 @@ def fill(name: str, base: str, adapters: list[str], encoder: str, **loader) -> d
                 engine_width=SIZE,
             )
             inputs.update(loader)  # the caller's overrides last
+        if node["class_type"] == "IpaRtLoadFromFolders":
+            inputs.update({k: file for k, (_, file) in IN_FOLDERS.items()}, engine_height=SIZE, engine_width=SIZE)
+            inputs.update({k: v for k, v in loader.items() if k in inputs})
         if node["class_type"] == "IpaRtSampler":
             inputs.update(width=SIZE, height=SIZE)
         if node["class_type"] == "EmptyLatentImage":
@@ -36,8 +47,9 @@ def fill(name: str, base: str, adapters: list[str], encoder: str, **loader) -> d
 
 
 def write_examples(comfyui: str | Path, out: str | Path) -> list[Path]:
-    """Tiny models under ``out/models``, the reference images and mask in ComfyUI's ``input/``, and one
-    ``out/<workflow>.prompt.json`` (``{"prompt": graph}``) per example workflow; returns those files."""
+    """Tiny models under ``out/models`` and in ComfyUI's model folders (:data:`IN_FOLDERS`), the reference images
+    and mask in ComfyUI's ``input/``, and one ``out/<workflow>.prompt.json`` (``{"prompt": graph}``) per example
+    workflow; returns those files."""
     import numpy as np
     from PIL import Image
 
@@ -49,6 +61,7 @@ def write_examples(comfyui: str | Path, out: str | Path) -> list[Path]:
     encoder = testing.write_image_encoder(models / "IP-Adapter" / "models" / "image_encoder")
     plain = testing.write_adapter(models / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors", "base", base)
     plus = testing.write_adapter(models / "IP-Adapter" / "models" / "ip-adapter-plus_sd15.bin", "plus", base, seed=4)
+    write_model_folders(comfyui / "models", base, plain)
     inputs = comfyui / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     testing.make_image(0).save(inputs / "reference.png")
@@ -64,3 +77,27 @@ def write_examples(comfyui: str | Path, out: str | Path) -> list[Path]:
         path.write_text(json.dumps({"prompt": graph}, indent=1) + "\n")
         files.append(path)
     return files
+
+
+def write_model_folders(models: Path, base: Path, adapter: Path) -> None:
+    """The tiny SD1.5 model as ComfyUI users keep their files (:data:`IN_FOLDERS`): a single-file checkpoint, the
+    diffusers folder, the adapter, a one-file image encoder (ViT-H's 16 heads and GELU, at tiny width) and a
+    LoRA."""
+    import shutil
+    import tempfile
+
+    from .. import testing
+    from ..testing.ldm import write_single_file
+
+    def target(key: str) -> Path:
+        folder, name = IN_FOLDERS[key]
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        return models / folder / name
+
+    write_single_file(base, target("checkpoint"))
+    shutil.copytree(base, target("diffusers"), dirs_exist_ok=True)
+    shutil.copyfile(adapter, target("ip_adapter"))
+    with tempfile.TemporaryDirectory() as scratch:
+        encoder = testing.write_image_encoder(Path(scratch) / "encoder", num_attention_heads=16, hidden_act="gelu")
+        shutil.copyfile(encoder / "model.safetensors", target("clip_vision"))
+    testing.write_lora(target("lora"), base)

@@ -4,13 +4,16 @@ The diffusion model is ComfyUI's ``BaseModel`` with ipa_rt's UNet (engine or tor
 ComfyUI's samplers and schedulers drive it. IP-Adapter comes in through ``transformer_options["ipa_rt"]`` (set by
 the Apply node on a clone): per call, the image tokens of each row follow ComfyUI's ``cond_or_uncond`` (uncond rows
 get the negative tokens) and the ``[adapters, layers]`` scale is written as ``weights × gate(σ)`` with the gate in
-ComfyUI's sigma space, all tensor operations: no rebuild, no host branch on a value. What the engine cannot honour
-(another model patch, a ControlNet, a LoRA patch, SDXL's ``y``) raises an error naming it instead of being dropped.
+ComfyUI's sigma space, all tensor operations: no rebuild, no host branch on a value. Regional masks (torch backend)
+are made at each call's size and held as a pipeline call holds them; SDXL's ``y`` is read back into diffusers'
+``text_embeds`` and ``time_ids``. What the engine cannot honour (another model patch, a ControlNet, a LoRA patch)
+raises an error naming it instead of being dropped.
 Imports ComfyUI: loaded only inside ComfyUI, when a node first runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import comfy.latent_formats
@@ -47,18 +50,80 @@ class IpaRtDiffusionModel(torch.nn.Module):
         **kwargs: Any,
     ) -> Tensor:
         options = transformer_options or {}
-        refuse_unhonoured(options, control, y, kwargs)
         pipe = self.pipe
+        refuse_unhonoured(options, control, kwargs)
         # ComfyUI samples under inference mode; the image-side buffers prepared here are rewritten in place by
         # later calls, the ipa_rt Sampler's included, which run outside it (ipa_rt.runtime.loop.static_call)
         with torch.inference_mode(False), torch.no_grad():
-            prepare_image_side(pipe, options.get(KEY), options, x.shape[0])
+            added = added_conditions(pipe, y, x.shape[0])
+            prepare_image_side(pipe, options.get(KEY), options, x.shape)
             sample = x.to(pipe.dtype)
             ctx = context.to(pipe.device, pipe.dtype)
-            return pipe.unet(sample, timesteps.float(), encoder_hidden_states=ctx, return_dict=False)[0]
+            extra = {"added_cond_kwargs": added} if added is not None else {}
+            return pipe.unet(sample, timesteps.float(), encoder_hidden_states=ctx, return_dict=False, **extra)[0]
 
 
-def refuse_unhonoured(options: dict, control: Any, y: Any, extra: dict) -> None:
+SDXL_ADM_WIDTH = 256  # comfy.model_base.SDXL: each size condition is a 256-wide sinusoidal embedding
+SDXL_SIZES = 6  # height, width, crop top, crop left, target height, target width (diffusers' time_ids order)
+
+
+def added_conditions(pipe: Any, y: Tensor | None, rows: int) -> dict[str, Tensor] | None:
+    """SDXL's added conditions as diffusers' UNet takes them (``text_embeds``, ``time_ids``) from ComfyUI's ``y``
+    (``comfy.model_base.SDXL.encode_adm``: the pooled text, then six ``timestep_embedding(size, 256)``): the pooled
+    text is its first columns; each size is an integer read back from its embedding's angles (the lowest frequency
+    first, then every higher one, so fp16 rounding cannot alias) and checked by embedding it again, exactly."""
+    if not pipe.family.pooled_text:
+        if y is not None:
+            raise ConfigError(
+                f"model: a `y` conditioning {tuple(y.shape)} was given to an ipa_rt {pipe.family.name} model, which "
+                "takes none"
+            )
+        return None
+    pooled_dim = pipe.text_encoders[-1].config.projection_dim
+    expected = pooled_dim + SDXL_SIZES * SDXL_ADM_WIDTH
+    if y is None or y.ndim != 2 or y.shape != (rows, expected):
+        got = None if y is None else tuple(y.shape)
+        raise ConfigError(
+            f"model: SDXL's `y` conditioning is {got}; expected [{rows}, {expected}] (the pooled text {pooled_dim} + "
+            f"{SDXL_SIZES} x {SDXL_ADM_WIDTH} size embeddings, as ComfyUI's SDXL model makes it from a CLIP with a "
+            "pooled output: use the ipa_rt MODEL's own CLIP, or CLIP Text Encode SDXL on it)"
+        )
+    sizes = y[:, pooled_dim:].reshape(rows * SDXL_SIZES, SDXL_ADM_WIDTH)
+    sizes = sizes.cpu()  # encode_adm embeds on the CPU: the check embeds there too, bit for bit
+    ids = sizes_from_embedding(sizes)
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    again = timestep_embedding(ids.to(torch.float32), SDXL_ADM_WIDTH).to(sizes.dtype)
+    if not torch.equal(again, sizes):
+        raise ConfigError(
+            "model: SDXL's `y` size conditions are not embeddings of integer sizes (ComfyUI's SDXL encode_adm of "
+            "width, height, crop and target size); the ipa_rt MODEL takes integer sizes only"
+        )
+    return {
+        "text_embeds": y[:, :pooled_dim].to(pipe.device, pipe.dtype),
+        "time_ids": ids.reshape(rows, SDXL_SIZES).to(pipe.device, pipe.dtype),
+    }
+
+
+def sizes_from_embedding(emb: Tensor) -> Tensor:
+    """Non-negative integers ``t`` from ``timestep_embedding(t, dim)`` rows (``[cos(t f), sin(t f)]`` with
+    ``f_k = 10000^(-k / (dim / 2))``). The lowest frequency's angle, taken in [0, 2 pi), fixes t unambiguously
+    below 2 pi / f_min (58,000 for dim 256); each next higher frequency (x1.07) refines it by its count of whole
+    turns, so the final estimate has the highest frequency's precision. Float64 throughout."""
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    half = emb.shape[1] // 2
+    one = timestep_embedding(torch.ones(1), emb.shape[1])[0].double()  # the frequencies, from ComfyUI's own function
+    freqs = torch.atan2(one[half:], one[:half])  # [half], highest first
+    angles = torch.atan2(emb[:, half:].double(), emb[:, :half].double())  # [rows, half], each in (-pi, pi]
+    t = angles[:, -1].remainder(2 * torch.pi) / freqs[-1]
+    for k in range(half - 2, -1, -1):
+        turns = torch.round((t * freqs[k] - angles[:, k]) / (2 * torch.pi))
+        t = (angles[:, k] + 2 * torch.pi * turns) / freqs[k]
+    return torch.round(t)
+
+
+def refuse_unhonoured(options: dict, control: Any, extra: dict) -> None:
     patches = {k: sorted(v) for k in ("patches", "patches_replace") if (v := options.get(k))}
     if patches:
         raise ConfigError(
@@ -71,14 +136,15 @@ def refuse_unhonoured(options: dict, control: Any, y: Any, extra: dict) -> None:
             "(ipa_rt build --controlnet), which ComfyUI's Apply ControlNet does not drive: remove it or use the "
             "ipa_rt Sampler"
         )
-    if y is not None:
-        raise ConfigError("model: SDXL's pooled `y` conditioning is not supported by the ipa_rt MODEL node (SD1.5)")
     unknown = sorted(k for k, v in extra.items() if v is not None)
     if unknown:
         raise ConfigError(f"model: conditioning inputs {unknown} are not inputs of the ipa_rt UNet")
 
 
-def prepare_image_side(pipe: Any, ip: dict | None, options: dict, rows: int) -> None:
+def prepare_image_side(pipe: Any, ip: dict | None, options: dict, shape: torch.Size) -> None:
+    """The image side for one UNet call on latents of ``shape``: tokens per row (ComfyUI's ``cond_or_uncond``
+    order), keys/values and regional masks (at the call's pixel size) held by the adapter stack, as the runtime
+    holds them for a pipeline call; then the ``[adapters, layers]`` scale gated by ComfyUI's sigma window."""
     stack = pipe.adapters
     if stack is None:
         if ip is not None:
@@ -88,15 +154,28 @@ def prepare_image_side(pipe: Any, ip: dict | None, options: dict, rows: int) -> 
         stack.prepare(None)
         return
     order = list(options.get("cond_or_uncond") or [0])
-    chunk = rows // len(order)
-    key = (ip["key"], tuple(order), chunk)
+    chunk = shape[0] // len(order)
+    masks = ip["masks"]
+    vsf = pipe.vae_scale_factor
+    size = (shape[-2] * vsf, shape[-1] * vsf) if any(m is not None for m in masks) else None
+    key = (ip["key"], tuple(order), chunk, size)
     if key != stack.context.prepared_key:
         embeds = [
             torch.cat([(e["neg"] if c == 1 else e["pos"]).expand(chunk, *e["pos"].shape[1:]) for c in order])
             for e in ip["adapters"]
         ]
-        tokens = stack.project([e.to(pipe.device, pipe.dtype) for e in embeds], [None] * len(embeds))
-        stack.prepare(tokens, key=key)
+        embeds = [e.to(pipe.device, pipe.dtype) for e in embeds]
+        tokens = stack.project(embeds, [None] * len(embeds))
+        if size is None:
+            stack.prepare(tokens, key=key)
+        else:  # what a pipeline call with ip_adapter_masks holds: the runtime's checks and downsampling
+            from ..runtime.request import ip_masks, query_tokens
+            from .pipelines import mask_tensors
+
+            full = mask_tensors(masks, [e["pos"].shape[1] for e in ip["adapters"]], *size)
+            checked = ip_masks(pipe, {"ip_adapter_masks": full}, (embeds, None, None))
+            queries = query_tokens(pipe.unet, stack.layer_names, *size, vsf)
+            stack.prepare(tokens, checked, None, key, None, queries)
     sigma = options["sigmas"].reshape(-1)[:1].to(ip["start"].device, ip["start"].dtype)
     gate = (sigma <= ip["start"]) & (sigma >= ip["end"])  # [A]: ComfyUI_IPAdapter_plus' sigma window
     stack.context.set_scale(ip["weights"] * gate.to(ip["weights"].dtype)[:, None], gated_only=True)
@@ -125,11 +204,13 @@ def _latent_format(scale: float) -> comfy.latent_formats.LatentFormat:
 
 
 def make_model(pipe: Any) -> IpaRtModelPatcher:
-    """ComfyUI's ``MODEL`` whose diffusion model is ``pipe``'s UNet (SD1.5 family)."""
-    if pipe.family.name != "sd15":
+    """ComfyUI's ``MODEL`` whose diffusion model is ``pipe``'s UNet: ComfyUI's SD1.5 or SDXL model class (so
+    KSampler's conditioning makes SDXL's ``y``, which :func:`added_conditions` reads back)."""
+    classes = {"sd15": comfy.model_base.BaseModel, "sdxl": comfy.model_base.SDXL}
+    if pipe.family.name not in classes:
         raise ConfigError(
-            f"pipeline: a {pipe.family.name} model; the ipa_rt MODEL node supports SD1.5 models (SDXL's "
-            "pre-embedded `y` conditioning is not an engine input): use the ipa_rt Sampler node"
+            f"pipeline: a {pipe.family.name} model; the ipa_rt MODEL node supports SD1.5 and SDXL models: use the "
+            "ipa_rt Sampler node"
         )
     sched = pipe.base.scheduler.config
     schedule = BETA_SCHEDULES.get(sched.get("beta_schedule", "scaled_linear"))
@@ -147,7 +228,7 @@ def make_model(pipe: Any) -> IpaRtModelPatcher:
         "timesteps": sched.get("num_train_timesteps", 1000),
     }
     config.latent_format = _latent_format(pipe.vae.config.scaling_factor)
-    base = comfy.model_base.BaseModel(config, model_type=types[prediction], device=pipe.device)
+    base = classes[pipe.family.name](config, model_type=types[prediction], device=pipe.device)
     base.diffusion_model = IpaRtDiffusionModel(pipe)
     device = comfy.model_management.get_torch_device()
     return IpaRtModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
@@ -158,10 +239,10 @@ def ip_options(model: Any, settings: list, pipe: Any) -> dict:
     from .pipelines import ordered, scale_configs
 
     settings = ordered(pipe, settings)
-    if any(s.mask is not None for s in settings):
+    if any(s.mask is not None for s in settings) and not pipe.adapters.supports_masks:
         raise ConfigError(
-            "attention_mask: regional masks are applied by the ipa_rt Sampler node; the ipa_rt MODEL path does not "
-            "take them yet"
+            f"attention_mask: regional masks are not part of {pipe.backend} engines (as on the ipa_rt Sampler); "
+            "load the pipeline with backend torch for masks on the MODEL"
         )
     from ..adapters.scale import expand_scale, scale_tables
 
@@ -176,13 +257,22 @@ def ip_options(model: Any, settings: list, pipe: Any) -> dict:
     sampling = model.get_model_object("model_sampling")
     start = torch.tensor([float(sampling.percent_to_sigma(s.start_at)) for s in settings])
     end = torch.tensor([float(sampling.percent_to_sigma(s.end_at)) for s in settings])
+    masks = [s.mask.detach().float().cpu() if s.mask is not None else None for s in settings]
     return {
         "adapters": [{"pos": s.embeds.pos, "neg": s.embeds.neg} for s in settings],
-        "key": tuple(s.embeds.key for s in settings),
+        "masks": masks,  # ComfyUI MASKs, made diffusers' ip_adapter_masks at each call's size
+        "key": tuple((s.embeds.key, _digest(m)) for s, m in zip(settings, masks, strict=True)),
         "weights": weights.to(pipe.adapters.scale_eff.device),
         "start": start.to(pipe.adapters.scale_eff.device),
         "end": end.to(pipe.adapters.scale_eff.device),
     }
+
+
+def _digest(mask: Tensor | None) -> str | None:
+    """A MASK's content, for the prepared image side's key."""
+    if mask is None:
+        return None
+    return hashlib.sha256(str(tuple(mask.shape)).encode() + mask.numpy().tobytes()).hexdigest()
 
 
 class IpaRtClip:

@@ -3,6 +3,8 @@ in :mod:`.pipelines`); ipa_rt itself is imported when a node first runs, not whe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .weights import WEIGHT_TYPES
@@ -26,6 +28,23 @@ def _device() -> str:
     import comfy.model_management
 
     return str(comfy.model_management.get_torch_device())
+
+
+def engine_inputs() -> list:
+    """What both loaders ask of the engines: backend, precision and size."""
+    return [
+        io.Combo.Input("backend", options=BACKENDS, default="torch"),
+        io.Combo.Input(
+            "precision",
+            options=PRECISIONS,
+            default="fp32",
+            tooltip="torch/ONNX/TensorRT dtype, or OpenVINO's compute precision",
+        ),
+        io.Int.Input(
+            "engine_height", default=0, min=0, max=4096, step=8, tooltip="engines' size (0: the model's default)"
+        ),
+        io.Int.Input("engine_width", default=0, min=0, max=4096, step=8),
+    ]
 
 
 class LoadPipeline(io.ComfyNode):
@@ -54,22 +73,7 @@ class LoadPipeline(io.ComfyNode):
                 io.String.Input(
                     "image_encoder", default="", tooltip="CLIP vision folder (empty: image_encoder/ beside the adapter)"
                 ),
-                io.Combo.Input("backend", options=BACKENDS, default="torch"),
-                io.Combo.Input(
-                    "precision",
-                    options=PRECISIONS,
-                    default="fp32",
-                    tooltip="torch/ONNX/TensorRT dtype, or OpenVINO's compute precision",
-                ),
-                io.Int.Input(
-                    "engine_height",
-                    default=0,
-                    min=0,
-                    max=4096,
-                    step=8,
-                    tooltip="engines' size (0: the model's default)",
-                ),
-                io.Int.Input("engine_width", default=0, min=0, max=4096, step=8),
+                *engine_inputs(),
                 io.String.Input("lora", default="", tooltip="LoRA file fused into the weights (empty: none)"),
                 io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
                 io.String.Input(
@@ -112,6 +116,92 @@ class LoadPipeline(io.ComfyNode):
             _device(),
         )
         return io.NodeOutput(load_pipeline(spec))
+
+
+class LoadFromFolders(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .folders import IPADAPTER, NONE, diffusers_folders, files
+
+        adapters = files(IPADAPTER)
+        return io.Schema(
+            node_id="IpaRtLoadFromFolders",
+            display_name="ipa_rt Load Pipeline (model folders)",
+            category=CATEGORY,
+            description="ipa_rt Load Pipeline with dropdowns of ComfyUI's model folders: the base from "
+            "models/checkpoints (one file, SD1.5/SDXL original layout) or models/diffusers (a folder), the "
+            "IP-Adapter from models/ipadapter (as ComfyUI_IPAdapter_plus registers it), the image encoder from "
+            "models/clip_vision, a LoRA from models/loras (fused at load)." + DIFFUSERS_MATH,
+            inputs=[
+                io.Combo.Input(
+                    "checkpoint",
+                    options=[NONE, *files("checkpoints")],
+                    default=NONE,
+                    tooltip="single-file base (models/checkpoints); None: the diffusers folder is the base",
+                ),
+                io.Combo.Input(
+                    "diffusers",
+                    options=[NONE, *diffusers_folders()],
+                    default=NONE,
+                    tooltip="diffusers folder (models/diffusers): the base, or with a checkpoint its configs and "
+                    "tokenizer (diffusers' config=)",
+                ),
+                io.Combo.Input("ip_adapter", options=adapters, tooltip="IP-Adapter file (models/ipadapter)"),
+                io.Combo.Input("ip_adapter_2", options=[NONE, *adapters], default=NONE, tooltip="a second adapter"),
+                io.Combo.Input(
+                    "clip_vision",
+                    options=[NONE, *files("clip_vision")],
+                    default=NONE,
+                    tooltip="image encoder file (models/clip_vision: transformers' or OpenCLIP's key names, e.g. "
+                    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors); None: image_encoder/ beside the adapter",
+                ),
+                io.Combo.Input("lora", options=[NONE, *files("loras")], default=NONE, tooltip="fused into the weights"),
+                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05),
+                *engine_inputs(),
+            ],
+            outputs=[Pipeline.Output(display_name="pipeline")],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        checkpoint: str = "None",
+        diffusers: str = "None",
+        ip_adapter: str = "",
+        ip_adapter_2: str = "None",
+        clip_vision: str = "None",
+        lora: str = "None",
+        **_: object,
+    ) -> bool | str:
+        from .folders import unknown_name
+
+        names = {"checkpoint": checkpoint, "diffusers": diffusers, "ip_adapter": ip_adapter}
+        names |= {"ip_adapter_2": ip_adapter_2, "clip_vision": clip_vision, "lora": lora}
+        return unknown_name(names) or True
+
+    @classmethod
+    def execute(
+        cls,
+        checkpoint: str,
+        diffusers: str,
+        ip_adapter: str,
+        ip_adapter_2: str,
+        clip_vision: str,
+        lora: str,
+        lora_strength: float,
+        backend: str,
+        precision: str,
+        engine_height: int,
+        engine_width: int,
+    ) -> io.NodeOutput:
+        from .folders import load_spec
+        from .pipelines import load_pipeline
+
+        spec = load_spec(checkpoint, diffusers, (ip_adapter, ip_adapter_2), clip_vision, lora, float(lora_strength))
+        sizes = {"height": engine_height, "width": engine_width}
+        return io.NodeOutput(
+            load_pipeline(replace(spec, backend=backend, precision=precision, device=_device(), **sizes))
+        )
 
 
 class EncodeImage(io.ComfyNode):
@@ -220,8 +310,9 @@ class ModelFromPipeline(io.ComfyNode):
             display_name="ipa_rt Engine as MODEL",
             category=CATEGORY,
             description="ComfyUI MODEL, CLIP and VAE from an ipa_rt pipeline (engines or torch), for KSampler and "
-            "ComfyUI's samplers; apply IP-Adapter with 'ipa_rt Apply IP-Adapter to MODEL'. SD1.5 family. Other "
-            "model patches, ControlNets and LoRA patches are refused with an error rather than dropped.",
+            "ComfyUI's samplers; apply IP-Adapter with 'ipa_rt Apply IP-Adapter to MODEL'. SD1.5 and SDXL "
+            "families (SDXL's `y` is read back into diffusers' text_embeds and time_ids). Other model patches, "
+            "ControlNets and LoRA patches are refused with an error rather than dropped.",
             inputs=[Pipeline.Input("pipeline")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
@@ -263,4 +354,4 @@ class ApplyToModel(io.ComfyNode):
 
 class IpaRtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadPipeline, EncodeImage, Adapter, Sampler, ModelFromPipeline, ApplyToModel]
+        return [LoadPipeline, LoadFromFolders, EncodeImage, Adapter, Sampler, ModelFromPipeline, ApplyToModel]

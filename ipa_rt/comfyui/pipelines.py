@@ -41,11 +41,12 @@ class LoadSpec:
     height: int = 0
     width: int = 0
     device: str = "cpu"
+    config: str = ""  # a single-file base's configs and tokenizer: a diffusers folder (from_pretrained's config=)
 
 
 def _existing(value: str, name: str) -> str:
     """A local path must exist; anything else with a slash and no such file is taken as a hub id."""
-    looks_local = value.startswith(("/", ".", "~")) or os.path.splitext(value)[1] in (".safetensors", ".bin")
+    looks_local = value.startswith(("/", ".", "~")) or os.path.splitext(value)[1] in (".safetensors", ".bin", ".ckpt")
     path = os.path.expanduser(value)
     if looks_local and not os.path.exists(path):
         raise ConfigError(f"{name}: '{value}' does not exist; expected a local file/folder or a hub id")
@@ -93,6 +94,8 @@ def load_pipeline(spec: LoadSpec) -> Any:
             kwargs["engine_options"] = options
         if spec.lora:
             kwargs["lora"] = [(_existing(spec.lora, "lora"), spec.lora_strength)]
+        if spec.config:
+            kwargs["config"] = _existing(spec.config, "config")
         adapters = [_adapter_source(a, f"ip_adapter[{i}]") for i, a in enumerate(spec.ip_adapters)] or None
         encoder = _existing(spec.image_encoder, "image_encoder") if spec.image_encoder else None
         pipe = Pipeline.from_pretrained(_existing(spec.base, "base"), adapters, encoder, backend=spec.backend, **kwargs)
@@ -167,20 +170,27 @@ def encode(pipe: Any, index: int, images: list, negative: list | None, combine: 
 
 
 def _masks(settings: list[AdapterSettings], height: int, width: int) -> list | None:
-    if all(s.mask is None for s in settings):
+    return mask_tensors([s.mask for s in settings], [s.embeds.images for s in settings], height, width)
+
+
+def mask_tensors(masks: list[Tensor | None], images: list[int], height: int, width: int) -> list | None:
+    """ComfyUI MASKs (``[B, H, W]``, the first used; None: no mask) → diffusers' ``ip_adapter_masks`` at the
+    output size (``IPAdapterMaskProcessor``: binarised, ``[1, images, height, width]`` per adapter); None when no
+    adapter has one. The Sampler and the MODEL path both take their masks from here."""
+    if all(m is None for m in masks):
         return None
     from diffusers.image_processor import IPAdapterMaskProcessor
     from PIL import Image
 
     out = []
-    for s in settings:
-        if s.mask is None:
+    for mask, count in zip(masks, images, strict=True):
+        if mask is None:
             out.append(None)
             continue
-        m = s.mask if s.mask.ndim == 2 else s.mask[0]
+        m = mask if mask.ndim == 2 else mask[0]
         pil = Image.fromarray((m.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), mode="L")
-        mask = IPAdapterMaskProcessor().preprocess([pil], height=height, width=width)  # [1, 1, H, W]
-        out.append(mask.reshape(1, 1, height, width).expand(1, s.embeds.images, height, width).contiguous())
+        processed = IPAdapterMaskProcessor().preprocess([pil], height=height, width=width)  # [1, 1, H, W]
+        out.append(processed.reshape(1, 1, height, width).expand(1, count, height, width).contiguous())
     return out
 
 
