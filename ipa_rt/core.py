@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -85,7 +86,11 @@ class PipelineCore:
         self.image_encoder = image_encoder
         self.feature_extractor = feature_extractor
         self.device, self.dtype = torch.device(device), dtype
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.vae is None and base.vae_config is None:
+            raise ConfigError(f"base model '{base.origin}' has no VAE and no VAE config; expected one of them")
+        # a UNet-only base (no VAE, no text encoders): the latent space its UNet was trained in, from the VAE config
+        self.vae_config = self.vae.config if self.vae is not None else FrozenDict(base.vae_config)
+        self.vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
         native = self.unet.config.sample_size * self.vae_scale_factor
         self.default_size = (native, native)
         if engine_manifest is not None:  # the size the engines were built for
@@ -106,7 +111,7 @@ class PipelineCore:
         self._share_pool(self.graphed_calls())
         if backend == "torch":  # engines were checked when they were built
             self._check_encoder()
-            if vae_upcast(self.family, self.vae):  # diffusers' SDXL pipelines decode such a VAE in fp32
+            if self.vae is not None and vae_upcast(self.family, self.vae):  # diffusers' SDXL decodes it in fp32
                 self.vae.to(torch.float32)
         if adapters is not None:
             adapters.install(self.unet)
@@ -300,6 +305,8 @@ class PipelineCore:
         else:
             precision = m["precision"] if m["backend"] == "openvino" else m["dtype"]
             decoder = m.get("vae_class", "AutoencoderKL")
+        if self.vae is None:
+            decoder = "none (a UNet alone)"
         tiny = " (TAESD: fast, approximate)" if decoder == "AutoencoderTiny" else ""
         return f"backend {self.backend}, precision {precision}, decoder {decoder}{tiny}, device {self.device}"
 
@@ -541,6 +548,7 @@ class PipelineCore:
         condition image(s) (diffusers' adapter pipelines), or ``adapter_image`` (always, when ControlNets are
         loaded too; ``image`` is then free for img2img), with ``adapter_conditioning_scale`` and
         ``adapter_conditioning_factor``."""
+        self.require_full_model("a pipeline call")
         req = request.resolve(self, request.Request(
             prompt=prompt, ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -564,10 +572,25 @@ class PipelineCore:
         ``ip_adapter_scale`` (anything :meth:`set_ip_adapter_scale` takes, for that request alone); requests share
         size, steps, strength and mode. Request ``i`` gives what ``pipe(**requests[i])`` gives (see
         :mod:`ipa_rt.runtime.batch`)."""
+        self.require_full_model("batch")
         return [PipelineOutput(images) for images in run_batch(self, requests)]
+
+    def require_full_model(self, what: str) -> None:
+        """A :class:`ConfigError` for ``what`` on a UNet-only base (no text encoder or no VAE: ComfyUI's MODEL as an
+        ipa_rt engine, whose prompts and images are ComfyUI's CLIP's and VAE's)."""
+        absent = (("text encoder", not self.text_encoders), ("VAE", self.vae is None))
+        missing = [name for name, gone in absent if gone]
+        if missing:
+            raise ConfigError(
+                f"{what}: the base model '{self.base.origin}' is a UNet alone (no {' and no '.join(missing)}), which "
+                "cannot generate from a prompt; expected a full SD1.5/SDXL checkpoint or diffusers folder (a UNet-only "
+                "pipeline runs inside ComfyUI, with ComfyUI's CLIP and VAE, through the ipa_rt MODEL)"
+            )
 
     def decode(self, latents: Tensor, output_type: str) -> Any:
         """Latents (scaled by the VAE factor, as the loop leaves them) to images of ``output_type``."""
+        if self.vae is None:
+            self.require_full_model("decode")
         vae = self.vae
         latents = latents.to(next(vae.parameters()).dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)

@@ -59,7 +59,7 @@ class BaseModel:
 
     family: BaseKind
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a UNet-only base (its text encoders and tokenizers are empty lists too)
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
     scheduler: Any
@@ -67,6 +67,7 @@ class BaseModel:
     force_zeros_for_empty_prompt: bool
     origin: str
     image_encoder: Any | None = None  # a base model that ships one: diffusers uses it before the adapter's
+    vae_config: dict[str, Any] | None = None  # a base without a VAE: the config of the VAE its latents belong to
 
 
 def _read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "base model") -> dict[str, Any]:
@@ -178,6 +179,12 @@ def load_vae(vae: str | os.PathLike, family: BaseKind, dtype: torch.dtype, **hub
             return getattr(diffusers, cls).from_pretrained(name, torch_dtype=dtype, **hub_kwargs).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"vae '{name}' cannot be loaded as {cls}: {exc}") from exc
+
+
+def pooled_text_width(unet_config: Any) -> int:
+    """The width of SDXL's pooled text (diffusers' ``text_embeds``), from the UNet's config alone: its added
+    embedding takes the pooled text and six ``addition_time_embed_dim``-wide size embeddings."""
+    return int(unet_config.projection_class_embeddings_input_dim) - 6 * int(unet_config.addition_time_embed_dim)
 
 
 def vae_upcast(family: BaseKind, vae: Any) -> bool:

@@ -7,6 +7,10 @@ the configs start from the family's shipped JSON (``ipa_rt/configs/<family>.json
 configs) with every field the weights determine read from their shapes, or come from ``config=`` (a diffusers
 folder, as diffusers' own ``config=``). CLIP's tokenizer files come from ``tokenizer=``, the ``config=`` folder, or
 the hub cache (never the network); SDXL's second tokenizer is the same vocabulary with ``!`` as padding.
+
+A file that holds the UNet alone (``model.diffusion_model.*`` only: what ComfyUI's checkpoint saving writes for a
+``MODEL``, the ComfyUI node ``ipa_rt Engine from MODEL``'s source) loads as a UNet-only base: no text encoder, no
+VAE, no tokenizer (absent, not stand-ins), and the VAE config its latents belong to (the family's, or ``config=``'s).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def checkpoint_family(state: dict[str, torch.Tensor], origin: str) -> str:
         return "sdxl"
     if has(CLIP_L) and f"{UNET}input_blocks.0.0.weight" in state and f"{UNET}label_emb.0.0.weight" not in state:
         return "sd15"
+    if is_unet_only(state):
+        return _unet_only_family(state, origin)
     if has("cond_stage_model.model."):
         found = "an SD2.x checkpoint (OpenCLIP ViT-H text encoder)"
     elif has("conditioner.embedders.0.model."):
@@ -89,6 +95,29 @@ def checkpoint_family(state: dict[str, torch.Tensor], origin: str) -> str:
         f"single-file checkpoint '{origin}' is {found}; expected an SD1.5 or SDXL checkpoint in the original "
         "layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.* / conditioner.embedders.*)"
     )
+
+
+def is_unet_only(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds a Stable Diffusion UNet and nothing else (no text encoder, no VAE): what ComfyUI's
+    checkpoint saving writes for a MODEL alone, the ``ipa_rt Engine from MODEL`` node's file."""
+    if f"{UNET}input_blocks.0.0.weight" not in state:
+        return False
+    others = ("cond_stage_model.", "conditioner.", *VAE_PREFIXES)
+    return not any(k.startswith(others) for k in state)
+
+
+def _unet_only_family(state: dict[str, Any], origin: str) -> str:
+    """SD1.5 or SDXL for a UNet-only file, from the UNet's own keys and shapes: SDXL's has ``label_emb`` (the pooled
+    text and size conditions), SD1.5's convolutional ``proj_in`` (SD2.x's are linear, 64-wide heads: refused)."""
+    if f"{UNET}label_emb.0.0.weight" in state:
+        return "sdxl"
+    proj = next((v for k, v in state.items() if k.startswith(UNET) and k.endswith("proj_in.weight")), None)
+    if proj is not None and getattr(proj, "ndim", 4) == 2:
+        raise CheckpointError(
+            f"single-file checkpoint '{origin}' is a UNet with linear attention projections and no `label_emb` "
+            "(an SD2.x UNet); expected an SD1.5 or SDXL UNet"
+        )
+    return "sd15"
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -142,9 +171,11 @@ def derived_configs(state: dict[str, torch.Tensor], family: str, origin: str) ->
         unet["transformer_layers_per_block"] = depth
         unet["use_linear_projection"] = proj is not None and proj.ndim == 2
         added = int(u["label_emb.0.0.weight"].shape[1])
-        text_proj = state[f"{SDXL_BIGG}text_projection"]
         unet["projection_class_embeddings_input_dim"] = added
-        unet["addition_time_embed_dim"] = (added - int(text_proj.shape[1])) // 6  # six time ids
+        if f"{SDXL_BIGG}text_projection" in state:
+            text_proj = state[f"{SDXL_BIGG}text_projection"]
+            unet["addition_time_embed_dim"] = (added - int(text_proj.shape[1])) // 6  # six time ids
+        # a UNet-only file: the shipped 256-wide size embeddings (what ComfyUI's SDXL model makes)
     vae, v = cfg["vae"], _vae_state(state)
     if v:
         vlevels = _count(v, "encoder.down.{}.")
@@ -157,6 +188,8 @@ def derived_configs(state: dict[str, torch.Tensor], family: str, origin: str) ->
             in_channels=int(v["encoder.conv_in.weight"].shape[1]),
             out_channels=int(v["decoder.conv_out.weight"].shape[0]),
         )
+    if is_unet_only(state):  # no text encoder to read: their configs stay the shipped ones, unused
+        return cfg
     cfg["text_encoder"].update(_clip_text_shape(state, CLIP_L if family == "sd15" else SDXL_CLIP_L, origin))
     if family == "sdxl":
         cfg["text_encoder_2"].update(_open_clip_text_shape(state, SDXL_BIGG, origin))
@@ -289,8 +322,9 @@ def load_single_file(
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
     """The components of an :class:`ipa_rt.models.BaseModel` (by field name; ``family`` by its name) from one
-    SD1.5 / SDXL checkpoint file (see the module's docstring).
-    Without a baked-in VAE, ``vae`` (the caller's ``vae=``) must be given."""
+    SD1.5 / SDXL checkpoint file (see the module's docstring), plus ``vae_config`` (the VAE config of its latents).
+    Without a baked-in VAE, ``vae`` (the caller's ``vae=``) must be given, unless the file is a UNet alone (then
+    ``vae`` is None and there are no text encoders or tokenizers)."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -311,7 +345,8 @@ def load_single_file(
             }
     given = _config_folder(config, hub_kwargs) if config is not None else None
     has_vae = bool(_vae_state(state))
-    if not has_vae and vae is None:
+    unet_only = is_unet_only(state)  # the UNet alone (ComfyUI's MODEL as a file): no text encoder or VAE to load
+    if not has_vae and vae is None and not unet_only:
         raise CheckpointError(
             f"single-file checkpoint '{origin}' has no VAE (no first_stage_model.* keys); pass vae= a diffusers "
             "autoencoder folder or hub id (e.g. stabilityai/sd-vae-ft-mse), or 'taesd'"
@@ -329,11 +364,11 @@ def load_single_file(
             with hushed(), dropping("diffusers.loaders.single_file_utils", "EMA"):
                 unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
                 vae_model = AutoencoderKL.from_single_file(state, subfolder="vae", **common) if has_vae else None
-                names = TEXT_ENCODERS[family]
+                names = TEXT_ENCODERS[family] if not unet_only else ()
                 classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(names)]
                 # each encoder sees only its own keys: diffusers tells SDXL's two apart by width, which a model
                 # with equal widths (a tiny test model) would confuse
-                prefixes = (CLIP_L,) if family == "sd15" else (SDXL_CLIP_L, SDXL_BIGG)
+                prefixes = ((CLIP_L,) if family == "sd15" else (SDXL_CLIP_L, SDXL_BIGG))[: len(names)]
                 encoders = [
                     create_diffusers_clip_model_from_ldm(
                         cls,
@@ -366,7 +401,9 @@ def load_single_file(
                     f"single-file checkpoint '{origin}' ({family}) has no weights for {name}: {missing[:3]} ...; "
                     "expected a complete SD1.5/SDXL checkpoint"
                 )
-        tokenizers = _tokenizers(family, tokenizer, given, origin)
+        tokenizers = _tokenizers(family, tokenizer, given, origin) if not unet_only else []
+        # the latent space the UNet works in (scaling factor, downsampling), from the VAE config beside it
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
     return {
         "family": family,
         "unet": unet.eval(),
@@ -377,6 +414,7 @@ def load_single_file(
         "feature_extractor": fe,
         "force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
         "origin": origin,
+        "vae_config": vae_config,
     }
 
 

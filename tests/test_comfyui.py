@@ -134,6 +134,7 @@ def comfy(tmp_path_factory) -> Comfy:
         [PYTHON, "-m", "ipa_rt.comfyui", "example", str(root), str(work / "example")], capture_output=True, text=True
     )  # the documented step: tiny models + filled workflows
     assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 4, example.stderr
+    (root / "custom_nodes" / "ipa_rt_test_clip_vision.py").write_text(TINY_CLIP_VISION_NODE)
     with _serve(root, work) as server:
         server.work = work
         yield server
@@ -189,6 +190,43 @@ def _serve(root: Path, work: Path) -> Iterator[Comfy]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# A test-only node: ComfyUI's own CLIP_VISION (comfy.clip_vision.ClipVisionModel, what Load CLIP Vision returns)
+# for a tiny encoder file. Load CLIP Vision picks its config by layer count (ViT-H: 32 layers) and loads no tiny
+# model; this builds ViT-H's config with the file's sizes, then loads the file as Load CLIP Vision does.
+TINY_CLIP_VISION_NODE = """
+import json, os, re, tempfile
+import comfy.clip_vision, comfy.utils, folder_paths
+
+class TinyClipVision:
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
+
+    def load(self, clip_name):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
+        config = json.load(open(os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_h.json")))
+        patch = sd["vision_model.embeddings.patch_embedding.weight"]
+        positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
+        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"vision_model.encoder.layers.(\\d+)", k)))
+        config.update(hidden_size=patch.shape[0], patch_size=patch.shape[2], num_hidden_layers=layers,
+                      image_size=patch.shape[2] * round((positions - 1) ** 0.5),
+                      intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                      projection_dim=sd["visual_projection.weight"].shape[0])
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(config, f)
+        clip = comfy.clip_vision.ClipVisionModel(f.name)
+        missing, _ = clip.load_sd(sd)
+        assert not missing, missing
+        return (clip,)
+
+NODE_CLASS_MAPPINGS = {"IpaRtTestTinyClipVision": TinyClipVision}
+"""
 
 
 def _workflow(name: str, models: dict, **loader) -> dict:
@@ -472,6 +510,160 @@ def test_sdxl_model_with_ksampler(comfy, models, sdxl_models):
     assert np.abs(at_zero.astype(int) - img).max() > 0
     on_torch = comfy.image(comfy.run(workflow(backend="torch")), "12")
     assert np.abs(on_torch.astype(int) - img).max() <= ENGINE_VS_TORCH_LEVELS
+
+
+# A tiny SD1.5 that ComfyUI's own model detection takes as SD1.5 (comfy.supported_models.SD15: model_channels 320,
+# context_dim 768, convolutional proj_in), two levels of one layer; 8 heads and 32 norm groups, as the SD1.5 configs
+# ipa_rt completes a UNet-only file's from (so the file's derived config is this folder's)
+COMFY_SD15 = {
+    "unet": dict(
+        block_out_channels=(320, 320),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    "text": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=1, projection_dim=768),
+}
+FROM_MODEL = {  # models/<folder>/<name> of the files the Engine-from-MODEL tests use
+    "checkpoint": ("checkpoints", "ipa_rt-tiny-sd15-320.safetensors"),
+    "unet": ("diffusion_models", "ipa_rt-tiny-sd15-320.safetensors"),  # the same file (a hard link)
+    "diffusers": ("diffusers", "ipa_rt-tiny-sd15-320"),
+    "ip_adapter": ("ipadapter", "ipa_rt-tiny-ip-adapter_sd15-320.safetensors"),
+    "clip_vision": ("clip_vision", "ipa_rt-tiny-clip-vision-h-fp16.safetensors"),  # fp16, as ComfyUI holds it
+    "lora": ("loras", "ipa_rt-tiny-lora_sd15-320-kohya.safetensors"),  # kohya keys: ComfyUI's Load LoRA maps them
+    "truncated": ("ipadapter", "ipa_rt-truncated.safetensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def from_model_files(comfy) -> dict[str, str]:
+    from safetensors.torch import load_file, save_file
+
+    from ipa_rt import testing
+    from ipa_rt.testing.ldm import write_single_file
+
+    def target(key: str) -> Path:
+        folder, name = FROM_MODEL[key]
+        (comfy.root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        return comfy.root / "models" / folder / name
+
+    base = testing.write_base_model(target("diffusers"), configs=COMFY_SD15)
+    write_single_file(base, target("checkpoint"))
+    os.link(target("checkpoint"), target("unet"))
+    adapter = testing.write_adapter(target("ip_adapter"), "base", base)
+    encoder = testing.write_image_encoder(comfy.work / "encoder-h", num_attention_heads=16, hidden_act="gelu")
+    state = load_file(str(encoder / "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(target("clip_vision")))
+    testing.write_lora(target("lora"), base, fmt="kohya")
+    target("truncated").write_bytes(adapter.read_bytes()[:1000])
+    return {k: name for k, (_, name) in FROM_MODEL.items()}
+
+
+def _from_model_graph(files: dict, backend: str = "torch", lora: bool = False, ipa_rt_loader: bool = False) -> dict:
+    """The example ``ipa_rt_engine_from_model`` on the tiny files: ComfyUI's own MODEL from Load Diffusion Model
+    (Load Checkpoint's CLIP and VAE loaders take full-size CLIP-L and VAE shapes only), optionally through Load LoRA
+    (model only), and the tiny CLIP_VISION; CLIP and VAE are the ipa_rt loader's on the same file, in every graph,
+    so graphs differ only in the MODEL. ``ipa_rt_loader``: the MODEL (and the encoding pipeline) of the ipa_rt
+    loader on that file instead (LoRA fused by its ``lora`` input): the reference."""
+    graph = json.loads((WORKFLOWS / "ipa_rt_engine_from_model.api.json").read_text())
+    graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}}
+    graph["2"] = {"class_type": "IpaRtTestTinyClipVision", "inputs": {"clip_name": files["clip_vision"]}}
+    size = {"engine_height": LATENT * 8, "engine_width": LATENT * 8}  # latents of LATENT: SD1.5's 8x VAE config
+    graph["3"]["inputs"].update(ip_adapter=files["ip_adapter"], backend=backend, **size)
+    loader = {k: files[k] for k in ("checkpoint", "diffusers", "ip_adapter", "clip_vision")}
+    loader.update(ip_adapter_2="None", lora=files["lora"] if lora and ipa_rt_loader else "None", lora_strength=1.0)
+    loader.update(backend="torch", precision="fp32", engine_height=0, engine_width=0)
+    graph["20"] = {"class_type": "IpaRtLoadFromFolders", "inputs": loader}
+    graph["21"] = {"class_type": "IpaRtModel", "inputs": {"pipeline": ["20", 0]}}
+    for node in ("8", "9"):
+        graph[node]["inputs"]["clip"] = ["21", 1]
+    graph["12"]["inputs"]["vae"] = ["21", 2]
+    graph["10"]["inputs"].update(width=LATENT * 8, height=LATENT * 8)
+    graph["11"]["inputs"].update(steps=4)
+    if lora and not ipa_rt_loader:
+        lora_node = {"model": ["1", 0], "lora_name": files["lora"], "strength_model": 1.0}
+        graph["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": lora_node}
+        graph["3"]["inputs"]["model"] = ["30", 0]
+    if ipa_rt_loader:
+        graph["5"]["inputs"]["pipeline"] = ["20", 0]
+        graph["7"]["inputs"]["model"] = ["21", 0]
+    return graph
+
+
+def _loads(comfy: Comfy) -> int:
+    return comfy.log.read_text().count("ipa_rt: loaded")
+
+
+def test_engine_from_comfyui_model(comfy, from_model_files):
+    """ComfyUI's own MODEL and CLIP_VISION through ipa_rt Engine from MODEL: on torch, the image of the ipa_rt
+    loader's MODEL on the same file, bit for bit (the same weights through the same conversion, the same CLIP
+    vision weights); as an ONNX Runtime engine within ENGINE_VS_TORCH_LEVELS of it. The weight is a tensor write
+    (nothing loaded or built again), and the patched weights are written once, named by their content."""
+    files, engines = from_model_files, comfy.work / "engines"
+    reference = comfy.image(comfy.run(_from_model_graph(files, ipa_rt_loader=True)), "13")
+    on_torch = comfy.image(comfy.run(_from_model_graph(files)), "13")
+    np.testing.assert_array_equal(on_torch, reference)
+    written = sorted(p.name for p in (engines / "comfyui-weights").iterdir())
+    assert [n.split("-")[0] for n in written] == ["clip_vision", "unet"], written
+
+    manifests = set(engines.rglob("manifest.json"))
+    graph = _from_model_graph(files, backend="onnxruntime")
+    engine = comfy.image(comfy.run(graph), "13")
+    assert np.abs(engine.astype(int) - on_torch).max() <= ENGINE_VS_TORCH_LEVELS
+    built = set(engines.rglob("manifest.json")) - manifests
+    assert len(built) == 1  # one engine set, the UNet side only: no text encoder or VAE engine
+    networks = json.loads(next(iter(built)).read_text())["networks"]
+    assert sorted(networks) == ["image_encoder", "image_projection_0", "unet"], sorted(networks)
+
+    loads, stamps = _loads(comfy), {p: p.stat().st_mtime_ns for p in engines.rglob("manifest.json")}
+    zero = copy.deepcopy(graph)
+    zero["6"]["inputs"]["weight"] = 0.0
+    at_zero = comfy.image(comfy.run(zero), "13")
+    assert _loads(comfy) == loads and {p: p.stat().st_mtime_ns for p in engines.rglob("manifest.json")} == stamps
+    assert np.abs(at_zero.astype(int) - engine).max() > 0
+    assert sorted(p.name for p in (engines / "comfyui-weights").iterdir()) == written
+
+
+def test_engine_from_model_with_comfyui_lora(comfy, from_model_files):
+    """A LoRA applied by ComfyUI's Load LoRA is baked into the weights the engine is made from (a new file, named
+    by the patched weights) and gives the image of ipa_rt's own LoRA fusing of that file (the ipa_rt loader's lora
+    input), bit for bit: measured here, ComfyUI's patched weights (strength x up @ down added in fp32) equal
+    diffusers' fused ones exactly, all 32 patched tensors (so no tolerance)."""
+    files, folder = from_model_files, comfy.work / "engines" / "comfyui-weights"
+    plain = comfy.image(comfy.run(_from_model_graph(files)), "13")
+    before = {p.name for p in folder.iterdir()}
+    with_lora = comfy.image(comfy.run(_from_model_graph(files, lora=True)), "13")
+    fused = comfy.image(comfy.run(_from_model_graph(files, lora=True, ipa_rt_loader=True)), "13")
+    np.testing.assert_array_equal(with_lora, fused)
+    assert np.abs(with_lora.astype(int) - plain).max() > 0  # the LoRA changed the image
+    new = {p.name for p in folder.iterdir()} - before
+    assert len(new) == 1 and next(iter(new)).startswith("unet-"), new  # the patched UNet; the encoder reused
+
+
+def test_engine_from_model_errors(comfy, from_model_files, models):
+    """An adapter that does not fit the checkpoint and a truncated adapter file: one execution error each, from
+    the node, naming the file; the node's UNet-only pipeline given to ipa_rt Engine as MODEL (which gives the
+    pipeline's CLIP and VAE) is refused there; the server keeps serving."""
+    from ipa_rt.comfyui.examples import IN_FOLDERS
+
+    files = from_model_files
+    wrong = _from_model_graph(files)
+    wrong["3"]["inputs"]["ip_adapter"] = IN_FOLDERS["ip_adapter"][1]  # the 32-wide tiny model's adapter
+    err = _error(comfy.run(wrong))
+    assert err["node_type"] == "IpaRtEngineFromModel", err
+    assert IN_FOLDERS["ip_adapter"][1] in err["exception_message"], err["exception_message"]
+    truncated = _from_model_graph(files)
+    truncated["3"]["inputs"]["ip_adapter"] = files["truncated"]
+    err = _error(comfy.run(truncated))
+    assert err["node_type"] == "IpaRtEngineFromModel" and files["truncated"] in err["exception_message"], err
+    as_model = _from_model_graph(files)  # the UNet-only pipeline has no CLIP or VAE for ipa_rt Engine as MODEL
+    as_model["21"]["inputs"]["pipeline"] = ["3", 1]
+    err = _error(comfy.run(as_model))
+    assert err["node_type"] == "IpaRtModel" and "is a UNet alone" in err["exception_message"], err
+    assert comfy.run(_from_model_graph(files))["status"]["status_str"] == "success"  # still serving
 
 
 def test_unsupported_patch_is_refused(comfy, models):

@@ -180,6 +180,62 @@ def test_sdxl_file_gives_the_folders_latents(models, images, tmp_path, derived):
     assert torch.equal(ours, ref) or err < 1e-6, err
 
 
+def test_unet_only_file(images, tmp_path, monkeypatch):
+    """A UNet alone (what ComfyUI's checkpoint saving writes for a MODEL: ``model.diffusion_model.*`` only) loads
+    with no text encoder and no VAE (none faked: absent), the UNet bitwise the full file's; its engines are the UNet
+    side only; a call for an image is a ConfigError naming what is missing."""
+    from safetensors.torch import load_file, save_file
+
+    from ipa_rt.errors import ConfigError
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    base = T.write_base_model(tmp_path / "ruled", family="sd15", configs=RULED["sd15"])
+    adapter = T.write_adapter(tmp_path / "a" / "base.safetensors", "base", base)
+    encoder = T.write_image_encoder(tmp_path / "a" / "image_encoder")
+    full = write_single_file(base, tmp_path / "full.safetensors")
+    unet = tmp_path / "unet.safetensors"
+    save_file({k: v for k, v in load_file(str(full)).items() if k.startswith("model.diffusion_model.")}, str(unet))
+    pipe = ipa_rt.Pipeline.from_single_file(unet, ip_adapter=adapter, image_encoder=encoder)
+    assert pipe.vae is None and pipe.text_encoders == [] and pipe.tokenizers == []
+    assert pipe.vae_scale_factor == 8 and pipe.vae_config.scaling_factor == 0.18215  # SD1.5's latent space
+    reference = ipa_rt.Pipeline.from_single_file(full, ip_adapter=adapter, tokenizer=base).unet.state_dict()
+    ours = pipe.unet.state_dict()
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    with pytest.raises(ConfigError, match="is a UNet alone") as err:
+        pipe("a cat", ip_adapter_image=images[0])
+    assert str(unet) in str(err.value) and "text encoder" in str(err.value) and "VAE" in str(err.value)
+
+    options = {"height": 64, "width": 64}
+    engine = ipa_rt.Pipeline.from_single_file(unet, adapter, encoder, backend="onnxruntime", engine_options=options)
+    assert engine.vae is None and engine.text_encoders == [] and engine.vae_scale_factor == 8
+    assert sorted(engine.engine_manifest["networks"]) == ["image_encoder", "image_projection_0", "unet"]
+    with pytest.raises(ConfigError, match="is a UNet alone"):
+        engine("a cat", ip_adapter_image=images[0])
+
+
+def test_unet_only_sdxl_file(tmp_path):
+    """An SDXL UNet alone: SDXL from its ``label_emb``, the UNet bitwise the full file's, and the pooled text width
+    (what ComfyUI's ``y`` carries first) read from the UNet's config, with no text encoder to ask. The size
+    embeddings are 256 wide here as in SDXL (a UNet-only file's config keeps the shipped width: its shapes give
+    only the sum of the pooled width and six size embeddings)."""
+    from safetensors.torch import load_file, save_file
+
+    from ipa_rt.models import pooled_text_width
+
+    sizes = {"addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 6 * 256 + 64}
+    configs = {**RULED["sdxl"], "unet": {**RULED["sdxl"]["unet"], **sizes}}
+    base = T.write_base_model(tmp_path / "ruled", family="sdxl", configs=configs)
+    full = write_single_file(base, tmp_path / "full.safetensors")
+    unet = tmp_path / "unet.safetensors"
+    save_file({k: v for k, v in load_file(str(full)).items() if k.startswith("model.diffusion_model.")}, str(unet))
+    pipe = ipa_rt.Pipeline.from_single_file(unet)
+    reference = ipa_rt.Pipeline.from_single_file(full, tokenizer=base)
+    assert pipe.family.name == "sdxl" and pipe.text_encoders == [] and pipe.vae is None
+    assert pooled_text_width(pipe.unet.config) == reference.text_encoders[-1].config.projection_dim == 64
+    ours, theirs = pipe.unet.state_dict(), reference.unet.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_bad_files_name_the_file(models, tmp_path):
     good = write_single_file(models.base("sd15"), tmp_path / "sd15.safetensors")
     truncated = tmp_path / "truncated.safetensors"

@@ -13,6 +13,7 @@ Imports ComfyUI: loaded only inside ComfyUI, when a node first runs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models import pooled_text_width
 
 KEY = "ipa_rt"
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear"}  # diffusers name -> ComfyUI name
@@ -79,7 +81,7 @@ def added_conditions(pipe: Any, y: Tensor | None, rows: int) -> dict[str, Tensor
                 "takes none"
             )
         return None
-    pooled_dim = pipe.text_encoders[-1].config.projection_dim
+    pooled_dim = pooled_text_width(pipe.unet.config)  # a UNet-only pipeline has no text encoder to ask
     expected = pooled_dim + SDXL_SIZES * SDXL_ADM_WIDTH
     if y is None or y.ndim != 2 or y.shape != (rows, expected):
         got = None if y is None else tuple(y.shape)
@@ -203,9 +205,11 @@ def _latent_format(scale: float) -> comfy.latent_formats.LatentFormat:
     return fmt
 
 
-def make_model(pipe: Any) -> IpaRtModelPatcher:
+def make_model(pipe: Any, source: Any = None) -> IpaRtModelPatcher:
     """ComfyUI's ``MODEL`` whose diffusion model is ``pipe``'s UNet: ComfyUI's SD1.5 or SDXL model class (so
-    KSampler's conditioning makes SDXL's ``y``, which :func:`added_conditions` reads back)."""
+    KSampler's conditioning makes SDXL's ``y``, which :func:`added_conditions` reads back). ``source``: the ComfyUI
+    MODEL the UNet's weights came from (ipa_rt Engine from MODEL), whose model type, sampling and latent format
+    are kept (a v-prediction checkpoint stays one; ComfyUI detected it)."""
     classes = {"sd15": comfy.model_base.BaseModel, "sdxl": comfy.model_base.SDXL}
     if pipe.family.name not in classes:
         raise ConfigError(
@@ -227,8 +231,12 @@ def make_model(pipe: Any) -> IpaRtModelPatcher:
         "linear_end": sched.get("beta_end", 0.012),
         "timesteps": sched.get("num_train_timesteps", 1000),
     }
-    config.latent_format = _latent_format(pipe.vae.config.scaling_factor)
-    base = classes[pipe.family.name](config, model_type=types[prediction], device=pipe.device)
+    config.latent_format = _latent_format(pipe.vae_config.scaling_factor)
+    model_type = types[prediction] if source is None else source.model.model_type
+    base = classes[pipe.family.name](config, model_type=model_type, device=pipe.device)
+    if source is not None:
+        base.model_sampling = copy.deepcopy(source.model.model_sampling)  # a module: its own copy, not shared
+        base.latent_format = source.model.latent_format
     base.diffusion_model = IpaRtDiffusionModel(pipe)
     device = comfy.model_management.get_torch_device()
     return IpaRtModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())

@@ -321,7 +321,61 @@ class ModelFromPipeline(io.ComfyNode):
     def execute(cls, pipeline) -> io.NodeOutput:
         from .model import IpaRtClip, IpaRtVae, make_model
 
+        # a UNet-only pipeline (ipa_rt Engine from MODEL's) has no CLIP or VAE to give: refused, naming it
+        pipeline.require_full_model("pipeline (ipa_rt Engine as MODEL gives the pipeline's CLIP and VAE)")
         return io.NodeOutput(make_model(pipeline), IpaRtClip(pipeline), IpaRtVae(pipeline))
+
+
+class EngineFromModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .folders import IPADAPTER, NONE, files
+
+        adapters = files(IPADAPTER)
+        return io.Schema(
+            node_id="IpaRtEngineFromModel",
+            display_name="ipa_rt Engine from MODEL",
+            category=CATEGORY,
+            description="ComfyUI's own MODEL (Load Checkpoint, with the LoRAs Load LoRA applied: baked into the "
+            "weights, which name the engines) as an ipa_rt MODEL on engines or torch, with IP-Adapter live through "
+            "'ipa_rt Apply IP-Adapter to MODEL'; the image encoder is Load CLIP Vision's (the pipeline output feeds "
+            "'ipa_rt Encode Reference Image'). CLIP and VAE stay ComfyUI's. SD1.5 and SDXL. The weights are written "
+            "once to ipa_rt's cache (named by their content): an unchanged graph reuses its engines." + DIFFUSERS_MATH,
+            inputs=[
+                io.Model.Input("model", tooltip="Load Checkpoint's MODEL (LoRAs applied by Load LoRA included)"),
+                io.ClipVision.Input("clip_vision", tooltip="Load CLIP Vision's CLIP_VISION (the adapter's encoder)"),
+                io.Combo.Input("ip_adapter", options=adapters, tooltip="IP-Adapter file (models/ipadapter)"),
+                io.Combo.Input("ip_adapter_2", options=[NONE, *adapters], default=NONE, tooltip="a second adapter"),
+                *engine_inputs(),
+            ],
+            outputs=[io.Model.Output(), Pipeline.Output(display_name="pipeline")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ip_adapter: str = "", ip_adapter_2: str = "None", **_: object) -> bool | str:
+        from .folders import unknown_name
+
+        return unknown_name({"ip_adapter": ip_adapter, "ip_adapter_2": ip_adapter_2}) or True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip_vision,
+        ip_adapter: str,
+        ip_adapter_2: str,
+        backend: str,
+        precision: str,
+        engine_height: int,
+        engine_width: int,
+    ) -> io.NodeOutput:
+        from .folders import IPADAPTER, NONE, full_path
+        from .from_model import engine_from_model
+
+        named = (("ip_adapter", ip_adapter), ("ip_adapter_2", ip_adapter_2))
+        adapters = tuple(full_path(IPADAPTER, name, key) for key, name in named if name != NONE)
+        size = (engine_height, engine_width)
+        return io.NodeOutput(*engine_from_model(model, clip_vision, adapters, backend, precision, *size, _device()))
 
 
 class ApplyToModel(io.ComfyNode):
@@ -345,7 +399,10 @@ class ApplyToModel(io.ComfyNode):
 
         inner = getattr(model.model, "diffusion_model", None)
         if not isinstance(inner, IpaRtDiffusionModel):
-            raise ConfigError("model: not an ipa_rt MODEL; connect the MODEL output of 'ipa_rt Engine as MODEL'")
+            raise ConfigError(
+                "model: not an ipa_rt MODEL; connect the MODEL output of 'ipa_rt Engine as MODEL' or 'ipa_rt Engine "
+                "from MODEL'"
+            )
         payload = ip_options(model, adapters, inner.pipe)
         clone = model.clone()
         clone.model_options.setdefault("transformer_options", {})[KEY] = payload
@@ -354,4 +411,13 @@ class ApplyToModel(io.ComfyNode):
 
 class IpaRtExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadPipeline, LoadFromFolders, EncodeImage, Adapter, Sampler, ModelFromPipeline, ApplyToModel]
+        return [
+            LoadPipeline,
+            LoadFromFolders,
+            EncodeImage,
+            Adapter,
+            Sampler,
+            ModelFromPipeline,
+            EngineFromModel,
+            ApplyToModel,
+        ]

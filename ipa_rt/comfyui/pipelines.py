@@ -276,4 +276,4 @@ def sample(
 
 def latents_to_comfy(pipe: Any, latents: Tensor) -> Tensor:
     """diffusers' latents (scaled by the VAE factor) → ComfyUI's LATENT samples (unscaled)."""
-    return (latents.float() / pipe.vae.config.scaling_factor).cpu()
+    return (latents.float() / pipe.vae_config.scaling_factor).cpu()

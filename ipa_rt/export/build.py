@@ -417,8 +417,8 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
             dtype=req.dtype,
             precision=req.precision,
             io_dtype=DTYPE_NAMES[pipe.dtype],
-            vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype],
-            vae_class=type(pipe.vae).__name__,
+            vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype] if pipe.vae is not None else None,
+            vae_class=type(pipe.vae).__name__ if pipe.vae is not None else None,  # None: a UNet-only base
             versions=versions(),
             gpu=gpu_info(device),
             family=pipe.family.name,
@@ -529,7 +529,7 @@ def _write_model_files(pipe, folder: Path) -> None:
     folder.mkdir(parents=True)
     configs = {
         "unet": dict(pipe.unet.config),
-        "vae": dict(pipe.vae.config),
+        "vae": dict(pipe.vae_config),  # a UNet-only base's too: its latent space
         **{f"text_encoder_{i}": e.config.to_dict() for i, e in enumerate(pipe.text_encoders)},
     }
     if pipe.image_encoder is not None:

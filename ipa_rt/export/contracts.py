@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..controls.t2i import feature_layout
 from ..errors import ConfigError
+from ..models import pooled_text_width
 
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: trace with 2 so the batch axis stays symbolic
 MAX_IMAGES = 4  # reference images per adapter and call an engine accepts (the CLIP encoder's batch)
@@ -129,7 +130,7 @@ def unet_contract(pipe, batch: int, height: int, width: int, frames: int = 0) ->
         inputs["timestep_cond"] = torch.randn(rows, cfg.time_cond_proj_dim, device=dev, dtype=dt)
     if pipe.family.pooled_text:
         extra += ("text_embeds", "time_ids")
-        inputs["text_embeds"] = torch.randn(rows, pipe.text_encoders[-1].config.projection_dim, device=dev, dtype=dt)
+        inputs["text_embeds"] = torch.randn(rows, pooled_text_width(cfg), device=dev, dtype=dt)
         inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, device=dev, dtype=dt)
     residuals = _residual_shapes(pipe, rows, height, width) if pipe.control is not None else []
     for i, shape in enumerate(residuals):
@@ -159,7 +160,7 @@ def _residual_shapes(pipe, rows: int, height: int, width: int) -> list[tuple[int
     vsf, cfg = pipe.vae_scale_factor, pipe.unet.config
     added = {}
     if pipe.family.pooled_text:
-        proj = pipe.text_encoders[-1].config.projection_dim
+        proj = pooled_text_width(cfg)
         added = {"text_embeds": torch.zeros(1, proj), "time_ids": torch.zeros(1, 6)}
     with torch.no_grad():
         down, mid = net(
@@ -335,5 +336,7 @@ def all_contracts(pipe, batch: int, height: int, width: int, frames: int = 0) ->
     if pipe.image_encoder is not None:
         out.append(image_encoder_contract(pipe))
     out += [text_encoder_contract(pipe, i, batch) for i in range(len(pipe.text_encoders))]
-    out += [vae_decoder_contract(pipe, vae_batch, height, width), vae_encoder_contract(pipe, vae_batch, height, width)]
+    if pipe.vae is not None:  # a UNet-only base has none (nor text encoders): its engines are the UNet's side only
+        out += [vae_decoder_contract(pipe, vae_batch, height, width)]
+        out += [vae_encoder_contract(pipe, vae_batch, height, width)]
     return out

@@ -58,17 +58,20 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
     adapters = EngineAdapters(entries, projections, manifest["layer_names"], manifest["token_width"], device, dtype)
     blocks = {side: {int(k): v for k, v in d.items()} for side, d in manifest["attention_blocks"].items()}
     unet = EngineUNet(engines["unet"], FrozenDict(configs["unet"]), dtype, device, adapters, blocks)
-    vae_dtype = DTYPES[manifest["vae_dtype"]]
-    tiny = manifest.get("vae_class") == "AutoencoderTiny"
-    vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], FrozenDict(configs["vae"]), vae_dtype, device, tiny)
     family = FAMILIES[manifest["family"]]
+    # without a VAE engine, a UNet-only base: no VAE, text encoders or tokenizers (its latent space: configs["vae"])
+    full, vae = "vae_decoder" in engines, None
+    if full:
+        tiny = manifest.get("vae_class") == "AutoencoderTiny"
+        vae_cfg, vae_dtype = FrozenDict(configs["vae"]), DTYPES[manifest["vae_dtype"]]
+        vae = EngineVAE(engines["vae_decoder"], engines["vae_encoder"], vae_cfg, vae_dtype, device, tiny)
     text_encoders = [
         EngineTextEncoder(
             engines[f"text_encoder_{i}"], CLIPTextConfig.from_dict(configs[f"text_encoder_{i}"]), dtype, device
         )
-        for i in range(len(family.text_encoders))
+        for i in range(len(family.text_encoders) if full else 0)
     ]
-    tokenizers = [AutoTokenizer.from_pretrained(model / f"tokenizer_{i}") for i in range(len(family.tokenizers))]
+    tokenizers = [AutoTokenizer.from_pretrained(model / f"tokenizer_{i}") for i in range(len(text_encoders))]
     sched_name = json.loads((model / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     base_scheduler = getattr(diffusers, sched_name).from_pretrained(model / "scheduler")
     encoder = None
@@ -89,6 +92,7 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
         feature_extractor=fe,
         force_zeros_for_empty_prompt=manifest["force_zeros_for_empty_prompt"],
         origin=str(folder),
+        vae_config=configs["vae"],
     )
     controlnets = [
         EngineControlNet(

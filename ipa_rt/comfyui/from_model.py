@@ -1,0 +1,120 @@
+"""``ipa_rt Engine from MODEL``: ComfyUI's own ``MODEL`` (Load Checkpoint, with the LoRAs ComfyUI applied to it) and
+``CLIP_VISION`` (Load CLIP Vision) as an ipa_rt pipeline, engines or torch, with IP-Adapter live.
+
+The weights are taken as ComfyUI's checkpoint saving takes them (``comfy.sd.save_checkpoint``: the model loaded with
+its patches forced into the weights, then ``state_dict_for_saving``: LDM keys ``model.diffusion_model.*``, LoRAs
+baked in) and the encoder's as ``clip_vision.get_sd()``; each is written once, with safetensors, to a file named by
+its content's sha256 under ``$IPA_RT_CACHE/comfyui-weights``. ipa_rt then loads those files as it loads any single
+file (diffusers' own conversion, :mod:`ipa_rt.single_file`; the UNet alone: no text encoder, no VAE) and builds or
+reuses engines named by the files' sha256 like every other source: the patched weights name the engines, and an
+unchanged graph reuses them. CLIP and VAE stay ComfyUI's. Imports ComfyUI: loaded only inside ComfyUI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management
+import torch
+
+from ..errors import ConfigError
+
+FOLDER = "comfyui-weights"  # under ipa_rt's cache root, beside the engines
+FAMILIES = {"SD15": "sd15", "SDXL": "sdxl"}  # ComfyUI's model config class -> ipa_rt family
+
+
+def weights_folder() -> Path:
+    from ..cache import cache_root
+
+    return cache_root() / FOLDER
+
+
+def content_file(state: dict[str, torch.Tensor], stem: str, folder: Path | None = None) -> Path:
+    """``state`` as ``<stem>-<sha256 of its keys, dtypes, shapes and bytes>.safetensors`` (written once: the same
+    weights give the same file, which is then not written again)."""
+    digest = hashlib.sha256()
+    tensors = {}
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        tensors[key] = t
+        digest.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    folder = folder or weights_folder()
+    path = folder / f"{stem}-{digest.hexdigest()[:32]}.safetensors"
+    if not path.is_file():
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, path)  # complete or absent: a file of this name always holds these weights
+    return path
+
+
+def model_family(model: Any) -> str:
+    """``sd15`` or ``sdxl`` from ComfyUI's own detection of the checkpoint (its model config class)."""
+    config = type(getattr(model.model, "model_config", None)).__name__
+    if config not in FAMILIES:
+        raise ConfigError(
+            f"model: a ComfyUI {config} model; ipa_rt Engine from MODEL takes SD1.5 and SDXL checkpoints (ComfyUI's "
+            "SD15 and SDXL models)"
+        )
+    channels = model.model.model_config.unet_config.get("in_channels", 4)
+    if channels != 4:  # ComfyUI feeds an inpainting UNet its mask and image through its own model class
+        raise ConfigError(
+            f"model: a UNet with {channels} input channels (an inpainting or instruct model); ipa_rt Engine from "
+            "MODEL takes text-to-image SD1.5 and SDXL checkpoints (4 latent channels)"
+        )
+    return FAMILIES[config]
+
+
+def unet_file(model: Any) -> Path:
+    """ComfyUI's diffusion model with its weight patches (LoRAs) applied, as its checkpoint saving writes it."""
+    if getattr(model.model.model_config, "scaled_fp8", None) is not None:
+        raise ConfigError("model: a scaled-fp8 checkpoint; ipa_rt takes fp32, fp16 and bf16 weights")
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    state = model.model.state_dict_for_saving(None, None, None)
+    state.pop("v_pred", None)  # the prediction type travels with ComfyUI's MODEL (its model_sampling), not the file
+    return content_file(state, f"unet-{model_family(model)}")
+
+
+def clip_vision_file(clip_vision: Any) -> Path:
+    """Load CLIP Vision's weights (transformers' key names, as ComfyUI holds them) as one file."""
+    get_sd = getattr(clip_vision, "get_sd", None)
+    if get_sd is None:
+        raise ConfigError(f"clip_vision: a {type(clip_vision).__name__}; expected the CLIP_VISION of Load CLIP Vision")
+    return content_file(get_sd(), "clip_vision")
+
+
+def engine_from_model(
+    model: Any,
+    clip_vision: Any,
+    adapters: tuple[str, ...],
+    backend: str,
+    precision: str,
+    height: int,
+    width: int,
+    device: str,
+) -> tuple[Any, Any]:
+    """``(MODEL, pipeline)``: the ipa_rt MODEL whose UNet is ``model``'s patched weights (engines on ``backend``, or
+    torch) with ``adapters`` (full paths) and ``clip_vision`` as the image encoder, and its pipeline (for ipa_rt
+    Encode Reference Image: diffusers' CLIPImageProcessor on the CLIP_VISION's weights)."""
+    from .model import make_model
+    from .pipelines import LoadSpec, load_pipeline
+
+    model_family(model)
+    spec = LoadSpec(
+        base=str(unet_file(model)),
+        ip_adapters=adapters,
+        image_encoder=str(clip_vision_file(clip_vision)),
+        backend=backend,
+        precision=precision,
+        height=height,
+        width=width,
+        device=device,
+    )
+    pipe = load_pipeline(spec)
+    return make_model(pipe, source=model), pipe
