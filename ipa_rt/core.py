@@ -88,8 +88,6 @@ class PipelineCore:
         self.device, self.dtype = torch.device(device), dtype
         if self.vae is None and base.vae_config is None:
             raise ConfigError(f"base model '{base.origin}' has no VAE and no VAE config; expected one of them")
-        # a UNet-only base (no VAE, no text encoders): the latent space its UNet was trained in, from the VAE config
-        self.vae_config = self.vae.config if self.vae is not None else FrozenDict(base.vae_config)
         self.vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
         native = self.unet.config.sample_size * self.vae_scale_factor
         self.default_size = (native, native)
@@ -574,6 +572,12 @@ class PipelineCore:
         :mod:`ipa_rt.runtime.batch`)."""
         self.require_full_model("batch")
         return [PipelineOutput(images) for images in run_batch(self, requests)]
+
+    @property
+    def vae_config(self) -> Any:
+        """The VAE's config; for a UNet-only base (no VAE, no text encoders) the config of the VAE its latents belong
+        to (the latent space its UNet was trained in)."""
+        return self.vae.config if self.vae is not None else FrozenDict(self.base.vae_config)
 
     def require_full_model(self, what: str) -> None:
         """A :class:`ConfigError` for ``what`` on a UNet-only base (no text encoder or no VAE: ComfyUI's MODEL as an
