@@ -1,8 +1,8 @@
 """One UNet call of the ipa_rt MODEL (ComfyUI's model classes, what KSampler calls) against the same call on the
 Python API's side, bit for bit; run by tests/test_comfyui.py in the Python that runs ComfyUI, from a ComfyUI folder.
 
-``python tests/comfyui_model_check.py SPEC.json``; SPEC holds ``masked`` (SD1.5 files and a mask image) and
-``sdxl`` (SDXL files). Prints one JSON line of what was compared.
+``python tests/comfyui_model_check.py SPEC.json``; SPEC holds ``masked`` (SD1.5 files and a mask image),
+``sdxl`` (SDXL files) and ``from_model`` (a checkpoint and a LoRA). Prints one JSON line of what was compared.
 
 - masked: the ipa_rt Sampler's call leaves the pipeline's image side prepared as the Python API prepares it for
   regional masks (its rows ``[negative, positive]``, masks at its size); the UNet on it is the reference, and the
@@ -12,6 +12,7 @@ Python API's side, bit for bit; run by tests/test_comfyui.py in the Python that 
   must equal the UNet's with the runtime's ``added_conditions`` (diffusers' ``text_embeds`` and ``time_ids``),
   with IP-Adapter on both sides; sizes read back from ``timestep_embedding`` in fp32, fp16 and bf16; a ``y`` of a
   fractional size or of the wrong width is refused.
+- from_model: see :func:`from_model`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,29 @@ def sdxl(spec: dict, size: int) -> dict:
     return {"sdxl_equal": True, "y_width": y.shape[1], "sizes_round_trip": len(sizes), "bad_y_refused": 2}
 
 
+def from_model(spec: dict) -> dict:
+    """ipa_rt Engine from MODEL's weights step on Load Checkpoint's MODEL with Load LoRA's patches: the file holds the
+    patched weights; the MODEL is then unloaded (no longer among ComfyUI's loaded models) with its weights restored."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    from ipa_rt.comfyui.from_model import unet_file
+
+    model = comfy.sd.load_checkpoint_guess_config(spec["checkpoint"], output_vae=False, output_clip=False)[0]
+    lora = comfy.utils.load_torch_file(spec["lora"], safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    before = {k: v.clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+    written = load_file(str(unet_file(patched)))
+    after = patched.model.diffusion_model.state_dict()
+    assert not any(m.model is patched for m in comfy.model_management.current_loaded_models), "still loaded"
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights left patched after the unload"
+    changed = sum(not torch.equal(written[f"model.diffusion_model.{k}"], v) for k, v in before.items())
+    assert changed > 0, "the LoRA is not in the written weights"
+    return {"released": True, "lora_tensors_in_file": changed}
+
+
 def main(spec_path: str) -> None:
     _setup()
     spec = json.loads(open(spec_path).read())
@@ -138,6 +162,8 @@ def main(spec_path: str) -> None:
         out |= masked(spec["masked"], spec["size"])
     if "sdxl" in spec:
         out |= sdxl(spec["sdxl"], spec["size"])
+    if "from_model" in spec:
+        out |= from_model(spec["from_model"])
     print(json.dumps(out))
 
 

@@ -39,6 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = Path(os.environ.get("IPA_RT_COMFYUI", REPO.parent / "shared" / "comfyui" / "ComfyUI-0.3.64"))
 PYTHON = os.environ.get("IPA_RT_COMFYUI_PYTHON", sys.executable)
 WORKFLOWS = REPO / "ipa_rt" / "comfyui" / "workflows"
+# MKL's fp32 GEMM may round differently with its operands' memory alignment unless its Conditional Numerical
+# Reproducibility is strict: two pipelines of equal weights at other addresses then differ in a last bit (measured on
+# the Engine-from-MODEL graphs: 1 level in 16 of 196,608 values; bitwise with this set). Every process that runs a
+# bitwise-compared side (the server, the Python API's reference) sets it.
+CBWR = "AUTO,STRICT"
 # the ONNX Runtime engine and torch differ in fp32 rounding (other kernels, other summation orders); through 4
 # Euler steps of a random tiny UNet that stays within a few 8-bit levels of the decoded image
 ENGINE_VS_TORCH_LEVELS = 3
@@ -134,7 +139,6 @@ def comfy(tmp_path_factory) -> Comfy:
         [PYTHON, "-m", "ipa_rt.comfyui", "example", str(root), str(work / "example")], capture_output=True, text=True
     )  # the documented step: tiny models + filled workflows
     assert example.returncode == 0 and example.stdout.count("curl -s -X POST") == 4, example.stderr
-    (root / "custom_nodes" / "ipa_rt_test_clip_vision.py").write_text(TINY_CLIP_VISION_NODE)
     with _serve(root, work) as server:
         server.work = work
         yield server
@@ -152,6 +156,7 @@ def _serve(root: Path, work: Path) -> Iterator[Comfy]:
         "HF_HUB_OFFLINE": "1",
         "IPA_RT_CPU_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        "MKL_CBWR": CBWR,
     }
     log = work / "comfyui.log"
     with open(log, "w") as out:
@@ -192,43 +197,6 @@ def _serve(root: Path, work: Path) -> Iterator[Comfy]:
         proc.wait(30)
 
 
-# A test-only node: ComfyUI's own CLIP_VISION (comfy.clip_vision.ClipVisionModel, what Load CLIP Vision returns)
-# for a tiny encoder file. Load CLIP Vision picks its config by layer count (ViT-H: 32 layers) and loads no tiny
-# model; this builds ViT-H's config with the file's sizes, then loads the file as Load CLIP Vision does.
-TINY_CLIP_VISION_NODE = """
-import json, os, re, tempfile
-import comfy.clip_vision, comfy.utils, folder_paths
-
-class TinyClipVision:
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
-
-    def load(self, clip_name):
-        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
-        config = json.load(open(os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_h.json")))
-        patch = sd["vision_model.embeddings.patch_embedding.weight"]
-        positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
-        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"vision_model.encoder.layers.(\\d+)", k)))
-        config.update(hidden_size=patch.shape[0], patch_size=patch.shape[2], num_hidden_layers=layers,
-                      image_size=patch.shape[2] * round((positions - 1) ** 0.5),
-                      intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                      projection_dim=sd["visual_projection.weight"].shape[0])
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(config, f)
-        clip = comfy.clip_vision.ClipVisionModel(f.name)
-        missing, _ = clip.load_sd(sd)
-        assert not missing, missing
-        return (clip,)
-
-NODE_CLASS_MAPPINGS = {"IpaRtTestTinyClipVision": TinyClipVision}
-"""
-
-
 def _workflow(name: str, models: dict, **loader) -> dict:
     return fill(
         name, str(models["base"]), [str(models["plain"]), str(models["plus"])], str(models["encoder"]), **loader
@@ -262,6 +230,7 @@ def _reference(
     path.write_text(json.dumps(spec))
     out = path.with_suffix(".npy")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "IPA_RT_CACHE": str(comfy.work / "engines"), "IPA_RT_CPU_THREADS": "1"}
+    env["MKL_CBWR"] = CBWR
     done = subprocess.run(
         [PYTHON, str(REPO / "tests" / "comfyui_reference.py"), str(path), str(out)],
         env=env,
@@ -457,6 +426,7 @@ def _model_check(comfy: Comfy, spec: dict) -> dict:
     path = comfy.work / f"check-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "IPA_RT_CACHE": str(comfy.work / "engines"), "IPA_RT_CPU_THREADS": "1"}
+    env["MKL_CBWR"] = CBWR
     done = subprocess.run(
         [PYTHON, str(REPO / "tests" / "comfyui_model_check.py"), str(path)],
         cwd=comfy.root,
@@ -512,9 +482,15 @@ def test_sdxl_model_with_ksampler(comfy, models, sdxl_models):
     assert np.abs(on_torch.astype(int) - img).max() <= ENGINE_VS_TORCH_LEVELS
 
 
-# A tiny SD1.5 that ComfyUI's own model detection takes as SD1.5 (comfy.supported_models.SD15: model_channels 320,
-# context_dim 768, convolutional proj_in), two levels of one layer; 8 heads and 32 norm groups, as the SD1.5 configs
-# ipa_rt completes a UNet-only file's from (so the file's derived config is this folder's)
+def _config(name: str) -> dict:
+    return json.loads((REPO / "benchmarks" / "configs" / f"{name}.json").read_text())
+
+
+# An SD1.5 checkpoint ComfyUI's own Load Checkpoint takes: its CLIP-L (49408 token rows) and VAE are built from
+# ComfyUI's fixed configs, so they are full size; the UNet is detected from its shapes (comfy.supported_models.SD15:
+# model_channels 320, context_dim 768, convolutional proj_in), so it is narrow: two levels of one layer; 8 heads and
+# 32 norm groups, as the SD1.5 configs ipa_rt completes a UNet-only file's from (so the file's derived config is the
+# folder's). Load CLIP Vision picks ViT-L/H/G by layer count: a full ViT-L (the smallest it takes), 768-wide embeds.
 COMFY_SD15 = {
     "unet": dict(
         block_out_channels=(320, 320),
@@ -525,69 +501,125 @@ COMFY_SD15 = {
         attention_head_dim=8,
         norm_num_groups=32,
     ),
-    "text": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=1, projection_dim=768),
+    "text": {**_config("clip_l_text"), "vocab_size": 49408},
+    "vae": _config("sd15_vae"),
+    "image_size": 224,  # the folder's feature_extractor: ViT-L's
 }
-FROM_MODEL = {  # models/<folder>/<name> of the files the Engine-from-MODEL tests use
-    "checkpoint": ("checkpoints", "ipa_rt-tiny-sd15-320.safetensors"),
-    "unet": ("diffusion_models", "ipa_rt-tiny-sd15-320.safetensors"),  # the same file (a hard link)
-    "diffusers": ("diffusers", "ipa_rt-tiny-sd15-320"),
-    "ip_adapter": ("ipadapter", "ipa_rt-tiny-ip-adapter_sd15-320.safetensors"),
-    "clip_vision": ("clip_vision", "ipa_rt-tiny-clip-vision-h-fp16.safetensors"),  # fp16, as ComfyUI holds it
-    "lora": ("loras", "ipa_rt-tiny-lora_sd15-320-kohya.safetensors"),  # kohya keys: ComfyUI's Load LoRA maps them
-    "truncated": ("ipadapter", "ipa_rt-truncated.safetensors"),
+VIT_L = dict(  # comfy/clip_vision_config_vitl.json's sizes (OpenAI CLIP ViT-L/14)
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=24,
+    projection_dim=768,
+    image_size=224,
+    patch_size=14,
+    hidden_act="quick_gelu",
+)
+# An SDXL checkpoint Load Checkpoint takes: CLIP-L, OpenCLIP bigG and the VAE full size (ComfyUI's fixed configs);
+# the UNet as narrow as SD1.5's above, in Segmind Vega's depths (transformer_depth [0, 0, 1, 1, 2, 2]: ComfyUI
+# detects SDXL by model_channels 320, context 2048, adm 2816 and one of SDXL's, SSD-1B's, Vega's or KOALA's depths)
+COMFY_SDXL = {
+    "unet": dict(
+        block_out_channels=(320, 320, 320),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(5, 5, 5),  # SDXL's 64-wide heads
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # bigG's pooled 1280 + 6 sizes x 256
+        cross_attention_dim=2048,
+        norm_num_groups=32,
+    ),
+    "text": {**_config("clip_l_text"), "vocab_size": 49408},
+    "text_2": {**_config("clip_bigg_text"), "vocab_size": 49408},
+    "vae": _config("sdxl_vae"),
+    "image_size": 224,
 }
+FROM_MODEL = {  # models/<folder>/<name> of the files the Engine-from-MODEL tests use, per family
+    "sd15": {
+        "checkpoint": ("checkpoints", "ipa_rt-tiny-sd15-320.safetensors"),
+        "diffusers": ("diffusers", "ipa_rt-tiny-sd15-320"),
+        "ip_adapter": ("ipadapter", "ipa_rt-tiny-ip-adapter_sd15-320.safetensors"),
+        "clip_vision": ("clip_vision", "ipa_rt-clip-vision-l-fp16.safetensors"),  # fp16, as ComfyUI's files are
+        "lora": ("loras", "ipa_rt-tiny-lora_sd15-320-kohya.safetensors"),  # kohya keys: Load LoRA maps them
+        "truncated": ("ipadapter", "ipa_rt-truncated.safetensors"),
+    },
+    "sdxl": {
+        "checkpoint": ("checkpoints", "ipa_rt-tiny-sdxl-vega-320-fp16.safetensors"),  # fp16, as SDXL files are
+        "diffusers": ("diffusers", "ipa_rt-tiny-sdxl-vega-320"),  # configs and tokenizers only
+        "ip_adapter": ("ipadapter", "ipa_rt-tiny-ip-adapter_sdxl-320.safetensors"),
+    },
+}
+FROM_MODEL_PX = 64  # 8 x 8 latents: the full-size VAE's decode stays cheap
 
 
-@pytest.fixture(scope="module")
-def from_model_files(comfy) -> dict[str, str]:
+def _write_from_model_files(comfy: Comfy, family: str, configs: dict) -> dict[str, str]:
+    import torch
     from safetensors.torch import load_file, save_file
 
     from ipa_rt import testing
     from ipa_rt.testing.ldm import write_single_file
 
     def target(key: str) -> Path:
-        folder, name = FROM_MODEL[key]
+        folder, name = FROM_MODEL[family][key]
         (comfy.root / "models" / folder).mkdir(parents=True, exist_ok=True)
         return comfy.root / "models" / folder / name
 
-    base = testing.write_base_model(target("diffusers"), configs=COMFY_SD15)
-    write_single_file(base, target("checkpoint"))
-    os.link(target("checkpoint"), target("unet"))
-    adapter = testing.write_adapter(target("ip_adapter"), "base", base)
-    encoder = testing.write_image_encoder(comfy.work / "encoder-h", num_attention_heads=16, hidden_act="gelu")
-    state = load_file(str(encoder / "model.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(target("clip_vision")))
-    testing.write_lora(target("lora"), base, fmt="kohya")
-    target("truncated").write_bytes(adapter.read_bytes()[:1000])
-    return {k: name for k, (_, name) in FROM_MODEL.items()}
+    base = testing.write_base_model(comfy.work / f"base-{family}", family=family, configs=configs)
+    write_single_file(base, target("checkpoint"), dtype=torch.float16 if family == "sdxl" else None)
+    # the single file's configs and tokenizers (what the ipa_rt loader's `diffusers` input gives it), not its weights
+    shutil.copytree(base, target("diffusers"), ignore=shutil.ignore_patterns("*.safetensors"))
+    adapter = testing.write_adapter(target("ip_adapter"), "base", base, projection_dim=VIT_L["projection_dim"])
+    if family == "sd15":
+        encoder = testing.write_image_encoder(comfy.work / "encoder-l", **VIT_L)
+        state = load_file(str(encoder / "model.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in state.items()}, str(target("clip_vision")))
+        shutil.rmtree(encoder)
+        testing.write_lora(target("lora"), base, fmt="kohya")
+        target("truncated").write_bytes(adapter.read_bytes()[:1000])
+    shutil.rmtree(base)
+    return {k: name for k, (_, name) in FROM_MODEL[family].items()}
 
 
-def _from_model_graph(files: dict, backend: str = "torch", lora: bool = False, ipa_rt_loader: bool = False) -> dict:
-    """The example ``ipa_rt_engine_from_model`` on the tiny files: ComfyUI's own MODEL from Load Diffusion Model
-    (Load Checkpoint's CLIP and VAE loaders take full-size CLIP-L and VAE shapes only), optionally through Load LoRA
-    (model only), and the tiny CLIP_VISION; CLIP and VAE are the ipa_rt loader's on the same file, in every graph,
-    so graphs differ only in the MODEL. ``ipa_rt_loader``: the MODEL (and the encoding pipeline) of the ipa_rt
-    loader on that file instead (LoRA fused by its ``lora`` input): the reference."""
-    graph = json.loads((WORKFLOWS / "ipa_rt_engine_from_model.api.json").read_text())
-    graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}}
-    graph["2"] = {"class_type": "IpaRtTestTinyClipVision", "inputs": {"clip_name": files["clip_vision"]}}
-    size = {"engine_height": LATENT * 8, "engine_width": LATENT * 8}  # latents of LATENT: SD1.5's 8x VAE config
+@pytest.fixture(scope="module")
+def from_model_files(comfy) -> dict[str, str]:
+    return _write_from_model_files(comfy, "sd15", COMFY_SD15)
+
+
+@pytest.fixture(scope="module")
+def from_model_sdxl_files(comfy, from_model_files) -> dict[str, str]:
+    return {**from_model_files, **_write_from_model_files(comfy, "sdxl", COMFY_SDXL)}  # SD1.5's encoder file
+
+
+def _from_model_graph(
+    files: dict, backend: str = "torch", lora: bool = False, ipa_rt_loader: bool = False, family: str = "sd15"
+) -> dict:
+    """The example ``ipa_rt_engine_from_model`` (``_sdxl``) on the files above, as a user's graph is: ComfyUI's own
+    MODEL, CLIP and VAE from Load Checkpoint, optionally through Load LoRA, and CLIP_VISION from Load CLIP Vision;
+    CLIP and VAE are Load Checkpoint's in every graph, so graphs differ only in the MODEL. ``ipa_rt_loader``: the
+    MODEL (and the encoding pipeline) of the ipa_rt loader on that file instead (LoRA fused by its ``lora`` input):
+    the reference."""
+    name = "ipa_rt_engine_from_model" + ("_sdxl" if family == "sdxl" else "")
+    graph = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    graph["1"]["inputs"]["ckpt_name"] = files["checkpoint"]
+    graph["2"]["inputs"]["clip_name"] = files["clip_vision"]
+    size = {"engine_height": FROM_MODEL_PX, "engine_width": FROM_MODEL_PX}
     graph["3"]["inputs"].update(ip_adapter=files["ip_adapter"], backend=backend, **size)
-    loader = {k: files[k] for k in ("checkpoint", "diffusers", "ip_adapter", "clip_vision")}
-    loader.update(ip_adapter_2="None", lora=files["lora"] if lora and ipa_rt_loader else "None", lora_strength=1.0)
-    loader.update(backend="torch", precision="fp32", engine_height=0, engine_width=0)
-    graph["20"] = {"class_type": "IpaRtLoadFromFolders", "inputs": loader}
-    graph["21"] = {"class_type": "IpaRtModel", "inputs": {"pipeline": ["20", 0]}}
-    for node in ("8", "9"):
-        graph[node]["inputs"]["clip"] = ["21", 1]
-    graph["12"]["inputs"]["vae"] = ["21", 2]
-    graph["10"]["inputs"].update(width=LATENT * 8, height=LATENT * 8)
+    graph["10"]["inputs"].update(width=FROM_MODEL_PX, height=FROM_MODEL_PX)
     graph["11"]["inputs"].update(steps=4)
     if lora and not ipa_rt_loader:
-        lora_node = {"model": ["1", 0], "lora_name": files["lora"], "strength_model": 1.0}
-        graph["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": lora_node}
+        lora_node = {"model": ["1", 0], "clip": ["1", 1], "lora_name": files["lora"]}
+        graph["30"] = {"class_type": "LoraLoader", "inputs": {**lora_node, "strength_model": 1.0, "strength_clip": 1.0}}
         graph["3"]["inputs"]["model"] = ["30", 0]
     if ipa_rt_loader:
+        loader = {k: files[k] for k in ("checkpoint", "diffusers", "ip_adapter", "clip_vision")}
+        loader.update(ip_adapter_2="None", lora=files["lora"] if lora else "None", lora_strength=1.0)
+        loader.update(backend="torch", precision="fp32", engine_height=0, engine_width=0)
+        graph["20"] = {"class_type": "IpaRtLoadFromFolders", "inputs": loader}
+        graph["21"] = {"class_type": "IpaRtModel", "inputs": {"pipeline": ["20", 0]}}
         graph["5"]["inputs"]["pipeline"] = ["20", 0]
         graph["7"]["inputs"]["model"] = ["21", 0]
     return graph
@@ -631,7 +663,8 @@ def test_engine_from_model_with_comfyui_lora(comfy, from_model_files):
     """A LoRA applied by ComfyUI's Load LoRA is baked into the weights the engine is made from (a new file, named
     by the patched weights) and gives the image of ipa_rt's own LoRA fusing of that file (the ipa_rt loader's lora
     input), bit for bit: measured here, ComfyUI's patched weights (strength x up @ down added in fp32) equal
-    diffusers' fused ones exactly, all 32 patched tensors (so no tolerance)."""
+    diffusers' fused ones exactly, all 32 patched tensors (so no tolerance). Once written, the source MODEL is
+    unloaded from ComfyUI's memory manager with its weights restored (tests/comfyui_model_check.py)."""
     files, folder = from_model_files, comfy.work / "engines" / "comfyui-weights"
     plain = comfy.image(comfy.run(_from_model_graph(files)), "13")
     before = {p.name for p in folder.iterdir()}
@@ -641,6 +674,33 @@ def test_engine_from_model_with_comfyui_lora(comfy, from_model_files):
     assert np.abs(with_lora.astype(int) - plain).max() > 0  # the LoRA changed the image
     new = {p.name for p in folder.iterdir()} - before
     assert len(new) == 1 and next(iter(new)).startswith("unet-"), new  # the patched UNet; the encoder reused
+    models = comfy.root / "models"
+    spec = {"checkpoint": models / "checkpoints" / files["checkpoint"], "lora": models / "loras" / files["lora"]}
+    checked = _model_check(comfy, {"size": FROM_MODEL_PX, "from_model": {k: str(v) for k, v in spec.items()}})
+    assert checked["released"] and checked["lora_tensors_in_file"] > 0, checked
+
+
+def test_engine_from_sdxl_checkpoint(comfy, from_model_sdxl_files):
+    """SDXL from Load Checkpoint (ComfyUI detects the file as Segmind Vega, an SDXL) and Load CLIP Vision through
+    ipa_rt Engine from MODEL, with ComfyUI's SDXL CLIP (its pooled output and sizes in ``y``) and VAE: on torch,
+    the image of the ipa_rt loader's MODEL on the same fp16 file, bit for bit; weight 0 changes it, nothing is
+    loaded again; an SD1.5 adapter on it is an execution error of the node naming the file, and the server keeps
+    serving. SDXL engines through the MODEL are test_sdxl_model_with_ksampler's."""
+    files = from_model_sdxl_files
+    reference = comfy.image(comfy.run(_from_model_graph(files, ipa_rt_loader=True, family="sdxl")), "13")
+    graph = _from_model_graph(files, family="sdxl")
+    on_torch = comfy.image(comfy.run(graph), "13")
+    np.testing.assert_array_equal(on_torch, reference)
+    assert any(p.name.startswith("unet-sdxl-") for p in (comfy.work / "engines" / "comfyui-weights").iterdir())
+    loads = _loads(comfy)
+    graph["6"]["inputs"]["weight"] = 0.0
+    assert np.abs(comfy.image(comfy.run(graph), "13").astype(int) - on_torch).max() > 0
+    assert _loads(comfy) == loads
+    sd15_adapter = FROM_MODEL["sd15"]["ip_adapter"][1]
+    graph["3"]["inputs"]["ip_adapter"] = sd15_adapter
+    err = _error(comfy.run(graph))
+    assert err["node_type"] == "IpaRtEngineFromModel" and sd15_adapter in err["exception_message"], err
+    assert "2048" in err["exception_message"], err["exception_message"]  # the SDXL UNet's context width
 
 
 def test_engine_from_model_errors(comfy, from_model_files, models):
@@ -660,7 +720,8 @@ def test_engine_from_model_errors(comfy, from_model_files, models):
     err = _error(comfy.run(truncated))
     assert err["node_type"] == "IpaRtEngineFromModel" and files["truncated"] in err["exception_message"], err
     as_model = _from_model_graph(files)  # the UNet-only pipeline has no CLIP or VAE for ipa_rt Engine as MODEL
-    as_model["21"]["inputs"]["pipeline"] = ["3", 1]
+    as_model["21"] = {"class_type": "IpaRtModel", "inputs": {"pipeline": ["3", 1]}}
+    as_model["8"]["inputs"]["clip"] = ["21", 1]
     err = _error(comfy.run(as_model))
     assert err["node_type"] == "IpaRtModel" and "is a UNet alone" in err["exception_message"], err
     assert comfy.run(_from_model_graph(files))["status"]["status_str"] == "success"  # still serving

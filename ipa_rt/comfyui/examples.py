@@ -15,10 +15,10 @@ IN_FOLDERS = {
     "clip_vision": ("clip_vision", "ipa_rt-tiny-clip-vision-h.safetensors"),  # one file, transformers' key names
     "lora": ("loras", "ipa_rt-tiny-lora_sd15.safetensors"),
 }
-# workflows that start from ComfyUI's own loaders (Load Checkpoint, Load CLIP Vision), which load full-size models
-# only (SD1.5's CLIP-L text encoder and 128-wide VAE, ViT-H/bigG/L encoders): no prompt on the tiny models is
-# written for them (tests/test_comfyui.py runs them with ComfyUI's Load Diffusion Model instead)
-REAL_MODELS_ONLY = ("ipa_rt_engine_from_model",)
+# workflows that start from ComfyUI's own loaders (Load Checkpoint, Load CLIP Vision), which take full-size text
+# encoders, VAEs and ViT-L/H/bigG encoders only: no prompt on the tiny models is written for them
+# (tests/test_comfyui.py writes files those loaders take: full-size CLIP, VAE and ViT-L, narrow UNets)
+REAL_MODELS_ONLY = ("ipa_rt_engine_from_model", "ipa_rt_engine_from_model_sdxl")
 SIZE = 64  # tiny models: engines are built for 64 x 64 pixels
 LATENT = SIZE // 2  # the tiny VAE's scale factor is 2 (ComfyUI's EmptyLatentImage assumes 8)
 

@@ -23,7 +23,9 @@ import torch
 from ..errors import ConfigError
 
 FOLDER = "comfyui-weights"  # under ipa_rt's cache root, beside the engines
-FAMILIES = {"SD15": "sd15", "SDXL": "sdxl"}  # ComfyUI's model config class -> ipa_rt family
+# ComfyUI's model config classes -> ipa_rt family; their subclasses too (SSD-1B, Segmind Vega and KOALA are SDXLs
+# with fewer transformer layers, which the single-file loader reads from the weights' shapes)
+FAMILIES = {"SD15": "sd15", "SDXL": "sdxl"}
 
 
 def weights_folder() -> Path:
@@ -56,11 +58,14 @@ def content_file(state: dict[str, torch.Tensor], stem: str, folder: Path | None 
 
 def model_family(model: Any) -> str:
     """``sd15`` or ``sdxl`` from ComfyUI's own detection of the checkpoint (its model config class)."""
-    config = type(getattr(model.model, "model_config", None)).__name__
-    if config not in FAMILIES:
+    import comfy.supported_models
+
+    config = getattr(model.model, "model_config", None)
+    family = next((f for c, f in FAMILIES.items() if isinstance(config, getattr(comfy.supported_models, c))), None)
+    if family is None:
         raise ConfigError(
-            f"model: a ComfyUI {config} model; ipa_rt Engine from MODEL takes SD1.5 and SDXL checkpoints (ComfyUI's "
-            "SD15 and SDXL models)"
+            f"model: a ComfyUI {type(config).__name__} model; ipa_rt Engine from MODEL takes SD1.5 and SDXL "
+            "checkpoints (ComfyUI's SD15 and SDXL models and their kin: SSD-1B, Segmind Vega, KOALA)"
         )
     channels = model.model.model_config.unet_config.get("in_channels", 4)
     if channels != 4:  # ComfyUI feeds an inpainting UNet its mask and image through its own model class
@@ -68,7 +73,7 @@ def model_family(model: Any) -> str:
             f"model: a UNet with {channels} input channels (an inpainting or instruct model); ipa_rt Engine from "
             "MODEL takes text-to-image SD1.5 and SDXL checkpoints (4 latent channels)"
         )
-    return FAMILIES[config]
+    return family
 
 
 def unet_file(model: Any) -> Path:
@@ -76,9 +81,24 @@ def unet_file(model: Any) -> Path:
     if getattr(model.model.model_config, "scaled_fp8", None) is not None:
         raise ConfigError("model: a scaled-fp8 checkpoint; ipa_rt takes fp32, fp16 and bf16 weights")
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
-    state = model.model.state_dict_for_saving(None, None, None)
-    state.pop("v_pred", None)  # the prediction type travels with ComfyUI's MODEL (its model_sampling), not the file
-    return content_file(state, f"unet-{model_family(model)}")
+    try:
+        state = model.model.state_dict_for_saving(None, None, None)
+        state.pop("v_pred", None)  # the prediction type travels with ComfyUI's MODEL (its model_sampling)
+        return content_file(state, f"unet-{model_family(model)}")
+    finally:
+        release(model)
+
+
+def release(model: Any) -> None:
+    """Unload ``model`` as ComfyUI's memory manager does (patches restored, weights to the offload device): the
+    engine MODEL takes its place in the graph, so its device copy would only hold memory the engine needs. Used
+    elsewhere in the graph, ComfyUI loads it again."""
+    loaded = comfy.model_management.current_loaded_models
+    for i, entry in enumerate(loaded):
+        if entry.model is model:
+            entry.model_unload()
+            loaded.pop(i)
+            return
 
 
 def clip_vision_file(clip_vision: Any) -> Path:

@@ -141,12 +141,13 @@ def write_tokenizer(folder: str | os.PathLike) -> int:
     return len(vocab)
 
 
-def _text_config(vocab_size: int, **overrides: Any):
+def _text_config(tokens: int, **overrides: Any):
     from transformers import CLIPTextConfig
 
     # eos = last id (as in real CLIP, where 49407 is the highest id); bos = the one before it
-    ids = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    return CLIPTextConfig(vocab_size=vocab_size, **{**TEXT_CONFIG, **ids, **overrides})
+    ids = dict(bos_token_id=tokens - 2, eos_token_id=tokens - 1, pad_token_id=tokens - 1)
+    # an override's vocab_size wins: a file other loaders read (ComfyUI's CLIP) needs CLIP's 49408 token rows
+    return CLIPTextConfig(**{"vocab_size": tokens, **TEXT_CONFIG, **ids, **overrides})
 
 
 @_quiet
