@@ -54,7 +54,7 @@ def cpu_info() -> dict:
 
     cpu = cpu_features()
     return {
-        "cpu": cpu.model,
+        "cpu": cpu.described,
         "cpu_flags": [f for f in FLAGS if f in cpu.flags],
         "machine_class": cpu.machine_class,
         "cores": psutil.cpu_count(logical=False),

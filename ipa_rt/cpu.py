@@ -16,6 +16,7 @@ Three classes of x86 machines users have, each measured with the CPU bench (LCM 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,36 @@ from pathlib import Path
 # the flags that decide the matmul kernels; /proc/cpuinfo's spelling
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
 CLASSES = ("AMX", "AVX512_BF16", "AVX-512", "AVX2")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# oneDNN's documented cap on the instruction sets its kernels use (``ONEDNN_MAX_CPU_ISA``; OpenVINO's and PyTorch's
+# oneDNN kernels honour it): the flags above the cap count as absent, so ipa_rt's choices follow the kernels that
+# run, and one machine can run another class's kernel paths (AVX2 on an AVX-512 CPU: int8 without VNNI)
+_AVX2 = frozenset({"avx2"})
+_AVX512 = _AVX2 | {"avx512f"}
+_VNNI = _AVX512 | {"avx512_vnni"}
+_BF16 = _VNNI | {"avx512_bf16"}
+ISA_CAPS = {
+    "SSE41": frozenset(),
+    "AVX": frozenset(),
+    "AVX2": _AVX2,
+    "AVX2_VNNI": _AVX2 | {"avx_vnni"},
+    "AVX2_VNNI_2": _AVX2 | {"avx_vnni"},
+    "AVX512_CORE": _AVX512,
+    "AVX512_CORE_VNNI": _VNNI,
+    "AVX512_CORE_BF16": _BF16,
+    "AVX10_1_512": _BF16,
+    "AVX512_CORE_FP16": _BF16,
+}
+CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads the first that is set
 
 
 @dataclass(frozen=True)
 class CpuFeatures:
-    """A CPU's model name and the :data:`FLAGS` it has."""
+    """A CPU's model name and the :data:`FLAGS` its kernels may use (``cap``: the oneDNN cap that removed some)."""
 
     model: str
     flags: frozenset[str]
+    cap: str | None = None
 
     @property
     def machine_class(self) -> str:
@@ -46,20 +69,37 @@ class CpuFeatures:
         """int8 dot products accumulated in 32 bits (VNNI or AMX): no intermediate saturation."""
         return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
+    @property
+    def described(self) -> str:
+        """The model name, and the cap when one applies (benchmark results say which kernels ran)."""
+        return f"{self.model} (oneDNN capped at {self.cap})" if self.cap else self.model
 
-@functools.cache
-def cpu_features() -> CpuFeatures:
-    """This machine's CPU, from ``/proc/cpuinfo`` (Linux); elsewhere the model name only and no flags, which makes
-    every choice below the conservative one (the overflow fix on, no bf16 recipe)."""
-    path = Path("/proc/cpuinfo")
-    text = path.read_text() if path.exists() else ""
+
+def parse_cpuinfo(text: str, cap: str | None = None) -> CpuFeatures:
+    """:class:`CpuFeatures` from ``/proc/cpuinfo``'s text, less what ``cap`` (an :data:`ISA_CAPS` name, any case)
+    leaves out; a cap oneDNN does not know, or one at or above AMX, removes nothing (oneDNN ignores those too)."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())  # the first processor's entry
     flags = frozenset(f for f in FLAGS if f in fields.get("flags", "").split())
-    return CpuFeatures(fields.get("model name") or platform.processor() or platform.machine(), flags)
+    allowed = ISA_CAPS.get((cap or "").upper())
+    if allowed is not None and flags - allowed:
+        flags, cap = flags & allowed, cap.upper()
+    else:
+        cap = None
+    return CpuFeatures(fields.get("model name") or platform.processor() or platform.machine(), flags, cap)
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU, from ``/proc/cpuinfo`` (Linux) under oneDNN's cap (:data:`CAP_ENV`); elsewhere the model
+    name only and no flags, which makes every choice below the conservative one (the overflow fix on, no bf16
+    recipe)."""
+    path = Path("/proc/cpuinfo")
+    cap = next((os.environ[k] for k in CAP_ENV if os.environ.get(k)), None)
+    return parse_cpuinfo(path.read_text() if path.exists() else "", cap)
 
 
 def int8_saturates() -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import console
 from ..cache import cache_root
-from ..cpu import cpu_features, fast_recipe
+from ..cpu import BF16_FLAGS, cpu_features, fast_recipe
 from ..errors import ConfigError, EngineError
 from .quantize import QUANTIZED, compress_weights, precision_report, quantize_network
 
@@ -48,6 +48,10 @@ def openvino():
 
 
 def cpu_supports_bf16() -> bool:
+    """OpenVINO's word, less a oneDNN cap below bf16 (which OpenVINO's capabilities do not reflect)."""
+    features = cpu_features()
+    if features.cap is not None and not features.flags & BF16_FLAGS:
+        return False
     return "BF16" in openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -158,7 +162,9 @@ class OvEngine:
         self.core = ov.Core()
         # one blob cache per compute precision: in one process, OpenVINO 2026.4 can import a blob compiled for
         # another precision hint of the same model (wrong values, NaN) when they share a cache directory
-        cache = cache_root() / "openvino-cache" / f"{ov.__version__.split('-')[0]}-{precision}"
+        cap = cpu_features().cap  # blobs compiled under a oneDNN cap hold other kernels: their own cache
+        name = f"{ov.__version__.split('-')[0]}-{precision}" + (f"-{cap}" if cap else "")
+        cache = cache_root() / "openvino-cache" / name
         self.core.set_property({"CACHE_DIR": str(cache)})
         model = self._read()
         self.inputs = [(p.get_any_name(), _TORCH[p.get_element_type().get_type_name()]) for p in model.inputs]
