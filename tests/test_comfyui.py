@@ -355,6 +355,15 @@ def test_model_folders_loader_errors(comfy, models):
     for key in ("ip_adapter", "checkpoint", "lora"):  # checked at queue time (ComfyUI checks no V3 combo value)
         status, answer = comfy.post(_workflow("ipa_rt_model_folders", models, **{key: "not-there.safetensors"}))
         assert status == 400 and f"{key}: 'not-there.safetensors' is not in" in json.dumps(answer), answer
+    from ipa_rt.comfyui.examples import IN_FOLDERS
+
+    checkpoints = comfy.root / "models" / "checkpoints"  # files users get wrong: another kind, a broken download
+    shutil.copyfile(models["plain"], checkpoints / "ipa_rt-an-adapter.safetensors")
+    whole = (checkpoints / IN_FOLDERS["checkpoint"][1]).read_bytes()
+    (checkpoints / "ipa_rt-truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    for name in ("ipa_rt-an-adapter.safetensors", "ipa_rt-truncated.safetensors"):
+        err = _error(comfy.run(_workflow("ipa_rt_model_folders", models, checkpoint=name)))
+        assert err["node_type"] == "IpaRtLoadFromFolders" and name in err["exception_message"], err
     assert comfy.run(_workflow("ipa_rt_model_folders", models))["status"]["status_str"] == "success"
 
 
