@@ -123,3 +123,38 @@ def test_adapter_lines_are_files_or_hub_specs(tmp_path):
     local = tmp_path / "a.bin"
     local.write_bytes(b"")
     assert _adapter_source(str(local), "ip_adapter[0]") == str(local)
+
+
+def test_engine_from_model_weight_files_are_named_by_content_and_bounded(tmp_path, monkeypatch):
+    """ipa_rt Engine from MODEL's weight files: the same weights give the same file (written once, its use
+    recorded), other weights another; each kind keeps the most recently used files (``KEEP``, or
+    ``$IPA_RT_COMFYUI_WEIGHTS_KEEP``), never one used in the last ``FRESH_S`` seconds, other kinds untouched."""
+    import os
+    import time
+
+    from ipa_rt.comfyui import from_model as fm
+
+    def state(seed: int) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((3,), float(seed)), "b": torch.arange(seed + 1, dtype=torch.float16)}
+
+    first = fm.content_file(state(0), "unet-sd15", tmp_path)
+    assert fm.content_file(state(0), "unet-sd15", tmp_path) == first and first.name.startswith("unet-sd15-")
+    encoder = fm.content_file(state(0), "clip_vision", tmp_path)
+    assert encoder.name.startswith("clip_vision-") and encoder.name.split("-")[1] == first.name.split("-", 2)[2]
+    long_ago = time.time() - fm.FRESH_S - 60
+    for f in (first, encoder):
+        os.utime(f, (long_ago, long_ago))
+    made = [fm.content_file(state(s), "unet-sd15", tmp_path) for s in range(1, fm.KEEP + 1)]  # KEEP newer ones
+    assert not first.exists() and all(p.exists() for p in made) and encoder.exists()  # other kinds untouched
+    for i, f in enumerate(made):  # all old now, the first made the oldest
+        os.utime(f, (long_ago + i, long_ago + i))
+    monkeypatch.setenv(fm.KEEP_ENV, "2")
+    again = fm.content_file(state(1), "unet-sd15", tmp_path)  # reused: now the most recent
+    assert again == made[0] and sorted(p.name for p in tmp_path.glob("unet-sd15-*")) == sorted(
+        p.name for p in (made[0], made[-1])
+    )
+    recent = [fm.content_file(state(s), "unet-sd15", tmp_path) for s in (10, 11, 12)]  # used just now: all kept
+    assert all(p.exists() for p in recent)
+    monkeypatch.setenv(fm.KEEP_ENV, "many")
+    with pytest.raises(ConfigError, match=fm.KEEP_ENV):
+        fm.prune(tmp_path, "unet-sd15")

@@ -7,22 +7,27 @@ baked in) and the encoder's as ``clip_vision.get_sd()``; each is written once, w
 its content's sha256 under ``$IPA_RT_CACHE/comfyui-weights``. ipa_rt then loads those files as it loads any single
 file (diffusers' own conversion, :mod:`ipa_rt.single_file`; the UNet alone: no text encoder, no VAE) and builds or
 reuses engines named by the files' sha256 like every other source: the patched weights name the engines, and an
-unchanged graph reuses them. CLIP and VAE stay ComfyUI's. Imports ComfyUI: loaded only inside ComfyUI.
+unchanged graph reuses them. CLIP and VAE stay ComfyUI's. The folder keeps the :data:`KEEP` most recently used files
+of each kind: a pruned file is written again when its weights come back, and engines built from it stay valid (a
+source no longer on disk is not checked). ComfyUI is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-import comfy.model_management
 import torch
 
 from ..errors import ConfigError
 
 FOLDER = "comfyui-weights"  # under ipa_rt's cache root, beside the engines
+KEEP_ENV = "IPA_RT_COMFYUI_WEIGHTS_KEEP"
+KEEP = 4  # files of one kind (unet-sd15, unet-sdxl, clip_vision) kept: each UNet file is 2-10 GB
+FRESH_S = 600  # a file used this recently is never pruned: another ComfyUI on this cache may be loading it
 # ComfyUI's model config classes -> ipa_rt family; their subclasses too (SSD-1B, Segmind Vega and KOALA are SDXLs
 # with fewer transformer layers, which the single-file loader reads from the weights' shapes)
 FAMILIES = {"SD15": "sd15", "SDXL": "sdxl"}
@@ -46,14 +51,33 @@ def content_file(state: dict[str, torch.Tensor], stem: str, folder: Path | None 
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     folder = folder or weights_folder()
     path = folder / f"{stem}-{digest.hexdigest()[:32]}.safetensors"
-    if not path.is_file():
+    if path.is_file():
+        os.utime(path)  # used now: what pruning keeps
+    else:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         save_file(tensors, str(partial))
         os.replace(partial, path)  # complete or absent: a file of this name always holds these weights
+    prune(folder, stem)
     return path
+
+
+def prune(folder: Path, stem: str) -> list[Path]:
+    """Remove ``stem``'s files beyond the ``$IPA_RT_COMFYUI_WEIGHTS_KEEP`` (default :data:`KEEP`) most recently
+    used, except any used in the last :data:`FRESH_S` seconds; returns what was removed."""
+    try:
+        keep = int(os.environ.get(KEEP_ENV, KEEP))
+    except ValueError as exc:
+        raise ConfigError(f"{KEEP_ENV}={os.environ[KEEP_ENV]!r}; expected a whole number of files to keep") from exc
+    files = sorted(folder.glob(f"{stem}-*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    now, removed = time.time(), []
+    for old in files[max(keep, 1) :]:
+        if now - old.stat().st_mtime > FRESH_S:
+            old.unlink(missing_ok=True)
+            removed.append(old)
+    return removed
 
 
 def model_family(model: Any) -> str:
@@ -78,6 +102,8 @@ def model_family(model: Any) -> str:
 
 def unet_file(model: Any) -> Path:
     """ComfyUI's diffusion model with its weight patches (LoRAs) applied, as its checkpoint saving writes it."""
+    import comfy.model_management
+
     if getattr(model.model.model_config, "scaled_fp8", None) is not None:
         raise ConfigError("model: a scaled-fp8 checkpoint; ipa_rt takes fp32, fp16 and bf16 weights")
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
@@ -93,6 +119,8 @@ def release(model: Any) -> None:
     """Unload ``model`` as ComfyUI's memory manager does (patches restored, weights to the offload device): the
     engine MODEL takes its place in the graph, so its device copy would only hold memory the engine needs. Used
     elsewhere in the graph, ComfyUI loads it again."""
+    import comfy.model_management
+
     loaded = comfy.model_management.current_loaded_models
     for i, entry in enumerate(loaded):
         if entry.model is model:
