@@ -88,6 +88,12 @@ def unknown_name(names: dict[str, str]) -> str | None:
     return None
 
 
+def adapter_paths(ip_adapter: str, ip_adapter_2: str) -> tuple[str, ...]:
+    """The two adapter dropdowns (``models/ipadapter``) as full paths, a ``None`` second one left out."""
+    named = (("ip_adapter", ip_adapter), ("ip_adapter_2", ip_adapter_2))
+    return tuple(full_path(IPADAPTER, name, key) for key, name in named if name != NONE)
+
+
 def load_spec(
     checkpoint: str, diffusers: str, adapters: tuple[str, ...], clip_vision: str, lora: str, lora_strength: float
 ) -> Any:
@@ -106,8 +112,7 @@ def load_spec(
         base, config = full_path("checkpoints", checkpoint, "checkpoint"), folder
     else:
         base, config = folder, ""
-    names = ("ip_adapter", "ip_adapter_2")
-    files_ = tuple(full_path(IPADAPTER, a, n) for a, n in zip(adapters, names, strict=True) if a != NONE)
+    files_ = adapter_paths(*adapters)
     encoder = full_path("clip_vision", clip_vision, "clip_vision") if clip_vision != NONE else ""
     lora_path = full_path("loras", lora, "lora") if lora != NONE else ""
     return LoadSpec(

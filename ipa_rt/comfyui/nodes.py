@@ -47,6 +47,17 @@ def engine_inputs() -> list:
     ]
 
 
+def adapter_inputs() -> list:
+    """The two adapter dropdowns of both model-folder nodes (``models/ipadapter``; the second may be None)."""
+    from .folders import IPADAPTER, NONE, files
+
+    adapters = files(IPADAPTER)
+    return [
+        io.Combo.Input("ip_adapter", options=adapters, tooltip="IP-Adapter file (models/ipadapter)"),
+        io.Combo.Input("ip_adapter_2", options=[NONE, *adapters], default=NONE, tooltip="a second adapter"),
+    ]
+
+
 class LoadPipeline(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -121,9 +132,8 @@ class LoadPipeline(io.ComfyNode):
 class LoadFromFolders(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .folders import IPADAPTER, NONE, diffusers_folders, files
+        from .folders import NONE, diffusers_folders, files
 
-        adapters = files(IPADAPTER)
         return io.Schema(
             node_id="IpaRtLoadFromFolders",
             display_name="ipa_rt Load Pipeline (model folders)",
@@ -146,8 +156,7 @@ class LoadFromFolders(io.ComfyNode):
                     tooltip="diffusers folder (models/diffusers): the base, or with a checkpoint its configs and "
                     "tokenizer (diffusers' config=)",
                 ),
-                io.Combo.Input("ip_adapter", options=adapters, tooltip="IP-Adapter file (models/ipadapter)"),
-                io.Combo.Input("ip_adapter_2", options=[NONE, *adapters], default=NONE, tooltip="a second adapter"),
+                *adapter_inputs(),
                 io.Combo.Input(
                     "clip_vision",
                     options=[NONE, *files("clip_vision")],
@@ -329,9 +338,6 @@ class ModelFromPipeline(io.ComfyNode):
 class EngineFromModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .folders import IPADAPTER, NONE, files
-
-        adapters = files(IPADAPTER)
         return io.Schema(
             node_id="IpaRtEngineFromModel",
             display_name="ipa_rt Engine from MODEL",
@@ -344,8 +350,7 @@ class EngineFromModel(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Load Checkpoint's MODEL (LoRAs applied by Load LoRA included)"),
                 io.ClipVision.Input("clip_vision", tooltip="Load CLIP Vision's CLIP_VISION (the adapter's encoder)"),
-                io.Combo.Input("ip_adapter", options=adapters, tooltip="IP-Adapter file (models/ipadapter)"),
-                io.Combo.Input("ip_adapter_2", options=[NONE, *adapters], default=NONE, tooltip="a second adapter"),
+                *adapter_inputs(),
                 *engine_inputs(),
             ],
             outputs=[io.Model.Output(), Pipeline.Output(display_name="pipeline")],
@@ -369,11 +374,10 @@ class EngineFromModel(io.ComfyNode):
         engine_height: int,
         engine_width: int,
     ) -> io.NodeOutput:
-        from .folders import IPADAPTER, NONE, full_path
+        from .folders import adapter_paths
         from .from_model import engine_from_model
 
-        named = (("ip_adapter", ip_adapter), ("ip_adapter_2", ip_adapter_2))
-        adapters = tuple(full_path(IPADAPTER, name, key) for key, name in named if name != NONE)
+        adapters = adapter_paths(ip_adapter, ip_adapter_2)
         size = (engine_height, engine_width)
         return io.NodeOutput(*engine_from_model(model, clip_vision, adapters, backend, precision, *size, _device()))
 
