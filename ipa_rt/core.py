@@ -559,6 +559,10 @@ class PipelineCore:
             guess_mode=guess_mode, adapter_image=adapter_image, adapter_conditioning_scale=adapter_conditioning_scale,
             adapter_conditioning_factor=adapter_conditioning_factor,
         ))  # fmt: skip
+        if self.engine_manifest is not None:
+            # the UNet's engine loads before the encoders': the largest network is loaded (the IR or blob read and
+            # its weights repacked) while the least else is resident, the lowest peak memory (docs/performance.md)
+            self.unet.prepare(req.copies * (2 if req.cfg else 1))
         inputs = request.step_inputs(self, request.request_parts(self, req))
         with tqdm(total=inputs.plan.steps, **{"desc": "denoising", **self.progress_bar_config}) as bar:
             latents = self.loop.run(inputs, progress=bar, generator=req.generator)

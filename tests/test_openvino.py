@@ -160,6 +160,37 @@ def test_fast_mode_int8_and_taesd_run_end_to_end(models, images, ov_engines):
 
 
 @pytest.mark.slow
+def test_first_call_loads_the_unet_then_the_image_encoder_then_the_text_encoder(
+    models, images, ov_engines, tmp_path, monkeypatch, capfd
+):
+    """The engines of a first call load largest first (the lowest peak memory: each network's load briefly holds
+    its weights twice, so the one loaded last should be the smallest); the fast build stores the text encoder's
+    floating-point weights in fp16, the faithful build in fp32."""
+    import openvino as ov
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
+    pipe = ipa_rt.Pipeline.from_engine(ov_engines["int8"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.prepare(3)  # outside the build's rows: nothing compiled
+    capfd.readouterr()
+    pipe("a cat", ip_adapter_image=[images[0]], **CALL)
+    loads = [line.split()[3].rstrip(",") for line in capfd.readouterr().err.splitlines() if "OpenVINO comp" in line]
+    assert loads[:3] == ["unet", "image_encoder", "text_encoder_0"], loads
+
+    def weight_types(folder: Path, network: str) -> set[str]:
+        model = ov.Core().read_model(str(folder / "openvino" / f"{network}.xml"))
+        consts = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_output_size()]
+        return {
+            c.get_output_element_type(0).get_type_name()
+            for c in consts
+            if c.get_output_partial_shape(0).rank.get_length() == 2
+        }
+
+    assert "f16" in weight_types(ov_engines["int8"], "text_encoder_0")
+    assert "f16" not in weight_types(ov_engines["sd15"], "text_encoder_0")
+
+
+@pytest.mark.slow
 def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monkeypatch):
     """OpenVINO 2026.4 imports a wrong blob when two precision hints of one model share a cache directory in one
     process (wrong values, NaN): each precision gets its own cache, so f32, bf16, f32, bf16 stay right."""
@@ -173,6 +204,72 @@ def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monke
     assert all(torch.isfinite(o).all() for o in outs)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     assert rel_l2(outs[1], outs[0]) <= LOW_RTOL
+
+
+@pytest.mark.slow
+def test_compiled_blobs_are_kept_imported_and_replaced_when_damaged(ov_engines, tmp_path, monkeypatch, capfd):
+    """A compiled model is kept as a blob named by the IR files, shapes and settings; another engine on the same IR
+    imports it (compiles nothing) and computes the same values bitwise; a damaged blob is compiled anew and
+    replaced, and the replacement is imported; another row count is another blob."""
+    from ipa_rt.export.openvino_engine import OvEngine
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
+    xml = ov_engines["sd15"] / "openvino" / "image_encoder.xml"
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = OvEngine(xml, "cpu", "f32")({"pixel_values": pixels})[0]
+    (blob,) = tmp_path.glob("openvino-cache/*-f32/image_encoder-*.blob")
+
+    def imported_only() -> OvEngine:
+        engine = OvEngine(xml, "cpu", "f32")
+        monkeypatch.setattr(engine.core, "compile_model", lambda *a, **k: pytest.fail("compiled, not imported"))
+        return engine
+
+    capfd.readouterr()
+    assert torch.equal(imported_only()({"pixel_values": pixels})[0], want)
+    assert "OpenVINO imported image_encoder, 2 rows" in capfd.readouterr().err
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b[:64] + bytes(len(b) - 64), lambda b: b""):
+        blob.write_bytes(damage(blob.read_bytes()))
+        assert torch.equal(OvEngine(xml, "cpu", "f32")({"pixel_values": pixels})[0], want)
+        err = capfd.readouterr().err
+        assert f"could not import {blob.name}" in err and "OpenVINO compiled image_encoder" in err, err
+        assert torch.equal(imported_only()({"pixel_values": pixels})[0], want)  # the blob was written anew
+    OvEngine(xml, "cpu", "f32")({"pixel_values": pixels[:1]})
+    assert len(list(blob.parent.glob("image_encoder-*.blob"))) == 2
+
+
+def test_release_mapped_drops_resident_pages_and_keeps_the_data(tmp_path):
+    """The pages of a file's mappings leave this process's resident memory (read-only and copy-on-write
+    mappings alike) and read back the same; a page written in a copy-on-write mapping is never lost."""
+    from ipa_rt.export.openvino_engine import release_mapped
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("release_mapped advises Linux mappings only (elsewhere it does nothing)")
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+
+    def resident_kib() -> int:  # the Rss of this process's mappings of the file (/proc/self/smaps)
+        total, ours = 0, False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if "-" in head[0] and len(head[0]) > 8 and ":" not in head[0]:
+                ours = len(head) == 6 and head[5] == str(path.resolve())
+            elif ours and head[0] == "Rss:":
+                total += int(head[1])
+        return total
+
+    for mode in ("r", "c"):
+        mapped = np.memmap(path, dtype=np.uint8, mode=mode)
+        assert int(mapped.sum()) == int(data.sum()) and resident_kib() >= 8 << 10  # read: every page resident
+        if mode == "c":
+            mapped[5] = data[5] ^ 1  # a written page: its own copy, which must survive
+        assert release_mapped((path,)) >= 8 << 20
+        assert resident_kib() < 1 << 10, resident_kib()
+        expect = data.copy()
+        expect[5] ^= mode == "c"
+        assert np.array_equal(np.asarray(mapped), expect)
+        del mapped
+    assert release_mapped((tmp_path / "absent.bin",)) == 0
 
 
 @pytest.mark.slow

@@ -152,5 +152,14 @@ class ShapeChecked:
                 )
         return self.engine(feeds, copy)
 
+    def prepare(self, rows: int) -> None:
+        """Make an OpenVINO engine ready for calls of ``rows`` rows now (it compiles per shape, at first use
+        otherwise); nothing when ``rows`` is outside the build or another dimension of an input may vary."""
+        if not isinstance(self.engine, OvEngine):  # ONNX Runtime and TensorRT engines are ready once loaded
+            return
+        fixed = all(lo[1:] == hi[1:] and lo[0] <= rows <= hi[0] for lo, _, hi in self.profile.values())
+        if fixed:
+            self.engine.prepare(tuple((rows, *self.profile[name][0][1:]) for name, _ in self.engine.inputs))
+
     def __getattr__(self, name: str) -> Any:  # the engine's own attributes (inputs, outputs, session, ...)
         return getattr(self.engine, name)

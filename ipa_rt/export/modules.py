@@ -225,6 +225,10 @@ class EngineUNet(EngineModule):
         self.adapters = adapters
         self.attention_blocks = blocks  # what set_ip_adapter_scale's per-block dicts expand against
 
+    def prepare(self, rows: int) -> None:
+        """Ready the engine for calls of ``rows`` rows (an OpenVINO engine compiles per shape at first use)."""
+        self.engine.prepare(rows)
+
     def forward(
         self,
         sample: Tensor,

@@ -6,19 +6,31 @@ input shape at run time, inputs and outputs shared with torch buffers.
   computes in bf16, ``int8`` computes the UNet's convolutions and matmuls in int8 (NNCF post-training quantisation
   of activations and weights, calibrated at build: :mod:`.quantize`) and the rest in bf16 where the CPU can, else
   f32; ``int8-weights`` only stores the UNet's and ControlNets' weights in int8 (NNCF weight compression: a smaller
-  engine, bf16 arithmetic). The VAE follows the mode too: measured on full-size SD1.5 at 256²
+  engine, bf16 arithmetic). ``bf16`` and ``int8`` store their floating-point networks' weights in fp16
+  (:func:`convert_onnx`). The VAE follows the mode too: measured on full-size SD1.5 at 256²
   (2-core AVX512_BF16 CPU), its decoder in bf16 took 0.33 s instead of 1.85 s at 47.5 dB PSNR against f32, and bf16
   has fp32's range, so the SDXL VAE cannot overflow in it (:func:`compute_precision`).
 - **Static shapes**: the IR keeps the contract's dynamic batch; each row count a pipeline uses is compiled once, at
-  its static shape (CPU kernels are chosen per shape), and OpenVINO's model cache (``CACHE_DIR`` in the cache root)
-  keeps the compiled blobs, so a second load takes seconds.
+  its static shape (CPU kernels are chosen per shape), and the compiled model is kept as a blob in the cache root,
+  so a second load takes seconds. ipa_rt keeps the blobs itself rather than through OpenVINO's ``CACHE_DIR``: that
+  cache names a blob by hashing the model, which reads every weight of the IR (a full-size UNet's 1 GB resident
+  beside the blob and the compiled copy); a blob here is named by the IR files' identity and imported from a
+  mapping of the file, so the IR's weights are never read on a warm load.
+- **Weights held once**: OpenVINO repacks the weights into its own copy when it compiles or imports; the pages of
+  the IR and blob files it read are then dropped from the process (:func:`release_mapped`), which otherwise keeps
+  both (measured: docs/performance.md).
 - **No copies per step**: inputs are wrapped (``shared_memory=True``) and outputs are written by OpenVINO straight
   into preallocated torch tensors; threads are set to the physical cores.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import io
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import console
+from ..adapters.checkpoint import atomic_write_bytes
 from ..cache import cache_root
 from ..cpu import BF16_FLAGS, cpu_features, fast_recipe
 from ..errors import ConfigError, EngineError
@@ -146,13 +159,18 @@ def convert_onnx(
         model = quantize_network(model, network, calibration[network], overflow_fix)
         report = precision_report(model) | {"overflow_fix": overflow_fix}
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    # bf16 and int8 builds keep a floating-point network's weights in fp16: it computes in bf16 (coarser than fp16),
+    # or in f32 from fp16 values on CPUs without bf16; measured on the full-size CLIP-L text encoder (2-core
+    # AVX512_BF16): 7.5e-3 rel. from f32 beside bf16's own 7.1e-3 (f32 from fp16: 7.2e-4), and the compiled engine
+    # holds 0.20 GB instead of 0.36 GB. Quantised and compressed networks keep their scales as NNCF wrote them
+    half = precision in ("bf16", "int8") and not folded
+    ov.save_model(model, str(xml_path), compress_to_fp16=half)
     return [xml_path, xml_path.with_suffix(".bin")], report
 
 
 class OvEngine:
-    """One network's OpenVINO model: compiled once per static input shape (with the model cache), run with inputs
-    and outputs shared with torch tensors."""
+    """One network's OpenVINO model: compiled once per static input shape (the compiled blobs kept in the cache
+    root), run with inputs and outputs shared with torch tensors."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "f32") -> None:
         ov = openvino()
@@ -160,13 +178,12 @@ class OvEngine:
         if self.device.type != "cpu":
             raise ConfigError(f"OpenVINO engines run on the CPU; got device {self.device}")
         self.core = ov.Core()
-        # one blob cache per compute precision: in one process, OpenVINO 2026.4 can import a blob compiled for
-        # another precision hint of the same model (wrong values, NaN) when they share a cache directory
-        cap = cpu_features().cap  # blobs compiled under a oneDNN cap hold other kernels: their own cache
-        name = f"{ov.__version__.split('-')[0]}-{precision}" + (f"-{cap}" if cap else "")
-        cache = cache_root() / "openvino-cache" / name
-        self.core.set_property({"CACHE_DIR": str(cache)})
-        model = self._read()
+        # one blob folder per compute precision and oneDNN cap (blobs compiled under a cap hold other kernels); the
+        # blob's name carries both again, with the IR files' identity and the shapes (see _blob)
+        cap = cpu_features().cap
+        self.version = ov.__version__.split("-")[0]
+        self.blobs = cache_root() / "openvino-cache" / (f"{self.version}-{precision}" + (f"-{cap}" if cap else ""))
+        model = self._read()  # the IR's inputs and outputs (its weights are mapped, not read)
         self.inputs = [(p.get_any_name(), _TORCH[p.get_element_type().get_type_name()]) for p in model.inputs]
         self.outputs = [o.get_any_name() for o in model.outputs]
         self.config = {
@@ -174,7 +191,7 @@ class OvEngine:
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": cpu_threads(),
         }
-        self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers)
+        self._compiled: dict[tuple, tuple] = {}  # input shapes -> (infer request, output buffers, blob mapping)
 
     def _read(self):
         """The engine's IR, read anew for each compile and dropped after it: a compiled model holds its own copy of
@@ -188,13 +205,54 @@ class OvEngine:
                 f"{str(exc).splitlines()[0][:300]}); rebuild it with `ipa_rt build ... --rebuild`"
             ) from exc
 
+    def _blob(self, shapes: tuple) -> Path:
+        """The file of the compiled model for ``shapes``: named by the IR files (path, size, modification time), the
+        shapes, the compile settings, OpenVINO's version and the CPU's class and cap."""
+        files = (self.path, self.path.with_suffix(".bin"))
+        stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        cpu = cpu_features()
+        key = json.dumps([stamps, shapes, self.config, self.version, cpu.machine_class, cpu.cap], default=str)
+        return self.blobs / f"{self.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.blob"
+
+    def _import(self, blob: Path) -> tuple:
+        """The compiled model kept in ``blob`` and the mapping it reads its weights from (kept alive with it), or
+        ``(None, None)`` when the blob cannot be imported (another OpenVINO or CPU, a damaged file): then it is
+        compiled anew and the blob rewritten."""
+        ov = openvino()
+        try:
+            # copy-on-write: OpenVINO takes only writable arrays; it reads the blob and never writes it
+            mapping = np.memmap(blob, dtype=np.uint8, mode="c")
+            return self.core.import_model(ov.Tensor(mapping, shared_memory=True), "CPU", self.config), mapping
+        except Exception as exc:  # any failure to import means: compile from the IR instead
+            console.say(f"OpenVINO could not import {blob.name} ({type(exc).__name__}); compiling {self.path.stem}")
+            return None, None
+
+    def prepare(self, shapes: tuple) -> None:
+        """Compile (or import) the model for input ``shapes`` now rather than at the first call with them."""
+        if shapes not in self._compiled:
+            self._compiled[shapes] = self._compile(shapes)
+
     def _compile(self, shapes: tuple) -> tuple:
         start = time.perf_counter()
-        model = self._read()
-        model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
-        compiled = self.core.compile_model(model, "CPU", self.config)
+        blob = self._blob(shapes)
+        compiled, mapping = self._import(blob) if blob.is_file() else (None, None)
+        how = "imported"
+        if compiled is None:
+            how = "compiled"
+            model = self._read()
+            model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            del model
+            stream = io.BytesIO()
+            compiled.export_model(stream)
+            try:
+                atomic_write_bytes(blob, stream.getbuffer())
+            except OSError as exc:  # a read-only or full cache: the next load compiles again
+                console.say(f"OpenVINO's compiled {self.path.stem} not kept in '{blob.parent}': {exc}")
+            del stream
+        release_mapped((self.path.with_suffix(".bin"), blob))
         rows = f", {shapes[0][0]} rows" if shapes and shapes[0] else ""
-        console.say(f"OpenVINO compiled {self.path.stem}{rows}: {time.perf_counter() - start:.1f} s")
+        console.say(f"OpenVINO {how} {self.path.stem}{rows}: {time.perf_counter() - start:.1f} s")
         request = compiled.create_infer_request()
         outs = []
         for i, port in enumerate(compiled.outputs):
@@ -202,7 +260,7 @@ class OvEngine:
             buf = torch.empty(tuple(port.get_shape()), dtype=dtype)
             request.set_output_tensor(i, self._wrap(buf))
             outs.append(buf)
-        return request, outs
+        return request, outs, mapping
 
     @staticmethod
     def _wrap(x: Tensor):
@@ -215,11 +273,35 @@ class OvEngine:
         the same shapes."""
         held = [feeds[name].to(dtype=dtype).contiguous() for name, dtype in self.inputs]
         shapes = tuple(tuple(x.shape) for x in held)
-        entry = self._compiled.get(shapes)
-        if entry is None:
-            entry = self._compiled[shapes] = self._compile(shapes)
-        request, outs = entry
+        self.prepare(shapes)
+        request, outs, _ = self._compiled[shapes]
         for i, x in enumerate(held):
             request.set_input_tensor(i, self._wrap(x))
         request.infer()
         return [o.clone() for o in outs] if copy else outs
+
+
+_MADV_DONTNEED, _MADV_PAGEOUT = 4, 21
+
+
+def release_mapped(files: tuple[Path, ...]) -> int:
+    """Drop this process's resident pages of its memory mappings of ``files``; returns the bytes of mappings
+    advised. OpenVINO reads an IR's or a blob's weights once, to make its own repacked copy, and the pages it read
+    would stay resident beside that copy; a page read again later is mapped back in by the kernel. Read-only
+    mappings get ``MADV_DONTNEED`` (the page cache keeps the pages), writable ones ``MADV_PAGEOUT``, which never
+    loses a written page. Linux only; elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    names = {str(f.resolve()) for f in files if f.exists()}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    with open("/proc/self/maps") as maps:
+        rows = [line.split(maxsplit=5) for line in maps]
+    for row in rows:
+        if len(row) == 6 and row[5].strip() in names:
+            start, end = (int(x, 16) for x in row[0].split("-"))
+            advice = _MADV_PAGEOUT if "w" in row[1] else _MADV_DONTNEED
+            if libc.madvise(start, end - start, advice) == 0:  # refused (an old kernel): the pages stay, no harm
+                advised += end - start
+    return advised

@@ -207,11 +207,13 @@ def request_parts(
     structure inputs, prompt, image conditions, initial latents, the scheduler's noise (same order). ``structure``
     and ``setup``: a pipeline's own structure inputs and initial latents (video passes its clip's)."""
     (structure or prepare_structure)(pipe, req)
-    text = encode_text(pipe, req)
+    # the image side before the prompt (neither draws from the generator): an engine pipeline's first call then
+    # loads the image encoder's engine before the smaller text encoder's, the lower peak memory (docs/performance.md)
     conditions = pipe.conditioner(
         req.ip_adapter_image, req.ip_adapter_image_embeds, req.negative_ip_adapter_image, req.ip_adapter_combine,
         req.copies, req.cfg,
     )  # fmt: skip
+    text = encode_text(pipe, req)
     masks = None
     if pipe.adapters is not None:
         masks = ip_masks(pipe, req.cross_attention_kwargs, conditions, pipe.image_scale)
