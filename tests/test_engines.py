@@ -190,6 +190,8 @@ def test_text_only_then_image_call_feed_the_same_token_buffers(models, images, e
     run = pipe.unet.engine.__call__
 
     class Spy:
+        prepare = pipe.unet.engine.prepare
+
         def __call__(self, feeds, copy=True):
             fed.append({k: v.data_ptr() for k, v in feeds.items() if k.startswith("ip_tokens_")})
             return run(feeds, copy)

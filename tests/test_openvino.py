@@ -210,14 +210,20 @@ def test_both_precisions_in_one_process_stay_correct(ov_engines, tmp_path, monke
 def test_compiled_blobs_are_kept_imported_and_replaced_when_damaged(ov_engines, tmp_path, monkeypatch, capfd):
     """A compiled model is kept as a blob named by the IR files, shapes and settings; another engine on the same IR
     imports it (compiles nothing) and computes the same values bitwise; a damaged blob is compiled anew and
-    replaced, and the replacement is imported; another row count is another blob."""
+    replaced, and the replacement is imported; another row count is another blob; an IR rewritten in place
+    leaves no blob of its old files behind."""
+    import shutil
+
     from ipa_rt.export.openvino_engine import OvEngine
 
-    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path))
-    xml = ov_engines["sd15"] / "openvino" / "image_encoder.xml"
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ir").mkdir()
+    for suffix in (".xml", ".bin"):
+        shutil.copy(ov_engines["sd15"] / "openvino" / f"image_encoder{suffix}", tmp_path / "ir")
+    xml = tmp_path / "ir" / "image_encoder.xml"
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     want = OvEngine(xml, "cpu", "f32")({"pixel_values": pixels})[0]
-    (blob,) = tmp_path.glob("openvino-cache/*-f32/image_encoder-*.blob")
+    (blob,) = (tmp_path / "cache").glob("openvino-cache/*-f32/image_encoder-*.blob")
 
     def imported_only() -> OvEngine:
         engine = OvEngine(xml, "cpu", "f32")
@@ -235,6 +241,11 @@ def test_compiled_blobs_are_kept_imported_and_replaced_when_damaged(ov_engines, 
         assert torch.equal(imported_only()({"pixel_values": pixels})[0], want)  # the blob was written anew
     OvEngine(xml, "cpu", "f32")({"pixel_values": pixels[:1]})
     assert len(list(blob.parent.glob("image_encoder-*.blob"))) == 2
+    stat = xml.with_suffix(".bin").stat()
+    os.utime(xml.with_suffix(".bin"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the IR written anew
+    assert torch.equal(OvEngine(xml, "cpu", "f32")({"pixel_values": pixels})[0], want)
+    (kept,) = blob.parent.glob("image_encoder-*.blob")
+    assert kept != blob
 
 
 def test_release_mapped_drops_resident_pages_and_keeps_the_data(tmp_path):

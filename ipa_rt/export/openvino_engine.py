@@ -206,13 +206,33 @@ class OvEngine:
             ) from exc
 
     def _blob(self, shapes: tuple) -> Path:
-        """The file of the compiled model for ``shapes``: named by the IR files (path, size, modification time), the
-        shapes, the compile settings, OpenVINO's version and the CPU's class and cap."""
+        """The file of the compiled model for ``shapes``: ``<network>-<IR path>-<IR files>-<settings>.blob``, each part
+        a hash: of the IR's path; of its files' sizes and modification times; of the shapes, the compile settings,
+        OpenVINO's version and the CPU's class and cap."""
         files = (self.path, self.path.with_suffix(".bin"))
-        stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         cpu = cpu_features()
-        key = json.dumps([stamps, shapes, self.config, self.version, cpu.machine_class, cpu.cap], default=str)
-        return self.blobs / f"{self.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.blob"
+        parts = (
+            str(self.path.resolve()),
+            [(f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+            [shapes, self.config, self.version, cpu.machine_class, cpu.cap],
+        )
+        names = [hashlib.sha256(json.dumps(x, default=str).encode()).hexdigest()[:12] for x in parts]
+        return self.blobs / f"{self.path.stem}-{'-'.join(names)}.blob"
+
+    def _keep(self, compiled, blob: Path) -> None:
+        """Write ``compiled`` to ``blob`` (atomically) and remove the blobs of this IR path made from other files:
+        an engine rebuilt in place would otherwise leave its old blobs behind, a UNet's a GB each."""
+        stream = io.BytesIO()
+        compiled.export_model(stream)
+        try:
+            atomic_write_bytes(blob, stream.getbuffer())
+        except OSError as exc:  # a read-only or full cache: the next load compiles again
+            console.say(f"OpenVINO's compiled {self.path.stem} not kept in '{blob.parent}': {exc}")
+            return
+        network, path, files, _ = blob.stem.rsplit("-", 3)
+        for old in blob.parent.glob(f"{network}-{path}-*.blob"):
+            if old.stem.rsplit("-", 3)[2] != files:
+                old.unlink(missing_ok=True)
 
     def _import(self, blob: Path) -> tuple:
         """The compiled model kept in ``blob`` and the mapping it reads its weights from (kept alive with it), or
@@ -236,21 +256,17 @@ class OvEngine:
         start = time.perf_counter()
         blob = self._blob(shapes)
         compiled, mapping = self._import(blob) if blob.is_file() else (None, None)
-        how = "imported"
-        if compiled is None:
-            how = "compiled"
+        fresh = compiled is None
+        if fresh:
             model = self._read()
             model.reshape({name: list(shape) for (name, _), shape in zip(self.inputs, shapes, strict=True)})
             compiled = self.core.compile_model(model, "CPU", self.config)
             del model
-            stream = io.BytesIO()
-            compiled.export_model(stream)
-            try:
-                atomic_write_bytes(blob, stream.getbuffer())
-            except OSError as exc:  # a read-only or full cache: the next load compiles again
-                console.say(f"OpenVINO's compiled {self.path.stem} not kept in '{blob.parent}': {exc}")
-            del stream
-        release_mapped((self.path.with_suffix(".bin"), blob))
+        release_mapped((self.path.with_suffix(".bin"), blob))  # before the export below copies the blob in memory
+        if fresh:
+            self._keep(compiled, blob)
+            release_mapped((self.path.with_suffix(".bin"),))  # the export read the IR's weights again
+        how = "compiled" if fresh else "imported"
         rows = f", {shapes[0][0]} rows" if shapes and shapes[0] else ""
         console.say(f"OpenVINO {how} {self.path.stem}{rows}: {time.perf_counter() - start:.1f} s")
         request = compiled.create_infer_request()
