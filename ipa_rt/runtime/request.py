@@ -204,7 +204,8 @@ def request_parts(
     pipe, req: Request, structure: Callable[[Any, Request], None] | None = None, setup: MakeSetup | None = None
 ) -> Parts:
     """Everything diffusers does before its loop that draws from the request's generator or encodes its inputs:
-    structure inputs, prompt, image conditions, initial latents, the scheduler's noise (same order). ``structure``
+    structure inputs, image conditions, prompt, initial latents, the scheduler's noise (the draws in diffusers'
+    order). ``structure``
     and ``setup``: a pipeline's own structure inputs and initial latents (video passes its clip's)."""
     (structure or prepare_structure)(pipe, req)
     # the image side before the prompt (neither draws from the generator): an engine pipeline's first call then
