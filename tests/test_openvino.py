@@ -174,7 +174,12 @@ def test_first_call_loads_the_unet_then_the_image_encoder_then_the_text_encoder(
     pipe.unet.prepare(3)  # outside the build's rows: nothing compiled
     capfd.readouterr()
     pipe("a cat", ip_adapter_image=[images[0]], **CALL)
-    loads = [line.split()[3].rstrip(",") for line in capfd.readouterr().err.splitlines() if "OpenVINO comp" in line]
+    err = capfd.readouterr().err.splitlines()  # "ipa_rt: OpenVINO compiled|imported <network>, <rows> rows: ..."
+    loads = [
+        line.split()[3].rstrip(",")
+        for line in err
+        if line.split()[1:3] in (["OpenVINO", "compiled"], ["OpenVINO", "imported"])
+    ]
     assert loads[:3] == ["unet", "image_encoder", "text_encoder_0"], loads
 
     def weight_types(folder: Path, network: str) -> set[str]:
