@@ -61,11 +61,11 @@ def wrap(module, name, stage):
     setattr(module, name, staged)
 
 
-import ipa_rt.export.build as build
 import ipa_rt.export.openvino_engine as ov
+import ipa_rt.export.writer as writer
 
-wrap(build, "export_onnx", "export")
-wrap(build, "convert_onnx", "convert")
+wrap(writer, "export_onnx", "export")
+wrap(writer, "convert_onnx", "convert")
 wrap(ov, "compress_weights", "quantise")
 wrap(ov, "quantize_network", "quantise")
 real_replace, real_fsync = os.replace, os.fsync

@@ -227,12 +227,12 @@ def test_second_identical_build_rewrites_nothing(models, engines, capsys):
 
 @pytest.mark.slow
 def test_from_pretrained_reuses_cached_engines(models, engines, monkeypatch):
-    import ipa_rt.export.build as build
+    import ipa_rt.export.writer as writer
 
     def no_export(*_a, **_k):
         raise AssertionError("an engine was exported again")
 
-    monkeypatch.setattr(build, "export_onnx", no_export)
+    monkeypatch.setattr(writer, "export_onnx", no_export)
     monkeypatch.setenv("IPA_RT_CACHE", str(engines["cache"]))
     before = snapshot(engines["cache"] / engines["sdxl"].name)
     pipe = ipa_rt.Pipeline.from_pretrained(
@@ -333,7 +333,7 @@ def test_bad_build_arguments_write_nothing(models, tmp_path, change, pattern):
 def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch):
     """A failure mid-build (here the third network) of a first build leaves nothing: no manifest, no engine file, no
     temporary folder, no folder."""
-    import ipa_rt.export.build as build
+    import ipa_rt.export.writer as writer
 
     calls = []
 
@@ -345,7 +345,7 @@ def test_failed_build_leaves_no_partial_engine_dir(models, tmp_path, monkeypatch
         Path(path).write_bytes(b"onnx")
         return Path(path)
 
-    monkeypatch.setattr(build, "export_onnx", flaky)
+    monkeypatch.setattr(writer, "export_onnx", flaky)
     monkeypatch.setenv("IPA_RT_KEEP_EXPORTS", "0")  # fake exports must never be kept for the suite's real builds
     req = BuildRequest(str(models.base("sd15")), [str(models.adapter("sd15", "base"))], height=32, width=32)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -206,3 +206,28 @@ def test_cpu_engine_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv("IPA_RT_CPU_THREADS", "two")
     with pytest.raises(ipa_rt.ConfigError, match="IPA_RT_CPU_THREADS='two': expected a positive whole number"):
         cpu_threads()
+
+
+@pytest.mark.parametrize(
+    ("options", "backend", "match"),
+    [
+        ({"heigth": 64}, "onnxruntime", r"engine_options \['heigth'\] are unknown for Flux-family engines.*height"),
+        ({"height": 0}, "openvino", r"engine_options\['height'\] is 0; expected a positive whole number"),
+        ({"width": True}, "openvino", r"engine_options\['width'\] is True; expected a positive whole number"),
+        ({"precision": "bf16"}, "onnxruntime", r"precision 'bf16' is OpenVINO's; onnxruntime engines .* are fp32"),
+        ({"precision": "fp8"}, "openvino", r"precision 'fp8' is unknown for OpenVINO"),
+    ],
+)
+def test_family_engine_options(options, backend, match):
+    """A family's engine options are checked before any file is read or written (the build's shapes, precision)."""
+    from ipa_rt.export.wrapped import shape_options
+
+    with pytest.raises(ipa_rt.ConfigError, match=match):
+        shape_options(options, {"height": 64, "width": 64}, "Flux-family", backend)
+
+
+def test_family_engine_options_resolved():
+    from ipa_rt.export.wrapped import shape_options
+
+    got = shape_options({"width": 48, "rebuild": 1}, {"height": 64, "width": 64}, "Kolors", "onnxruntime")
+    assert got == {"shapes": {"height": 64, "width": 48}, "precision": "fp32", "rebuild": True}

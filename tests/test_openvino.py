@@ -335,15 +335,15 @@ def test_inspect_names_the_precision(ov_engines, capsys):
 def test_kept_exports_are_reused_per_network(tmp_path, monkeypatch):
     """IPA_RT_KEEP_EXPORTS=1: a second build that differs in backend and precision exports nothing again, one that
     changes the decoder re-exports the VAE networks only, and other ipa_rt code never reuses an export."""
-    import ipa_rt.export.build as build
+    import ipa_rt.export.writer as writer
     from ipa_rt.export import export_cache
 
     monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(export_cache.SWITCH, "1")
     monkeypatch.delenv(export_cache.PLACE, raising=False)  # not the suite's shared folder: it counts its own
     exported = []
-    real = build.export_onnx
-    monkeypatch.setattr(build, "export_onnx", lambda c, p, **kw: exported.append(c.name) or real(c, p, **kw))
+    real = writer.export_onnx
+    monkeypatch.setattr(writer, "export_onnx", lambda c, p, **kw: exported.append(c.name) or real(c, p, **kw))
     taesd = T.write_taesd(tmp_path / "taesd")
     # the example's smaller UNet: what is counted here is exports per network, and it halves this test's exports
     folder = T.write_base_model(tmp_path / "base", configs={"unet": T.EXAMPLE_UNET})

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,11 +28,10 @@ from ..controls.t2i import feature_layout
 from ..core import PipelineCore
 from ..errors import ConfigError
 from .contracts import Contract, all_contracts, residual_names
-from .engines import build_trt_engine, check_tensorrt, require_backend, tensorrt_version, timing_cache_path
-from .export_cache import export_cached
-from .manifest import FORMAT, gpu_info, hashed_sources, reuse_or_build, versions, write_manifest
-from .onnx_export import check_exporter, export_onnx
-from .openvino_engine import convert_onnx
+from .engines import check_tensorrt, require_backend, tensorrt_version
+from .manifest import FORMAT, gpu_info, hashed_sources, reuse_or_build, versions
+from .onnx_export import check_exporter
+from .writer import write_engines
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,7 +48,6 @@ BASE_PARTS = (
     "feature_extractor",
     "image_encoder",
 )
-SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan", "openvino": ".xml"}
 
 
 @dataclass
@@ -375,7 +371,7 @@ def _pipeline_class(req: BuildRequest) -> type[PipelineCore]:
 
 
 def _build(req, out: Path, sources, ident, device, say) -> None:
-    stages_done = time.perf_counter()
+    started = time.perf_counter()
     say(f"[load] {req.base} + {len(req.ip_adapter)} IP-Adapter(s) ({req.dtype})")
     video = {"motion_adapter": req.motion_adapter} if req.motion_adapter else {}
     pipe = _pipeline_class(req).from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
@@ -392,72 +388,42 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
         **{k: v for k in ("config", "tokenizer") if (v := getattr(req, k))},  # a single-file base's
     )
     contracts = all_contracts(pipe, req.batch, req.height, req.width, req.frames)
+    manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
+    manifest.update(
+        sources=sources,
+        backend=req.backend,
+        dtype=req.dtype,
+        precision=req.precision,
+        io_dtype=DTYPE_NAMES[pipe.dtype],
+        vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype] if pipe.vae is not None else None,
+        vae_class=type(pipe.vae).__name__ if pipe.vae is not None else None,  # None: a UNet-only base
+        versions=versions(),
+        gpu=gpu_info(device),
+        family=pipe.family.name,
+        shapes={"batch": req.batch, "height": req.height, "width": req.width, "text_tokens": 77, "frames": req.frames},
+        motion_adapter=req.motion_adapter,
+        adapters=[
+            {"variant": e.spec.name, "tokens": t, "origin": e.origin}
+            for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
+        ],
+        controlnets=[
+            {"origin": origin, "residuals": len(residual_names(contracts[0].inputs))} for origin in req.controlnet
+        ],
+        t2i_adapters=[
+            {"origin": origin, "type": a.config["adapter_type"], "features": len(feature_layout(a.config))}
+            for origin, a in zip(req.t2i_adapter, pipe.t2i.adapters if pipe.t2i is not None else [], strict=True)
+        ],
+        layers=len(pipe.adapters.layer_names),
+        layer_names=pipe.adapters.layer_names,
+        attention_blocks=_blocks(pipe),
+        token_width=pipe.unet.config.cross_attention_dim,
+        force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
+    )
     calibration = _calibrate(req, pipe, contracts[0], say)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
-    try:
-        networks: dict[str, dict[str, Any]] = {}
-        for i, contract in enumerate(contracts, 1):
-            t0 = time.perf_counter()
-            target = tmp / "onnx" / f"{contract.name}.onnx"
-            export = lambda c=contract, t=target: export_onnx(c, t, exporter=req.exporter)  # noqa: E731
-            onnx_path, kept = export_cached(contract, ident, target, export)
-            stages = [f"ONNX export {'reused (kept exports)' if kept else f'{time.perf_counter() - t0:.1f} s'}"]
-            files, stage, report = _convert(req, device, contract, onnx_path, tmp, calibration)
-            networks[contract.name] = network_record(contract, files, tmp)
-            if report is not None:
-                calib = calibration["record"] | {"samples": len(calibration["feeds"][contract.name])}
-                networks[contract.name]["quantization"] = report | {"calibration": calib}
-            say(f"[{i}/{len(contracts)}] {contract.name}: {' -> '.join([*stages, *stage])}")
-        _write_model_files(pipe, tmp / "model")
-        manifest = dict(format=FORMAT, identity=ident, request=ident["request"])
-        manifest.update(
-            sources=sources,
-            networks=networks,
-            backend=req.backend,
-            dtype=req.dtype,
-            precision=req.precision,
-            io_dtype=DTYPE_NAMES[pipe.dtype],
-            vae_dtype=DTYPE_NAMES[next(pipe.vae.parameters()).dtype] if pipe.vae is not None else None,
-            vae_class=type(pipe.vae).__name__ if pipe.vae is not None else None,  # None: a UNet-only base
-            versions=versions(),
-            gpu=gpu_info(device),
-            family=pipe.family.name,
-            shapes={
-                "batch": req.batch,
-                "height": req.height,
-                "width": req.width,
-                "text_tokens": 77,
-                "frames": req.frames,
-            },
-            motion_adapter=req.motion_adapter,
-            adapters=[
-                {"variant": e.spec.name, "tokens": t, "origin": e.origin}
-                for e, t in zip(pipe.adapters.entries, contracts[0].meta["tokens"], strict=True)
-            ],
-            controlnets=[
-                {"origin": origin, "residuals": len(residual_names(contracts[0].inputs))} for origin in req.controlnet
-            ],
-            t2i_adapters=[
-                {"origin": origin, "type": a.config["adapter_type"], "features": len(feature_layout(a.config))}
-                for origin, a in zip(req.t2i_adapter, pipe.t2i.adapters if pipe.t2i is not None else [], strict=True)
-            ],
-            layers=len(pipe.adapters.layer_names),
-            layer_names=pipe.adapters.layer_names,
-            attention_blocks=_blocks(pipe),
-            token_width=pipe.unet.config.cross_attention_dim,
-            force_zeros_for_empty_prompt=pipe.base.force_zeros_for_empty_prompt,
-            built_seconds=round(time.perf_counter() - stages_done, 1),
-        )
-        (out / "manifest.json").unlink(missing_ok=True)  # old engines are no longer vouched for
-        for sub in ("onnx", "tensorrt", "openvino", "model"):
-            if (out / sub).exists():
-                shutil.rmtree(out / sub)
-            if (tmp / sub).exists():
-                os.replace(tmp / sub, out / sub)
-        write_manifest(out, manifest)
-        say(f"engines written to '{out}' ({manifest['built_seconds']} s)")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    extra = lambda folder: _write_model_files(pipe, folder / "model")  # noqa: E731
+    written = write_engines(out, contracts, manifest, ident, say, exporter=req.exporter, calibration=calibration,
+                            overflow_fix=req.overflow_fix(), extra=extra, started=started)  # fmt: skip
+    say(f"engines written to '{out}' ({written['built_seconds']} s)")
 
 
 def _calibrate(req: BuildRequest, pipe, unet: Contract, say) -> dict[str, Any] | None:
@@ -478,50 +444,10 @@ def _calibrate(req: BuildRequest, pipe, unet: Contract, say) -> dict[str, Any] |
     return {"feeds": feeds, "record": record}
 
 
-def _convert(
-    req: BuildRequest, device, contract: Contract, onnx_path: Path, tmp: Path, calibration: dict | None = None
-) -> tuple[list[Path], list[str], dict | None]:
-    """One network's engine files from its ONNX, the progress note of that stage (none for ONNX Runtime) and, for a
-    quantised network, its precision report."""
-    start, name = time.perf_counter(), contract.name
-    if req.backend == "tensorrt":
-        timing = timing_cache_path(cache_root(), tensorrt_version(), gpu_info(device))
-        plan = build_trt_engine(onnx_path, tmp / "tensorrt" / f"{name}.plan", contract.profile(), timing)
-        return [plan], [f"TensorRT build {time.perf_counter() - start:.1f} s"], None
-    if req.backend == "openvino":
-        feeds = calibration["feeds"] if calibration else None
-        files, report = convert_onnx(
-            onnx_path, tmp / "openvino" / f"{name}.xml", name, req.precision, feeds, req.overflow_fix()
-        )
-        note = "OpenVINO IR" + (" + int8 quantisation" if report else "")
-        return files, [f"{note} {time.perf_counter() - start:.1f} s"], report
-    return [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")], [], None
-
-
 def _blocks(pipe) -> dict:
     from ..adapters.scale import attention_blocks
 
     return {side: {str(k): v for k, v in d.items()} for side, d in attention_blocks(pipe.unet).items()}
-
-
-def network_record(contract: Contract, files: list[Path], root: Path) -> dict[str, Any]:
-    return {
-        # mtime: moving a file into place keeps it, so a load hashes only a file that is not the one the build wrote
-        "files": {f.relative_to(root).as_posix(): _file_record(f) for f in files},
-        "inputs": {
-            name: {"dtype": str(x.dtype).removeprefix("torch."), "profile": [list(s) for s in prof]}
-            for (name, x), prof in zip(contract.inputs.items(), contract.profile().values(), strict=True)
-        },
-        "outputs": list(contract.outputs),
-        "batch": list(contract.batch),
-    }
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    from .manifest import sha256_file
-
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
 def _write_model_files(pipe, folder: Path) -> None:

@@ -55,7 +55,9 @@ def _reads(network: str, role: str) -> bool:
 
 
 def network_key(network: str, ident: dict[str, Any], inputs: dict[str, Any]) -> str:
-    request = {k: v for k, v in ident["request"].items() if k not in ("backend", "precision")}
+    # an SD build's identity has its request; a family's is one flat record
+    drop = ("backend", "precision", "sources", "versions")
+    request = {k: v for k, v in ident.get("request", ident).items() if k not in drop}
     versions = {k: v for k, v in ident["versions"].items() if k not in ("tensorrt", "openvino", "nncf")}
     payload = {
         "network": network,

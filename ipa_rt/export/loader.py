@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .build import DTYPES, SUFFIX
+from .build import DTYPES
 from .engines import OrtEngine, TrtEngine
 from .manifest import check_engine_dir, read_manifest
 from .openvino_engine import OvEngine, compute_precision
+from .writer import SUFFIX
 
 
 def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, scheduler: Any, cls: type):

@@ -4,15 +4,12 @@ manifest, and opening the engine again.
 
 The folder's name in the cache (``$IPA_RT_CACHE``) is a hash of the identity: the network's and the adapters' files
 (sha256, memoised by size and mtime), the image encoder, the static shapes, backend, precision and the versions that
-shape the export. A build happens under a lock in a private folder; the manifest is written last.
+shape the export. A build happens under a lock, its files written by :mod:`.writer` (every build's writer).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,6 @@ import torch
 from .. import console
 from ..cache import cache_root
 from ..errors import ConfigError
-from .contracts import Contract
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
@@ -35,7 +31,9 @@ def check_backend(backend: str, what: str) -> None:
     require_backend(backend)  # the extra named before any work
 
 
-def shape_options(engine_options: dict[str, Any] | None, defaults: dict[str, int], what: str) -> dict[str, Any]:
+def shape_options(
+    engine_options: dict[str, Any] | None, defaults: dict[str, int], what: str, backend: str
+) -> dict[str, Any]:
     """``engine_options`` → ``{"shapes", "precision", "rebuild"}``: every shape a positive whole number."""
     options = dict(engine_options or {})
     allowed = (*defaults, "precision", "rebuild")
@@ -49,10 +47,13 @@ def shape_options(engine_options: dict[str, Any] | None, defaults: dict[str, int
             raise ConfigError(f"engine_options['{key}'] is {value!r}; expected a positive whole number")
         shapes[key] = value
     precision = options.get("precision", "fp32")
-    if precision == "auto":  # no int8 calibration for these networks: bf16 where the CPU has it, else fp32
-        from .openvino_engine import resolve_precision
+    if backend == "openvino":  # "auto": no int8 calibration for these networks, so bf16 where the CPU has it, else fp32
+        from .openvino_engine import check_precision, resolve_precision
 
         precision = resolve_precision(precision, int8=False)
+        check_precision(precision)
+    elif precision != "fp32":
+        raise ConfigError(f"precision {precision!r} is OpenVINO's; {backend} engines of {what} models are fp32")
     return {"shapes": shapes, "precision": precision, "rebuild": bool(options.get("rebuild"))}
 
 
@@ -102,53 +103,8 @@ def cached_build(
     return reuse_or_build(folder, ident, rebuild, device, build, console.say, f"{kind} engine")
 
 
-def write_engine(folder: Path, contract: Contract, backend: str, precision: str, manifest: dict[str, Any]) -> None:
-    """Export ``contract`` to ONNX, build the backend's engine from it, place the files and write the manifest
-    (``manifest`` plus the network's record) last."""
-    from .build import SUFFIX, network_record
-    from .manifest import FORMAT, write_manifest
-    from .onnx_export import export_onnx
-
-    name = contract.name
-    folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
-    try:
-        console.say(f"exporting the {manifest.get('pipeline', '')} {name} to ONNX")
-        onnx_path = export_onnx(contract, work / f"{name}.onnx")
-        files = [onnx_path, *(p for p in work.iterdir() if p.name.startswith(f"{name}.onnx."))]
-        if backend == "openvino":
-            from .openvino_engine import check_precision, convert_onnx
-
-            check_precision(precision)
-            files, _ = convert_onnx(onnx_path, work / "openvino" / f"{name}.xml", name, precision)
-        elif backend == "tensorrt":
-            from .engines import build_trt_engine, tensorrt_version, timing_cache_path
-            from .manifest import gpu_info
-
-            cache = timing_cache_path(cache_root(), tensorrt_version() or "", gpu_info(torch.device("cuda")))
-            files = [build_trt_engine(onnx_path, work / f"{name}{SUFFIX['tensorrt']}", contract.profile(), cache)]
-        elif precision != "fp32":
-            raise ConfigError(f"precision {precision!r} is OpenVINO's; ONNX Runtime engines are fp32")
-        if (folder / "manifest.json").exists():  # a rebuild: the old engine's files go, nothing else of the folder's
-            old = json.loads((folder / "manifest.json").read_text())
-            for file in old.get("networks", {}).get(name, {}).get("files", {}):
-                (folder / file).unlink(missing_ok=True)
-        placed = []
-        for f in files:
-            dst = folder / f.relative_to(work)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, dst)
-            placed.append(dst)
-        full = {"format": FORMAT, "backend": backend, "precision": precision, **manifest}
-        full["networks"] = {name: network_record(contract, placed, folder)}
-        write_manifest(folder, full)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    console.say(f"{name} engine written to '{folder}'")
-
-
 def open_engine(folder: str | os.PathLike, device: torch.device | str, kind: str) -> tuple[dict[str, Any], Any]:
-    """``(manifest, engine)`` of a folder ``write_engine`` wrote for ``kind`` (checked: files, sources)."""
+    """``(manifest, engine)`` of a folder a family's build wrote for ``kind`` (checked: files, sources)."""
     from .loader import _engine
     from .manifest import check_engine_dir, read_manifest
 

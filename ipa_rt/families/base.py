@@ -4,7 +4,8 @@ A family is one :class:`Family` (its spec: pipeline class names, the heavy netwo
 export contract and engine stand-in) and one pipeline mixin on :class:`FamilyMixin` (install and restore, the engine
 stand-in's call defaults, CUDA graphs, the runtime summary). From them come, once for every family: the torch-or-engine
 choice of ``from_pretrained`` (:meth:`Family.from_pretrained`), the engine build (:meth:`Family.build_engines`, the
-mechanics of :mod:`ipa_rt.export.wrapped`) and the loader (:meth:`Family.open_engine`).
+mechanics of :mod:`ipa_rt.export.wrapped`, files by :mod:`ipa_rt.export.writer`) and the loader
+(:meth:`Family.open_engine`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from .. import console
 from ..adapters.checkpoint import HUB_KWARGS, adapter_sources
 from ..adapters.conditions import ReferenceCacheMixin
 from ..console import hushed
@@ -163,13 +165,15 @@ class Family:
         built; returns the folder. ``engine_options``: the shapes of :meth:`engine_defaults`, ``precision``
         (OpenVINO) and ``rebuild``."""
         from ..export import wrapped
+        from ..export.manifest import FORMAT
+        from ..export.writer import write_engines
 
         wrapped.check_backend(backend, self.title)
         if ip_adapter is None:
             raise ConfigError(f"{self.title} engines are built with their IP-Adapter(s): give ip_adapter")
         base = os.fspath(base)
         class_name = class_name or declared_pipeline(base) or self.pipelines[0]
-        options = wrapped.shape_options(engine_options, self.engine_defaults(base), self.title)
+        options = wrapped.shape_options(engine_options, self.engine_defaults(base), self.title, backend)
         adapters = adapter_sources(ip_adapter, subfolder, weight_name or self.default_weight)
         self.check_engine(base, class_name, adapters)
         encoder = self.encoder_source(image_encoder)
@@ -179,6 +183,9 @@ class Family:
         def build(folder: Path) -> None:
             exported = self.export(base, class_name, adapters, encoder, options["shapes"])
             record = {
+                "format": FORMAT,
+                "backend": backend,
+                "precision": options["precision"],
                 "kind": self.kind,
                 "identity": ident,
                 "sources": sources,
@@ -189,8 +196,9 @@ class Family:
                 "image_encoder": exported.image_encoder,
                 **exported.record,
             }
-            with exported.scope:
-                wrapped.write_engine(folder, exported.contract, backend, options["precision"], record)
+            with exported.scope:  # the one engine writer of every build
+                write_engines(folder, [exported.contract], record, ident, console.say)
+            console.say(f"{exported.contract.name} engine written to '{folder}'")
 
         return wrapped.cached_build(ident, out, options["rebuild"], build)
 
