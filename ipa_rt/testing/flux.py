@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, write_tokenizer
+from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, clean_configs, save_adapter, write_tokenizer
 
 FAMILIES = ("flux", "chroma")
 LAYOUTS = ("xlabs", "diffusers")
@@ -83,14 +83,6 @@ _T5_WORDS = (
     "detailed woman man girl boy red blue green white black light sun sky tree house car city street water"
 ).split()
 _T5_SUBWORDS = ("ing", "ed", "er", "es", "s", "ly", "th", "an", "re", "on")
-
-
-def _clean(configs: dict[str, Any] | None) -> dict[str, Any]:
-    """Per-component overrides without their ``_comment``-style keys (the benchmarks' config files carry some)."""
-    return {
-        k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v
-        for k, v in (configs or {}).items()
-    }
 
 
 def _t5_pieces() -> list[tuple[str, float]]:
@@ -177,7 +169,7 @@ def write_flux_model(
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    configs = _clean(configs)
+    configs = clean_configs(configs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -278,27 +270,7 @@ def save_flux_adapter(
     allowed = (".safetensors",) if layout == "xlabs" else (".safetensors", ".bin")
     if path.suffix not in allowed:
         raise ValueError(f"layout={layout!r} is written as {' or '.join(allowed)}, not {path.name!r}")
-    if sorted(state) != ["image_proj", "ip_adapter"]:
-        raise ValueError(f"state must hold 'image_proj' and 'ip_adapter', got {sorted(state)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".bin":
-            nested = {
-                part: {k: v.contiguous() for k, v in state[part].items()} for part in ("image_proj", "ip_adapter")
-            }
-            torch.save(nested, tmp)
-        else:
-            from safetensors.torch import save_file
-
-            name = _xlabs_name if layout == "xlabs" else lambda part, key: f"{part}.{key}"
-            save_file({name(part, k): v.contiguous() for part, sd in state.items() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_adapter(state, path, _xlabs_name if layout == "xlabs" else None)
 
 
 @_quiet

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .flux import _clean
-from .unet import SDXL_UNET, VAE_CONFIG, _quiet, adapter_state_dict, save_adapter
+from .unet import SDXL_UNET, VAE_CONFIG, _quiet, adapter_state_dict, clean_configs, save_adapter
 
 # openai/clip-vit-large-patch14-336 (Kwai-Kolors/Kolors-IP-Adapter-Plus/image_encoder): 1024 wide, 24 layers,
 # 336 px in 14 px patches = 576 patches + CLS = 577 tokens. Tiny: 48 wide (not the ChatGLM/CLIP 32, so a mix-up of
@@ -168,7 +167,7 @@ def write_kolors_model(folder: str | os.PathLike, seed: int = 0, configs: dict[s
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
-    configs = _clean(configs)
+    configs = clean_configs(configs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

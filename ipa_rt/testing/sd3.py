@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .flux import _clean, _t5_config, save_with_hub_tokenizers, write_t5_tokenizer
-from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, write_tokenizer
+from .flux import _t5_config, save_with_hub_tokenizers, write_t5_tokenizer
+from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, clean_configs, save_adapter, write_tokenizer
 
 SD3_LAYOUTS = ("instantx", "diffusers")
 SD3_TRANSFORMER = dict(  # SD3.5-Large: 38 blocks, 38 heads x 64, patch 2, qk rms_norm, no dual-attention blocks
@@ -68,7 +68,7 @@ def write_sd3_model(
     )
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    configs = _clean(configs)
+    configs = clean_configs(configs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -215,25 +215,8 @@ def save_sd3_adapter(
     if path.suffix not in (".bin", ".safetensors"):
         raise ValueError(f"an SD3.5 IP-Adapter is written as .bin or .safetensors, not {path.name!r}")
     rename = _instantx_name if layout == "instantx" else str
-    nested = {
-        "image_proj": {rename(k): v.contiguous() for k, v in state["image_proj"].items()},
-        "ip_adapter": {k: v.contiguous() for k, v in state["ip_adapter"].items()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".bin":
-            torch.save(nested, tmp)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({f"{part}.{k}": v for part, sd in nested.items() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_adapter({"image_proj": {rename(k): v for k, v in state["image_proj"].items()},
+                         "ip_adapter": state["ip_adapter"]}, path)  # fmt: skip
 
 
 @_quiet

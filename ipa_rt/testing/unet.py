@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,14 @@ def _quiet(fn: Callable) -> Callable:
     return wrapper
 
 
+def clean_configs(configs: dict[str, Any] | None) -> dict[str, Any]:
+    """Per-component overrides without their ``_comment``-style keys (the benchmarks' config files carry some)."""
+    return {
+        k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v
+        for k, v in (configs or {}).items()
+    }
+
+
 def _bytes_to_unicode() -> list[str]:
     """CLIP's byte-level BPE alphabet (256 printable stand-ins for the 256 byte values)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -164,10 +173,7 @@ def write_base_model(
     """A tiny diffusers-format base model folder of ``family`` ``"sd15"`` or ``"sdxl"`` (``in_channels=9``:
     an inpainting model). ``configs`` overrides the tiny architecture per component (``unet``, ``vae``,
     ``text``, ``text_2``, ``image_size``), e.g. with the full-size configs in ``benchmarks/configs``."""
-    configs = {
-        k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v
-        for k, v in (configs or {}).items()
-    }
+    configs = clean_configs(configs)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -329,17 +335,30 @@ def adapter_state_dict(
     return {"image_proj": _image_proj(variant, r, cross, enc), "ip_adapter": ip_adapter}
 
 
-def save_adapter(state: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike) -> Path:
-    """Write an h94-layout dict as ``.safetensors`` (flat ``image_proj.*`` keys) or ``.bin`` (nested)."""
+def save_adapter(
+    state: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike, name: Callable[[str, str], str] | None = None
+) -> Path:
+    """Write a nested ``{"image_proj": ..., "ip_adapter": ...}`` dict atomically, as ``.bin`` (the nested dict,
+    ``torch.save``) or ``.safetensors`` (flat keys: ``name(part, key)``, by default h94's ``<part>.<key>``); every
+    family's adapter files are written here."""
     path = Path(path)
+    if sorted(state) != ["image_proj", "ip_adapter"]:
+        raise ValueError(f"state must hold 'image_proj' and 'ip_adapter', got {sorted(state)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        flat = {f"{part}.{k}": v.contiguous() for part, sd in state.items() for k, v in sd.items()}
-        save_file(flat, str(path))
-    else:
-        torch.save(state, str(path))
+            name = name or (lambda part, key: f"{part}.{key}")
+            save_file({name(part, k): v.contiguous() for part, sd in state.items() for k, v in sd.items()}, tmp)
+        else:
+            torch.save({part: {k: v.contiguous() for k, v in sd.items()} for part, sd in state.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
