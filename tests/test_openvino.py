@@ -253,6 +253,38 @@ def test_compiled_blobs_are_kept_imported_and_replaced_when_damaged(ov_engines, 
     assert kept != blob
 
 
+@pytest.mark.slow
+def test_blobs_of_a_deleted_engine_are_removed(ov_engines, tmp_path, monkeypatch):
+    """An engine folder deleted leaves no compiled blob behind: the next blob kept in the same folder removes the
+    blobs of every IR that is gone (noted by path in sources.json), and keeps those of IRs still there."""
+    import json
+    import shutil
+
+    from ipa_rt.export.openvino_engine import OvEngine
+
+    monkeypatch.setenv("IPA_RT_CACHE", str(tmp_path / "cache"))
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    xmls = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        for suffix in (".xml", ".bin"):
+            shutil.copy(ov_engines["sd15"] / "openvino" / f"image_encoder{suffix}", tmp_path / name)
+        xmls[name] = tmp_path / name / "image_encoder.xml"
+    blobs = {}
+    for name in ("a", "b"):
+        before = set((tmp_path / "cache").glob("openvino-cache/*/*.blob"))
+        OvEngine(xmls[name], "cpu", "f32")({"pixel_values": pixels})
+        (blobs[name],) = set((tmp_path / "cache").glob("openvino-cache/*/*.blob")) - before
+    shutil.rmtree(tmp_path / "a")  # the engine folder deleted
+    assert blobs["a"].is_file()  # nothing has looked yet
+    OvEngine(xmls["c"], "cpu", "f32")({"pixel_values": pixels})
+    folder = blobs["a"].parent
+    assert not blobs["a"].exists() and blobs["b"].is_file()
+    assert len(list(folder.glob("*.blob"))) == 2  # b's and c's
+    noted = json.loads((folder / "sources.json").read_text())
+    assert sorted(noted.values()) == sorted(str(xmls[n].resolve()) for n in ("b", "c"))
+
+
 def test_release_mapped_drops_resident_pages_and_keeps_the_data(tmp_path):
     """The pages of a file's mappings leave this process's resident memory (read-only and copy-on-write
     mappings alike) and read back the same; a page written in a copy-on-write mapping is never lost."""

@@ -25,6 +25,7 @@ input shape at run time, inputs and outputs shared with torch buffers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -233,6 +234,25 @@ class OvEngine:
         for old in blob.parent.glob(f"{network}-{path}-*.blob"):
             if old.stem.rsplit("-", 3)[2] != files:
                 old.unlink(missing_ok=True)
+        self._prune_orphans(blob.parent, path)
+
+    def _prune_orphans(self, folder: Path, path: str) -> None:
+        """Note this IR's path (by its hash) in the folder's ``sources.json`` and remove the blobs of every noted IR
+        that is gone: an engine folder deleted (or a cache entry rebuilt under a new name) leaves nothing behind."""
+        index = folder / "sources.json"
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: start again (unnoted blobs are only not pruned)
+            known = {}
+        known = (known if isinstance(known, dict) else {}) | {path: str(self.path.resolve())}
+        for key, ir in list(known.items()):
+            if not Path(str(ir)).is_file():
+                for old in folder.glob(f"*-{key}-*.blob"):
+                    if old.stem.rsplit("-", 3)[1] == key:
+                        old.unlink(missing_ok=True)
+                del known[key]
+        with contextlib.suppress(OSError):  # a read-only cache keeps its blobs
+            atomic_write_bytes(index, json.dumps(known, indent=1, sort_keys=True).encode())
 
     def _import(self, blob: Path) -> tuple:
         """The compiled model kept in ``blob`` and the mapping it reads its weights from (kept alive with it), or
