@@ -1,8 +1,10 @@
-"""Where ipa_rt keeps what it builds for a machine: engines, the TensorRT timing cache, kernel tuning results."""
+"""Where ipa_rt keeps what it builds for a machine (engines, the TensorRT timing cache, kernel tuning results), and the
+one way it writes a file that others read (:func:`atomic_write_bytes`)."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 CACHE_ENV = "IPA_RT_CACHE"
@@ -12,3 +14,19 @@ def cache_root() -> Path:
     """``$IPA_RT_CACHE`` or ``~/.cache/ipa_rt/engines``."""
     root = os.environ.get(CACHE_ENV)
     return Path(root) if root else Path.home() / ".cache" / "ipa_rt" / "engines"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

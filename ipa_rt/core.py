@@ -453,10 +453,15 @@ class PipelineCore:
         ``"composition"``, ``"style_and_composition"``); one in-place tensor write."""
         if self.adapters is None:
             raise ConfigError("set_ip_adapter_scale: no IP-Adapter is loaded in this pipeline")
-        rows = expand_scale(scale, self.unet, self.adapters.layer_names, self.adapters.num_adapters, self.family.name)
-        table, per_image = scale_tables(rows)
+        table, per_image = self.scale_tables(scale)
         self.adapters.context.set_scale(table)
         self.image_scale = per_image  # per masked image factors (None: per-adapter scales only)
+
+    def scale_tables(self, scale: Any) -> tuple[Tensor, Tensor | None]:
+        """A ``set_ip_adapter_scale`` value as the ``[adapters, layers]`` table and the per masked image factors
+        (checked against the loaded adapters; nothing is written)."""
+        stack = self.adapters
+        return scale_tables(expand_scale(scale, self.unet, stack.layer_names, stack.num_adapters, self.family.name))
 
     def set_ip_adapter_step_range(self, ranges: Any) -> None:
         """Active steps per adapter as ``(start, end)`` fractions of the schedule (one pair, or one per adapter):

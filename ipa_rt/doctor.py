@@ -307,7 +307,7 @@ def table(rows: list[Check]) -> str:
 
 
 def write_report(rows: list[Check], path: Path) -> None:
-    from .adapters.checkpoint import atomic_write_bytes
+    from .cache import atomic_write_bytes
 
     failed = [r.name for r in rows if r.status == "fail"]
     report = {"ok": not failed, "failed": failed, "checks": [asdict(r) for r in rows]}

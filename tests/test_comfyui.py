@@ -267,6 +267,7 @@ def test_sampler_workflow_equals_python_api(comfy, models):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_two_adapters_with_mask_equal_python_api(comfy, models):
     graph = _workflow("ipa_rt_two_adapters_mask", models)
     entry = comfy.run(graph)
@@ -279,6 +280,7 @@ def test_two_adapters_with_mask_equal_python_api(comfy, models):
     assert np.abs(got.astype(int) - single).max() > 0  # the second adapter and the mask changed the image
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_engine_model_with_ksampler(comfy, models):
     """KSampler on the engine MODEL equals KSampler on the torch MODEL (to fp32 rounding); a weight change is a
     tensor write: the second run loads and builds nothing, and weight 0 equals the image without IP-Adapter."""
@@ -318,6 +320,7 @@ def _options(info: dict, node: str, name: str) -> list:
     return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_model_folders_loader_equals_python_api(comfy, models):
     """The loader's dropdowns list ComfyUI's model folders (the ``ipadapter`` folder registered when the pack
     loaded); a single-file checkpoint (configs and tokenizer from the diffusers folder), the adapter, a one-file
@@ -397,6 +400,7 @@ def _with_mask(graph: dict, mask: dict) -> dict:
     return out
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_masks_on_the_model_path(comfy, models):
     """Regional masks on the ipa_rt MODEL (torch backend) through KSampler: an all-zero mask gives the image
     without IP-Adapter and the half mask a third image, bit for bit as the masks' arithmetic says; one UNet call
@@ -455,6 +459,7 @@ def sdxl_models(comfy) -> dict:
     return {"base": files["base"], "adapter": files["adapter"], "encoder": files["image_encoder"]}
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_sdxl_model_with_ksampler(comfy, models, sdxl_models):
     """SDXL on the ipa_rt MODEL: ComfyUI's SDXL model class makes ``y`` from the pooled text and the sizes; the
     MODEL reads ``text_embeds`` and ``time_ids`` back (one UNet call equals the Python API's, bit for bit, and the
@@ -638,6 +643,7 @@ def _loads(comfy: Comfy) -> int:
     return comfy.log.read_text().count("ipa_rt: loaded")
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_engine_from_comfyui_model(comfy, from_model_files):
     """ComfyUI's own MODEL and CLIP_VISION through ipa_rt Engine from MODEL: on torch, the image of the ipa_rt
     loader's MODEL on the same file, bit for bit (the same weights through the same conversion, the same CLIP
@@ -668,6 +674,7 @@ def test_engine_from_comfyui_model(comfy, from_model_files):
     assert sorted(p.name for p in (engines / "comfyui-weights").iterdir()) == written
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_engine_from_model_with_comfyui_lora(comfy, from_model_files):
     """A LoRA applied by ComfyUI's Load LoRA is baked into the weights the engine is made from (a new file, named
     by the patched weights) and gives the image of ipa_rt's own LoRA fusing of that file (the ipa_rt loader's lora
@@ -689,6 +696,7 @@ def test_engine_from_model_with_comfyui_lora(comfy, from_model_files):
     assert checked["released"] and checked["lora_tensors_in_file"] > 0, checked
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_engine_from_sdxl_checkpoint(comfy, from_model_sdxl_files):
     """SDXL from Load Checkpoint (ComfyUI detects the file as Segmind Vega, an SDXL) and Load CLIP Vision through
     ipa_rt Engine from MODEL, with ComfyUI's SDXL CLIP (its pooled output and sizes in ``y``) and VAE: on torch,
@@ -712,6 +720,7 @@ def test_engine_from_sdxl_checkpoint(comfy, from_model_sdxl_files):
     assert "2048" in err["exception_message"], err["exception_message"]  # the SDXL UNet's context width
 
 
+@pytest.mark.slow  # the fast tier keeps one workflow end to end (the sampler's) and the node checks
 def test_engine_from_model_errors(comfy, from_model_files, models):
     """An adapter that does not fit the checkpoint and a truncated adapter file: one execution error each, from
     the node, naming the file; the node's UNet-only pipeline given to ipa_rt Engine as MODEL (which gives the

@@ -10,7 +10,7 @@ from conftest import CALL, fixed_latents, ipa_pipe
 
 import ipa_rt
 from ipa_rt import testing as T
-from ipa_rt.adapters.checkpoint import atomic_write_bytes
+from ipa_rt.cache import atomic_write_bytes
 
 
 def load(models, adapter, family="sd15", **kw):

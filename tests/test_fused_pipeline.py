@@ -68,7 +68,8 @@ def test_layer_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxscript")
     from diffusers.models.attention_processor import Attention
 
-    from ipa_rt.adapters.attention import DecoupledCrossAttnProcessor, ImageContext
+    from ipa_rt.adapters.attention import DecoupledCrossAttnProcessor
+    from ipa_rt.runtime.image_state import ImageContext
 
     class Layer(torch.nn.Module):
         """One SD1.5-shaped cross-attention layer (head dim 40) with image K/V and scales as inputs."""

@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 
-from ipa_rt.adapters.attention import decoupled_attention_reference
 from ipa_rt.kernels import decoupled_attention, fused_available
 from ipa_rt.kernels import decoupled_kernel as kmod
+from ipa_rt.kernels.reference import decoupled_attention_reference
 from ipa_rt.kernels.tuning import candidates
 
 _WHY_NOT = fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 64)

@@ -7,11 +7,11 @@ import torch
 from conftest import CALL, FAMILIES, count_forwards, diffusers_pipe, fixed_latents, ipa_pipe
 
 from ipa_rt import testing as T
-from ipa_rt.adapters.attention import decoupled_attention_reference
 from ipa_rt.adapters.checkpoint import AdapterSource, read_adapter
 from ipa_rt.adapters.scale import expand_scale, scale_tables
 from ipa_rt.adapters.stack import cross_attention_layers
 from ipa_rt.adapters.variants import VARIANTS, build_projection, detect_variant
+from ipa_rt.kernels.reference import decoupled_attention_reference
 
 
 @pytest.mark.parametrize("family", FAMILIES)

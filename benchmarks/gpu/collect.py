@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ipa_rt.adapters.checkpoint import atomic_write_bytes
+from ipa_rt.cache import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -76,7 +76,7 @@ TARGETS = (
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """ipa_rt.adapters.checkpoint.atomic_write_bytes's job, kept here: the driver imports neither torch nor ipa_rt, so a
+    """ipa_rt.cache.atomic_write_bytes's job, kept here: the driver imports neither torch nor ipa_rt, so a
     broken install fails a stage (recorded) instead of the whole run before it has written anything."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

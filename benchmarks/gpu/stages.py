@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))  # the benchmark modules (harness, attentio
 import torch  # noqa: E402
 from common import _run  # noqa: E402
 
-from ipa_rt.adapters.checkpoint import atomic_write_bytes  # noqa: E402
+from ipa_rt.cache import atomic_write_bytes  # noqa: E402
 from ipa_rt.doctor import rel_l2  # noqa: E402  (NaN or inf is an infinite error: never passes)
 
 SIZES = {"sd15": 512, "sdxl": 1024}  # the families' native sizes, fp16 on the GPU

@@ -196,7 +196,7 @@ def save_ip_adapter_embeds(path: str | os.PathLike, embeds: list[Tensor]) -> Pat
     atomically."""
     from safetensors.torch import save
 
-    from .checkpoint import atomic_write_bytes
+    from ..cache import atomic_write_bytes
 
     if not isinstance(embeds, (list, tuple)) or not all(isinstance(e, Tensor) for e in embeds):
         raise ConfigError("embeds must be a list of tensors (one per IP-Adapter)")

@@ -4,7 +4,7 @@ The UNet is wrapped, never edited for good (refiners' inject/eject): :meth:`IPAd
 diffusers' ``attn2`` processors for :class:`~ipa_rt.adapters.attention.DecoupledCrossAttnProcessor` and wraps the
 FaceID LoRA targets; :meth:`IPAdapterStack.restore` puts back exactly what was there. The per-request image state
 the processors read (keys/values, masks, scales, static buffers) is the stack's
-:class:`~ipa_rt.adapters.attention.ImageContext`, written through its methods (:meth:`IPAdapterStack.prepare` computes
+:class:`~ipa_rt.runtime.image_state.ImageContext`, written through its methods (:meth:`IPAdapterStack.prepare` computes
 what goes in).
 """
 
@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleAdapterError, ScaleError
-from .attention import DecoupledCrossAttnProcessor, ImageContext
+from ..runtime.image_state import ImageContext
+from .attention import DecoupledCrossAttnProcessor
 from .checkpoint import AdapterSource, RawAdapter
 from .variants import VariantSpec, adapter_family, build_projection, detect_variant, variant_of_projection
 
@@ -299,7 +300,7 @@ class IPAdapterStack(nn.Module):
     ) -> list[tuple[Tensor, Tensor]] | None:
         """Compute every layer's image keys/values once for this request (they do not depend on the step), or take
         them from ``kv`` (what an earlier ``prepare`` of the same tokens returned: the reference cache keeps it),
-        and hold them in the context (:meth:`~ipa_rt.adapters.attention.ImageContext.hold`). Returns the per-layer
+        and hold them in the context (:meth:`~ipa_rt.runtime.image_state.ImageContext.hold`). Returns the per-layer
         ``(K, V)`` it wrote from (None without tokens); ``key``: the reference, for the reference cache.
 
         Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an

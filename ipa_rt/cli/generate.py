@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..adapters.checkpoint import atomic_write_bytes
+    from ..cache import atomic_write_bytes
 
     dtype = dtype_of(args)
     with tempfile.TemporaryDirectory(prefix="ipa_rt-example-") as tmp:

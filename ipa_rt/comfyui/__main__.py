@@ -25,7 +25,7 @@ def _check(root: Path) -> None:
 
 def install(comfyui: str | Path) -> Path:
     """Write the shim into ``comfyui``'s ``custom_nodes`` (atomically); returns its folder."""
-    from ..adapters.checkpoint import atomic_write_bytes
+    from ..cache import atomic_write_bytes
 
     root = Path(comfyui).expanduser()
     _check(root)

@@ -252,16 +252,7 @@ def ip_options(model: Any, settings: list, pipe: Any) -> dict:
             f"attention_mask: regional masks are not part of {pipe.backend} engines (as on the ipa_rt Sampler); "
             "load the pipeline with backend torch for masks on the MODEL"
         )
-    from ..adapters.scale import expand_scale, scale_tables
-
-    rows = expand_scale(
-        scale_configs(pipe, settings),
-        pipe.unet,
-        pipe.adapters.layer_names,
-        pipe.adapters.num_adapters,
-        pipe.family.name,
-    )
-    weights, _ = scale_tables(rows)
+    weights, _ = pipe.scale_tables(scale_configs(pipe, settings))
     sampling = model.get_model_object("model_sampling")
     start = torch.tensor([float(sampling.percent_to_sigma(s.start_at)) for s in settings])
     end = torch.tensor([float(sampling.percent_to_sigma(s.end_at)) for s in settings])

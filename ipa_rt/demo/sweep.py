@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..adapters.checkpoint import atomic_write_bytes
+from ..cache import atomic_write_bytes
 from .live import FrameRequest, render_frame
 
 

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..adapters.checkpoint import atomic_write_bytes
-from ..cache import cache_root
+from ..cache import atomic_write_bytes, cache_root
 from ..errors import CheckpointError, EngineError
 
 MANIFEST = "manifest.json"

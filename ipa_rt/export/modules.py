@@ -19,9 +19,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import Tensor, nn
 
-from ..adapters.attention import ImageContext
 from ..adapters.variants import VariantSpec
 from ..errors import ConfigError
+from ..runtime.image_state import ImageContext
 
 
 class EngineModule(nn.Module):

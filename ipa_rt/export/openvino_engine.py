@@ -40,8 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import console
-from ..adapters.checkpoint import atomic_write_bytes
-from ..cache import cache_root
+from ..cache import atomic_write_bytes, cache_root
 from ..cpu import BF16_FLAGS, cpu_features, fast_recipe
 from ..errors import ConfigError, EngineError
 from .quantize import QUANTIZED, compress_weights, precision_report, quantize_network

@@ -1,7 +1,7 @@
 """Which cross-attention layers run the fused kernel, decided once when a pipeline is built (never per call).
 
 For every distinct layer shape the kernel would serve, :func:`choose_layers` compiles and runs it on small random
-inputs against the documented reference (:func:`~ipa_rt.adapters.attention.decoupled_attention_reference`) — with the
+inputs against the documented reference (:func:`~ipa_rt.kernels.reference.decoupled_attention_reference`) — with the
 pipeline's real segment count and without segments (text-only calls), so the variants requests use are compiled
 here — and on CUDA tunes the launch configuration at the model's default size. A layer whose kernel fails to
 compile, launch or match falls back to SDPA with one warning naming the reason: an optimisation never fails a
@@ -40,7 +40,7 @@ def reference_error(out: Tensor, inputs: tuple, bounds: list[int]) -> tuple[floa
     inputs' dtype (flash-attention's rule) plus an fp32 floor. NaN never passes."""
     import itertools
 
-    from ..adapters.attention import decoupled_attention_reference
+    from .reference import decoupled_attention_reference
 
     q, k_text, v_text, k_img, v_img, _, _, scales = inputs[:8]
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.checkpoint import atomic_write_bytes
-from ..cache import cache_root
+from ..cache import atomic_write_bytes, cache_root
 from . import configs
 from .configs import KernelConfig, candidates, config_for, default_config
 from .decoupled_kernel import launch

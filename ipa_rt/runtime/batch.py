@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..adapters.scale import expand_scale, scale_tables
 from ..errors import ConfigError, ScaleError
 from . import request as rq
 from .loop import static_call
@@ -118,12 +117,10 @@ def _scale_rows(pipe, args: dict[str, Any], has_image: bool, index: int) -> Tens
         if pipe.image_scale is not None:
             raise ScaleError("per-image scales need regional masks, which batch() does not take; set a plain scale")
         return stack.scale
-    value = args["ip_adapter_scale"]
     try:
-        rows = expand_scale(value, pipe.unet, stack.layer_names, stack.num_adapters, pipe.family.name)
+        table, per_image = pipe.scale_tables(args["ip_adapter_scale"])
     except ScaleError as exc:
         raise ScaleError(f"request [{index}] ip_adapter_scale: {exc}") from None
-    table, per_image = scale_tables(rows)
     if per_image is not None:
         raise ScaleError(f"request [{index}] ip_adapter_scale has per-image lists, which need regional masks")
     return table.to(stack.scale.device)

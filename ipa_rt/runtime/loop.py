@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters.attention import ImageContext
 from .graphs import GraphCache, GraphPool, copy_into, graphs_on, static_copy
+from .image_state import ImageContext
 from .sampling import EagerPlan, Plan
 
 MIN_CAPACITY = 64  # step tables hold at least this many steps: every usual step count shares one graph

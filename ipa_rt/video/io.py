@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageSequence
 
-from ..adapters.checkpoint import atomic_write_bytes
+from ..cache import atomic_write_bytes
 from ..errors import ConfigError, ImageInputError
 
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".mov": ("mov", "libx264")}

@@ -22,10 +22,10 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection, apply_rot
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from torch import Tensor, nn
 
-from ...adapters.attention import image_segment
 from ...adapters.checkpoint import RawAdapter
 from ...adapters.variants import EMBEDS, adapter_family, build_projection, detect_variant
 from ...errors import ConfigError, IncompatibleAdapterError, ScaleError
+from ...kernels.reference import image_segment
 from ...runtime.graphs import StaticImage
 from ...runtime.lru import IdentityMemo
 from .kernel import FusedKV, fuse, fused_branch
