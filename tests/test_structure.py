@@ -136,6 +136,19 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_no_two_packages_import_each_other():
+    """The same, one level up: each subpackage of ipa_rt (and each top-level module) is one room, and no chain of
+    imports leads from a room back into itself (runtime, adapters and kernels once did: lower rooms never read
+    upper ones)."""
+    rooms: dict[str, set[str]] = {}
+    for module, deps in import_graph().items():
+        room = ".".join(module.split(".")[:2])
+        rooms.setdefault(room, set()).update(r for d in deps if (r := ".".join(d.split(".")[:2])) != room)
+    assert {"ipa_rt.adapters", "ipa_rt.runtime", "ipa_rt.kernels"} <= set(rooms["ipa_rt.core"])
+    cycle = find_cycle(rooms)
+    assert cycle is None, "packages importing each other: " + " -> ".join(cycle or [])
+
+
 @pytest.mark.slow
 def test_submodule_imports_are_quiet():
     """A user importing a submodule first (``ipa_rt.export``, ``ipa_rt.video.pipeline``, ...) sees nothing from
