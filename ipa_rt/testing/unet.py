@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cache import atomic_path
 from ..console import hushed
 
 VARIANT_NAMES = ("base", "plus", "full", "faceid", "faceid_plus")
@@ -344,10 +344,7 @@ def save_adapter(
     path = Path(path)
     if sorted(state) != ["image_proj", "ip_adapter"]:
         raise ValueError(f"state must hold 'image_proj' and 'ip_adapter', got {sorted(state)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -355,10 +352,6 @@ def save_adapter(
             save_file({name(part, k): v.contiguous() for part, sd in state.items() for k, v in sd.items()}, tmp)
         else:
             torch.save({part: {k: v.contiguous() for k, v in sd.items()} for part, sd in state.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageSequence
 
-from ..cache import atomic_write_bytes
+from ..cache import atomic_path, atomic_write_bytes
 from ..errors import ConfigError, ImageInputError
 
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".mov": ("mov", "libx264")}
@@ -64,21 +63,13 @@ def write_video(path: str | os.PathLike, frames: list[Image.Image], fps: float =
         return path
     av = _av(f"writing '{path}'")
     container_format, codec = CONTAINERS[suffix]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format=container_format) as container:
-            stream = container.add_stream(codec, rate=round(fps))
-            w, h = frames[0].size
-            stream.width, stream.height = w + w % 2, h + h % 2  # 4:2:0 needs even sides
-            stream.pix_fmt = "yuv420p"
-            for image in frames:
-                frame = av.VideoFrame.from_image(image.convert("RGB").resize((stream.width, stream.height)))
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix) as tmp, av.open(tmp, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=round(fps))
+        w, h = frames[0].size
+        stream.width, stream.height = w + w % 2, h + h % 2  # 4:2:0 needs even sides
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            frame = av.VideoFrame.from_image(image.convert("RGB").resize((stream.width, stream.height)))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     return path
