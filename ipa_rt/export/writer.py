@@ -52,9 +52,11 @@ def write_engines(
             start = time.perf_counter()
             feeds = calibration["feeds"] if calibration else None
             files, report = _convert(contract, onnx_path, tmp, backend, precision, feeds, overflow_fix)
-            if backend != "onnxruntime":
-                stage = "OpenVINO IR" + " + int8 quantisation" * (report is not None) if backend == "openvino" else ""
-                stages.append(f"{stage or 'TensorRT build'} {time.perf_counter() - start:.1f} s")
+            took = f"{time.perf_counter() - start:.1f} s"
+            if backend == "openvino":
+                stages.append(f"OpenVINO IR{' + int8 quantisation' if report else ''} {took}")
+            elif backend == "tensorrt":
+                stages.append(f"TensorRT build {took}")
             networks[name] = network_record(contract, files, tmp)
             if report is not None:
                 calib = calibration["record"] | {"samples": len(calibration["feeds"][name])}
