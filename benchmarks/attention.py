@@ -139,7 +139,7 @@ def peak_gbps(name: str | None, override: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import ipa_rt.kernels  # noqa: F401  (registers the op)
+    import ipa_rt.kernels.ops  # noqa: F401  (registers the op)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16

@@ -379,7 +379,7 @@ class IPAdapterStack(nn.Module):
     def set_attention(self, fused: Sequence[bool]) -> None:
         """Choose per layer between the fused kernel and the SDPA reference (host decision, once)."""
         if any(fused):
-            from .. import kernels  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
+            from ..kernels import ops  # noqa: F401  (registers torch.ops.ipa_rt.decoupled_attention)
         self._fused = list(fused)
         for proc in self.processors:
             proc.fused = self._fused[proc.layer]

@@ -220,8 +220,9 @@ class OvEngine:
         return self.blobs / f"{self.path.stem}-{'-'.join(names)}.blob"
 
     def _keep(self, compiled, blob: Path) -> None:
-        """Write ``compiled`` to ``blob`` (atomically) and remove the blobs of this IR path made from other files:
-        an engine rebuilt in place would otherwise leave its old blobs behind, a UNet's a GB each."""
+        """Write ``compiled`` to ``blob`` (atomically), then remove the blobs no load can use again: those of this IR
+        path made from other files (an engine rebuilt in place: a UNet's a GB each) and those of every IR that is gone
+        (an engine folder deleted). Each blob folder notes its IRs' paths by hash in ``sources.json``."""
         stream = io.BytesIO()
         compiled.export_model(stream)
         try:
@@ -229,29 +230,20 @@ class OvEngine:
         except OSError as exc:  # a read-only or full cache: the next load compiles again
             console.say(f"OpenVINO's compiled {self.path.stem} not kept in '{blob.parent}': {exc}")
             return
-        network, path, files, _ = blob.stem.rsplit("-", 3)
-        for old in blob.parent.glob(f"{network}-{path}-*.blob"):
-            if old.stem.rsplit("-", 3)[2] != files:
-                old.unlink(missing_ok=True)
-        self._prune_orphans(blob.parent, path)
-
-    def _prune_orphans(self, folder: Path, path: str) -> None:
-        """Note this IR's path (by its hash) in the folder's ``sources.json`` and remove the blobs of every noted IR
-        that is gone: an engine folder deleted (or a cache entry rebuilt under a new name) leaves nothing behind."""
-        index = folder / "sources.json"
+        _, path, files, _ = blob.stem.rsplit("-", 3)
+        index = blob.parent / "sources.json"
         try:
             known = json.loads(index.read_text())
         except (OSError, ValueError):  # none yet, or damaged: start again (unnoted blobs are only not pruned)
             known = {}
         known = (known if isinstance(known, dict) else {}) | {path: str(self.path.resolve())}
-        for key, ir in list(known.items()):
-            if not Path(str(ir)).is_file():
-                for old in folder.glob(f"*-{key}-*.blob"):
-                    if old.stem.rsplit("-", 3)[1] == key:
-                        old.unlink(missing_ok=True)
-                del known[key]
+        gone = {key for key, ir in known.items() if not Path(str(ir)).is_file()}
+        for old in blob.parent.glob("*.blob"):
+            _, p, f, _ = old.stem.rsplit("-", 3) if old.stem.count("-") >= 3 else ("", "", "", "")
+            if p in gone or (p == path and f != files):
+                old.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a read-only cache keeps its blobs
-            atomic_write_bytes(index, json.dumps(known, indent=1, sort_keys=True).encode())
+            atomic_write_bytes(index, json.dumps({k: v for k, v in known.items() if k not in gone}).encode())
 
     def _import(self, blob: Path) -> tuple:
         """The compiled model kept in ``blob`` and the mapping it reads its weights from (kept alive with it), or
