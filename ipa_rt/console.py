@@ -9,6 +9,7 @@ Library code hushes only around its own operations (:func:`hushed`); the command
 from __future__ import annotations
 
 import contextlib
+import importlib
 import ipaddress
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 VERBOSE_ENV = "IPA_RT_VERBOSE"
 _TORCHVISION = ".*torchvision.*"  # transformers' and torch.onnx's notes that it is missing
 THIRD_PARTY = ("transformers", "diffusers", "torch.onnx", "onnxscript", "onnx_ir", "huggingface_hub", "nncf")
+_LIBRARY_LOGGING = ("transformers.utils.logging", "diffusers.utils.logging")  # with progress-bar switches
 
 
 def verbose() -> bool:
@@ -42,21 +44,15 @@ def say(message: str) -> None:
 
 
 def _bars(enabled: bool) -> list:
-    """Turn transformers', diffusers' (loading) and huggingface_hub's progress bars on or off; returns the undo
-    callables."""
+    """Turn transformers', diffusers' (loading, not its denoising bar) and huggingface_hub's progress bars on or off;
+    returns the undo callables."""
     undo = []
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as tlog
-
-        was = tlog.is_progress_bar_enabled()
-        (tlog.enable_progress_bar if enabled else tlog.disable_progress_bar)()
-        undo.append(tlog.enable_progress_bar if was else tlog.disable_progress_bar)
-    with contextlib.suppress(ImportError):  # diffusers' "Loading pipeline components" (not its denoising bar)
-        from diffusers.utils import logging as dlog
-
-        was = dlog.is_progress_bar_enabled()
-        (dlog.enable_progress_bar if enabled else dlog.disable_progress_bar)()
-        undo.append(dlog.enable_progress_bar if was else dlog.disable_progress_bar)
+    for name in _LIBRARY_LOGGING:
+        with contextlib.suppress(ImportError):
+            lib = importlib.import_module(name)
+            was = lib.is_progress_bar_enabled()
+            (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
+            undo.append(lib.enable_progress_bar if was else lib.disable_progress_bar)
     with contextlib.suppress(ImportError):
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -69,9 +65,9 @@ def _bars(enabled: bool) -> list:
 def _configure_libraries() -> None:
     """transformers and diffusers set their loggers' levels when first imported: import them first, so the levels
     set here are not reset by that."""
-    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+    for name in _LIBRARY_LOGGING:
         with contextlib.suppress(ImportError):
-            __import__(module)
+            importlib.import_module(name)
 
 
 @contextlib.contextmanager

@@ -108,7 +108,7 @@ class PipelineCore:
         self.decoder = Graphed(lambda z: self.vae.decode(z, return_dict=False)[0], lambda: [self.vae], "VAE decoder")
         self._share_pool(self.graphed_calls())
         if backend == "torch":  # engines were checked when they were built
-            self._check_encoder()
+            _check_encoder(adapters, image_encoder)
             if self.vae is not None and vae_upcast(self.family, self.vae):  # diffusers' SDXL decodes it in fp32
                 self.vae.to(torch.float32)
         if adapters is not None:
@@ -180,7 +180,7 @@ class PipelineCore:
                 vae = load_vae(vae, model.family, dtype, **hub_kwargs)
             model.vae = _check_vae(vae, model.vae, dtype, model.unet)
         stack = _read_stack(model.unet, adapter_sources(ip_adapter, subfolder, weight_name), hub_kwargs)
-        if image_encoder is None and model.image_encoder is not None:
+        if image_encoder is None:
             image_encoder = model.image_encoder  # as diffusers: the pipeline's own encoder wins
         encoder = cls._resolve_encoder(image_encoder, stack, dtype, hub_kwargs)
         fe = model.feature_extractor or (default_feature_extractor(encoder) if encoder is not None else None)
@@ -223,15 +223,13 @@ class PipelineCore:
     @classmethod
     @static_call
     def from_diffusers(cls, pipe: Any, attention: str = "auto") -> PipelineCore:
-        """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called (modules are shared).
-
-        The UNet is shared too: ipa_rt's processors replace diffusers' IP processors until
-        :meth:`unload_ip_adapter` puts them back.
+        """Wrap a diffusers SD/SDXL pipeline on which ``load_ip_adapter`` was called. Its modules are shared, the
+        UNet too: ipa_rt's processors replace diffusers' IP processors until :meth:`unload_ip_adapter` puts them back.
         """
         unet = getattr(pipe, "unet", None)
         if unet is None:
             raise ConfigError(f"ipa_rt.from_diffusers: {type(pipe).__name__} has no UNet; expected an SD/SDXL pipeline")
-        components = {k: v for k, v in pipe.components.items()}
+        components = dict(pipe.components)
         index = {k: ([None, None] if v is None else ["", type(v).__name__]) for k, v in components.items()}
         family = detect_family(index, dict(unet.config), type(pipe).__name__)
         stack, scales = IPAdapterStack.from_diffusers_unet(unet)
@@ -249,12 +247,6 @@ class PipelineCore:
         stack.scale.copy_(scales)
         encoder = components.get("image_encoder")
         return cls(model, stack, encoder, model.feature_extractor, unet.device, unet.dtype, attention=attention)
-
-    def _check_encoder(self) -> None:
-        """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
-        mismatch = encoder_mismatch(self.adapters, self.image_encoder)
-        if mismatch is not None:
-            raise IncompatibleAdapterError(mismatch)
 
     @static_call
     def to(self, device: torch.device | str) -> PipelineCore:
@@ -338,8 +330,7 @@ class PipelineCore:
             self.adapters.context.forget()
 
     def _fused_layers(self) -> list[bool]:
-        """Per cross-attention layer: fused Triton kernel or SDPA, decided here once (never per call); layers whose
-        kernel fails its build-time self-test fall back to SDPA (reasons in ``kernel_fallbacks``)."""
+        """Per cross-attention layer: fused kernel or SDPA (:mod:`ipa_rt.kernels.select`; see ``kernel_fallbacks``)."""
         fused, self.kernel_fallbacks = choose_layers(self.attention, self.device, self.dtype, self.layer_shapes())
         return fused
 
@@ -408,9 +399,7 @@ class PipelineCore:
         try:
             stack = _read_stack(self.unet, sources, hub_kwargs)
             encoder = self._encoder_for(stack, sources[0], image_encoder_folder, hub_kwargs)
-            mismatch = encoder_mismatch(stack, encoder)
-            if mismatch is not None:
-                raise IncompatibleAdapterError(mismatch)
+            _check_encoder(stack, encoder)
         except BaseException:
             if old is not None:  # a failed load leaves the pipeline as it was
                 old.install(self.unet)
@@ -424,10 +413,9 @@ class PipelineCore:
         current = self.image_encoder
         if folder is None or (current is not None and encoder_mismatch(stack, current) is None):
             return current
-        if folder == "image_encoder":  # diffusers' default: image_encoder/ beside the adapter, as from_pretrained
-            found = self._resolve_encoder(None, stack, self.dtype, hub_kwargs)
-        else:
-            found = self._resolve_encoder(_encoder_location(source, folder), stack, self.dtype, hub_kwargs)
+        # "image_encoder" is diffusers' default: image_encoder/ beside the adapter, as from_pretrained finds it
+        location = None if folder == "image_encoder" else encoder_location(source, folder)
+        found = self._resolve_encoder(location, stack, self.dtype, hub_kwargs)
         return found if found is not None else current
 
     def _use_adapters(self, stack: IPAdapterStack, encoder: torch.nn.Module | None) -> None:
@@ -623,7 +611,7 @@ def _read_stack(unet: torch.nn.Module, sources: Sequence[AdapterSource], hub_kwa
     return IPAdapterStack.from_checkpoints(unet, raws, sources) if raws else None
 
 
-def _encoder_location(source: AdapterSource, folder: str) -> str | os.PathLike | None:
+def encoder_location(source: AdapterSource, folder: str) -> str | os.PathLike | None:
     """diffusers' ``image_encoder_folder``: a bare name lies inside the adapter's ``subfolder``, a path is relative
     to the repository or folder (None for a state dict, which has no folder)."""
     if isinstance(source.source, Mapping):
@@ -653,6 +641,13 @@ def encoder_mismatch(stack: Any, encoder: Any) -> str | None:
                 "trained with (SD1.5 and *_vit-h adapters: ViT-H/14, ip-adapter_sdxl: ViT-bigG/14)"
             )
     return None
+
+
+def _check_encoder(stack: Any, encoder: Any) -> None:
+    """Encoder output sizes must fit every adapter (checked at load, not at the first call)."""
+    mismatch = encoder_mismatch(stack, encoder)
+    if mismatch is not None:
+        raise IncompatibleAdapterError(mismatch)
 
 
 def _check_vae(vae: Any, base_vae: Any, dtype: torch.dtype, base_unet: Any = None) -> Any:

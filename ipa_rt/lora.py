@@ -20,7 +20,7 @@ def _sources(lora: Any) -> list[tuple[str, float]]:
     out = []
     for item in items:
         path, weight = item if _is_pair(item) else (item, 1.0)
-        if not isinstance(path, (str, os.PathLike)) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        if not isinstance(path, (str, os.PathLike)):  # a pair's weight is a number already (_is_pair)
             raise ConfigError(f"lora entry {item!r}; expected a path or a (path, weight) pair")
         out.append((os.fspath(path), float(weight)))
     return out
@@ -34,25 +34,19 @@ def _diffusers_pipeline(model: BaseModel) -> Any:
     """A diffusers pipeline object around the already loaded modules (nothing is copied)."""
     import diffusers
 
+    shared = {
+        "vae": model.vae,
+        "text_encoder": model.text_encoders[0],
+        "tokenizer": model.tokenizers[0],
+        "unet": model.unet,
+        "scheduler": model.scheduler,
+    }
     if model.family.name == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
-            vae=model.vae,
-            text_encoder=model.text_encoders[0],
-            text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0],
-            tokenizer_2=model.tokenizers[1],
-            unet=model.unet,
-            scheduler=model.scheduler,
+            **shared, text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1]
         )
     return diffusers.StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoders[0],
-        tokenizer=model.tokenizers[0],
-        unet=model.unet,
-        scheduler=model.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
 
 

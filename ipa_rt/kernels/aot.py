@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import re
 import subprocess
 import tempfile
@@ -38,10 +39,6 @@ class AotResult:
     spill_load_bytes: int
     shared_bytes: int
     seconds: float
-
-    @property
-    def fits(self) -> bool:
-        return self.shared_bytes <= SMEM_LIMIT[self.arch]
 
 
 def representative_args(
@@ -150,27 +147,25 @@ def sweep(archs, dtypes, head_dims, space: str = "candidates", **shape):
     compile (``error`` set when it failed)."""
     from .configs import candidates
 
-    for arch in archs:
-        for name in dtypes:
-            for d in head_dims:
-                configs = _space() if space == "all" else candidates(str(DTYPES[name]).removeprefix("torch."), d)
-                configs = configs[:1] if space == "defaults" else configs
-                for cfg in configs:
-                    row = {"arch": arch, "dtype": name, "head_dim": d, "config": [*vars(cfg).values()]}
-                    try:
-                        r = compile_config(arch, DTYPES[name], d, cfg, **shape)
-                    except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    else:
-                        row.update(
-                            registers=r.registers,
-                            spill_store_bytes=r.spill_store_bytes,
-                            spill_load_bytes=r.spill_load_bytes,
-                            shared_bytes=r.shared_bytes,
-                            smem_limit=SMEM_LIMIT[arch],
-                            seconds=round(r.seconds, 2),
-                        )
-                    yield row
+    for arch, name, d in itertools.product(archs, dtypes, head_dims):
+        configs = _space() if space == "all" else candidates(str(DTYPES[name]).removeprefix("torch."), d)
+        configs = configs[:1] if space == "defaults" else configs
+        for cfg in configs:
+            row = {"arch": arch, "dtype": name, "head_dim": d, "config": [*vars(cfg).values()]}
+            try:
+                r = compile_config(arch, DTYPES[name], d, cfg, **shape)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            else:
+                row.update(
+                    registers=r.registers,
+                    spill_store_bytes=r.spill_store_bytes,
+                    spill_load_bytes=r.spill_load_bytes,
+                    shared_bytes=r.shared_bytes,
+                    smem_limit=SMEM_LIMIT[arch],
+                    seconds=round(r.seconds, 2),
+                )
+            yield row
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,9 +10,9 @@ fp32 output accumulator with its weight, and writes the output once, already in 
 that ``to_out`` reads. Segments never share a softmax: that is IP-Adapter's decoupled attention.
 
 Scales are read from a device tensor (a strided view of the ``[adapters, layers]`` scale tensor, or of
-``[rows, adapters, layers]`` when each batch row has its own), so a
-scale change needs no recompilation, no new launch configuration and no host sync. A zero weight selects
-exact zeros (``where``), so an overflowing image branch cannot leak NaN.
+``[rows, adapters, layers]`` when each batch row has its own), so a scale change needs no recompilation, no new
+launch configuration and no host sync. A zero weight selects exact zeros (``where``), so an overflowing image
+branch cannot leak NaN.
 """
 
 from __future__ import annotations
@@ -44,13 +44,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def disabled() -> bool:
-    return os.environ.get(KILL_SWITCH, "0") == "1"
-
-
 def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """``None`` if the kernel can run these inputs, else the reason it cannot (for the guarded fallback)."""
-    if disabled():
+    if os.environ.get(KILL_SWITCH, "0") == "1":
         return f"disabled by {KILL_SWITCH}=1"
     if not HAVE_TRITON:
         return "triton is not installed"

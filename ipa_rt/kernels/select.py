@@ -10,6 +10,7 @@ user's call.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,8 +39,6 @@ class LayerShape:
 def reference_error(out: Tensor, inputs: tuple, bounds: list[int]) -> tuple[float, float]:
     """``(error, tolerance)`` of a kernel output against the reference: within twice PyTorch's own error in the
     inputs' dtype (flash-attention's rule) plus an fp32 floor. NaN never passes."""
-    import itertools
-
     from .reference import decoupled_attention_reference
 
     q, k_text, v_text, k_img, v_img, _, _, scales = inputs[:8]
@@ -68,9 +67,7 @@ def random_inputs(shape: LayerShape, batch: int, dtype: torch.dtype, device, que
     k_text, v_text = r(b, shape.text_tokens, h, d).transpose(1, 2), r(b, shape.text_tokens, h, d).transpose(1, 2)
     total = sum(shape.segments)
     k_img, v_img = r(b, h, total, d), r(b, h, total, d)
-    bounds = [0]
-    for t in shape.segments:
-        bounds.append(bounds[-1] + t)
+    bounds = [0, *itertools.accumulate(shape.segments)]
     offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
     adapters = torch.arange(len(shape.segments), dtype=torch.int32, device=device)
     scales = (torch.rand(len(shape.segments), generator=g) + 0.5).to(device)

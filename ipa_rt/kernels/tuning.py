@@ -1,12 +1,10 @@
-"""Tuning of the fused kernel's launch configurations at pipeline build (the candidates and defaults are in
-:mod:`.configs`).
+"""Tuning of the fused kernel's launch configurations at pipeline build (the candidates, pruned ahead of time, and
+the defaults are in :mod:`.configs`).
 
-Candidates per (dtype class, head dim split) are the configurations that compile on sm_80 and sm_90 with no
-register spills and within shared memory (checked in CI by ``tests/test_kernel_aot.py``, which compiles every
-one of them ahead of time with Triton's own compiler). A pipeline tunes once, when it is built, for the attention
-shapes of its model at its default size (:func:`tune`); a request only looks its configuration up
-(:func:`config_for`), never tunes. Results are kept per GPU and Triton version in ``kernel-tuning.json`` in the
-cache root (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``), so a second process tunes nothing.
+A pipeline tunes once, when it is built, for the attention shapes of its model at its default size (:func:`tune`); a
+request only looks its configuration up (:func:`config_for`), never tunes. Results are kept per GPU and Triton version
+in ``kernel-tuning.json`` in the cache root (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``), so a second
+process tunes nothing.
 """
 
 from __future__ import annotations

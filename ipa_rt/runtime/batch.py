@@ -38,12 +38,6 @@ UNBATCHED = {  # call arguments a batched request cannot carry yet, and why
 }
 
 
-def call_arguments(pipe) -> dict[str, Any]:
-    """``pipe.__call__``'s parameters and their defaults."""
-    params = inspect.signature(type(pipe).__call__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
-
-
 def _check(pipe, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if getattr(pipe, "video", False):
         raise ConfigError("batch() runs still-image pipelines; call an AnimateDiffPipeline once per clip")
@@ -51,7 +45,8 @@ def _check(pipe, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         raise ConfigError("batch() does not take pipelines with ControlNets or T2I-Adapters yet; call them per request")
     if isinstance(requests, Mapping) or not isinstance(requests, Sequence) or not requests:
         raise ConfigError(f"batch() takes a non-empty list of requests (dicts of call arguments); got {requests!r}")
-    defaults = call_arguments(pipe)
+    params = inspect.signature(type(pipe).__call__).parameters
+    defaults = {k: p.default for k, p in params.items() if k != "self"}  # pipe(...)'s arguments
     first = {**defaults, **requests[0]} if isinstance(requests[0], Mapping) else {}
     out = []
     for i, r in enumerate(requests):

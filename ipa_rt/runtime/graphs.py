@@ -109,7 +109,7 @@ def tensors_of(obj: Any) -> list[Tensor]:
     return [x for x in _leaves(obj) if isinstance(x, Tensor)]
 
 
-def _hashable(value: Any) -> bool:
+def hashable(value: Any) -> bool:
     try:
         hash(value)
     except TypeError:
@@ -121,7 +121,7 @@ def signature(obj: Any) -> tuple:
     """What a graph or a static copy of ``obj`` depends on: the structure, every tensor's shape, dtype and device,
     and the other values (hashable ones as they are: a module by identity, a key tuple by value)."""
     return tuple(
-        (tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x if _hashable(x) else type(x).__name__
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else x if hashable(x) else type(x).__name__
         for x in _leaves(obj)
     )
 
@@ -264,7 +264,7 @@ class Graphed:
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         consts = tuple(None if isinstance(x, Tensor) else x for x in leaves)
-        if not graphs_on(self.enabled, any(t.is_cuda for t in tensors)) or not tensors or not _hashable(consts):
+        if not graphs_on(self.enabled, any(t.is_cuda for t in tensors)) or not tensors or not hashable(consts):
             return self.fn(*args, **kwargs)
         staged = self.stage(args, kwargs) if self.stage is not None else None
         self.graphs.follow(self.modules())

@@ -333,12 +333,12 @@ class DenoiseLoop:
         ctx = self.context
         x = inp.latents
         guidance = guidance_tensor(inp.guidance, x)
+        nine = inp.inpaint_mask is not None and self.unet.config.in_channels == 9
+        channels = (inp.inpaint_mask, inp.inpaint_latents) if nine else ()
         for i, t in enumerate(plan.timesteps):
             if ctx is not None:
                 ctx.gate(inp.gate[:, i : i + 1])
             model_in = sched.scale_model_input(torch.cat([x, x]) if inp.cfg else x, t)
-            nine = inp.inpaint_mask is not None and self.unet.config.in_channels == 9
-            channels = (inp.inpaint_mask, inp.inpaint_latents) if nine else ()
             step = torch.full((1,), i, dtype=torch.long, device=x.device)
             out = self._guided(model_in, t, inp, inp.cfg, guidance, step, channels)
             x = sched.step(out, t, x, **extra, return_dict=False)[0]

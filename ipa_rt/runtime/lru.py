@@ -8,7 +8,6 @@ never served even by a caller that forgot to clear the cache.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import Counter, OrderedDict
@@ -18,6 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ConfigError
+from .graphs import tensors_of
 
 REFERENCE_CACHE_ENV = "IPA_RT_REFERENCE_CACHE_MB"
 DEFAULT_REFERENCE_CACHE_MB = 512.0
@@ -45,23 +45,7 @@ def reference_cache_bytes() -> int:
 def tensor_bytes(value: Any) -> int:
     """Bytes of the tensor storages ``value`` keeps alive (tensors in lists, tuples, dicts and dataclasses; a storage
     shared by several views counted once)."""
-    storages: dict[int, int] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, Tensor):
-            storage = x.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                walk(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            for f in dataclasses.fields(x):
-                walk(getattr(x, f.name))
-
-    walk(value)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_of(value)}
     return sum(storages.values())
 
 

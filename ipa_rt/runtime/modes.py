@@ -98,7 +98,8 @@ def inpaint(
     pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
     mask = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
     masked = pixels * (mask < 0.5)
-    shape = (batch, pipe.vae.config.latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (batch, pipe.vae.config.latent_channels, *latent_size)
     strength_max = strength == 1.0
     four = pipe.unet.config.in_channels == 4
     image_latents = None
@@ -112,10 +113,8 @@ def inpaint(
     else:
         noise = latents.to(device)
         init = noise * plan.init_noise_sigma
-    mask_lat = torch.nn.functional.interpolate(
-        mask, size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    )
-    mask_lat = _repeat(mask_lat.to(device=device, dtype=dtype), batch, "mask_image")
+    mask_lat = torch.nn.functional.interpolate(mask, size=latent_size).to(device=device, dtype=dtype)
+    mask_lat = _repeat(mask_lat, batch, "mask_image")
     masked_lat = encode_vae_image(pipe.vae, masked.to(device=device, dtype=dtype), generator, dtype, sdxl, False)
     masked_lat = _repeat(masked_lat, batch, "image")
     if cfg:

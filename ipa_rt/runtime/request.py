@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ImageInputError, ScaleError
 from . import modes
+from .graphs import hashable
 from .loop import StepInputs
 from .modes import DEFAULT_STRENGTH
 from .sampling import EagerPlan, Plan
@@ -205,8 +206,7 @@ def request_parts(
 ) -> Parts:
     """Everything diffusers does before its loop that draws from the request's generator or encodes its inputs:
     structure inputs, image conditions, prompt, initial latents, the scheduler's noise (the draws in diffusers'
-    order). ``structure``
-    and ``setup``: a pipeline's own structure inputs and initial latents (video passes its clip's)."""
+    order). ``structure`` and ``setup``: a pipeline's own structure inputs and initial latents (video's clip)."""
     (structure or prepare_structure)(pipe, req)
     # the image side before the prompt (neither draws from the generator): an engine pipeline's first call then
     # loads the image encoder's engine before the smaller text encoder's, the lower peak memory (docs/performance.md)
@@ -340,11 +340,7 @@ def _text_key(pipe, req: Request, force_zeros: bool) -> tuple | None:
     prompts = (req.prompt, req.negative_prompt, req.prompt_2, req.negative_prompt_2)
     frozen = tuple(tuple(p) if isinstance(p, list) else p for p in prompts)
     key = ("text", pipe.family.name, frozen, req.num_images_per_prompt, req.cfg, pipe.dtype, pipe.device, force_zeros)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return key if hashable(key) else None
 
 
 def ip_masks(

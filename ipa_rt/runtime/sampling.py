@@ -156,15 +156,19 @@ def _check(scheduler: Any) -> str:
     return kind
 
 
-def retrieve_schedule(scheduler: Any, steps: int, strength: float) -> tuple[Any, int]:
-    """A configured copy of ``scheduler`` and the first step index (img2img ``strength``, diffusers' rule)."""
+def retrieve_schedule(scheduler: Any, steps: int, strength: float) -> tuple[Any, int, Tensor]:
+    """A configured copy of ``scheduler``, the first step index (img2img ``strength``, diffusers' rule) and the
+    timesteps from it on."""
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(steps, device="cpu")
     init = min(int(steps * strength), steps)
     start = max(steps - init, 0) * sched.order
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
-    return sched, start
+    timesteps = sched.timesteps[start:]
+    if timesteps.shape[0] == 0:
+        raise ConfigError(f"strength={strength} with {steps} steps leaves no denoising step; expected more")
+    return sched, start, timesteps
 
 
 @torch.no_grad()
@@ -173,11 +177,8 @@ def compile_plan(scheduler: Any, steps: int, strength: float = 1.0, eta: float =
     kind = _check(scheduler)
     if kind != "ddim" and eta:
         raise ConfigError(f"eta={eta} applies to DDIM only; the scheduler is {type(scheduler).__name__}")
-    sched, start = retrieve_schedule(scheduler, steps, strength)
-    timesteps = sched.timesteps[start:]
+    sched, start, timesteps = retrieve_schedule(scheduler, steps, strength)
     n = timesteps.shape[0]
-    if n == 0:
-        raise ConfigError(f"strength={strength} with {steps} steps leaves no denoising step; expected more")
     cfg = sched.config
     clip = float(cfg.clip_sample_range) if cfg.get("clip_sample", False) else None
     rows: list[list[Tensor]] = []
@@ -283,8 +284,5 @@ def make_plan(scheduler: Any, steps: int, strength: float = 1.0, eta: float = 0.
     """The tensor program when the scheduler has one, else an eager plan around a configured copy of it."""
     if type(scheduler).__name__ in KINDS:
         return compile_plan(scheduler, steps, strength, eta)
-    sched, start = retrieve_schedule(scheduler, steps, strength)
-    timesteps = sched.timesteps[start:]
-    if timesteps.shape[0] == 0:
-        raise ConfigError(f"strength={strength} with {steps} steps leaves no denoising step; expected more")
+    sched, _, timesteps = retrieve_schedule(scheduler, steps, strength)
     return EagerPlan(sched, timesteps, eta)

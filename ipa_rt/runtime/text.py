@@ -37,11 +37,6 @@ def _negatives(negative: str | list[str] | None, batch: int) -> list[str]:
     return negatives
 
 
-def _tokens(tokenizer, prompts: list[str], max_length: int, device) -> Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return ids.input_ids.to(device)
-
-
 def _repeat(x: Tensor, n: int) -> Tensor:
     """diffusers' ``repeat(1, n, ...)`` + ``view``: each prompt's copies stay adjacent."""
     return x.repeat_interleave(n, dim=0)
@@ -93,7 +88,9 @@ def encode_prompt_sdxl(
     def run(texts_per_encoder: list[list[str]], length: int | None) -> tuple[Tensor, Tensor]:
         hidden, pooled = [], None
         for texts, tok, enc in zip(texts_per_encoder, tokenizers, text_encoders, strict=True):
-            out = enc(_tokens(tok, texts, length or tok.model_max_length, device), output_hidden_states=True)
+            max_length = length or tok.model_max_length
+            ids = tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+            out = enc(ids.input_ids.to(device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
