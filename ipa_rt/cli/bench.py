@@ -21,12 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(argv: list[str]) -> int:
     """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
     default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
-    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile families`` ``benchmarks/families.py``
-    (Flux.1 against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP
-    load on a local ``ipa_rt serve``), ``--profile soak`` ``benchmarks/soak.py`` (minutes of load: losses, memory,
-    latency), ``--profile gpu`` and ``cpu-basic``
-    run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for real
-    weights)."""
+    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile families`` ``benchmarks/families.py`` (Flux.1
+    against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP load on a local ``ipa_rt serve``),
+    ``--profile soak`` ``benchmarks/soak.py`` (minutes of load: losses, memory, latency), ``--profile gpu`` and
+    ``cpu-basic`` run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for
+    real weights)."""
     import importlib.util
 
     folder = Path(__file__).resolve().parents[2] / "benchmarks"  # ipa_rt/cli/bench.py -> the checkout

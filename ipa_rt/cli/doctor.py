@@ -55,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     print(doctor.table(rows))
     doctor.write_report(rows, Path(args.output))
     failed = [r.name for r in rows if r.status == "fail"]
-    print(
-        f"wrote {args.output}: "
-        + (f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "all checks passed")
-    )
+    summary = f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "all checks passed"
+    print(f"wrote {args.output}: {summary}")
     return 1 if failed else 0

@@ -61,16 +61,15 @@ def load_controlnets(sources: Any, unet, dtype: torch.dtype, **hub_kwargs: Any) 
     return nets
 
 
-def _per_net(value: Any, count: int, name: str) -> list[float]:
+def per_model(value: Any, count: int, name: str, kind: str = "ControlNet") -> list[float]:
+    """``value`` (a number, or one per model of ``kind``) as ``count`` floats; ``name`` names it in errors."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
-        raise ConfigError(f"{name} has {len(values)} entries; expected {count} (one per ControlNet)")
-    out = []
+        raise ConfigError(f"{name} has {len(values)} entries; expected {count} (one per {kind})")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{name} entry {v!r} is not a number")
-        out.append(float(v))
-    return out
+    return [float(v) for v in values]
 
 
 class ControlStack:
@@ -94,7 +93,7 @@ class ControlStack:
 
     def set_scale(self, value: Any) -> None:
         """``controlnet_conditioning_scale`` (a number or one per ControlNet): an in-place device write."""
-        self.scale.copy_(torch.tensor(_per_net(value, len(self.nets), "controlnet_conditioning_scale")))
+        self.scale.copy_(torch.tensor(per_model(value, len(self.nets), "controlnet_conditioning_scale")))
 
     @property
     def global_pool(self) -> bool:
@@ -134,8 +133,8 @@ class ControlStack:
 
     def keep_gate(self, start: Any, end: Any, steps: int, device) -> Tensor:
         """``[controlnets, steps]``: diffusers' ``controlnet_keep`` (1 where step i is inside [start, end])."""
-        count = len(self.nets)
-        starts, ends = _per_net(start, count, "control_guidance_start"), _per_net(end, count, "control_guidance_end")
+        starts = per_model(start, len(self.nets), "control_guidance_start")
+        ends = per_model(end, len(self.nets), "control_guidance_end")
         for s, e in zip(starts, ends, strict=True):
             if not 0.0 <= s < e <= 1.0:
                 raise ConfigError(f"control guidance start {s} / end {e}; expected 0 <= start < end <= 1")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ImageInputError, IncompatibleAdapterError
 from ..runtime.graphs import StaticBuffers
-from .controlnet import load_folders
+from .controlnet import load_folders, per_model
 
 # adapter_type -> its features as (channels, pixel stride), from config channels and downscale_factor: the one
 # table of T2I-Adapter variants (diffusers' FullAdapter, FullAdapterXL and LightAdapter)
@@ -99,16 +99,6 @@ def preprocess_adapter_image(image: Any, height: int, width: int, index: int) ->
     )
 
 
-def _per_adapter(value: Any, count: int, name: str) -> list[float]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
-    if len(values) != count:
-        raise ConfigError(f"{name} has {len(values)} entries; expected {count} (one per T2I-Adapter)")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{name} entry {v!r} is not a number")
-    return [float(v) for v in values]
-
-
 class T2IStack:
     """Loaded T2I-Adapters with their live scales and this request's unweighted features (static buffers)."""
 
@@ -128,7 +118,8 @@ class T2IStack:
 
     def set_scale(self, value: Any) -> None:
         """``adapter_conditioning_scale`` (a number or one per adapter): an in-place device write."""
-        self.scale.copy_(torch.tensor(_per_adapter(value, len(self.adapters), "adapter_conditioning_scale")))
+        scales = per_model(value, len(self.adapters), "adapter_conditioning_scale", "T2I-Adapter")
+        self.scale.copy_(torch.tensor(scales))
 
     def default_size(self, image: Any, height: int | None, width: int | None) -> tuple[int | None, int | None]:
         """diffusers' ``_default_height_width``: the first image's size rounded down to the unshuffle factor."""
@@ -156,7 +147,7 @@ class T2IStack:
         features = []
         for a, (adapter, img) in enumerate(zip(self.adapters, images, strict=True)):
             x = preprocess_adapter_image(img, height, width, a).to(device=device, dtype=adapter.dtype)
-            want, total = adapter.config["in_channels"], _total_factor(adapter.config)
+            want, total = adapter.config["in_channels"], max(s for _, s in feature_layout(adapter.config))
             if x.ndim != 4 or x.shape[1] != want:
                 raise ImageInputError(
                     f"adapter image {a} has shape {list(x.shape)}; T2I-Adapter {a} expects [B, {want}, H, W] "
@@ -198,8 +189,3 @@ class T2IStack:
                 acc = term if acc is None else acc + term
             out.append(acc)
         return out
-
-
-def _total_factor(config: Any) -> int:
-    """The largest stride of the adapter's features: image sizes must be multiples of it."""
-    return max(stride for _, stride in feature_layout(config))

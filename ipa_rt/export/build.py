@@ -153,12 +153,9 @@ class BuildRequest:
         return [f for entry in self.calibration_images for f in image_files(entry)]
 
     def sources(self) -> list[AdapterSource]:
-        n = len(self.ip_adapter)
-        names = self.weight_name or [None] * n
-        subs = self.subfolder or [None] * n
-        return [
-            AdapterSource(a, weight_name=w, subfolder=s) for a, w, s in zip(self.ip_adapter, names, subs, strict=True)
-        ]
+        none = [None] * len(self.ip_adapter)
+        rows = zip(self.ip_adapter, self.weight_name or none, self.subfolder or none, strict=True)
+        return [AdapterSource(a, weight_name=w, subfolder=s) for a, w, s in rows]
 
 
 # --- source files ------------------------------------------------------------------------------------------------
@@ -376,7 +373,7 @@ def _build(req, out: Path, sources, ident, device, say) -> None:
     video = {"motion_adapter": req.motion_adapter} if req.motion_adapter else {}
     pipe = _pipeline_class(req).from_pretrained(  # in the engine's dtype: strongly typed engines keep the ONNX's types
         req.base,
-        [s for s in req.sources()],
+        req.sources(),
         req.image_encoder,
         dtype=DTYPES[req.dtype],
         lora=req.lora or None,

@@ -112,12 +112,6 @@ def calibration_set(prompts: list[str], images: list[str]) -> CalibrationSet:
     return CalibrationSet(list(prompts) or list(BUILTIN_PROMPTS), loaded or builtin_images(), source)
 
 
-def _alphas_cumprod(pipe) -> torch.Tensor:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
-
-
 @torch.no_grad()
 def _latents(pipe, image: Image.Image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """``image`` encoded as img2img encodes it (the pipeline's preprocessing and VAE), in the UNet's scale."""
@@ -139,11 +133,13 @@ def unet_feeds(pipe, example: dict[str, torch.Tensor], calib: CalibrationSet, sa
     """``samples`` UNet input sets (numpy, one row each, named as the UNet contract's ``example`` inputs): every
     fourth row is the unconditional one guidance adds. Inputs the set does not draw (SDXL's time ids, an LCM UNet's
     guidance embedding) keep the contract's example row."""
+    from diffusers import DDPMScheduler
+
     from ..runtime.request import FAMILY_RUNTIME, added_conditions, guidance_embedding
 
     encode = FAMILY_RUNTIME[pipe.family.name][0]
     height, width = (int(d) * pipe.vae_scale_factor for d in example["sample"].shape[-2:])
-    abar = _alphas_cumprod(pipe)
+    abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     latents = [_latents(pipe, im, height, width, gen) for im in calib.images]
     tokens = []
@@ -154,14 +150,13 @@ def unet_feeds(pipe, example: dict[str, torch.Tensor], calib: CalibrationSet, sa
     texts: dict[int, Any] = {}  # each prompt encoded once ([negative, positive] rows)
     feeds = []
     for i in range(samples):
-        uncond = i % 4 == 3
         p = i % len(calib.prompts)
         if p not in texts:
             zeros = pipe.base.force_zeros_for_empty_prompt
             texts[p] = encode(pipe.text_encoders, pipe.tokenizers, calib.prompts[p], None, 1, True, pipe.device,
                               torch.float32, force_zeros_for_empty_prompt=zeros)  # fmt: skip
         text = texts[p]
-        row = 0 if uncond else 1
+        row = 0 if i % 4 == 3 else 1  # every fourth the unconditional row
         k = i % len(latents)
         t = TIMESTEPS[i % len(TIMESTEPS)]
         noise = torch.randn(latents[k].shape, generator=gen)

@@ -57,7 +57,7 @@ def _batch(opt: int, most: int) -> tuple[int, int, int]:
     return (1, min(opt, most), most)
 
 
-class _UNetIP(nn.Module):
+class UNetIP(nn.Module):
     """UNet + decoupled cross-attention with image tokens and scales as inputs (K/V computed in-graph)."""
 
     def __init__(self, pipe, extra: tuple[str, ...], adapters: int, residuals: int, intrablock: int) -> None:
@@ -81,9 +81,7 @@ class _UNetIP(nn.Module):
             extra_res["mid_block_additional_residual"] = control[-1]
         if intrablock:
             extra_res["down_intrablock_additional_residuals"] = list(intrablock)  # the UNet pops from this list
-        bounds = [0]
-        for t in tokens:
-            bounds.append(bounds[-1] + t.shape[1])
+        bounds = list(itertools.accumulate((t.shape[1] for t in tokens), initial=0))
         self.stack.context.trace(self.stack.image_kv(tokens), list(itertools.pairwise(bounds)), scale)
         return self.unet(
             sample,
@@ -147,7 +145,7 @@ def unet_contract(pipe, batch: int, height: int, width: int, frames: int = 0) ->
     inputs["ip_scale"] = pipe.adapters.scale.expand(rows * per, -1, -1).clone()  # a scale per text row
     batched = tuple(inputs)
     meta = {"height": height, "width": width, "tokens": tokens, "layers": len(pipe.adapters.layer_names)}
-    module = _UNetIP(pipe, extra, len(tokens), len(residuals), len(features)).eval()
+    module = UNetIP(pipe, extra, len(tokens), len(residuals), len(features)).eval()
     per_frame = ("encoder_hidden_states", "ip_scale")
     per_row = {k: per for k in inputs if k in per_frame or k.startswith("ip_tokens_")} if frames else {}
     batches = _batch(2 * batch, 2 * batch)
@@ -160,8 +158,7 @@ def _residual_shapes(pipe, rows: int, height: int, width: int) -> list[tuple[int
     vsf, cfg = pipe.vae_scale_factor, pipe.unet.config
     added = {}
     if pipe.family.pooled_text:
-        proj = pooled_text_width(cfg)
-        added = {"text_embeds": torch.zeros(1, proj), "time_ids": torch.zeros(1, 6)}
+        added = {"text_embeds": torch.zeros(1, pooled_text_width(cfg)), "time_ids": torch.zeros(1, 6)}
     with torch.no_grad():
         down, mid = net(
             torch.zeros(1, cfg.in_channels, height // vsf, width // vsf),
@@ -261,10 +258,8 @@ def image_encoder_contract(pipe) -> Contract:
         return out.image_embeds, out.hidden_states[-2]
 
     px = torch.randn(EXAMPLE_BATCH, 3, cfg.image_size, cfg.image_size, device=pipe.device, dtype=pipe.dtype)
-    outputs = ("image_embeds", "hidden_states")
-    return Contract(
-        "image_encoder", _Call(run, enc).eval(), {"pixel_values": px}, outputs, ("pixel_values",), _batch(1, MAX_IMAGES)
-    )
+    module, outputs = _Call(run, enc).eval(), ("image_embeds", "hidden_states")
+    return Contract("image_encoder", module, {"pixel_values": px}, outputs, ("pixel_values",), _batch(1, MAX_IMAGES))
 
 
 def text_encoder_contract(pipe, index: int, batch: int) -> Contract:
@@ -277,29 +272,15 @@ def text_encoder_contract(pipe, index: int, batch: int) -> Contract:
         return out[0], out.hidden_states[-2]
 
     ids = torch.randint(0, enc.config.vocab_size, (EXAMPLE_BATCH, 77), device=pipe.device)
-    module = _Call(run, enc).eval()
-    return Contract(
-        f"text_encoder_{index}",
-        module,
-        {"input_ids": ids},
-        ("output", "hidden_states"),
-        ("input_ids",),
-        _batch(batch, batch),
-    )
-
-
-def _latents(pipe, height: int, width: int) -> Tensor:
-    vae, vsf = pipe.vae, pipe.vae_scale_factor
-    dtype = next(vae.parameters()).dtype
-    return torch.randn(
-        EXAMPLE_BATCH, vae.config.latent_channels, height // vsf, width // vsf, device=pipe.device, dtype=dtype
-    )
+    module, outputs = _Call(run, enc).eval(), ("output", "hidden_states")
+    return Contract(f"text_encoder_{index}", module, {"input_ids": ids}, outputs, ("input_ids",), _batch(batch, batch))
 
 
 def vae_decoder_contract(pipe, batch: int, height: int, width: int) -> Contract:
-    vae = pipe.vae
+    vae, vsf = pipe.vae, pipe.vae_scale_factor
     module = _Call(lambda x: vae.decode(x, return_dict=False)[0], vae).eval()
-    latents = _latents(pipe, height, width)
+    shape = (EXAMPLE_BATCH, vae.config.latent_channels, height // vsf, width // vsf)
+    latents = torch.randn(*shape, device=pipe.device, dtype=next(vae.parameters()).dtype)
     return Contract("vae_decoder", module, {"latents": latents}, ("images",), ("latents",), _batch(batch, batch))
 
 

@@ -81,8 +81,7 @@ class OrtEngine:
         buffers themselves, valid until the next call with the same shapes."""
         held = []
         for name, dtype in self.inputs:
-            x = feeds[name]
-            x = x.to(device=self.device, dtype=dtype).contiguous()
+            x = feeds[name].to(device=self.device, dtype=dtype).contiguous()
             held.append(x)  # keep converted inputs alive until the run
             self._bind(name, x, output=False)
         key = tuple(tuple(x.shape) for x in held)
@@ -92,15 +91,11 @@ class OrtEngine:
             for name, _ in self.outputs:
                 self.binding.bind_output(name, "cuda" if self.device.type == "cuda" else "cpu", self.device.index or 0)
             self.session.run_with_iobinding(self.binding)
-            first = [torch.from_numpy(a) for a in self.binding.copy_outputs_to_cpu()]
-            outs = [t.to(self.device) for t in first]
-            self._out[key] = outs
+            outs = self._out[key] = [torch.from_numpy(a).to(self.device) for a in self.binding.copy_outputs_to_cpu()]
+        else:
             for (name, _), buf in zip(self.outputs, outs, strict=True):
                 self._bind(name, buf, output=True)
-            return [o.clone() for o in outs] if copy else outs
-        for (name, _), buf in zip(self.outputs, outs, strict=True):
-            self._bind(name, buf, output=True)
-        self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(self.binding)
         return [o.clone() for o in outs] if copy else outs
 
 
@@ -155,12 +150,10 @@ def build_trt_engine(
     timing_cache: Path,
     optimization_level: int = 3,
 ) -> Path:
-    """Build a TensorRT engine from ``onnx_path`` with one optimisation profile (the contract's min/opt/max).
-
-    The network is strongly typed on every supported version: TensorRT 11 knows no other kind (its FP16/BF16
-    builder flags are gone) and TensorRT 10 is asked for the same, so an engine computes in exactly the types the
-    ONNX was exported with (:mod:`ipa_rt.export.precision`). ``timing_cache``: shared by every build on this GPU
-    and TensorRT version (read if present, written back)."""
+    """Build a TensorRT engine from ``onnx_path`` with one optimisation profile (the contract's min/opt/max), its
+    network strongly typed on every supported version, so it computes in exactly the types the ONNX was exported with
+    (:mod:`ipa_rt.export.precision` says why). ``timing_cache``: shared by every build on this GPU and TensorRT
+    version (read if present, written back)."""
     check_tensorrt(tensorrt_version())
     from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
 

@@ -48,8 +48,9 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
         held = "video (AnimateDiff) engines" if video else "still-image engines"
         use = "ipa_rt.AnimateDiffPipeline.from_engine" if video else "ipa_rt.Pipeline.from_engine"
         raise ConfigError(f"'{folder}' holds {held}; load it with {use}")
-    engines = {name: _engine(folder, name, info, manifest, device) for name, info in manifest["networks"].items()}
-    backend = manifest["backend"]
+    engines = {
+        name: network_engine(folder, name, info, manifest, device) for name, info in manifest["networks"].items()
+    }
     dtype = DTYPES[manifest["io_dtype"]]
     model = folder / "model"
     configs = json.loads((model / "configs.json").read_text())
@@ -113,14 +114,14 @@ def load_engine_pipeline(folder: str | os.PathLike, device: torch.device | str, 
         device=device,
         dtype=dtype,
         attention="sdpa",
-        backend=backend,
+        backend=manifest["backend"],
         controlnets=controlnets,
         t2i_adapters=t2i_adapters,
         engine_manifest=manifest,
     )
 
 
-def _engine(folder: Path, network: str, info: dict, manifest: dict, device: torch.device) -> ShapeChecked:
+def network_engine(folder: Path, network: str, info: dict, manifest: dict, device: torch.device) -> ShapeChecked:
     backend = manifest["backend"]
     path = folder / next(f for f in info["files"] if f.endswith(SUFFIX[backend]))  # not .onnx.data, .bin
     if backend == "onnxruntime":
@@ -158,8 +159,7 @@ class ShapeChecked:
         otherwise); nothing when ``rows`` is outside the build or another dimension of an input may vary."""
         if not isinstance(self.engine, OvEngine):  # ONNX Runtime and TensorRT engines are ready once loaded
             return
-        fixed = all(lo[1:] == hi[1:] and lo[0] <= rows <= hi[0] for lo, _, hi in self.profile.values())
-        if fixed:
+        if all(lo[1:] == hi[1:] and lo[0] <= rows <= hi[0] for lo, _, hi in self.profile.values()):
             self.engine.prepare(tuple((rows, *self.profile[name][0][1:]) for name, _ in self.engine.inputs))
 
     def __getattr__(self, name: str) -> Any:  # the engine's own attributes (inputs, outputs, session, ...)

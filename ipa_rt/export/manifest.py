@@ -70,10 +70,8 @@ def _installed(module: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """Versions of everything an engine's bytes or numerics depend on."""
-    out: dict[str, str | None] = {"ipa_rt": __version__, "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "tensorrt", "openvino", "nncf", "diffusers", "transformers"):
-        out[name] = _installed(name)
-    return out
+    names = ("onnx", "onnxruntime", "tensorrt", "openvino", "nncf", "diffusers", "transformers")
+    return {"ipa_rt": __version__, "torch": torch.__version__} | {name: _installed(name) for name in names}
 
 
 def gpu_info(device: torch.device | None = None) -> dict[str, str] | None:

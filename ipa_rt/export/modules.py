@@ -40,6 +40,9 @@ class EngineModule(nn.Module):
     def device(self) -> torch.device:
         return self.anchor.device
 
+    def _timesteps(self, timestep: Tensor | float, rows: int) -> Tensor:
+        return torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
+
     def to(self, *args: Any, **kwargs: Any) -> EngineModule:  # engines live where they were loaded
         device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
         if device is not None and torch.device(device) != self.device:
@@ -76,14 +79,12 @@ class EngineTextEncoder(EngineModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> EncoderOutput:
         if attention_mask is not None:
             raise ConfigError("this text encoder engine was exported without attention_mask (use_attention_mask)")
-        first, penultimate = self.engine({"input_ids": input_ids.to(self.device, torch.int64)})
-        return EncoderOutput(first, penultimate)
+        return EncoderOutput(*self.engine({"input_ids": input_ids.to(self.device, torch.int64)}))
 
 
 class EngineImageEncoder(EngineModule):
     def forward(self, pixel_values: Tensor, **_: Any) -> EncoderOutput:
-        embeds, hidden = self.engine({"pixel_values": pixel_values})
-        return EncoderOutput(embeds, hidden)
+        return EncoderOutput(*self.engine({"pixel_values": pixel_values}))
 
 
 class EngineVAE(EngineModule):
@@ -239,8 +240,7 @@ class EngineUNet(EngineModule):
         return_dict: bool = False,
         **kwargs: Any,
     ) -> tuple[Tensor]:
-        rows = sample.shape[0]
-        t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
+        t = self._timesteps(timestep, sample.shape[0])
         feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
         if timestep_cond is not None:
             feeds["timestep_cond"] = timestep_cond
@@ -276,16 +276,14 @@ class EngineControlNet(EngineModule):
         return_dict: bool = False,
         **_: Any,
     ) -> tuple[list[Tensor], Tensor]:
-        rows = sample.shape[0]
         scale = torch.as_tensor(conditioning_scale, device=self.device, dtype=torch.float32)
         if guess_mode and not self.config.global_pool_conditions:
             scales = torch.logspace(-1, 0, self.residuals, device=self.device) * scale
         else:
             scales = scale.expand(self.residuals)
-        t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1).expand(rows)
         feeds = {
             "sample": sample,
-            "timestep": t,
+            "timestep": self._timesteps(timestep, sample.shape[0]),
             "encoder_hidden_states": encoder_hidden_states,
             "controlnet_cond": controlnet_cond,
             "conditioning_scales": scales.contiguous(),

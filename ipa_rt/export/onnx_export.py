@@ -59,13 +59,13 @@ def _dynamic_shapes(contract: Contract) -> tuple:
     return tuple(per_input)
 
 
-def _needs(module: str, extra: str = "onnx"):
+def _needs(module: str):
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - the onnx extra installs them
-        raise ConfigError(f"ONNX export needs {module}: pip install 'ipa_rt[{extra}]'") from exc
+        raise ConfigError(f"ONNX export needs {module}: pip install 'ipa_rt[onnx]'") from exc
 
 
 def _dynamic_axes(contract: Contract) -> dict[str, dict[int, str]]:

@@ -47,7 +47,6 @@ from .quantize import QUANTIZED, compress_weights, precision_report, quantize_ne
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
 WEIGHT_COMPRESSED = ("unet", "controlnet_")  # networks whose weights int8-weights compresses (name prefixes)
-_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32}
 
 
@@ -94,9 +93,7 @@ def resolve_precision(precision: str, int8: bool = True) -> str:
 
 def compute_precision(network: str, precision: str) -> str:
     """OpenVINO's inference precision for one network of a build: ``f32`` or ``bf16``."""
-    if precision == "fp32":
-        return "f32"
-    return "bf16" if cpu_supports_bf16() else "f32"
+    return "bf16" if precision != "fp32" and cpu_supports_bf16() else "f32"
 
 
 def physical_cores() -> int:
@@ -169,8 +166,7 @@ def convert_onnx(
 
 
 class OvEngine:
-    """One network's OpenVINO model: compiled once per static input shape (the compiled blobs kept in the cache
-    root), run with inputs and outputs shared with torch tensors."""
+    """One network's OpenVINO model, compiled per static input shape (see the module's docstring)."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "f32") -> None:
         ov = openvino()

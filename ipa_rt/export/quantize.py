@@ -47,7 +47,7 @@ def nncf():
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """NNCF logs a line per layer it leaves alone and draws progress bars and tables on stdout: the build's progress
     line says what runs instead (-v / IPA_RT_VERBOSE=1 shows NNCF's own output)."""
     bars = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO())
@@ -58,7 +58,7 @@ def _quiet() -> Iterator[None]:
 def compress_weights(model: Any) -> Any:
     """``int8-weights``: the model's weights stored in int8 (asymmetric, per output channel), arithmetic unchanged."""
     lib = nncf()
-    with _quiet():
+    with quiet():
         return lib.compress_weights(model, mode=lib.CompressWeightsMode.INT8_ASYM)
 
 
@@ -79,7 +79,7 @@ def quantize_network(model: Any, network: str, feeds: list[dict], overflow_fix: 
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
         overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.FIRST_LAYER,
     )
-    with _quiet():
+    with quiet():
         return lib.quantize(
             model,
             lib.Dataset(feeds),
@@ -116,5 +116,5 @@ def precision_report(model: Any) -> dict[str, Any]:
 def quantize_matmul(model: Any, data: Any) -> Any:
     """A one-matmul model quantised as the UNet's layers are (the benchmark's int8 peak)."""
     lib = nncf()
-    with _quiet():
+    with quiet():
         return lib.quantize(model, lib.Dataset([data]), subset_size=1, fast_bias_correction=False)

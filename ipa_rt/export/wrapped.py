@@ -105,7 +105,7 @@ def cached_build(
 
 def open_engine(folder: str | os.PathLike, device: torch.device | str, kind: str) -> tuple[dict[str, Any], Any]:
     """``(manifest, engine)`` of a folder a family's build wrote for ``kind`` (checked: files, sources)."""
-    from .loader import _engine
+    from .loader import network_engine
     from .manifest import check_engine_dir, read_manifest
 
     folder, device = Path(folder), torch.device(device)
@@ -117,7 +117,7 @@ def open_engine(folder: str | os.PathLike, device: torch.device | str, kind: str
         )
     check_engine_dir(folder, manifest, device)
     name = next(iter(manifest["networks"]))
-    return manifest, _engine(folder, name, manifest["networks"][name], manifest, device)
+    return manifest, network_engine(folder, name, manifest["networks"][name], manifest, device)
 
 
 def built_shapes(manifest: dict[str, Any]) -> dict[str, list[int]]:
