@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from .console import dropping, hushed
 from .errors import CheckpointError, ConfigError
 
 
@@ -70,7 +72,7 @@ class BaseModel:
     vae_config: dict[str, Any] | None = None  # a base without a VAE: the config of the VAE its latents belong to
 
 
-def _read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "base model") -> dict[str, Any]:
+def read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "base model") -> dict[str, Any]:
     local = Path(base) / name
     if Path(base).is_dir():
         if not local.exists():
@@ -91,13 +93,18 @@ def _read_json(base: str, name: str, hub_kwargs: dict[str, Any], what: str = "ba
         raise CheckpointError(f"{what} file '{path}' is not valid JSON: {exc}") from exc
 
 
+def _hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub id (``owner/repo``, e.g. openai/clip-vit-large-patch14) rather than a path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def declared_pipeline(base: str | os.PathLike, **hub_kwargs: Any) -> str | None:
     """The pipeline class a diffusers folder or hub id declares (``model_index.json``'s ``_class_name``); None for a
     path that is neither (the loaders report it)."""
     base = os.fspath(base)
-    if not os.path.isdir(base) and (os.path.exists(base) or base.count("/") != 1 or base.startswith((".", "/", "~"))):
+    if not os.path.isdir(base) and (os.path.exists(base) or not _hub_id(base)):
         return None
-    return _read_json(base, "model_index.json", hub_kwargs).get("_class_name")
+    return read_json(base, "model_index.json", hub_kwargs).get("_class_name")
 
 
 def _component_class(model_index: dict[str, Any], name: str, origin: str) -> type:
@@ -105,7 +112,7 @@ def _component_class(model_index: dict[str, Any], name: str, origin: str) -> typ
     if not entry or entry[1] is None:
         raise CheckpointError(f"base model '{origin}' has no '{name}' in model_index.json")
     library, cls = entry
-    module = transformers if library == "transformers" else __import__("diffusers")
+    module = transformers if library == "transformers" else diffusers
     if not hasattr(module, cls):
         raise ConfigError(f"base model '{origin}': component '{name}' class {library}.{cls} is unknown")
     return getattr(module, cls)
@@ -114,14 +121,13 @@ def _component_class(model_index: dict[str, Any], name: str, origin: str) -> typ
 def load_base_model(base: str | os.PathLike, dtype: torch.dtype, **hub_kwargs: Any) -> BaseModel:
     """Load UNet, VAE, text encoders, tokenizers, scheduler and feature extractor of a diffusers model."""
     base = os.fspath(base)
-    looks_like_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~"))
-    if not Path(base).is_dir() and (Path(base).exists() or not looks_like_hub_id):
+    if not Path(base).is_dir() and (Path(base).exists() or not _hub_id(base)):
         raise CheckpointError(
             f"base model '{base}' is not a folder; expected a diffusers-format folder (model_index.json, unet/, "
             "vae/, text_encoder/, ...) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
-    model_index = _read_json(base, "model_index.json", hub_kwargs)
-    unet_config = _read_json(base, "unet/config.json", hub_kwargs)
+    model_index = read_json(base, "model_index.json", hub_kwargs)
+    unet_config = read_json(base, "unet/config.json", hub_kwargs)
     family = detect_family(model_index, unet_config, base)
 
     def load(name: str, **kw: Any) -> Any:
@@ -165,15 +171,11 @@ VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 def load_vae(vae: str | os.PathLike, family: BaseKind, dtype: torch.dtype, **hub_kwargs: Any) -> torch.nn.Module:
     """``vae=`` given as a folder or hub id of a diffusers autoencoder, or ``"taesd"`` for the family's tiny
     autoencoder (TAESD / TAESDXL: the fast decoder)."""
-    import diffusers
-
     name = family.taesd if os.fspath(vae) == "taesd" else os.fspath(vae)
-    config = _read_json(name, "config.json", hub_kwargs, what="vae")
+    config = read_json(name, "config.json", hub_kwargs, what="vae")
     cls = config.get("_class_name")
     if cls not in VAE_CLASSES:
         raise ConfigError(f"vae '{name}' is a {cls!r}; expected one of {VAE_CLASSES} (or vae='taesd')")
-    from .console import dropping
-
     try:  # diffusers notes config keys its own AutoencoderTiny.save_pretrained writes (block_out_channels): not ours
         with dropping("diffusers.configuration_utils", "but are not expected and will be ignored"):
             return getattr(diffusers, cls).from_pretrained(name, torch_dtype=dtype, **hub_kwargs).eval()
@@ -208,10 +210,7 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype, subfolder:
     parts = folder.split("/")
     if subfolder is None and not Path(folder).exists() and len(parts) > 2 and not folder.startswith((".", "/", "~")):
         folder, subfolder = "/".join(parts[:2]), "/".join(parts[2:])  # hub form: owner/repo/sub/folder
-    hub_id = len(parts) == 2 and not folder.startswith(
-        (".", "/", "~")
-    )  # owner/repo, e.g. openai/clip-vit-large-patch14
-    if subfolder is None and not Path(folder).is_dir() and not hub_id:
+    if subfolder is None and not Path(folder).is_dir() and not _hub_id(folder):
         raise CheckpointError(
             f"image encoder folder '{folder}' does not exist; expected a CLIPVisionModelWithProjection folder "
             "(config.json + weights), e.g. h94/IP-Adapter models/image_encoder"
@@ -238,8 +237,6 @@ def load_pipeline(cls: type, base: str | os.PathLike, dtype: torch.dtype, device
                 f"{name}= is not supported for {cls.__name__} by ipa_rt.Pipeline; load it with "
                 f"{cls.__module__}.{cls.__name__}.from_pretrained and use diffusers' own API for it"
             )
-    from .console import hushed
-
     with hushed(bars=True):
         return cls.from_pretrained(os.fspath(base), dtype=dtype, **hub_kwargs).to(device)
 
@@ -248,10 +245,6 @@ def load_pipeline(cls: type, base: str | os.PathLike, dtype: torch.dtype, device
 def wrapped_pipeline_class(name: str, mixin: type, names: tuple[str, ...], module: str) -> type:
     """``class <name>(mixin, diffusers.<name>)`` for a name of ``names``: diffusers' pipeline with one of ipa_rt's
     adapter mixins in front (:mod:`ipa_rt.families`)."""
-    import diffusers
-
-    from .console import hushed
-
     with hushed():  # importing diffusers' pipelines makes transformers note a missing torchvision
         base = getattr(diffusers, name, None) if name in names else None
     if base is None:

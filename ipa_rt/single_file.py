@@ -127,11 +127,9 @@ def _count(state: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _heads(width: int, rule: str, origin: str, what: str) -> int:
-    """Attention heads the family's rule gives a width: SD1.5's UNet has 8 heads at every level, SDXL's UNet and
-    both CLIP text encoders 64-wide heads. Head counts are not in the weights' shapes, hence the rule."""
-    if rule == "8 heads":
-        return 8
+def _heads(width: int, origin: str, what: str) -> int:
+    """Attention heads of 64 wide, as SDXL's UNet and both CLIP text encoders have them (SD1.5's UNet: 8 heads at
+    every level). Head counts are not in the weights' shapes, hence the rule."""
     if width % 64:
         raise CheckpointError(
             f"single-file checkpoint '{origin}': {what} width {width} is not a multiple of 64, so its attention "
@@ -164,9 +162,7 @@ def derived_configs(state: dict[str, torch.Tensor], family: str, origin: str) ->
         up_block_types=[t.replace("Down", "Up") for t in reversed(down)],
         cross_attention_dim=int(k2.shape[1]) if k2 is not None else unet["cross_attention_dim"],
     )
-    rule = "8 heads" if family == "sd15" else "64 wide"
-    heads = [_heads(w, rule, origin, "UNet level") for w in widths]
-    unet["attention_head_dim"] = heads[0] if family == "sd15" else heads
+    unet["attention_head_dim"] = 8 if family == "sd15" else [_heads(w, origin, "UNet level") for w in widths]
     if family == "sdxl":
         unet["transformer_layers_per_block"] = depth
         unet["use_linear_projection"] = proj is not None and proj.ndim == 2
@@ -215,7 +211,7 @@ def _clip_text_shape(state: dict, prefix: str, origin: str) -> dict[str, Any]:
         max_position_embeddings=int(state[f"{p}embeddings.position_embedding.weight"].shape[0]),
         num_hidden_layers=_count(state, f"{p}encoder.layers.{{}}."),
         intermediate_size=int(state[f"{p}encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_attention_heads=_heads(width, "64 wide", origin, "text encoder"),
+        num_attention_heads=_heads(width, origin, "text encoder"),
     )
 
 
@@ -229,7 +225,7 @@ def _open_clip_text_shape(state: dict, prefix: str, origin: str) -> dict[str, An
         max_position_embeddings=int(state[f"{prefix}positional_embedding"].shape[0]),
         num_hidden_layers=_count(state, f"{prefix}transformer.resblocks.{{}}."),
         intermediate_size=int(state[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        num_attention_heads=_heads(width, "64 wide", origin, "text encoder 2"),
+        num_attention_heads=_heads(width, origin, "text encoder 2"),
     )
 
 
@@ -271,9 +267,7 @@ def _tokenizers(family: str, tokenizer: Any, config_dir: Path | None, origin: st
 
     names = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return (
-            list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer, *(tokenizer,) * (family == "sdxl")]
-        )
+        return list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer] * len(names)
     folders: list[Path] = []
     for root in [Path(tokenizer)] if tokenizer is not None else ([config_dir] if config_dir else []):
         if (root / "tokenizer").is_dir():

@@ -60,7 +60,7 @@ class DecoupledCrossAttnProcessor:
             return torch.ops.ipa_rt.decoupled_attention(query, key, value, k_img, v_img, offsets, segs, scales, mask)
         except Exception as exc:
             self.fused = False
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:300]
             if reason not in _WARNED:
                 _WARNED.add(reason)
                 msg = f"fused attention kernel failed ({reason}); such layers run SDPA from now on"
@@ -112,22 +112,19 @@ class DecoupledCrossAttnProcessor:
         mask = ctx.masks.get(query.shape[2]) if kv is not None and ctx.masks else None
         if kv is not None and ctx.seg_mult is not None:  # per-image segments: adapter scale x image factor
             scales = scales.index_select(-1, ctx.seg_owner) * ctx.seg_mult[:, self.layer]
-        fused = None
+        out = None
         if self.fused and attention_mask is None and not _exporting():
-            fused = self._fused(query, key, value, kv, scales, mask)
-        if fused is not None:
-            hidden_states = fused
-        else:
+            out = self._fused(query, key, value, kv, scales, mask)
+        if out is None:
             image_kv = [(kv[0][:, :, s:e], kv[1][:, :, s:e]) for s, e in ctx.segments] if kv is not None else ()
             if _exporting():
-                hidden_states = decoupled_attention_decomposed(query, key, value, image_kv, scales)
+                out = decoupled_attention_decomposed(query, key, value, image_kv, scales)
             else:
-                hidden_states = decoupled_attention_reference(
+                out = decoupled_attention_reference(
                     query, key, value, image_kv, scales, attn_mask=attention_mask, masks=mask
                 )
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:

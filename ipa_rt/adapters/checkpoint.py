@@ -142,8 +142,7 @@ def read_adapter(spec: AdapterSource, **hub_kwargs: Any) -> RawAdapter:
     """Load one adapter checkpoint from a file, folder, hub id or dict."""
     src = spec.source
     if isinstance(src, Mapping):
-        image_proj, ip_adapter = _validate(src, "<state dict>")
-        return RawAdapter(image_proj, ip_adapter, "<state dict>", None, None)
+        return RawAdapter(*_validate(src, "<state dict>"), "<state dict>", None, None)
 
     path = Path(os.fspath(src))
     if spec.weight_name is not None:
@@ -165,8 +164,7 @@ def read_adapter(spec: AdapterSource, **hub_kwargs: Any) -> RawAdapter:
 
 def _read_file(path: Path, encoder_dir: str | None, encoder_subfolder: str | None) -> RawAdapter:
     parts = _read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path)
-    image_proj, ip_adapter = _validate(parts, str(path))
-    return RawAdapter(image_proj, ip_adapter, str(path), encoder_dir, encoder_subfolder)
+    return RawAdapter(*_validate(parts, str(path)), str(path), encoder_dir, encoder_subfolder)
 
 
 def _read_from_hub(repo_id: str, spec: AdapterSource, **hub_kwargs: Any) -> RawAdapter:
@@ -183,6 +181,16 @@ def _read_from_hub(repo_id: str, spec: AdapterSource, **hub_kwargs: Any) -> RawA
     raw = _read_file(Path(file), encoder_dir=None, encoder_subfolder=f"{repo_id}::{sub}")
     raw.origin = f"{repo_id}/{spec.subfolder + '/' if spec.subfolder else ''}{spec.weight_name}"
     return raw
+
+
+def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The hub options among ``load_ip_adapter``'s extra keyword arguments; ``low_cpu_mem_usage`` is ignored (ipa_rt
+    builds its small modules from the checkpoint's tensors: nothing to save), anything else refused."""
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    kwargs.pop("low_cpu_mem_usage", None)
+    if kwargs:
+        raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+    return hub
 
 
 def adapter_sources(ip_adapter: Any, subfolder: Any, weight_name: Any) -> list[AdapterSource]:

@@ -140,7 +140,15 @@ class ImageConditioner:
                 f"ip_adapter_image_embeds must be a list of {count} tensors (one per IP-Adapter); "
                 f"got {type(embeds).__name__}{got}"
             )
-        pos, neg, clip_pos, clip_neg, keys = [], [], [], [], []
+        device = self.pipe.device
+
+        def batch(p: Tensor | None, n: Tensor | None) -> Tensor | None:
+            if p is None:
+                return None
+            p = torch.cat([p] * copies)
+            return (torch.cat([torch.cat([n] * copies), p]) if cfg else p).to(device)
+
+        embeds_out, clips, keys = [], [], []
         for a, entry in enumerate(entries):
             spec = entry.spec
             if embeds is not None:
@@ -172,22 +180,9 @@ class ImageConditioner:
                     )
                 cp, cn, clip_key = self.encode(HIDDEN, images[a], negative[a] if negative else None, a)
                 key = (key, clip_key)
-            pos.append(p)
-            neg.append(n)
-            clip_pos.append(cp)
-            clip_neg.append(cn)
+            embeds_out.append(batch(p, n))
+            clips.append(batch(cp, cn))
             keys.append(key)
-
-        device = self.pipe.device
-
-        def batch(p: Tensor | None, n: Tensor | None) -> Tensor | None:
-            if p is None:
-                return None
-            p = torch.cat([p] * copies)
-            return (torch.cat([torch.cat([n] * copies), p]) if cfg else p).to(device)
-
-        embeds_out = [batch(p, n) for p, n in zip(pos, neg, strict=True)]
-        clips = [batch(p, n) for p, n in zip(clip_pos, clip_neg, strict=True)]
         return embeds_out, clips, (tuple(keys), combine_mode, copies, cfg)
 
 

@@ -72,17 +72,22 @@ def _collect_lora(unet: nn.Module, raw: RawAdapter) -> dict[str, Tensor]:
     return out  # may be empty: diffusers also runs a FaceID checkpoint that ships no LoRA
 
 
+def copied_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (and ``bias``)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
 class LoRALinear(nn.Module):
     """``base(x) + up(down(x))``: the FaceID LoRA, applied like PEFT with scaling 1 (alpha = rank)."""
 
     def __init__(self, base: nn.Module, down: Tensor, up: Tensor) -> None:
         super().__init__()
-        self.base = base
-        self.down = nn.Linear(down.shape[1], down.shape[0], bias=False)
-        self.up = nn.Linear(up.shape[1], up.shape[0], bias=False)
-        with torch.no_grad():
-            self.down.weight.copy_(down)
-            self.up.weight.copy_(up)
+        self.base, self.down, self.up = base, copied_linear(down), copied_linear(up)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype)))
@@ -104,13 +109,6 @@ class AdapterEntry:
     @property
     def tokens_per_image(self) -> int | None:
         return self.spec.tokens(self.projection, None)
-
-
-def _linear(weight: Tensor) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-    return lin
 
 
 class IPAdapterStack(nn.Module):
@@ -174,8 +172,8 @@ class IPAdapterStack(nn.Module):
                 AdapterEntry(
                     spec,
                     proj,
-                    [_linear(raw.ip_adapter[f"{2 * i + 1}.to_k_ip.weight"]) for i in range(len(layers))],
-                    [_linear(raw.ip_adapter[f"{2 * i + 1}.to_v_ip.weight"]) for i in range(len(layers))],
+                    [copied_linear(raw.ip_adapter[f"{2 * i + 1}.to_k_ip.weight"]) for i in range(len(layers))],
+                    [copied_linear(raw.ip_adapter[f"{2 * i + 1}.to_v_ip.weight"]) for i in range(len(layers))],
                     _collect_lora(unet, raw) if spec.has_lora else {},
                     raw.origin,
                     raw.encoder_dir,
@@ -241,13 +239,9 @@ class IPAdapterStack(nn.Module):
             return
         processors = dict(unet.attn_processors)
         saved = {"processors": processors, "encoder_hid_proj": unet.encoder_hid_proj, "wrapped": []}
-        new = dict(processors)
-        self.processors = []
-        for layer, name in enumerate(self.layer_names):
-            proc = DecoupledCrossAttnProcessor(layer, self.context, fused=self._fused[layer])
-            new[name] = proc
-            self.processors.append(proc)
-        unet.set_attn_processor(new)
+        layers = range(len(self.layer_names))
+        self.processors = [DecoupledCrossAttnProcessor(i, self.context, fused=self._fused[i]) for i in layers]
+        unet.set_attn_processor(processors | dict(zip(self.layer_names, self.processors, strict=True)))
         # A diffusers UNet that had load_ip_adapter called projects embeds itself; ipa_rt does it once per call.
         unet.encoder_hid_proj = None
         for lora in (e.lora for e in self.entries):
@@ -348,12 +342,8 @@ class IPAdapterStack(nn.Module):
             k = torch.cat([self.to_k_ip[layer][a](x) for a, x in enumerate(tokens)], dim=1)
             v = torch.cat([self.to_v_ip[layer][a](x) for a, x in enumerate(tokens)], dim=1)
             b, t, inner = k.shape
-            out.append(
-                (
-                    k.view(b, t, heads, inner // heads).transpose(1, 2),
-                    v.view(b, t, heads, inner // heads).transpose(1, 2),
-                )
-            )
+            shape = (b, t, heads, inner // heads)
+            out.append((k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)))
         return out
 
     def _downsample_masks(self, masks, tokens, queries: list[int], batch: int, device, dtype) -> dict[int, Tensor]:

@@ -45,17 +45,18 @@ HIDDEN = "hidden_states"  # penultimate hidden states; unconditional = encoder r
 FACE_ID = "face_id"  # user-supplied face embeddings, no encoder
 
 
-def _rename(rules: list[tuple[str, str]]) -> Callable[[str], str]:
+def key_renamer(rules: list[tuple[str, str]]) -> Callable[[str], str]:
+    """A key's new name by the first of ``rules`` (regex, replacement) that matches it; unmatched keys pass as is."""
     compiled = [(re.compile(p), r) for p, r in rules]
 
-    def apply(key: str) -> str:
+    def rename(key: str) -> str:
         for pattern, repl in compiled:
             key, n = pattern.subn(repl, key)
             if n:
-                return key
+                break
         return key
 
-    return apply
+    return rename
 
 
 # Resampler (PerceiverAttention + FeedForward per layer) in the original layout -> diffusers blocks.
@@ -71,7 +72,7 @@ _RESAMPLER_RULES = [
 
 
 def _convert(sd: StateDict, rules: list[tuple[str, str]], strip: str = "") -> StateDict:
-    rename = _rename(rules)
+    rename = key_renamer(rules)
     out: StateDict = {}
     for key, value in sd.items():
         k = key[len(strip) :] if strip and key.startswith(strip) else key
@@ -100,17 +101,12 @@ def _heads(sd: StateDict, key: str, origin: str) -> int:
 
 
 def _depth(sd: StateDict, prefix: str = "") -> int:
-    ids = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
-    return len(ids)
+    return len({int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))})
 
 
 def _build_base(sd: StateDict, origin: str) -> tuple[nn.Module, StateDict]:
     rows, embed_dim = _shape(sd, "proj.weight", origin)
-    module = ImageProjection(
-        image_embed_dim=embed_dim,
-        cross_attention_dim=rows // 4,
-        num_image_text_embeds=4,
-    )
+    module = ImageProjection(image_embed_dim=embed_dim, cross_attention_dim=rows // 4, num_image_text_embeds=4)
     return module, _convert(sd, [(r"^proj\.", "image_embeds.")])
 
 
@@ -174,16 +170,16 @@ class VariantSpec:
     name: str
     detect_key: str | None  # present in image_proj => this variant (None: the fallback)
     encoder_output: str  # EMBEDS, HIDDEN or FACE_ID
-    needs_clip_states: bool  # FaceID-Plus: face id embeds *and* CLIP hidden states
-    has_lora: bool  # FaceID family: a LoRA on every attention layer ships in ip_adapter
     build: Callable[[StateDict, str], tuple[nn.Module, StateDict]]
     description: str
     projection_class: type[nn.Module]  # diffusers' module, also how a loaded diffusers pipeline is recognised
     # Accessors on the built projection, so no caller branches on the variant name:
     tokens: Callable[[nn.Module, int | None], int | None]  # tokens per image (arg: encoder tokens)
     encoder_dim: Callable[[nn.Module], int | None]  # CLIP feature size it reads (None: no CLIP input)
-    face_id_dim: Callable[[nn.Module], int | None]  # face-embedding size it reads (None: not FaceID)
     out_dim: Callable[[nn.Module], int]  # token width; must equal the UNet cross-attention dim
+    face_id_dim: Callable[[nn.Module], int | None] = lambda m: None  # face-embedding size it reads (None: not FaceID)
+    needs_clip_states: bool = False  # FaceID-Plus: face id embeds *and* CLIP hidden states
+    has_lora: bool = False  # FaceID family: a LoRA on every attention layer ships in ip_adapter
 
 
 VARIANTS: tuple[VariantSpec, ...] = (
@@ -191,70 +187,60 @@ VARIANTS: tuple[VariantSpec, ...] = (
         "base",
         "proj.weight",
         EMBEDS,
-        False,
-        False,
         _build_base,
         "IP-Adapter (4 tokens)",
         ImageProjection,
         tokens=lambda m, _: m.image_embeds.out_features // m.norm.normalized_shape[0],
         encoder_dim=lambda m: m.image_embeds.in_features,
-        face_id_dim=lambda m: None,
         out_dim=lambda m: m.norm.normalized_shape[0],
     ),
     VariantSpec(
         "full",
         "proj.3.weight",
         HIDDEN,
-        False,
-        False,
         _build_full,
         "IP-Adapter Full-face (MLP per token)",
         IPAdapterFullImageProjection,
         tokens=lambda m, encoder_tokens: encoder_tokens,
         encoder_dim=lambda m: m.ff.net[0].proj.in_features,
-        face_id_dim=lambda m: None,
         out_dim=lambda m: m.norm.normalized_shape[0],
     ),
     VariantSpec(
         "faceid_plus",
         "perceiver_resampler.proj_in.weight",
         FACE_ID,
-        True,
-        True,
         _build_faceid_plus,
         "IP-Adapter FaceID-Plus / PlusV2",
         IPAdapterFaceIDPlusImageProjection,
         tokens=lambda m, _: m.num_tokens,
         encoder_dim=lambda m: m.proj_in.in_features,
-        face_id_dim=lambda m: m.proj.net[0].proj.in_features,
         out_dim=lambda m: m.proj_out.out_features,
+        face_id_dim=lambda m: m.proj.net[0].proj.in_features,
+        needs_clip_states=True,
+        has_lora=True,
     ),
     VariantSpec(
         "faceid",
         "norm.weight",
         FACE_ID,
-        False,
-        True,
         _build_faceid,
         "IP-Adapter FaceID",
         IPAdapterFaceIDImageProjection,
         tokens=lambda m, _: m.num_tokens,
         encoder_dim=lambda m: None,
-        face_id_dim=lambda m: m.ff.net[0].proj.in_features,
         out_dim=lambda m: m.norm.normalized_shape[0],
+        face_id_dim=lambda m: m.ff.net[0].proj.in_features,
+        has_lora=True,
     ),
     VariantSpec(
         "plus",
         None,
         HIDDEN,
-        False,
-        False,
         _build_plus,
         "IP-Adapter Plus / Plus-face (Resampler)",
         IPAdapterPlusImageProjection,
         tokens=lambda m, _: m.latents.shape[1],
         encoder_dim=lambda m: m.proj_in.in_features,
-        face_id_dim=lambda m: None,
         out_dim=lambda m: m.proj_out.out_features,
     ),
 )

@@ -27,13 +27,20 @@ from ..adapters.checkpoint import HUB_KWARGS, adapter_sources
 from ..adapters.conditions import ReferenceCacheMixin
 from ..console import hushed
 from ..errors import ConfigError, reject_engine_options
-from ..models import _read_json, declared_pipeline, load_pipeline, wrapped_pipeline_class
+from ..models import declared_pipeline, load_image_encoder, load_pipeline, read_json, wrapped_pipeline_class
 from ..runtime.graphs import GraphedNetworkMixin
 
 if TYPE_CHECKING:
     from ..export.contracts import Contract
 
-_ABSENT = object()  # an attribute the network did not have before the adapter
+ABSENT = object()  # an attribute the network did not have before the adapter
+BLOCKS = "transformer_blocks."  # Flux's double-stream and SD3's joint blocks: the ones with an image branch
+
+
+def block_processors(transformer: nn.Module) -> list[str]:
+    """The image-branch blocks' processor names in diffusers' ``attn_processors`` order (the adapters' block
+    indices)."""
+    return [n for n in transformer.attn_processors if n.startswith(BLOCKS)]
 
 
 @dataclass
@@ -76,8 +83,6 @@ class Family:
     # --- PyTorch -------------------------------------------------------------------------------------------------
     def load_encoder(self, location: str, dtype: torch.dtype) -> nn.Module | None:
         """The image encoder at a path or hub id given to ``from_pretrained``; None: ``load_ip_adapter`` takes it."""
-        from ..models import load_image_encoder
-
         with hushed(bars=True):
             return load_image_encoder(location, dtype)
 
@@ -210,7 +215,7 @@ class Family:
 
         manifest, engine = wrapped.open_engine(folder, device, self.kind)
         base = manifest["base"]
-        config = FrozenDict(_read_json(base, f"{self.network}/config.json", {}))
+        config = FrozenDict(read_json(base, f"{self.network}/config.json", {}))
         components = {self.network: self.stand_in(engine, config, wrapped.built_shapes(manifest), manifest)}
         with hushed(bars=True):
             components |= self.engine_components(manifest)
@@ -226,7 +231,7 @@ def default_size(base: str, sample_size: int) -> int:
 
 
 def vae_scale_factor(base: str) -> int:
-    return 2 ** (len(_read_json(base, "vae/config.json", {}).get("block_out_channels", [0] * 4)) - 1)
+    return 2 ** (len(read_json(base, "vae/config.json", {}).get("block_out_channels", [0] * 4)) - 1)
 
 
 class FamilyMixin(GraphedNetworkMixin):
@@ -275,21 +280,18 @@ class SideMixin(FamilyMixin, ReferenceCacheMixin):
 
     _side_attr: ClassVar[str]
     _side_type: ClassVar[type]
-
-    @property
-    def image_side(self) -> Any:
-        side = getattr(self.transformer, self._side_attr, None)
-        if not isinstance(side, self._side_type):
-            raise ConfigError("no ipa_rt IP-Adapter is loaded; call load_ip_adapter first")
-        return side
+    _block_processor: ClassVar[type]  # ipa_rt's attention processor of a block, made with the block's index
 
     def _installed_side(self) -> Any:
         side = getattr(self.transformer, self._side_attr, None)
         return side if isinstance(side, self._side_type) else None
 
-    def _processors(self) -> dict[str, Any]:
-        """ipa_rt's attention processors for the transformer's blocks, by name."""
-        raise NotImplementedError
+    @property
+    def image_side(self) -> Any:
+        side = self._installed_side()
+        if side is None:
+            raise ConfigError("no ipa_rt IP-Adapter is loaded; call load_ip_adapter first")
+        return side
 
     def _install_side(self, side: nn.Module) -> None:
         """Swap in ipa_rt's processors and the image side; remember what was there (once, across reloads). On
@@ -302,11 +304,12 @@ class SideMixin(FamilyMixin, ReferenceCacheMixin):
         if self._ipa_saved is None:
             self._ipa_saved = {
                 "processors": dict(transformer.attn_processors),
-                "side": getattr(transformer, self._side_attr, _ABSENT),
+                "side": getattr(transformer, self._side_attr, ABSENT),
             }
         elif self._installed_side() is not None:
             delattr(transformer, self._side_attr)  # its own attention would count as processors of the transformer
-        transformer.set_attn_processor(self._ipa_saved["processors"] | self._processors())
+        processors = {name: self._block_processor(i) for i, name in enumerate(block_processors(transformer))}
+        transformer.set_attn_processor(self._ipa_saved["processors"] | processors)
         param = next(transformer.parameters())
         setattr(transformer, self._side_attr, side.to(device=param.device, dtype=param.dtype))
 
@@ -317,7 +320,7 @@ class SideMixin(FamilyMixin, ReferenceCacheMixin):
             transformer.install_image_side(None)  # the engine then adds exactly nothing
         if self._ipa_saved is not None:
             delattr(transformer, self._side_attr)
-            if self._ipa_saved["side"] is not _ABSENT:  # back first: its processors are among the saved ones
+            if self._ipa_saved["side"] is not ABSENT:  # back first: its processors are among the saved ones
                 setattr(transformer, self._side_attr, self._ipa_saved["side"])
             transformer.set_attn_processor(self._ipa_saved["processors"])
             self._ipa_saved = None
@@ -335,8 +338,21 @@ class SideMixin(FamilyMixin, ReferenceCacheMixin):
 
     @property
     def adapter_count(self) -> int:
-        side = getattr(self.transformer, self._side_attr, None)
-        return getattr(side, "num_ip_adapters", 1) if isinstance(side, self._side_type) else 0
+        side = self._installed_side()
+        return getattr(side, "num_ip_adapters", 1) if side is not None else 0
+
+
+class MovableSide:
+    """What Flux's and SD3's image sides share on a move (``.to()``): the float32 ``scale`` follows the module's
+    device, its values and dtype untouched (diffusers' scales are Python floats), and what was prepared on the old
+    device or dtype (``_memo``, ``static``) is dropped."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        self.scale = self.scale.to(fn(self.scale).device)
+        self._memo.clear()
+        self.static.clear()
+        return self
 
 
 class EngineStandIn(ModelMixin):

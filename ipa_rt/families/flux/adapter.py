@@ -23,20 +23,16 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from torch import Tensor, nn
 
 from ...adapters.checkpoint import RawAdapter
+from ...adapters.stack import copied_linear
 from ...adapters.variants import EMBEDS, adapter_family, build_projection, detect_variant
 from ...errors import ConfigError, IncompatibleAdapterError, ScaleError
 from ...kernels.reference import image_segment
 from ...runtime.graphs import StaticImage
 from ...runtime.lru import IdentityMemo
+from ..base import MovableSide
 from .kernel import FusedKV, fuse, fused_branch
 
-DOUBLE_BLOCKS = "transformer_blocks."  # the double-stream blocks: the only ones with an image branch
 _MEMO = 4  # image-embedding sets kept per transformer: cond and true-CFG negative of the current call, and spares
-
-
-def double_block_processors(transformer: nn.Module) -> list[str]:
-    """Processor names of the double-stream blocks, in block order (diffusers' ``attn_processors`` order)."""
-    return [n for n in transformer.attn_processors if n.startswith(DOUBLE_BLOCKS)]
 
 
 @dataclass
@@ -67,7 +63,7 @@ class FluxImageTokens:
         return out
 
 
-class FluxImageSide(MultiIPAdapterImageProjection):
+class FluxImageSide(MovableSide, MultiIPAdapterImageProjection):
     """The transformer's ``encoder_hid_proj`` while ipa_rt's adapters are installed (see the module docstring).
 
     Holds each adapter's projection (diffusers' ``ImageProjection``), per double block and adapter the image key
@@ -102,14 +98,6 @@ class FluxImageSide(MultiIPAdapterImageProjection):
     @property
     def num_blocks(self) -> int:
         return len(self.to_k_ip)
-
-    def _apply(self, fn, recurse: bool = True):
-        # the scale follows the module's device but stays float32 (diffusers' scales are Python floats)
-        super()._apply(fn, recurse)
-        self.scale = self.scale.to(fn(self.scale).device)  # values untouched by a dtype cast
-        self._memo.clear()  # cached keys/values were on the old device or dtype
-        self.static.clear()
-        return self
 
     def set_scale(self, table: Sequence[Sequence[float]]) -> None:
         """Write ``[adapters][blocks]`` scales into the scale tensor in place (no new tensor, nothing recompiles)."""
@@ -201,34 +189,13 @@ class FluxDecoupledProcessor:
         return out, enc_out, ip_hidden_states.attend(self.layer, ip_query, out)
 
 
-def _linear(weight: Tensor, bias: Tensor) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        lin.bias.copy_(bias)
-    return lin
-
-
-@dataclass(frozen=True)
-class FluxDims:
-    """What an adapter must fit: the transformer's text width, attention width and heads, double-block count."""
-
-    joint: int
-    inner: int
-    heads: int
-    blocks: int
-
-    @classmethod
-    def of(cls, transformer: nn.Module) -> FluxDims:
-        cfg = transformer.config
-        inner = cfg.num_attention_heads * cfg.attention_head_dim
-        return cls(cfg.joint_attention_dim, inner, cfg.num_attention_heads, cfg.num_layers)  # num_layers: double blocks
-
-
-def build_image_side(dims: FluxDims, raws: Sequence[RawAdapter]) -> FluxImageSide:
-    """The adapters of ``raws`` checked against a transformer of ``dims`` (every shape; errors name the file)."""
-    joint, inner, heads, blocks = dims.joint, dims.inner, dims.heads, dims.blocks
-    projections, ks, vs = [], [], []
+def build_image_side(transformer: nn.Module, raws: Sequence[RawAdapter]) -> FluxImageSide:
+    """The adapters of ``raws`` checked against a Flux/Chroma transformer (every shape; errors name the file)."""
+    cfg = transformer.config
+    joint, heads, blocks = cfg.joint_attention_dim, cfg.num_attention_heads, cfg.num_layers  # double blocks
+    inner = heads * cfg.attention_head_dim
+    projections = []
+    per_block = {"to_k_ip": [[] for _ in range(blocks)], "to_v_ip": [[] for _ in range(blocks)]}  # [block][adapter]
     for raw in raws:
         family = adapter_family(raw.ip_adapter)
         if family.name != "flux":
@@ -248,10 +215,8 @@ def build_image_side(dims: FluxDims, raws: Sequence[RawAdapter]) -> FluxImageSid
                 f"IP-Adapter '{raw.origin}' makes image tokens of width {spec.out_dim(proj)}, but the transformer's "
                 f"joint_attention_dim is {joint}; expected an adapter trained for this base model"
             )
-        k_row, v_row = [], []
         for i in range(blocks):
-            parts = {}
-            for kind in ("to_k_ip", "to_v_ip"):
+            for kind, linears in per_block.items():
                 w, b = raw.ip_adapter.get(f"{i}.{kind}.weight"), raw.ip_adapter.get(f"{i}.{kind}.bias")
                 if w is None or b is None:
                     raise IncompatibleAdapterError(
@@ -263,9 +228,7 @@ def build_image_side(dims: FluxDims, raws: Sequence[RawAdapter]) -> FluxImageSid
                         f"IP-Adapter '{raw.origin}': {i}.{kind}.weight is {list(w.shape)}; expected [{inner}, {joint}] "
                         "for this transformer (inner dim, joint_attention_dim)"
                     )
-                parts[kind] = _linear(w, b)
-            k_row.append(parts["to_k_ip"])
-            v_row.append(parts["to_v_ip"])
+                linears[i].append(copied_linear(w, b))
         extra = sorted({int(k.split(".")[0]) for k in raw.ip_adapter if k.split(".")[0].isdigit()} - set(range(blocks)))
         if extra:
             raise IncompatibleAdapterError(
@@ -273,11 +236,7 @@ def build_image_side(dims: FluxDims, raws: Sequence[RawAdapter]) -> FluxImageSid
                 "double-stream blocks; expected an adapter trained for this base model"
             )
         projections.append(proj.eval())
-        ks.append(k_row)
-        vs.append(v_row)
-    per_block_k = [[row[i] for row in ks] for i in range(blocks)]
-    per_block_v = [[row[i] for row in vs] for i in range(blocks)]
-    return FluxImageSide(projections, per_block_k, per_block_v, heads, [r.origin for r in raws])
+    return FluxImageSide(projections, per_block["to_k_ip"], per_block["to_v_ip"], heads, [r.origin for r in raws])
 
 
 def expand_flux_scale(scale: Any, adapters: int, blocks: int) -> list[list[float]]:

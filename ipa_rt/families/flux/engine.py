@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import Tensor, nn
 
 from ...errors import ConfigError
@@ -50,13 +51,17 @@ INPUTS = {
 NETWORK = "transformer"
 
 
-def input_names(transformer: nn.Module) -> tuple[str, ...]:
-    name = type(transformer).__name__
-    if name not in INPUTS:
+def class_inputs(class_name: str | None) -> tuple[str, ...]:
+    """:data:`INPUTS` of a transformer class; a ``ConfigError`` for a class Flux engines do not support."""
+    if class_name not in INPUTS:
         raise ConfigError(
-            f"engines for a {name} are not supported yet (Flux engines: {sorted(INPUTS)}); use backend='torch'"
+            f"engines for a {class_name} are not supported yet (Flux engines: {sorted(INPUTS)}); use backend='torch'"
         )
-    names = INPUTS[name]
+    return INPUTS[class_name]
+
+
+def input_names(transformer: nn.Module) -> tuple[str, ...]:
+    names = class_inputs(type(transformer).__name__)
     return tuple(n for n in names if n != "guidance" or transformer.config.guidance_embeds)
 
 
@@ -150,6 +155,4 @@ class EngineTransformer(EngineStandIn):
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing
             feeds |= {k: torch.zeros(v) for k, v in self.shapes.items() if k.startswith("ip_")}
         (out,) = self.engine(feeds)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         return self.output(out, return_dict, Transformer2DModelOutput)

@@ -10,6 +10,7 @@ once per pipeline (:func:`choose`), never per call; a kernel failure falls back 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -33,14 +34,11 @@ class FusedKV:
 def fuse(kv: list[list[tuple[Tensor, Tensor]]]) -> FusedKV:
     """Lay each block's adapter keys/values end to end (once per call, with the rest of the image side)."""
     lengths = [k.shape[2] for k, _ in kv[0]]
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
     device = kv[0][0][0].device
     cat = [
         (torch.cat([k for k, _ in row], 2).contiguous(), torch.cat([v for _, v in row], 2).contiguous()) for row in kv
     ]
-    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     return FusedKV(cat, offsets, torch.arange(len(lengths), dtype=torch.int32, device=device))
 
 

@@ -16,26 +16,20 @@ from typing import Any
 
 import torch
 
-from ...adapters.checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...adapters.checkpoint import adapter_sources, hub_options, read_adapter
+from ...adapters.image import default_feature_extractor
 from ...console import hushed
 from ...errors import ConfigError, IncompatibleAdapterError
-from ...models import drop_image_encoder
+from ...models import drop_image_encoder, load_image_encoder
 from ..base import SideMixin
-from .adapter import (
-    FluxDecoupledProcessor,
-    FluxDims,
-    FluxImageSide,
-    build_image_side,
-    double_block_processors,
-    expand_flux_scale,
-)
+from .adapter import FluxDecoupledProcessor, FluxImageSide, build_image_side, expand_flux_scale
 from .kernel import MODES, choose
 
 
 class FluxAdapterMixin(SideMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers Flux-family pipeline, with ``FluxIPAdapterMixin``'s API."""
 
-    _side_attr, _side_type = "encoder_hid_proj", FluxImageSide
+    _side_attr, _side_type, _block_processor = "encoder_hid_proj", FluxImageSide, FluxDecoupledProcessor
     _ip_attention = "auto"  # the image branch: the fused kernel on CUDA where it can run, else SDPA
 
     def set_ip_attention(self, mode: str) -> None:
@@ -44,11 +38,14 @@ class FluxAdapterMixin(SideMixin):
         decided here, once, never per call."""
         side = self._installed_side()
         if side is not None and not self.on_engine:
-            param = next(self.transformer.parameters())
-            side.use_attention(choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim))
+            self._choose_attention(side, mode)
         elif mode not in MODES:
             raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
         self._ip_attention = mode
+
+    def _choose_attention(self, side: FluxImageSide, mode: str) -> None:
+        param = next(self.transformer.parameters())
+        side.use_attention(choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim))
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def load_ip_adapter(
@@ -66,13 +63,10 @@ class FluxAdapterMixin(SideMixin):
         file. The image encoder is loaded from ``image_encoder_pretrained_model_name_or_path`` when the pipeline
         has none (e.g. ``"openai/clip-vit-large-patch14"`` for XLabs' adapters), else from ``image_encoder/``
         beside the adapter file."""
-        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        kwargs.pop("low_cpu_mem_usage", None)  # ipa_rt builds small modules directly: nothing to save
-        if kwargs:
-            raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+        hub = hub_options(kwargs)
         sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder or None, weight_name)
         raws = [read_adapter(s, **hub) for s in sources]
-        side = build_image_side(FluxDims.of(self.transformer), raws)
+        side = build_image_side(self.transformer, raws)
         encoder = getattr(self, "image_encoder", None)
         if encoder is None and image_encoder_pretrained_model_name_or_path is not None:
             encoder = self._load_encoder(
@@ -82,30 +76,18 @@ class FluxAdapterMixin(SideMixin):
         if encoder is not None and getattr(self, "image_encoder", None) is None:
             self.register_modules(image_encoder=encoder.to(self.transformer.device))
         if getattr(self, "feature_extractor", None) is None and encoder is not None:
-            from ...adapters.image import default_feature_extractor
-
             self.register_modules(feature_extractor=default_feature_extractor(encoder))
-        self._install(side)
+        self._install_side(side)
+        if not self.on_engine:
+            self._choose_attention(side, self._ip_attention)
 
     def _load_encoder(self, location: Any, subfolder: str | None, dtype: torch.dtype, raws, hub) -> Any:
-        from ...models import load_image_encoder
-
         folder = os.fspath(location)
         beside = raws[0].encoder_dir
         if not os.path.isdir(os.path.join(folder, subfolder or "")) and beside and os.path.isdir(beside):
             folder, subfolder = beside, None  # ipa_rt's rule for a missing folder: image_encoder/ beside the adapter
         with hushed(bars=True):
             return load_image_encoder(folder, dtype, subfolder=subfolder or None, **hub)
-
-    def _processors(self) -> dict[str, Any]:
-        return {name: FluxDecoupledProcessor(i) for i, name in enumerate(double_block_processors(self.transformer))}
-
-    def _install(self, side: FluxImageSide) -> None:
-        self._install_side(side)
-        if not self.on_engine:
-            param = next(self.transformer.parameters())
-            head_dim = self.transformer.config.attention_head_dim
-            side.use_attention(choose(self._ip_attention, param.device, param.dtype, head_dim))
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and projection exactly; drop the image encoder (diffusers' rule)."""

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError
-from ...models import _read_json
+from ...models import read_json
 from ..base import Export, Family, default_size
-from .engine import INPUTS, NETWORK, EngineTransformer, ExportedTransformer, example_inputs, input_names
+from .engine import NETWORK, EngineTransformer, ExportedTransformer, class_inputs, example_inputs, input_names
 from .pipelines import FluxAdapterMixin
 
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' Flux and Chroma pipelines: latent size of the default image (1024² for FLUX.1)
@@ -49,12 +48,7 @@ class FluxFamily(Family):
         return {"height": size, "width": size, "batch": 1, "max_sequence_length": 512, "images": 1}
 
     def check_engine(self, base: str, class_name: str, adapters: list) -> None:
-        transformer_class = _read_json(base, "transformer/config.json", {}).get("_class_name")
-        if transformer_class not in INPUTS:
-            raise ConfigError(
-                f"engines for a {transformer_class} are not supported yet (Flux engines: {sorted(INPUTS)}); use "
-                "backend='torch'"
-            )
+        class_inputs(read_json(base, "transformer/config.json", {}).get("_class_name"))  # refuses other classes
 
     def export(self, base: str, class_name: str, adapters: list, encoder: str | None, shapes: dict) -> Export:
         from ...export.contracts import Contract

@@ -1,6 +1,6 @@
 """Kolors UNet engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
 
-The export contract is the SD1.5/SDXL UNet's (:class:`ipa_rt.export.contracts._UNetIP`: each adapter's image tokens
+The export contract is the SD1.5/SDXL UNet's (:class:`ipa_rt.export.contracts.UNetIP`: each adapter's image tokens
 and the ``[rows, adapters, layers]`` scale are inputs, the image keys/values computed in the graph) with Kolors' text
 projection (ChatGLM 4096 → 2048) inside the graph, so the engine takes ChatGLM's states as diffusers' pipeline passes
 them. :class:`EngineUNet` stands in for the UNet in diffusers' ``KolorsPipeline``; the adapters' projections run in
@@ -14,10 +14,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from ...export.contracts import Contract, _UNetIP
+from ...export.contracts import Contract, UNetIP
 from ...runtime.lru import IdentityMemo
 from ..base import EngineStandIn
 
@@ -57,7 +59,7 @@ def unet_contract(pipe: Any, shapes: dict[str, int]) -> Contract:
         count = entry.tokens_per_image * shapes["images"]
         inputs[f"ip_tokens_{a}"] = torch.randn(rows, count, cfg.cross_attention_dim, generator=g)
     inputs["ip_scale"] = stack.scale.expand(rows, -1, -1).clone()
-    module = _UNetIP(SimpleNamespace(unet=unet, adapters=stack), ("text_embeds", "time_ids"), len(stack.entries), 0, 0)
+    module = UNetIP(SimpleNamespace(unet=unet, adapters=stack), ("text_embeds", "time_ids"), len(stack.entries), 0, 0)
     batch = (1, 2 * shapes["batch"], 2 * shapes["batch"])
     return Contract(NETWORK, module.eval(), inputs, ("noise_pred",), tuple(inputs), batch)
 
@@ -71,8 +73,6 @@ class EngineUNet(EngineStandIn):
 
     def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], built: dict[str, int]) -> None:
         super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width")})
-        from diffusers import UNet2DConditionModel
-
         with torch.device("meta"):
             self.structure = [UNet2DConditionModel.from_config(dict(config))]  # a list: not a submodule
         width = self.structure[0].add_embedding.linear_1.in_features  # diffusers' pipeline reads it
@@ -115,6 +115,4 @@ class EngineUNet(EngineStandIn):
         else:  # no image prompt: zero tokens and a zero scale add exactly nothing
             feeds |= {k: torch.zeros([rows, *v[1:]]) for k, v in self.shapes.items() if k.startswith("ip_")}
         (out,) = self.engine(feeds)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
         return self.output(out, return_dict, UNet2DConditionOutput)

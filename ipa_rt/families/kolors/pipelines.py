@@ -19,19 +19,18 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from ...adapters.checkpoint import HUB_KWARGS, adapter_sources, read_adapter
+from ...adapters.checkpoint import adapter_sources, hub_options, read_adapter
+from ...adapters.image import default_feature_extractor
 from ...adapters.scale import expand_scale, scale_tables
 from ...adapters.stack import IPAdapterStack
 from ...adapters.variants import FACE_ID
 from ...console import hushed
 from ...errors import ConfigError, ImageInputError, IncompatibleAdapterError, ScaleError
 from ...kernels.ops import MODES, choose
-from ...models import drop_image_encoder
+from ...models import drop_image_encoder, load_image_encoder
 from ...runtime.graphs import StaticImage
 from ...runtime.lru import IdentityMemo
-from ..base import FamilyMixin
-
-_ABSENT = object()
+from ..base import ABSENT, FamilyMixin
 
 
 class UNetImageSide(MultiIPAdapterImageProjection):
@@ -101,14 +100,9 @@ class UNetAdapterMixin(FamilyMixin):
         """Load h94-layout IP-Adapter(s) as diffusers does (files, hub ids with ``weight_name``, state dicts; a list
         loads several, replacing what was loaded), checked against the UNet with errors naming the file. The image
         encoder is found by diffusers' rule (``image_encoder_folder`` inside the adapter's folder or repository)."""
-        from ...adapters.image import default_feature_extractor
-        from ...core import _encoder_location, encoder_mismatch
-        from ...models import load_image_encoder
+        from ...core import encoder_location, encoder_mismatch
 
-        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        kwargs.pop("low_cpu_mem_usage", None)
-        if kwargs:
-            raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+        hub = hub_options(kwargs)
         sources = adapter_sources(pretrained_model_name_or_path_or_dict, subfolder or None, weight_name)
         raws = [read_adapter(s, **hub) for s in sources]
         stack = IPAdapterStack.from_checkpoints(self._unet_structure, raws, sources)
@@ -120,7 +114,7 @@ class UNetAdapterMixin(FamilyMixin):
                 )
         encoder = getattr(self, "image_encoder", None)
         if encoder is None and image_encoder_folder is not None:
-            location = _encoder_location(sources[0], image_encoder_folder)
+            location = encoder_location(sources[0], image_encoder_folder)
             if location is not None:
                 with hushed(bars=True):
                     encoder = load_image_encoder(location, self.unet.dtype, **hub)
@@ -141,7 +135,7 @@ class UNetAdapterMixin(FamilyMixin):
         saved = {
             "encoder_hid_proj": unet.encoder_hid_proj,
             "type": unet.config.encoder_hid_dim_type,
-            "text": getattr(unet, "text_encoder_hid_proj", _ABSENT),
+            "text": getattr(unet, "text_encoder_hid_proj", ABSENT),
         }
         stack.install(unet)
         self._choose_attention(stack, self._ip_attention)
@@ -228,8 +222,8 @@ class UNetAdapterMixin(FamilyMixin):
         self._ipa_stack.restore(unet)
         unet.encoder_hid_proj = saved["encoder_hid_proj"]
         unet.config.encoder_hid_dim_type = saved["type"]
-        if saved["text"] is _ABSENT:
-            if "text_encoder_hid_proj" in unet._modules or hasattr(unet, "text_encoder_hid_proj"):
+        if saved["text"] is ABSENT:
+            if hasattr(unet, "text_encoder_hid_proj"):
                 del unet.text_encoder_hid_proj
         else:
             unet.text_encoder_hid_proj = saved["text"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...console import hushed
-from ...models import _read_json
+from ...models import read_json
 from ..base import Export, Family, default_size
 from .pipelines import UNetAdapterMixin
 
@@ -18,7 +18,7 @@ class KolorsFamily(Family):
     pipelines = ("KolorsPipeline", "KolorsImg2ImgPipeline", "KolorsPAGPipeline")
 
     def engine_defaults(self, base: str) -> dict[str, int]:
-        size = default_size(base, _read_json(base, "unet/config.json", {}).get("sample_size", 128))
+        size = default_size(base, read_json(base, "unet/config.json", {}).get("sample_size", 128))
         return {"height": size, "width": size, "batch": 1, "max_sequence_length": 256, "images": 1}
 
     def export(self, base: str, class_name: str, adapters: list, encoder: str | None, shapes: dict) -> Export:

@@ -18,7 +18,6 @@ model without the adapter exactly and no host-side ``if`` reads the scale during
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -29,18 +28,14 @@ from diffusers.models.embeddings import IPAdapterTimeImageProjection
 from diffusers.models.normalization import AdaLayerNorm, RMSNorm
 from torch import Tensor, nn
 
+from ...adapters.variants import key_renamer
 from ...errors import ConfigError, ScaleError
 from ...runtime.graphs import StaticImage
 from ...runtime.lru import IdentityMemo
+from ..base import MovableSide
 
-BLOCKS = "transformer_blocks."  # the joint blocks' processors: diffusers gives each (attn and attn2) an image branch
 DEFAULT_SCALE = 0.5  # diffusers' SD3IPAdapterJointAttnProcessor2_0 default: what a freshly loaded adapter runs at
 _MEMO = 2  # embeddings tensors kept: the current call's (CFG's negative and positive are one tensor) and a spare
-
-
-def block_processors(transformer: nn.Module) -> list[str]:
-    """The joint blocks' processor names in diffusers' ``attn_processors`` order (the adapter's block indices)."""
-    return [n for n in transformer.attn_processors if n.startswith(BLOCKS)]
 
 
 class SD3BlockAdapter(nn.Module):
@@ -125,7 +120,7 @@ def _resampler_block(block: nn.Module, x: Tensor, latents: Tensor, temb: Tensor,
     return block.ff(latents) + residual
 
 
-class SD3ImageSide(IPAdapterTimeImageProjection):
+class SD3ImageSide(MovableSide, IPAdapterTimeImageProjection):
     """The transformer's ``image_proj`` while ipa_rt's adapter is installed: diffusers' TimeResampler (same weights,
     same names, so diffusers' transformer calls it as its own), the blocks' adapter weights (``ip_blocks``) and the
     0-d float32 ``scale``.
@@ -142,14 +137,6 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
         self._memo = IdentityMemo(_MEMO)
         self.static = StaticImage()  # the step-independent part as a captured transformer reads it
 
-    def _apply(self, fn, recurse: bool = True):
-        # the scale follows the module's device but stays float32 (diffusers' scale is a Python float)
-        super()._apply(fn, recurse)
-        self.scale = self.scale.to(fn(self.scale).device)
-        self._memo.clear()  # prepared features were on the old device or dtype
-        self.static.clear()
-        return self
-
     def set_scale(self, value: float) -> None:
         """Write ``value`` into the scale tensor in place (no new tensor, nothing recompiles)."""
         self.scale.fill_(value)
@@ -159,10 +146,7 @@ class SD3ImageSide(IPAdapterTimeImageProjection):
         """The step-independent part for ``embeds`` ``[B, T, C]`` (memoised on its identity)."""
         if isinstance(embeds, (list, tuple)):
             raise ConfigError("SD3 pipelines take one IP-Adapter: ip_adapter_image_embeds must be one tensor")
-        prepared = self._memo.get([embeds])
-        if prepared is None:
-            prepared = self._memo.put([embeds], self.around(self.proj_in(embeds), embeds))
-        return prepared
+        return self._memo.get([embeds]) or self._memo.put([embeds], self.around(self.proj_in(embeds), embeds))
 
     def around(self, features: Tensor, inputs: Tensor) -> SD3Prepared:
         """The step-independent part around ``features`` (``proj_in`` of ``inputs``): the learned queries repeated
@@ -249,27 +233,21 @@ def sd3_scale(scale: Any) -> float:
     return float(scale)
 
 
-# InstantX's TimeResampler names -> diffusers' (SD3Transformer2DLoadersMixin's conversion; diffusers' names pass as is)
-_RENAMES = tuple(
-    (re.compile(rf"^layers\.(\d+)\.{old}\."), rf"layers.\1.{new}.")
-    for old, new in (
-        (r"0\.norm1", "ln0"),
-        (r"0\.norm2", "ln1"),
-        (r"0\.to_q", "attn.to_q"),
-        (r"0\.to_kv", "attn.to_kv"),
-        (r"0\.to_out", "attn.to_out.0"),
-        (r"1\.0", "adaln_norm"),
-        (r"1\.1", "ff.net.0.proj"),
-        (r"1\.3", "ff.net.2"),
-        (r"2\.1", "adaln_proj"),
-    )
+# An InstantX TimeResampler key in diffusers' ``IPAdapterTimeImageProjection`` names (SD3Transformer2DLoadersMixin's
+# conversion; diffusers' names pass as is)
+diffusers_resampler_name = key_renamer(
+    [
+        (rf"^layers\.(\d+)\.{old}\.", rf"layers.\1.{new}.")
+        for old, new in (
+            (r"0\.norm1", "ln0"),
+            (r"0\.norm2", "ln1"),
+            (r"0\.to_q", "attn.to_q"),
+            (r"0\.to_kv", "attn.to_kv"),
+            (r"0\.to_out", "attn.to_out.0"),
+            (r"1\.0", "adaln_norm"),
+            (r"1\.1", "ff.net.0.proj"),
+            (r"1\.3", "ff.net.2"),
+            (r"2\.1", "adaln_proj"),
+        )
+    ]
 )
-
-
-def diffusers_resampler_name(key: str) -> str:
-    """An ``image_proj`` key in diffusers' ``IPAdapterTimeImageProjection`` names."""
-    for pattern, new in _RENAMES:
-        key, n = pattern.subn(new, key)
-        if n:
-            break
-    return key

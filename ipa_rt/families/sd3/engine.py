@@ -16,10 +16,11 @@ scale: the branch then adds exactly nothing (``where(scale != 0, ...)``). The te
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import Tensor, nn
 
 from ...errors import ConfigError
@@ -77,21 +78,19 @@ def sd3_contract(transformer: nn.Module, shapes: dict[str, int], text: int, vae_
     return Contract(NETWORK, module, inputs, ("noise_pred",), tuple(inputs)[:-1], (1, rows, rows))
 
 
-def image_tokens(base: str, image_encoder: Any) -> int:
-    """SigLIP's token count, ``(image_size / patch_size)²``: the length of ``ip_features``."""
+def image_tokens(base: str, image_encoder: str | None) -> int:
+    """SigLIP's token count, ``(image_size / patch_size)²``: the length of ``ip_features`` (``image_encoder``: where
+    the build found the encoder; None: the base folder's own)."""
     from transformers import SiglipVisionConfig
 
-    if isinstance(image_encoder, nn.Module):
-        cfg = image_encoder.config
-    else:
-        where = (os.fspath(image_encoder), "") if image_encoder is not None else (base, "image_encoder")
-        try:
-            cfg = SiglipVisionConfig.from_pretrained(where[0], subfolder=where[1])
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"no SigLIP image encoder config at '{where[0]}' {where[1]}: SD3.5 engines take its token count from "
-                "it; pass image_encoder= (google/siglip-so400m-patch14-384 for InstantX's adapter)"
-            ) from exc
+    where = (image_encoder, "") if image_encoder is not None else (base, "image_encoder")
+    try:
+        cfg = SiglipVisionConfig.from_pretrained(where[0], subfolder=where[1])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"no SigLIP image encoder config at '{where[0]}' {where[1]}: SD3.5 engines take its token count from "
+            "it; pass image_encoder= (google/siglip-so400m-patch14-384 for InstantX's adapter)"
+        ) from exc
     return (cfg.image_size // cfg.patch_size) ** 2
 
 
@@ -104,8 +103,6 @@ class EngineTransformer(EngineStandIn):
 
     def __init__(self, engine: Any, config: Any, shapes: dict[str, list[int]], built: dict[str, int]) -> None:
         super().__init__(engine, config, shapes, {k: built[k] for k in ("height", "width", "max_sequence_length")})
-        from diffusers import SD3Transformer2DModel
-
         with torch.device("meta"):
             self.structure = [SD3Transformer2DModel.from_config(dict(config))]  # a list: not a submodule
         self.image_proj: SD3ImageSide | None = None
@@ -149,6 +146,4 @@ class EngineTransformer(EngineStandIn):
             feeds["ip_features"] = torch.zeros([rows, *self.shapes["ip_features"][1:]])
             feeds["ip_scale"] = torch.zeros(())
         (out,) = self.engine(feeds)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         return self.output(out, return_dict, Transformer2DModelOutput)

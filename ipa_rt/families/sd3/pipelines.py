@@ -17,20 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters.checkpoint import HUB_KWARGS, RawAdapter, adapter_sources, read_adapter
+from ...adapters.checkpoint import RawAdapter, adapter_sources, hub_options, read_adapter
 from ...adapters.variants import adapter_family
 from ...console import hushed
 from ...errors import CheckpointError, ConfigError, IncompatibleAdapterError
 from ...models import drop_image_encoder
-from ..base import SideMixin
-from .adapter import (
-    SD3BlockAdapter,
-    SD3ImageSide,
-    SD3JointProcessor,
-    block_processors,
-    diffusers_resampler_name,
-    sd3_scale,
-)
+from ..base import SideMixin, block_processors
+from .adapter import SD3BlockAdapter, SD3ImageSide, SD3JointProcessor, diffusers_resampler_name, sd3_scale
 
 REAL_ENCODER = "google/siglip-so400m-patch14-384"  # what InstantX/SD3.5-Large-IP-Adapter was trained with
 
@@ -38,7 +31,7 @@ REAL_ENCODER = "google/siglip-so400m-patch14-384"  # what InstantX/SD3.5-Large-I
 class SD3AdapterMixin(SideMixin):
     """ipa_rt's IP-Adapter runtime for a diffusers SD3 pipeline, with ``SD3IPAdapterMixin``'s API."""
 
-    _side_attr, _side_type = "image_proj", SD3ImageSide
+    _side_attr, _side_type, _block_processor = "image_proj", SD3ImageSide, SD3JointProcessor
 
     def load_ip_adapter(
         self,
@@ -54,10 +47,7 @@ class SD3AdapterMixin(SideMixin):
         ``from_pretrained``, as diffusers documents); without one it is loaded from ``image_encoder_folder``: a folder
         or hub id when it has a ``/`` (diffusers' rule), else that folder beside the adapter file (diffusers looks for
         it relative to the working directory instead)."""
-        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        kwargs.pop("low_cpu_mem_usage", None)  # ipa_rt builds on the meta device and assigns: nothing to save
-        if kwargs:
-            raise ConfigError(f"load_ip_adapter: unknown argument(s) {sorted(kwargs)}")
+        hub = hub_options(kwargs)
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
             weight_name = None  # a file path: the file itself (diffusers would read it by weight_name's suffix)
@@ -80,9 +70,6 @@ class SD3AdapterMixin(SideMixin):
             with hushed():
                 self.register_modules(feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))
         self._install_side(side)
-
-    def _processors(self) -> dict[str, Any]:
-        return {name: SD3JointProcessor(i) for i, name in enumerate(block_processors(self.transformer))}
 
     def unload_ip_adapter(self) -> None:
         """Restore the transformer's processors and ``image_proj`` exactly; drop the image encoder and feature

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...console import hushed
 from ...errors import ConfigError
-from ...models import _read_json
+from ...models import read_json
 from ..base import Export, Family, vae_scale_factor
 from .pipelines import SD3AdapterMixin
 
@@ -45,14 +45,14 @@ class SD3Family(Family):
         return source, {"subfolder": subfolder, **kw}
 
     def engine_defaults(self, base: str) -> dict[str, int]:
-        size = _read_json(base, "transformer/config.json", {}).get("sample_size", 128) * vae_scale_factor(base)
+        size = read_json(base, "transformer/config.json", {}).get("sample_size", 128) * vae_scale_factor(base)
         return {"height": size, "width": size, "batch": 1, "max_sequence_length": 256}
 
     def check_engine(self, base: str, class_name: str, adapters: list) -> None:
         if class_name not in self.pipelines or "ControlNet" in class_name:
             runs = [n for n in self.pipelines if "ControlNet" not in n]
             raise ConfigError(f"SD3.5 engines run in {runs}, not {class_name}; use backend='torch'")
-        found = _read_json(base, "transformer/config.json", {}).get("_class_name")
+        found = read_json(base, "transformer/config.json", {}).get("_class_name")
         if found != "SD3Transformer2DModel":
             raise ConfigError(f"engines for a {found} are not supported yet; use backend='torch'")
         if len(adapters) != 1:
@@ -68,7 +68,7 @@ class SD3Family(Family):
             transformer = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", dtype=torch.float32)
         AdapterOnly(transformer.eval()).load_ip_adapter(adapter_file(adapters[0]), image_encoder_folder=None)
         # diffusers' prompt embeddings: CLIP's padded tokens, then T5's max_sequence_length
-        clip = _read_json(base, "tokenizer/tokenizer_config.json", {}).get("model_max_length", 77)
+        clip = read_json(base, "tokenizer/tokenizer_config.json", {}).get("model_max_length", 77)
         text = clip + shapes["max_sequence_length"]
         images = image_tokens(base, encoder)
         return Export(sd3_contract(transformer, shapes, text, vae_scale_factor(base), images), encoder)
