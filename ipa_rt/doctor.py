@@ -63,8 +63,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 def _compare(name: str, out: Tensor, ref: Tensor, tol: float, seconds: float, detail: str = "") -> Check:
     err = rel_l2(out, ref)
-    ok = err <= tol
-    return Check(name, "ok" if ok else "fail", detail or "relative L2", err, tol, round(seconds, 4))
+    return Check(name, "ok" if err <= tol else "fail", detail or "relative L2", err, tol, round(seconds, 4))
 
 
 def _guarded(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
@@ -188,9 +187,8 @@ def _reference_call(pipe, steps: int = 4) -> dict[str, Any]:
 def graph_checks(pipe) -> list[Check]:
     """Graph replay against eager execution: the denoising loop, the VAE decoder, the CLIP image encoder."""
     if pipe.device.type != "cuda":
-        reason = "CUDA graphs need a CUDA device"
         names = ("graph_vs_eager", "graphed_vae_decoder", "graphed_image_encoder")
-        return [Check(n, "skipped", reason) for n in names]
+        return [Check(n, "skipped", "CUDA graphs need a CUDA device") for n in names]
     if pipe.backend == "onnxruntime":
         return [Check("graph_vs_eager", "skipped", "ONNX Runtime engines run on their own streams: never captured")]
     from .runtime.sampling import KINDS

@@ -38,9 +38,8 @@ def install(comfyui: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipa_rt.comfyui", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("install", help="write the node pack's shim into COMFYUI_DIR/custom_nodes").add_argument(
-        "comfyui", metavar="COMFYUI_DIR"
-    )
+    install_parser = sub.add_parser("install", help="write the node pack's shim into COMFYUI_DIR/custom_nodes")
+    install_parser.add_argument("comfyui", metavar="COMFYUI_DIR")
     example = sub.add_parser("example", help="tiny models + the example workflows filled in, ready for curl")
     example.add_argument("comfyui", metavar="COMFYUI_DIR")
     example.add_argument("out", metavar="OUT")

@@ -31,11 +31,7 @@ def fill(name: str, base: str, adapters: list[str], encoder: str, **loader) -> d
         if node["class_type"] == "IpaRtLoadPipeline":
             adapter_lines = "\n".join(adapters[: inputs["ip_adapter"].count("\n") + 1])
             inputs.update(
-                base=base,
-                ip_adapter=adapter_lines,
-                image_encoder=encoder,
-                engine_height=SIZE,
-                engine_width=SIZE,
+                base=base, ip_adapter=adapter_lines, image_encoder=encoder, engine_height=SIZE, engine_width=SIZE
             )
             inputs.update(loader)  # the caller's overrides last
         if node["class_type"] == "IpaRtLoadFromFolders":

@@ -198,13 +198,6 @@ class IpaRtModelPatcher(comfy.model_patcher.ModelPatcher):
         super().add_object_patch(name, obj)
 
 
-def _latent_format(scale: float) -> comfy.latent_formats.LatentFormat:
-    fmt = comfy.latent_formats.LatentFormat()
-    fmt.scale_factor = scale
-    fmt.latent_channels = 4
-    return fmt
-
-
 def make_model(pipe: Any, source: Any = None) -> IpaRtModelPatcher:
     """ComfyUI's ``MODEL`` whose diffusion model is ``pipe``'s UNet: ComfyUI's SD1.5 or SDXL model class (so
     KSampler's conditioning makes SDXL's ``y``, which :func:`added_conditions` reads back). ``source``: the ComfyUI
@@ -231,7 +224,9 @@ def make_model(pipe: Any, source: Any = None) -> IpaRtModelPatcher:
         "linear_end": sched.get("beta_end", 0.012),
         "timesteps": sched.get("num_train_timesteps", 1000),
     }
-    config.latent_format = _latent_format(pipe.vae_config.scaling_factor)
+    config.latent_format = comfy.latent_formats.LatentFormat()
+    config.latent_format.scale_factor = pipe.vae_config.scaling_factor
+    config.latent_format.latent_channels = 4
     model_type = types[prediction] if source is None else source.model.model_type
     base = classes[pipe.family.name](config, model_type=model_type, device=pipe.device)
     if source is not None:
@@ -342,5 +337,4 @@ class IpaRtVae:
     def spacial_compression_decode(self) -> int:
         return self.pipe.vae_scale_factor
 
-    def spacial_compression_encode(self) -> int:
-        return self.pipe.vae_scale_factor
+    spacial_compression_encode = spacial_compression_decode

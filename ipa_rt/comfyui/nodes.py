@@ -207,10 +207,8 @@ class LoadFromFolders(io.ComfyNode):
         from .pipelines import load_pipeline
 
         spec = load_spec(checkpoint, diffusers, (ip_adapter, ip_adapter_2), clip_vision, lora, float(lora_strength))
-        sizes = {"height": engine_height, "width": engine_width}
-        return io.NodeOutput(
-            load_pipeline(replace(spec, backend=backend, precision=precision, device=_device(), **sizes))
-        )
+        engines = {"backend": backend, "precision": precision, "height": engine_height, "width": engine_width}
+        return io.NodeOutput(load_pipeline(replace(spec, device=_device(), **engines)))
 
 
 class EncodeImage(io.ComfyNode):

@@ -169,10 +169,6 @@ def encode(pipe: Any, index: int, images: list, negative: list | None, combine: 
     return Embeds(index, pos, neg, (key, combine), pos.shape[1])
 
 
-def _masks(settings: list[AdapterSettings], height: int, width: int) -> list | None:
-    return mask_tensors([s.mask for s in settings], [s.embeds.images for s in settings], height, width)
-
-
 def mask_tensors(masks: list[Tensor | None], images: list[int], height: int, width: int) -> list | None:
     """ComfyUI MASKs (``[B, H, W]``, the first used; None: no mask) → diffusers' ``ip_adapter_masks`` at the
     output size (``IPAdapterMaskProcessor``: binarised, ``[1, images, height, width]`` per adapter); None when no
@@ -252,7 +248,7 @@ def sample(
         kwargs["ip_adapter_image_embeds"] = [
             torch.cat([s.embeds.neg, s.embeds.pos]) if guidance else s.embeds.pos for s in settings
         ]
-        masks = _masks(settings, height, width)
+        masks = mask_tensors([s.mask for s in settings], [s.embeds.images for s in settings], height, width)
         if masks is not None:
             kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
     elif pipe.adapters is not None:

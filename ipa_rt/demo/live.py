@@ -105,15 +105,14 @@ def render_frame(pipe, req: FrameRequest, steps: int, guidance: float) -> Image.
     if pipe.adapters is not None:
         pipe.set_ip_adapter_scale(scales)
     generator = torch.Generator("cpu").manual_seed(req.seed)
-    out = pipe(
+    return pipe(
         req.prompt,
         ip_adapter_image=images,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generator,
         output_type="pil",
-    )
-    return out.images[0]
+    ).images[0]
 
 
 class LiveRenderer:
@@ -186,10 +185,8 @@ class LiveRenderer:
                 req, done = self._pending.pop(session)
                 self.busy_session = session
             try:
-                result: Any = (
-                    render_frame(self.pipe, req, self.steps, self.guidance),
-                    time.perf_counter() - req.submitted,
-                )
+                image = render_frame(self.pipe, req, self.steps, self.guidance)
+                result: Any = (image, time.perf_counter() - req.submitted)
             except Exception as exc:  # reported to that session's page; the worker goes on
                 result = exc
             with self._cv:

@@ -22,15 +22,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .live import (
-    DemoError,
-    FrameRequest,
-    LiveRenderer,
-    check_prompt,
-    check_scales,
-    check_seed,
-    decode_upload,
-)
+from .live import DemoError, FrameRequest, LiveRenderer, check_prompt, check_scales, check_seed, decode_upload
 
 DEFAULT_PROMPT = "a photo"
 

@@ -7,12 +7,10 @@
   refuses is answered alone, so one bad request never fails its batch mates. The work runs in a thread, so the
   replica keeps accepting requests (the next batch forms) and answering health checks meanwhile.
 - :class:`Gateway` (FastAPI ingress): ``POST /v1/generate`` (JSON or multipart) → PNG/JPEG, ``GET /v1/models``,
-  ``GET /healthz``. With an API key, :class:`~.auth.RequireKey` (middleware of the ingress app: every HTTP request
-  the proxy routes here passes it) answers 401 to any request but ``/healthz`` without ``Authorization: Bearer
-  KEY``. Bad fields get 4xx with a JSON error naming the field before any model work; a full queue
-  (``max_queued_requests``) gets 503 with ``Retry-After``; a request whose replica dies is retried once on
-  another replica (Ray replaces the dead one), then answered 503 — never left hanging (``request_timeout_s``:
-  504).
+  ``GET /healthz``, behind :class:`~.auth.RequireKey` (:mod:`.auth`). Bad fields get 4xx with a JSON error naming
+  the field before any model work; a full queue (``max_queued_requests``) gets 503 with ``Retry-After``; a request
+  whose replica dies is retried once on another replica (Ray replaces the dead one), then answered 503 — never left
+  hanging (``request_timeout_s``: 504).
 """
 
 from __future__ import annotations

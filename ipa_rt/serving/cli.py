@@ -69,8 +69,7 @@ def config_from(args: argparse.Namespace, work: str) -> ServeConfig:
         overrides["api_key"] = key
     if args.example:
         return example_config(work, **overrides)
-    config = ServeConfig.from_file(args.config)
-    config = dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(ServeConfig.from_file(args.config), **overrides)
     config.check()
     return config
 

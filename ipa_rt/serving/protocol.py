@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import math
@@ -54,14 +55,11 @@ def _integer(value: Any, field: str, lo: int, hi: int) -> int:
 
 def _number(value: Any, field: str, lo: float, hi: float) -> float:
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):  # text that is no number stays text: refused below, quoted
             value = float(value)
-        except ValueError:
-            raise RequestError(field, f"is {value!r}; expected a number in [{lo}, {hi}]") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or not lo <= value <= hi:
         raise RequestError(field, f"is {value!r}; expected a number in [{lo}, {hi}]")
-    if not lo <= value <= hi:
-        raise RequestError(field, f"is {value}; expected a number in [{lo}, {hi}]")
     return float(value)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, clean_configs, save_adapter, write_tokenizer
+from .unet import VAE_CONFIG, Rand, clean_configs, quiet, save_adapter, text_config, write_tokenizer
 
 FAMILIES = ("flux", "chroma")
 LAYOUTS = ("xlabs", "diffusers")
@@ -78,7 +78,7 @@ FLUX_SCHEDULER = dict(  # FLUX.1-dev's scheduler/scheduler_config.json
     max_image_seq_len=4096,
 )
 T5_EXTRA_IDS = 100  # sentinels <extra_id_99> .. <extra_id_0> at the end of the vocabulary, as in T5's
-_T5_WORDS = (
+T5_WORDS = (
     "a photo of the cat dog in on with and an is at to by for from this that portrait painting style high quality "
     "detailed woman man girl boy red blue green white black light sun sky tree house car city street water"
 ).split()
@@ -89,7 +89,7 @@ def _t5_pieces() -> list[tuple[str, float]]:
     """A SentencePiece-style Unigram vocabulary: T5's special ids, whole words, subwords, single characters with and
     without the word-start marker (so any ASCII text segments), then the sentinels; scores are log-probabilities."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    pieces += [(f"▁{w}", -5.0 - 0.01 * i) for i, w in enumerate(_T5_WORDS)]
+    pieces += [(f"▁{w}", -5.0 - 0.01 * i) for i, w in enumerate(T5_WORDS)]
     pieces += [(s, -7.0 - 0.01 * i) for i, s in enumerate(_T5_SUBWORDS)]
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces += [(f"▁{c}", -9.0) for c in chars] + [(c, -10.0) for c in chars]
@@ -134,14 +134,14 @@ def save_with_hub_tokenizers(pipe: Any, folder: Path, tokenizers: dict[str, Path
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _t5_config(vocab_size: int, d_model: int, **overrides: Any):
+def t5_config(vocab_size: int, d_model: int, **overrides: Any):
     from transformers import T5Config
 
     ids = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     return T5Config(vocab_size=vocab_size, d_model=d_model, **{**T5_CONFIG, **ids, **overrides})
 
 
-@_quiet
+@quiet
 def write_flux_model(
     folder: str | os.PathLike,
     family: str = "flux",
@@ -180,7 +180,7 @@ def write_flux_model(
         tokenizers = {t5_name: Path(scratch) / t5_name}
         t5_vocab = write_t5_tokenizer(tokenizers[t5_name])
         t5_tokenizer = T5TokenizerFast.from_pretrained(tokenizers[t5_name])
-        t5 = T5EncoderModel(_t5_config(t5_vocab, joint_attention_dim, **configs.get("t5", {}))).eval()
+        t5 = T5EncoderModel(t5_config(t5_vocab, joint_attention_dim, **configs.get("t5", {}))).eval()
         latent = vae.config.latent_channels * 4  # Flux packs 2x2 latent patches into one token
         transformer_cfg = dict(in_channels=latent, joint_attention_dim=joint_attention_dim)
         if family == "chroma":
@@ -195,7 +195,7 @@ def write_flux_model(
         else:
             tokenizers["tokenizer"] = Path(scratch) / "tokenizer"
             clip_vocab = write_tokenizer(tokenizers["tokenizer"])
-            clip = CLIPTextModel(_text_config(clip_vocab, **configs.get("text", {}))).eval()
+            clip = CLIPTextModel(text_config(clip_vocab, **configs.get("text", {}))).eval()
             transformer_cfg |= dict(pooled_projection_dim=clip.config.hidden_size, guidance_embeds=guidance_embeds)
             transformer = FluxTransformer2DModel(
                 **{**FLUX_TRANSFORMER, **transformer_cfg, **configs.get("transformer", {})}
@@ -213,10 +213,10 @@ def write_flux_model(
     return folder
 
 
-def _transformer_config(base_folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(base_folder) / "transformer" / "config.json"
+def component_config(base_folder: str | os.PathLike, part: str, kind: str) -> dict[str, Any]:
+    path = Path(base_folder) / part / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: base_folder must be a Flux or Chroma diffusers folder")
+        raise FileNotFoundError(f"{path} not found: base_folder must be {kind} diffusers folder")
     return json.loads(path.read_text())
 
 
@@ -227,7 +227,7 @@ def flux_adapter_state_dict(
     diffusers' nested ``{"image_proj": ..., "ip_adapter": ...}`` dict: an image projection to ``tokens`` tokens of
     ``joint_attention_dim`` and per double-stream block biased K/V projections of those tokens.
     ``encoder_dim`` is the image encoder's ``projection_dim``."""
-    cfg = _transformer_config(base_folder)
+    cfg = component_config(base_folder, "transformer", "a Flux or Chroma")
     width = cfg["joint_attention_dim"]
     inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     read_as = V2_TOKENS if tokens * width == V2_TOKENS * V2_WIDTH else 4  # how diffusers will count the tokens
@@ -237,7 +237,7 @@ def flux_adapter_state_dict(
             f"(16 only when tokens x joint_attention_dim == {V2_TOKENS * V2_WIDTH}); use tokens=4, or tokens=16 "
             f"with a base written with joint_attention_dim={V2_WIDTH}"
         )
-    r = _Rand(seed)
+    r = Rand(seed)
     image_proj = {"proj.weight": r.linear(tokens * width, encoder_dim), "proj.bias": r.bias(tokens * width)}
     image_proj |= r.norm("norm", width)
     ip_adapter: dict[str, torch.Tensor] = {}
@@ -273,7 +273,7 @@ def save_flux_adapter(
     return save_adapter(state, path, _xlabs_name if layout == "xlabs" else None)
 
 
-@_quiet
+@quiet
 def write_flux_adapter(
     path: str | os.PathLike,
     base_folder: str | os.PathLike,

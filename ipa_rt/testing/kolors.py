@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .unet import SDXL_UNET, VAE_CONFIG, _quiet, adapter_state_dict, clean_configs, save_adapter
+from .flux import T5_WORDS
+from .unet import SDXL_UNET, VAE_CONFIG, adapter_state_dict, clean_configs, quiet, save_adapter
 
 # openai/clip-vit-large-patch14-336 (Kwai-Kolors/Kolors-IP-Adapter-Plus/image_encoder): 1024 wide, 24 layers,
 # 336 px in 14 px patches = 576 patches + CLS = 577 tokens. Tiny: 48 wide (not the ChatGLM/CLIP 32, so a mix-up of
@@ -75,10 +76,6 @@ KOLORS_SCHEDULER = dict(
     use_karras_sigmas=False,
 )
 TOKENIZER_VOCAB = 512  # sentencepiece pieces: <unk>, <s>, </s>, 256 byte-fallback pieces, characters, merges
-_WORDS = (
-    "a photo of the cat dog in on with and an is at to by for from this that portrait painting style high quality "
-    "detailed woman man girl boy red blue green white black light sun sky tree house car city street water"
-).split()
 
 
 def _train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> bytes:
@@ -86,7 +83,7 @@ def _train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> bytes:
     no normalization), trained on a few generated English sentences plus every printable ASCII character."""
     import sentencepiece as spm
 
-    corpus = [" ".join(_WORDS[i:] + _WORDS[:i]) for i in range(len(_WORDS))]
+    corpus = [" ".join(T5_WORDS[i:] + T5_WORDS[:i]) for i in range(len(T5_WORDS))]
     corpus += [" ".join(string.ascii_letters), " ".join(string.digits + string.punctuation)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -154,7 +151,7 @@ def _init_chatglm(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, device="cpu") * p.shape[-1] ** -0.5)
 
 
-@_quiet
+@quiet
 def write_kolors_model(folder: str | os.PathLike, seed: int = 0, configs: dict[str, dict] | None = None) -> Path:
     """A tiny diffusers-format ``KolorsPipeline`` folder saved by diffusers itself, so ``model_index.json`` and every
     component are in the format users load; ``force_zeros_for_empty_prompt`` is ``False``, the pipeline's default
@@ -198,14 +195,13 @@ def write_kolors_model(folder: str | os.PathLike, seed: int = 0, configs: dict[s
 def kolors_adapter_state_dict(
     base_folder: str | os.PathLike, encoder: dict[str, int] | None = None, seed: int = 2
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Random weights of a Kolors IP-Adapter-Plus fitting the Kolors model at ``base_folder``, as the nested
-    ``{"image_proj": ..., "ip_adapter": ...}`` dict: Kwai-Kolors' file is the h94 Plus layout (tencent Resampler,
-    K/V per cross-attention layer from the UNet's cross dim), so this is :func:`adapter_state_dict`'s ``"plus"`` for
-    the Kolors UNet and an encoder of ``KOLORS_ENCODER``'s widths (``encoder`` overrides them)."""
+    """Random weights of a Kolors IP-Adapter-Plus fitting the Kolors model at ``base_folder``: Kwai-Kolors' file is
+    h94's Plus layout, so this is :func:`adapter_state_dict`'s ``"plus"`` with ``KOLORS_ENCODER`` (``encoder``
+    overrides it)."""
     return adapter_state_dict("plus", base_folder, encoder={**KOLORS_ENCODER, **(encoder or {})}, seed=seed)
 
 
-@_quiet
+@quiet
 def write_kolors_adapter(
     path: str | os.PathLike, base_folder: str | os.PathLike, encoder: dict[str, int] | None = None, seed: int = 2
 ) -> Path:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .flux import _t5_config, save_with_hub_tokenizers, write_t5_tokenizer
-from .unet import VAE_CONFIG, _quiet, _Rand, _text_config, clean_configs, save_adapter, write_tokenizer
+from .flux import component_config, save_with_hub_tokenizers, t5_config, write_t5_tokenizer
+from .unet import VAE_CONFIG, Rand, clean_configs, quiet, save_adapter, text_config, write_tokenizer
 
 SD3_LAYOUTS = ("instantx", "diffusers")
 SD3_TRANSFORMER = dict(  # SD3.5-Large: 38 blocks, 38 heads x 64, patch 2, qk rms_norm, no dual-attention blocks
@@ -51,7 +51,7 @@ SD3_ENCODER = dict(  # google/siglip-so400m-patch14-384: 1152 wide, 27 layers, 1
 SD3_RESAMPLER = dict(hidden_dim=64, depth=4, num_queries=16, timestep_in_dim=32)
 
 
-@_quiet
+@quiet
 def write_sd3_model(
     folder: str | os.PathLike, seed: int = 0, configs: dict[str, dict] | None = None, image_encoder: bool = True
 ) -> Path:
@@ -82,8 +82,8 @@ def write_sd3_model(
         write_tokenizer(tokenizers["tokenizer_2"])
         t5_vocab = write_t5_tokenizer(tokenizers["tokenizer_3"])
         text = configs.get("text", {})
-        clips = [CLIPTextModelWithProjection(_text_config(clip_vocab, **text)).eval() for _ in range(2)]
-        t5 = T5EncoderModel(_t5_config(t5_vocab, transformer_cfg["joint_attention_dim"], **configs.get("t5", {})))
+        clips = [CLIPTextModelWithProjection(text_config(clip_vocab, **text)).eval() for _ in range(2)]
+        t5 = T5EncoderModel(t5_config(t5_vocab, transformer_cfg["joint_attention_dim"], **configs.get("t5", {})))
         encoder, processor = _siglip(configs.get("encoder", {})) if image_encoder else (None, None)
         pipe = StableDiffusion3Pipeline(
             transformer=transformer,
@@ -119,7 +119,7 @@ def _siglip(overrides: dict[str, Any]) -> tuple[Any, Any]:
     return SiglipVisionModel(config).eval(), SiglipImageProcessor(size={"height": size, "width": size})
 
 
-@_quiet
+@quiet
 def write_siglip_encoder(folder: str | os.PathLike, seed: int = 1, **overrides: Any) -> Path:
     """A tiny SigLIP image encoder folder (``SiglipVisionModel`` + ``SiglipImageProcessor``, as
     ``google/siglip-so400m-patch14-384``'s), e.g. one of another width to test mismatches."""
@@ -131,13 +131,6 @@ def write_siglip_encoder(folder: str | os.PathLike, seed: int = 1, **overrides: 
     return folder
 
 
-def _json(base_folder: str | os.PathLike, part: str) -> dict[str, Any]:
-    path = Path(base_folder) / part / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: base_folder must be an SD3 diffusers folder")
-    return json.loads(path.read_text())
-
-
 def sd3_adapter_state_dict(
     base_folder: str | os.PathLike, seed: int = 2, encoder_dim: int | None = None, **resampler: int
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -146,16 +139,14 @@ def sd3_adapter_state_dict(
     overrides :data:`SD3_RESAMPLER`) from the encoder's width (``encoder_dim``, default: the folder's
     ``image_encoder/`` hidden size) to the transformer's attention width, and per block an AdaLayerNorm of the image
     tokens on the resampler's timestep embedding, bias-free image K/V projections and three RMS norms."""
-    cfg = _json(base_folder, "transformer")
-    if encoder_dim is None:
-        folder = Path(base_folder) / "image_encoder"
-        encoder_dim = (
-            _json(base_folder, "image_encoder")["hidden_size"] if folder.is_dir() else SD3_ENCODER["hidden_size"]
-        )
+    cfg = component_config(base_folder, "transformer", "an SD3")
+    if encoder_dim is None and (Path(base_folder) / "image_encoder").is_dir():
+        encoder_dim = component_config(base_folder, "image_encoder", "an SD3")["hidden_size"]
+    encoder_dim = SD3_ENCODER["hidden_size"] if encoder_dim is None else encoder_dim
     res = {**SD3_RESAMPLER, **resampler}
     hidden, t_in, heads = res["hidden_dim"], res["timestep_in_dim"], res["hidden_dim"] // 64
     inner, head_dim = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["attention_head_dim"]
-    r = _Rand(seed)
+    r = Rand(seed)
     proj = {"latents": torch.randn(1, res["num_queries"], hidden, generator=r.g, device="cpu") / hidden**0.5}
     proj |= {"proj_in.weight": r.linear(hidden, encoder_dim), "proj_in.bias": r.bias(hidden)}
     proj |= {"proj_out.weight": r.linear(inner, hidden), "proj_out.bias": r.bias(inner)} | r.norm("norm_out", inner)
@@ -219,7 +210,7 @@ def save_sd3_adapter(
                          "ip_adapter": state["ip_adapter"]}, path)  # fmt: skip
 
 
-@_quiet
+@quiet
 def write_sd3_adapter(
     path: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 2, layout: str = "instantx"
 ) -> Path:

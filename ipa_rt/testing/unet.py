@@ -1,9 +1,6 @@
-"""SD1.5 / SDXL (UNet) checkpoints of :mod:`ipa_rt.testing`, in the real on-disk formats.
-
-Everything here writes what users download from a hub, only smaller: diffusers model folders (with
-locally generated CLIP tokenizer files), a ``CLIPVisionModelWithProjection`` folder, and IP-Adapter files of
-every variant in the h94 layout as ``.safetensors`` (flat keys) or ``.bin`` (nested dict). The files are then
-loaded through the same code users use; nothing touches a model hub.
+"""SD1.5 / SDXL (UNet) checkpoints of :mod:`ipa_rt.testing`: diffusers model folders (with locally generated CLIP
+tokenizer files), a ``CLIPVisionModelWithProjection`` folder, and IP-Adapter files of every variant in the h94 layout
+as ``.safetensors`` (flat keys) or ``.bin`` (nested dict).
 """
 
 from __future__ import annotations
@@ -104,7 +101,7 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def _quiet(fn: Callable) -> Callable:
+def quiet(fn: Callable) -> Callable:
     """The files these helpers write are ipa_rt's: no transformers progress bars or notes about them."""
 
     @functools.wraps(fn)
@@ -150,7 +147,7 @@ def write_tokenizer(folder: str | os.PathLike) -> int:
     return len(vocab)
 
 
-def _text_config(tokens: int, **overrides: Any):
+def text_config(tokens: int, **overrides: Any):
     from transformers import CLIPTextConfig
 
     # eos = last id (as in real CLIP, where 49407 is the highest id); bos = the one before it
@@ -159,7 +156,7 @@ def _text_config(tokens: int, **overrides: Any):
     return CLIPTextConfig(**{"vocab_size": tokens, **TEXT_CONFIG, **ids, **overrides})
 
 
-@_quiet
+@quiet
 def write_base_model(
     folder: str | os.PathLike,
     family: str = "sd15",
@@ -174,6 +171,7 @@ def write_base_model(
     an inpainting model). ``configs`` overrides the tiny architecture per component (``unet``, ``vae``,
     ``text``, ``text_2``, ``image_size``), e.g. with the full-size configs in ``benchmarks/configs``."""
     configs = clean_configs(configs)
+    import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -189,14 +187,12 @@ def write_base_model(
     UNet2DConditionModel(**unet_cfg).save_pretrained(folder / "unet")
     AutoencoderKL(**{"force_upcast": sdxl, **VAE_CONFIG, **configs.get("vae", {})}).save_pretrained(folder / "vae")
     vocab = write_tokenizer(folder / "tokenizer")
-    CLIPTextModel(_text_config(vocab, **configs.get("text", {}))).save_pretrained(folder / "text_encoder")
+    CLIPTextModel(text_config(vocab, **configs.get("text", {}))).save_pretrained(folder / "text_encoder")
     scheduler = scheduler or ("EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": scheduler, **SCHEDULER_CONFIG}, indent=2)
     )
-    import diffusers
-
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -211,7 +207,7 @@ def write_base_model(
     if sdxl:
         write_tokenizer(folder / "tokenizer_2")
         text_2 = configs.get("text_2", {})
-        CLIPTextModelWithProjection(_text_config(vocab, **text_2)).save_pretrained(folder / "text_encoder_2")
+        CLIPTextModelWithProjection(text_config(vocab, **text_2)).save_pretrained(folder / "text_encoder_2")
         index.update(
             text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
             tokenizer_2=["transformers", "CLIPTokenizer"],
@@ -229,7 +225,7 @@ def write_base_model(
     return folder
 
 
-@_quiet
+@quiet
 def write_image_encoder(folder: str | os.PathLike, seed: int = 1, **overrides: Any) -> Path:
     """A tiny ``CLIPVisionModelWithProjection`` folder (the h94 ``image_encoder/`` layout)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -240,7 +236,7 @@ def write_image_encoder(folder: str | os.PathLike, seed: int = 1, **overrides: A
     return folder
 
 
-class _Rand:
+class Rand:
     """Seeded random tensors scaled so every layer's output stays O(1)."""
 
     def __init__(self, seed: int) -> None:
@@ -258,7 +254,7 @@ class _Rand:
         return {f"{prefix}.weight": weight, f"{prefix}.bias": self.bias(n)}
 
 
-def _resampler(r: _Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
+def _resampler(r: Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
     """Original (tencent) Resampler layers: PerceiverAttention + FeedForward per layer, dim_head 64."""
     inner = 64 * heads
     sd: dict[str, torch.Tensor] = {}
@@ -274,7 +270,7 @@ def _resampler(r: _Rand, width: int, heads: int, depth: int = 4) -> dict[str, to
     return sd
 
 
-def _image_proj(variant: str, r: _Rand, cross: int, enc: dict[str, int]) -> dict[str, torch.Tensor]:
+def _image_proj(variant: str, r: Rand, cross: int, enc: dict[str, int]) -> dict[str, torch.Tensor]:
     hidden, embed = enc["hidden_size"], enc["projection_dim"]
     if variant == "base":
         return {"proj.weight": r.linear(4 * cross, embed), "proj.bias": r.bias(4 * cross)} | r.norm("norm", cross)
@@ -316,7 +312,7 @@ def adapter_state_dict(
     enc = {**ENCODER_CONFIG, **(encoder or {})}
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_folder) / "unet"))
     cross = unet.config.cross_attention_dim
-    r = _Rand(seed)
+    r = Rand(seed)
     ip_adapter: dict[str, torch.Tensor] = {}
     for key_id, name in enumerate(unet.attn_processors):
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -355,7 +351,7 @@ def save_adapter(
     return path
 
 
-@_quiet
+@quiet
 def write_adapter(
     path: str | os.PathLike, variant: str, base_folder: str | os.PathLike, seed: int = 2, **encoder: int
 ) -> Path:
@@ -373,15 +369,15 @@ def make_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(arr)
 
 
-@_quiet
+@quiet
 def write_example(
     root: str | os.PathLike, family: str = "sd15", variant: str = "base", configs: dict[str, dict] | None = None
 ) -> dict[str, Path]:
     """Everything the offline example needs: base model, adapter with its image_encoder/, a reference image.
     ``configs`` (see :func:`write_base_model`, plus ``encoder``) makes full-size architectures for benchmarks."""
     root = Path(root)
-    configs = configs or {}
-    encoder = {k: v for k, v in configs.get("encoder", {}).items() if not k.startswith("_")}
+    configs = clean_configs(configs)
+    encoder = configs.get("encoder", {})
     base = write_base_model(root / f"model-{family}", family=family, configs=configs)
     models = root / "IP-Adapter" / "models"
     write_image_encoder(models / "image_encoder", **encoder)
@@ -392,7 +388,7 @@ def write_example(
     return {"base": base, "adapter": adapter, "image_encoder": models / "image_encoder", "image": image, "taesd": taesd}
 
 
-@_quiet
+@quiet
 def write_taesd(folder: str | os.PathLike, full: bool = False, seed: int = 9) -> Path:
     """An ``AutoencoderTiny`` folder (the TAESD format): the real architecture with ``full``, else a tiny one."""
     from diffusers import AutoencoderTiny
@@ -408,18 +404,18 @@ def write_taesd(folder: str | os.PathLike, full: bool = False, seed: int = 9) ->
     return Path(folder)
 
 
-@_quiet
+@quiet
 def write_lora(path: str | os.PathLike, base_folder: str | os.PathLike, fmt: str = "diffusers", seed: int = 3) -> Path:
     """A random rank-4 UNet LoRA on q/k/v/out of every attention, as a diffusers or a kohya ``.safetensors``."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_folder) / "unet"))
-    r = _Rand(seed)
+    r = Rand(seed)
     out: dict[str, torch.Tensor] = {}
     for name in unet.attn_processors:
-        attn = unet.get_submodule(name.removesuffix(".processor"))
         module = name.removesuffix(".processor")
+        attn = unet.get_submodule(module)
         for proj, lin in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out.0", attn.to_out[0])):
             down, up = r.linear(LORA_RANK, lin.in_features), r.linear(lin.out_features, LORA_RANK) * 0.3
             if fmt == "diffusers":
@@ -438,7 +434,7 @@ def write_lora(path: str | os.PathLike, base_folder: str | os.PathLike, fmt: str
     return path
 
 
-@_quiet
+@quiet
 def write_controlnet(folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 5) -> Path:
     """A random ControlNet in diffusers' folder format, built from the base UNet's config (``from_unet``), with
     its zero convolutions made random so its residuals matter; the conditioning embedding downsamples to the
@@ -458,7 +454,7 @@ def write_controlnet(folder: str | os.PathLike, base_folder: str | os.PathLike, 
     return Path(folder)
 
 
-@_quiet
+@quiet
 def write_t2i_adapter(
     folder: str | os.PathLike,
     base_folder: str | os.PathLike,
@@ -483,25 +479,24 @@ def write_t2i_adapter(
     if kind == "light_adapter":
         chans = chans[:-1]
     torch.manual_seed(seed)
-    adapter = T2IAdapter(
+    T2IAdapter(
         in_channels=in_channels,
         channels=chans,
         num_res_blocks=1,
         downscale_factor=2 * vsf if xl else vsf,
         adapter_type=kind,
-    )
-    adapter.save_pretrained(folder)
+    ).save_pretrained(folder)
     return Path(folder)
 
 
-@_quiet
+@quiet
 def write_motion_adapter(
     folder: str | os.PathLike, base_folder: str | os.PathLike, seed: int = 7, max_frames: int = 32, heads: int = 2
 ) -> Path:
     """A random AnimateDiff ``MotionAdapter`` in diffusers' folder format for the base model's UNet layout (its
     block widths and layers per block; ``heads=8`` on a full-size base: AnimateDiff v1.5's architecture), with the
-    temporal output projections made random: diffusers starts them
-    at zero, and a motion module that adds nothing would test nothing."""
+    temporal output projections made random: diffusers starts them at zero, and a motion module that adds nothing
+    would test nothing."""
     from diffusers import MotionAdapter
 
     unet = json.loads((Path(base_folder) / "unet" / "config.json").read_text())

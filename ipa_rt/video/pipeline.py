@@ -240,8 +240,7 @@ def _resolve(pipe: AnimateDiffPipeline, req: ClipRequest) -> ClipRequest:
     chunk = req.decode_chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"decode_chunk_size is {chunk!r}; expected a positive integer")
-    mode = "txt2img"
-    frames = req.num_frames
+    frames, mode = req.num_frames, "txt2img"
     if req.video is not None:
         req.video = _frame_list(req.video, "video")
         frames, mode = len(req.video), "img2img"
