@@ -1,7 +1,5 @@
 """What reaches the terminal: ipa_rt's own progress lines for the long stages, and none of the third-party chatter a
-user cannot act on (torchvision fallbacks of transformers' image processors, the ONNX exporter's registry notes,
-transformers' progress bars for the files ipa_rt writes, diffusers' notes on scheduler configs ipa_rt converts).
-
+user cannot act on (docs/getting-started.md lists it; also diffusers' notes on scheduler configs ipa_rt converts).
 Library code hushes only around its own operations (:func:`hushed`); the command line hushes the whole process
 (:func:`quiet_process`) unless ``-v`` is given. ``IPA_RT_VERBOSE=1`` does what ``-v`` does, for the library too.
 """

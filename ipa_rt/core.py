@@ -1,12 +1,10 @@
 """The pipeline itself, whatever runs its networks: diffusers' SD1.5 / SDXL txt2img, img2img and inpainting with
 IP-Adapter, shaped like diffusers (:class:`PipelineCore`; :class:`ipa_rt.Pipeline` adds the engine constructors).
 
-A call follows the diffusers pipelines step for step (prompt encoding, image embeddings, latents and the
-generator's draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output.
-What differs is where work happens: text embeddings, image encoding, projection and every layer's image
-keys/values once per call (and not at all for a reference or a prompt seen a few calls before: the reference and
-text caches of :mod:`ipa_rt.runtime.lru`); the scheduler as a tensor program in a static, graph-captured loop
-(:mod:`ipa_rt.runtime.loop`); the adapter scale as a device tensor.
+A call follows the diffusers pipelines step for step (prompt encoding, image embeddings, latents and the generator's
+draws, CFG batch order, decode), so the same files, latents and seed give diffusers' output. What differs is where
+work happens: the image side once per call, the reference and text caches (:mod:`ipa_rt.runtime.lru`), the static
+loop (:mod:`ipa_rt.runtime.loop`), the scale as a device tensor (docs/design.md).
 """
 
 from __future__ import annotations

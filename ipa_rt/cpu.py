@@ -1,16 +1,8 @@
 """The CPU ipa_rt runs on: the instruction-set features that decide which engine precisions it can run and which is
-fastest, its machine class, and the fast recipe measured for that class.
-
-Three classes of x86 machines users have, each measured with the CPU bench (LCM 4 steps, 512², full-size SD1.5):
-
-- **AMX** (Intel Xeon 4th gen and later): bf16 and int8 tiles; bf16 + TAESD was the fastest (3.71 s; int8 + TAESD
-  3.82 s, less exact) — ``benchmarks/results/2026-11-24-cpu.md``;
-- **AVX512_BF16** (AMD Zen 4 and later, Intel Cooper Lake): bf16 dot products and VNNI int8; int8 + TAESD was the
-  fastest (7.50 s; bf16 + TAESD 11.1 s) — ``benchmarks/results/2026-12-03-cpu.md``;
-- **AVX2** (AMD Zen 2/3, Intel's consumer cores; also AVX-512 without bf16): no bf16 arithmetic, so OpenVINO
-  refuses bf16; int8 + TAESD was the fastest (25.2 s; fp32 42.3 s; issue #34's table). Without VNNI, int8 products
-  are summed in pairs into saturating 16-bit lanes (``vpmaddubsw``): an int8 engine built for such a CPU keeps its
-  weights to half the int8 range (NNCF's overflow fix), so no pair can saturate (:func:`int8_saturates`).
+fastest, its machine class (AMX, AVX512_BF16, AVX2), and the fast recipe measured for that class (:data:`RECIPES`).
+Without VNNI, int8 products are summed in pairs into saturating 16-bit lanes, so an int8 engine built for such a CPU
+keeps its weights to half the int8 range (:func:`int8_saturates`). docs/guides/cpu.md: the classes, their measured
+recipes, the overflow fix.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """``ipa_rt doctor``: what this machine does with ipa_rt's optimisations, checked against their references.
 
 Each check runs one optimisation next to the plain computation it replaces, on the user's own device, dtype and
-model, and reports what ran, the largest error against its tolerance, and the time:
-
-- ``attention_vs_diffusers``: a real cross-attention layer of the model through ipa_rt's decoupled-attention
-  processor and through diffusers' ``IPAdapterAttnProcessor2_0`` (same weights, same image tokens);
-- ``kernel_vs_reference[d=.., N=..]``: the fused Triton kernel at every distinct attention shape of the model at its
-  default size (with the launch configuration tuned at build) against the documented reference; a head dim whose
-  kernel failed its build-time self-test is reported as failed, with the reason;
-- ``graph_vs_eager``: a few denoising steps replayed from a CUDA graph against the same steps run eagerly;
-- ``graphed_vae_decoder`` / ``graphed_image_encoder``: graph replay against plain calls;
-- ``engine_vs_torch``: an engine directory against the torch backend loaded from the same source files.
-
-CUDA-only rows are reported as skipped, with the reason, where they cannot run. The exit status is non-zero when
-any check fails. The report is printed as a table and written as JSON (atomically).
+model: ``attention_vs_diffusers``, ``kernel_vs_reference[d=.., N=..]`` (every distinct attention shape at the default
+size; a head dim whose kernel failed its build-time self-test is reported as failed), ``graph_vs_eager``,
+``graphed_vae_decoder`` / ``graphed_image_encoder`` and ``engine_vs_torch``. CUDA-only rows are skipped with the
+reason; any failure makes the exit status non-zero; the report is a table and JSON, written atomically
+(docs/guides/gpu.md, ``ipa_rt doctor``: what each check compares).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """``ipa_rt.Pipeline``: the pipeline users import, shaped like diffusers.
 
-:class:`~ipa_rt.core.PipelineCore` runs a model from whatever networks it is given; this class adds the
-constructors that need the engine layer (``from_pretrained(..., backend="onnxruntime"|"tensorrt")``, which builds
-engines into the cache or reuses them, and ``from_engine``). Imports point one way: this module uses
-:mod:`ipa_rt.export`, which builds from and loads into :class:`~ipa_rt.core.PipelineCore` and never imports this one.
+It adds to :class:`~ipa_rt.core.PipelineCore` the constructors that need the engine layer (``from_pretrained(...,
+backend=...)``, ``from_engine``); :mod:`ipa_rt.export` never imports this module (docs/design.md, "Code map").
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""Single-file checkpoints: an SD1.5 / SDXL model in the original LDM layout (A1111, Forge, ComfyUI
-``models/checkpoints``) and CLIP vision encoders as one file (ComfyUI ``models/clip_vision``), loaded offline.
+"""Single-file checkpoints: an SD1.5 / SDXL model in the original LDM layout and CLIP vision encoders as one file,
+loaded offline.
 
-The weights are converted by diffusers' own single-file code (``from_single_file`` of the UNet and VAE classes and
-``single_file_utils.create_diffusers_clip_model_from_ldm``); what diffusers would fetch from the hub is built here:
-the configs start from the family's shipped JSON (``ipa_rt/configs/<family>.json``: the SD1.5 / SDXL base repos'
-configs) with every field the weights determine read from their shapes, or come from ``config=`` (a diffusers
-folder, as diffusers' own ``config=``). CLIP's tokenizer files come from ``tokenizer=``, the ``config=`` folder, or
-the hub cache (never the network); SDXL's second tokenizer is the same vocabulary with ``!`` as padding.
-
-A file that holds the UNet alone (``model.diffusion_model.*`` only: what ComfyUI's checkpoint saving writes for a
-``MODEL``, the ComfyUI node ``ipa_rt Engine from MODEL``'s source) loads as a UNet-only base: no text encoder, no
-VAE, no tokenizer (absent, not stand-ins), and the VAE config its latents belong to (the family's, or ``config=``'s).
+The weights go through diffusers' own single-file code (the UNet and VAE classes' ``from_single_file``,
+``single_file_utils.create_diffusers_clip_model_from_ldm``); the configs diffusers would fetch from the hub are the
+shipped ones completed from the weights' shapes, or ``config=``'s. SDXL's second tokenizer is the same vocabulary
+with ``!`` as padding (docs/getting-started.md, "Single-file checkpoints and encoders": tokenizer sources, UNet-only
+files).
 """
 
 from __future__ import annotations

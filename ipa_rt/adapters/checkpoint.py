@@ -1,10 +1,8 @@
 """Reading IP-Adapter checkpoints in the h94 layout, safely, with errors that name the file.
 
-Accepted sources (as diffusers' ``load_ip_adapter``): a ``.safetensors`` file with flat ``image_proj.*`` /
-``ip_adapter.*`` keys (or XLabs-AI's Flux names ``ip_adapter_proj_model.*`` / ``double_blocks.*``), a ``.bin``
-file holding the nested ``{"image_proj": ..., "ip_adapter": ...}`` dict
-(read with ``torch.load(weights_only=True)``: arbitrary pickled objects are refused), a dict of that shape,
-or a hub id with ``subfolder`` and ``weight_name``.
+Sources as diffusers' ``load_ip_adapter`` takes them: ``.safetensors`` (flat keys; XLabs-AI's Flux names too),
+``.bin`` read with ``torch.load(weights_only=True)`` (arbitrary pickled objects are refused), a state dict, or a hub
+id (docs/reference/variants.md: the accepted files and their key layouts).
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """Image-prompt conditions per adapter: encoding (cached by content), negative images, combine modes, embeds I/O.
 
-Follows diffusers' ``prepare_ip_adapter_image_embeds``: per adapter ``[B, n_img, ...]`` encoder outputs,
-negative first when guidance is on. Additions over diffusers, each off by default:
-
-- ``negative_ip_adapter_image``: the unconditional side is the encoding of this image (ComfyUI's
-  ``image_negative``) instead of zeros / the encoder on zero pixels;
-- combine modes for several images of one adapter (ComfyUI's ``combine_embeds``): ``concat`` (diffusers'
-  behaviour, tokens side by side in one softmax), ``average``, ``norm_average`` (each feature divided by
-  its norm over the images, then averaged), ``add``, ``subtract`` (first image minus the mean of the others);
-  the unconditional side keeps its first entry, so its rule (zeros, zero pixels) is unchanged;
-- a reference cache (:mod:`ipa_rt.runtime.lru`, bounded by ``$IPA_RT_REFERENCE_CACHE_MB``): encoder outputs keyed by
-  the images' content hash, so a reference image seen a few calls ago skips the CLIP encoder; the pipeline keeps
-  the image tokens and keys/values of the whole reference in the same cache (``request.prepare_image_side``).
+Follows diffusers' ``prepare_ip_adapter_image_embeds``: per adapter ``[B, n_img, ...]`` encoder outputs, negative
+first when guidance is on. Off by default: a negative image (ComfyUI's ``image_negative``) instead of zeros / zero
+pixels; combine modes for several images of one adapter (ComfyUI's ``combine_embeds``, :func:`combine`), where the
+unconditional side keeps its first entry, so its rule is unchanged; the reference cache of encoder outputs keyed by
+content hash, which also holds ``request.prepare_image_side``'s tokens and keys/values (docs/guides/modes.md: the
+combine modes, what is cached between calls).
 """
 
 from __future__ import annotations

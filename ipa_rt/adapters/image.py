@@ -1,10 +1,8 @@
 """Image-prompt inputs → per-adapter encoder outputs, with diffusers' preprocessing and unconditional rules.
 
-Per adapter, as ``prepare_ip_adapter_image_embeds`` does: images are preprocessed by the base model's
-``feature_extractor`` (or a ``CLIPImageProcessor`` sized from the encoder); base adapters read the projected
-pooled embedding and use zeros as the unconditional one; hidden-state adapters read the penultimate hidden
-states and use the encoder run on zero pixels as the unconditional one. Precomputed embeddings come
-negative-first when guidance is on.
+As ``prepare_ip_adapter_image_embeds`` does: images are preprocessed by the base model's ``feature_extractor`` (or a
+``CLIPImageProcessor`` sized from the encoder), and each variant reads its encoder output with its unconditional rule
+(docs/reference/variants.md: pooled embeds and zeros, or penultimate hidden states and the encoder on zero pixels).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """``set_ip_adapter_scale`` inputs → the ``[adapters, cross-attention layers]`` scale tensor.
 
-Accepted, as diffusers accepts them: a number (every adapter, every layer), a list with one entry per
-adapter, and per adapter InstantStyle's per-block dict ``{"down": ..., "mid": ..., "up": {"block_i": ...}}``
-expanded with diffusers' rules (``loaders/unet_loader_utils.py::_maybe_expand_lora_scales``): ``mid`` and any
-unnamed block default to 0.0, a number for ``up``/``down`` or a block covers all its attentions, a block's
-list gives one value per attention (a one-element list is repeated). Unlike diffusers, keys that name no
-block are an error rather than silently ignored. A single config with several adapters applies to all.
+Per-block dicts are expanded with diffusers' rules (``loaders/unet_loader_utils.py::_maybe_expand_lora_scales``):
+``mid`` and any unnamed block default to 0.0, a number for ``up``/``down`` or a block covers all its attentions, a
+block's list gives one value per attention (a one-element list is repeated). The accepted forms and where ipa_rt
+differs from diffusers: docs/design.md (the scale tensor; differences from diffusers).
 """
 
 from __future__ import annotations

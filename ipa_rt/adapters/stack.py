@@ -297,10 +297,9 @@ class IPAdapterStack(nn.Module):
         and hold them in the context (:meth:`~ipa_rt.runtime.image_state.ImageContext.hold`). Returns the per-layer
         ``(K, V)`` it wrote from (None without tokens); ``key``: the reference, for the reference cache.
 
-        Per layer, all keys (and values) are written end to end into one ``[B, H, T, d]`` buffer. Unmasked, an
-        adapter is one segment with its images' tokens concatenated (diffusers' semantics); with a regional
-        mask ``[1, n_img, H, W]`` each of its images is its own segment (own softmax, own mask, own scale),
-        downsampled to every layer's query count (``queries``, at the call's size).
+        Per layer, all keys (and values) go end to end into one ``[B, H, T, d]`` buffer: one segment per adapter,
+        or per image with a regional mask ``[1, n_img, H, W]``, downsampled to every layer's query count
+        (``queries``, at the call's size); the segments' semantics: docs/design.md (decoupled attention).
         """
         if tokens is None:
             self.context.clear(key)

@@ -1,22 +1,10 @@
-"""The one table of IP-Adapter variants.
+"""The one table of IP-Adapter variants (:data:`VARIANTS`).
 
-Every h94-layout checkpoint is recognised here, from the keys of its ``image_proj`` part, in the same
-order diffusers checks them (``loaders/unet.py::_convert_ip_adapter_image_proj_to_diffusers``):
-
-======================  ===============================  ==================  ==========================
-variant                 identifying key                  encoder output      checkpoints (h94 names)
-======================  ===============================  ==================  ==========================
-``base``                ``proj.weight``                  pooled image embeds  ip-adapter_sd15, _sdxl, _vit-h
-``full``                ``proj.3.weight``                penultimate states   ip-adapter-full-face_sd15
-``faceid_plus``         ``perceiver_resampler.proj_in``  face id + states     ip-adapter-faceid-plus(v2)_*
-``faceid``              ``norm.weight``                  face id (512-d)      ip-adapter-faceid_*
-``plus``                (anything else with ``latents``) penultimate states   ip-adapter-plus(-face)_*
-======================  ===============================  ==================  ==========================
-
-Plus and Plus-face (and their SDXL ViT-H versions) share one architecture, as do SD1.5 and SDXL
-flavours of every row: the base model they fit is decided by shapes, not by the table.
-A spec builds diffusers' own projection module and renames the original keys into it, so the
-projection math is diffusers' by construction.
+Every h94-layout checkpoint is recognised here from the keys of its ``image_proj`` part, in the order diffusers
+checks them (``loaders/unet.py::_convert_ip_adapter_image_proj_to_diffusers``); the base model a file fits is decided
+by shapes, not by the table. A spec builds diffusers' own projection module and renames the original keys into it,
+so the projection math is diffusers' by construction (docs/reference/variants.md: each variant's identifying key,
+image input and h94 files).
 """
 
 from __future__ import annotations

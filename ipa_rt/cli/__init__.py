@@ -1,9 +1,6 @@
-"""``ipa_rt`` command line: ``generate``, ``build``, ``inspect``, ``demo``, ``doctor``, ``bench``, ``serve`` (also
-``python -m ipa_rt``).
-
-A thin parser: each command family lives in its own module (``generate``, ``build``, ``inspect``, ``demo``,
-``doctor``, ``bench`` here, ``serve`` in :mod:`ipa_rt.serving.cli`), which adds its subparser and runs it.
-:func:`build_parser` assembles the complete parser (the documentation's CLI reference is generated from it).
+"""``ipa_rt`` command line (also ``python -m ipa_rt``): a thin parser; each command lives in its own module (``serve``
+in :mod:`ipa_rt.serving.cli`), which adds its subparser and runs it. :func:`build_parser` assembles the complete
+parser, from which docs/reference/cli.md is generated.
 """
 
 from __future__ import annotations

@@ -19,13 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(argv: list[str]) -> int:
-    """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile cpu`` (the
-    default) runs ``benchmarks/cpu.py`` (every CPU backend against diffusers), ``--profile video``
-    ``benchmarks/video.py`` (AnimateDiff against diffusers'), ``--profile families`` ``benchmarks/families.py`` (Flux.1
-    against diffusers'), ``--profile serve`` ``benchmarks/serve.py`` (HTTP load on a local ``ipa_rt serve``),
-    ``--profile soak`` ``benchmarks/soak.py`` (minutes of load: losses, memory, latency), ``--profile gpu`` and
-    ``cpu-basic`` run ``benchmarks/harness.py`` (diffusers vs the torch backend, ControlNet workloads, ``--model`` for
-    real weights)."""
+    """Thin front of the benchmarks, which live in the source checkout, not in the wheel: ``--profile`` ``cpu``
+    (the default), ``video``, ``families``, ``serve`` and ``soak`` run ``benchmarks/<profile>.py``, any other (``gpu``,
+    ``cpu-basic``) ``benchmarks/harness.py``. What each measures: docs/reference/cli.md, docs/guides/serving.md
+    (``serve``, ``soak``), docs/guides/flux.md (``families``)."""
     import importlib.util
 
     folder = Path(__file__).resolve().parents[2] / "benchmarks"  # ipa_rt/cli/bench.py -> the checkout

@@ -1,9 +1,7 @@
 """ComfyUI's model folders (``folder_paths``) for the loader's dropdowns: ``checkpoints``, ``diffusers``,
 ``ipadapter``, ``clip_vision``, ``loras``. Imports ComfyUI's ``folder_paths`` only (no torch): loaded with the pack.
-
-``ipadapter`` is not one of ComfyUI's own folders: it is registered as ComfyUI_IPAdapter_plus registers it
-(``models/ipadapter`` with ComfyUI's weight-file extensions, the paths of an existing registration kept, e.g. from
-``extra_model_paths.yaml`` or IPAdapter_plus itself), so the model folders users already have work unchanged.
+``ipadapter`` is registered as ComfyUI_IPAdapter_plus registers it, keeping the paths of an existing registration
+(docs/guides/comfyui.md, model folders).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """``ipa_rt Engine from MODEL``: ComfyUI's own ``MODEL`` (Load Checkpoint, with the LoRAs ComfyUI applied to it) and
 ``CLIP_VISION`` (Load CLIP Vision) as an ipa_rt pipeline, engines or torch, with IP-Adapter live.
 
-The weights are taken as ComfyUI's checkpoint saving takes them (``comfy.sd.save_checkpoint``: the model loaded with
-its patches forced into the weights, then ``state_dict_for_saving``: LDM keys ``model.diffusion_model.*``, LoRAs
-baked in) and the encoder's as ``clip_vision.get_sd()``; each is written once, with safetensors, to a file named by
-its content's sha256 under ``$IPA_RT_CACHE/comfyui-weights``. ipa_rt then loads those files as it loads any single
-file (diffusers' own conversion, :mod:`ipa_rt.single_file`; the UNet alone: no text encoder, no VAE) and builds or
-reuses engines named by the files' sha256 like every other source: the patched weights name the engines, and an
-unchanged graph reuses them. CLIP and VAE stay ComfyUI's. The folder keeps the :data:`KEEP` most recently used files
-of each kind: a pruned file is written again when its weights come back, and engines built from it stay valid (a
-source no longer on disk is not checked). ComfyUI is imported inside the functions that need it.
+The weights are taken as ``comfy.sd.save_checkpoint`` takes them (patches forced in, LoRAs baked in) and written once
+to a file named by their sha256 under ``$IPA_RT_CACHE/comfyui-weights`` (the :data:`KEEP` most recent of each kind
+kept); ipa_rt loads it as any single file (:mod:`ipa_rt.single_file`), so the patched weights name the engines. CLIP
+and VAE stay ComfyUI's. ComfyUI is imported inside the functions that need it (docs/guides/comfyui.md, an engine from
+ComfyUI's own MODEL).
 """
 
 from __future__ import annotations

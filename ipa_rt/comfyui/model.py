@@ -1,14 +1,10 @@
 """An ipa_rt pipeline as ComfyUI's ``MODEL``, ``CLIP`` and ``VAE`` (the ComfyUI_TensorRT pattern, with IP-Adapter).
 
-The diffusion model is ComfyUI's ``BaseModel`` with ipa_rt's UNet (engine or torch) in place of its own: KSampler and
-ComfyUI's samplers and schedulers drive it. IP-Adapter comes in through ``transformer_options["ipa_rt"]`` (set by
-the Apply node on a clone): per call, the image tokens of each row follow ComfyUI's ``cond_or_uncond`` (uncond rows
-get the negative tokens) and the ``[adapters, layers]`` scale is written as ``weights × gate(σ)`` with the gate in
-ComfyUI's sigma space, all tensor operations: no rebuild, no host branch on a value. Regional masks (torch backend)
-are made at each call's size and held as a pipeline call holds them; SDXL's ``y`` is read back into diffusers'
-``text_embeds`` and ``time_ids``. What the engine cannot honour (another model patch, a ControlNet, a LoRA patch)
-raises an error naming it instead of being dropped.
-Imports ComfyUI: loaded only inside ComfyUI, when a node first runs.
+ComfyUI's ``BaseModel`` with ipa_rt's UNet (engine or torch) in place of its own, driven by KSampler. IP-Adapter comes
+in through ``transformer_options["ipa_rt"]`` (set by the Apply node on a clone) and is applied per call by tensor
+operations only: no rebuild, no host branch on a value. What the engine cannot honour raises an error naming it
+instead of being dropped. Imports ComfyUI: loaded only inside ComfyUI, when a node first runs (docs/guides/comfyui.md,
+the engine as MODEL: uncond rows, the σ gate, regional masks, SDXL's ``y``, what is refused).
 """
 
 from __future__ import annotations

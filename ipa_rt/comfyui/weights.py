@@ -1,10 +1,8 @@
 """ComfyUI weight types → ipa_rt scale configs (``set_ip_adapter_scale``'s per-block dicts): pure, no ComfyUI.
 
-The ramps and block attenuations are ComfyUI_IPAdapter_plus' definitions (a depth ramp over the UNet's attention
-blocks, ``t / L``, and ×0.2 on a group of blocks), counted over the attention modules in IP-Adapter key order
-(down, up, mid: 16 on SD1.5, 11 on SDXL, where each of SDXL's blocks holds several transformer layers that share
-the value). The three named presets are ipa_rt's (``ipa_rt.PRESETS``: InstantStyle's blocks, diffusers' rules).
-Each weight type is one write into the scale tensor: nothing is rebuilt when it changes.
+Ramps (``t / L`` over the attention blocks) and attenuations are ComfyUI_IPAdapter_plus' definitions, counted over
+the attention modules in IP-Adapter key order (16 on SD1.5, 11 on SDXL); each weight type is one write into the scale
+tensor (docs/guides/comfyui.md, parity: weight types, block order, presets).
 """
 
 from __future__ import annotations

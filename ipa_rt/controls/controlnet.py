@@ -1,12 +1,9 @@
 """ControlNets next to the IP-Adapters: structure from a control image, content and style from the image prompt.
 
-Follows diffusers' ``StableDiffusion(XL)ControlNetPipeline`` step for step: each ControlNet sees the (CFG) latents
-and the text embeddings (never the image tokens), its residuals are summed over ControlNets in order
-(``MultiControlNetModel``) and fed to the UNet as ``down_block_additional_residuals`` /
-``mid_block_additional_residual``; guess mode runs them on the conditional half only and pads the
-unconditional half with zeros. What differs is where the numbers live: the conditioning scales are a
-``[controlnets]`` device tensor and ``control_guidance_start/end`` a ``[controlnets, steps]`` gate, both read
-inside the (graph-captured) step, so changing them never rebuilds or recaptures anything.
+Follows diffusers' ``StableDiffusion(XL)ControlNetPipeline`` step for step (residuals summed in order as
+``MultiControlNetModel`` does, fed as ``down_block_additional_residuals`` / ``mid_block_additional_residual``; guess
+mode pads the unconditional half with zeros). The conditioning scales and guidance ranges are device tensors read
+inside the (graph-captured) step, so changing them never rebuilds or recaptures anything (docs/guides/controlnet.md).
 """
 
 from __future__ import annotations

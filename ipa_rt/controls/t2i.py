@@ -1,13 +1,10 @@
 """T2I-Adapters next to the IP-Adapters: structure features from a condition image, added inside the UNet's down
 blocks (``down_intrablock_additional_residuals``).
 
-Follows diffusers' ``StableDiffusion(XL)AdapterPipeline``: the adapter image is resized with Lanczos to the output
-size and scaled to [0, 1] (``_preprocess_adapter_image``), every adapter runs once per request, its features
-are weighted by ``adapter_conditioning_scale`` and summed in order (``MultiAdapter``), repeated for the images
-per prompt and the guidance batch, and fed to the first ``int(steps * adapter_conditioning_factor)`` steps.
-What differs is where the numbers live: the features stay unweighted in static buffers and the weights are a
-``[adapters]`` device tensor times a ``[steps]`` gate, applied inside the (graph-captured) step, so changing
-the scale or factor never reruns the adapter, rebuilds or recaptures anything.
+Follows diffusers' ``StableDiffusion(XL)AdapterPipeline`` (``_preprocess_adapter_image``, ``MultiAdapter``; features
+repeated for the images per prompt and the guidance batch). The features stay unweighted in static buffers and the
+weights are a ``[adapters]`` device tensor times a ``[steps]`` gate applied inside the (graph-captured) step, so a new
+scale or factor reruns, rebuilds and recaptures nothing (docs/guides/controlnet.md, T2I-Adapter).
 """
 
 from __future__ import annotations

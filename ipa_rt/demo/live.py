@@ -1,9 +1,6 @@
 """The live loop: one worker thread owns the pipeline, each browser session has at most one pending frame
-request (the latest wins; older ones are dropped unrendered), so the queue is bounded by the session count.
-
-A frame is an LCM few-step generation with the session's prompt, reference images, per-adapter scales and
-seed. Moving a slider only writes the scale tensor (no rebuild, no recapture); the same reference image hits
-the pipeline's encoding cache, so only the denoising loop and the decoder run again.
+request (the latest wins), so the queue is bounded by the session count. A frame is an LCM few-step generation; a
+slider only writes the scale tensor and a known reference hits the encoding cache (docs/guides/demo.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """``ipa_rt build``: export every network of a pipeline to ONNX, build ONNX Runtime or TensorRT engines, and
 write them with their manifest into an engine directory; :func:`load_engine_pipeline` reads one back.
 
-A build is identified by its request (backend, shapes, dtype), the sha256 of every source file and the
-versions it depends on (plus GPU and TensorRT version for TensorRT). The same build into the same directory
-rewrites nothing; a different or broken one is refused with what differs unless ``rebuild`` is set. Files
-are exported into a private temporary folder and moved into place only when every network is done, the
-manifest last, under a file lock, so a crash or a concurrent build never leaves a half-written engine dir.
+A build is named by its identity (request, sources' sha256, versions): the same build rewrites nothing, a different
+or broken one is refused unless ``rebuild`` is set; files move into place from a private folder, the manifest last,
+under a file lock (docs/reference/manifest.md: the identity, the directory, when a directory is refused).
 """
 
 from __future__ import annotations

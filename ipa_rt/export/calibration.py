@@ -1,17 +1,11 @@
-"""Calibration inputs for int8 post-training quantisation of the UNet (``precision="int8"``).
+"""Calibration inputs for int8 post-training quantisation of the UNet and the CLIP image encoder (``precision="int8"``).
 
-The UNet's inputs are drawn the way diffusion training draws them, so no UNet has to run to make them: a latent
-``x0`` from the VAE encoder of a calibration image, a timestep ``t``, and the forward process
-``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (every diffusers scheduler feeds the UNet this variance-preserving
-``x_t``, Euler's scaled input included). The conditions are the pipeline's own: the prompts' text embeddings and the
-images' IP-Adapter tokens (plus the unconditional rows classifier-free guidance adds: the empty prompt and the
-adapter's negative image tokens). Timesteps cover the whole schedule, LCM's four steps (999/759/499/259) among them.
-
-The CLIP image encoder (quantised too in ``int8`` builds) is calibrated on the same images, preprocessed as
-diffusers preprocesses them, and on the zero image Plus adapters encode as their unconditional input.
-
-The set is the user's prompts and reference images when given (``ipa_rt build --calibration-prompts FILE
---calibration-images DIR``), else a built-in synthetic one: eight prompts and eight procedurally drawn images.
+The UNet's inputs are drawn the way diffusion training draws them, so no UNet has to run to make them:
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` from the VAE latent ``x0`` of a calibration image (every diffusers
+scheduler feeds the UNet this variance-preserving ``x_t``, Euler's scaled input included), with the pipeline's own
+text embeddings and image tokens, guidance's unconditional rows among them, and timesteps over the whole schedule,
+LCM's four (999/759/499/259) included. The image encoder gets the same images, preprocessed as diffusers does.
+docs/guides/cpu.md (int8 compute): the sets, the zero image, the built-in and the user's calibration sets.
 """
 
 from __future__ import annotations

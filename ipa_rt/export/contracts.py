@@ -1,11 +1,9 @@
 """One export contract per network (the TensorRT demo's pattern): a traceable wrapper module, named inputs and
 outputs, example inputs, and the batch axis with its min/opt/max range (the optimisation profile).
 
-Live controls stay inputs: the UNet takes the image tokens of every adapter and the ``[rows, adapters, layers]``
-scale tensor (a scale per batch row: requests with their own scales share a call), so changing the scale or the
-reference image never needs a new export or engine. Spatial sizes and token counts are static per build (what
-CUDA-graph replay needs anyway); the batch axis is dynamic so one engine serves guidance on and off, 1..B prompts
-(or batched requests) and several reference images.
+Live controls stay inputs (the image tokens, the ``[rows, adapters, layers]`` scale), so a new scale or reference
+never needs a new export or engine; spatial sizes and token counts are static per build (what CUDA-graph replay
+needs anyway), the batch axis dynamic (docs/design.md, engines: each network's inputs).
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Inference engines behind one call: ``engine(feeds) -> outputs``.
-
-- :class:`OrtEngine`: an ONNX Runtime session created once (CUDA EP when onnxruntime-gpu provides it, else the
-  CPU EP), inputs and outputs bound to preallocated torch buffers through I/O binding: no copies in or out
-  beyond what the caller asks for.
-- :class:`TrtEngine` / :func:`build_trt_engine`: TensorRT through polygraphy, in the TensorRT demo's pattern
-  (one optimisation profile, timing cache, builder optimisation level; static device buffers whose addresses
-  are set only when they change, so the step can be captured in a CUDA graph). TensorRT cannot be installed on
-  the machines ipa_rt is developed on: this layer is kept thin and is unverified there (see README).
+"""Inference engines behind one call: ``engine(feeds) -> outputs``. :class:`OrtEngine`: ONNX Runtime, inputs and
+outputs bound to preallocated torch buffers (I/O binding: no copies). :class:`TrtEngine` / :func:`build_trt_engine`:
+TensorRT through polygraphy, static device buffers so the step can be captured in a CUDA graph; kept thin, as it is
+unverified on a GPU (docs/design.md, engines: ONNX Runtime, TensorRT).
 """
 
 from __future__ import annotations

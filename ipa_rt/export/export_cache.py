@@ -1,13 +1,11 @@
 """Keeping each network's ONNX export between builds (``IPA_RT_KEEP_EXPORTS=1``): a build that differs from an
 earlier one only in backend, precision or decoder re-exports only the networks that changed.
 
-An export is named by what it depends on: the network and its input shapes and dtypes, the request, the versions,
-the hashes of the source files that network reads (the autoencoder's files matter to the VAE networks only; the
-latent size it sets for the others is in their input shapes) and a hash of ipa_rt's own code. Entries are written
-to a private folder and renamed into place, so a crash never leaves half an export; reuse hard-links the files (or
-copies them across file systems). Off by default: a full-size UNet export is several GB that a one-off build does
-not need twice. They live in ``exports/`` under the cache root, or in ``$IPA_RT_EXPORT_DIR`` (a bigger disk; the
-test suite shares one folder between builds of different engine caches).
+An export is named by what that network depends on (the autoencoder's files matter to the VAE networks only: the
+latent size they set for the others is in their input shapes). Entries are renamed into place from a private folder,
+so a crash never leaves half an export; reuse hard-links the files (or copies them across file systems); the test
+suite shares one ``$IPA_RT_EXPORT_DIR`` between builds of different engine caches (docs/guides/cpu.md, exports kept
+between builds).
 """
 
 from __future__ import annotations

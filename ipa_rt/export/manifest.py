@@ -1,9 +1,7 @@
-"""The engine directory's ``manifest.json``: what was built, from which files, for which shapes and machine.
-
-Engines are named by what they depend on (the TensorRT demo's rule): source weight files (sha256), shapes and
-profile, dtype, backend, adapter variants and token counts, and for TensorRT the GPU and TensorRT version. The
-adapter scale is not among them: it is an engine input. :func:`check_engine_dir` turns every way an engine dir
-can be stale or broken into an :class:`~ipa_rt.errors.EngineError` that names what differs.
+"""The engine directory's ``manifest.json``: what was built, from which files, for which shapes and machine. Engines
+are named by what they depend on (the TensorRT demo's rule), never by the adapter scale (an engine input);
+:func:`check_engine_dir` turns every way an engine dir can be stale or broken into an
+:class:`~ipa_rt.errors.EngineError` that names what differs (docs/reference/manifest.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""ONNX export of a :class:`~ipa_rt.export.contracts.Contract`: the batch axis dynamic, graph cleanup
-(onnx-graphsurgeon cleanup and topological sort, polygraphy constant folding and shape inference, as the TensorRT
-demo does), external data past ONNX's 2 GB protobuf limit, and ``onnx.checker``.
-
-Two exporters (:data:`EXPORTERS`), chosen per build and recorded in its identity:
-
-- ``torchscript`` (the default): ``torch.onnx.export(dynamo=False)``, the tracer the TensorRT demo and
-  StreamDiffusion export their UNets with. Measured on 2 CPU cores (AMD EPYC): the example's six networks in 1.7 s
-  (dynamo: 26 s), the suite's SD1.5 ONNX Runtime build 31 s (dynamo: 179 s).
-- ``dynamo``: ``torch.export`` + onnxscript, the exporter torch defaults to since 2.9; slower, kept for models the
-  tracer cannot follow and for the day torch drops the tracer.
-
-The decoupled attention exports in standard operators (``decoupled_attention_decomposed``); fp16/bf16 models
-export with their normalisations in fp32 (:mod:`ipa_rt.export.precision`).
+"""ONNX export of a :class:`~ipa_rt.export.contracts.Contract`: the batch axis dynamic, the TensorRT demo's graph
+cleanup (onnx-graphsurgeon, polygraphy constant folding and shape inference), external data past ONNX's 2 GB
+protobuf limit, and ``onnx.checker``. Two exporters (:data:`EXPORTERS`, recorded in the build's identity): the
+tracer (``torchscript``, the default, much faster) and ``dynamo``. The decoupled attention exports in standard
+operators; fp16/bf16 models keep their normalisations in fp32 (:mod:`ipa_rt.export.precision`). docs/guides/engines.md
+(exporter: why each, measured times), docs/design.md (engines: export).
 """
 
 from __future__ import annotations

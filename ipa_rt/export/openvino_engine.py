@@ -1,26 +1,12 @@
 """OpenVINO engines for CPUs: an export contract's ONNX converted to OpenVINO IR at build time, compiled per static
-input shape at run time, inputs and outputs shared with torch buffers.
+input shape at run time (CPU kernels are chosen per shape), inputs and outputs shared with torch buffers.
 
-- **Precision** is chosen at build and recorded in the manifest: ``fp32`` is faithful (OpenVINO's CPU plugin
-  computes in bf16 by itself on CPUs with AVX512_BF16 or AMX unless told ``INFERENCE_PRECISION_HINT=f32``), ``bf16``
-  computes in bf16, ``int8`` computes the UNet's convolutions and matmuls in int8 (NNCF post-training quantisation
-  of activations and weights, calibrated at build: :mod:`.quantize`) and the rest in bf16 where the CPU can, else
-  f32; ``int8-weights`` only stores the UNet's and ControlNets' weights in int8 (NNCF weight compression: a smaller
-  engine, bf16 arithmetic). ``bf16`` and ``int8`` store their floating-point networks' weights in fp16
-  (:func:`convert_onnx`). The VAE follows the mode too: measured on full-size SD1.5 at 256²
-  (2-core AVX512_BF16 CPU), its decoder in bf16 took 0.33 s instead of 1.85 s at 47.5 dB PSNR against f32, and bf16
-  has fp32's range, so the SDXL VAE cannot overflow in it (:func:`compute_precision`).
-- **Static shapes**: the IR keeps the contract's dynamic batch; each row count a pipeline uses is compiled once, at
-  its static shape (CPU kernels are chosen per shape), and the compiled model is kept as a blob in the cache root,
-  so a second load takes seconds. ipa_rt keeps the blobs itself rather than through OpenVINO's ``CACHE_DIR``: that
-  cache names a blob by hashing the model, which reads every weight of the IR (a full-size UNet's 1 GB resident
-  beside the blob and the compiled copy); a blob here is named by the IR files' identity and imported from a
-  mapping of the file, so the IR's weights are never read on a warm load.
-- **Weights held once**: OpenVINO repacks the weights into its own copy when it compiles or imports; the pages of
-  the IR and blob files it read are then dropped from the process (:func:`release_mapped`), which otherwise keeps
-  both (measured: docs/performance.md).
-- **No copies per step**: inputs are wrapped (``shared_memory=True``) and outputs are written by OpenVINO straight
-  into preallocated torch tensors; threads are set to the physical cores.
+The precision (``fp32``, ``bf16``, ``int8``: :mod:`.quantize`, ``int8-weights``) is chosen at build and recorded in
+the manifest; :func:`convert_onnx` stores the weights, :func:`compute_precision` picks each network's arithmetic. A
+compiled model is kept as a blob named by the IR files' identity and imported from a mapping of the file, so a warm
+load never reads the IR's weights (OpenVINO's ``CACHE_DIR`` hashes them all); once compiled or imported, the files'
+pages are dropped beside OpenVINO's repacked copy (:func:`release_mapped`). docs/guides/cpu.md: each precision, the
+blob cache, the measurements.
 """
 
 from __future__ import annotations

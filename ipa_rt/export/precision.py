@@ -1,11 +1,9 @@
 """Precision of exported graphs: the engine's dtype written into the ONNX itself, as strongly typed TensorRT needs.
 
-TensorRT 11 builds strongly typed networks only (no FP16/BF16 builder flags) and TensorRT 10 is asked for the same:
-every tensor keeps the type the ONNX gives it. So an fp16/bf16 engine is exported from the model in that dtype,
-with the operations that must stay fp32 cast explicitly in the graph: group and layer normalisation compute their
-statistics in fp32 (a sum of squares over thousands of activations overflows fp16's 65504 — NaN, black images;
-PyTorch's CUDA kernels do the same internally), and the timestep embedding stays fp32 as diffusers computes it.
-An SDXL VAE that diffusers upcasts (``force_upcast``) is exported in fp32 altogether (the pipeline loads it so).
+An fp16/bf16 engine is exported from the model in that dtype, with what must stay fp32 cast explicitly in the graph:
+group and layer normalisation statistics (a sum of squares over thousands of activations overflows fp16's 65504;
+PyTorch's CUDA kernels compute them in fp32 too) and the timestep embedding; an SDXL VAE that diffusers upcasts is
+exported in fp32 altogether (docs/design.md, engines: TensorRT).
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """int8 compute for OpenVINO engines: NNCF post-training quantisation of activations and weights.
 
-``precision="int8"`` quantises the UNet's and the CLIP image encoder's convolutions and linear layers (inputs per
-tensor, weights per output channel, symmetric int8 on the CPU's VNNI / AMX-INT8 units) with ranges measured on
-calibration inputs (:mod:`.calibration`), then corrects each layer's bias for the rounding (NNCF's fast bias
-correction). What stays in the engine's floating point (bf16 where the CPU has it) and why:
-
-- normalisations, softmax, SiLU/GELU and the residual adds: NNCF quantises only the inputs of matmuls and
-  convolutions, so these never see int8;
-- ``conv_in`` and ``conv_out`` (4 latent channels: negligible work, and the last one writes the noise estimate
-  itself), the timestep embedding and each ResNet's timestep projection (one row per call: no work to save, and
-  the timestep conditioning is what every step differs by);
-- the image branch's key/value projections (``to_k_ip``/``to_v_ip``: 4-16 tokens, so no work to save, and the
-  adapter's effect stays the bf16 one as the scale moves);
-- in the image encoder, the patch embedding (its input is the image itself) and the final projection (what base
-  adapters read).
-
-Attention score products (activation x activation) are quantised where NNCF's transformer scheme does.
+``precision="int8"`` quantises the UNet's and the CLIP image encoder's convolutions and linear layers (symmetric
+int8, for the CPU's VNNI / AMX-INT8 units) with ranges measured on :mod:`.calibration` inputs, then NNCF's fast bias
+correction; attention score products (activation x activation) are quantised where NNCF's transformer scheme does.
+What stays in floating point, and why: docs/guides/cpu.md (int8 compute); in the image encoder, the patch embedding
+(its input is the image itself) and the final projection (what base adapters read).
 """
 
 from __future__ import annotations

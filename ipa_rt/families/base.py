@@ -1,11 +1,8 @@
 """What every model family ipa_rt runs inside diffusers' own pipeline classes shares (Flux.1/Chroma, Kolors, SD3.5).
 
-A family is one :class:`Family` (its spec: pipeline class names, the heavy network, what an engine depends on, its
-export contract and engine stand-in) and one pipeline mixin on :class:`FamilyMixin` (install and restore, the engine
-stand-in's call defaults, CUDA graphs, the runtime summary). From them come, once for every family: the torch-or-engine
-choice of ``from_pretrained`` (:meth:`Family.from_pretrained`), the engine build (:meth:`Family.build_engines`, the
-mechanics of :mod:`ipa_rt.export.wrapped`, files by :mod:`ipa_rt.export.writer`) and the loader
-(:meth:`Family.open_engine`).
+A family is one :class:`Family` (its spec) and one pipeline mixin on :class:`FamilyMixin`; from them come, once for
+every family, the torch-or-engine choice of ``from_pretrained``, the engine build and the loader (docs/design.md,
+"Families inside diffusers' pipelines": what the spec and the mixin hold).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 
 The arguments are specialised exactly as Triton's JIT specialises a real call (pointers 16-byte aligned, integers
 divisible by 16 marked so, integers equal to 1 made constants), from a representative processor call at the given
-shape, so the compiled code is the code a user's GPU would run. ``ptxas -v`` reports registers and spill bytes;
-the compiled metadata gives the shared memory. ``tests/test_kernel_aot.py`` runs this for every configuration the
-tuner may pick; ``python -m ipa_rt.kernels.aot`` prints the table for the whole configuration space.
+shape, so the compiled code is the code a user's GPU would run. ``ptxas -v`` reports registers and spill bytes; the
+compiled metadata gives the shared memory (docs/design.md, "The fused Triton kernel"; docs/verification.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Fused decoupled cross-attention: text and every adapter's image tokens in one Triton pass.
 
-For one cross-attention layer (``d`` = head dim, ``s_a`` = adapter scales, ``M`` = optional per-query masks)::
-
-    out = softmax(Q K_textᵀ/√d) V_text + Σ_seg s_{a(seg)} · M_seg ⊙ softmax(Q K_segᵀ/√d) V_seg
-
-Each program loads a block of queries once, keeps one online-softmax state (running max, running sum,
-accumulator) per key segment — the text, then each image segment — folds the finished segment into an
-fp32 output accumulator with its weight, and writes the output once, already in the ``[B, N, H·d]`` layout
-that ``to_out`` reads. Segments never share a softmax: that is IP-Adapter's decoupled attention.
-
-Scales are read from a device tensor (a strided view of the ``[adapters, layers]`` scale tensor, or of
-``[rows, adapters, layers]`` when each batch row has its own), so a scale change needs no recompilation, no new
-launch configuration and no host sync. A zero weight selects exact zeros (``where``), so an overflowing image
-branch cannot leak NaN.
+Each program loads a block of queries once, keeps one online-softmax state (running max, running sum, accumulator)
+per key segment (the text, then each image segment: segments never share a softmax), folds each finished segment
+into an fp32 output accumulator with its weight, and writes the output once, in the ``[B, N, H·d]`` layout that
+``to_out`` reads. Weights come from a strided view of the device scale tensor; a zero weight selects exact zeros
+(``where``; docs/design.md, "The fused Triton kernel": the math, and why no recompilation, host sync or NaN).
 """
 
 from __future__ import annotations

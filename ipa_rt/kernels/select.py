@@ -1,11 +1,9 @@
 """Which cross-attention layers run the fused kernel, decided once when a pipeline is built (never per call).
 
-For every distinct layer shape the kernel would serve, :func:`choose_layers` compiles and runs it on small random
-inputs against the documented reference (:func:`~ipa_rt.kernels.reference.decoupled_attention_reference`) — with the
-pipeline's real segment count and without segments (text-only calls), so the variants requests use are compiled
-here — and on CUDA tunes the launch configuration at the model's default size. A layer whose kernel fails to
-compile, launch or match falls back to SDPA with one warning naming the reason: an optimisation never fails a
-user's call.
+For every distinct layer shape, :func:`choose_layers` compiles and runs the kernel on small random inputs against the
+documented reference, with the pipeline's real segment count and without segments (text-only calls), so the
+variants requests use are compiled here; on CUDA it also tunes. A layer whose kernel fails falls back to SDPA with
+one warning: an optimisation never fails a user's call (docs/design.md, "The fused Triton kernel").
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Tuning of the fused kernel's launch configurations at pipeline build (the candidates, pruned ahead of time, and
-the defaults are in :mod:`.configs`).
-
-A pipeline tunes once, when it is built, for the attention shapes of its model at its default size (:func:`tune`); a
-request only looks its configuration up (:func:`config_for`), never tunes. Results are kept per GPU and Triton version
-in ``kernel-tuning.json`` in the cache root (``$IPA_RT_CACHE``, default ``~/.cache/ipa_rt/engines``), so a second
-process tunes nothing.
+"""Tuning of the fused kernel's launch configurations, once at pipeline build (:func:`tune`); a request only looks its
+configuration up (:func:`config_for`), never tunes. The candidates and defaults are in :mod:`.configs`; results are
+kept per GPU and Triton version in ``kernel-tuning.json`` in the cache root (docs/design.md, "The fused Triton
+kernel").
 """
 
 from __future__ import annotations

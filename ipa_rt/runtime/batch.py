@@ -1,15 +1,10 @@
-"""Several requests in one UNet batch (``pipe.batch([...])``): each with its own prompt, reference image(s),
-adapter scale, seed and guidance, sharing one signature (size, steps, scheduler, strength, mode).
+"""Several requests in one UNet batch (``pipe.batch([...])``), each giving what it gives alone.
 
-Each request is exactly the keyword arguments of ``pipe(...)`` (plus ``ip_adapter_scale``, what
-``set_ip_adapter_scale`` takes, for that request alone), so a request batched gives what it gives alone. Per
-request, everything before the loop runs as for a single call (prompt encoding, image embeddings, initial latents
-and the scheduler's noise drawn from its own generator, in diffusers' order); then the rows are laid out in the
-CFG order diffusers uses for one call — every request's unconditional rows, then every request's conditional
-rows — and the loop runs once. The adapter scale gains a row axis (``[rows, adapters, layers]``, read per row by
-the SDPA path, the fused kernel and the engines), as does the guidance scale. A request without an image prompt
-next to ones with it gets zero scale on its rows: the image branch then adds exact zeros (``where``), so its
-rows equal a text-only call.
+Per request, everything before the loop runs as for a single call (prompt encoding, image embeddings, initial latents
+and the scheduler's noise from its own generator, in diffusers' order); the rows are then laid out in the CFG order
+diffusers uses for one call (every request's unconditional rows, then every request's conditional rows) and the loop
+runs once, the adapter and guidance scales with a row axis (docs/guides/serving.md, "Batched requests": what requests
+share, text-only rows at scale 0).
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ the one :func:`signature` of a call's tensors. Used by the SD denoising loop (:m
 :class:`Graphed` calls (the VAE decoder, the CLIP encoder) and by the families' network inside diffusers' loops
 (:class:`GraphedNetworkMixin`, :class:`StaticImage`).
 
-A capture can fail on a user's machine for reasons no CPU test can rule out (an op that syncs, a driver or
-allocator limit, a kernel that does not compile). :meth:`GraphCache.capture` then warns once and marks that
-signature eager: an optimisation never fails a user's call.
+A capture that fails (an op that syncs, a driver or allocator limit, a kernel that does not compile) warns once and
+leaves that signature eager (:meth:`GraphCache.capture`; docs/design.md, "The static loop and CUDA graphs").
 """
 
 from __future__ import annotations

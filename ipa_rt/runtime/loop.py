@@ -1,17 +1,11 @@
 """The static denoising loop: preallocated buffers, one step as tensor math, CUDA graphs on CUDA.
 
-Everything a step reads lives in a :class:`StaticState` whose tensors keep their storage for a given
-:class:`Signature`: latents, text conditions, timesteps and scheduler coefficients, pre-drawn scheduler
-noise, the guidance scale, the per-step adapter gate and (in the shared :class:`ImageContext`) the image
-keys/values and scales. One step — UNet on the CFG batch, guidance, scheduler update, inpainting blend,
-step counter increment — is captured as a CUDA graph once per signature and replayed; on the CPU the same
-step runs eagerly. Live controls (scale, step range, guidance, a new reference image of the same token
-count) are in-place writes into those buffers, so they never recapture.
-
-Per-step tables are sized to a step *capacity* (a power of two, at least :data:`MIN_CAPACITY`), not to the
-step count, so a new step count or img2img strength reuses the captured graph. The states live in a
-:class:`~ipa_rt.runtime.graphs.GraphCache` (capture, pool, eager fallback and the bound on signatures: ipa_rt's one
-graph mechanism), past :data:`MAX_STATES` signatures the least recently used one is dropped.
+Everything a step reads lives in a :class:`StaticState` whose tensors keep their storage for a :class:`Signature`
+(the image keys/values and scales in the shared :class:`ImageContext`); one step, the step counter's increment
+included, is captured once per signature and replayed, and live controls are in-place writes, so they never
+recapture. Per-step tables hold a step capacity (a power of two, at least :data:`MIN_CAPACITY`), so a new step count
+or strength replays the same graph; the states live in a :class:`~ipa_rt.runtime.graphs.GraphCache` bounded by
+:data:`MAX_STATES` (docs/design.md, "The static loop and CUDA graphs").
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""Bounded least-recently-used caches of tensors, per pipeline: the reference cache (a reference image's encoder
-outputs, image tokens and per-layer image keys/values) and the text-embedding cache.
+"""Bounded least-recently-used caches of tensors, per pipeline: the reference cache and the text-embedding cache.
 
-Entries are bound to the modules that computed them (:meth:`LRUCache.bind`): when a pipeline's adapters, image
-encoder or text encoders are other objects than on the last lookup, every entry is dropped, so a stale entry is
-never served even by a caller that forgot to clear the cache.
+Entries are bound to the modules that computed them (:meth:`LRUCache.bind`): other adapters, image encoder or text
+encoders than on the last lookup drop every entry, so a stale entry is never served even by a caller that forgot to
+clear the cache (docs/guides/modes.md, "What is cached between calls").
 """
 
 from __future__ import annotations

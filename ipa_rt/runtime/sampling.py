@@ -1,11 +1,10 @@
 """Schedulers compiled into tensor programs: per-step coefficient tables on the device.
 
-``compile_plan`` asks the diffusers scheduler itself for its timesteps and sigmas (so the schedule is
-diffusers' to the bit), then precomputes every per-step scalar with the same fp32 tensor operations the
-scheduler's ``step`` would run. A denoising step is then pure tensor math indexed by a device step counter:
-no host-side ``if`` on runtime values, nothing that freezes under CUDA graphs, and the same numbers as
-diffusers. Noise that a scheduler draws during ``step`` (Euler ancestral, LCM, DDIM with ``eta > 0``) is
-drawn from the same generator, in the same order, before the loop.
+``compile_plan`` takes the schedule from the diffusers scheduler itself and precomputes every per-step scalar with
+the fp32 operations its ``step`` would run, so a step is pure tensor math indexed by a device step counter (no
+host-side ``if`` on runtime values, nothing that freezes under CUDA graphs) with diffusers' numbers. Noise ``step``
+draws (Euler ancestral, LCM, DDIM with ``eta > 0``) is drawn before the loop (docs/design.md, "Schedulers as tensor
+programs").
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""The Ray Serve application behind ``ipa_rt serve``.
+"""The Ray Serve application behind ``ipa_rt serve``: :class:`Gateway` (FastAPI ingress, behind
+:class:`~.auth.RequireKey`) and :class:`ModelServer` (one deployment per model, one pipeline per replica).
 
-- :class:`ModelServer` (one deployment per model, ``num_replicas`` or autoscaling): one pipeline per replica, on its
-  own GPU when ``num_gpus=1`` (Ray gives each replica its device). ``serve.batch`` gathers concurrent requests
-  (``max_batch_size``, ``batch_wait_timeout_s``); requests that share a signature (steps, size, guidance on/off)
-  run as one ``pipe.batch`` call, each with its own prompt, references, scale and seed. A request the pipeline
-  refuses is answered alone, so one bad request never fails its batch mates. The work runs in a thread, so the
-  replica keeps accepting requests (the next batch forms) and answering health checks meanwhile.
-- :class:`Gateway` (FastAPI ingress): ``POST /v1/generate`` (JSON or multipart) → PNG/JPEG, ``GET /v1/models``,
-  ``GET /healthz``, behind :class:`~.auth.RequireKey` (:mod:`.auth`). Bad fields get 4xx with a JSON error naming
-  the field before any model work; a full queue (``max_queued_requests``) gets 503 with ``Retry-After``; a request
-  whose replica dies is retried once on another replica (Ray replaces the dead one), then answered 503 — never left
-  hanging (``request_timeout_s``: 504).
+Requests ``serve.batch`` gathers run as one ``pipe.batch`` call per signature (steps, size, guidance on/off); a
+request the pipeline refuses is answered alone, so one bad request never fails its batch mates, and the work runs in
+a thread, so the replica keeps accepting requests and answering health checks meanwhile (docs/guides/serving.md: the
+API, its errors, retries and limits).
 """
 
 from __future__ import annotations

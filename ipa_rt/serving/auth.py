@@ -1,11 +1,8 @@
 """``ipa_rt serve``'s API key: where it comes from, how it is held, and the gate every HTTP request passes.
 
-The key comes from ``--api-key``, else the ``IPA_RT_API_KEY`` environment variable, else the serve config's
-``api_key``. :class:`ApiKey` keeps only a salted HMAC of it, so the config's repr, the arguments Ray pickles for the
-gateway and every error carry no trace of the key itself. :class:`RequireKey` is ASGI middleware: with a key, every
-request but ``GET /healthz`` needs ``Authorization: Bearer KEY`` and otherwise gets 401 with a JSON error and
-``WWW-Authenticate: Bearer``; without a key it passes everything through. No Ray here: the gateway installs the
-gate, tests call it directly.
+:class:`ApiKey` keeps only a salted HMAC of the key; :class:`RequireKey` is the ASGI middleware the gateway installs
+(no Ray here: tests call it directly; docs/guides/serving.md, "Who may call it": where the key comes from, what is
+refused, what it does not cover).
 """
 
 from __future__ import annotations

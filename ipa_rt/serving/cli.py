@@ -1,9 +1,5 @@
-"""``ipa_rt serve``: start the Ray Serve application and keep it up until SIGINT/SIGTERM, then shut down gracefully.
-
-ipa_rt serve --example                              # tiny offline model, this machine, port 8000
-ipa_rt serve --config serve.json [--num-replicas 2] # your models
-ipa_rt serve --config serve.json --address auto     # on an existing Ray cluster (ray start --head / --address)
-IPA_RT_API_KEY=... ipa_rt serve --config serve.json # every endpoint but /healthz requires Authorization: Bearer KEY
+"""``ipa_rt serve``: start the Ray Serve application and keep it up until SIGINT/SIGTERM, then shut down gracefully
+(docs/guides/serving.md: how to run it; docs/reference/cli.md: every option).
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""What ``ipa_rt serve`` serves: one :class:`ServeConfig` (JSON file or CLI flags), one :class:`ModelSpec` per model.
-
-A JSON config names the models and, optionally, the serving options::
-
-    {"models": {"sd15": {"base": "runwayml/stable-diffusion-v1-5",
-                         "ip_adapter": ["h94/IP-Adapter::models/ip-adapter_sd15.safetensors"],
-                         "dtype": "fp16", "device": "cuda", "scheduler": "lcm", "default_steps": 4}},
-     "num_replicas": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_gpus": 1}
-
-``"api_key": "..."`` makes every endpoint but ``/healthz`` require ``Authorization: Bearer KEY`` (``--api-key`` and
-``IPA_RT_API_KEY`` override it: :mod:`.auth`).
+"""What ``ipa_rt serve`` serves: one :class:`ServeConfig` (JSON file or CLI flags), one :class:`ModelSpec` per model
+(docs/guides/serving.md: a ``serve.json``, every option, and where ``api_key`` stands among the key's sources).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """The HTTP API's requests: JSON or multipart fields → one ``pipe.batch`` request, or a :class:`RequestError`
-naming the field (no Ray here: the gateway calls it, and tests call it directly).
-
-Fields: ``model`` (when several are served), ``prompt``, ``negative_prompt``, reference ``image`` (one per adapter,
-or none for text only: base64 strings in JSON, files in multipart), ``scale`` (a number, one per adapter, or
-``{adapter name: number}``), ``steps``, ``seed``, ``height``, ``width``, ``guidance``, ``format`` (png or jpeg).
+naming the field (no Ray here: the gateway calls it, and tests call it directly; the fields and their limits:
+docs/guides/serving.md).
 """
 
 from __future__ import annotations

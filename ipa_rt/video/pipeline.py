@@ -1,12 +1,10 @@
-"""Video: AnimateDiff with IP-Adapter, shaped like diffusers' ``AnimateDiffPipeline`` (txt2video),
-``AnimateDiffVideoToVideoPipeline`` (``video=`` + ``strength``) and ``AnimateDiffControlNetPipeline``
-(``conditioning_frames=``) in one class, :class:`AnimateDiffPipeline`.
+"""Video: AnimateDiff with IP-Adapter in one class, :class:`AnimateDiffPipeline`, shaped like diffusers'
+``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline`` (``video=`` + ``strength``) and
+``AnimateDiffControlNetPipeline`` (``conditioning_frames=``).
 
-A motion adapter turns the SD1.5 UNet into diffusers' ``UNetMotionModel`` (temporal layers between the spatial
-ones; frames are a batch axis to the spatial layers). Everything else is the stills runtime: one reference image
-per clip, its projection and every layer's image keys/values once per call (repeated per frame, as the motion
-UNet repeats the image embeddings), the scale as a device tensor, the static loop, the same schedulers. Frames are
-decoded in chunks of ``decode_chunk_size`` so memory does not grow with the clip.
+A motion adapter turns the SD1.5 UNet into diffusers' ``UNetMotionModel`` (temporal layers between the spatial ones,
+to which frames are a batch axis); the rest is the stills runtime, and frames are decoded in chunks so memory does
+not grow with the clip (docs/guides/video.md: the image side once per call, repeated per frame).
 """
 
 from __future__ import annotations

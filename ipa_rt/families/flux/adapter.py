@@ -1,12 +1,9 @@
 """Flux / Chroma IP-Adapter (XLabs-AI layout) with the image side computed once and the scale as a tensor.
 
-diffusers' ``FluxIPAdapterAttnProcessor`` recomputes every block's image keys/values from the image tokens at
-every step and reads its scale from Python floats. Here :class:`FluxImageSide` takes the place of the
-transformer's ``encoder_hid_proj``: the first time it sees a set of image embeddings it projects them to tokens
-(diffusers' own ``ImageProjection``) and computes every double-stream block's keys/values, and returns them
-as one :class:`FluxImageTokens`; the same embeddings at the next step (diffusers' loop passes the very same
-tensors) return the same object. :class:`FluxDecoupledProcessor` reads the keys/values and its column of the
-``[adapters, blocks]`` scale tensor from it, so a scale change is one in-place write and nothing recompiles.
+:class:`FluxImageSide` takes the place of the transformer's ``encoder_hid_proj`` and turns a call's image embeddings
+into one :class:`FluxImageTokens` (tokens and every double block's keys/values); the very same tensors at the next
+step return the same object. :class:`FluxDecoupledProcessor` reads it and its column of the ``[adapters, blocks]``
+scale tensor (docs/guides/flux.md, "What changes, and what does not").
 """
 
 from __future__ import annotations

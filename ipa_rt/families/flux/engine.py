@@ -1,16 +1,10 @@
 """Flux transformer engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
 
-One export contract (the TensorRT demo's pattern): the transformer with ipa_rt's processors, whose inputs are the
-pipeline's tensors (:data:`INPUTS`), then each adapter's image tokens ``ip_tokens_<a>`` ``[B, n_img, T, C]`` and the
-``ip_scale`` ``[adapters, blocks]`` tensor; the image keys/values are computed in-graph from the tokens (a few tiny
-matmuls per block), so changing the reference image or the scale changes inputs, never the engine. Shapes are static
-per build (size, batch, text length, images per adapter); the adapters' weights are baked in, so an engine pipeline
-keeps the adapters it was built with.
-
-At run time :class:`EngineTransformer` takes the transformer's place in diffusers' own pipeline (same ``forward``
-arguments, ``config``, ``dtype``, ``cache_context``), so the loop, schedulers and true CFG stay diffusers'. Without an
-image prompt it feeds zero tokens and a zero scale: the branch then adds exactly nothing (``where(scale != 0, ...)``).
-The text encoders, VAE and image encoder run in PyTorch (their engines are not built for Flux yet).
+The contract's inputs are the pipeline's tensors (:data:`INPUTS`), each adapter's image tokens ``ip_tokens_<a>``
+``[B, n_img, T, C]`` and ``ip_scale`` ``[adapters, blocks]``; the image keys/values are computed in-graph.
+:class:`EngineTransformer` takes the transformer's place in diffusers' pipeline (same ``forward`` arguments,
+``config``, ``dtype``, ``cache_context``) and feeds zero tokens and a zero scale without an image prompt
+(docs/guides/flux.md, "Engines": static shapes, adapters built in, what runs in PyTorch).
 """
 
 from __future__ import annotations

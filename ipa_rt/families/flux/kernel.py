@@ -1,11 +1,8 @@
 """The fused Triton kernel on Flux's image branch: all adapters' segments of a double block in one pass.
 
-Flux's branch is the UNet kernel's problem without the text segment: the block's normalised, un-rotated image query
-attends to each adapter's keys/values with its own softmax, weighted by the adapter's scale. So the kernel
-(``torch.ops.ipa_rt.decoupled_attention``) runs with an empty text segment (its loop then contributes exactly zero)
-and the adapters' keys/values laid end to end per block, reading the scale column from the device tensor; the joint
-attention beside it stays diffusers' (RoPE'd queries over text + image keys: SDPA/flash). Whether it runs is decided
-once per pipeline (:func:`choose`), never per call; a kernel failure falls back to SDPA with one warning.
+It is the UNet kernel (``torch.ops.ipa_rt.decoupled_attention``) with an empty text segment, whose loop contributes
+exactly zero. Whether it runs is decided once per pipeline (:func:`choose`), never per call; a kernel failure falls
+back to SDPA with one warning (docs/guides/flux.md, "The fused kernel").
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """diffusers' Flux-family pipelines with ipa_rt's IP-Adapter runtime: switch by one import.
 
-``ipa_rt.flux.FluxPipeline`` *is* diffusers' ``FluxPipeline`` (same ``from_pretrained``, same ``__call__``, same
-loop and schedulers) with :class:`FluxAdapterMixin` in front: ``load_ip_adapter`` reads XLabs-AI checkpoints
-with ipa_rt's checks and installs :class:`~ipa_rt.flux.adapter.FluxImageSide` and
-:class:`~ipa_rt.flux.adapter.FluxDecoupledProcessor` (image keys/values once per call instead of every step, the
-scale a tensor), ``encode_image`` keeps a content-keyed cache of encoder outputs (the default black negative
-image is encoded once), and ``unload_ip_adapter`` restores the transformer exactly. The same mixin serves every
-pipeline diffusers gives ``FluxIPAdapterMixin`` (table :data:`PIPELINES`), so no class is written per variant.
+``ipa_rt.flux.FluxPipeline`` *is* diffusers' ``FluxPipeline`` with :class:`FluxAdapterMixin` in front, whose
+``load_ip_adapter`` installs :class:`FluxImageSide` and :class:`FluxDecoupledProcessor`; the one mixin serves every
+pipeline diffusers gives ``FluxIPAdapterMixin`` (table :data:`PIPELINES`), so no class is written per variant
+(docs/guides/flux.md, "What changes, and what does not").
 """
 
 from __future__ import annotations

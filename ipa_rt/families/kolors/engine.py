@@ -1,10 +1,8 @@
 """Kolors UNet engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
 
-The export contract is the SD1.5/SDXL UNet's (:class:`ipa_rt.export.contracts.UNetIP`: each adapter's image tokens
-and the ``[rows, adapters, layers]`` scale are inputs, the image keys/values computed in the graph) with Kolors' text
-projection (ChatGLM 4096 → 2048) inside the graph, so the engine takes ChatGLM's states as diffusers' pipeline passes
-them. :class:`EngineUNet` stands in for the UNet in diffusers' ``KolorsPipeline``; the adapters' projections run in
-PyTorch once per call and feed the engine. The build mechanics are :mod:`ipa_rt.export.wrapped`'s.
+The contract is the SD1.5/SDXL UNet's (:class:`ipa_rt.export.contracts.UNetIP`) with Kolors' text projection (ChatGLM
+4096 → 2048) inside the graph, so the engine takes ChatGLM's states as diffusers passes them; :class:`EngineUNet`
+stands in for the UNet in diffusers' ``KolorsPipeline`` (docs/guides/kolors.md, "Engines").
 """
 
 from __future__ import annotations

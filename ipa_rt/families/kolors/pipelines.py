@@ -1,13 +1,8 @@
 """diffusers' Kolors pipelines with ipa_rt's IP-Adapter runtime: switch by one import.
 
-``ipa_rt.kolors.KolorsPipeline`` *is* diffusers' ``KolorsPipeline`` (ChatGLM text encoder run once per call, its
-loop and schedulers) with :class:`UNetAdapterMixin` in front. ``load_ip_adapter`` reads h94-layout checkpoints
-(Kwai-Kolors/Kolors-IP-Adapter-Plus) with ipa_rt's checks and installs ipa_rt's
-:class:`~ipa_rt.adapters.stack.IPAdapterStack` on the UNet: decoupled cross-attention reading every layer's image
-keys/values from the shared context, computed once per call (:class:`UNetImageSide`, the UNet's image projection,
-runs the projection and every layer's K/V the first time a call's embeddings arrive) instead of at every step, and
-the scale a ``[adapters, layers]`` tensor written in place (InstantStyle dicts and presets included). Kolors' text
-projection (4096 → 2048) moves to ``text_encoder_hid_proj`` as in diffusers, and everything is restored on unload.
+``ipa_rt.kolors.KolorsPipeline`` *is* diffusers' ``KolorsPipeline`` with :class:`UNetAdapterMixin` in front: it
+installs ipa_rt's :class:`~ipa_rt.adapters.stack.IPAdapterStack` on the UNet and :class:`UNetImageSide` as its image
+projection, which computes every layer's image keys/values once per call (docs/guides/kolors.md, "What changes").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """SD3.5 IP-Adapter (InstantX layout): the step-independent part of the image side computed once per call, the scale
 a device tensor.
 
-InstantX's adapter is not decoupled cross-attention: every joint block gets a second attention of its image query over
-``[the block's image keys; 64 adapter keys]``, added (times the scale) before ``to_out``. The 64 adapter tokens come
-from a TimeResampler that takes the **timestep**: its timestep embedding is added to the projected image features
-before the first block and modulates (AdaLN) every resampler block, and the per-block ``norm_ip`` (an AdaLayerNorm of
-the adapter tokens on that embedding) feeds the image keys/values. So, unlike Flux's or the UNet adapters' keys/values,
-**the adapter tokens and every block's image keys/values change at every step and cannot be cached across steps**.
-
-What does not depend on the step, and is computed once per call by :class:`SD3ImageSide` (memoised on the identity
-of the embeddings tensor diffusers passes at every step): ``proj_in`` of the image features, the repeated latent
-queries and the first resampler block's ``ln1`` of them (its input is the learned latents, not yet modulated). The
-scale is a 0-d float32 tensor written in place; the branch adds ``where(scale != 0, ip * scale, 0)``, so scale 0 is the
-model without the adapter exactly and no host-side ``if`` reads the scale during the loop.
+The TimeResampler takes the timestep, so the adapter tokens and every block's image keys/values change at every
+step; :class:`SD3ImageSide` computes once per call only what does not (``proj_in``, the repeated latent queries and
+the first resampler block's ``ln1`` of them), memoised on the identity of the embeddings tensor diffusers passes at
+every step. The scale is a 0-d float32 tensor and the branch adds ``where(scale != 0, ip * scale, 0)``
+(docs/guides/sd3.md, "What is computed once, and what cannot be").
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """SD3.5 transformer engines: ONNX Runtime and OpenVINO (TensorRT through the same contract, untested here).
 
-InstantX's adapter tokens and every block's image keys/values depend on the timestep, so they cannot be engine inputs
-computed once per call (as Flux's image tokens are): the engine holds the transformer with ipa_rt's processors *and*
-the per-step part of the TimeResampler. Its inputs are what diffusers' SD3 pipeline passes to the transformer
-(:data:`INPUTS`), ``ip_features`` (``proj_in`` of the SigLIP features, the step-independent input
-:class:`~ipa_rt.sd3.adapter.SD3ImageSide` computes once per call) and the 0-d ``ip_scale``; the learned latent queries
-and the first resampler block's ``ln1`` of them are constants of the adapter's weights, so they are folded into the
-graph. Changing the reference image or the scale changes inputs, never the engine; the adapter's weights are baked in.
-
-:class:`EngineTransformer` takes the transformer's place in diffusers' own pipeline (loop, scheduler and CFG stay
-diffusers'); rows range over 1..2·batch (CFG doubles them). Without an image prompt it feeds zero features and a zero
-scale: the branch then adds exactly nothing (``where(scale != 0, ...)``). The text encoders, VAE, SigLIP and
-``proj_in`` run in PyTorch. The build mechanics are :mod:`ipa_rt.export.wrapped`'s.
+The adapter tokens depend on the timestep, so the engine holds the per-step part of the TimeResampler with the
+transformer; its inputs are the pipeline's tensors (:data:`INPUTS`), ``ip_features`` (``proj_in`` of the SigLIP
+features, which :class:`SD3ImageSide` computes once per call) and the 0-d ``ip_scale``. :class:`EngineTransformer`
+takes the transformer's place in diffusers' pipeline (docs/guides/sd3.md, "Engines": what is folded into the graph,
+static shapes).
 """
 
 from __future__ import annotations

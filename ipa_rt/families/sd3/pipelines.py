@@ -1,12 +1,9 @@
 """diffusers' SD3 pipelines with ipa_rt's IP-Adapter runtime: switch by one import.
 
-``ipa_rt.sd3.StableDiffusion3Pipeline`` *is* diffusers' ``StableDiffusion3Pipeline`` (same ``from_pretrained``, same
-``__call__``, loop and scheduler) with :class:`SD3AdapterMixin` in front: ``load_ip_adapter`` reads InstantX's
-checkpoints with ipa_rt's checks and installs :class:`~ipa_rt.sd3.adapter.SD3ImageSide` as the transformer's
-``image_proj`` and :class:`~ipa_rt.sd3.adapter.SD3JointProcessor` on every block (the step-independent part of the
-resampler once per call, the scale a tensor), ``encode_image`` keeps a content-keyed cache of SigLIP outputs, and
-``unload_ip_adapter`` restores the transformer exactly. The same mixin serves every pipeline diffusers gives
-``SD3IPAdapterMixin`` (table :data:`PIPELINES`).
+``ipa_rt.sd3.StableDiffusion3Pipeline`` *is* diffusers' ``StableDiffusion3Pipeline`` with :class:`SD3AdapterMixin` in
+front, whose ``load_ip_adapter`` installs :class:`SD3ImageSide` as the transformer's ``image_proj`` and
+:class:`SD3JointProcessor` on every block; the one mixin serves every pipeline diffusers gives ``SD3IPAdapterMixin``
+(table :data:`PIPELINES`; docs/guides/sd3.md, "What is computed once, and what cannot be").
 """
 
 from __future__ import annotations
