@@ -86,13 +86,13 @@ def write_flux(root: Path, double: int, single: int, tiny: bool) -> dict:
 def _plus_resampler(hidden: int, cross: int, width: int = 1280, heads: int = 20) -> dict[str, torch.Tensor]:
     """The h94 Plus Resampler at SDXL's / Kolors' size (1280 wide, 20 heads, depth 4, 16 queries) in the original
     (tencent) names; ``ipa_rt.testing`` writes a 64-wide one."""
-    from ipa_rt.testing.unet import Rand, _resampler
+    from ipa_rt.testing.unet import Rand, resampler_state
 
     r = Rand(3)
     sd = {"latents": torch.randn(1, 16, width, generator=r.g, device="cpu") / width**0.5}
     sd |= {"proj_in.weight": r.linear(width, hidden), "proj_in.bias": r.bias(width)}
     sd |= {"proj_out.weight": r.linear(cross, width), "proj_out.bias": r.bias(cross)}
-    return sd | r.norm("norm_out", cross) | _resampler(r, width, heads)
+    return sd | r.norm("norm_out", cross) | resampler_state(r, width, heads)
 
 
 def write_kolors(root: Path, args: argparse.Namespace) -> dict:

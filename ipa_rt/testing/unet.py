@@ -254,7 +254,7 @@ class Rand:
         return {f"{prefix}.weight": weight, f"{prefix}.bias": self.bias(n)}
 
 
-def _resampler(r: Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
+def resampler_state(r: Rand, width: int, heads: int, depth: int = 4) -> dict[str, torch.Tensor]:
     """Original (tencent) Resampler layers: PerceiverAttention + FeedForward per layer, dim_head 64."""
     inner = 64 * heads
     sd: dict[str, torch.Tensor] = {}
@@ -286,7 +286,7 @@ def _image_proj(variant: str, r: Rand, cross: int, enc: dict[str, int]) -> dict[
         sd = {"latents": torch.randn(1, 16, width, generator=r.g, device="cpu") / width**0.5}
         sd |= {"proj_in.weight": r.linear(width, hidden), "proj_in.bias": r.bias(width)}
         sd |= {"proj_out.weight": r.linear(cross, width), "proj_out.bias": r.bias(cross)}
-        return sd | r.norm("norm_out", cross) | _resampler(r, width, heads=1)
+        return sd | r.norm("norm_out", cross) | resampler_state(r, width, heads=1)
     face = {
         "proj.0.weight": r.linear(2 * FACE_ID_DIM, FACE_ID_DIM),
         "proj.0.bias": r.bias(2 * FACE_ID_DIM),
@@ -298,7 +298,7 @@ def _image_proj(variant: str, r: Rand, cross: int, enc: dict[str, int]) -> dict[
     if variant == "faceid_plus":
         pr = {"proj_in.weight": r.linear(cross, hidden), "proj_in.bias": r.bias(cross)}
         pr |= {"proj_out.weight": r.linear(cross, cross), "proj_out.bias": r.bias(cross)}
-        pr |= r.norm("norm_out", cross) | _resampler(r, cross, heads=1)
+        pr |= r.norm("norm_out", cross) | resampler_state(r, cross, heads=1)
         return face | {f"perceiver_resampler.{k}": v for k, v in pr.items()}
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANT_NAMES}")
 
