@@ -44,7 +44,7 @@ def reference_cache_bytes() -> int:
 def tensor_bytes(value: Any) -> int:
     """Bytes of the tensor storages ``value`` keeps alive (tensors in lists, tuples, dicts and dataclasses; a storage
     shared by several views counted once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_of(value)}
+    storages = {s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in tensors_of(value))}
     return sum(storages.values())
 
 

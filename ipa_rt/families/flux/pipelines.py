@@ -35,14 +35,11 @@ class FluxAdapterMixin(SideMixin):
         decided here, once, never per call."""
         side = self._installed_side()
         if side is not None and not self.on_engine:
-            self._choose_attention(side, mode)
+            param = next(self.transformer.parameters())
+            side.use_attention(choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim))
         elif mode not in MODES:
             raise ConfigError(f"attention {mode!r} is unknown; expected one of {MODES}")
         self._ip_attention = mode
-
-    def _choose_attention(self, side: FluxImageSide, mode: str) -> None:
-        param = next(self.transformer.parameters())
-        side.use_attention(choose(mode, param.device, param.dtype, self.transformer.config.attention_head_dim))
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def load_ip_adapter(
@@ -75,8 +72,7 @@ class FluxAdapterMixin(SideMixin):
         if getattr(self, "feature_extractor", None) is None and encoder is not None:
             self.register_modules(feature_extractor=default_feature_extractor(encoder))
         self._install_side(side)
-        if not self.on_engine:
-            self._choose_attention(side, self._ip_attention)
+        self.set_ip_attention(self._ip_attention)  # the kernel choice for the new side
 
     def _load_encoder(self, location: Any, subfolder: str | None, dtype: torch.dtype, raws, hub) -> Any:
         folder = os.fspath(location)
